@@ -1,1 +1,109 @@
+//! The API gateway and web frontend: validates orders, publishes them
+//! through a [`Backend`] and serves their status and the order page.
+//!
+//! Routes: `GET /` (frontend), `GET /health`, `POST /order`, `GET /order/{id}`.
 
+mod error;
+mod request;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use shop_events::OrderPlaced;
+
+pub use error::ApiError;
+pub use request::{FieldError, OrderRequest};
+
+/// A boxed future, as the [`Backend`] methods return.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A backend failure; its message is logged, never shown to clients.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BackendError(pub String);
+
+/// What the gateway needs from the rest of the system (the host provides
+/// Kafka and the order service; tests provide a twin).
+pub trait Backend: Send + Sync + 'static {
+    /// Publishes `OrderPlaced`; resolves only once the broker acknowledged it.
+    ///
+    /// # Errors
+    /// [`BackendError`] when it was not acknowledged.
+    fn place_order(&self, order: OrderPlaced) -> BoxFuture<'_, Result<(), BackendError>>;
+
+    /// The order's current state and history as JSON, `None` if unknown.
+    ///
+    /// # Errors
+    /// [`BackendError`] when the order service cannot answer.
+    fn order_status(&self, order_id: &str) -> BoxFuture<'_, Result<Option<serde_json::Value>, BackendError>>;
+}
+
+/// The gateway's router.
+pub fn app(backend: Arc<dyn Backend>) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/health", get(health))
+        .route("/order", post(place_order))
+        .route("/order/{id}", get(order_status))
+        .with_state(backend)
+}
+
+const INDEX_HTML: &str = include_str!("../static/index.html");
+
+async fn index() -> Html<&'static str> {
+    Html(INDEX_HTML)
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok", "component": "gateway", "version": env!("CARGO_PKG_VERSION") }))
+}
+
+async fn place_order(
+    State(backend): State<Arc<dyn Backend>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    if !headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"))
+    {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let request: OrderRequest = serde_json::from_slice(&body).map_err(|err| ApiError::MalformedJson(err.to_string()))?;
+    let idempotency_key = headers.get("idempotency-key").and_then(|v| v.to_str().ok());
+    let placed = request.validate(idempotency_key).map_err(ApiError::Validation)?;
+    let order_id = placed.order_id.clone();
+    let total_cents = placed.total_cents;
+    backend.place_order(placed).await.map_err(ApiError::Backend)?;
+    let body = json!({
+        "order_id": order_id,
+        "status": "PENDING",
+        "total_cents": total_cents,
+        "status_url": format!("/order/{order_id}"),
+    });
+    Ok((StatusCode::ACCEPTED, [(header::LOCATION, format!("/order/{order_id}"))], Json(body)).into_response())
+}
+
+async fn order_status(
+    State(backend): State<Arc<dyn Backend>>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        return Err(ApiError::NotFound(format!("no order {id:?}")));
+    }
+    match backend.order_status(&id).await.map_err(ApiError::Backend)? {
+        Some(order) => Ok(Json(order)),
+        None => Err(ApiError::NotFound(format!("no order {id}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,1 +1,18 @@
+//! The shop host: runs service components (Wasm) on Kafka, each on its own
+//! HTTP port, behind the API gateway.
+//!
+//! Ports and adapters: the WIT world (`wit/`) is the set of ports;
+//! [`kafka`], [`http`], [`state`] and [`clock`] are adapters, each with an
+//! in-memory twin ([`bus::MemoryBus`], [`state::MemoryStore`],
+//! [`clock::ManualClock`]) for fast tests. [`app`] wires them together.
 
+pub mod app;
+pub mod bus;
+pub mod clock;
+pub mod envelope;
+pub mod http;
+pub mod kafka;
+pub mod manifest;
+pub mod pipeline;
+pub mod runtime;
+pub mod state;

@@ -1,1 +1,96 @@
-fn main() {}
+//! `host`: run the shop from an app manifest.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use shop_host::manifest::Manifest;
+use tokio_util::sync::CancellationToken;
+
+/// Runs the shop's services as Wasm components on Kafka.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the gateway and every component of the manifest.
+    Run {
+        /// App manifest (TOML).
+        #[arg(long, short, env = "HOST_MANIFEST", default_value = "app.toml")]
+        manifest: PathBuf,
+        /// Kafka bootstrap servers; overrides `kafka.brokers`. Unset in both
+        /// places: an embedded in-process broker that keeps nothing.
+        #[arg(long, env = "KAFKA_BROKERS")]
+        kafka_brokers: Option<String>,
+    },
+    /// Validate a manifest and its components without serving anything.
+    Check {
+        /// App manifest (TOML).
+        #[arg(long, short, env = "HOST_MANIFEST", default_value = "app.toml")]
+        manifest: PathBuf,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let result = match Cli::parse().command {
+        Command::Run { manifest, kafka_brokers } => run(manifest, kafka_brokers).await,
+        Command::Check { manifest } => check(manifest),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(path: PathBuf, brokers: Option<String>) -> anyhow::Result<()> {
+    let manifest = Manifest::load(&path)?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(shutdown_on_signal(shutdown.clone()));
+    shop_host::app::run(manifest, brokers.filter(|b| !b.trim().is_empty()), shutdown).await
+}
+
+fn check(path: PathBuf) -> anyhow::Result<()> {
+    let manifest = Manifest::load(&path)?;
+    shop_host::app::check(&manifest)?;
+    println!("{}: ok ({} components)", path.display(), manifest.components.len());
+    Ok(())
+}
+
+/// Cancels `shutdown` on Ctrl-C or SIGTERM.
+async fn shutdown_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                tracing::error!("cannot listen for SIGTERM: {err}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutdown requested: finishing in-flight events");
+    shutdown.cancel();
+}

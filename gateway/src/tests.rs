@@ -1,0 +1,147 @@
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use axum::body::Body;
+use axum::http::Request;
+use tower::ServiceExt as _;
+
+use super::*;
+
+/// In-memory twin of the host: records what was published and answers
+/// status queries from it.
+#[derive(Default)]
+struct TwinBackend {
+    placed: Mutex<Vec<OrderPlaced>>,
+    fail: bool,
+}
+
+impl Backend for TwinBackend {
+    fn place_order(&self, order: OrderPlaced) -> BoxFuture<'_, Result<(), BackendError>> {
+        Box::pin(async move {
+            if self.fail {
+                return Err(BackendError("broker down".into()));
+            }
+            self.placed.lock().unwrap().push(order);
+            Ok(())
+        })
+    }
+
+    fn order_status(&self, order_id: &str) -> BoxFuture<'_, Result<Option<serde_json::Value>, BackendError>> {
+        let found = self.placed.lock().unwrap().iter().find(|o| o.order_id == order_id).cloned();
+        Box::pin(async move { Ok(found.map(|o| json!({ "order_id": o.order_id, "status": "PENDING" }))) })
+    }
+}
+
+fn valid_order() -> serde_json::Value {
+    json!({
+        "customer": { "name": "Ada Lovelace", "email": "ada@example.com" },
+        "items": [ { "sku": "book", "quantity": 2, "unit_price_cents": 1250 } ],
+        "payment": { "card_number": "4242 4242 4242 4242" }
+    })
+}
+
+async fn send(app: Router, request: Request<Body>) -> (StatusCode, serde_json::Value) {
+    let response = app.oneshot(request).await.unwrap();
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+    (status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+}
+
+fn post(body: &serde_json::Value, headers: &[(&str, &str)]) -> Request<Body> {
+    let mut builder = Request::post("/order").header("content-type", "application/json");
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
+    builder.body(Body::from(body.to_string())).unwrap()
+}
+
+#[tokio::test]
+async fn valid_order_is_published_then_accepted() {
+    let backend = Arc::new(TwinBackend::default());
+    let (status, body) = send(app(backend.clone()), post(&valid_order(), &[])).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let placed = backend.placed.lock().unwrap().clone();
+    assert_eq!(placed.len(), 1);
+    assert_eq!(body["order_id"], placed[0].order_id.as_str());
+    assert_eq!((placed[0].total_cents, placed[0].card_number.as_str()), (2500, "4242424242424242"));
+    let (status, body) =
+        send(app(backend.clone()), Request::get(format!("/order/{}", placed[0].order_id)).body(Body::empty()).unwrap())
+            .await;
+    assert_eq!((status, body["status"].as_str()), (StatusCode::OK, Some("PENDING")));
+}
+
+#[tokio::test]
+async fn every_bad_field_is_named_and_nothing_is_published() {
+    let backend = Arc::new(TwinBackend::default());
+    let bad = json!({
+        "customer": { "name": " ", "email": "not-an-email" },
+        "items": [ { "sku": "book", "quantity": 0, "unit_price_cents": 100 }, { "quantity": 1 } ],
+        "payment": { "card_number": "4242424242424241" }
+    });
+    let (status, body) = send(app(backend.clone()), post(&bad, &[])).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let fields: HashMap<String, String> = body["error"]["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| (f["field"].as_str().unwrap().to_owned(), f["message"].as_str().unwrap().to_owned()))
+        .collect();
+    for field in [
+        "customer.name",
+        "customer.email",
+        "items[0].quantity",
+        "items[1].sku",
+        "items[1].unit_price_cents",
+        "payment.card_number",
+    ] {
+        assert!(fields.contains_key(field), "{field} missing from {fields:?}");
+    }
+    assert_eq!(fields.len(), 6, "{fields:?}");
+    assert!(backend.placed.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn malformed_bodies_are_rejected_clearly() {
+    let backend = Arc::new(TwinBackend::default());
+    let raw = Request::post("/order").header("content-type", "application/json").body(Body::from("{")).unwrap();
+    let (status, body) = send(app(backend.clone()), raw).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("malformed_json")));
+    let (status, body) = send(app(backend.clone()), post(&json!({"customer": {}, "extra": 1}), &[])).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body["error"]["message"].as_str().unwrap().contains("extra"), "{body}");
+    let text = Request::post("/order").body(Body::from(valid_order().to_string())).unwrap();
+    assert_eq!(send(app(backend.clone()), text).await.0, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert!(backend.placed.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn broker_failure_is_503_without_internals() {
+    let backend = Arc::new(TwinBackend { fail: true, ..TwinBackend::default() });
+    let (status, body) = send(app(backend), post(&valid_order(), &[])).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(!body.to_string().contains("broker down"));
+}
+
+#[tokio::test]
+async fn idempotency_key_gives_the_same_order_id() {
+    let backend = Arc::new(TwinBackend::default());
+    let (_, a) = send(app(backend.clone()), post(&valid_order(), &[("idempotency-key", "k1")])).await;
+    let (_, b) = send(app(backend.clone()), post(&valid_order(), &[("idempotency-key", "k1")])).await;
+    let (_, c) = send(app(backend.clone()), post(&valid_order(), &[("idempotency-key", "k2")])).await;
+    assert_eq!(a["order_id"], b["order_id"]);
+    assert_ne!(a["order_id"], c["order_id"]);
+}
+
+#[tokio::test]
+async fn unknown_order_health_and_page() {
+    let backend = Arc::new(TwinBackend::default());
+    let get = |uri: &str| Request::get(uri).body(Body::empty()).unwrap();
+    assert_eq!(send(app(backend.clone()), get("/order/nope")).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(send(app(backend.clone()), get("/order/bad%20id")).await.0, StatusCode::NOT_FOUND);
+    let (status, body) = send(app(backend.clone()), get("/health")).await;
+    assert_eq!((status, body["status"].as_str()), (StatusCode::OK, Some("ok")));
+    let page = app(backend).oneshot(get("/")).await.unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    let html = axum::body::to_bytes(page.into_body(), 1 << 20).await.unwrap();
+    assert!(String::from_utf8_lossy(&html).contains("<form"));
+}

@@ -1,0 +1,188 @@
+//! Wiring: from a validated manifest to a running host, and back down on
+//! shutdown. Order matters: components are compiled and every port is bound
+//! before anything touches Kafka, so a bad component or a taken port fails
+//! fast and leaves nothing half-started.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use shop_events::OrderPlaced;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{Outbound, Publisher};
+use crate::clock::{Clock, SystemClock};
+use crate::envelope::Envelope;
+use crate::kafka::{self, ConsumerSettings, ConsumerStatus, EmbeddedBroker, KafkaPublisher};
+use crate::manifest::{ComponentSettings, Manifest};
+use crate::pipeline::{Pipeline, RetryPolicy, Topics};
+use crate::runtime::{Engine, Limits, LoadedComponent, Request, ServiceRuntime, ServiceSpec};
+use crate::state::MemoryStore;
+
+/// Compiles every component of the manifest against the world, serving nothing.
+///
+/// # Errors
+/// The first component that does not load, by name.
+pub fn check(manifest: &Manifest) -> anyhow::Result<()> {
+    let engine = Engine::new()?;
+    for (name, settings) in &manifest.components {
+        LoadedComponent::from_file(&engine, &settings.wasm).with_context(|| format!("component {name:?}"))?;
+    }
+    Ok(())
+}
+
+/// Binds `port`, naming its owner if it is taken.
+async fn bind(manifest: &Manifest, port: u16, owner: &str) -> anyhow::Result<TcpListener> {
+    let addr = SocketAddr::new(manifest.http.bind, port);
+    TcpListener::bind(addr).await.map_err(|err| match err.kind() {
+        std::io::ErrorKind::AddrInUse => anyhow::anyhow!(
+            "port {port} for {owner} is already in use on {}: stop the process holding it (`lsof -ti:{port}`) or change the port in the manifest",
+            manifest.http.bind
+        ),
+        _ => anyhow::anyhow!("cannot bind {addr} for {owner}: {err}"),
+    })
+}
+
+fn service_spec(name: &str, settings: &ComponentSettings, component: LoadedComponent, clock: Arc<dyn Clock>) -> ServiceSpec {
+    ServiceSpec {
+        name: name.to_owned(),
+        component,
+        store: Arc::new(MemoryStore::default()),
+        config: settings.config.clone(),
+        clock,
+        limits: Limits {
+            timeout: Duration::from_millis(settings.timeout_ms),
+            memory_bytes: settings.memory_mib * 1024 * 1024,
+        },
+    }
+}
+
+/// Runs the host until `shutdown` is cancelled, then stops consuming,
+/// finishes in-flight events, commits offsets and closes every port.
+///
+/// # Errors
+/// A component that does not load, a port that is taken, or a Kafka
+/// cluster that cannot be reached at start.
+pub async fn run(manifest: Manifest, brokers: Option<String>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let engine = Engine::new()?;
+    let mut services = BTreeMap::new();
+    for (name, settings) in &manifest.components {
+        let component =
+            LoadedComponent::from_file(&engine, &settings.wasm).with_context(|| format!("component {name:?}"))?;
+        tracing::info!(component = %name, version = %component.sha256, wasm = ?settings.wasm, "loaded");
+        services.insert(name.clone(), Arc::new(ServiceRuntime::new(engine.clone(), service_spec(name, settings, component, clock.clone()))));
+    }
+
+    let gateway_listener = bind(&manifest, manifest.gateway.port, "the gateway").await?;
+    let mut listeners = Vec::new();
+    for (name, settings) in &manifest.components {
+        listeners.push((name.clone(), bind(&manifest, settings.port, &format!("component {name:?}")).await?));
+    }
+
+    let topics = Topics { prefix: manifest.kafka.topic_prefix.clone(), dead_letter: manifest.kafka.dead_letter_topic.clone() };
+    let physical: Vec<String> = manifest.logical_topics().iter().map(|t| topics.physical(t)).collect();
+    let brokers = brokers.or_else(|| manifest.kafka.brokers.clone());
+    let (_embedded, brokers) = match brokers {
+        Some(brokers) => {
+            kafka::ensure_topics(&brokers, &physical, manifest.kafka.partitions, manifest.kafka.replication_factor).await?;
+            (None, brokers)
+        }
+        None => {
+            let embedded = EmbeddedBroker::start(&physical, manifest.kafka.partitions)?;
+            let address = embedded.bootstrap_servers();
+            tracing::warn!(
+                bootstrap = %address,
+                "no KAFKA_BROKERS set: using an embedded in-process Kafka broker at {address}; it keeps nothing across restarts (`just kafka` starts a real one)"
+            );
+            (Some(embedded), address)
+        }
+    };
+    let publisher = Arc::new(KafkaPublisher::connect(&brokers)?);
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for (name, listener) in listeners {
+        let settings = &manifest.components[&name];
+        let service = services[&name].clone();
+        let status = ConsumerStatus::default();
+        let retry = RetryPolicy { max_attempts: settings.max_attempts, ..RetryPolicy::default() };
+        let pipeline = Arc::new(Pipeline::new(service.clone(), topics.clone(), retry, clock.clone()));
+        let consumer = ConsumerSettings {
+            brokers: brokers.clone(),
+            group: format!("{}{}", topics.prefix, settings.group),
+            topics: settings.topics.iter().map(|t| topics.physical(t)).collect(),
+        };
+        tasks.spawn(kafka::run_supervised(pipeline, publisher.clone(), consumer, status.clone(), shutdown.clone()));
+        let router = crate::http::component_app(service, status);
+        tasks.spawn(serve(listener, router, shutdown.clone(), name));
+    }
+    let backend = Arc::new(GatewayBackend {
+        publisher: publisher.clone(),
+        orders_topic: topics.physical(shop_events::topics::ORDERS),
+        orders: services[&manifest.gateway.order_component].clone(),
+        clock,
+    });
+    tasks.spawn(serve(gateway_listener, gateway::app(backend), shutdown.clone(), "gateway".into()));
+    tracing::info!(gateway = manifest.gateway.port, brokers = %brokers, "host ready");
+
+    while let Some(joined) = tasks.join_next().await {
+        if let Err(err) = joined {
+            tracing::error!("task failed: {err}");
+            shutdown.cancel();
+        }
+    }
+    publisher.flush(Duration::from_secs(10));
+    tracing::info!("host stopped");
+    Ok(())
+}
+
+async fn serve(listener: TcpListener, router: axum::Router, shutdown: CancellationToken, name: String) {
+    let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    tracing::info!(%name, %addr, "listening");
+    if let Err(err) = axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await {
+        tracing::error!(%name, "HTTP server failed: {err}");
+    }
+}
+
+/// The gateway's backend: Kafka for publishing, the order component for status.
+struct GatewayBackend {
+    publisher: Arc<dyn Publisher>,
+    orders_topic: String,
+    orders: Arc<ServiceRuntime>,
+    clock: Arc<dyn Clock>,
+}
+
+impl gateway::Backend for GatewayBackend {
+    fn place_order(&self, order: OrderPlaced) -> gateway::BoxFuture<'_, Result<(), gateway::BackendError>> {
+        Box::pin(async move {
+            let data = serde_json::to_value(&order).map_err(|e| gateway::BackendError(e.to_string()))?;
+            let envelope =
+                Envelope::originate(shop_events::types::ORDER_PLACED, &order.order_id, "gateway", self.clock.now_ms(), data);
+            let record = Outbound {
+                topic: self.orders_topic.clone(),
+                key: order.order_id.clone(),
+                value: envelope.encode(),
+                headers: vec![("event-type".into(), shop_events::types::ORDER_PLACED.as_bytes().to_vec())],
+            };
+            let acked = self.publisher.enqueue(vec![record]).await.map_err(|e| gateway::BackendError(e.to_string()))?;
+            acked.await.map_err(|e| gateway::BackendError(e.to_string()))
+        })
+    }
+
+    fn order_status(&self, order_id: &str) -> gateway::BoxFuture<'_, Result<Option<serde_json::Value>, gateway::BackendError>> {
+        let request = Request { method: "GET".into(), path: format!("/orders/{order_id}"), query: String::new(), body: Vec::new() };
+        Box::pin(async move {
+            let response = self.orders.query(&request).await.map_err(|e| gateway::BackendError(e.to_string()))?;
+            match response.status {
+                200 => serde_json::from_slice(&response.body)
+                    .map(Some)
+                    .map_err(|e| gateway::BackendError(format!("order service answered invalid JSON: {e}"))),
+                404 => Ok(None),
+                status => Err(gateway::BackendError(format!("order service answered {status}"))),
+            }
+        })
+    }
+}

@@ -1,0 +1,155 @@
+//! The event envelope on the wire: every Kafka record's value is one JSON
+//! envelope around the domain payload.
+//!
+//! ```json
+//! {"id":"…","type":"OrderPlaced","order_id":"…","correlation_id":"…",
+//!  "causation_id":null,"timestamp_ms":1764100000000,"schema_version":1,
+//!  "producer":"gateway","data":{…}}
+//! ```
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The envelope version this host writes and understands.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Namespace of derived event ids (uuid v5).
+const EVENT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6f1d_2c7e_4b1a_4f0e_9a53_8d2e_1c0b_7a11);
+
+/// A record value that is not a valid envelope.
+#[derive(Debug, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("record has no value")]
+    Empty,
+    #[error("value is not a JSON event envelope: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("envelope field `{0}` must not be empty")]
+    EmptyField(&'static str),
+    #[error("unsupported schema_version {0} (this host understands {SCHEMA_VERSION})")]
+    Version(u32),
+}
+
+/// The envelope around every event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Unique event id; redeliveries and re-emissions keep it.
+    pub id: String,
+    /// Event type, e.g. `OrderPlaced`.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// The order this event belongs to; also the Kafka key.
+    pub order_id: String,
+    /// Id shared by every event of one saga (the first event's id).
+    pub correlation_id: String,
+    /// Id of the event that caused this one.
+    #[serde(default)]
+    pub causation_id: Option<String>,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// Envelope version.
+    pub schema_version: u32,
+    /// Who produced it: `gateway` or `NAME@SHA256`.
+    pub producer: String,
+    /// The domain payload.
+    pub data: serde_json::Value,
+}
+
+impl Envelope {
+    /// Decodes and checks a record value.
+    ///
+    /// # Errors
+    /// [`EnvelopeError`] saying what is wrong with the value.
+    pub fn decode(value: Option<&[u8]>) -> Result<Self, EnvelopeError> {
+        let value = value.filter(|v| !v.is_empty()).ok_or(EnvelopeError::Empty)?;
+        let envelope: Envelope = serde_json::from_slice(value)?;
+        for (field, text) in [
+            ("id", &envelope.id),
+            ("type", &envelope.event_type),
+            ("order_id", &envelope.order_id),
+            ("correlation_id", &envelope.correlation_id),
+        ] {
+            if text.is_empty() {
+                return Err(EnvelopeError::EmptyField(field));
+            }
+        }
+        if envelope.schema_version != SCHEMA_VERSION {
+            return Err(EnvelopeError::Version(envelope.schema_version));
+        }
+        Ok(envelope)
+    }
+
+    /// The first event of a saga: its own correlation id.
+    pub fn originate(event_type: &str, order_id: &str, producer: &str, timestamp_ms: u64, data: serde_json::Value) -> Self {
+        let id = Uuid::new_v4().to_string();
+        Self {
+            correlation_id: id.clone(),
+            id,
+            event_type: event_type.to_owned(),
+            order_id: order_id.to_owned(),
+            causation_id: None,
+            timestamp_ms,
+            schema_version: SCHEMA_VERSION,
+            producer: producer.to_owned(),
+            data,
+        }
+    }
+
+    /// The `index`-th event emitted while handling `self`.
+    ///
+    /// Its id is derived from the cause's id, so handling the same event again
+    /// emits events with the same ids, which consumers can recognise.
+    pub fn caused(&self, index: usize, event_type: &str, order_id: &str, producer: &str, timestamp_ms: u64, data: serde_json::Value) -> Self {
+        let name = format!("{}/{index}/{event_type}", self.id);
+        Self {
+            id: Uuid::new_v5(&EVENT_ID_NAMESPACE, name.as_bytes()).to_string(),
+            event_type: event_type.to_owned(),
+            order_id: order_id.to_owned(),
+            correlation_id: self.correlation_id.clone(),
+            causation_id: Some(self.id.clone()),
+            timestamp_ms,
+            schema_version: SCHEMA_VERSION,
+            producer: producer.to_owned(),
+            data,
+        }
+    }
+
+    /// The JSON bytes of the envelope.
+    pub fn encode(&self) -> Vec<u8> {
+        // Serializing a struct of strings, integers and a `Value` cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn round_trip_and_derived_ids() {
+        let first = Envelope::originate("OrderPlaced", "o1", "gateway", 5, json!({"a": 1}));
+        assert_eq!(first.id, first.correlation_id);
+        let decoded = Envelope::decode(Some(&first.encode())).unwrap();
+        assert_eq!(decoded, first);
+        let a = first.caused(0, "PaymentRequested", "o1", "order@x", 6, json!({}));
+        let b = first.caused(0, "PaymentRequested", "o1", "order@y", 7, json!({}));
+        let c = first.caused(1, "PaymentRequested", "o1", "order@x", 6, json!({}));
+        assert_eq!(a.id, b.id, "same cause and position give the same id");
+        assert_ne!(a.id, c.id);
+        assert_eq!((a.correlation_id.as_str(), a.causation_id.as_deref()), (first.id.as_str(), Some(first.id.as_str())));
+    }
+
+    #[test]
+    fn bad_values_say_why() {
+        let cases: [(&[u8], &str); 4] = [
+            (b"", "no value"),
+            (b"{\"id\":1}", "not a JSON event envelope"),
+            (br#"{"id":"","type":"T","order_id":"o","correlation_id":"c","timestamp_ms":1,"schema_version":1,"producer":"p","data":{}}"#, "`id`"),
+            (br#"{"id":"i","type":"T","order_id":"o","correlation_id":"c","timestamp_ms":1,"schema_version":9,"producer":"p","data":{}}"#, "schema_version 9"),
+        ];
+        for (value, needle) in cases {
+            let err = Envelope::decode(Some(value)).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err:?} should mention {needle:?}");
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! Each component's HTTP port: `GET /health` from the host, every other
+//! route answered by the component's `query` export.
+
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::json;
+
+use crate::kafka::ConsumerStatus;
+use crate::runtime::{Request, ServiceRuntime};
+
+/// Largest request body forwarded to a component.
+const MAX_BODY_BYTES: usize = 64 * 1024;
+
+#[derive(Clone)]
+struct Port {
+    service: Arc<ServiceRuntime>,
+    status: ConsumerStatus,
+}
+
+/// The router of one component's port.
+pub fn component_app(service: Arc<ServiceRuntime>, status: ConsumerStatus) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .fallback(query)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(Port { service, status })
+}
+
+async fn health(State(port): State<Port>) -> Response {
+    let current = port.service.current();
+    let consumer = port.status.snapshot();
+    let (code, status) = if consumer.consuming { (StatusCode::OK, "ok") } else { (StatusCode::SERVICE_UNAVAILABLE, "degraded") };
+    let loaded_at_ms = current.loaded_at.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    let body = json!({
+        "status": status,
+        "component": port.service.name(),
+        "version": current.sha256,
+        "wasm": current.path,
+        "loaded_at_ms": loaded_at_ms,
+        "assigned_partitions": consumer.assigned_partitions,
+        "last_processed_offsets": consumer.last_processed_offsets,
+        "lag": consumer.lag,
+        "handled": consumer.handled,
+        "dead_lettered": consumer.dead_lettered,
+        "last_error": consumer.last_error,
+    });
+    (code, axum::Json(body)).into_response()
+}
+
+async fn query(State(port): State<Port>, method: Method, uri: Uri, body: Bytes) -> Response {
+    let request = Request {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+        query: uri.query().unwrap_or_default().to_owned(),
+        body: body.to_vec(),
+    };
+    match port.service.query(&request).await {
+        Ok(response) => {
+            let status = StatusCode::from_u16(response.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let content_type = HeaderValue::from_str(&response.content_type)
+                .unwrap_or(HeaderValue::from_static("application/octet-stream"));
+            (status, [(header::CONTENT_TYPE, content_type)], response.body).into_response()
+        }
+        Err(err) => {
+            tracing::error!(component = port.service.name(), path = %request.path, "query failed: {err}");
+            let body = json!({ "error": { "code": "component_failed", "message": "the component could not answer" } });
+            (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(body)).into_response()
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! One consumer group per component, at-least-once: a record's offset is
+//! stored only after the component handled it *and* everything it emitted
+//! was acknowledged. Records are handled one at a time in arrival order
+//! (which keeps per-partition order); publishing is pipelined, and offsets
+//! are stored strictly in arrival order.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures::StreamExt as _;
+use futures::stream::FuturesOrdered;
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::{Headers as _, Message as _};
+use rdkafka::statistics::Statistics;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{Inbound, Publisher};
+use crate::pipeline::{Disposition, Pipeline};
+
+/// Records handled but not yet acknowledged, at most.
+const MAX_IN_FLIGHT: usize = 512;
+
+/// Where and how a component consumes.
+#[derive(Debug, Clone)]
+pub struct ConsumerSettings {
+    pub brokers: String,
+    /// Physical consumer group.
+    pub group: String,
+    /// Physical topics.
+    pub topics: Vec<String>,
+}
+
+/// What `/health` shows about a component's consumer.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StatusSnapshot {
+    /// Whether the consumer loop is running.
+    pub consuming: bool,
+    /// `topic/partition` currently assigned.
+    pub assigned_partitions: Vec<String>,
+    /// Last offset whose processing completed, per `topic/partition`.
+    pub last_processed_offsets: BTreeMap<String, i64>,
+    /// Records behind the end of each assigned partition (from librdkafka
+    /// statistics, refreshed every second; -1 when unknown).
+    pub lag: BTreeMap<String, i64>,
+    /// Records handled successfully since start.
+    pub handled: u64,
+    /// Records set aside on the dead-letter topic since start.
+    pub dead_lettered: u64,
+    /// The last consumer error, if any.
+    pub last_error: Option<String>,
+}
+
+/// Shared, live status of one consumer.
+#[derive(Debug, Clone, Default)]
+pub struct ConsumerStatus(Arc<Mutex<StatusSnapshot>>);
+
+impl ConsumerStatus {
+    fn update(&self, f: impl FnOnce(&mut StatusSnapshot)) {
+        f(&mut self.0.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+
+    /// A copy of the current status.
+    pub fn snapshot(&self) -> StatusSnapshot {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+}
+
+fn tp(topic: &str, partition: i32) -> String {
+    format!("{topic}/{partition}")
+}
+
+struct Context {
+    status: ConsumerStatus,
+}
+
+impl ClientContext for Context {
+    fn stats(&self, statistics: Statistics) {
+        let lag: BTreeMap<String, i64> = statistics
+            .topics
+            .iter()
+            .flat_map(|(topic, t)| {
+                t.partitions.iter().filter(|(p, _)| **p >= 0).map(move |(p, s)| (tp(topic, *p), s.consumer_lag))
+            })
+            .collect();
+        self.status.update(|s| s.lag = lag);
+    }
+}
+
+impl ConsumerContext for Context {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let assigned = match consumer.assignment() {
+            Ok(list) => list.elements().iter().map(|e| tp(e.topic(), e.partition())).collect(),
+            Err(err) => {
+                tracing::warn!("cannot read assignment: {err}");
+                Vec::new()
+            }
+        };
+        tracing::info!(?assigned, "rebalance: {}", match rebalance {
+            Rebalance::Assign(_) => "assigned",
+            Rebalance::Revoke(_) => "revoked",
+            Rebalance::Error(_) => "error",
+        });
+        self.status.update(|s| s.assigned_partitions = assigned);
+    }
+}
+
+/// Runs a component's consumer until `shutdown`, restarting it after a
+/// failure so that one failing service never stops the others.
+pub async fn run_supervised(
+    pipeline: Arc<Pipeline>,
+    publisher: Arc<dyn Publisher>,
+    settings: ConsumerSettings,
+    status: ConsumerStatus,
+    shutdown: CancellationToken,
+) {
+    let name = pipeline.service().name().to_owned();
+    loop {
+        match run(&pipeline, &*publisher, &settings, &status, &shutdown).await {
+            Ok(()) => break,
+            Err(err) => {
+                let message = format!("{err:#}");
+                tracing::error!(component = %name, "consumer failed, restarting in 1 s: {message}");
+                status.update(|s| {
+                    s.consuming = false;
+                    s.last_error = Some(message);
+                });
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+    status.update(|s| s.consuming = false);
+    tracing::info!(component = %name, "consumer stopped");
+}
+
+fn inbound(message: &rdkafka::message::BorrowedMessage<'_>) -> Inbound {
+    let headers = message
+        .headers()
+        .map(|hs| hs.iter().map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec())).collect())
+        .unwrap_or_default();
+    Inbound {
+        topic: message.topic().to_owned(),
+        partition: message.partition(),
+        offset: message.offset(),
+        key: message.key().map(<[u8]>::to_vec),
+        value: message.payload().map(<[u8]>::to_vec),
+        headers,
+    }
+}
+
+async fn run(
+    pipeline: &Pipeline,
+    publisher: &dyn Publisher,
+    settings: &ConsumerSettings,
+    status: &ConsumerStatus,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let consumer: StreamConsumer<Context> = super::client_config(&settings.brokers)
+        .set("group.id", &settings.group)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("statistics.interval.ms", "1000")
+        .create_with_context(Context { status: status.clone() })
+        .context("failed to create the Kafka consumer")?;
+    let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics).with_context(|| format!("failed to subscribe to {topics:?}"))?;
+    status.update(|s| {
+        s.consuming = true;
+        s.last_error = None;
+    });
+
+    let mut in_flight = FuturesOrdered::new();
+    let result: anyhow::Result<()> = loop {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break Ok(()),
+            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                if let Err(err) = store(&consumer, status, done) {
+                    break Err(err);
+                }
+            }
+            received = consumer.recv(), if in_flight.len() < MAX_IN_FLIGHT => {
+                let message = match received {
+                    Ok(message) => message,
+                    Err(err) => {
+                        // Transport errors and unknown topics are transient:
+                        // librdkafka reconnects by itself.
+                        tracing::warn!(group = %settings.group, "consume error: {err}");
+                        status.update(|s| s.last_error = Some(err.to_string()));
+                        continue;
+                    }
+                };
+                let record = inbound(&message);
+                drop(message);
+                let Some(disposition) = pipeline.process(&record, shutdown).await else { break Ok(()) };
+                let (records, dead) = match disposition {
+                    Disposition::Publish(records) => (records, false),
+                    Disposition::DeadLetter { record, .. } => (vec![record], true),
+                };
+                let acked = publisher.enqueue(records).await.context("failed to enqueue output")?;
+                let (topic, partition, offset) = (record.topic, record.partition, record.offset);
+                in_flight.push_back(async move { acked.await.map(|()| (topic, partition, offset, dead)) });
+            }
+        }
+    };
+    // On a clean stop, finish what is in flight: its effects happened, so
+    // store its offsets. After a failure, store nothing more: later records
+    // must not be marked done ahead of the one that failed.
+    if result.is_ok() {
+        let drained = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(done) = in_flight.next().await {
+                store(&consumer, status, done)?;
+            }
+            anyhow::Ok(())
+        })
+        .await;
+        match drained {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::error!(group = %settings.group, "while draining: {err:#}"),
+            Err(_) => tracing::error!(group = %settings.group, "in-flight records not acknowledged within 30 s"),
+        }
+    }
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) => {}
+        // Nothing was stored since the last commit.
+        Err(rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
+        Err(err) => tracing::warn!(group = %settings.group, "final commit failed: {err}"),
+    }
+    result
+}
+
+type Done = Result<(String, i32, i64, bool), crate::bus::PublishError>;
+
+fn store(consumer: &StreamConsumer<Context>, status: &ConsumerStatus, done: Done) -> anyhow::Result<()> {
+    // A failed publish aborts the loop without storing: the record and all
+    // later ones are consumed again from the last committed offset.
+    let (topic, partition, offset, dead) = done.context("output not acknowledged")?;
+    consumer.store_offset(&topic, partition, offset).context("failed to store offset")?;
+    status.update(|s| {
+        s.last_processed_offsets.insert(tp(&topic, partition), offset);
+        if dead { s.dead_lettered += 1 } else { s.handled += 1 }
+    });
+    Ok(())
+}

@@ -1,0 +1,49 @@
+//! The Kafka adapter: topic setup, the publisher (idempotent producer,
+//! acks=all) and one consumer group per component.
+
+mod consumer;
+mod embedded;
+mod producer;
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::types::RDKafkaErrorCode;
+
+pub use consumer::{ConsumerSettings, ConsumerStatus, StatusSnapshot, run_supervised};
+pub use embedded::EmbeddedBroker;
+pub use producer::KafkaPublisher;
+
+/// Base client configuration for `brokers`.
+pub fn client_config(brokers: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers).set("client.id", "shop-host");
+    config
+}
+
+/// Creates the `topics` that do not exist yet.
+///
+/// # Errors
+/// When the cluster cannot be reached or refuses to create a topic.
+pub async fn ensure_topics(brokers: &str, topics: &[String], partitions: i32, replication: i32) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(brokers).create().context("failed to create the Kafka admin client")?;
+    let new: Vec<NewTopic<'_>> =
+        topics.iter().map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(replication))).collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20))).request_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .create_topics(&new, &options)
+        .await
+        .with_context(|| format!("failed to create topics on {brokers:?}: is the broker running (`just kafka`)?"))?;
+    for result in results {
+        match result {
+            Ok(topic) => tracing::info!(%topic, partitions, "created topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => anyhow::bail!("failed to create topic {topic:?}: {code}"),
+        }
+    }
+    Ok(())
+}

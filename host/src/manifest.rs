@@ -1,0 +1,274 @@
+//! The app manifest: which components run, on which ports, reading which
+//! topics. Parsed strictly (`deny_unknown_fields`) and validated before the
+//! host binds a port or subscribes to a topic.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A manifest that cannot be used, with the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("cannot read manifest {path:?}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid manifest {path:?}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid manifest: `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ManifestError {
+    ManifestError::Invalid { key: key.into(), message: message.into() }
+}
+
+/// The whole app: Kafka settings, HTTP settings, the gateway and the components.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Kafka settings.
+    #[serde(default)]
+    pub kafka: KafkaSettings,
+    /// HTTP settings shared by every port.
+    #[serde(default)]
+    pub http: HttpSettings,
+    /// The API gateway and web frontend.
+    pub gateway: GatewaySettings,
+    /// The service components, by name.
+    pub components: BTreeMap<String, ComponentSettings>,
+}
+
+/// Kafka settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSettings {
+    /// Bootstrap servers; `KAFKA_BROKERS` overrides it. Absent: the embedded
+    /// in-process broker (keeps nothing across restarts).
+    pub brokers: Option<String>,
+    /// Partitions of the topics the host creates.
+    #[serde(default = "default_partitions")]
+    pub partitions: i32,
+    /// Replication factor of the topics the host creates.
+    #[serde(default = "default_replication")]
+    pub replication_factor: i32,
+    /// Prefix of every physical topic and consumer group name; components
+    /// only ever see logical names (`orders`, ...).
+    #[serde(default)]
+    pub topic_prefix: String,
+    /// Logical topic that receives events no component can handle.
+    #[serde(default = "default_dead_letter_topic")]
+    pub dead_letter_topic: String,
+}
+
+fn default_partitions() -> i32 {
+    3
+}
+fn default_replication() -> i32 {
+    1
+}
+fn default_dead_letter_topic() -> String {
+    "dead-letters".into()
+}
+
+impl Default for KafkaSettings {
+    fn default() -> Self {
+        Self {
+            brokers: None,
+            partitions: default_partitions(),
+            replication_factor: default_replication(),
+            topic_prefix: String::new(),
+            dead_letter_topic: default_dead_letter_topic(),
+        }
+    }
+}
+
+/// HTTP settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Address every port binds to.
+    #[serde(default = "default_bind")]
+    pub bind: IpAddr,
+}
+
+fn default_bind() -> IpAddr {
+    IpAddr::from([127, 0, 0, 1])
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self { bind: default_bind() }
+    }
+}
+
+/// The API gateway.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySettings {
+    /// HTTP port of the gateway and the frontend.
+    pub port: u16,
+    /// Component that answers `GET /order/{id}` (through its `/orders/{id}` route).
+    #[serde(default = "default_order_component")]
+    pub order_component: String,
+}
+
+fn default_order_component() -> String {
+    "order".into()
+}
+
+/// One service component.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentSettings {
+    /// Path of the `.wasm` component, relative to the manifest.
+    pub wasm: PathBuf,
+    /// HTTP port of `/health` and the component's own routes.
+    pub port: u16,
+    /// Logical topics consumed.
+    pub topics: Vec<String>,
+    /// Consumer group (prefixed by `kafka.topic_prefix`).
+    pub group: String,
+    /// Wall-clock budget of one call into the component, in milliseconds.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Linear memory limit of one instance, in MiB.
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: usize,
+    /// Attempts of a retryable failure (error or trap) before dead-lettering.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Values the component reads through its `config` import.
+    #[serde(default)]
+    pub config: HashMap<String, String>,
+}
+
+fn default_timeout_ms() -> u64 {
+    1_000
+}
+fn default_memory_mib() -> usize {
+    64
+}
+fn default_max_attempts() -> u32 {
+    5
+}
+
+impl Manifest {
+    /// Reads, parses and validates a manifest; relative wasm paths are
+    /// resolved against the manifest's directory.
+    ///
+    /// # Errors
+    /// [`ManifestError`] naming the file or the key at fault.
+    pub fn load(path: &Path) -> Result<Self, ManifestError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ManifestError::Read { path: path.to_owned(), source })?;
+        let mut manifest = Self::parse(&text)
+            .map_err(|message| ManifestError::Parse { path: path.to_owned(), message })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for component in manifest.components.values_mut() {
+            if component.wasm.is_relative() {
+                component.wasm = base.join(&component.wasm);
+            }
+        }
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    /// Parses TOML text without validating it.
+    ///
+    /// # Errors
+    /// The TOML error, which names the line and the key.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|err| err.to_string())
+    }
+
+    /// Checks every cross-field rule; the first violation names its key.
+    ///
+    /// # Errors
+    /// [`ManifestError::Invalid`].
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        let k = &self.kafka;
+        if !(1..=1000).contains(&k.partitions) {
+            return Err(invalid("kafka.partitions", format!("must be between 1 and 1000, got {}", k.partitions)));
+        }
+        if !(1..=32).contains(&k.replication_factor) {
+            return Err(invalid("kafka.replication_factor", "must be between 1 and 32"));
+        }
+        check_name("kafka.topic_prefix", &k.topic_prefix, true)?;
+        check_name("kafka.dead_letter_topic", &k.dead_letter_topic, false)?;
+        if self.components.is_empty() {
+            return Err(invalid("components", "at least one component is required"));
+        }
+        let mut ports: HashMap<u16, String> = HashMap::new();
+        let mut claim = |port: u16, owner: String, key: String| {
+            if port == 0 {
+                return Err(invalid(key, "port 0 is not allowed: name the port to serve on"));
+            }
+            match ports.insert(port, owner.clone()) {
+                Some(other) => Err(invalid(key, format!("port {port} is already used by {other}"))),
+                None => Ok(()),
+            }
+        };
+        claim(self.gateway.port, "the gateway".into(), "gateway.port".into())?;
+        if !self.components.contains_key(&self.gateway.order_component) {
+            return Err(invalid(
+                "gateway.order_component",
+                format!("no component named {:?}", self.gateway.order_component),
+            ));
+        }
+        for (name, c) in &self.components {
+            let key = |field: &str| format!("components.{name}.{field}");
+            check_name(&format!("components.{name}"), name, false)?;
+            claim(c.port, format!("component {name:?}"), key("port"))?;
+            if c.topics.is_empty() {
+                return Err(invalid(key("topics"), "at least one topic is required"));
+            }
+            for topic in &c.topics {
+                check_name(&key("topics"), topic, false)?;
+            }
+            check_name(&key("group"), &c.group, false)?;
+            if !(1..=60_000).contains(&c.timeout_ms) {
+                return Err(invalid(key("timeout_ms"), "must be between 1 and 60000"));
+            }
+            if !(1..=4096).contains(&c.memory_mib) {
+                return Err(invalid(key("memory_mib"), "must be between 1 and 4096"));
+            }
+            if !(1..=100).contains(&c.max_attempts) {
+                return Err(invalid(key("max_attempts"), "must be between 1 and 100"));
+            }
+            if !c.wasm.is_file() {
+                return Err(invalid(
+                    key("wasm"),
+                    format!("{:?} is not a file (run `just build-components` first)", c.wasm),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every logical topic the app uses: consumed ones and the dead-letter topic.
+    pub fn logical_topics(&self) -> Vec<String> {
+        let mut topics: Vec<String> = self.components.values().flat_map(|c| c.topics.iter().cloned()).collect();
+        topics.push(self.kafka.dead_letter_topic.clone());
+        topics.sort();
+        topics.dedup();
+        topics
+    }
+}
+
+/// Kafka topic and group names: letters, digits, `.`, `_`, `-`.
+fn check_name(key: &str, value: &str, allow_empty: bool) -> Result<(), ManifestError> {
+    if value.is_empty() && !allow_empty {
+        return Err(invalid(key, "must not be empty"));
+    }
+    if value.len() > 200 {
+        return Err(invalid(key, "must be at most 200 characters"));
+    }
+    if let Some(bad) = value.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+        return Err(invalid(key, format!("{value:?} contains {bad:?}; use letters, digits, '.', '_' or '-'")));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

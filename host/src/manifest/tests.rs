@@ -1,0 +1,124 @@
+use super::*;
+
+fn manifest_with(wasm: &Path, extra_component: &str, top: &str) -> String {
+    format!(
+        r#"
+{top}
+[gateway]
+port = 3005
+
+[components.order]
+wasm = "{wasm}"
+port = 3002
+topics = ["orders", "payments"]
+group = "order-service"
+{extra_component}
+"#,
+        wasm = wasm.display()
+    )
+}
+
+fn check(text: &str) -> Result<Manifest, String> {
+    let manifest = Manifest::parse(text)?;
+    manifest.validate().map_err(|e| e.to_string())?;
+    Ok(manifest)
+}
+
+fn wasm_file() -> (tempdir::TempDir, PathBuf) {
+    let dir = tempdir::TempDir::new();
+    let path = dir.path().join("c.wasm");
+    std::fs::write(&path, b"\0asm").unwrap();
+    (dir, path)
+}
+
+/// A throwaway directory, removed on drop.
+mod tempdir {
+    pub struct TempDir(std::path::PathBuf);
+    impl TempDir {
+        pub fn new() -> Self {
+            let dir = std::env::temp_dir().join(format!("manifest-test-{}", uuid::Uuid::new_v4()));
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+        pub fn path(&self) -> &std::path::Path {
+            &self.0
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+#[test]
+fn defaults_apply() {
+    let (_dir, wasm) = wasm_file();
+    let m = check(&manifest_with(&wasm, "", "")).unwrap();
+    assert_eq!(m.kafka.partitions, 3);
+    assert_eq!(m.http.bind.to_string(), "127.0.0.1");
+    let order = &m.components["order"];
+    assert_eq!((order.timeout_ms, order.memory_mib, order.max_attempts), (1000, 64, 5));
+    assert_eq!(m.logical_topics(), ["dead-letters", "orders", "payments"]);
+}
+
+#[test]
+fn unknown_key_is_named() {
+    let (_dir, wasm) = wasm_file();
+    let err = check(&manifest_with(&wasm, "prot = 1", "")).unwrap_err();
+    assert!(err.contains("unknown field `prot`"), "{err}");
+}
+
+#[test]
+fn invalid_values_name_their_key() {
+    let (_dir, wasm) = wasm_file();
+    let cases = [
+        ("", "[kafka]\npartitions = 0", "kafka.partitions"),
+        ("", "[kafka]\ntopic_prefix = \"a b\"", "kafka.topic_prefix"),
+        ("timeout_ms = 0", "", "components.order.timeout_ms"),
+        ("", "[http]\nbind = \"nowhere\"", "invalid IP address"),
+    ];
+    for (component, top, needle) in cases {
+        let err = check(&manifest_with(&wasm, component, top)).unwrap_err();
+        assert!(err.contains(needle), "expected {needle:?} in {err}");
+    }
+}
+
+#[test]
+fn duplicate_port_and_missing_wasm_are_rejected() {
+    let (_dir, wasm) = wasm_file();
+    let mut text = manifest_with(&wasm, "", "");
+    text.push_str(
+        r#"
+[components.payment]
+wasm = "/nonexistent/payment.wasm"
+port = 3005
+topics = ["payments"]
+group = "payment-service"
+"#,
+    );
+    let err = check(&text).unwrap_err();
+    assert!(err.contains("components.payment.port") && err.contains("the gateway"), "{err}");
+    let err = check(&text.replace("port = 3005\ntopics", "port = 3001\ntopics")).unwrap_err();
+    assert!(err.contains("components.payment.wasm") && err.contains("build-components"), "{err}");
+}
+
+#[test]
+fn gateway_needs_its_order_component() {
+    let (_dir, wasm) = wasm_file();
+    let text = manifest_with(&wasm, "", "").replace("[gateway]\nport = 3005", "[gateway]\nport = 3005\norder_component = \"orders\"");
+    let err = check(&text).unwrap_err();
+    assert!(err.contains("gateway.order_component"), "{err}");
+}
+
+#[test]
+fn load_resolves_paths_against_the_manifest() {
+    let dir = tempdir::TempDir::new();
+    std::fs::write(dir.path().join("c.wasm"), b"\0asm").unwrap();
+    let path = dir.path().join("app.toml");
+    std::fs::write(&path, manifest_with(Path::new("c.wasm"), "", "")).unwrap();
+    let m = Manifest::load(&path).unwrap();
+    assert_eq!(m.components["order"].wasm, dir.path().join("c.wasm"));
+    let err = Manifest::load(&dir.path().join("missing.toml")).unwrap_err();
+    assert!(err.to_string().contains("cannot read manifest"), "{err}");
+}

@@ -1,0 +1,199 @@
+//! From one inbound record to the records to publish: decode the envelope,
+//! call the component (retrying what may succeed later), wrap what it
+//! emitted in envelopes, or set the record aside on the dead-letter topic.
+//! Adapter-neutral: the Kafka consumer and the in-memory tests both drive it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{Inbound, Outbound};
+use crate::clock::Clock;
+use crate::envelope::Envelope;
+use crate::runtime::{Event, ServiceRuntime};
+
+/// Maps logical topic names (what components see) to physical ones.
+#[derive(Debug, Clone, Default)]
+pub struct Topics {
+    /// Prefix of every physical topic.
+    pub prefix: String,
+    /// Logical name of the dead-letter topic.
+    pub dead_letter: String,
+}
+
+impl Topics {
+    /// The physical name of a logical topic.
+    pub fn physical(&self, logical: &str) -> String {
+        format!("{}{logical}", self.prefix)
+    }
+
+    /// The logical name of a physical topic.
+    pub fn logical<'a>(&self, physical: &'a str) -> &'a str {
+        physical.strip_prefix(self.prefix.as_str()).unwrap_or(physical)
+    }
+}
+
+/// How retryable failures are retried.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Attempts before the record is dead-lettered (at least 1).
+    pub max_attempts: u32,
+    /// Backoff after the first failure; doubles each time.
+    pub first_backoff: Duration,
+    /// Longest backoff.
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self { max_attempts: 5, first_backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(5) }
+    }
+}
+
+/// What to do with a processed record.
+#[derive(Debug)]
+pub enum Disposition {
+    /// The component handled it: publish these, then store the offset.
+    Publish(Vec<Outbound>),
+    /// It can never be handled: publish it to the dead-letter topic, then
+    /// store the offset.
+    DeadLetter { record: Outbound, reason: String },
+}
+
+/// One component's processing pipeline.
+pub struct Pipeline {
+    service: Arc<ServiceRuntime>,
+    topics: Topics,
+    retry: RetryPolicy,
+    clock: Arc<dyn Clock>,
+}
+
+impl Pipeline {
+    /// A pipeline feeding `service`.
+    pub fn new(service: Arc<ServiceRuntime>, topics: Topics, retry: RetryPolicy, clock: Arc<dyn Clock>) -> Self {
+        Self { service, topics, retry, clock }
+    }
+
+    /// The service behind this pipeline.
+    pub fn service(&self) -> &Arc<ServiceRuntime> {
+        &self.service
+    }
+
+    /// Processes one record. `None` means shutdown interrupted a retry: the
+    /// record was not handled and its offset must not be stored.
+    pub async fn process(&self, record: &Inbound, shutdown: &CancellationToken) -> Option<Disposition> {
+        let envelope = match Envelope::decode(record.value.as_deref()) {
+            Ok(envelope) => envelope,
+            Err(err) => return Some(self.dead_letter(record, format!("invalid envelope: {err}"), 0)),
+        };
+        let event = self.event(record, &envelope);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let err = match self.service.handle(&event).await {
+                Ok(handled) => {
+                    let producer = format!("{}@{}", self.service.name(), handled.version);
+                    return Some(match self.wrap(&envelope, handled.outgoing, &producer) {
+                        Ok(records) => Disposition::Publish(records),
+                        Err(reason) => self.dead_letter(record, reason, attempt),
+                    });
+                }
+                Err(err) => err,
+            };
+            let reason = err.to_string();
+            if !err.is_retryable() || attempt >= self.retry.max_attempts {
+                return Some(self.dead_letter(record, reason, attempt));
+            }
+            let backoff = self.backoff(attempt);
+            tracing::warn!(component = self.service.name(), event_id = %event.id, attempt, ?backoff, "{reason}; retrying");
+            tokio::select! {
+                () = shutdown.cancelled() => return None,
+                () = tokio::time::sleep(backoff) => {}
+            }
+        }
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let factor = 2u32.saturating_pow(attempt.saturating_sub(1));
+        self.retry.first_backoff.saturating_mul(factor).min(self.retry.max_backoff)
+    }
+
+    /// The WIT event for an envelope; envelope metadata goes in the headers.
+    fn event(&self, record: &Inbound, envelope: &Envelope) -> Event {
+        let mut headers = vec![
+            ("correlation-id".to_owned(), envelope.correlation_id.clone()),
+            ("schema-version".to_owned(), envelope.schema_version.to_string()),
+            ("producer".to_owned(), envelope.producer.clone()),
+        ];
+        if let Some(cause) = &envelope.causation_id {
+            headers.push(("causation-id".to_owned(), cause.clone()));
+        }
+        headers.extend(
+            record.headers.iter().filter_map(|(k, v)| Some((k.clone(), String::from_utf8(v.clone()).ok()?))),
+        );
+        Event {
+            id: envelope.id.clone(),
+            event_type: envelope.event_type.clone(),
+            topic: self.topics.logical(&record.topic).to_owned(),
+            key: Some(envelope.order_id.clone()),
+            headers,
+            payload: envelope.data.to_string().into_bytes(),
+            timestamp_ms: envelope.timestamp_ms,
+        }
+    }
+
+    /// Wraps what the component emitted in envelopes caused by `cause`.
+    fn wrap(&self, cause: &Envelope, outgoing: Vec<crate::runtime::OutgoingEvent>, producer: &str) -> Result<Vec<Outbound>, String> {
+        let now = self.clock.now_ms();
+        outgoing
+            .into_iter()
+            .enumerate()
+            .map(|(index, out)| {
+                let data: serde_json::Value = serde_json::from_slice(&out.payload)
+                    .map_err(|err| format!("component emitted a {} whose payload is not JSON: {err}", out.event_type))?;
+                if out.key.is_empty() || out.topic.is_empty() {
+                    return Err(format!("component emitted a {} without topic or key", out.event_type));
+                }
+                let envelope = cause.caused(index, &out.event_type, &out.key, producer, now, data);
+                Ok(Outbound {
+                    topic: self.topics.physical(&out.topic),
+                    key: out.key,
+                    value: envelope.encode(),
+                    headers: vec![
+                        ("event-type".to_owned(), out.event_type.into_bytes()),
+                        ("producer".to_owned(), producer.as_bytes().to_vec()),
+                    ],
+                })
+            })
+            .collect()
+    }
+
+    fn dead_letter(&self, record: &Inbound, reason: String, attempts: u32) -> Disposition {
+        tracing::error!(
+            component = self.service.name(),
+            topic = %record.topic,
+            partition = record.partition,
+            offset = record.offset,
+            attempts,
+            "dead-lettering record: {reason}"
+        );
+        let mut headers = record.headers.clone();
+        headers.extend([
+            ("dlq-reason".to_owned(), reason.clone().into_bytes()),
+            ("dlq-component".to_owned(), self.service.name().as_bytes().to_vec()),
+            ("dlq-source".to_owned(), format!("{}/{}/{}", record.topic, record.partition, record.offset).into_bytes()),
+            ("dlq-attempts".to_owned(), attempts.to_string().into_bytes()),
+        ]);
+        let key = record.key.as_deref().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
+        Disposition::DeadLetter {
+            record: Outbound {
+                topic: self.topics.physical(&self.topics.dead_letter),
+                key,
+                value: record.value.clone().unwrap_or_default(),
+                headers,
+            },
+            reason,
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! Host side of the `shop:service` world: the generated bindings and the
+//! per-store state that implements the world's imports (the outbound ports).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use wasmtime::StoreLimits;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::clock::Clock;
+use crate::state::{AccessError, Txn};
+
+wasmtime::component::bindgen!({
+    path: "../wit",
+    world: "service",
+    exports: { default: async },
+});
+
+use shop::service::{clock, config, log, state};
+
+/// Everything one store (one call) owns: WASI with no capabilities, the
+/// state transaction, config, clock and resource limits.
+pub struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    /// Memory and table limits of the instance.
+    pub limits: StoreLimits,
+    /// The call's view of the component's state.
+    pub txn: Txn,
+    component: Arc<str>,
+    config: Arc<HashMap<String, String>>,
+    clock: Arc<dyn Clock>,
+}
+
+impl HostState {
+    /// A fresh state for one call.
+    pub fn new(
+        component: Arc<str>,
+        txn: Txn,
+        config: Arc<HashMap<String, String>>,
+        clock: Arc<dyn Clock>,
+        limits: StoreLimits,
+    ) -> Self {
+        // No preopened directory, no environment, no arguments, no stdin, no
+        // sockets: Rust's std on wasip2 links these interfaces, but a service
+        // gets no capability through them. Stderr carries guest panic messages.
+        let wasi = WasiCtx::builder()
+            .inherit_stderr()
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        Self { wasi, table: ResourceTable::new(), limits, txn, component, config, clock }
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl shop::service::types::Host for HostState {}
+
+fn to_wit(err: AccessError) -> state::StateError {
+    match err {
+        AccessError::Unavailable(msg) => state::StateError::Unavailable(msg),
+        AccessError::Invalid(msg) => state::StateError::Invalid(msg),
+    }
+}
+
+impl state::Host for HostState {
+    fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, state::StateError> {
+        self.txn.get(&key).map_err(to_wit)
+    }
+
+    fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), state::StateError> {
+        self.txn.put(&key, Some(value)).map_err(to_wit)
+    }
+
+    fn delete(&mut self, key: String) -> Result<(), state::StateError> {
+        self.txn.put(&key, None).map_err(to_wit)
+    }
+
+    fn list_keys(&mut self, prefix: String, limit: u32) -> Result<Vec<String>, state::StateError> {
+        self.txn.keys(&prefix, limit.min(10_000) as usize).map_err(to_wit)
+    }
+}
+
+impl log::Host for HostState {
+    fn log(&mut self, level: log::Level, message: String, fields: Vec<(String, String)>) {
+        let fields: Vec<String> = fields.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+        let fields = fields.join(" ");
+        let component = &*self.component;
+        match level {
+            log::Level::Trace => tracing::trace!(target: "component", component, %fields, "{message}"),
+            log::Level::Debug => tracing::debug!(target: "component", component, %fields, "{message}"),
+            log::Level::Info => tracing::info!(target: "component", component, %fields, "{message}"),
+            log::Level::Warn => tracing::warn!(target: "component", component, %fields, "{message}"),
+            log::Level::Error => tracing::error!(target: "component", component, %fields, "{message}"),
+        }
+    }
+}
+
+impl clock::Host for HostState {
+    fn now_ms(&mut self) -> u64 {
+        self.clock.now_ms()
+    }
+}
+
+impl config::Host for HostState {
+    fn get(&mut self, key: String) -> Option<String> {
+        self.config.get(&key).cloned()
+    }
+}

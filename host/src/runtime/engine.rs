@@ -1,0 +1,79 @@
+//! The shared wasmtime engine, its linker and the epoch ticker that bounds
+//! every call's wall-clock time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::component::Linker;
+
+use super::HostState;
+
+/// How often the epoch advances; a call's budget is rounded up to it.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// The engine and linker shared by every component; cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    engine: wasmtime::Engine,
+    linker: Linker<HostState>,
+    ticker: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Engine {
+    /// Creates the engine and starts the epoch ticker thread.
+    ///
+    /// # Errors
+    /// When wasmtime rejects the configuration or the linker cannot be built.
+    pub fn new() -> anyhow::Result<Self> {
+        let mut config = wasmtime::Config::new();
+        config.epoch_interruption(true);
+        config.max_wasm_stack(512 * 1024);
+        let engine = wasmtime::Engine::new(&config).map_err(anyhow::Error::from)?;
+        let linker = super::linker(&engine).map_err(anyhow::Error::from)?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // A plain thread rather than a tokio task: the ticker must keep
+        // running even when every runtime worker is busy inside a guest.
+        let ticker = {
+            let engine = engine.clone();
+            let stop = stop.clone();
+            std::thread::Builder::new().name("epoch-ticker".into()).spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            })?
+        };
+        Ok(Self {
+            inner: Arc::new(Inner { engine, linker, ticker: std::sync::Mutex::new(Some(ticker)), stop }),
+        })
+    }
+
+    /// The wasmtime engine.
+    pub fn wasmtime(&self) -> &wasmtime::Engine {
+        &self.inner.engine
+    }
+
+    /// The linker with WASI (no capabilities) and the shop imports.
+    pub fn linker(&self) -> &Linker<HostState> {
+        &self.inner.linker
+    }
+
+    /// Epoch ticks covering `budget`, plus one for the tick in progress.
+    pub fn ticks_for(&self, budget: Duration) -> u64 {
+        (budget.as_millis() as u64).div_ceil(EPOCH_TICK.as_millis() as u64) + 1
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(ticker) = self.ticker.lock().ok().and_then(|mut t| t.take()) {
+            let _ = ticker.join();
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! The Wasm runtime: one engine, each component compiled and pre-instantiated
+//! once, and a fresh store and instance per call so that a trap never leaks
+//! into the next event.
+
+mod bindings;
+mod engine;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Instant, SystemTime};
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Store, StoreLimitsBuilder, Trap};
+
+pub use bindings::{Event, HandleError, HostState, OutgoingEvent, Request, Response};
+pub use engine::{Engine, EPOCH_TICK};
+
+use crate::clock::Clock;
+use crate::state::{StateStore, StoreError, Txn};
+
+/// A component that cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read component {path:?}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path:?} is not a valid Wasm component: {message}")]
+    Compile { path: PathBuf, message: String },
+    #[error("{path:?} does not implement the world shop:service/service@0.1.0: {message}")]
+    World { path: PathBuf, message: String },
+}
+
+/// A compiled, pre-instantiated version of a component.
+pub struct LoadedComponent {
+    pre: bindings::ServicePre<HostState>,
+    /// Hex sha256 of the component bytes: the version shown everywhere.
+    pub sha256: String,
+    /// Where the bytes came from.
+    pub path: PathBuf,
+    /// When this version was loaded.
+    pub loaded_at: SystemTime,
+}
+
+impl LoadedComponent {
+    /// Compiles `bytes` and checks them against the world.
+    ///
+    /// # Errors
+    /// [`LoadError::Compile`] for bytes that are not a component,
+    /// [`LoadError::World`] for a component with the wrong imports or exports.
+    pub fn from_bytes(engine: &Engine, path: &Path, bytes: &[u8]) -> Result<Self, LoadError> {
+        let sha256 = hex::encode(Sha256::digest(bytes));
+        let component = Component::new(engine.wasmtime(), bytes)
+            .map_err(|err| LoadError::Compile { path: path.to_owned(), message: format!("{err:#}") })?;
+        let world = |err: wasmtime::Error| LoadError::World { path: path.to_owned(), message: format!("{err:#}") };
+        let pre = engine.linker().instantiate_pre(&component).map_err(world)?;
+        let pre = bindings::ServicePre::new(pre).map_err(world)?;
+        Ok(Self { pre, sha256, path: path.to_owned(), loaded_at: SystemTime::now() })
+    }
+
+    /// Reads and loads a component file.
+    ///
+    /// # Errors
+    /// As [`LoadedComponent::from_bytes`], plus [`LoadError::Read`].
+    pub fn from_file(engine: &Engine, path: &Path) -> Result<Self, LoadError> {
+        let bytes = std::fs::read(path).map_err(|source| LoadError::Read { path: path.to_owned(), source })?;
+        Self::from_bytes(engine, path, &bytes)
+    }
+}
+
+/// Why a call into a component failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The component returned a WIT-level error.
+    #[error("component error: {0:?}")]
+    Handle(HandleError),
+    /// The instance trapped (panic, time budget, memory limit, ...); it was
+    /// thrown away.
+    #[error("component trapped: {0}")]
+    Trap(String),
+    /// Committing the call's state writes failed; nothing was applied.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl CallError {
+    /// Whether retrying the same event may succeed.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, CallError::Handle(HandleError::Permanent(_)))
+    }
+}
+
+/// What a successful `handle` call produced.
+#[derive(Debug)]
+pub struct Handled {
+    /// Events to publish, in the order the component returned them.
+    pub outgoing: Vec<OutgoingEvent>,
+    /// The version (sha256) that handled the event.
+    pub version: String,
+}
+
+/// Resource bounds of every call into a component.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Wall-clock budget of one call.
+    pub timeout: std::time::Duration,
+    /// Linear memory limit of one instance.
+    pub memory_bytes: usize,
+}
+
+/// One service: its current component version, its state and its bounds.
+pub struct ServiceRuntime {
+    name: Arc<str>,
+    engine: Engine,
+    current: RwLock<Arc<LoadedComponent>>,
+    store: Arc<dyn StateStore>,
+    config: Arc<HashMap<String, String>>,
+    clock: Arc<dyn Clock>,
+    limits: Limits,
+    /// Serializes `handle` calls: each reads and writes the shared state, so
+    /// two concurrent calls could interleave a read-modify-write.
+    handle_lock: tokio::sync::Mutex<()>,
+}
+
+/// What a [`ServiceRuntime`] is built from.
+pub struct ServiceSpec {
+    pub name: String,
+    pub component: LoadedComponent,
+    pub store: Arc<dyn StateStore>,
+    pub config: HashMap<String, String>,
+    pub clock: Arc<dyn Clock>,
+    pub limits: Limits,
+}
+
+impl ServiceRuntime {
+    /// A runtime serving `spec.component`.
+    pub fn new(engine: Engine, spec: ServiceSpec) -> Self {
+        Self {
+            name: spec.name.into(),
+            engine,
+            current: RwLock::new(Arc::new(spec.component)),
+            store: spec.store,
+            config: Arc::new(spec.config),
+            clock: spec.clock,
+            limits: spec.limits,
+            handle_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The service's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The version currently serving.
+    pub fn current(&self) -> Arc<LoadedComponent> {
+        self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// The service's state store (read by tests and tools).
+    pub fn state_store(&self) -> &Arc<dyn StateStore> {
+        &self.store
+    }
+
+    fn new_store(&self, txn: Txn) -> Store<HostState> {
+        let limits = StoreLimitsBuilder::new().memory_size(self.limits.memory_bytes).instances(4).build();
+        let state = HostState::new(self.name.clone(), txn, self.config.clone(), self.clock.clone(), limits);
+        let mut store = Store::new(self.engine.wasmtime(), state);
+        store.limiter(|s| &mut s.limits);
+        store.set_epoch_deadline(self.engine.ticks_for(self.limits.timeout));
+        store.epoch_deadline_trap();
+        store
+    }
+
+    fn trap(&self, err: wasmtime::Error) -> CallError {
+        let message = match err.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => format!("exceeded its time budget of {:?}", self.limits.timeout),
+            _ => format!("{err:#}"),
+        };
+        CallError::Trap(message)
+    }
+
+    /// Runs `handle` on a fresh instance and commits its state writes only
+    /// if it returned `ok`.
+    ///
+    /// # Errors
+    /// [`CallError`]; in every case no state was written.
+    pub async fn handle(&self, event: &Event) -> Result<Handled, CallError> {
+        let _serial = self.handle_lock.lock().await;
+        let component = self.current();
+        let mut store = self.new_store(Txn::new(self.store.clone()));
+        let started = Instant::now();
+        let result = async {
+            let instance = component.pre.instantiate_async(&mut store).await?;
+            instance.call_handle(&mut store, event).await
+        }
+        .await;
+        tracing::trace!(component = %self.name, elapsed = ?started.elapsed(), "handle call");
+        match result {
+            Ok(Ok(outgoing)) => {
+                self.store.commit(store.into_data().txn.into_writes())?;
+                Ok(Handled { outgoing, version: component.sha256.clone() })
+            }
+            Ok(Err(err)) => Err(CallError::Handle(err)),
+            Err(err) => Err(self.trap(err)),
+        }
+    }
+
+    /// Runs `query` on a fresh instance with a read-only view of the state.
+    ///
+    /// # Errors
+    /// [`CallError::Trap`] when the instance traps.
+    pub async fn query(&self, request: &Request) -> Result<Response, CallError> {
+        let component = self.current();
+        let mut store = self.new_store(Txn::read_only(self.store.clone()));
+        let result = async {
+            let instance = component.pre.instantiate_async(&mut store).await?;
+            instance.call_query(&mut store, request).await
+        }
+        .await;
+        result.map_err(|err| self.trap(err))
+    }
+}
+
+/// Builds the linker every component is checked against.
+fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostState>> {
+    let mut linker = Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    bindings::Service::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |state| state)?;
+    Ok(linker)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,43 @@
+# The shop: Rust host + Wasm service components on Kafka.
+
+components := "payment order email analytics"
+
+# List the recipes.
+default:
+    @just --list
+
+# Build the host (and gateway).
+build:
+    cargo build -p host
+
+# Build every service component (never the host).
+build-components:
+    cargo build --release --target wasm32-wasip2 {{ prepend("-p ", components) }}
+
+# Build one service component, e.g. `just build-component payment`.
+build-component NAME:
+    cargo build --release --target wasm32-wasip2 -p {{ NAME }}
+
+# Run the whole system: gateway on :3005, components on :3001-3004.
+run: build-components build
+    cargo run -p host -- run --manifest app.toml
+
+# Validate the manifest and every component without serving.
+check: build-components build
+    cargo run -p host -- check --manifest app.toml
+
+# Start a single-node Apache Kafka (KRaft) on 127.0.0.1:9092 (fetched from Maven once).
+kafka:
+    scripts/kafka.sh start
+
+# Stop the broker started by `just kafka`.
+kafka-stop:
+    scripts/kafka.sh stop
+
+# Everything: formatting, lints, unit tests, end-to-end on a real broker, browser test.
+test: build-components build
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+    scripts/kafka.sh start
+    KAFKA_BROKERS=127.0.0.1:9092 cargo test --workspace
+    scripts/browser-test.sh
