@@ -1,0 +1,220 @@
+//! End to end on a real Apache Kafka broker: the `host` binary with the four
+//! components, orders placed over HTTP through the gateway, final states,
+//! emails and analytics checked, the events read back by an independent
+//! consumer, and a clean shutdown.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::message::Message as _;
+use serde_json::{Value, json};
+use support::*;
+
+fn order(card: &str, quantity: u32) -> Value {
+    json!({
+        "customer": { "name": "Grace Hopper", "email": "grace@example.com" },
+        "items": [ { "sku": "book", "quantity": quantity, "unit_price_cents": 1250 },
+                   { "sku": "pen", "quantity": 1, "unit_price_cents": 199 } ],
+        "payment": { "card_number": card }
+    })
+}
+
+async fn get_json(client: &reqwest::Client, url: &str) -> Option<Value> {
+    let response = client.get(url).send().await.ok()?;
+    if !response.status().is_success() {
+        return None;
+    }
+    response.json().await.ok()
+}
+
+/// Reads every record of `topics` from the beginning with a consumer of our
+/// own, independent of the host.
+fn read_topics(brokers: &str, topics: &[String]) -> Vec<(String, Value)> {
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&names).unwrap();
+    let mut records = Vec::new();
+    let mut idle = 0;
+    while idle < 20 {
+        match consumer.poll(Duration::from_millis(250)) {
+            Some(Ok(message)) => {
+                idle = 0;
+                let value: Value = serde_json::from_slice(message.payload().unwrap()).unwrap();
+                records.push((message.topic().to_owned(), value));
+            }
+            Some(Err(err)) => panic!("reader failed: {err}"),
+            None => idle += 1,
+        }
+    }
+    records
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_flow_through_the_saga_on_real_kafka() {
+    let brokers = brokers();
+    let dir = temp_dir("e2e");
+    let ports = Ports::free();
+    let (manifest, prefix) = write_manifest(&dir, ports);
+    let mut host = HostProcess::start(&manifest, Some(&brokers));
+    let client = reqwest::Client::new();
+    let gateway = format!("http://127.0.0.1:{}", ports.gateway);
+
+    // Every port answers /health with 200 once its consumer has joined.
+    for port in ports.all() {
+        let url = format!("http://127.0.0.1:{port}/health");
+        let health = eventually(Duration::from_secs(60), &format!("{url} to be healthy"), || async {
+            let r = client.get(&url).send().await.ok()?;
+            (r.status() == 200).then_some(())?;
+            r.json::<Value>().await.ok()
+        })
+        .await;
+        assert_eq!(health["status"], "ok", "{health}");
+    }
+    let health = get_json(&client, &format!("http://127.0.0.1:{}/health", ports.payment)).await.unwrap();
+    let wasm = std::fs::read(component("payment")).unwrap();
+    assert_eq!(health["version"], hex_sha256(&wasm), "health shows the wasm sha256");
+    assert_eq!(health["component"], "payment");
+
+    // A bad order is refused with the fields named.
+    let bad = client.post(format!("{gateway}/order")).json(&json!({"customer": {"name": "x"}})).send().await.unwrap();
+    assert_eq!(bad.status(), 400);
+    let bad: Value = bad.json().await.unwrap();
+    let fields: Vec<&str> = bad["error"]["fields"].as_array().unwrap().iter().map(|f| f["field"].as_str().unwrap()).collect();
+    assert!(fields.contains(&"customer.email") && fields.contains(&"items") && fields.contains(&"payment.card_number"), "{fields:?}");
+
+    // Accepted and declined cards.
+    let cases = [
+        ("4242 4242 4242 4242", 2, "CONFIRMED"),
+        ("4000 0000 0000 0002", 1, "REJECTED"),
+        ("4000000000009995", 3, "REJECTED"),
+        ("5555555555554444", 1, "CONFIRMED"),
+        ("4242424242424242", 500, "REJECTED"), // 6,251.99 is over the 5,000.00 limit
+    ];
+    let mut expected = HashMap::new();
+    for (card, quantity, outcome) in cases {
+        let response = client.post(format!("{gateway}/order")).json(&order(card, quantity)).send().await.unwrap();
+        assert_eq!(response.status(), 202);
+        let body: Value = response.json().await.unwrap();
+        let total = 1250 * u64::from(quantity) + 199;
+        assert_eq!(body["total_cents"], total);
+        expected.insert(body["order_id"].as_str().unwrap().to_owned(), (outcome, total));
+    }
+
+    for (id, (outcome, _)) in &expected {
+        let url = format!("{gateway}/order/{id}");
+        let state = eventually(Duration::from_secs(30), &format!("order {id} to be {outcome}"), || async {
+            let o = get_json(&client, &url).await?;
+            (o["status"] != "PENDING").then_some(o)
+        })
+        .await;
+        assert_eq!(state["status"], *outcome, "{state}");
+        let steps: Vec<&str> = state["history"].as_array().unwrap().iter().map(|s| s["status"].as_str().unwrap()).collect();
+        assert_eq!(steps, ["PENDING", outcome]);
+        assert!(state.get("card_number").is_none(), "the card number is never served");
+
+        let emails_url = format!("http://127.0.0.1:{}/emails?order={id}", ports.email);
+        let emails = eventually(Duration::from_secs(30), "the email", || async {
+            let e = get_json(&client, &emails_url).await?;
+            (!e.as_array()?.is_empty()).then_some(e)
+        })
+        .await;
+        let emails = emails.as_array().unwrap();
+        assert_eq!(emails.len(), 1, "exactly one email per order: {emails:?}");
+        let kind = if *outcome == "CONFIRMED" { "order_confirmed" } else { "order_rejected" };
+        assert_eq!((emails[0]["kind"].as_str(), emails[0]["to"].as_str()), (Some(kind), Some("grace@example.com")));
+    }
+
+    let confirmed: Vec<u64> = expected.values().filter(|(o, _)| *o == "CONFIRMED").map(|(_, t)| *t).collect();
+    let stats_url = format!("http://127.0.0.1:{}/stats", ports.analytics);
+    let stats = eventually(Duration::from_secs(30), "analytics to count every email", || async {
+        let s = get_json(&client, &stats_url).await?;
+        (s["emails_sent"] == 5).then_some(s)
+    })
+    .await;
+    assert_eq!(stats["orders_placed"], 5, "{stats}");
+    assert_eq!(stats["orders_confirmed"], confirmed.len() as u64, "{stats}");
+    assert_eq!(stats["orders_rejected"], 5 - confirmed.len() as u64, "{stats}");
+    assert_eq!(stats["revenue_cents"], confirmed.iter().sum::<u64>(), "{stats}");
+    assert_eq!(stats["payment_declines"], 3, "{stats}");
+
+    // An independent client sees the saga on the four topics, with envelopes.
+    let topics: Vec<String> = ["orders", "payments", "emails", "analytics"].iter().map(|t| format!("{prefix}{t}")).collect();
+    let records = read_topics(&brokers, &topics);
+    let mut by_type: BTreeMap<String, usize> = BTreeMap::new();
+    for (topic, envelope) in &records {
+        assert_eq!(envelope["schema_version"], 1);
+        assert!(expected.contains_key(envelope["order_id"].as_str().unwrap()), "{envelope}");
+        assert!(topic.starts_with(&prefix));
+        *by_type.entry(envelope["type"].as_str().unwrap().to_owned()).or_default() += 1;
+    }
+    for (event_type, count) in [
+        ("OrderPlaced", 5),
+        ("PaymentRequested", 5),
+        ("PaymentAuthorized", 2),
+        ("PaymentDeclined", 3),
+        ("OrderConfirmed", 2),
+        ("OrderRejected", 3),
+        ("EmailRequested", 5),
+        ("EmailSent", 5),
+    ] {
+        assert_eq!(by_type.get(event_type).copied().unwrap_or(0), count, "{event_type} in {by_type:?}");
+    }
+    let payment_events = records.iter().filter(|(_, e)| e["type"] == "PaymentAuthorized");
+    for (_, e) in payment_events {
+        assert_eq!(e["producer"], format!("payment@{}", hex_sha256(&wasm)), "events name the producing version");
+        assert!(e["causation_id"].is_string() && e["correlation_id"].is_string());
+    }
+
+    // Graceful shutdown: exit 0, every port released.
+    host.terminate();
+    let status = host.wait(Duration::from_secs(40)).expect("host did not stop within 40 s of SIGTERM");
+    assert!(status.success(), "exit status {status:?}\n{}", host.output());
+    for port in ports.all() {
+        assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(), "port {port} still bound after shutdown");
+    }
+    assert!(host.output().contains("host stopped"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_port_is_named_and_fails_the_start() {
+    let dir = temp_dir("port");
+    let ports = Ports::free();
+    let (manifest, _) = write_manifest(&dir, ports);
+    let _squatter = std::net::TcpListener::bind(("127.0.0.1", ports.email)).unwrap();
+    let mut host = HostProcess::start(&manifest, Some(&brokers()));
+    let status = host.wait(Duration::from_secs(30)).expect("host should exit when a port is taken");
+    assert!(!status.success());
+    let output = host.output();
+    assert!(output.contains(&format!("port {} for component \"email\" is already in use", ports.email)), "{output}");
+    for port in [ports.gateway, ports.payment, ports.order] {
+        assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(), "port {port} left bound");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_manifest_names_the_key_before_binding() {
+    let dir = temp_dir("manifest");
+    let ports = Ports::free();
+    let (manifest, _) = write_manifest(&dir, ports);
+    let text = std::fs::read_to_string(&manifest).unwrap().replace("partitions = 3", "partitions = 3\npartition = 2");
+    std::fs::write(&manifest, text).unwrap();
+    let mut host = HostProcess::start(&manifest, Some(&brokers()));
+    let status = host.wait(Duration::from_secs(20)).expect("host should exit on a bad manifest");
+    assert!(!status.success());
+    assert!(host.output().contains("unknown field `partition`"), "{}", host.output());
+    assert!(std::net::TcpListener::bind(("127.0.0.1", ports.gateway)).is_ok());
+}
+
+fn hex_sha256(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
