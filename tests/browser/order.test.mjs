@@ -1,0 +1,57 @@
+// Places orders in the frontend served by the gateway, in headless Chromium,
+// and waits for their final status. The host must be running; GATEWAY_URL
+// names it (scripts/browser-test.sh starts one).
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { chromium } from "playwright-core";
+
+const GATEWAY = process.env.GATEWAY_URL ?? "http://127.0.0.1:3005";
+let browser;
+
+before(async () => {
+  browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
+    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run"],
+  });
+});
+
+after(async () => { await browser?.close(); });
+
+test("an order placed in the page reaches CONFIRMED", async () => {
+  const page = await browser.newPage();
+  await page.goto(GATEWAY);
+  await page.fill("#name", "Katherine Johnson");
+  await page.fill("#email", "katherine@example.com");
+  await page.click("#add-item");
+  await page.click("#submit");
+  await page.waitForFunction(() => document.querySelector("#order-status")?.textContent === "CONFIRMED",
+    null, { timeout: 30_000 });
+  const steps = await page.$$eval("#history li", els => els.map(e => e.textContent));
+  assert.equal(steps.length, 2, steps.join(" | "));
+  assert.match(steps[1], /^CONFIRMED/);
+  await page.screenshot({ path: process.env.SCREENSHOT ?? "/tmp/shop-order.png" });
+});
+
+test("a declined card ends REJECTED", async () => {
+  const page = await browser.newPage();
+  await page.goto(GATEWAY);
+  await page.selectOption("#card-preset", "4000 0000 0000 0002");
+  await page.click("#submit");
+  await page.waitForFunction(() => document.querySelector("#order-status")?.textContent === "REJECTED",
+    null, { timeout: 30_000 });
+});
+
+test("invalid fields are shown next to the fields and nothing is placed", async () => {
+  const page = await browser.newPage();
+  await page.goto(GATEWAY);
+  await page.fill("#email", "nope");
+  await page.fill("#card", "1234");
+  await page.fill(".quantity", "0");
+  await page.click("#submit");
+  const error = field => page.locator(`.error[data-for="${field}"]`);
+  await error("customer.email").getByText("email address").waitFor({ timeout: 10_000 });
+  assert.match(await error("payment.card_number").textContent(), /12 to 19 digits/);
+  assert.match(await error("items[0].quantity").textContent(), /between 1 and 1000/);
+  assert.equal(await page.locator("#status").isHidden(), true);
+});
