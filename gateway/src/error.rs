@@ -25,9 +25,12 @@ pub enum ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code, message, fields) = match self {
-            ApiError::MalformedJson(detail) => {
-                (StatusCode::BAD_REQUEST, "malformed_json", format!("request body is not a valid order: {detail}"), None)
-            }
+            ApiError::MalformedJson(detail) => (
+                StatusCode::BAD_REQUEST,
+                "malformed_json",
+                format!("request body is not a valid order: {detail}"),
+                None,
+            ),
             ApiError::UnsupportedMediaType => (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",

@@ -77,7 +77,8 @@ async fn place_order(
     {
         return Err(ApiError::UnsupportedMediaType);
     }
-    let request: OrderRequest = serde_json::from_slice(&body).map_err(|err| ApiError::MalformedJson(err.to_string()))?;
+    let request: OrderRequest =
+        serde_json::from_slice(&body).map_err(|err| ApiError::MalformedJson(err.to_string()))?;
     let idempotency_key = headers.get("idempotency-key").and_then(|v| v.to_str().ok());
     let placed = request.validate(idempotency_key).map_err(ApiError::Validation)?;
     let order_id = placed.order_id.clone();

@@ -2,7 +2,7 @@
 //! not just the first.
 
 use serde::{Deserialize, Serialize};
-use shop_events::{Customer, LineItem, OrderPlaced, total_cents};
+use shop_events::{Customer, LineItem, OrderPlaced, card, total_cents};
 use uuid::Uuid;
 
 /// Most lines in one order.
@@ -95,27 +95,15 @@ impl Errors {
 }
 
 fn plausible_email(email: &str) -> bool {
-    let Some((local, domain)) = email.split_once('@') else { return false };
+    let Some((local, domain)) = email.split_once('@') else {
+        return false;
+    };
     !local.is_empty()
         && domain.contains('.')
         && !domain.starts_with('.')
         && !domain.ends_with('.')
         && !email.chars().any(char::is_whitespace)
         && !domain.contains('@')
-}
-
-/// Luhn checksum over ASCII digits.
-fn luhn_valid(digits: &str) -> bool {
-    let sum: u32 = digits
-        .bytes()
-        .rev()
-        .enumerate()
-        .map(|(i, b)| {
-            let d = u32::from(b - b'0') * if i % 2 == 1 { 2 } else { 1 };
-            if d > 9 { d - 9 } else { d }
-        })
-        .sum();
-    sum % 10 == 0
 }
 
 impl OrderRequest {
@@ -156,13 +144,13 @@ impl OrderRequest {
                 }
             }
         }
-        let card = self.payment.and_then(|p| p.card_number).unwrap_or_default();
-        let digits: String = card.chars().filter(|c| *c != ' ' && *c != '-').collect();
+        let raw_card = self.payment.and_then(|p| p.card_number).unwrap_or_default();
+        let digits = card::normalize(&raw_card);
         if digits.is_empty() {
             errors.add("payment.card_number", "is required");
         } else if !(12..=19).contains(&digits.len()) || !digits.bytes().all(|b| b.is_ascii_digit()) {
             errors.add("payment.card_number", "must be 12 to 19 digits");
-        } else if !luhn_valid(&digits) {
+        } else if !card::luhn_valid(&digits) {
             errors.add("payment.card_number", "is not a valid card number (checksum)");
         }
         if !errors.0.is_empty() {

@@ -46,7 +46,12 @@ async fn bind(manifest: &Manifest, port: u16, owner: &str) -> anyhow::Result<Tcp
     })
 }
 
-fn service_spec(name: &str, settings: &ComponentSettings, component: LoadedComponent, clock: Arc<dyn Clock>) -> ServiceSpec {
+fn service_spec(
+    name: &str,
+    settings: &ComponentSettings,
+    component: LoadedComponent,
+    clock: Arc<dyn Clock>,
+) -> ServiceSpec {
     ServiceSpec {
         name: name.to_owned(),
         component,
@@ -74,7 +79,10 @@ pub async fn run(manifest: Manifest, brokers: Option<String>, shutdown: Cancella
         let component =
             LoadedComponent::from_file(&engine, &settings.wasm).with_context(|| format!("component {name:?}"))?;
         tracing::info!(component = %name, version = %component.sha256, wasm = ?settings.wasm, "loaded");
-        services.insert(name.clone(), Arc::new(ServiceRuntime::new(engine.clone(), service_spec(name, settings, component, clock.clone()))));
+        services.insert(
+            name.clone(),
+            Arc::new(ServiceRuntime::new(engine.clone(), service_spec(name, settings, component, clock.clone()))),
+        );
     }
 
     let gateway_listener = bind(&manifest, manifest.gateway.port, "the gateway").await?;
@@ -83,12 +91,14 @@ pub async fn run(manifest: Manifest, brokers: Option<String>, shutdown: Cancella
         listeners.push((name.clone(), bind(&manifest, settings.port, &format!("component {name:?}")).await?));
     }
 
-    let topics = Topics { prefix: manifest.kafka.topic_prefix.clone(), dead_letter: manifest.kafka.dead_letter_topic.clone() };
+    let topics =
+        Topics { prefix: manifest.kafka.topic_prefix.clone(), dead_letter: manifest.kafka.dead_letter_topic.clone() };
     let physical: Vec<String> = manifest.logical_topics().iter().map(|t| topics.physical(t)).collect();
     let brokers = brokers.or_else(|| manifest.kafka.brokers.clone());
     let (_embedded, brokers) = match brokers {
         Some(brokers) => {
-            kafka::ensure_topics(&brokers, &physical, manifest.kafka.partitions, manifest.kafka.replication_factor).await?;
+            kafka::ensure_topics(&brokers, &physical, manifest.kafka.partitions, manifest.kafka.replication_factor)
+                .await?;
             (None, brokers)
         }
         None => {
@@ -159,8 +169,13 @@ impl gateway::Backend for GatewayBackend {
     fn place_order(&self, order: OrderPlaced) -> gateway::BoxFuture<'_, Result<(), gateway::BackendError>> {
         Box::pin(async move {
             let data = serde_json::to_value(&order).map_err(|e| gateway::BackendError(e.to_string()))?;
-            let envelope =
-                Envelope::originate(shop_events::types::ORDER_PLACED, &order.order_id, "gateway", self.clock.now_ms(), data);
+            let envelope = Envelope::originate(
+                shop_events::types::ORDER_PLACED,
+                &order.order_id,
+                "gateway",
+                self.clock.now_ms(),
+                data,
+            );
             let record = Outbound {
                 topic: self.orders_topic.clone(),
                 key: order.order_id.clone(),
@@ -172,8 +187,16 @@ impl gateway::Backend for GatewayBackend {
         })
     }
 
-    fn order_status(&self, order_id: &str) -> gateway::BoxFuture<'_, Result<Option<serde_json::Value>, gateway::BackendError>> {
-        let request = Request { method: "GET".into(), path: format!("/orders/{order_id}"), query: String::new(), body: Vec::new() };
+    fn order_status(
+        &self,
+        order_id: &str,
+    ) -> gateway::BoxFuture<'_, Result<Option<serde_json::Value>, gateway::BackendError>> {
+        let request = Request {
+            method: "GET".into(),
+            path: format!("/orders/{order_id}"),
+            query: String::new(),
+            body: Vec::new(),
+        };
         Box::pin(async move {
             let response = self.orders.query(&request).await.map_err(|e| gateway::BackendError(e.to_string()))?;
             match response.status {

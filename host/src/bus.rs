@@ -46,7 +46,8 @@ pub trait Publisher: Send + Sync + 'static {
     ///
     /// # Errors
     /// [`PublishError`] if a record cannot even be enqueued.
-    fn enqueue(&self, records: Vec<Outbound>) -> Pin<Box<dyn Future<Output = Result<Acked, PublishError>> + Send + '_>>;
+    fn enqueue(&self, records: Vec<Outbound>)
+    -> Pin<Box<dyn Future<Output = Result<Acked, PublishError>> + Send + '_>>;
 }
 
 /// In-memory bus for tests: every topic is one ordered log.
@@ -63,12 +64,20 @@ impl MemoryBus {
 
     /// Publishes one record directly (as an external producer would).
     pub fn push(&self, record: Outbound) {
-        self.topics.lock().unwrap_or_else(PoisonError::into_inner).entry(record.topic.clone()).or_default().push(record);
+        self.topics
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(record.topic.clone())
+            .or_default()
+            .push(record);
     }
 }
 
 impl Publisher for MemoryBus {
-    fn enqueue(&self, records: Vec<Outbound>) -> Pin<Box<dyn Future<Output = Result<Acked, PublishError>> + Send + '_>> {
+    fn enqueue(
+        &self,
+        records: Vec<Outbound>,
+    ) -> Pin<Box<dyn Future<Output = Result<Acked, PublishError>> + Send + '_>> {
         for record in records {
             self.push(record);
         }

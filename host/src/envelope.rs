@@ -79,7 +79,13 @@ impl Envelope {
     }
 
     /// The first event of a saga: its own correlation id.
-    pub fn originate(event_type: &str, order_id: &str, producer: &str, timestamp_ms: u64, data: serde_json::Value) -> Self {
+    pub fn originate(
+        event_type: &str,
+        order_id: &str,
+        producer: &str,
+        timestamp_ms: u64,
+        data: serde_json::Value,
+    ) -> Self {
         let id = Uuid::new_v4().to_string();
         Self {
             correlation_id: id.clone(),
@@ -98,7 +104,15 @@ impl Envelope {
     ///
     /// Its id is derived from the cause's id, so handling the same event again
     /// emits events with the same ids, which consumers can recognise.
-    pub fn caused(&self, index: usize, event_type: &str, order_id: &str, producer: &str, timestamp_ms: u64, data: serde_json::Value) -> Self {
+    pub fn caused(
+        &self,
+        index: usize,
+        event_type: &str,
+        order_id: &str,
+        producer: &str,
+        timestamp_ms: u64,
+        data: serde_json::Value,
+    ) -> Self {
         let name = format!("{}/{index}/{event_type}", self.id);
         Self {
             id: Uuid::new_v5(&EVENT_ID_NAMESPACE, name.as_bytes()).to_string(),
@@ -136,7 +150,10 @@ mod tests {
         let c = first.caused(1, "PaymentRequested", "o1", "order@x", 6, json!({}));
         assert_eq!(a.id, b.id, "same cause and position give the same id");
         assert_ne!(a.id, c.id);
-        assert_eq!((a.correlation_id.as_str(), a.causation_id.as_deref()), (first.id.as_str(), Some(first.id.as_str())));
+        assert_eq!(
+            (a.correlation_id.as_str(), a.causation_id.as_deref()),
+            (first.id.as_str(), Some(first.id.as_str()))
+        );
     }
 
     #[test]

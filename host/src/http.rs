@@ -36,7 +36,8 @@ pub fn component_app(service: Arc<ServiceRuntime>, status: ConsumerStatus) -> Ro
 async fn health(State(port): State<Port>) -> Response {
     let current = port.service.current();
     let consumer = port.status.snapshot();
-    let (code, status) = if consumer.consuming { (StatusCode::OK, "ok") } else { (StatusCode::SERVICE_UNAVAILABLE, "degraded") };
+    let (code, status) =
+        if consumer.consuming { (StatusCode::OK, "ok") } else { (StatusCode::SERVICE_UNAVAILABLE, "degraded") };
     let loaded_at_ms = current.loaded_at.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
     let body = json!({
         "status": status,

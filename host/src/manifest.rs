@@ -162,8 +162,8 @@ impl Manifest {
     pub fn load(path: &Path) -> Result<Self, ManifestError> {
         let text =
             std::fs::read_to_string(path).map_err(|source| ManifestError::Read { path: path.to_owned(), source })?;
-        let mut manifest = Self::parse(&text)
-            .map_err(|message| ManifestError::Parse { path: path.to_owned(), message })?;
+        let mut manifest =
+            Self::parse(&text).map_err(|message| ManifestError::Parse { path: path.to_owned(), message })?;
         let base = path.parent().unwrap_or(Path::new("."));
         for component in manifest.components.values_mut() {
             if component.wasm.is_relative() {

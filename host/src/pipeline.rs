@@ -85,7 +85,9 @@ impl Pipeline {
     pub async fn process(&self, record: &Inbound, shutdown: &CancellationToken) -> Option<Disposition> {
         let envelope = match Envelope::decode(record.value.as_deref()) {
             Ok(envelope) => envelope,
-            Err(err) => return Some(self.dead_letter(record, format!("invalid envelope: {err}"), 0)),
+            Err(err) => {
+                return Some(self.dead_letter(record, format!("invalid envelope: {err}"), 0));
+            }
         };
         let event = self.event(record, &envelope);
         let mut attempt = 0;
@@ -129,9 +131,8 @@ impl Pipeline {
         if let Some(cause) = &envelope.causation_id {
             headers.push(("causation-id".to_owned(), cause.clone()));
         }
-        headers.extend(
-            record.headers.iter().filter_map(|(k, v)| Some((k.clone(), String::from_utf8(v.clone()).ok()?))),
-        );
+        headers
+            .extend(record.headers.iter().filter_map(|(k, v)| Some((k.clone(), String::from_utf8(v.clone()).ok()?))));
         Event {
             id: envelope.id.clone(),
             event_type: envelope.event_type.clone(),
@@ -144,14 +145,20 @@ impl Pipeline {
     }
 
     /// Wraps what the component emitted in envelopes caused by `cause`.
-    fn wrap(&self, cause: &Envelope, outgoing: Vec<crate::runtime::OutgoingEvent>, producer: &str) -> Result<Vec<Outbound>, String> {
+    fn wrap(
+        &self,
+        cause: &Envelope,
+        outgoing: Vec<crate::runtime::OutgoingEvent>,
+        producer: &str,
+    ) -> Result<Vec<Outbound>, String> {
         let now = self.clock.now_ms();
         outgoing
             .into_iter()
             .enumerate()
             .map(|(index, out)| {
-                let data: serde_json::Value = serde_json::from_slice(&out.payload)
-                    .map_err(|err| format!("component emitted a {} whose payload is not JSON: {err}", out.event_type))?;
+                let data: serde_json::Value = serde_json::from_slice(&out.payload).map_err(|err| {
+                    format!("component emitted a {} whose payload is not JSON: {err}", out.event_type)
+                })?;
                 if out.key.is_empty() || out.topic.is_empty() {
                     return Err(format!("component emitted a {} without topic or key", out.event_type));
                 }

@@ -88,8 +88,12 @@ async fn orders_flow_through_the_saga_on_real_kafka() {
     let bad = client.post(format!("{gateway}/order")).json(&json!({"customer": {"name": "x"}})).send().await.unwrap();
     assert_eq!(bad.status(), 400);
     let bad: Value = bad.json().await.unwrap();
-    let fields: Vec<&str> = bad["error"]["fields"].as_array().unwrap().iter().map(|f| f["field"].as_str().unwrap()).collect();
-    assert!(fields.contains(&"customer.email") && fields.contains(&"items") && fields.contains(&"payment.card_number"), "{fields:?}");
+    let fields: Vec<&str> =
+        bad["error"]["fields"].as_array().unwrap().iter().map(|f| f["field"].as_str().unwrap()).collect();
+    assert!(
+        fields.contains(&"customer.email") && fields.contains(&"items") && fields.contains(&"payment.card_number"),
+        "{fields:?}"
+    );
 
     // Accepted and declined cards.
     let cases = [
@@ -117,7 +121,8 @@ async fn orders_flow_through_the_saga_on_real_kafka() {
         })
         .await;
         assert_eq!(state["status"], *outcome, "{state}");
-        let steps: Vec<&str> = state["history"].as_array().unwrap().iter().map(|s| s["status"].as_str().unwrap()).collect();
+        let steps: Vec<&str> =
+            state["history"].as_array().unwrap().iter().map(|s| s["status"].as_str().unwrap()).collect();
         assert_eq!(steps, ["PENDING", outcome]);
         assert!(state.get("card_number").is_none(), "the card number is never served");
 
@@ -147,7 +152,8 @@ async fn orders_flow_through_the_saga_on_real_kafka() {
     assert_eq!(stats["payment_declines"], 3, "{stats}");
 
     // An independent client sees the saga on the four topics, with envelopes.
-    let topics: Vec<String> = ["orders", "payments", "emails", "analytics"].iter().map(|t| format!("{prefix}{t}")).collect();
+    let topics: Vec<String> =
+        ["orders", "payments", "emails", "analytics"].iter().map(|t| format!("{prefix}{t}")).collect();
     let records = read_topics(&brokers, &topics);
     let mut by_type: BTreeMap<String, usize> = BTreeMap::new();
     for (topic, envelope) in &records {

@@ -20,7 +20,15 @@ pub fn render(req: &EmailRequested) -> Rendered {
     let lines: Vec<String> = req
         .items
         .iter()
-        .map(|item| format!("  {} x {} @ {} = {}", item.quantity, item.sku, money(item.unit_price_cents), money(item.subtotal_cents())))
+        .map(|item| {
+            format!(
+                "  {} x {} @ {} = {}",
+                item.quantity,
+                item.sku,
+                money(item.unit_price_cents),
+                money(item.subtotal_cents())
+            )
+        })
         .collect();
     match req.kind {
         EmailKind::OrderConfirmed => Rendered {
@@ -65,7 +73,8 @@ mod tests {
         assert_eq!(r.subject, "Your order 01234567 is confirmed");
         assert!(r.body.contains("3 x pen @ 1.05 = 3.15"), "{}", r.body);
         assert!(r.body.contains("Total: 3.15"));
-        let rejected = render(&EmailRequested { kind: EmailKind::OrderRejected, reason: Some("no funds".into()), ..req });
+        let rejected =
+            render(&EmailRequested { kind: EmailKind::OrderRejected, reason: Some("no funds".into()), ..req });
         assert!(rejected.body.contains("0123456789: no funds."), "{}", rejected.body);
     }
 }

@@ -38,6 +38,33 @@ pub mod types {
     pub const EMAIL_SENT: &str = "EmailSent";
 }
 
+/// Test card numbers: the checks the gateway and the payment service share.
+pub mod card {
+    /// The card number without the spaces and dashes people type.
+    pub fn normalize(raw: &str) -> String {
+        raw.chars().filter(|c| !c.is_whitespace() && *c != '-').collect()
+    }
+
+    /// Whether `digits` is 12 to 19 ASCII digits passing the Luhn checksum.
+    pub fn is_valid(digits: &str) -> bool {
+        (12..=19).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()) && luhn_valid(digits)
+    }
+
+    /// The Luhn checksum over ASCII digits.
+    pub fn luhn_valid(digits: &str) -> bool {
+        let sum: u32 = digits
+            .bytes()
+            .rev()
+            .enumerate()
+            .map(|(i, b)| {
+                let d = u32::from(b.wrapping_sub(b'0')) * if i % 2 == 1 { 2 } else { 1 };
+                if d > 9 { d - 9 } else { d }
+            })
+            .sum();
+        sum.is_multiple_of(10)
+    }
+}
+
 /// Who placed the order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Customer {
@@ -155,6 +182,16 @@ pub struct EmailSent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn card_checks() {
+        assert_eq!(card::normalize("4242 4242-4242 4242"), "4242424242424242");
+        assert!(card::is_valid("4242424242424242"));
+        assert!(card::is_valid("4000000000000002"));
+        assert!(!card::is_valid("4242424242424241"), "checksum");
+        assert!(!card::is_valid("42"), "length");
+        assert!(!card::is_valid("4242x42424242424"), "digits only");
+    }
 
     #[test]
     fn totals_saturate_instead_of_wrapping() {

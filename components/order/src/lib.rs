@@ -72,35 +72,51 @@ fn pending_order(host: &impl Host, order_id: &str, event: &Event) -> Result<Opti
         return Err(HandleError::Permanent(format!("{} for unknown order {order_id}", event.event_type)));
     };
     if order.status != Status::Pending {
-        host.log(Level::Debug, "answer for a settled order ignored", &[
-            ("order_id", order_id),
-            ("event_type", &event.event_type),
-        ]);
+        host.log(
+            Level::Debug,
+            "answer for a settled order ignored",
+            &[("order_id", order_id), ("event_type", &event.event_type)],
+        );
         return Ok(None);
     }
     Ok(Some(order))
 }
 
 fn authorized(host: &mut impl Host, event: &Event, paid: PaymentAuthorized) -> Result<Vec<Outgoing>, HandleError> {
-    let Some(mut order) = pending_order(host, &paid.order_id, event)? else { return Ok(Vec::new()) };
+    let Some(mut order) = pending_order(host, &paid.order_id, event)? else {
+        return Ok(Vec::new());
+    };
     order.advance(Status::Confirmed, &event.id, host.now_ms(), format!("payment {} authorized", paid.payment_id));
     order.payment_id = Some(paid.payment_id.clone());
     host.put_json(&order_key(&order.order_id), &order)?;
-    let confirmed =
-        OrderConfirmed { order_id: order.order_id.clone(), total_cents: order.total_cents, payment_id: paid.payment_id };
+    let confirmed = OrderConfirmed {
+        order_id: order.order_id.clone(),
+        total_cents: order.total_cents,
+        payment_id: paid.payment_id,
+    };
     Ok(vec![
         Outgoing::json(topics::ORDERS, types::ORDER_CONFIRMED, &order.order_id, &confirmed)?,
-        Outgoing::json(topics::EMAILS, types::EMAIL_REQUESTED, &order.order_id, &email(&order, EmailKind::OrderConfirmed, None))?,
+        Outgoing::json(
+            topics::EMAILS,
+            types::EMAIL_REQUESTED,
+            &order.order_id,
+            &email(&order, EmailKind::OrderConfirmed, None),
+        )?,
     ])
 }
 
 fn declined(host: &mut impl Host, event: &Event, declined: PaymentDeclined) -> Result<Vec<Outgoing>, HandleError> {
-    let Some(mut order) = pending_order(host, &declined.order_id, event)? else { return Ok(Vec::new()) };
+    let Some(mut order) = pending_order(host, &declined.order_id, event)? else {
+        return Ok(Vec::new());
+    };
     order.advance(Status::Rejected, &event.id, host.now_ms(), format!("payment declined: {}", declined.code));
     order.reason = Some(declined.reason.clone());
     host.put_json(&order_key(&order.order_id), &order)?;
-    let rejected =
-        OrderRejected { order_id: order.order_id.clone(), total_cents: order.total_cents, reason: declined.reason.clone() };
+    let rejected = OrderRejected {
+        order_id: order.order_id.clone(),
+        total_cents: order.total_cents,
+        reason: declined.reason.clone(),
+    };
     Ok(vec![
         Outgoing::json(topics::ORDERS, types::ORDER_REJECTED, &order.order_id, &rejected)?,
         Outgoing::json(

@@ -60,10 +60,10 @@ fn authorization_confirms_and_requests_the_confirmation_email() {
     assert_eq!((email.kind, email.to.as_str()), (EmailKind::OrderConfirmed, "ada@example.com"));
     let o = order(&host, "o1");
     assert_eq!(o.status, Status::Confirmed);
-    assert_eq!(o.history.iter().map(|s| (s.status, s.at_ms)).collect::<Vec<_>>(), [
-        (Status::Pending, 10),
-        (Status::Confirmed, 20)
-    ]);
+    assert_eq!(
+        o.history.iter().map(|s| (s.status, s.at_ms)).collect::<Vec<_>>(),
+        [(Status::Pending, 10), (Status::Confirmed, 20)]
+    );
     assert!(o.card_number.is_empty(), "card number dropped once final");
 }
 

@@ -85,7 +85,9 @@ fn authorize(host: &mut impl Host, req: &PaymentRequested) -> Result<Vec<Outgoin
             &PaymentAuthorized {
                 order_id: req.order_id.clone(),
                 payment_id: entry.payment_id,
-                amount_cents: entry.amount_cents, card_last4 },
+                amount_cents: entry.amount_cents,
+                card_last4,
+            },
         )?,
         Decision::Declined { code, reason } => Outgoing::json(
             topics::PAYMENTS,

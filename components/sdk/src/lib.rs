@@ -52,9 +52,7 @@ macro_rules! export_service {
                     $crate::wasm::handle::<$service>(event)
                 }
 
-                fn query(
-                    request: $crate::wasm::bindings::Request,
-                ) -> $crate::wasm::bindings::Response {
+                fn query(request: $crate::wasm::bindings::Request) -> $crate::wasm::bindings::Response {
                     $crate::wasm::query::<$service>(request)
                 }
             }

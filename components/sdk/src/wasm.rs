@@ -60,16 +60,13 @@ impl Host for WasmHost {
             Level::Warn => log::Level::Warn,
             Level::Error => log::Level::Error,
         };
-        let fields: Vec<(String, String)> =
-            fields.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        let fields: Vec<(String, String)> = fields.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
         log::log(level, message, &fields);
     }
 }
 
 /// Runs [`Service::handle`] on a WIT event.
-pub fn handle<S: Service>(
-    event: bindings::Event,
-) -> Result<Vec<bindings::OutgoingEvent>, bindings::HandleError> {
+pub fn handle<S: Service>(event: bindings::Event) -> Result<Vec<bindings::OutgoingEvent>, bindings::HandleError> {
     let event = Event {
         id: event.id,
         event_type: event.event_type,
@@ -96,16 +93,7 @@ pub fn handle<S: Service>(
 
 /// Runs [`Service::query`] on a WIT request.
 pub fn query<S: Service>(request: bindings::Request) -> bindings::Response {
-    let request = Request {
-        method: request.method,
-        path: request.path,
-        query: request.query,
-        body: request.body,
-    };
+    let request = Request { method: request.method, path: request.path, query: request.query, body: request.body };
     let response = S::query(&WasmHost, &request);
-    bindings::Response {
-        status: response.status,
-        content_type: response.content_type,
-        body: response.body,
-    }
+    bindings::Response { status: response.status, content_type: response.content_type, body: response.body }
 }

@@ -99,11 +99,15 @@ impl ConsumerContext for Context {
                 Vec::new()
             }
         };
-        tracing::info!(?assigned, "rebalance: {}", match rebalance {
-            Rebalance::Assign(_) => "assigned",
-            Rebalance::Revoke(_) => "revoked",
-            Rebalance::Error(_) => "error",
-        });
+        tracing::info!(
+            ?assigned,
+            "rebalance: {}",
+            match rebalance {
+                Rebalance::Assign(_) => "assigned",
+                Rebalance::Revoke(_) => "revoked",
+                Rebalance::Error(_) => "error",
+            }
+        );
         self.status.update(|s| s.assigned_partitions = assigned);
     }
 }
@@ -227,7 +231,9 @@ async fn run(
         match drained {
             Ok(Ok(())) => {}
             Ok(Err(err)) => tracing::error!(group = %settings.group, "while draining: {err:#}"),
-            Err(_) => tracing::error!(group = %settings.group, "in-flight records not acknowledged within 30 s"),
+            Err(_) => {
+                tracing::error!(group = %settings.group, "in-flight records not acknowledged within 30 s")
+            }
         }
     }
     match consumer.commit_consumer_state(CommitMode::Sync) {

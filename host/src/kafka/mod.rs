@@ -33,7 +33,9 @@ pub async fn ensure_topics(brokers: &str, topics: &[String], partitions: i32, re
         client_config(brokers).create().context("failed to create the Kafka admin client")?;
     let new: Vec<NewTopic<'_>> =
         topics.iter().map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(replication))).collect();
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20))).request_timeout(Some(Duration::from_secs(30)));
+    let options = AdminOptions::new()
+        .operation_timeout(Some(Duration::from_secs(20)))
+        .request_timeout(Some(Duration::from_secs(30)));
     let results = admin
         .create_topics(&new, &options)
         .await

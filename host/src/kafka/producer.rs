@@ -49,7 +49,10 @@ fn failed(topic: &str, err: impl std::fmt::Display) -> PublishError {
 }
 
 impl Publisher for KafkaPublisher {
-    fn enqueue(&self, records: Vec<Outbound>) -> Pin<Box<dyn Future<Output = Result<Acked, PublishError>> + Send + '_>> {
+    fn enqueue(
+        &self,
+        records: Vec<Outbound>,
+    ) -> Pin<Box<dyn Future<Output = Result<Acked, PublishError>> + Send + '_>> {
         Box::pin(async move {
             let mut deliveries = Vec::with_capacity(records.len());
             for record in &records {

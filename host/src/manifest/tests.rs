@@ -106,7 +106,8 @@ group = "payment-service"
 #[test]
 fn gateway_needs_its_order_component() {
     let (_dir, wasm) = wasm_file();
-    let text = manifest_with(&wasm, "", "").replace("[gateway]\nport = 3005", "[gateway]\nport = 3005\norder_component = \"orders\"");
+    let text = manifest_with(&wasm, "", "")
+        .replace("[gateway]\nport = 3005", "[gateway]\nport = 3005\norder_component = \"orders\"");
     let err = check(&text).unwrap_err();
     assert!(err.contains("gateway.order_component"), "{err}");
 }

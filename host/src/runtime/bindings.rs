@@ -45,12 +45,8 @@ impl HostState {
         // No preopened directory, no environment, no arguments, no stdin, no
         // sockets: Rust's std on wasip2 links these interfaces, but a service
         // gets no capability through them. Stderr carries guest panic messages.
-        let wasi = WasiCtx::builder()
-            .inherit_stderr()
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .build();
+        let wasi =
+            WasiCtx::builder().inherit_stderr().allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false).build();
         Self { wasi, table: ResourceTable::new(), limits, txn, component, config, clock }
     }
 }
@@ -94,11 +90,21 @@ impl log::Host for HostState {
         let fields = fields.join(" ");
         let component = &*self.component;
         match level {
-            log::Level::Trace => tracing::trace!(target: "component", component, %fields, "{message}"),
-            log::Level::Debug => tracing::debug!(target: "component", component, %fields, "{message}"),
-            log::Level::Info => tracing::info!(target: "component", component, %fields, "{message}"),
-            log::Level::Warn => tracing::warn!(target: "component", component, %fields, "{message}"),
-            log::Level::Error => tracing::error!(target: "component", component, %fields, "{message}"),
+            log::Level::Trace => {
+                tracing::trace!(target: "component", component, %fields, "{message}")
+            }
+            log::Level::Debug => {
+                tracing::debug!(target: "component", component, %fields, "{message}")
+            }
+            log::Level::Info => {
+                tracing::info!(target: "component", component, %fields, "{message}")
+            }
+            log::Level::Warn => {
+                tracing::warn!(target: "component", component, %fields, "{message}")
+            }
+            log::Level::Error => {
+                tracing::error!(target: "component", component, %fields, "{message}")
+            }
         }
     }
 }

@@ -48,9 +48,7 @@ impl Engine {
                 }
             })?
         };
-        Ok(Self {
-            inner: Arc::new(Inner { engine, linker, ticker: std::sync::Mutex::new(Some(ticker)), stop }),
-        })
+        Ok(Self { inner: Arc::new(Inner { engine, linker, ticker: std::sync::Mutex::new(Some(ticker)), stop }) })
     }
 
     /// The wasmtime engine.

@@ -15,7 +15,7 @@ use wasmtime::component::{Component, Linker};
 use wasmtime::{Store, StoreLimitsBuilder, Trap};
 
 pub use bindings::{Event, HandleError, HostState, OutgoingEvent, Request, Response};
-pub use engine::{Engine, EPOCH_TICK};
+pub use engine::{EPOCH_TICK, Engine};
 
 use crate::clock::Clock;
 use crate::state::{StateStore, StoreError, Txn};
@@ -174,7 +174,9 @@ impl ServiceRuntime {
 
     fn trap(&self, err: wasmtime::Error) -> CallError {
         let message = match err.downcast_ref::<Trap>() {
-            Some(Trap::Interrupt) => format!("exceeded its time budget of {:?}", self.limits.timeout),
+            Some(Trap::Interrupt) => {
+                format!("exceeded its time budget of {:?}", self.limits.timeout)
+            }
             _ => format!("{err:#}"),
         };
         CallError::Trap(message)

@@ -48,7 +48,13 @@ pub struct Ports {
 
 impl Ports {
     pub fn free() -> Self {
-        Self { gateway: free_port(), payment: free_port(), order: free_port(), email: free_port(), analytics: free_port() }
+        Self {
+            gateway: free_port(),
+            payment: free_port(),
+            order: free_port(),
+            email: free_port(),
+            analytics: free_port(),
+        }
     }
 
     pub fn all(&self) -> [u16; 5] {
@@ -133,9 +139,12 @@ impl HostProcess {
         };
         let mut child = command.spawn().expect("failed to start the host binary");
         let log = Arc::new(Mutex::new(Vec::new()));
-        for stream in [child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>), child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>)]
-            .into_iter()
-            .flatten()
+        for stream in [
+            child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
         {
             let log = log.clone();
             std::thread::spawn(move || {
