@@ -18,6 +18,10 @@ build-components:
 build-component NAME:
     cargo build --release --target wasm32-wasip2 -p {{ NAME }}
 
+# Build the test-only components (used by the host's tests).
+build-test-components:
+    cargo build --release --target wasm32-wasip2 -p misbehave
+
 # Run the whole system: gateway on :3005, components on :3001-3004.
 run: build-components build
     cargo run -p host -- run --manifest app.toml
@@ -35,7 +39,7 @@ kafka-stop:
     scripts/kafka.sh stop
 
 # Everything: formatting, lints, unit tests, end-to-end on a real broker, browser test.
-test: build-components build
+test: build-components build-test-components build
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
     scripts/kafka.sh start

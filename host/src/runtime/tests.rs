@@ -1,1 +1,112 @@
+//! The runtime against real components: the shop's and `misbehave`, which
+//! traps, spins and hogs memory on demand.
 
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::clock::ManualClock;
+use crate::state::MemoryStore;
+
+fn wasm(name: &str) -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../target/wasm32-wasip2/release/{name}.wasm"));
+    assert!(path.is_file(), "{path:?} missing: run `just build-components build-test-components`");
+    path
+}
+
+fn runtime(name: &str, timeout_ms: u64) -> ServiceRuntime {
+    let engine = Engine::new().unwrap();
+    let component = LoadedComponent::from_file(&engine, &wasm(name)).unwrap();
+    ServiceRuntime::new(
+        engine,
+        ServiceSpec {
+            name: name.into(),
+            component,
+            store: Arc::new(MemoryStore::default()),
+            config: HashMap::new(),
+            clock: Arc::new(ManualClock::at(42)),
+            limits: Limits { timeout: Duration::from_millis(timeout_ms), memory_bytes: 64 << 20 },
+        },
+    )
+}
+
+fn event(event_type: &str, key: &str) -> Event {
+    Event {
+        id: format!("id-{event_type}-{key}"),
+        event_type: event_type.into(),
+        topic: "in".into(),
+        key: Some(key.into()),
+        headers: Vec::new(),
+        payload: b"\"hello\"".to_vec(),
+        timestamp_ms: 1,
+    }
+}
+
+async fn stored(rt: &ServiceRuntime, key: &str) -> Option<Vec<u8>> {
+    rt.state_store().get(key).unwrap()
+}
+
+#[tokio::test]
+async fn handle_commits_state_and_reports_the_version() {
+    let rt = runtime("misbehave", 1000);
+    let handled = rt.handle(&event("Echo", "k1")).await.unwrap();
+    assert_eq!(handled.outgoing.len(), 1);
+    assert_eq!(handled.outgoing[0].event_type, "Echoed");
+    let expected = hex::encode(Sha256::digest(std::fs::read(wasm("misbehave")).unwrap()));
+    assert_eq!(handled.version, expected);
+    assert_eq!(stored(&rt, "k1").await, Some(b"\"hello\"".to_vec()));
+    let response = rt
+        .query(&Request { method: "GET".into(), path: "/state/k1".into(), query: String::new(), body: Vec::new() })
+        .await
+        .unwrap();
+    assert_eq!((response.status, response.body.as_slice()), (200, b"\"hello\"".as_slice()));
+}
+
+#[tokio::test]
+async fn an_error_discards_the_calls_writes() {
+    let rt = runtime("misbehave", 1000);
+    let err = rt.handle(&event("WriteThenFail", "k2")).await.unwrap_err();
+    assert!(matches!(err, CallError::Handle(HandleError::Retryable(_))), "{err}");
+    assert!(err.is_retryable());
+    assert_eq!(stored(&rt, "k2").await, None, "writes of a failed call are discarded");
+}
+
+#[tokio::test]
+async fn a_panic_is_contained_and_the_next_event_runs() {
+    let rt = runtime("misbehave", 1000);
+    let err = rt.handle(&event("Panic", "k")).await.unwrap_err();
+    assert!(matches!(&err, CallError::Trap(_)), "{err}");
+    assert!(rt.handle(&event("Echo", "after")).await.is_ok(), "a fresh instance serves the next event");
+}
+
+#[tokio::test]
+async fn an_endless_loop_trips_the_time_budget() {
+    let rt = runtime("misbehave", 200);
+    let started = Instant::now();
+    let err = rt.handle(&event("Spin", "k")).await.unwrap_err();
+    let elapsed = started.elapsed();
+    assert!(matches!(&err, CallError::Trap(m) if m.contains("time budget")), "{err}");
+    assert!(elapsed >= Duration::from_millis(200) && elapsed < Duration::from_secs(5), "{elapsed:?}");
+    assert!(rt.handle(&event("Echo", "after")).await.is_ok());
+}
+
+#[tokio::test]
+async fn memory_beyond_the_limit_traps() {
+    let rt = runtime("misbehave", 5000);
+    let err = rt.handle(&event("Hog", "k")).await.unwrap_err();
+    assert!(matches!(&err, CallError::Trap(_)), "{err}");
+    assert!(rt.handle(&event("Echo", "after")).await.is_ok());
+}
+
+#[tokio::test]
+async fn bytes_that_are_not_a_component_are_refused() {
+    let engine = Engine::new().unwrap();
+    let path = std::path::Path::new("bad.wasm");
+    let err = LoadedComponent::from_bytes(&engine, path, b"definitely not wasm").err().unwrap();
+    assert!(matches!(err, LoadError::Compile { .. }), "{err}");
+    // A core module is valid Wasm but not a component.
+    let core_module = b"\0asm\x01\0\0\0";
+    let err = LoadedComponent::from_bytes(&engine, path, core_module).err().unwrap();
+    assert!(matches!(err, LoadError::Compile { .. }), "{err}");
+    assert!(err.to_string().contains("bad.wasm"), "{err}");
+}
