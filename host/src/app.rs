@@ -86,6 +86,16 @@ pub async fn run(manifest: Manifest, brokers: Option<String>, shutdown: Cancella
     }
 
     let gateway_listener = bind(&manifest, manifest.gateway.port, "the gateway").await?;
+    let admin_listener = match &manifest.admin.token {
+        Some(_) => {
+            let addr = SocketAddr::from(([127, 0, 0, 1], manifest.admin.port));
+            Some(TcpListener::bind(addr).await.with_context(|| format!("cannot bind {addr} for the admin API"))?)
+        }
+        None => {
+            tracing::info!("admin API off: set HOST_ADMIN_TOKEN (or admin.token) to enable reloads");
+            None
+        }
+    };
     let mut listeners = Vec::new();
     for (name, settings) in &manifest.components {
         listeners.push((name.clone(), bind(&manifest, settings.port, &format!("component {name:?}")).await?));
@@ -136,6 +146,16 @@ pub async fn run(manifest: Manifest, brokers: Option<String>, shutdown: Cancella
         clock,
     });
     tasks.spawn(serve(gateway_listener, gateway::app(backend), shutdown.clone(), "gateway".into()));
+    if let (Some(listener), Some(token)) = (admin_listener, &manifest.admin.token) {
+        let managed = services
+            .iter()
+            .map(|(name, service)| {
+                let wasm = manifest.components[name].wasm.clone();
+                (name.clone(), crate::admin::Managed { service: service.clone(), wasm })
+            })
+            .collect();
+        tasks.spawn(serve(listener, crate::admin::admin_app(managed, token), shutdown.clone(), "admin".into()));
+    }
     tracing::info!(gateway = manifest.gateway.port, brokers = %brokers, "host ready");
 
     while let Some(joined) = tasks.join_next().await {

@@ -6,6 +6,7 @@
 //! in-memory twin ([`bus::MemoryBus`], [`state::MemoryStore`],
 //! [`clock::ManualClock`]) for fast tests. [`app`] wires them together.
 
+pub mod admin;
 pub mod app;
 pub mod bus;
 pub mod clock;

@@ -26,6 +26,22 @@ enum Command {
         /// places: an embedded in-process broker that keeps nothing.
         #[arg(long, env = "KAFKA_BROKERS")]
         kafka_brokers: Option<String>,
+        /// Token of the admin API (loopback only); overrides `admin.token`.
+        #[arg(long, env = "HOST_ADMIN_TOKEN", hide_env_values = true)]
+        admin_token: Option<String>,
+    },
+    /// Reload one component of a running host through its admin API.
+    Reload {
+        /// Component name, e.g. `payment`.
+        name: String,
+        /// New component file; default: the file named in the host's manifest.
+        path: Option<PathBuf>,
+        /// Admin API of the running host.
+        #[arg(long, env = "HOST_ADMIN_URL", default_value = "http://127.0.0.1:3090")]
+        admin_url: String,
+        /// Admin token.
+        #[arg(long, env = "HOST_ADMIN_TOKEN", hide_env_values = true)]
+        token: String,
     },
     /// Validate a manifest and its components without serving anything.
     Check {
@@ -44,7 +60,8 @@ async fn main() -> ExitCode {
         )
         .init();
     let result = match Cli::parse().command {
-        Command::Run { manifest, kafka_brokers } => run(manifest, kafka_brokers).await,
+        Command::Run { manifest, kafka_brokers, admin_token } => run(manifest, kafka_brokers, admin_token).await,
+        Command::Reload { name, path, admin_url, token } => reload(&name, path, &admin_url, &token).await,
         Command::Check { manifest } => check(manifest),
     };
     match result {
@@ -56,11 +73,33 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(path: PathBuf, brokers: Option<String>) -> anyhow::Result<()> {
-    let manifest = Manifest::load(&path)?;
+async fn run(path: PathBuf, brokers: Option<String>, admin_token: Option<String>) -> anyhow::Result<()> {
+    let mut manifest = Manifest::load(&path)?;
+    if let Some(token) = admin_token.filter(|t| !t.is_empty()) {
+        manifest.admin.token = Some(token);
+        manifest.validate()?;
+    }
     let shutdown = CancellationToken::new();
     tokio::spawn(shutdown_on_signal(shutdown.clone()));
     shop_host::app::run(manifest, brokers.filter(|b| !b.trim().is_empty()), shutdown).await
+}
+
+async fn reload(name: &str, path: Option<PathBuf>, admin_url: &str, token: &str) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let body = match &path {
+        Some(path) => std::fs::read(path).with_context(|| format!("cannot read {path:?}"))?,
+        None => Vec::new(),
+    };
+    let url = format!("{}/components/{name}/reload", admin_url.trim_end_matches('/'));
+    let response =
+        reqwest::Client::new().post(&url).bearer_auth(token).body(body).send().await.with_context(|| {
+            format!("cannot reach the admin API at {url}: is the host running with HOST_ADMIN_TOKEN?")
+        })?;
+    let status = response.status();
+    let text = response.text().await.unwrap_or_default();
+    anyhow::ensure!(status.is_success(), "reload refused ({status}): {text}");
+    println!("{text}");
+    Ok(())
 }
 
 fn check(path: PathBuf) -> anyhow::Result<()> {

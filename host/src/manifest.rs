@@ -35,6 +35,9 @@ pub struct Manifest {
     pub http: HttpSettings,
     /// The API gateway and web frontend.
     pub gateway: GatewaySettings,
+    /// The admin API (loopback only).
+    #[serde(default)]
+    pub admin: AdminSettings,
     /// The service components, by name.
     pub components: BTreeMap<String, ComponentSettings>,
 }
@@ -99,6 +102,28 @@ fn default_bind() -> IpAddr {
 impl Default for HttpSettings {
     fn default() -> Self {
         Self { bind: default_bind() }
+    }
+}
+
+/// The admin API: always bound to 127.0.0.1, whatever `http.bind` says.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Port on 127.0.0.1.
+    #[serde(default = "default_admin_port")]
+    pub port: u16,
+    /// Bearer token (at least 16 characters); `HOST_ADMIN_TOKEN` overrides
+    /// it. Without a token the admin API is not served.
+    pub token: Option<String>,
+}
+
+fn default_admin_port() -> u16 {
+    3090
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        Self { port: default_admin_port(), token: None }
     }
 }
 
@@ -210,6 +235,12 @@ impl Manifest {
             }
         };
         claim(self.gateway.port, "the gateway".into(), "gateway.port".into())?;
+        if let Some(token) = &self.admin.token {
+            if token.chars().count() < 16 {
+                return Err(invalid("admin.token", "must be at least 16 characters"));
+            }
+            claim(self.admin.port, "the admin API".into(), "admin.port".into())?;
+        }
         if !self.components.contains_key(&self.gateway.order_component) {
             return Err(invalid(
                 "gateway.order_component",

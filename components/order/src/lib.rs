@@ -88,21 +88,13 @@ fn authorized(host: &mut impl Host, event: &Event, paid: PaymentAuthorized) -> R
     };
     order.advance(Status::Confirmed, &event.id, host.now_ms(), format!("payment {} authorized", paid.payment_id));
     order.payment_id = Some(paid.payment_id.clone());
-    host.put_json(&order_key(&order.order_id), &order)?;
     let confirmed = OrderConfirmed {
         order_id: order.order_id.clone(),
         total_cents: order.total_cents,
         payment_id: paid.payment_id,
     };
-    Ok(vec![
-        Outgoing::json(topics::ORDERS, types::ORDER_CONFIRMED, &order.order_id, &confirmed)?,
-        Outgoing::json(
-            topics::EMAILS,
-            types::EMAIL_REQUESTED,
-            &order.order_id,
-            &email(&order, EmailKind::OrderConfirmed, None),
-        )?,
-    ])
+    let outcome = Outgoing::json(topics::ORDERS, types::ORDER_CONFIRMED, &order.order_id, &confirmed)?;
+    settle(host, &order, outcome, EmailKind::OrderConfirmed, None)
 }
 
 fn declined(host: &mut impl Host, event: &Event, declined: PaymentDeclined) -> Result<Vec<Outgoing>, HandleError> {
@@ -111,21 +103,26 @@ fn declined(host: &mut impl Host, event: &Event, declined: PaymentDeclined) -> R
     };
     order.advance(Status::Rejected, &event.id, host.now_ms(), format!("payment declined: {}", declined.code));
     order.reason = Some(declined.reason.clone());
-    host.put_json(&order_key(&order.order_id), &order)?;
     let rejected = OrderRejected {
         order_id: order.order_id.clone(),
         total_cents: order.total_cents,
         reason: declined.reason.clone(),
     };
-    Ok(vec![
-        Outgoing::json(topics::ORDERS, types::ORDER_REJECTED, &order.order_id, &rejected)?,
-        Outgoing::json(
-            topics::EMAILS,
-            types::EMAIL_REQUESTED,
-            &order.order_id,
-            &email(&order, EmailKind::OrderRejected, Some(declined.reason)),
-        )?,
-    ])
+    let outcome = Outgoing::json(topics::ORDERS, types::ORDER_REJECTED, &order.order_id, &rejected)?;
+    settle(host, &order, outcome, EmailKind::OrderRejected, Some(declined.reason))
+}
+
+/// Records a settled order and emits its outcome and the matching email request.
+fn settle(
+    host: &mut impl Host,
+    order: &Order,
+    outcome: Outgoing,
+    kind: EmailKind,
+    reason: Option<String>,
+) -> Result<Vec<Outgoing>, HandleError> {
+    host.put_json(&order_key(&order.order_id), order)?;
+    let email = Outgoing::json(topics::EMAILS, types::EMAIL_REQUESTED, &order.order_id, &email(order, kind, reason))?;
+    Ok(vec![outcome, email])
 }
 
 fn email(order: &Order, kind: EmailKind, reason: Option<String>) -> EmailRequested {

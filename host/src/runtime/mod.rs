@@ -108,11 +108,28 @@ pub struct Limits {
     pub memory_bytes: usize,
 }
 
+/// One entry of a service's version history.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VersionRecord {
+    /// Hex sha256 of the bytes offered.
+    pub sha256: String,
+    /// Where the bytes came from (a path, or `admin upload`).
+    pub source: String,
+    /// When the load was attempted, milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// `serving`, `replaced`, or why it was rejected.
+    pub outcome: String,
+}
+
+/// Most entries kept in a service's version history.
+const MAX_HISTORY: usize = 32;
+
 /// One service: its current component version, its state and its bounds.
 pub struct ServiceRuntime {
     name: Arc<str>,
     engine: Engine,
     current: RwLock<Arc<LoadedComponent>>,
+    history: std::sync::Mutex<Vec<VersionRecord>>,
     store: Arc<dyn StateStore>,
     config: Arc<HashMap<String, String>>,
     clock: Arc<dyn Clock>,
@@ -138,6 +155,12 @@ impl ServiceRuntime {
         Self {
             name: spec.name.into(),
             engine,
+            history: std::sync::Mutex::new(vec![VersionRecord {
+                sha256: spec.component.sha256.clone(),
+                source: spec.component.path.display().to_string(),
+                at_ms: spec.clock.now_ms(),
+                outcome: "serving".into(),
+            }]),
             current: RwLock::new(Arc::new(spec.component)),
             store: spec.store,
             config: Arc::new(spec.config),
@@ -155,6 +178,76 @@ impl ServiceRuntime {
     /// The version currently serving.
     pub fn current(&self) -> Arc<LoadedComponent> {
         self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Every version loaded or refused, oldest first (at most 32).
+    pub fn history(&self) -> Vec<VersionRecord> {
+        self.history.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    fn record(&self, record: VersionRecord) {
+        let mut history = self.history.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if record.outcome == "serving" {
+            for entry in history.iter_mut().filter(|e| e.outcome == "serving") {
+                entry.outcome = "replaced".into();
+            }
+        }
+        history.push(record);
+        let excess = history.len().saturating_sub(MAX_HISTORY);
+        history.drain(..excess);
+    }
+
+    /// Replaces the serving version with `bytes`.
+    ///
+    /// The new version is compiled on a blocking thread, checked against the
+    /// world and instantiated once before anything changes. The switch waits
+    /// for the event in flight, which finishes on the old version; every
+    /// later event runs on the new one. State carries over untouched.
+    ///
+    /// # Errors
+    /// [`LoadError`] when the bytes do not compile, do not implement the
+    /// world, or do not instantiate; the old version keeps serving.
+    pub async fn reload(&self, source: &str, bytes: Vec<u8>) -> Result<Arc<LoadedComponent>, LoadError> {
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        let at_ms = self.clock.now_ms();
+        let path = PathBuf::from(source);
+        let engine = self.engine.clone();
+        let compiled = tokio::task::spawn_blocking(move || LoadedComponent::from_bytes(&engine, &path, &bytes))
+            .await
+            .unwrap_or_else(|err| Err(LoadError::Compile { path: source.into(), message: err.to_string() }));
+        let checked = match compiled {
+            Ok(component) => self.trial_instantiate(component).await,
+            Err(err) => Err(err),
+        };
+        let component = match checked {
+            Ok(component) => Arc::new(component),
+            Err(err) => {
+                tracing::warn!(component = %self.name, %sha256, "reload rejected: {err}");
+                self.record(VersionRecord {
+                    sha256,
+                    source: source.into(),
+                    at_ms,
+                    outcome: format!("rejected: {err}"),
+                });
+                return Err(err);
+            }
+        };
+        let _serial = self.handle_lock.lock().await;
+        *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = component.clone();
+        self.record(VersionRecord { sha256: sha256.clone(), source: source.into(), at_ms, outcome: "serving".into() });
+        tracing::info!(component = %self.name, version = %sha256, "reloaded");
+        Ok(component)
+    }
+
+    async fn trial_instantiate(&self, component: LoadedComponent) -> Result<LoadedComponent, LoadError> {
+        let mut store = self.new_store(Txn::read_only(self.store.clone()));
+        match component.pre.instantiate_async(&mut store).await {
+            Ok(_) => Ok(component),
+            Err(err) => Err(LoadError::World {
+                path: component.path.clone(),
+                message: format!("instantiation failed: {err:#}"),
+            }),
+        }
     }
 
     /// The service's state store (read by tests and tools).
@@ -233,4 +326,4 @@ fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostState>> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -8,13 +8,13 @@ use super::*;
 use crate::clock::ManualClock;
 use crate::state::MemoryStore;
 
-fn wasm(name: &str) -> PathBuf {
+pub(crate) fn wasm(name: &str) -> PathBuf {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../target/wasm32-wasip2/release/{name}.wasm"));
     assert!(path.is_file(), "{path:?} missing: run `just build-components build-test-components`");
     path
 }
 
-fn runtime(name: &str, timeout_ms: u64) -> ServiceRuntime {
+pub(crate) fn runtime(name: &str, timeout_ms: u64) -> ServiceRuntime {
     let engine = Engine::new().unwrap();
     let component = LoadedComponent::from_file(&engine, &wasm(name)).unwrap();
     ServiceRuntime::new(
@@ -30,7 +30,7 @@ fn runtime(name: &str, timeout_ms: u64) -> ServiceRuntime {
     )
 }
 
-fn event(event_type: &str, key: &str) -> Event {
+pub(crate) fn event(event_type: &str, key: &str) -> Event {
     Event {
         id: format!("id-{event_type}-{key}"),
         event_type: event_type.into(),

@@ -1,0 +1,89 @@
+use axum::body::Body;
+use axum::http::Request;
+use sha2::{Digest as _, Sha256};
+use tower::ServiceExt as _;
+
+use super::*;
+use crate::runtime::tests::{event, runtime, wasm};
+
+const TOKEN: &str = "0123456789abcdef-token";
+
+fn app_with(service: Arc<ServiceRuntime>) -> Router {
+    let managed = Managed { service, wasm: wasm("misbehave") };
+    admin_app(BTreeMap::from([("svc".to_owned(), managed)]), TOKEN)
+}
+
+async fn call(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    token: Option<&str>,
+    body: Vec<u8>,
+) -> (StatusCode, serde_json::Value) {
+    let mut request = Request::builder().method(method).uri(uri);
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let response = app.clone().oneshot(request.body(Body::from(body)).unwrap()).await.unwrap();
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+    (status, serde_json::from_slice(&bytes).unwrap_or_default())
+}
+
+fn sha(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+#[tokio::test]
+async fn requests_without_the_token_are_refused() {
+    let app = app_with(Arc::new(runtime("misbehave", 1000)));
+    let order = std::fs::read(wasm("order")).unwrap();
+    for token in [None, Some("wrong"), Some("0123456789abcdef-toke")] {
+        assert_eq!(call(&app, "GET", "/components", token, vec![]).await.0, StatusCode::UNAUTHORIZED);
+        let (status, _) = call(&app, "POST", "/components/svc/reload", token, order.clone()).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+}
+
+#[tokio::test]
+async fn a_reload_swaps_versions_and_keeps_state() {
+    let service = Arc::new(runtime("misbehave", 1000));
+    let app = app_with(service.clone());
+    service.handle(&event("Echo", "kept")).await.unwrap();
+    let misbehave = std::fs::read(wasm("misbehave")).unwrap();
+    let order = std::fs::read(wasm("order")).unwrap();
+
+    let (status, body) = call(&app, "POST", "/components/svc/reload", Some(TOKEN), order.clone()).await;
+    assert_eq!((status, body["version"].as_str()), (StatusCode::OK, Some(sha(&order).as_str())), "{body}");
+    assert_eq!(service.current().sha256, sha(&order));
+    // The order service ignores this event type: the new version is serving.
+    assert!(service.handle(&event("Echo", "x")).await.unwrap().outgoing.is_empty());
+
+    // An empty body reloads the manifest's file.
+    let (status, body) = call(&app, "POST", "/components/svc/reload", Some(TOKEN), vec![]).await;
+    assert_eq!((status, body["version"].as_str()), (StatusCode::OK, Some(sha(&misbehave).as_str())), "{body}");
+    assert_eq!(service.state_store().get("kept").unwrap(), Some(b"\"hello\"".to_vec()), "state carries over");
+
+    let (status, list) = call(&app, "GET", "/components", Some(TOKEN), vec![]).await;
+    assert_eq!(status, StatusCode::OK);
+    let outcomes: Vec<&str> =
+        list["svc"]["history"].as_array().unwrap().iter().map(|h| h["outcome"].as_str().unwrap()).collect();
+    assert_eq!(outcomes, ["replaced", "replaced", "serving"]);
+    assert_eq!(list["svc"]["current"]["version"], sha(&misbehave));
+}
+
+#[tokio::test]
+async fn bad_components_are_rejected_and_the_old_version_keeps_serving() {
+    let service = Arc::new(runtime("misbehave", 1000));
+    let app = app_with(service.clone());
+    let before = service.current().sha256.clone();
+    let (status, body) = call(&app, "POST", "/components/svc/reload", Some(TOKEN), b"not a component".to_vec()).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(body["error"]["message"].as_str().unwrap().contains("not a valid Wasm component"), "{body}");
+    assert_eq!(service.current().sha256, before);
+    assert!(service.handle(&event("Echo", "k")).await.is_ok());
+    let history = service.history();
+    assert!(history.last().unwrap().outcome.starts_with("rejected"), "{history:?}");
+    let (status, _) = call(&app, "POST", "/components/nope/reload", Some(TOKEN), vec![1]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
