@@ -54,22 +54,23 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn authorize(admin: &Admin, headers: &HeaderMap) -> Result<(), Response> {
+/// The refusal of a request without the right token.
+fn unauthorized() -> Response {
+    error(StatusCode::UNAUTHORIZED, "unauthorized", "a valid `Authorization: Bearer TOKEN` is required")
+}
+
+fn authorized(admin: &Admin, headers: &HeaderMap) -> bool {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or_default();
-    if same(presented.as_bytes(), admin.token.as_bytes()) {
-        Ok(())
-    } else {
-        Err(error(StatusCode::UNAUTHORIZED, "unauthorized", "a valid `Authorization: Bearer TOKEN` is required"))
-    }
+    same(presented.as_bytes(), admin.token.as_bytes())
 }
 
 async fn list(State(admin): State<Admin>, headers: HeaderMap) -> Response {
-    if let Err(denied) = authorize(&admin, &headers) {
-        return denied;
+    if !authorized(&admin, &headers) {
+        return unauthorized();
     }
     let components: BTreeMap<&String, serde_json::Value> = admin
         .services
@@ -88,8 +89,8 @@ async fn list(State(admin): State<Admin>, headers: HeaderMap) -> Response {
 }
 
 async fn reload(State(admin): State<Admin>, Path(name): Path<String>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(denied) = authorize(&admin, &headers) {
-        return denied;
+    if !authorized(&admin, &headers) {
+        return unauthorized();
     }
     let Some(managed) = admin.services.get(&name) else {
         return error(StatusCode::NOT_FOUND, "unknown_component", &format!("no component named {name:?}"));
