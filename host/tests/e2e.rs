@@ -224,3 +224,89 @@ fn hex_sha256(bytes: &[u8]) -> String {
     use sha2::Digest as _;
     hex::encode(sha2::Sha256::digest(bytes))
 }
+
+/// The first address of this machine that is not loopback, if any.
+fn non_loopback_ip() -> Option<std::net::IpAddr> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    // No packet is sent: connecting a UDP socket only picks a source address.
+    socket.connect("10.255.255.255:9").ok()?;
+    let ip = socket.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_reload_swaps_a_component_while_orders_flow() {
+    let brokers = brokers();
+    let dir = temp_dir("reload");
+    let ports = Ports::free();
+    let (manifest, _) = write_manifest(&dir, ports);
+    let _host = HostProcess::start(&manifest, Some(&brokers));
+    let client = reqwest::Client::new();
+    let gateway = format!("http://127.0.0.1:{}", ports.gateway);
+    let admin = format!("http://127.0.0.1:{}", ports.admin);
+    for port in ports.all() {
+        let url = format!("http://127.0.0.1:{port}/health");
+        eventually(Duration::from_secs(60), "health", || async {
+            (client.get(&url).send().await.ok()?.status() == 200).then_some(())
+        })
+        .await;
+    }
+
+    // The admin API refuses a missing token and is bound to loopback only.
+    let anonymous = client.get(format!("{admin}/components")).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    if let Some(ip) = non_loopback_ip() {
+        assert!(std::net::TcpStream::connect((ip, ports.admin)).is_err(), "admin API reachable on {ip}");
+    }
+
+    let reload = |args: Vec<String>| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_host"))
+            .arg("reload")
+            .args(args)
+            .env("HOST_ADMIN_URL", &admin)
+            .env("HOST_ADMIN_TOKEN", ADMIN_TOKEN)
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr),
+        )
+    };
+    let mut ids = Vec::new();
+    let payment = component("payment");
+    for round in 0..3 {
+        for _ in 0..5 {
+            let r = client.post(format!("{gateway}/order")).json(&order("4242424242424242", 1)).send().await.unwrap();
+            assert_eq!(r.status(), 202);
+            ids.push(r.json::<Value>().await.unwrap()["order_id"].as_str().unwrap().to_owned());
+        }
+        let args =
+            if round % 2 == 0 { vec!["payment".into()] } else { vec!["payment".into(), payment.display().to_string()] };
+        let (ok, output) = reload(args);
+        assert!(ok, "{output}");
+        assert!(output.contains(&hex_sha256(&std::fs::read(&payment).unwrap())), "{output}");
+    }
+    let (ok, output) = reload(vec!["payment".into(), component("analytics").display().to_string() + ".missing"]);
+    assert!(!ok && output.contains("cannot read"), "{output}");
+    let garbage = dir.join("garbage.wasm");
+    std::fs::write(&garbage, b"garbage").unwrap();
+    let (ok, output) = reload(vec!["payment".into(), garbage.display().to_string()]);
+    assert!(!ok && output.contains("not a valid Wasm component"), "{output}");
+
+    for id in &ids {
+        let url = format!("{gateway}/order/{id}");
+        let state = eventually(Duration::from_secs(30), "final state", || async {
+            let o = get_json(&client, &url).await?;
+            (o["status"] != "PENDING").then_some(o)
+        })
+        .await;
+        assert_eq!(state["status"], "CONFIRMED");
+    }
+    let list: Value =
+        client.get(format!("{admin}/components")).bearer_auth(ADMIN_TOKEN).send().await.unwrap().json().await.unwrap();
+    let outcomes: Vec<&str> =
+        list["payment"]["history"].as_array().unwrap().iter().map(|h| h["outcome"].as_str().unwrap()).collect();
+    assert_eq!(outcomes.iter().filter(|o| **o == "serving").count(), 1, "{outcomes:?}");
+    assert_eq!(outcomes.len(), 5, "initial + 3 reloads + 1 rejected: {outcomes:?}");
+    assert!(outcomes.last().unwrap().starts_with("rejected"), "{outcomes:?}");
+}

@@ -44,7 +44,11 @@ pub struct Ports {
     pub order: u16,
     pub email: u16,
     pub analytics: u16,
+    pub admin: u16,
 }
+
+/// The admin token of test manifests.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 
 impl Ports {
     pub fn free() -> Self {
@@ -54,6 +58,7 @@ impl Ports {
             order: free_port(),
             email: free_port(),
             analytics: free_port(),
+            admin: free_port(),
         }
     }
 
@@ -74,6 +79,10 @@ topic_prefix = "{prefix}"
 
 [gateway]
 port = {gateway}
+
+[admin]
+port = {admin}
+token = "{token}"
 
 [components.payment]
 wasm = "{payment_wasm}"
@@ -101,6 +110,8 @@ topics = ["orders", "payments", "emails", "analytics"]
 group = "analytics-service"
 "#,
         gateway = ports.gateway,
+        admin = ports.admin,
+        token = ADMIN_TOKEN,
         payment = ports.payment,
         order = ports.order,
         email = ports.email,
