@@ -19,7 +19,7 @@ use crate::envelope::Envelope;
 use crate::kafka::{self, ConsumerSettings, ConsumerStatus, EmbeddedBroker, KafkaPublisher};
 use crate::manifest::{ComponentSettings, Manifest};
 use crate::pipeline::{Pipeline, RetryPolicy, Topics};
-use crate::runtime::{Engine, Limits, LoadedComponent, Request, ServiceRuntime, ServiceSpec};
+use crate::runtime::{CanaryPolicy, Engine, Limits, LoadedComponent, Request, ServiceRuntime, ServiceSpec};
 use crate::state::MemoryStore;
 
 /// Compiles every component of the manifest against the world, serving nothing.
@@ -62,6 +62,7 @@ fn service_spec(
             timeout: Duration::from_millis(settings.timeout_ms),
             memory_bytes: settings.memory_mib * 1024 * 1024,
         },
+        canary: CanaryPolicy { events: settings.canary_events, max_failures: settings.canary_max_failures },
     }
 }
 

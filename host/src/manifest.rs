@@ -163,6 +163,13 @@ pub struct ComponentSettings {
     /// Attempts of a retryable failure (error or trap) before dead-lettering.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
+    /// Events watched after a reload before the new version is trusted.
+    #[serde(default = "default_canary_events")]
+    pub canary_events: u32,
+    /// Failures among those events that roll the reload back (at most
+    /// `max_attempts`, so a failing event is retried on the restored version).
+    #[serde(default = "default_canary_max_failures")]
+    pub canary_max_failures: u32,
     /// Values the component reads through its `config` import.
     #[serde(default)]
     pub config: HashMap<String, String>,
@@ -176,6 +183,12 @@ fn default_memory_mib() -> usize {
 }
 fn default_max_attempts() -> u32 {
     5
+}
+fn default_canary_events() -> u32 {
+    20
+}
+fn default_canary_max_failures() -> u32 {
+    3
 }
 
 impl Manifest {
@@ -266,6 +279,15 @@ impl Manifest {
             }
             if !(1..=100).contains(&c.max_attempts) {
                 return Err(invalid(key("max_attempts"), "must be between 1 and 100"));
+            }
+            if !(1..=100_000).contains(&c.canary_events) {
+                return Err(invalid(key("canary_events"), "must be between 1 and 100000"));
+            }
+            if c.canary_max_failures == 0 || c.canary_max_failures > c.max_attempts {
+                return Err(invalid(
+                    key("canary_max_failures"),
+                    format!("must be between 1 and max_attempts ({})", c.max_attempts),
+                ));
             }
             if !c.wasm.is_file() {
                 return Err(invalid(

@@ -13,7 +13,7 @@ use shop_host::bus::{Inbound, MemoryBus, Outbound, Publisher};
 use shop_host::clock::{Clock, ManualClock};
 use shop_host::envelope::Envelope;
 use shop_host::pipeline::{Disposition, Pipeline, RetryPolicy, Topics};
-use shop_host::runtime::{Engine, Limits, LoadedComponent, Request, ServiceRuntime, ServiceSpec};
+use shop_host::runtime::{CanaryPolicy, Engine, Limits, LoadedComponent, Request, ServiceRuntime, ServiceSpec};
 use shop_host::state::MemoryStore;
 use tokio_util::sync::CancellationToken;
 
@@ -50,6 +50,7 @@ impl World {
                         config: HashMap::from([("max_amount_cents".to_owned(), "10000".to_owned())]),
                         clock: clock.clone(),
                         limits: Limits { timeout: Duration::from_secs(1), memory_bytes: 64 << 20 },
+                        canary: CanaryPolicy::default(),
                     },
                 ));
                 let retry =

@@ -3,6 +3,7 @@
 //! into the next event.
 
 mod bindings;
+mod canary;
 mod engine;
 
 use std::collections::HashMap;
@@ -15,6 +16,7 @@ use wasmtime::component::{Component, Linker};
 use wasmtime::{Store, StoreLimitsBuilder, Trap};
 
 pub use bindings::{Event, HandleError, HostState, OutgoingEvent, Request, Response};
+pub use canary::CanaryPolicy;
 pub use engine::{EPOCH_TICK, Engine};
 
 use crate::clock::Clock;
@@ -78,6 +80,10 @@ pub enum CallError {
     /// thrown away.
     #[error("component trapped: {0}")]
     Trap(String),
+    /// A version under canary watch failed; the event is retried, on the
+    /// previous version once the watch rolls back.
+    #[error("new version failed during its canary: {0}")]
+    Canary(String),
     /// Committing the call's state writes failed; nothing was applied.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -130,6 +136,7 @@ pub struct ServiceRuntime {
     engine: Engine,
     current: RwLock<Arc<LoadedComponent>>,
     history: std::sync::Mutex<Vec<VersionRecord>>,
+    canary: canary::Canary,
     store: Arc<dyn StateStore>,
     config: Arc<HashMap<String, String>>,
     clock: Arc<dyn Clock>,
@@ -147,6 +154,7 @@ pub struct ServiceSpec {
     pub config: HashMap<String, String>,
     pub clock: Arc<dyn Clock>,
     pub limits: Limits,
+    pub canary: CanaryPolicy,
 }
 
 impl ServiceRuntime {
@@ -162,6 +170,7 @@ impl ServiceRuntime {
                 outcome: "serving".into(),
             }]),
             current: RwLock::new(Arc::new(spec.component)),
+            canary: canary::Canary::new(spec.canary),
             store: spec.store,
             config: Arc::new(spec.config),
             clock: spec.clock,
@@ -233,7 +242,11 @@ impl ServiceRuntime {
             }
         };
         let _serial = self.handle_lock.lock().await;
-        *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = component.clone();
+        let previous = std::mem::replace(
+            &mut *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner),
+            component.clone(),
+        );
+        self.canary.start(&sha256, previous);
         self.record(VersionRecord { sha256: sha256.clone(), source: source.into(), at_ms, outcome: "serving".into() });
         tracing::info!(component = %self.name, version = %sha256, "reloaded");
         Ok(component)
@@ -291,13 +304,45 @@ impl ServiceRuntime {
         }
         .await;
         tracing::trace!(component = %self.name, elapsed = ?started.elapsed(), "handle call");
-        match result {
+        let outcome = match result {
             Ok(Ok(outgoing)) => {
                 self.store.commit(store.into_data().txn.into_writes())?;
                 Ok(Handled { outgoing, version: component.sha256.clone() })
             }
             Ok(Err(err)) => Err(CallError::Handle(err)),
             Err(err) => Err(self.trap(err)),
+        };
+        self.judge(&component, outcome)
+    }
+
+    /// Feeds an outcome to the canary watch, rolling back if it says so.
+    /// Failures of a watched version are made retryable so that the event
+    /// is tried again, on the restored version after a rollback.
+    fn judge(&self, component: &LoadedComponent, outcome: Result<Handled, CallError>) -> Result<Handled, CallError> {
+        match self.canary.observe(&component.sha256, outcome.is_ok()) {
+            canary::Verdict::Unwatched | canary::Verdict::Watching if outcome.is_ok() => outcome,
+            canary::Verdict::Unwatched => outcome,
+            canary::Verdict::Watching => outcome.map_err(|err| CallError::Canary(err.to_string())),
+            canary::Verdict::Passed => {
+                tracing::info!(component = %self.name, version = %component.sha256, "new version passed its canary");
+                outcome
+            }
+            canary::Verdict::RollBack { previous, failures, seen } => {
+                let err = outcome.err().map(|e| e.to_string()).unwrap_or_default();
+                let reason = format!("rolled back after {failures} failures in its first {seen} events; last: {err}");
+                tracing::warn!(component = %self.name, version = %component.sha256, restored = %previous.sha256, "{reason}");
+                *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = previous.clone();
+                let mut history = self.history.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                for entry in history.iter_mut().rev() {
+                    if entry.sha256 == component.sha256 && entry.outcome == "serving" {
+                        entry.outcome = reason.clone();
+                    } else if entry.sha256 == previous.sha256 && entry.outcome == "replaced" {
+                        entry.outcome = "serving".into();
+                        break;
+                    }
+                }
+                Err(CallError::Canary(reason))
+            }
         }
     }
 

@@ -26,6 +26,7 @@ pub(crate) fn runtime(name: &str, timeout_ms: u64) -> ServiceRuntime {
             config: HashMap::new(),
             clock: Arc::new(ManualClock::at(42)),
             limits: Limits { timeout: Duration::from_millis(timeout_ms), memory_bytes: 64 << 20 },
+            canary: CanaryPolicy { events: 5, max_failures: 2 },
         },
     )
 }
@@ -109,4 +110,71 @@ async fn bytes_that_are_not_a_component_are_refused() {
     let err = LoadedComponent::from_bytes(&engine, path, core_module).err().unwrap();
     assert!(matches!(err, LoadError::Compile { .. }), "{err}");
     assert!(err.to_string().contains("bad.wasm"), "{err}");
+}
+
+/// An event every version of `misbehave` handles and the order component
+/// refuses (its payload is not an `OrderPlaced`).
+fn poison() -> Event {
+    event("OrderPlaced", "canary")
+}
+
+#[tokio::test]
+async fn a_new_version_failing_its_canary_is_rolled_back() {
+    let rt = runtime("misbehave", 1000);
+    let original = rt.current().sha256.clone();
+    rt.reload("order.wasm", std::fs::read(wasm("order")).unwrap()).await.unwrap();
+    assert_ne!(rt.current().sha256, original);
+
+    let first = rt.handle(&poison()).await.unwrap_err();
+    assert!(matches!(&first, CallError::Canary(m) if m.contains("malformed OrderPlaced")), "{first}");
+    assert!(first.is_retryable(), "a canary failure is retried, not dead-lettered");
+    let second = rt.handle(&poison()).await.unwrap_err();
+    assert!(matches!(&second, CallError::Canary(m) if m.contains("rolled back after 2 failures")), "{second}");
+    assert_eq!(rt.current().sha256, original, "the previous version serves again");
+    assert!(rt.handle(&poison()).await.is_ok(), "the retried event succeeds on the restored version");
+
+    let outcomes: Vec<String> = rt.history().into_iter().map(|h| h.outcome).collect();
+    assert_eq!(outcomes[0], "serving");
+    assert!(outcomes[1].starts_with("rolled back after 2 failures"), "{outcomes:?}");
+}
+
+#[tokio::test]
+async fn a_new_version_passing_its_canary_stays() {
+    let rt = runtime("misbehave", 1000);
+    let order = hex::encode(Sha256::digest(std::fs::read(wasm("order")).unwrap()));
+    rt.reload("order.wasm", std::fs::read(wasm("order")).unwrap()).await.unwrap();
+    for i in 0..5 {
+        rt.handle(&event("Unrelated", &i.to_string())).await.unwrap();
+    }
+    for _ in 0..3 {
+        let err = rt.handle(&poison()).await.unwrap_err();
+        assert!(matches!(err, CallError::Handle(HandleError::Permanent(_))), "{err}");
+    }
+    assert_eq!(rt.current().sha256, order, "failures after the canary do not roll back");
+}
+
+#[tokio::test]
+async fn the_pipeline_retries_a_canary_failure_on_the_restored_version() {
+    use crate::bus::Inbound;
+    use crate::envelope::Envelope;
+    use crate::pipeline::{Disposition, Pipeline, RetryPolicy, Topics};
+
+    let rt = Arc::new(runtime("misbehave", 1000));
+    rt.reload("order.wasm", std::fs::read(wasm("order")).unwrap()).await.unwrap();
+    let retry = RetryPolicy { max_attempts: 3, first_backoff: Duration::from_millis(1), ..RetryPolicy::default() };
+    let pipeline = Pipeline::new(rt.clone(), Topics::default(), retry, Arc::new(ManualClock::at(5)));
+    let envelope = Envelope::originate("OrderPlaced", "canary", "test", 1, serde_json::json!("hello"));
+    let record = Inbound {
+        topic: "orders".into(),
+        partition: 0,
+        offset: 7,
+        key: None,
+        value: Some(envelope.encode()),
+        headers: vec![],
+    };
+    let disposition = pipeline.process(&record, &tokio_util::sync::CancellationToken::new()).await.unwrap();
+    let Disposition::Publish(out) = disposition else { panic!("expected the event to be handled: {disposition:?}") };
+    assert_eq!(out.len(), 1);
+    let echoed = Envelope::decode(Some(&out[0].value)).unwrap();
+    assert_eq!(echoed.producer, format!("misbehave@{}", rt.current().sha256));
 }
