@@ -27,7 +27,7 @@ use crate::state::MemoryStore;
 /// # Errors
 /// The first component that does not load, by name.
 pub fn check(manifest: &Manifest) -> anyhow::Result<()> {
-    let engine = Engine::new()?;
+    let engine = Engine::with_cache(Some(manifest.runtime.cache_dir.clone()))?;
     for (name, settings) in &manifest.components {
         LoadedComponent::from_file(&engine, &settings.wasm).with_context(|| format!("component {name:?}"))?;
     }
@@ -74,12 +74,12 @@ fn service_spec(
 /// cluster that cannot be reached at start.
 pub async fn run(manifest: Manifest, brokers: Option<String>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let engine = Engine::new()?;
+    let engine = Engine::with_cache(Some(manifest.runtime.cache_dir.clone()))?;
     let mut services = BTreeMap::new();
     for (name, settings) in &manifest.components {
         let component =
             LoadedComponent::from_file(&engine, &settings.wasm).with_context(|| format!("component {name:?}"))?;
-        tracing::info!(component = %name, version = %component.sha256, wasm = ?settings.wasm, "loaded");
+        tracing::info!(component = %name, version = %component.sha256, wasm = ?settings.wasm, from_cache = component.from_cache, "loaded");
         services.insert(
             name.clone(),
             Arc::new(ServiceRuntime::new(engine.clone(), service_spec(name, settings, component, clock.clone()))),

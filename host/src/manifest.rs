@@ -38,6 +38,9 @@ pub struct Manifest {
     /// The admin API (loopback only).
     #[serde(default)]
     pub admin: AdminSettings,
+    /// Wasm runtime settings.
+    #[serde(default)]
+    pub runtime: RuntimeSettings,
     /// The service components, by name.
     pub components: BTreeMap<String, ComponentSettings>,
 }
@@ -102,6 +105,26 @@ fn default_bind() -> IpAddr {
 impl Default for HttpSettings {
     fn default() -> Self {
         Self { bind: default_bind() }
+    }
+}
+
+/// Wasm runtime settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeSettings {
+    /// Directory of compiled components, relative to the manifest; a known
+    /// version is loaded from it instead of being compiled again.
+    #[serde(default = "default_cache_dir")]
+    pub cache_dir: PathBuf,
+}
+
+fn default_cache_dir() -> PathBuf {
+    PathBuf::from(".component-cache")
+}
+
+impl Default for RuntimeSettings {
+    fn default() -> Self {
+        Self { cache_dir: default_cache_dir() }
     }
 }
 
@@ -203,6 +226,9 @@ impl Manifest {
         let mut manifest =
             Self::parse(&text).map_err(|message| ManifestError::Parse { path: path.to_owned(), message })?;
         let base = path.parent().unwrap_or(Path::new("."));
+        if manifest.runtime.cache_dir.is_relative() {
+            manifest.runtime.cache_dir = base.join(&manifest.runtime.cache_dir);
+        }
         for component in manifest.components.values_mut() {
             if component.wasm.is_relative() {
                 component.wasm = base.join(&component.wasm);

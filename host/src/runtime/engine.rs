@@ -20,16 +20,25 @@ pub struct Engine {
 struct Inner {
     engine: wasmtime::Engine,
     linker: Linker<HostState>,
+    cache: Option<super::ComponentCache>,
     ticker: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Engine {
-    /// Creates the engine and starts the epoch ticker thread.
+    /// Creates the engine, without a compile cache, and starts the epoch ticker.
     ///
     /// # Errors
     /// When wasmtime rejects the configuration or the linker cannot be built.
     pub fn new() -> anyhow::Result<Self> {
+        Self::with_cache(None)
+    }
+
+    /// Creates the engine with compiled components cached in `cache_dir`.
+    ///
+    /// # Errors
+    /// As [`Engine::new`].
+    pub fn with_cache(cache_dir: Option<std::path::PathBuf>) -> anyhow::Result<Self> {
         let mut config = wasmtime::Config::new();
         config.epoch_interruption(true);
         config.max_wasm_stack(512 * 1024);
@@ -48,12 +57,18 @@ impl Engine {
                 }
             })?
         };
-        Ok(Self { inner: Arc::new(Inner { engine, linker, ticker: std::sync::Mutex::new(Some(ticker)), stop }) })
+        let cache = cache_dir.map(|dir| super::ComponentCache::new(dir, &engine));
+        Ok(Self { inner: Arc::new(Inner { engine, linker, cache, ticker: std::sync::Mutex::new(Some(ticker)), stop }) })
     }
 
     /// The wasmtime engine.
     pub fn wasmtime(&self) -> &wasmtime::Engine {
         &self.inner.engine
+    }
+
+    /// The compile cache, if any.
+    pub fn cache(&self) -> Option<&super::ComponentCache> {
+        self.inner.cache.as_ref()
     }
 
     /// The linker with WASI (no capabilities) and the shop imports.

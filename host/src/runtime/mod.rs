@@ -3,6 +3,7 @@
 //! into the next event.
 
 mod bindings;
+mod cache;
 mod canary;
 mod engine;
 
@@ -16,6 +17,7 @@ use wasmtime::component::{Component, Linker};
 use wasmtime::{Store, StoreLimitsBuilder, Trap};
 
 pub use bindings::{Event, HandleError, HostState, OutgoingEvent, Request, Response};
+pub use cache::ComponentCache;
 pub use canary::CanaryPolicy;
 pub use engine::{EPOCH_TICK, Engine};
 
@@ -42,6 +44,8 @@ pub struct LoadedComponent {
     pub path: PathBuf,
     /// When this version was loaded.
     pub loaded_at: SystemTime,
+    /// Whether the compiled code came from the on-disk cache.
+    pub from_cache: bool,
 }
 
 impl LoadedComponent {
@@ -52,12 +56,23 @@ impl LoadedComponent {
     /// [`LoadError::World`] for a component with the wrong imports or exports.
     pub fn from_bytes(engine: &Engine, path: &Path, bytes: &[u8]) -> Result<Self, LoadError> {
         let sha256 = hex::encode(Sha256::digest(bytes));
-        let component = Component::new(engine.wasmtime(), bytes)
-            .map_err(|err| LoadError::Compile { path: path.to_owned(), message: format!("{err:#}") })?;
+        let cached = engine.cache().and_then(|cache| cache.get(engine.wasmtime(), &sha256));
+        let from_cache = cached.is_some();
+        let component = match cached {
+            Some(component) => component,
+            None => {
+                let component = Component::new(engine.wasmtime(), bytes)
+                    .map_err(|err| LoadError::Compile { path: path.to_owned(), message: format!("{err:#}") })?;
+                if let Some(cache) = engine.cache() {
+                    cache.put(&sha256, &component);
+                }
+                component
+            }
+        };
         let world = |err: wasmtime::Error| LoadError::World { path: path.to_owned(), message: format!("{err:#}") };
         let pre = engine.linker().instantiate_pre(&component).map_err(world)?;
         let pre = bindings::ServicePre::new(pre).map_err(world)?;
-        Ok(Self { pre, sha256, path: path.to_owned(), loaded_at: SystemTime::now() })
+        Ok(Self { pre, sha256, path: path.to_owned(), loaded_at: SystemTime::now(), from_cache })
     }
 
     /// Reads and loads a component file.

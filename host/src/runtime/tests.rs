@@ -178,3 +178,27 @@ async fn the_pipeline_retries_a_canary_failure_on_the_restored_version() {
     let echoed = Envelope::decode(Some(&out[0].value)).unwrap();
     assert_eq!(echoed.producer, format!("misbehave@{}", rt.current().sha256));
 }
+
+#[tokio::test]
+async fn compiled_components_are_cached_on_disk() {
+    let dir = std::env::temp_dir().join(format!("cache-test-{}", uuid::Uuid::new_v4().simple()));
+    let bytes = std::fs::read(wasm("payment")).unwrap();
+    let first =
+        LoadedComponent::from_bytes(&Engine::with_cache(Some(dir.clone())).unwrap(), &wasm("payment"), &bytes).unwrap();
+    assert!(!first.from_cache);
+    let entries: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert!(entries[0].file_name().unwrap().to_string_lossy().starts_with(&first.sha256));
+
+    let again =
+        LoadedComponent::from_bytes(&Engine::with_cache(Some(dir.clone())).unwrap(), &wasm("payment"), &bytes).unwrap();
+    assert!(again.from_cache, "a restart loads the known version without compiling");
+
+    // A damaged entry is ignored and replaced.
+    std::fs::write(&entries[0], b"damaged").unwrap();
+    let engine = Engine::with_cache(Some(dir.clone())).unwrap();
+    let rebuilt = LoadedComponent::from_bytes(&engine, &wasm("payment"), &bytes).unwrap();
+    assert!(!rebuilt.from_cache);
+    assert!(LoadedComponent::from_bytes(&engine, &wasm("payment"), &bytes).unwrap().from_cache);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
