@@ -137,6 +137,10 @@ pub async fn run(manifest: Manifest, brokers: Option<String>, shutdown: Cancella
             topics: settings.topics.iter().map(|t| topics.physical(t)).collect(),
         };
         tasks.spawn(kafka::run_supervised(pipeline, publisher.clone(), consumer, status.clone(), shutdown.clone()));
+        if manifest.runtime.watch {
+            let timing = crate::watch::WatchTiming::default();
+            tasks.spawn(crate::watch::watch(service.clone(), settings.wasm.clone(), timing, shutdown.clone()));
+        }
         let router = crate::http::component_app(service, status);
         tasks.spawn(serve(listener, router, shutdown.clone(), name));
     }

@@ -17,3 +17,4 @@ pub mod manifest;
 pub mod pipeline;
 pub mod runtime;
 pub mod state;
+pub mod watch;

@@ -116,6 +116,13 @@ pub struct RuntimeSettings {
     /// version is loaded from it instead of being compiled again.
     #[serde(default = "default_cache_dir")]
     pub cache_dir: PathBuf,
+    /// Reload a component when its `.wasm` file changes.
+    #[serde(default = "default_watch")]
+    pub watch: bool,
+}
+
+fn default_watch() -> bool {
+    true
 }
 
 fn default_cache_dir() -> PathBuf {
@@ -124,7 +131,7 @@ fn default_cache_dir() -> PathBuf {
 
 impl Default for RuntimeSettings {
     fn default() -> Self {
-        Self { cache_dir: default_cache_dir() }
+        Self { cache_dir: default_cache_dir(), watch: default_watch() }
     }
 }
 

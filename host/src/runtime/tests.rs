@@ -202,3 +202,38 @@ async fn compiled_components_are_cached_on_disk() {
     assert!(LoadedComponent::from_bytes(&engine, &wasm("payment"), &bytes).unwrap().from_cache);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test]
+async fn a_changed_file_is_reloaded_after_it_settles() {
+    use crate::watch::{WatchTiming, watch};
+    let dir = std::env::temp_dir().join(format!("watch-test-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("svc.wasm");
+    std::fs::copy(wasm("misbehave"), &path).unwrap();
+    let rt = Arc::new(runtime("misbehave", 1000));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let timing = WatchTiming { poll: Duration::from_millis(20), settle: Duration::from_millis(50) };
+    let watcher = tokio::spawn(watch(rt.clone(), path.clone(), timing, shutdown.clone()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let order = std::fs::read(wasm("order")).unwrap();
+    let changed = Instant::now();
+    std::fs::write(dir.join("tmp"), &order).unwrap();
+    std::fs::rename(dir.join("tmp"), &path).unwrap();
+    let expected = hex::encode(Sha256::digest(&order));
+    while rt.current().sha256 != expected {
+        assert!(changed.elapsed() < Duration::from_secs(10), "not reloaded within 10 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eprintln!("file change to new version serving: {:?}", changed.elapsed());
+
+    // A broken file is rejected once and the serving version stays.
+    std::fs::write(&path, b"broken").unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(rt.current().sha256, expected);
+    let rejected = rt.history().iter().filter(|h| h.outcome.starts_with("rejected")).count();
+    assert_eq!(rejected, 1, "{:?}", rt.history());
+    shutdown.cancel();
+    watcher.await.unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
