@@ -56,6 +56,9 @@ impl Service for Payment {
 /// Decides once per order; a redelivered request gets the recorded decision
 /// again, so an order is never charged twice.
 fn authorize(host: &mut impl Host, req: &PaymentRequested) -> Result<Vec<Outgoing>, HandleError> {
+    if cfg!(feature = "trap") {
+        panic!("test variant `trap`: refusing order {}", req.order_id);
+    }
     let key = ledger_key(&req.order_id);
     let entry = match host.get_json::<LedgerEntry>(&key)? {
         Some(entry) => entry,

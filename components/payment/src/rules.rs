@@ -33,6 +33,8 @@ pub fn decide(card_number: &str, amount_cents: u64, max_amount_cents: u64) -> De
         return declined("amount_limit_exceeded", "the amount exceeds the per-order limit");
     }
     match digits.as_str() {
+        #[cfg(feature = "v2")]
+        "5555555555554444" => declined("card_not_supported", "this card network is not supported"),
         "4000000000000002" => declined("card_declined", "the card was declined"),
         "4000000000009995" => declined("insufficient_funds", "the card has insufficient funds"),
         "4000000000000069" => declined("expired_card", "the card has expired"),

@@ -138,8 +138,12 @@ pub struct VersionRecord {
     pub source: String,
     /// When the load was attempted, milliseconds since the Unix epoch.
     pub at_ms: u64,
-    /// `serving`, `replaced`, or why it was rejected.
+    /// `serving`, `replaced`, or why it was rejected or rolled back.
     pub outcome: String,
+    /// For a switch: how long event processing paused (waiting for the
+    /// event in flight, then swapping), in milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pause_ms: Option<f64>,
 }
 
 /// Most entries kept in a service's version history.
@@ -183,6 +187,7 @@ impl ServiceRuntime {
                 source: spec.component.path.display().to_string(),
                 at_ms: spec.clock.now_ms(),
                 outcome: "serving".into(),
+                pause_ms: None,
             }]),
             current: RwLock::new(Arc::new(spec.component)),
             canary: canary::Canary::new(spec.canary),
@@ -252,17 +257,26 @@ impl ServiceRuntime {
                     source: source.into(),
                     at_ms,
                     outcome: format!("rejected: {err}"),
+                    pause_ms: None,
                 });
                 return Err(err);
             }
         };
+        let pause = Instant::now();
         let _serial = self.handle_lock.lock().await;
         let previous = std::mem::replace(
             &mut *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner),
             component.clone(),
         );
         self.canary.start(&sha256, previous);
-        self.record(VersionRecord { sha256: sha256.clone(), source: source.into(), at_ms, outcome: "serving".into() });
+        let pause_ms = Some(pause.elapsed().as_secs_f64() * 1000.0);
+        self.record(VersionRecord {
+            sha256: sha256.clone(),
+            source: source.into(),
+            at_ms,
+            outcome: "serving".into(),
+            pause_ms,
+        });
         tracing::info!(component = %self.name, version = %sha256, "reloaded");
         Ok(component)
     }
