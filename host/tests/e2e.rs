@@ -8,7 +8,6 @@ mod support;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::message::Message as _;
 use serde_json::{Value, json};
 use support::*;
@@ -33,15 +32,8 @@ async fn get_json(client: &reqwest::Client, url: &str) -> Option<Value> {
 /// Reads every record of `topics` from the beginning with a consumer of our
 /// own, independent of the host.
 fn read_topics(brokers: &str, topics: &[String]) -> Vec<(String, Value)> {
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-    consumer.subscribe(&names).unwrap();
+    let consumer = reader(brokers, &names);
     let mut records = Vec::new();
     let mut idle = 0;
     while idle < 20 {
@@ -69,14 +61,7 @@ async fn orders_flow_through_the_saga_on_real_kafka() {
     let gateway = format!("http://127.0.0.1:{}", ports.gateway);
 
     // Every port answers /health with 200 once its consumer has joined.
-    for port in ports.all() {
-        let url = format!("http://127.0.0.1:{port}/health");
-        let health = eventually(Duration::from_secs(60), &format!("{url} to be healthy"), || async {
-            let r = client.get(&url).send().await.ok()?;
-            (r.status() == 200).then_some(())?;
-            r.json::<Value>().await.ok()
-        })
-        .await;
+    for health in wait_healthy(&client, ports).await {
         assert_eq!(health["status"], "ok", "{health}");
     }
     let health = get_json(&client, &format!("http://127.0.0.1:{}/health", ports.payment)).await.unwrap();
@@ -244,13 +229,7 @@ async fn host_reload_swaps_a_component_while_orders_flow() {
     let client = reqwest::Client::new();
     let gateway = format!("http://127.0.0.1:{}", ports.gateway);
     let admin = format!("http://127.0.0.1:{}", ports.admin);
-    for port in ports.all() {
-        let url = format!("http://127.0.0.1:{port}/health");
-        eventually(Duration::from_secs(60), "health", || async {
-            (client.get(&url).send().await.ok()?.status() == 200).then_some(())
-        })
-        .await;
-    }
+    wait_healthy(&client, ports).await;
 
     // The admin API refuses a missing token and is bound to loopback only.
     let anonymous = client.get(format!("{admin}/components")).send().await.unwrap();

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::message::Message as _;
 use serde_json::{Value, json};
 use sha2::Digest as _;
@@ -58,13 +57,7 @@ async fn payment_is_swapped_five_times_under_a_stream_of_orders() {
     let client = reqwest::Client::new();
     let gateway = format!("http://127.0.0.1:{}", ports.gateway);
     let admin = format!("http://127.0.0.1:{}", ports.admin);
-    for port in ports.all() {
-        let url = format!("http://127.0.0.1:{port}/health");
-        eventually(Duration::from_secs(60), "health", || async {
-            (client.get(&url).send().await.ok()?.status() == 200).then_some(())
-        })
-        .await;
-    }
+    wait_healthy(&client, ports).await;
 
     // A steady stream of orders in the background.
     let placed = Arc::new(AtomicUsize::new(0));
@@ -173,14 +166,7 @@ async fn payment_is_swapped_five_times_under_a_stream_of_orders() {
     assert_eq!(stats["emails_sent"], ORDERS, "{stats}");
 
     // Read the payments topic back: one answer per order, from v1 or v2 only.
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[&format!("{prefix}payments")]).unwrap();
+    let consumer = reader(&brokers, &[&format!("{prefix}payments")]);
     let mut answers: HashMap<String, (String, String)> = HashMap::new();
     let mut runs: BTreeMap<i32, Vec<String>> = BTreeMap::new();
     let mut idle = 0;

@@ -220,3 +220,34 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// Waits until every port answers `/health` with 200; returns the bodies.
+pub async fn wait_healthy(client: &reqwest::Client, ports: Ports) -> Vec<serde_json::Value> {
+    let mut bodies = Vec::new();
+    for port in ports.all() {
+        let url = format!("http://127.0.0.1:{port}/health");
+        let body = eventually(Duration::from_secs(60), &format!("{url} to be healthy"), || async {
+            let r = client.get(&url).send().await.ok()?;
+            (r.status() == 200).then_some(())?;
+            r.json::<serde_json::Value>().await.ok()
+        })
+        .await;
+        bodies.push(body);
+    }
+    bodies
+}
+
+/// A consumer of our own, independent of the host, reading `topics` from
+/// the beginning.
+pub fn reader(brokers: &str, topics: &[&str]) -> rdkafka::consumer::BaseConsumer {
+    use rdkafka::consumer::Consumer as _;
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(topics).unwrap();
+    consumer
+}
