@@ -14,7 +14,8 @@ KAFKA_VERSION="${KAFKA_VERSION:-4.1.0}"
 HOME_DIR="${KAFKA_HOME_DIR:-$ROOT/.kafka}"
 PORT="${KAFKA_PORT:-9092}"
 CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9093}"
-LIB="$HOME_DIR/lib-$KAFKA_VERSION"
+# Bump the suffix when the dependency list below changes, so that it is fetched again.
+LIB="$HOME_DIR/lib-$KAFKA_VERSION-2"
 DATA="$HOME_DIR/data"
 PIDFILE="$HOME_DIR/kafka.pid"
 LOG="$HOME_DIR/kafka.log"
@@ -40,7 +41,7 @@ fetch() {
     </dependency>
     <dependency>
       <groupId>org.apache.logging.log4j</groupId>
-      <artifactId>log4j-slf4j2-impl</artifactId>
+      <artifactId>log4j-slf4j-impl</artifactId>
       <version>2.24.3</version>
     </dependency>
     <dependency>
@@ -116,7 +117,9 @@ auto.create.topics.enable=false
 log.retention.hours=168
 EOF
   local cp="$LIB/*"
-  local java_opts=(-Xms256m -Xmx1g -XX:+UseG1GC -Djava.awt.headless=true)
+  # Kafka 4.1 logs through slf4j 1.x: log4j-slf4j-impl binds it to log4j2,
+  # whose default configuration prints to the console at log4j2.level.
+  local java_opts=(-Xms256m -Xmx1g -XX:+UseG1GC -Djava.awt.headless=true -Dlog4j2.level=INFO)
   if [ ! -f "$DATA/meta.properties" ]; then
     log "formatting storage in $DATA"
     java "${java_opts[@]}" -cp "$cp" kafka.tools.StorageTool format \
