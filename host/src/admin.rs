@@ -8,7 +8,6 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::UNIX_EPOCH;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -77,7 +76,7 @@ async fn list(State(admin): State<Admin>, headers: HeaderMap) -> Response {
         .iter()
         .map(|(name, managed)| {
             let current = managed.service.current();
-            let loaded_at_ms = current.loaded_at.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+            let loaded_at_ms = crate::clock::unix_ms(current.loaded_at);
             let value = json!({
                 "current": { "version": current.sha256, "source": current.path, "loaded_at_ms": loaded_at_ms },
                 "history": managed.service.history(),

@@ -2,7 +2,6 @@
 //! route answered by the component's `query` export.
 
 use std::sync::Arc;
-use std::time::UNIX_EPOCH;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -38,7 +37,7 @@ async fn health(State(port): State<Port>) -> Response {
     let consumer = port.status.snapshot();
     let (code, status) =
         if consumer.consuming { (StatusCode::OK, "ok") } else { (StatusCode::SERVICE_UNAVAILABLE, "degraded") };
-    let loaded_at_ms = current.loaded_at.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    let loaded_at_ms = crate::clock::unix_ms(current.loaded_at);
     let body = json!({
         "status": status,
         "component": port.service.name(),
