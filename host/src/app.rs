@@ -20,7 +20,7 @@ use crate::kafka::{self, ConsumerSettings, ConsumerStatus, EmbeddedBroker, Kafka
 use crate::manifest::{ComponentSettings, Manifest};
 use crate::pipeline::{Pipeline, RetryPolicy, Topics};
 use crate::runtime::{CanaryPolicy, Engine, Limits, LoadedComponent, Request, ServiceRuntime, ServiceSpec};
-use crate::state::MemoryStore;
+use crate::state::{DurableStore, StateStore};
 
 /// Compiles every component of the manifest against the world, serving nothing.
 ///
@@ -50,12 +50,13 @@ fn service_spec(
     name: &str,
     settings: &ComponentSettings,
     component: LoadedComponent,
+    store: Arc<dyn StateStore>,
     clock: Arc<dyn Clock>,
 ) -> ServiceSpec {
     ServiceSpec {
         name: name.to_owned(),
         component,
-        store: Arc::new(MemoryStore::default()),
+        store,
         config: settings.config.clone(),
         clock,
         limits: Limits {
@@ -80,10 +81,10 @@ pub async fn run(manifest: Manifest, brokers: Option<String>, shutdown: Cancella
         let component =
             LoadedComponent::from_file(&engine, &settings.wasm).with_context(|| format!("component {name:?}"))?;
         tracing::info!(component = %name, version = %component.sha256, wasm = ?settings.wasm, from_cache = component.from_cache, "loaded");
-        services.insert(
-            name.clone(),
-            Arc::new(ServiceRuntime::new(engine.clone(), service_spec(name, settings, component, clock.clone()))),
-        );
+        let path = manifest.runtime.state_dir.join(format!("{name}.redb"));
+        let store = DurableStore::open(&path).with_context(|| format!("component {name:?}"))?;
+        let spec = service_spec(name, settings, component, Arc::new(store), clock.clone());
+        services.insert(name.clone(), Arc::new(ServiceRuntime::new(engine.clone(), spec)));
     }
 
     let gateway_listener = bind(&manifest, manifest.gateway.port, "the gateway").await?;
@@ -124,6 +125,17 @@ pub async fn run(manifest: Manifest, brokers: Option<String>, shutdown: Cancella
     };
     let publisher = Arc::new(KafkaPublisher::connect(&brokers)?);
 
+    // What was committed but not acknowledged before the last stop goes out
+    // first, before anything new is handled.
+    for (name, service) in &services {
+        let relayed = crate::scheduler::relay(service, &*publisher, u64::MAX)
+            .await
+            .with_context(|| format!("component {name:?}: cannot publish its outbox"))?;
+        if relayed > 0 {
+            tracing::info!(component = %name, entries = relayed, "published the outbox left by the last run");
+        }
+    }
+
     let mut tasks = tokio::task::JoinSet::new();
     for (name, listener) in listeners {
         let settings = &manifest.components[&name];
@@ -135,7 +147,9 @@ pub async fn run(manifest: Manifest, brokers: Option<String>, shutdown: Cancella
             brokers: brokers.clone(),
             group: format!("{}{}", topics.prefix, settings.group),
             topics: settings.topics.iter().map(|t| topics.physical(t)).collect(),
+            instance_id: manifest.kafka.instance_id.as_ref().map(|id| format!("{id}-{name}")),
         };
+        tasks.spawn(crate::scheduler::run(pipeline.clone(), publisher.clone(), clock.clone(), shutdown.clone()));
         tasks.spawn(kafka::run_supervised(pipeline, publisher.clone(), consumer, status.clone(), shutdown.clone()));
         if manifest.runtime.watch {
             let timing = crate::watch::WatchTiming::default();

@@ -127,6 +127,27 @@ impl Envelope {
         }
     }
 
+    /// The event a due timer delivers to `component`.
+    ///
+    /// Its id is derived from the component, the timer id and the due time,
+    /// so a timer delivered again after a crash is recognised as handled.
+    pub fn timer(component: &str, timer: &crate::state::Timer, timestamp_ms: u64) -> Self {
+        let name = format!("timer/{component}/{}/{}", timer.id, timer.at_ms);
+        let id = Uuid::new_v5(&EVENT_ID_NAMESPACE, name.as_bytes()).to_string();
+        let data = serde_json::from_str(&timer.payload).unwrap_or_else(|_| timer.payload.clone().into());
+        Self {
+            correlation_id: id.clone(),
+            id,
+            event_type: timer.event_type.clone(),
+            order_id: timer.key.clone(),
+            causation_id: None,
+            timestamp_ms,
+            schema_version: SCHEMA_VERSION,
+            producer: format!("timer@{component}"),
+            data,
+        }
+    }
+
     /// The JSON bytes of the envelope.
     pub fn encode(&self) -> Vec<u8> {
         // Serializing a struct of strings, integers and a `Value` cannot fail.

@@ -16,5 +16,6 @@ pub mod kafka;
 pub mod manifest;
 pub mod pipeline;
 pub mod runtime;
+pub mod scheduler;
 pub mod state;
 pub mod watch;

@@ -65,6 +65,12 @@ pub struct KafkaSettings {
     /// Logical topic that receives events no component can handle.
     #[serde(default = "default_dead_letter_topic")]
     pub dead_letter_topic: String,
+    /// Static group membership: when set, each component's consumer joins
+    /// its group as `{instance_id}-{component}`, so a host restarted after a
+    /// crash takes its partitions back at once instead of waiting for the
+    /// broker to expire the dead member. Give every host its own id.
+    #[serde(default)]
+    pub instance_id: Option<String>,
 }
 
 fn default_partitions() -> i32 {
@@ -85,6 +91,7 @@ impl Default for KafkaSettings {
             replication_factor: default_replication(),
             topic_prefix: String::new(),
             dead_letter_topic: default_dead_letter_topic(),
+            instance_id: None,
         }
     }
 }
@@ -119,6 +126,14 @@ pub struct RuntimeSettings {
     /// Reload a component when its `.wasm` file changes.
     #[serde(default = "default_watch")]
     pub watch: bool,
+    /// Directory of the components' durable state (one redb file per
+    /// component), relative to the manifest. One host at a time may use it.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from(".state")
 }
 
 fn default_watch() -> bool {
@@ -131,7 +146,7 @@ fn default_cache_dir() -> PathBuf {
 
 impl Default for RuntimeSettings {
     fn default() -> Self {
-        Self { cache_dir: default_cache_dir(), watch: default_watch() }
+        Self { cache_dir: default_cache_dir(), watch: default_watch(), state_dir: default_state_dir() }
     }
 }
 
@@ -236,6 +251,9 @@ impl Manifest {
         if manifest.runtime.cache_dir.is_relative() {
             manifest.runtime.cache_dir = base.join(&manifest.runtime.cache_dir);
         }
+        if manifest.runtime.state_dir.is_relative() {
+            manifest.runtime.state_dir = base.join(&manifest.runtime.state_dir);
+        }
         for component in manifest.components.values_mut() {
             if component.wasm.is_relative() {
                 component.wasm = base.join(&component.wasm);
@@ -267,6 +285,9 @@ impl Manifest {
         }
         check_name("kafka.topic_prefix", &k.topic_prefix, true)?;
         check_name("kafka.dead_letter_topic", &k.dead_letter_topic, false)?;
+        if let Some(id) = &k.instance_id {
+            check_name("kafka.instance_id", id, false)?;
+        }
         if self.components.is_empty() {
             return Err(invalid("components", "at least one component is required"));
         }

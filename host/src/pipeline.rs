@@ -11,7 +11,11 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::{Inbound, Outbound};
 use crate::clock::Clock;
 use crate::envelope::Envelope;
-use crate::runtime::{Event, ServiceRuntime};
+use crate::runtime::{Event, OutgoingEvent, ServiceRuntime};
+use crate::state::{OutboxRecord, Timer};
+
+/// Logical topic of the events timers deliver.
+pub const TIMER_TOPIC: &str = "timer";
 
 /// Maps logical topic names (what components see) to physical ones.
 #[derive(Debug, Clone, Default)]
@@ -54,8 +58,15 @@ impl Default for RetryPolicy {
 /// What to do with a processed record.
 #[derive(Debug)]
 pub enum Disposition {
-    /// The component handled it: publish these, then store the offset.
-    Publish(Vec<Outbound>),
+    /// The component handled it, now or before: publish `records`, then
+    /// clear the outbox entry of `source` (if any), then store the offset.
+    Publish {
+        records: Vec<Outbound>,
+        /// The event whose outbox entry `records` are.
+        source: Option<String>,
+        /// The event had been handled before and was dropped.
+        duplicate: bool,
+    },
     /// It can never be handled: publish it to the dead-letter topic, then
     /// store the offset.
     DeadLetter { record: Outbound, reason: String },
@@ -89,17 +100,46 @@ impl Pipeline {
                 return Some(self.dead_letter(record, format!("invalid envelope: {err}"), 0));
             }
         };
-        let event = self.event(record, &envelope);
+        self.run(record, &envelope, None, shutdown).await
+    }
+
+    /// Delivers a due timer to the component, like a record of the `timer`
+    /// topic. A dead-lettered timer must then be discarded by the caller.
+    pub async fn process_timer(&self, timer: &Timer, shutdown: &CancellationToken) -> Option<Disposition> {
+        let envelope = Envelope::timer(self.service.name(), timer, self.clock.now_ms());
+        let record = Inbound {
+            topic: TIMER_TOPIC.to_owned(),
+            partition: -1,
+            offset: -1,
+            key: Some(timer.key.clone().into_bytes()),
+            value: Some(envelope.encode()),
+            headers: vec![("timer-id".to_owned(), timer.id.clone().into_bytes())],
+        };
+        self.run(&record, &envelope, Some((timer.id.clone(), timer.at_ms)), shutdown).await
+    }
+
+    async fn run(
+        &self,
+        record: &Inbound,
+        envelope: &Envelope,
+        fired: Option<(String, u64)>,
+        shutdown: &CancellationToken,
+    ) -> Option<Disposition> {
+        let event = self.event(record, envelope);
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let err = match self.service.handle(&event).await {
+            let wrap = |outgoing: &[OutgoingEvent], version: &str| {
+                self.wrap(envelope, outgoing, &format!("{}@{version}", self.service.name()))
+            };
+            let err = match self.service.handle(&event, fired.clone(), wrap).await {
                 Ok(handled) => {
-                    let producer = format!("{}@{}", self.service.name(), handled.version);
-                    return Some(match self.wrap(&envelope, handled.outgoing, &producer) {
-                        Ok(records) => Disposition::Publish(records),
-                        Err(reason) => self.dead_letter(record, reason, attempt),
-                    });
+                    let duplicate = handled.is_duplicate();
+                    let (records, source) = match handled.outbox {
+                        Some(entry) => (entry.records.into_iter().map(Outbound::from).collect(), Some(entry.source)),
+                        None => (Vec::new(), None),
+                    };
+                    return Some(Disposition::Publish { records, source, duplicate });
                 }
                 Err(err) => err,
             };
@@ -145,15 +185,10 @@ impl Pipeline {
     }
 
     /// Wraps what the component emitted in envelopes caused by `cause`.
-    fn wrap(
-        &self,
-        cause: &Envelope,
-        outgoing: Vec<crate::runtime::OutgoingEvent>,
-        producer: &str,
-    ) -> Result<Vec<Outbound>, String> {
+    fn wrap(&self, cause: &Envelope, outgoing: &[OutgoingEvent], producer: &str) -> Result<Vec<OutboxRecord>, String> {
         let now = self.clock.now_ms();
         outgoing
-            .into_iter()
+            .iter()
             .enumerate()
             .map(|(index, out)| {
                 let data: serde_json::Value = serde_json::from_slice(&out.payload).map_err(|err| {
@@ -163,13 +198,13 @@ impl Pipeline {
                     return Err(format!("component emitted a {} without topic or key", out.event_type));
                 }
                 let envelope = cause.caused(index, &out.event_type, &out.key, producer, now, data);
-                Ok(Outbound {
+                Ok(OutboxRecord {
                     topic: self.topics.physical(&out.topic),
-                    key: out.key,
-                    value: envelope.encode(),
+                    key: out.key.clone(),
+                    value: String::from_utf8_lossy(&envelope.encode()).into_owned(),
                     headers: vec![
-                        ("event-type".to_owned(), out.event_type.into_bytes()),
-                        ("producer".to_owned(), producer.as_bytes().to_vec()),
+                        ("event-type".to_owned(), out.event_type.clone()),
+                        ("producer".to_owned(), producer.to_owned()),
                     ],
                 })
             })

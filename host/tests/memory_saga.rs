@@ -103,14 +103,17 @@ impl World {
                             value: Some(record.value.clone()),
                             headers: record.headers.clone(),
                         };
-                        let out = match pipeline.process(&inbound, &shutdown).await.unwrap() {
-                            Disposition::Publish(out) => out,
+                        let (out, source) = match pipeline.process(&inbound, &shutdown).await.unwrap() {
+                            Disposition::Publish { records, source, .. } => (records, source),
                             Disposition::DeadLetter { record, reason } => {
                                 dead.push((pipeline.service().name().to_owned(), reason));
-                                vec![record]
+                                (vec![record], None)
                             }
                         };
                         self.bus.enqueue(out).await.unwrap().await.unwrap();
+                        if let Some(source) = source {
+                            pipeline.service().published(&source);
+                        }
                         *cursor += 1;
                         moved = true;
                     }

@@ -49,7 +49,7 @@ async fn requests_without_the_token_are_refused() {
 async fn a_reload_swaps_versions_and_keeps_state() {
     let service = Arc::new(runtime("misbehave", 1000));
     let app = app_with(service.clone());
-    service.handle(&event("Echo", "kept")).await.unwrap();
+    crate::runtime::tests::handle(&service, &event("Echo", "kept")).await.unwrap();
     let misbehave = std::fs::read(wasm("misbehave")).unwrap();
     let order = std::fs::read(wasm("order")).unwrap();
 
@@ -57,7 +57,7 @@ async fn a_reload_swaps_versions_and_keeps_state() {
     assert_eq!((status, body["version"].as_str()), (StatusCode::OK, Some(sha(&order).as_str())), "{body}");
     assert_eq!(service.current().sha256, sha(&order));
     // The order service ignores this event type: the new version is serving.
-    assert!(service.handle(&event("Echo", "x")).await.unwrap().outgoing.is_empty());
+    assert!(crate::runtime::tests::handle(&service, &event("Echo", "x")).await.unwrap().outgoing.is_empty());
 
     // An empty body reloads the manifest's file.
     let (status, body) = call(&app, "POST", "/components/svc/reload", Some(TOKEN), vec![]).await;
@@ -81,7 +81,7 @@ async fn bad_components_are_rejected_and_the_old_version_keeps_serving() {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(body["error"]["message"].as_str().unwrap().contains("not a valid Wasm component"), "{body}");
     assert_eq!(service.current().sha256, before);
-    assert!(service.handle(&event("Echo", "k")).await.is_ok());
+    assert!(crate::runtime::tests::handle(&service, &event("Echo", "k")).await.is_ok());
     let history = service.history();
     assert!(history.last().unwrap().outcome.starts_with("rejected"), "{history:?}");
     let (status, _) = call(&app, "POST", "/components/nope/reload", Some(TOKEN), vec![1]).await;

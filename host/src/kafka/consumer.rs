@@ -32,6 +32,8 @@ pub struct ConsumerSettings {
     pub group: String,
     /// Physical topics.
     pub topics: Vec<String>,
+    /// `group.instance.id` for static membership, if any.
+    pub instance_id: Option<String>,
 }
 
 /// What `/health` shows about a component's consumer.
@@ -50,6 +52,8 @@ pub struct StatusSnapshot {
     pub handled: u64,
     /// Records set aside on the dead-letter topic since start.
     pub dead_lettered: u64,
+    /// Records dropped since start because their event id was handled before.
+    pub duplicates_dropped: u64,
     /// The last consumer error, if any.
     pub last_error: Option<String>,
 }
@@ -165,7 +169,11 @@ async fn run(
     status: &ConsumerStatus,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let consumer: StreamConsumer<Context> = super::client_config(&settings.brokers)
+    let mut config = super::client_config(&settings.brokers);
+    if let Some(instance) = &settings.instance_id {
+        config.set("group.instance.id", instance);
+    }
+    let consumer: StreamConsumer<Context> = config
         .set("group.id", &settings.group)
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "1000")
@@ -189,7 +197,7 @@ async fn run(
             biased;
             () = shutdown.cancelled() => break Ok(()),
             Some(done) = in_flight.next(), if !in_flight.is_empty() => {
-                if let Err(err) = store(&consumer, status, done) {
+                if let Err(err) = store(&consumer, pipeline, status, done) {
                     break Err(err);
                 }
             }
@@ -207,13 +215,17 @@ async fn run(
                 let record = inbound(&message);
                 drop(message);
                 let Some(disposition) = pipeline.process(&record, shutdown).await else { break Ok(()) };
-                let (records, dead) = match disposition {
-                    Disposition::Publish(records) => (records, false),
-                    Disposition::DeadLetter { record, .. } => (vec![record], true),
+                let (records, outcome) = match disposition {
+                    Disposition::Publish { records, source, duplicate } => {
+                        (records, Outcome { dead: false, duplicate, source })
+                    }
+                    Disposition::DeadLetter { record, .. } => {
+                        (vec![record], Outcome { dead: true, duplicate: false, source: None })
+                    }
                 };
                 let acked = publisher.enqueue(records).await.context("failed to enqueue output")?;
                 let (topic, partition, offset) = (record.topic, record.partition, record.offset);
-                in_flight.push_back(async move { acked.await.map(|()| (topic, partition, offset, dead)) });
+                in_flight.push_back(async move { acked.await.map(|()| (topic, partition, offset, outcome)) });
             }
         }
     };
@@ -223,7 +235,7 @@ async fn run(
     if result.is_ok() {
         let drained = tokio::time::timeout(Duration::from_secs(30), async {
             while let Some(done) = in_flight.next().await {
-                store(&consumer, status, done)?;
+                store(&consumer, pipeline, status, done)?;
             }
             anyhow::Ok(())
         })
@@ -245,16 +257,37 @@ async fn run(
     result
 }
 
-type Done = Result<(String, i32, i64, bool), crate::bus::PublishError>;
+/// What became of a record whose outputs are being published.
+struct Outcome {
+    dead: bool,
+    duplicate: bool,
+    /// The outbox entry to clear once published.
+    source: Option<String>,
+}
 
-fn store(consumer: &StreamConsumer<Context>, status: &ConsumerStatus, done: Done) -> anyhow::Result<()> {
+type Done = Result<(String, i32, i64, Outcome), crate::bus::PublishError>;
+
+fn store(
+    consumer: &StreamConsumer<Context>,
+    pipeline: &Pipeline,
+    status: &ConsumerStatus,
+    done: Done,
+) -> anyhow::Result<()> {
     // A failed publish aborts the loop without storing: the record and all
-    // later ones are consumed again from the last committed offset.
-    let (topic, partition, offset, dead) = done.context("output not acknowledged")?;
+    // later ones are consumed again from the last committed offset, and the
+    // outbox entry stays queued until a redelivery or the relay publishes it.
+    let (topic, partition, offset, outcome) = done.context("output not acknowledged")?;
+    if let Some(source) = &outcome.source {
+        pipeline.service().published(source);
+    }
     consumer.store_offset(&topic, partition, offset).context("failed to store offset")?;
     status.update(|s| {
         s.last_processed_offsets.insert(tp(&topic, partition), offset);
-        if dead { s.dead_lettered += 1 } else { s.handled += 1 }
+        match (outcome.dead, outcome.duplicate) {
+            (true, _) => s.dead_lettered += 1,
+            (false, true) => s.duplicates_dropped += 1,
+            (false, false) => s.handled += 1,
+        }
     });
     Ok(())
 }

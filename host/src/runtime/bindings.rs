@@ -9,7 +9,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::clock::Clock;
-use crate::state::{AccessError, Txn};
+use crate::state::{AccessError, Timer, TimerChange, Txn};
 
 wasmtime::component::bindgen!({
     path: "../wit",
@@ -17,7 +17,7 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
-use shop::service::{clock, config, log, state};
+use shop::service::{clock, config, log, state, timers};
 
 /// Everything one store (one call) owns: WASI with no capabilities, the
 /// state transaction, config, clock and resource limits.
@@ -81,6 +81,25 @@ impl state::Host for HostState {
 
     fn list_keys(&mut self, prefix: String, limit: u32) -> Result<Vec<String>, state::StateError> {
         self.txn.keys(&prefix, limit.min(10_000) as usize).map_err(to_wit)
+    }
+}
+
+impl timers::Host for HostState {
+    fn schedule(
+        &mut self,
+        id: String,
+        at_ms: u64,
+        event_type: String,
+        key: String,
+        payload: Vec<u8>,
+    ) -> Result<(), state::StateError> {
+        let payload = String::from_utf8(payload)
+            .map_err(|_| state::StateError::Invalid("timer payload is not UTF-8 JSON".into()))?;
+        self.txn.timer(TimerChange::Set(Timer { id, at_ms, event_type, key, payload })).map_err(to_wit)
+    }
+
+    fn cancel(&mut self, id: String) -> Result<(), state::StateError> {
+        self.txn.timer(TimerChange::Cancel(id)).map_err(to_wit)
     }
 }
 

@@ -22,7 +22,7 @@ pub use canary::CanaryPolicy;
 pub use engine::{EPOCH_TICK, Engine};
 
 use crate::clock::Clock;
-use crate::state::{StateStore, StoreError, Txn};
+use crate::state::{Commit, OutboxEntry, OutboxRecord, StateStore, StoreError, Txn};
 
 /// A component that cannot be served.
 #[derive(Debug, thiserror::Error)]
@@ -31,7 +31,7 @@ pub enum LoadError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("{path:?} is not a valid Wasm component: {message}")]
     Compile { path: PathBuf, message: String },
-    #[error("{path:?} does not implement the world shop:service/service@0.1.0: {message}")]
+    #[error("{path:?} does not implement the world shop:service/service@0.2.0: {message}")]
     World { path: PathBuf, message: String },
 }
 
@@ -114,10 +114,21 @@ impl CallError {
 /// What a successful `handle` call produced.
 #[derive(Debug)]
 pub struct Handled {
-    /// Events to publish, in the order the component returned them.
+    /// Events the component emitted, in its order (empty for a duplicate).
     pub outgoing: Vec<OutgoingEvent>,
-    /// The version (sha256) that handled the event.
-    pub version: String,
+    /// The records to publish now, committed in the outbox: this call's, or
+    /// for a duplicate those still unpublished from the first handling.
+    pub outbox: Option<OutboxEntry>,
+    /// The version (sha256) that handled the event; `None` for a duplicate,
+    /// which was not handed to the component again.
+    pub version: Option<String>,
+}
+
+impl Handled {
+    /// Whether the event had been handled before and was dropped.
+    pub fn is_duplicate(&self) -> bool {
+        self.version.is_none()
+    }
 }
 
 /// Resource bounds of every call into a component.
@@ -317,13 +328,32 @@ impl ServiceRuntime {
         CallError::Trap(message)
     }
 
-    /// Runs `handle` on a fresh instance and commits its state writes only
-    /// if it returned `ok`.
+    /// Handles one event, effectively once.
+    ///
+    /// An event id already handled is not handed to the component again: the
+    /// result is a duplicate carrying whatever of its outputs is still
+    /// unpublished. Otherwise `handle` runs on a fresh instance and, if it
+    /// returns `ok`, `wrap` turns its events into the records to publish,
+    /// and one [`Commit`] stores together the state writes, the timer
+    /// changes, the event id (and removal of the `fired` timer that caused
+    /// it) and the records in the outbox. Publish them, then call
+    /// [`ServiceRuntime::published`].
     ///
     /// # Errors
-    /// [`CallError`]; in every case no state was written.
-    pub async fn handle(&self, event: &Event) -> Result<Handled, CallError> {
+    /// [`CallError`]; in every case nothing was committed. A `wrap` failure
+    /// (the component emitted something unpublishable) is a permanent
+    /// component error.
+    pub async fn handle(
+        &self,
+        event: &Event,
+        fired: Option<(String, u64)>,
+        wrap: impl FnOnce(&[OutgoingEvent], &str) -> Result<Vec<OutboxRecord>, String>,
+    ) -> Result<Handled, CallError> {
         let _serial = self.handle_lock.lock().await;
+        if self.store.was_handled(&event.id)? {
+            tracing::debug!(component = %self.name, event_id = %event.id, "duplicate event dropped");
+            return Ok(Handled { outgoing: Vec::new(), outbox: self.store.outbox(&event.id)?, version: None });
+        }
         let component = self.current();
         let mut store = self.new_store(Txn::new(self.store.clone()));
         let started = Instant::now();
@@ -334,14 +364,36 @@ impl ServiceRuntime {
         .await;
         tracing::trace!(component = %self.name, elapsed = ?started.elapsed(), "handle call");
         let outcome = match result {
-            Ok(Ok(outgoing)) => {
-                self.store.commit(store.into_data().txn.into_writes())?;
-                Ok(Handled { outgoing, version: component.sha256.clone() })
-            }
+            Ok(Ok(outgoing)) => match wrap(&outgoing, &component.sha256) {
+                Ok(records) => {
+                    let (writes, timers) = store.into_data().txn.into_changes();
+                    let now_ms = self.clock.now_ms();
+                    let handled = Some(event.id.clone());
+                    let commit = Commit { writes, timers, handled, fired, outbox: records.clone(), now_ms };
+                    self.store.commit(commit).map(|()| {
+                        let outbox = (!records.is_empty()).then(|| OutboxEntry {
+                            source: event.id.clone(),
+                            created_ms: now_ms,
+                            records,
+                        });
+                        Handled { outgoing, outbox, version: Some(component.sha256.clone()) }
+                    })
+                }
+                .map_err(CallError::Store),
+                Err(reason) => Err(CallError::Handle(HandleError::Permanent(reason))),
+            },
             Ok(Err(err)) => Err(CallError::Handle(err)),
             Err(err) => Err(self.trap(err)),
         };
         self.judge(&component, outcome)
+    }
+
+    /// Forgets the outbox entry of `source` once its records were
+    /// acknowledged. A failure only means they may be published again.
+    pub fn published(&self, source: &str) {
+        if let Err(err) = self.store.clear_outbox(source) {
+            tracing::warn!(component = %self.name, %source, "cannot clear the outbox entry: {err}");
+        }
     }
 
     /// Feeds an outcome to the canary watch, rolling back if it says so.

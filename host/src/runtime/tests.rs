@@ -43,6 +43,11 @@ pub(crate) fn event(event_type: &str, key: &str) -> Event {
     }
 }
 
+/// Handles `event` without publishing anything (no outbox records).
+pub(crate) async fn handle(rt: &ServiceRuntime, event: &Event) -> Result<Handled, CallError> {
+    rt.handle(event, None, |_, _| Ok(Vec::new())).await
+}
+
 async fn stored(rt: &ServiceRuntime, key: &str) -> Option<Vec<u8>> {
     rt.state_store().get(key).unwrap()
 }
@@ -50,11 +55,11 @@ async fn stored(rt: &ServiceRuntime, key: &str) -> Option<Vec<u8>> {
 #[tokio::test]
 async fn handle_commits_state_and_reports_the_version() {
     let rt = runtime("misbehave", 1000);
-    let handled = rt.handle(&event("Echo", "k1")).await.unwrap();
+    let handled = handle(&rt, &event("Echo", "k1")).await.unwrap();
     assert_eq!(handled.outgoing.len(), 1);
     assert_eq!(handled.outgoing[0].event_type, "Echoed");
     let expected = hex::encode(Sha256::digest(std::fs::read(wasm("misbehave")).unwrap()));
-    assert_eq!(handled.version, expected);
+    assert_eq!(handled.version, Some(expected));
     assert_eq!(stored(&rt, "k1").await, Some(b"\"hello\"".to_vec()));
     let response = rt
         .query(&Request { method: "GET".into(), path: "/state/k1".into(), query: String::new(), body: Vec::new() })
@@ -66,7 +71,7 @@ async fn handle_commits_state_and_reports_the_version() {
 #[tokio::test]
 async fn an_error_discards_the_calls_writes() {
     let rt = runtime("misbehave", 1000);
-    let err = rt.handle(&event("WriteThenFail", "k2")).await.unwrap_err();
+    let err = handle(&rt, &event("WriteThenFail", "k2")).await.unwrap_err();
     assert!(matches!(err, CallError::Handle(HandleError::Retryable(_))), "{err}");
     assert!(err.is_retryable());
     assert_eq!(stored(&rt, "k2").await, None, "writes of a failed call are discarded");
@@ -75,28 +80,28 @@ async fn an_error_discards_the_calls_writes() {
 #[tokio::test]
 async fn a_panic_is_contained_and_the_next_event_runs() {
     let rt = runtime("misbehave", 1000);
-    let err = rt.handle(&event("Panic", "k")).await.unwrap_err();
+    let err = handle(&rt, &event("Panic", "k")).await.unwrap_err();
     assert!(matches!(&err, CallError::Trap(_)), "{err}");
-    assert!(rt.handle(&event("Echo", "after")).await.is_ok(), "a fresh instance serves the next event");
+    assert!(handle(&rt, &event("Echo", "after")).await.is_ok(), "a fresh instance serves the next event");
 }
 
 #[tokio::test]
 async fn an_endless_loop_trips_the_time_budget() {
     let rt = runtime("misbehave", 200);
     let started = Instant::now();
-    let err = rt.handle(&event("Spin", "k")).await.unwrap_err();
+    let err = handle(&rt, &event("Spin", "k")).await.unwrap_err();
     let elapsed = started.elapsed();
     assert!(matches!(&err, CallError::Trap(m) if m.contains("time budget")), "{err}");
     assert!(elapsed >= Duration::from_millis(200) && elapsed < Duration::from_secs(5), "{elapsed:?}");
-    assert!(rt.handle(&event("Echo", "after")).await.is_ok());
+    assert!(handle(&rt, &event("Echo", "after")).await.is_ok());
 }
 
 #[tokio::test]
 async fn memory_beyond_the_limit_traps() {
     let rt = runtime("misbehave", 5000);
-    let err = rt.handle(&event("Hog", "k")).await.unwrap_err();
+    let err = handle(&rt, &event("Hog", "k")).await.unwrap_err();
     assert!(matches!(&err, CallError::Trap(_)), "{err}");
-    assert!(rt.handle(&event("Echo", "after")).await.is_ok());
+    assert!(handle(&rt, &event("Echo", "after")).await.is_ok());
 }
 
 #[tokio::test]
@@ -125,13 +130,13 @@ async fn a_new_version_failing_its_canary_is_rolled_back() {
     rt.reload("order.wasm", std::fs::read(wasm("order")).unwrap()).await.unwrap();
     assert_ne!(rt.current().sha256, original);
 
-    let first = rt.handle(&poison()).await.unwrap_err();
+    let first = handle(&rt, &poison()).await.unwrap_err();
     assert!(matches!(&first, CallError::Canary(m) if m.contains("malformed OrderPlaced")), "{first}");
     assert!(first.is_retryable(), "a canary failure is retried, not dead-lettered");
-    let second = rt.handle(&poison()).await.unwrap_err();
+    let second = handle(&rt, &poison()).await.unwrap_err();
     assert!(matches!(&second, CallError::Canary(m) if m.contains("rolled back after 2 failures")), "{second}");
     assert_eq!(rt.current().sha256, original, "the previous version serves again");
-    assert!(rt.handle(&poison()).await.is_ok(), "the retried event succeeds on the restored version");
+    assert!(handle(&rt, &poison()).await.is_ok(), "the retried event succeeds on the restored version");
 
     let outcomes: Vec<String> = rt.history().into_iter().map(|h| h.outcome).collect();
     assert_eq!(outcomes[0], "serving");
@@ -144,10 +149,10 @@ async fn a_new_version_passing_its_canary_stays() {
     let order = hex::encode(Sha256::digest(std::fs::read(wasm("order")).unwrap()));
     rt.reload("order.wasm", std::fs::read(wasm("order")).unwrap()).await.unwrap();
     for i in 0..5 {
-        rt.handle(&event("Unrelated", &i.to_string())).await.unwrap();
+        handle(&rt, &event("Unrelated", &i.to_string())).await.unwrap();
     }
     for _ in 0..3 {
-        let err = rt.handle(&poison()).await.unwrap_err();
+        let err = handle(&rt, &poison()).await.unwrap_err();
         assert!(matches!(err, CallError::Handle(HandleError::Permanent(_))), "{err}");
     }
     assert_eq!(rt.current().sha256, order, "failures after the canary do not roll back");
@@ -173,7 +178,9 @@ async fn the_pipeline_retries_a_canary_failure_on_the_restored_version() {
         headers: vec![],
     };
     let disposition = pipeline.process(&record, &tokio_util::sync::CancellationToken::new()).await.unwrap();
-    let Disposition::Publish(out) = disposition else { panic!("expected the event to be handled: {disposition:?}") };
+    let Disposition::Publish { records: out, .. } = disposition else {
+        panic!("expected the event to be handled: {disposition:?}")
+    };
     assert_eq!(out.len(), 1);
     let echoed = Envelope::decode(Some(&out[0].value)).unwrap();
     assert_eq!(echoed.producer, format!("misbehave@{}", rt.current().sha256));

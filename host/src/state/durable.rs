@@ -1,0 +1,263 @@
+//! The durable state adapter: one redb database file per component.
+//!
+//! redb is a copy-on-write B-tree with checksummed pages: a write
+//! transaction becomes visible, and after `commit` returns durable (fsync),
+//! as a whole or not at all, and a crash mid-commit leaves the previous
+//! committed version. Each [`Commit`] is one redb write transaction over six
+//! tables, so the component's writes, the handled id, the outbox entry and
+//! the timer changes of one event are atomic together.
+//!
+//! Calls are synchronous (a commit waits for the disk); a component's
+//! `handle` calls are serialized anyway, and queries only read.
+
+use std::path::{Path, PathBuf};
+
+use redb::{
+    Database, Durability, ReadableDatabase as _, ReadableTable as _, ReadableTableMetadata as _, TableDefinition,
+};
+
+use super::{Commit, OutboxEntry, StateStore, StoreError, Timer, TimerChange};
+
+/// The component's own key-value state.
+const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
+/// Handled event id → when it was handled.
+const HANDLED: TableDefinition<&str, u64> = TableDefinition::new("handled");
+/// Commit sequence → JSON [`OutboxEntry`].
+const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+/// Source event id → its outbox sequence.
+const OUTBOX_BY_SOURCE: TableDefinition<&str, u64> = TableDefinition::new("outbox_by_source");
+/// Timer id → JSON [`Timer`].
+const TIMERS: TableDefinition<&str, &[u8]> = TableDefinition::new("timers");
+/// (due time, timer id): the timers in firing order.
+const TIMERS_DUE: TableDefinition<(u64, &str), ()> = TableDefinition::new("timers_due");
+
+/// A component's store in a redb file.
+pub struct DurableStore {
+    db: Database,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for DurableStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DurableStore").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+fn unavailable(what: &str, path: &Path) -> impl Fn(&dyn std::fmt::Display) -> StoreError {
+    let context = format!("{what} {}", path.display());
+    move |err| StoreError::Unavailable(format!("{context}: {err}"))
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    // Structs of strings and integers always serialize.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], path: &Path) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes)
+        .map_err(|err| StoreError::Unavailable(format!("corrupt entry in {}: {err}", path.display())))
+}
+
+impl DurableStore {
+    /// Opens (or creates) the store at `path`, creating its directory.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] naming the file: it cannot be created,
+    /// is not a redb database, or is open in another process (another host
+    /// serving the same component from the same state directory).
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| unavailable("cannot create the directory of", path)(&e))?;
+        }
+        let db = Database::create(path).map_err(|err| match err {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Unavailable(format!(
+                "state file {} is already open in another process: is another host running with the same state_dir?",
+                path.display()
+            )),
+            err => unavailable("cannot open state file", path)(&err),
+        })?;
+        let store = Self { db, path: path.to_owned() };
+        let write = store.db.begin_write().map_err(|e| store.err("cannot write")(&e))?;
+        {
+            let e = store.err("cannot create tables in");
+            write.open_table(STATE).map_err(|x| e(&x))?;
+            write.open_table(HANDLED).map_err(|x| e(&x))?;
+            write.open_table(OUTBOX).map_err(|x| e(&x))?;
+            write.open_table(OUTBOX_BY_SOURCE).map_err(|x| e(&x))?;
+            write.open_table(TIMERS).map_err(|x| e(&x))?;
+            write.open_table(TIMERS_DUE).map_err(|x| e(&x))?;
+        }
+        write.commit().map_err(|e| store.err("cannot commit")(&e))?;
+        Ok(store)
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self, what: &str) -> impl Fn(&dyn std::fmt::Display) -> StoreError {
+        unavailable(what, &self.path)
+    }
+
+    fn read(&self) -> Result<redb::ReadTransaction, StoreError> {
+        self.db.begin_read().map_err(|e| self.err("cannot read")(&e))
+    }
+
+    fn apply(&self, commit: Commit) -> Result<(), redb::Error> {
+        let write = self.db.begin_write()?;
+        {
+            let mut state = write.open_table(STATE)?;
+            for (key, value) in &commit.writes {
+                match value {
+                    Some(value) => state.insert(key.as_str(), value.as_slice())?,
+                    None => state.remove(key.as_str())?,
+                };
+            }
+            let mut timers = write.open_table(TIMERS)?;
+            let mut due = write.open_table(TIMERS_DUE)?;
+            if let Some((id, at_ms)) = &commit.fired {
+                remove_timer(&mut timers, &mut due, id, Some(*at_ms))?;
+            }
+            for change in &commit.timers {
+                match change {
+                    TimerChange::Set(timer) => {
+                        remove_timer(&mut timers, &mut due, &timer.id, None)?;
+                        timers.insert(timer.id.as_str(), json(timer).as_slice())?;
+                        due.insert((timer.at_ms, timer.id.as_str()), ())?;
+                    }
+                    TimerChange::Cancel(id) => remove_timer(&mut timers, &mut due, id, None)?,
+                }
+            }
+            if let Some(source) = &commit.handled {
+                write.open_table(HANDLED)?.insert(source.as_str(), commit.now_ms)?;
+                if !commit.outbox.is_empty() {
+                    let mut outbox = write.open_table(OUTBOX)?;
+                    let seq = outbox.last()?.map_or(0, |(k, _)| k.value() + 1);
+                    let entry =
+                        OutboxEntry { source: source.clone(), created_ms: commit.now_ms, records: commit.outbox };
+                    outbox.insert(seq, json(&entry).as_slice())?;
+                    write.open_table(OUTBOX_BY_SOURCE)?.insert(source.as_str(), seq)?;
+                }
+            }
+        }
+        write.commit()?;
+        Ok(())
+    }
+}
+
+/// Removes timer `id` (only if due at `only_at`, when given) and its index entry.
+fn remove_timer(
+    timers: &mut redb::Table<'_, &'static str, &'static [u8]>,
+    due: &mut redb::Table<'_, (u64, &'static str), ()>,
+    id: &str,
+    only_at: Option<u64>,
+) -> Result<(), redb::Error> {
+    let old = timers.get(id)?.map(|v| v.value().to_vec());
+    if let Some(old) = old {
+        let old: Timer = serde_json::from_slice(&old).map_err(|e| redb::Error::Corrupted(e.to_string()))?;
+        if only_at.is_none_or(|at| at == old.at_ms) {
+            timers.remove(id)?;
+            due.remove((old.at_ms, id))?;
+        }
+    }
+    Ok(())
+}
+
+impl StateStore for DurableStore {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let e = self.err("cannot read");
+        let table = self.read()?.open_table(STATE).map_err(|x| e(&x))?;
+        Ok(table.get(key).map_err(|x| e(&x))?.map(|v| v.value().to_vec()))
+    }
+
+    fn keys(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+        let e = self.err("cannot read");
+        let table = self.read()?.open_table(STATE).map_err(|x| e(&x))?;
+        let mut keys = Vec::new();
+        for entry in table.range(prefix..).map_err(|x| e(&x))? {
+            let (key, _) = entry.map_err(|x| e(&x))?;
+            let key = key.value();
+            if !key.starts_with(prefix) || keys.len() >= limit {
+                break;
+            }
+            keys.push(key.to_owned());
+        }
+        Ok(keys)
+    }
+
+    fn commit(&self, commit: Commit) -> Result<(), StoreError> {
+        self.apply(commit).map_err(|e| self.err("cannot commit to")(&e))
+    }
+
+    fn was_handled(&self, id: &str) -> Result<bool, StoreError> {
+        let e = self.err("cannot read");
+        let table = self.read()?.open_table(HANDLED).map_err(|x| e(&x))?;
+        Ok(table.get(id).map_err(|x| e(&x))?.is_some())
+    }
+
+    fn outbox(&self, source: &str) -> Result<Option<OutboxEntry>, StoreError> {
+        let e = self.err("cannot read");
+        let read = self.read()?;
+        let by_source = read.open_table(OUTBOX_BY_SOURCE).map_err(|x| e(&x))?;
+        let Some(seq) = by_source.get(source).map_err(|x| e(&x))?.map(|v| v.value()) else { return Ok(None) };
+        let outbox = read.open_table(OUTBOX).map_err(|x| e(&x))?;
+        match outbox.get(seq).map_err(|x| e(&x))? {
+            Some(bytes) => Ok(Some(decode(bytes.value(), &self.path)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn pending_outbox(&self, limit: usize) -> Result<Vec<OutboxEntry>, StoreError> {
+        let e = self.err("cannot read");
+        let outbox = self.read()?.open_table(OUTBOX).map_err(|x| e(&x))?;
+        let mut entries = Vec::new();
+        for entry in outbox.iter().map_err(|x| e(&x))?.take(limit) {
+            let (_, bytes) = entry.map_err(|x| e(&x))?;
+            entries.push(decode(bytes.value(), &self.path)?);
+        }
+        Ok(entries)
+    }
+
+    fn clear_outbox(&self, source: &str) -> Result<(), StoreError> {
+        let e = self.err("cannot clear the outbox of");
+        let mut write = self.db.begin_write().map_err(|x| e(&x))?;
+        // Not durable on its own: losing it to a crash only republishes
+        // records that consumers recognise as duplicates.
+        write.set_durability(Durability::None).map_err(|x| e(&x))?;
+        {
+            let mut by_source = write.open_table(OUTBOX_BY_SOURCE).map_err(|x| e(&x))?;
+            let seq = by_source.remove(source).map_err(|x| e(&x))?.map(|v| v.value());
+            if let Some(seq) = seq {
+                write.open_table(OUTBOX).map_err(|x| e(&x))?.remove(seq).map_err(|x| e(&x))?;
+            }
+        }
+        write.commit().map_err(|x| e(&x))
+    }
+
+    fn due_timers(&self, now_ms: u64, limit: usize) -> Result<Vec<Timer>, StoreError> {
+        let e = self.err("cannot read");
+        let read = self.read()?;
+        let due = read.open_table(TIMERS_DUE).map_err(|x| e(&x))?;
+        let timers = read.open_table(TIMERS).map_err(|x| e(&x))?;
+        let mut fired = Vec::new();
+        for entry in due.range((0, "")..(now_ms.saturating_add(1), "")).map_err(|x| e(&x))?.take(limit) {
+            let (key, _) = entry.map_err(|x| e(&x))?;
+            let (_, id) = key.value();
+            if let Some(bytes) = timers.get(id).map_err(|x| e(&x))? {
+                fired.push(decode(bytes.value(), &self.path)?);
+            }
+        }
+        Ok(fired)
+    }
+
+    fn timer_count(&self) -> Result<u64, StoreError> {
+        let e = self.err("cannot read");
+        self.read()?.open_table(TIMERS).map_err(|x| e(&x))?.len().map_err(|x| e(&x))
+    }
+
+    fn outbox_count(&self) -> Result<u64, StoreError> {
+        let e = self.err("cannot read");
+        self.read()?.open_table(OUTBOX).map_err(|x| e(&x))?.len().map_err(|x| e(&x))
+    }
+}
