@@ -79,6 +79,10 @@ impl Envelope {
     }
 
     /// The first event of a saga: its own correlation id.
+    ///
+    /// Its id is derived from the type and the order id, so the same order
+    /// published again (a client retrying with its `Idempotency-Key`) is
+    /// recognised as a duplicate by every consumer.
     pub fn originate(
         event_type: &str,
         order_id: &str,
@@ -86,7 +90,7 @@ impl Envelope {
         timestamp_ms: u64,
         data: serde_json::Value,
     ) -> Self {
-        let id = Uuid::new_v4().to_string();
+        let id = Uuid::new_v5(&EVENT_ID_NAMESPACE, format!("{event_type}/{order_id}").as_bytes()).to_string();
         Self {
             correlation_id: id.clone(),
             id,
@@ -166,6 +170,9 @@ mod tests {
         assert_eq!(first.id, first.correlation_id);
         let decoded = Envelope::decode(Some(&first.encode())).unwrap();
         assert_eq!(decoded, first);
+        let again = Envelope::originate("OrderPlaced", "o1", "gateway", 9, json!({"a": 1}));
+        assert_eq!(again.id, first.id, "the same order placed again is the same event");
+        assert_ne!(Envelope::originate("OrderPlaced", "o2", "gateway", 5, json!({})).id, first.id);
         let a = first.caused(0, "PaymentRequested", "o1", "order@x", 6, json!({}));
         let b = first.caused(0, "PaymentRequested", "o1", "order@y", 7, json!({}));
         let c = first.caused(1, "PaymentRequested", "o1", "order@x", 6, json!({}));

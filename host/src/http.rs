@@ -38,6 +38,10 @@ async fn health(State(port): State<Port>) -> Response {
     let (code, status) =
         if consumer.consuming { (StatusCode::OK, "ok") } else { (StatusCode::SERVICE_UNAVAILABLE, "degraded") };
     let loaded_at_ms = crate::clock::unix_ms(current.loaded_at);
+    let store = port.service.state_store();
+    // -1: the store could not be read (its error is logged by whoever hits it).
+    let timers_pending = store.timer_count().map_or(-1, |n| n as i64);
+    let outbox_pending = store.outbox_count().map_or(-1, |n| n as i64);
     let body = json!({
         "status": status,
         "component": port.service.name(),
@@ -49,6 +53,9 @@ async fn health(State(port): State<Port>) -> Response {
         "lag": consumer.lag,
         "handled": consumer.handled,
         "dead_lettered": consumer.dead_lettered,
+        "duplicates_dropped": consumer.duplicates_dropped,
+        "timers_pending": timers_pending,
+        "outbox_pending": outbox_pending,
         "last_error": consumer.last_error,
     });
     (code, axum::Json(body)).into_response()
