@@ -65,17 +65,59 @@ impl Ports {
     pub fn all(&self) -> [u16; 5] {
         [self.gateway, self.payment, self.order, self.email, self.analytics]
     }
+
+    /// The ports of the components in `options`, and the gateway's.
+    pub fn serving(&self, options: &Options) -> Vec<u16> {
+        let named = [("payment", self.payment), ("order", self.order), ("email", self.email), ("analytics", self.analytics)];
+        let mut ports = vec![self.gateway];
+        ports.extend(named.iter().filter(|(n, _)| !options.without.contains(n)).map(|(_, p)| *p));
+        ports
+    }
+}
+
+/// What varies between test manifests.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Topic and group prefix; a fresh one when `None`.
+    pub prefix: Option<String>,
+    /// Components left out (e.g. `payment`, to make the payment deadline pass).
+    pub without: Vec<&'static str>,
+    /// The order component's config table, TOML inline-table contents.
+    pub order_config: String,
+    /// Join consumer groups with static membership (fast restarts).
+    pub static_membership: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            prefix: None,
+            without: Vec::new(),
+            order_config: r#"stock = "sold-out=0""#.into(),
+            static_membership: false,
+        }
+    }
 }
 
 /// Writes a manifest of the four components with `ports` and a unique
-/// topic prefix; returns its path and the prefix.
+/// topic prefix; returns its path and the prefix. State lives in `dir/state`.
 pub fn write_manifest(dir: &Path, ports: Ports) -> (PathBuf, String) {
-    let prefix = format!("t{}-", uuid::Uuid::new_v4().simple());
-    let text = format!(
+    write_manifest_with(dir, ports, &Options::default())
+}
+
+/// [`write_manifest`] with [`Options`].
+pub fn write_manifest_with(dir: &Path, ports: Ports, options: &Options) -> (PathBuf, String) {
+    let prefix = options.prefix.clone().unwrap_or_else(|| format!("t{}-", uuid::Uuid::new_v4().simple()));
+    let instance = if options.static_membership { format!("instance_id = \"{prefix}host\"") } else { String::new() };
+    let mut text = format!(
         r#"
 [kafka]
 partitions = 3
 topic_prefix = "{prefix}"
+{instance}
+
+[runtime]
+state_dir = "{state_dir}"
 
 [gateway]
 port = {gateway}
@@ -83,44 +125,34 @@ port = {gateway}
 [admin]
 port = {admin}
 token = "{token}"
-
-[components.payment]
-wasm = "{payment_wasm}"
-port = {payment}
-topics = ["payments"]
-group = "payment-service"
-config = {{ max_amount_cents = "500000" }}
-
-[components.order]
-wasm = "{order_wasm}"
-port = {order}
-topics = ["orders", "payments"]
-group = "order-service"
-
-[components.email]
-wasm = "{email_wasm}"
-port = {email}
-topics = ["emails"]
-group = "email-service"
-
-[components.analytics]
-wasm = "{analytics_wasm}"
-port = {analytics}
-topics = ["orders", "payments", "emails", "analytics"]
-group = "analytics-service"
 "#,
+        state_dir = dir.join("state").display(),
         gateway = ports.gateway,
         admin = ports.admin,
         token = ADMIN_TOKEN,
-        payment = ports.payment,
-        order = ports.order,
-        email = ports.email,
-        analytics = ports.analytics,
-        payment_wasm = component("payment").display(),
-        order_wasm = component("order").display(),
-        email_wasm = component("email").display(),
-        analytics_wasm = component("analytics").display(),
     );
+    let components = [
+        ("payment", ports.payment, r#"["payments"]"#, r#"max_amount_cents = "500000""#.to_owned()),
+        ("order", ports.order, r#"["orders", "payments"]"#, options.order_config.clone()),
+        ("email", ports.email, r#"["emails"]"#, String::new()),
+        ("analytics", ports.analytics, r#"["orders", "payments", "emails", "analytics"]"#, String::new()),
+    ];
+    for (name, port, topics, config) in components {
+        if options.without.contains(&name) {
+            continue;
+        }
+        text += &format!(
+            r#"
+[components.{name}]
+wasm = "{wasm}"
+port = {port}
+topics = {topics}
+group = "{name}-service"
+config = {{ {config} }}
+"#,
+            wasm = component(name).display(),
+        );
+    }
     std::fs::create_dir_all(dir).unwrap();
     let path = dir.join("app.toml");
     std::fs::write(&path, text).unwrap();
@@ -223,8 +255,13 @@ pub fn temp_dir(tag: &str) -> PathBuf {
 
 /// Waits until every port answers `/health` with 200; returns the bodies.
 pub async fn wait_healthy(client: &reqwest::Client, ports: Ports) -> Vec<serde_json::Value> {
+    wait_ports_healthy(client, &ports.all()).await
+}
+
+/// Waits until each of `ports` answers `/health` with 200; returns the bodies.
+pub async fn wait_ports_healthy(client: &reqwest::Client, ports: &[u16]) -> Vec<serde_json::Value> {
     let mut bodies = Vec::new();
-    for port in ports.all() {
+    for &port in ports {
         let url = format!("http://127.0.0.1:{port}/health");
         let body = eventually(Duration::from_secs(60), &format!("{url} to be healthy"), || async {
             let r = client.get(&url).send().await.ok()?;

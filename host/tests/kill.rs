@@ -1,0 +1,327 @@
+//! Crash test on a real broker: 1,000 orders placed through the gateway
+//! while the host is killed with SIGKILL at random moments and restarted,
+//! and while an independent client delivers every record of the four
+//! topics a second time. Then every order must be final, the payment
+//! ledger must hold one capture (or capture + refund) per order, there must
+//! be exactly one email per final state, and analytics must match the final
+//! states. Every discrepancy is collected and reported, and there must be
+//! none.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use rdkafka::Message as _;
+use rdkafka::message::{Header, Headers as _, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
+use serde_json::{Value, json};
+use support::*;
+
+const ORDERS: usize = 1_000;
+/// Kills while orders are still being placed or processed.
+const MIN_KILLS: usize = 5;
+/// Units of `lamp` in stock: more orders want one, so some are compensated.
+const LAMPS: u64 = 30;
+const DUPLICATE_HEADER: &str = "test-duplicate";
+
+/// What each order is, by construction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Good,
+    Declined,
+    SoldOut,
+    Lamp,
+}
+
+fn kind(i: usize) -> Kind {
+    match i % 10 {
+        0 => Kind::Declined,
+        1 | 2 => Kind::Lamp,
+        3 => Kind::SoldOut,
+        _ => Kind::Good,
+    }
+}
+
+fn order_body(kind: Kind) -> Value {
+    let (sku, price) = match kind {
+        Kind::Lamp => ("lamp", 3400),
+        Kind::SoldOut => ("sold-out", 999),
+        _ => ("book", 1250),
+    };
+    let card = if kind == Kind::Declined { "4000000000000002" } else { "4242424242424242" };
+    json!({
+        "customer": { "name": "Ada", "email": "ada@example.com" },
+        "items": [ { "sku": sku, "quantity": 1, "unit_price_cents": price } ],
+        "payment": { "card_number": card }
+    })
+}
+
+/// Places order `i` until the gateway accepts it; the same idempotency key
+/// on every try, so a retry after a crash is the same order.
+async fn place(client: &reqwest::Client, gateway: &str, i: usize) -> (String, u64) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let sent = client
+            .post(format!("{gateway}/order"))
+            .header("idempotency-key", format!("kill-test-{i}"))
+            .json(&order_body(kind(i)))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await;
+        if let Ok(response) = sent {
+            if response.status() == 202 {
+                let body: Value = response.json().await.unwrap();
+                return (body["order_id"].as_str().unwrap().to_owned(), body["total_cents"].as_u64().unwrap());
+            }
+            assert!(response.status().is_server_error(), "order {i} refused: {}", response.status());
+        }
+        assert!(Instant::now() < deadline, "order {i} not accepted within 180 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Re-publishes every record of `topics` once more, as an independent
+/// client, until `stop`; returns how many duplicates it injected.
+fn duplicate_everything(brokers: String, topics: Vec<String>, stop: Arc<AtomicBool>, count: Arc<AtomicU64>) {
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let consumer = reader(&brokers, &names);
+    let producer: BaseProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).set("acks", "all").create().unwrap();
+    while !stop.load(Ordering::SeqCst) {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(message)) => {
+                let mut headers = OwnedHeaders::new();
+                let mut is_copy = false;
+                if let Some(original) = message.headers() {
+                    for h in original.iter() {
+                        is_copy |= h.key == DUPLICATE_HEADER;
+                        headers = headers.insert(Header { key: h.key, value: h.value });
+                    }
+                }
+                if is_copy {
+                    continue;
+                }
+                headers = headers.insert(Header { key: DUPLICATE_HEADER, value: Some("1") });
+                let key = message.key().unwrap_or_default().to_vec();
+                let payload = message.payload().unwrap_or_default().to_vec();
+                let mut record = BaseRecord::to(message.topic()).key(&key).payload(&payload).headers(headers);
+                loop {
+                    match producer.send(record) {
+                        Ok(()) => break,
+                        Err((_, back)) => {
+                            record = back;
+                            producer.poll(Duration::from_millis(50));
+                        }
+                    }
+                }
+                count.fetch_add(1, Ordering::SeqCst);
+            }
+            Some(Err(err)) => eprintln!("duplicator: {err}"),
+            None => {}
+        }
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+}
+
+async fn get(client: &reqwest::Client, url: &str) -> Option<Value> {
+    let response = client.get(url).timeout(Duration::from_secs(10)).send().await.ok()?;
+    response.status().is_success().then_some(())?;
+    response.json().await.ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_order_settles_exactly_once_across_sigkills_and_duplicates() {
+    let brokers = brokers();
+    let dir = temp_dir("kill");
+    let ports = Ports::free();
+    let options = Options {
+        order_config: format!(r#"stock = "lamp={LAMPS},sold-out=0", payment_deadline_ms = "60000""#),
+        static_membership: true,
+        ..Options::default()
+    };
+    let (manifest, prefix) = write_manifest_with(&dir, ports, &options);
+    let client = reqwest::Client::new();
+    let gateway = format!("http://127.0.0.1:{}", ports.gateway);
+    let started = Instant::now();
+
+    let mut host = HostProcess::start(&manifest, Some(&brokers));
+    wait_healthy(&client, ports).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let duplicates = Arc::new(AtomicU64::new(0));
+    let topics: Vec<String> =
+        ["orders", "payments", "emails", "analytics"].iter().map(|t| format!("{prefix}{t}")).collect();
+    let duplicator = {
+        let (brokers, stop, duplicates) = (brokers.clone(), stop.clone(), duplicates.clone());
+        std::thread::spawn(move || duplicate_everything(brokers, topics, stop, duplicates))
+    };
+
+    // Orders go in from 8 concurrent clients while the host is killed.
+    let placed = Arc::new(AtomicUsize::new(0));
+    let placing = {
+        let (client, gateway, placed) = (client.clone(), gateway.clone(), placed.clone());
+        tokio::spawn(async move {
+            let next = Arc::new(AtomicUsize::new(0));
+            let workers: Vec<_> = (0..8)
+                .map(|_| {
+                    let (client, gateway, next, placed) =
+                        (client.clone(), gateway.clone(), next.clone(), placed.clone());
+                    tokio::spawn(async move {
+                        let mut mine = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, Ordering::SeqCst);
+                            if i >= ORDERS {
+                                return mine;
+                            }
+                            let (id, total) = place(&client, &gateway, i).await;
+                            placed.fetch_add(1, Ordering::SeqCst);
+                            mine.push((i, id, total));
+                        }
+                    })
+                })
+                .collect();
+            let mut all = Vec::new();
+            for worker in workers {
+                all.extend(worker.await.unwrap());
+            }
+            all
+        })
+    };
+
+    // SIGKILL at pseudo-random moments (0.7 to 2.6 s apart), restart at once.
+    let mut kills = 0;
+    let mut seed = 0x9e37_79b9_u64;
+    while kills < MIN_KILLS || placed.load(Ordering::SeqCst) < ORDERS {
+        seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        tokio::time::sleep(Duration::from_millis(700 + (seed >> 33) % 1900)).await;
+        host.child.kill().unwrap();
+        host.child.wait().unwrap();
+        kills += 1;
+        eprintln!("kill {kills} at {:?}, {} orders accepted so far", started.elapsed(), placed.load(Ordering::SeqCst));
+        host = HostProcess::start(&manifest, Some(&brokers));
+        assert!(started.elapsed() < Duration::from_secs(600), "the run took too long");
+    }
+    let orders = placing.await.unwrap();
+    assert_eq!(orders.len(), ORDERS);
+    wait_healthy(&client, ports).await;
+
+    // Every order reaches a final state.
+    let mut finals: BTreeMap<String, (usize, u64, Value)> = BTreeMap::new();
+    let settle_deadline = Instant::now() + Duration::from_secs(240);
+    for (i, id, total) in &orders {
+        let url = format!("{gateway}/order/{id}");
+        loop {
+            if let Some(order) = get(&client, &url).await
+                && ["CONFIRMED", "REJECTED", "CANCELLED"].contains(&order["status"].as_str().unwrap_or(""))
+                && order["compensation"]["done"] != false
+            {
+                finals.insert(id.clone(), (*i, *total, order));
+                break;
+            }
+            assert!(Instant::now() < settle_deadline, "order {id} ({:?}) not final", kind(*i));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    let mut discrepancies: Vec<String> = Vec::new();
+    let mut by_status: BTreeMap<String, u64> = BTreeMap::new();
+    let mut revenue = 0;
+    let mut lamps_sold = 0;
+    for (id, (i, total, order)) in &finals {
+        let status = order["status"].as_str().unwrap().to_owned();
+        *by_status.entry(status.clone()).or_default() += 1;
+        let expected: &[&str] = match kind(*i) {
+            Kind::Good => &["CONFIRMED"],
+            Kind::Declined => &["REJECTED"],
+            Kind::SoldOut => &["CANCELLED"],
+            Kind::Lamp => &["CONFIRMED", "CANCELLED"],
+        };
+        if !expected.contains(&status.as_str()) {
+            discrepancies.push(format!("order {id} ({:?}) is {status}: {order}", kind(*i)));
+        }
+        if status == "CONFIRMED" {
+            revenue += total;
+            lamps_sold += u64::from(kind(*i) == Kind::Lamp);
+        }
+
+        // The ledger: one capture, or capture + refund, or nothing.
+        let ledger = get(&client, &format!("http://127.0.0.1:{}/payments/{id}", ports.payment)).await;
+        let ops = |kind: &str| {
+            ledger.as_ref().and_then(|l| l["operations"].as_array()).map_or(0, |ops| {
+                ops.iter().filter(|op| op["kind"] == kind).count()
+            })
+        };
+        let field = |name: &str| ledger.as_ref().and_then(|l| l[name].as_u64()).unwrap_or(0);
+        let (captured, refunded) = (field("captured_cents"), field("refunded_cents"));
+        let ok = match status.as_str() {
+            "CONFIRMED" => ops("capture") == 1 && ops("refund") == 0 && captured == *total && refunded == 0,
+            "REJECTED" => ops("capture") == 0 && captured == 0,
+            _ => ops("capture") <= 1 && ops("refund") == ops("capture") && captured == refunded,
+        };
+        if !ok {
+            discrepancies.push(format!("ledger of {status} order {id} (total {total}): {ledger:?}"));
+        }
+
+        // Exactly one email, of the final state's kind.
+        let emails = get(&client, &format!("http://127.0.0.1:{}/emails?order={id}", ports.email)).await;
+        let kinds: Vec<String> = emails
+            .as_ref()
+            .and_then(Value::as_array)
+            .map(|e| e.iter().map(|m| m["kind"].as_str().unwrap_or("").to_owned()).collect())
+            .unwrap_or_default();
+        if kinds != [format!("order_{}", status.to_lowercase())] {
+            discrepancies.push(format!("emails of {status} order {id}: {kinds:?}"));
+        }
+    }
+    if lamps_sold > LAMPS {
+        discrepancies.push(format!("{lamps_sold} lamps sold, only {LAMPS} in stock"));
+    }
+
+    // Analytics converges to the final states, duplicates notwithstanding.
+    let count = |s: &str| by_status.get(s).copied().unwrap_or(0);
+    let expected_stats = json!({
+        "orders_placed": ORDERS,
+        "orders_confirmed": count("CONFIRMED"),
+        "orders_rejected": count("REJECTED"),
+        "orders_cancelled": count("CANCELLED"),
+        "revenue_cents": revenue,
+        "emails_sent": ORDERS,
+    });
+    let stats_url = format!("http://127.0.0.1:{}/stats", ports.analytics);
+    let analytics_deadline = Instant::now() + Duration::from_secs(60);
+    let stats = loop {
+        let stats = get(&client, &stats_url).await.unwrap_or_default();
+        let matches = expected_stats.as_object().unwrap().iter().all(|(k, v)| stats[k] == *v);
+        if matches || Instant::now() > analytics_deadline {
+            break stats;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    for (key, want) in expected_stats.as_object().unwrap() {
+        if stats[key] != *want {
+            discrepancies.push(format!("analytics {key} = {} but the orders say {want}", stats[key]));
+        }
+    }
+
+    stop.store(true, Ordering::SeqCst);
+    duplicator.join().unwrap();
+    let mut dropped = 0;
+    for port in [ports.payment, ports.order, ports.email, ports.analytics] {
+        let health = get(&client, &format!("http://127.0.0.1:{port}/health")).await.unwrap_or_default();
+        dropped += health["duplicates_dropped"].as_u64().unwrap_or(0);
+    }
+    eprintln!(
+        "kill test: {ORDERS} orders, {kills} SIGKILLs, {} duplicates injected, {dropped} duplicates dropped by the \
+         last host run, final states {by_status:?}, {lamps_sold} lamps sold, {} discrepancies, {:?}",
+        duplicates.load(Ordering::SeqCst),
+        discrepancies.len(),
+        started.elapsed()
+    );
+    assert!(discrepancies.is_empty(), "{} discrepancies:\n{}", discrepancies.len(), discrepancies.join("\n"));
+    assert!(duplicates.load(Ordering::SeqCst) >= ORDERS as u64, "the duplicator injected too little");
+    assert!(kills >= MIN_KILLS);
+}

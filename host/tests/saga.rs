@@ -1,0 +1,339 @@
+//! The saga's paths end to end on a real broker, through the gateway:
+//! confirmation, rejection, compensation when stock runs out after payment,
+//! cancellation when payment misses its deadline (and no late charge); then
+//! every event delivered twice, and events of one order arriving out of
+//! order.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use rdkafka::Message as _;
+use rdkafka::message::{Header, Headers as _, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
+use serde_json::{Value, json};
+use shop_host::envelope::Envelope;
+use support::*;
+
+const DUPLICATE_HEADER: &str = "test-duplicate";
+
+fn order(sku: &str, card: &str) -> Value {
+    json!({
+        "customer": { "name": "Ada", "email": "ada@example.com" },
+        "items": [ { "sku": sku, "quantity": 2, "unit_price_cents": 1250 } ],
+        "payment": { "card_number": card }
+    })
+}
+
+async fn get(client: &reqwest::Client, url: &str) -> Option<Value> {
+    let response = client.get(url).send().await.ok()?;
+    response.status().is_success().then_some(())?;
+    response.json().await.ok()
+}
+
+async fn place(client: &reqwest::Client, ports: Ports, body: &Value) -> String {
+    let response = client.post(format!("http://127.0.0.1:{}/order", ports.gateway)).json(body).send().await.unwrap();
+    assert_eq!(response.status(), 202);
+    response.json::<Value>().await.unwrap()["order_id"].as_str().unwrap().to_owned()
+}
+
+/// Waits until the order is in `status` with no compensation outstanding.
+async fn settled(client: &reqwest::Client, ports: Ports, id: &str, status: &str) -> Value {
+    let url = format!("http://127.0.0.1:{}/order/{id}", ports.gateway);
+    eventually(Duration::from_secs(60), &format!("order {id} to be {status}"), || async {
+        let o = get(client, &url).await?;
+        (o["status"] == status && o["compensation"]["done"] != false).then_some(o)
+    })
+    .await
+}
+
+fn steps(order: &Value) -> Vec<String> {
+    order["history"].as_array().unwrap().iter().map(|s| s["status"].as_str().unwrap().to_owned()).collect()
+}
+
+async fn ledger(client: &reqwest::Client, ports: Ports, id: &str) -> Value {
+    get(client, &format!("http://127.0.0.1:{}/payments/{id}", ports.payment)).await.unwrap_or(Value::Null)
+}
+
+async fn email_kinds(client: &reqwest::Client, ports: Ports, id: &str) -> Vec<String> {
+    let url = format!("http://127.0.0.1:{}/emails?order={id}", ports.email);
+    let emails = eventually(Duration::from_secs(30), "an email", || async {
+        let e = get(client, &url).await?;
+        (!e.as_array()?.is_empty()).then_some(e)
+    })
+    .await;
+    // Give a second email, if one were coming, the time to show up.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let emails = get(client, &url).await.unwrap_or(emails);
+    emails.as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap().to_owned()).collect()
+}
+
+fn ops(ledger: &Value, kind: &str) -> usize {
+    ledger["operations"].as_array().map_or(0, |ops| ops.iter().filter(|op| op["kind"] == kind).count())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmation_rejection_and_compensation_through_the_gateway() {
+    let dir = temp_dir("saga");
+    let ports = Ports::free();
+    let (manifest, _) = write_manifest(&dir, ports);
+    let _host = HostProcess::start(&manifest, Some(&brokers()));
+    let client = reqwest::Client::new();
+    wait_healthy(&client, ports).await;
+
+    let good = place(&client, ports, &order("book", "4242424242424242")).await;
+    let declined = place(&client, ports, &order("book", "4000000000000002")).await;
+    let sold_out = place(&client, ports, &order("sold-out", "4242424242424242")).await;
+
+    let confirmed = settled(&client, ports, &good, "CONFIRMED").await;
+    assert_eq!(steps(&confirmed), ["PENDING", "STOCK_RESERVED", "CONFIRMED"], "{confirmed}");
+    for step in confirmed["history"].as_array().unwrap() {
+        assert!(step["at_ms"].as_u64().unwrap() > 1_700_000_000_000, "steps carry timestamps: {step}");
+    }
+    let paid = ledger(&client, ports, &good).await;
+    assert_eq!((ops(&paid, "capture"), paid["captured_cents"].as_u64(), ops(&paid, "refund")), (1, Some(2500), 0));
+    assert_eq!(email_kinds(&client, ports, &good).await, ["order_confirmed"]);
+
+    let rejected = settled(&client, ports, &declined, "REJECTED").await;
+    assert_eq!(steps(&rejected), ["PENDING", "REJECTED"], "{rejected}");
+    assert_eq!(ops(&ledger(&client, ports, &declined).await, "capture"), 0);
+    assert_eq!(email_kinds(&client, ports, &declined).await, ["order_rejected"]);
+
+    // Paid, then no stock: the payment is refunded before the order is cancelled.
+    let cancelled = settled(&client, ports, &sold_out, "CANCELLED").await;
+    let path = steps(&cancelled);
+    assert_eq!(path.first().map(String::as_str), Some("PENDING"));
+    assert!(path.contains(&"COMPENSATING".to_owned()), "{cancelled}");
+    assert_eq!(path.last().map(String::as_str), Some("CANCELLED"));
+    assert_eq!(cancelled["compensation"]["kind"], "refund", "{cancelled}");
+    let refunded = ledger(&client, ports, &sold_out).await;
+    assert_eq!((ops(&refunded, "capture"), ops(&refunded, "refund")), (1, 1), "{refunded}");
+    assert_eq!(refunded["captured_cents"], refunded["refunded_cents"], "{refunded}");
+    assert_eq!(email_kinds(&client, ports, &sold_out).await, ["order_cancelled"]);
+
+    let stats_url = format!("http://127.0.0.1:{}/stats", ports.analytics);
+    let stats = eventually(Duration::from_secs(30), "analytics", || async {
+        let s = get(&client, &stats_url).await?;
+        (s["emails_sent"] == 3 && s["payments_refunded"] == 1).then_some(s)
+    })
+    .await;
+    assert_eq!(
+        (&stats["orders_confirmed"], &stats["orders_rejected"], &stats["orders_cancelled"], &stats["revenue_cents"]),
+        (&json!(1), &json!(1), &json!(1), &json!(2500)),
+        "{stats}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missed_payment_deadline_cancels_and_the_late_payment_is_never_charged() {
+    let brokers = brokers();
+    let dir = temp_dir("deadline");
+    let ports = Ports::free();
+    // First without the payment service: nobody answers.
+    let mut options = Options {
+        without: vec!["payment"],
+        order_config: r#"payment_deadline_ms = "1500", compensation_retry_ms = "500""#.into(),
+        ..Options::default()
+    };
+    let (manifest, prefix) = write_manifest_with(&dir, ports, &options);
+    let mut host = HostProcess::start(&manifest, Some(&brokers));
+    let client = reqwest::Client::new();
+    wait_ports_healthy(&client, &ports.serving(&options)).await;
+    let id = place(&client, ports, &order("book", "4242424242424242")).await;
+    let url = format!("http://127.0.0.1:{}/order/{id}", ports.gateway);
+    let cancelled = eventually(Duration::from_secs(30), "the deadline to cancel the order", || async {
+        let o = get(&client, &url).await?;
+        (o["status"] == "CANCELLED").then_some(o)
+    })
+    .await;
+    assert_eq!(cancelled["compensation"]["kind"], "void", "{cancelled}");
+    assert_eq!(cancelled["compensation"]["done"], false, "nobody confirmed the void yet: {cancelled}");
+    assert_eq!(email_kinds(&client, ports, &id).await, ["order_cancelled"]);
+
+    // The void is retried while nobody answers...
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let retried = get(&client, &url).await.unwrap();
+    assert!(retried["compensation"]["attempts"].as_u64().unwrap() >= 2, "{retried}");
+
+    // ...then payment comes back (a restart with it), finds the request
+    // past its deadline, charges nothing and confirms the void.
+    host.terminate();
+    assert!(host.wait(Duration::from_secs(40)).is_some_and(|s| s.success()), "{}", host.output());
+    options.without.clear();
+    options.prefix = Some(prefix);
+    let (manifest, _) = write_manifest_with(&dir, ports, &options);
+    let _host = HostProcess::start(&manifest, Some(&brokers));
+    wait_healthy(&client, ports).await;
+    let done = settled(&client, ports, &id, "CANCELLED").await;
+    assert_eq!(done["compensation"]["done"], true, "{done}");
+    let entry = ledger(&client, ports, &id).await;
+    assert_eq!((ops(&entry, "capture"), entry["captured_cents"].as_u64()), (0, Some(0)), "{entry}");
+    assert_eq!(email_kinds(&client, ports, &id).await, ["order_cancelled"], "still exactly one email");
+}
+
+/// Copies every record of `topics` once more until `stop`.
+fn duplicate_everything(brokers: String, topics: Vec<String>, stop: Arc<AtomicBool>, count: Arc<AtomicU64>) {
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let consumer = reader(&brokers, &names);
+    let producer: BaseProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
+    while !stop.load(Ordering::SeqCst) {
+        let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) else { continue };
+        let original = message.headers();
+        if original.is_some_and(|hs| hs.iter().any(|h| h.key == DUPLICATE_HEADER)) {
+            continue;
+        }
+        let mut headers = OwnedHeaders::new();
+        for h in original.iter().flat_map(|hs| hs.iter()) {
+            headers = headers.insert(Header { key: h.key, value: h.value });
+        }
+        headers = headers.insert(Header { key: DUPLICATE_HEADER, value: Some("1") });
+        let (key, payload) = (message.key().unwrap_or_default(), message.payload().unwrap_or_default());
+        producer.send(BaseRecord::to(message.topic()).key(key).payload(payload).headers(headers)).unwrap();
+        producer.poll(Duration::ZERO);
+        count.fetch_add(1, Ordering::SeqCst);
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_delivered_twice_changes_nothing() {
+    let brokers = brokers();
+    let dir = temp_dir("twice");
+    let ports = Ports::free();
+    let (manifest, prefix) = write_manifest(&dir, ports);
+    let _host = HostProcess::start(&manifest, Some(&brokers));
+    let client = reqwest::Client::new();
+    wait_healthy(&client, ports).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let injected = Arc::new(AtomicU64::new(0));
+    let topics = ["orders", "payments", "emails", "analytics"].iter().map(|t| format!("{prefix}{t}")).collect();
+    let duplicator = {
+        let (brokers, stop, injected) = (brokers.clone(), stop.clone(), injected.clone());
+        std::thread::spawn(move || duplicate_everything(brokers, topics, stop, injected))
+    };
+
+    let kinds = [("book", "4242424242424242", "CONFIRMED"), ("book", "4000000000000002", "REJECTED"), ("sold-out", "4242424242424242", "CANCELLED")];
+    let mut orders = Vec::new();
+    for i in 0..30 {
+        let (sku, card, status) = kinds[i % 3];
+        orders.push((place(&client, ports, &order(sku, card)).await, status));
+    }
+    for (id, status) in &orders {
+        let settled = settled(&client, ports, id, status).await;
+        let expected_steps: &[&str] = match *status {
+            "CONFIRMED" => &["PENDING", "STOCK_RESERVED", "CONFIRMED"],
+            "REJECTED" => &["PENDING", "REJECTED"],
+            _ => &["PENDING", "COMPENSATING", "CANCELLED"],
+        };
+        let path: Vec<String> = steps(&settled);
+        let path: Vec<&str> = path.iter().map(String::as_str).filter(|s| expected_steps.contains(s)).collect();
+        let mut dedup = path.clone();
+        dedup.dedup();
+        assert_eq!(dedup, expected_steps, "order {id}: {settled}");
+        assert_eq!(email_kinds(&client, ports, id).await, [format!("order_{}", status.to_lowercase())]);
+        let entry = ledger(&client, ports, id).await;
+        assert!(ops(&entry, "capture") <= 1 && ops(&entry, "refund") <= 1, "{entry}");
+    }
+    let stats_url = format!("http://127.0.0.1:{}/stats", ports.analytics);
+    let expected = json!({
+        "orders_placed": 30, "orders_confirmed": 10, "orders_rejected": 10, "orders_cancelled": 10,
+        "revenue_cents": 25_000, "emails_sent": 30, "payments_refunded": 10, "payment_declines": 10,
+    });
+    let stats = eventually(Duration::from_secs(30), "analytics to converge", || async {
+        let s = get(&client, &stats_url).await?;
+        expected.as_object().unwrap().iter().all(|(k, v)| s[k] == *v).then_some(s)
+    })
+    .await;
+    // The duplicates were delivered, and dropped by id.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::SeqCst);
+    duplicator.join().unwrap();
+    let mut dropped = 0;
+    for port in [ports.payment, ports.order, ports.email, ports.analytics] {
+        dropped += get(&client, &format!("http://127.0.0.1:{port}/health")).await.unwrap()["duplicates_dropped"]
+            .as_u64()
+            .unwrap();
+    }
+    let injected = injected.load(Ordering::SeqCst);
+    eprintln!("{injected} duplicates injected, {dropped} dropped by id; stats {stats}");
+    assert!(injected >= 30 * 8, "every event was copied: {injected}");
+    assert!(dropped >= 30 * 4, "the copies reached the components and were dropped: {dropped}");
+    let again = get(&client, &stats_url).await.unwrap();
+    assert!(expected.as_object().unwrap().iter().all(|(k, v)| again[k] == *v), "{again}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_of_one_order_arriving_out_of_order_converge() {
+    let brokers = brokers();
+    let dir = temp_dir("reorder");
+    let ports = Ports::free();
+    let (manifest, prefix) = write_manifest(&dir, ports);
+    let _host = HostProcess::start(&manifest, Some(&brokers));
+    let client = reqwest::Client::new();
+    wait_healthy(&client, ports).await;
+    let producer: BaseProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
+    let send = |topic: &str, envelope: &Envelope| {
+        let value = envelope.encode();
+        let topic = format!("{prefix}{topic}");
+        let record = BaseRecord::to(&topic).key(&envelope.order_id).payload(&value);
+        producer.send(record).unwrap();
+        producer.flush(Duration::from_secs(10)).unwrap();
+    };
+    let placed = |id: &str| {
+        json!({
+            "order_id": id, "customer": { "name": "Ada", "email": "ada@example.com" },
+            "items": [ { "sku": "book", "quantity": 1, "unit_price_cents": 1250 } ],
+            "total_cents": 1250, "card_number": "4242424242424242",
+        })
+    };
+
+    // The payment's answer reaches the order service before the order.
+    let early = format!("early-{}", uuid::Uuid::new_v4().simple());
+    let authorized = json!({ "order_id": early, "payment_id": format!("pay_{early}"), "amount_cents": 1250, "card_last4": "4242" });
+    send("payments", &Envelope::originate("PaymentAuthorized", &early, "test", 1, authorized));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(get(&client, &format!("http://127.0.0.1:{}/order/{early}", ports.gateway)).await.is_none());
+    send("orders", &Envelope::originate("OrderPlaced", &early, "test", 2, placed(&early)));
+    let confirmed = settled(&client, ports, &early, "CONFIRMED").await;
+    assert_eq!(email_kinds(&client, ports, &early).await, ["order_confirmed"], "{confirmed}");
+
+    // A void reaches the payment service before the request it voids.
+    let voided = format!("voided-{}", uuid::Uuid::new_v4().simple());
+    let void = json!({ "order_id": voided, "reason": "deadline passed" });
+    send("payments", &Envelope::originate("PaymentVoidRequested", &voided, "test", 1, void));
+    let request = json!({ "order_id": voided, "amount_cents": 1250, "card_number": "4242424242424242" });
+    send("payments", &Envelope::originate("PaymentRequested", &voided, "test", 2, request));
+    let url = format!("http://127.0.0.1:{}/payments/{voided}", ports.payment);
+    let entry = eventually(Duration::from_secs(30), "the request to be refused", || async {
+        let e = get(&client, &url).await?;
+        e["operations"].as_array()?.iter().any(|op| op["kind"] == "decline").then_some(e)
+    })
+    .await;
+    assert_eq!((ops(&entry, "capture"), entry["captured_cents"].as_u64()), (0, Some(0)), "{entry}");
+
+    // Analytics sees an order's outcome and email before the order itself.
+    let late = format!("late-{}", uuid::Uuid::new_v4().simple());
+    let sent = json!({ "order_id": late, "email_id": "x", "kind": "order_confirmed", "to": "a@b.c", "subject": "s" });
+    send("analytics", &Envelope::originate("EmailSent", &late, "test", 1, sent));
+    let outcome = json!({ "order_id": late, "total_cents": 1250, "payment_id": "p" });
+    send("orders", &Envelope::originate("OrderConfirmed", &late, "test", 2, outcome));
+    let stats_url = format!("http://127.0.0.1:{}/stats", ports.analytics);
+    let before = eventually(Duration::from_secs(30), "analytics to count the early facts", || async {
+        let s = get(&client, &stats_url).await?;
+        (s["orders_confirmed"] == 2).then_some(s)
+    })
+    .await;
+    send("orders", &Envelope::originate("OrderPlaced", &late, "test", 3, placed(&late)));
+    // The late OrderPlaced starts its own saga (the analytics facts above
+    // were injected, not produced by it); once it settles, each fact counts once.
+    settled(&client, ports, &late, "CONFIRMED").await;
+    let stats = eventually(Duration::from_secs(30), "analytics to converge", || async {
+        let s = get(&client, &stats_url).await?;
+        (s["orders_placed"] == 2 && s["emails_sent"] == 2).then_some(s)
+    })
+    .await;
+    assert_eq!(stats["orders_confirmed"], 2, "the late order's confirmation counted once: {before} then {stats}");
+    assert_eq!(stats["revenue_cents"], 2500, "{stats}");
+}
