@@ -93,7 +93,11 @@ pub async fn run(
     }
 }
 
-async fn fire_due(
+/// Delivers every timer due now, publishing what each emits.
+///
+/// # Errors
+/// A store or publish failure; undelivered timers stay due.
+pub async fn fire_due(
     pipeline: &Pipeline,
     publisher: &dyn Publisher,
     clock: &dyn Clock,

@@ -251,9 +251,10 @@ async fn every_order_settles_exactly_once_across_sigkills_and_duplicates() {
         // The ledger: one capture, or capture + refund, or nothing.
         let ledger = get(&client, &format!("http://127.0.0.1:{}/payments/{id}", ports.payment)).await;
         let ops = |kind: &str| {
-            ledger.as_ref().and_then(|l| l["operations"].as_array()).map_or(0, |ops| {
-                ops.iter().filter(|op| op["kind"] == kind).count()
-            })
+            ledger
+                .as_ref()
+                .and_then(|l| l["operations"].as_array())
+                .map_or(0, |ops| ops.iter().filter(|op| op["kind"] == kind).count())
         };
         let field = |name: &str| ledger.as_ref().and_then(|l| l[name].as_u64()).unwrap_or(0);
         let (captured, refunded) = (field("captured_cents"), field("refunded_cents"));

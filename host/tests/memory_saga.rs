@@ -19,6 +19,9 @@ use tokio_util::sync::CancellationToken;
 
 struct World {
     bus: Arc<MemoryBus>,
+    clock: Arc<ManualClock>,
+    /// Services whose pipelines receive nothing (as if they were down).
+    paused: Vec<&'static str>,
     /// Pipelines and the logical topics each consumes.
     pipelines: Vec<(Arc<Pipeline>, Vec<&'static str>)>,
     /// How far each pipeline has read each physical topic.
@@ -28,8 +31,13 @@ struct World {
 
 impl World {
     fn new() -> Self {
+        Self::with_order_config(&[])
+    }
+
+    fn with_order_config(order_config: &[(&str, &str)]) -> Self {
         let engine = Engine::new().unwrap();
-        let clock: Arc<dyn Clock> = Arc::new(ManualClock::at(1_000));
+        let manual = Arc::new(ManualClock::at(1_000));
+        let clock: Arc<dyn Clock> = manual.clone();
         let topics = Topics { prefix: "mem-".into(), dead_letter: "dead-letters".into() };
         let specs: [(&str, Vec<&str>); 4] = [
             ("payment", vec!["payments"]),
@@ -41,13 +49,17 @@ impl World {
             .into_iter()
             .map(|(name, consumes)| {
                 let component = LoadedComponent::from_file(&engine, &support::component(name)).unwrap();
+                let mut config = HashMap::from([("max_amount_cents".to_owned(), "10000".to_owned())]);
+                if name == "order" {
+                    config.extend(order_config.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+                }
                 let service = Arc::new(ServiceRuntime::new(
                     engine.clone(),
                     ServiceSpec {
                         name: name.into(),
                         component,
                         store: Arc::new(MemoryStore::default()),
-                        config: HashMap::from([("max_amount_cents".to_owned(), "10000".to_owned())]),
+                        config,
                         clock: clock.clone(),
                         limits: Limits { timeout: Duration::from_secs(1), memory_bytes: 64 << 20 },
                         canary: CanaryPolicy::default(),
@@ -58,7 +70,14 @@ impl World {
                 (Arc::new(Pipeline::new(service, topics.clone(), retry, clock.clone())), consumes)
             })
             .collect();
-        Self { bus: Arc::new(MemoryBus::default()), pipelines, cursors: HashMap::new(), topics }
+        Self {
+            bus: Arc::new(MemoryBus::default()),
+            clock: manual,
+            paused: Vec::new(),
+            pipelines,
+            cursors: HashMap::new(),
+            topics,
+        }
     }
 
     fn service(&self, name: &str) -> &Arc<ServiceRuntime> {
@@ -89,6 +108,9 @@ impl World {
         loop {
             let mut moved = false;
             for (index, (pipeline, consumes)) in self.pipelines.iter().enumerate() {
+                if self.paused.contains(&pipeline.service().name()) {
+                    continue;
+                }
                 for logical in consumes {
                     let topic = self.topics.physical(logical);
                     let records = self.bus.records(&topic);
@@ -121,6 +143,18 @@ impl World {
             }
             if !moved {
                 return dead;
+            }
+        }
+    }
+
+    /// Moves the clock to `now_ms` and delivers every timer due by then.
+    async fn advance_to(&mut self, now_ms: u64) {
+        self.clock.set(now_ms);
+        let shutdown = CancellationToken::new();
+        for (pipeline, _) in &self.pipelines {
+            if !self.paused.contains(&pipeline.service().name()) {
+                let publisher: &dyn Publisher = &*self.bus;
+                shop_host::scheduler::fire_due(pipeline, publisher, &*self.clock, &shutdown).await.unwrap();
             }
         }
     }
@@ -220,4 +254,47 @@ async fn undecodable_records_are_dead_lettered_with_the_reason() {
     };
     assert!(header("dlq-reason").unwrap().contains("invalid envelope"));
     assert_eq!(header("dlq-source").as_deref(), Some("mem-orders/0/0"));
+}
+
+#[tokio::test]
+async fn a_payment_deadline_fires_from_a_durable_timer_and_nothing_is_charged() {
+    let mut world = World::with_order_config(&[("payment_deadline_ms", "5000"), ("compensation_retry_ms", "1000")]);
+    world.paused.push("payment");
+    world.place("late", "4242424242424242", 1);
+    world.settle().await;
+    assert_eq!(world.query("order", "/orders/late").await["status"], "PENDING");
+    let order_store = world.service("order").state_store().clone();
+    assert_eq!(order_store.timer_count().unwrap(), 1, "the deadline is a stored timer");
+
+    world.advance_to(6_000).await;
+    world.settle().await;
+    let cancelled = world.query("order", "/orders/late").await;
+    assert_eq!((&cancelled["status"], &cancelled["compensation"]["kind"]), (&json!("CANCELLED"), &json!("void")));
+    // Nobody answers the void: it is sent again, with growing delays.
+    for now in [7_000, 9_000, 13_000] {
+        world.advance_to(now).await;
+        world.settle().await;
+    }
+    let voids = world
+        .bus
+        .records("mem-payments")
+        .iter()
+        .filter(|r| Envelope::decode(Some(&r.value)).unwrap().event_type == "PaymentVoidRequested")
+        .count();
+    assert!(voids >= 3, "the void was retried: {voids}");
+
+    // Payment comes back: the request is past its deadline, nothing is charged.
+    world.paused.clear();
+    world.settle().await;
+    world.advance_to(60_000).await;
+    world.settle().await;
+    let order = world.query("order", "/orders/late").await;
+    assert_eq!(order["compensation"]["done"], true, "{order}");
+    let ledger = world.query("payment", "/payments/late").await;
+    assert_eq!(ledger["captured_cents"], 0, "{ledger}");
+    let emails = world.query("email", "/emails?order=late").await;
+    assert_eq!(emails.as_array().unwrap().len(), 1, "{emails}");
+    assert_eq!(emails[0]["kind"], "order_cancelled");
+    assert_eq!(order_store.timer_count().unwrap(), 0, "no timer left behind");
+    assert_eq!(order_store.outbox_count().unwrap(), 0, "everything published");
 }

@@ -214,7 +214,11 @@ async fn every_event_delivered_twice_changes_nothing() {
         std::thread::spawn(move || duplicate_everything(brokers, topics, stop, injected))
     };
 
-    let kinds = [("book", "4242424242424242", "CONFIRMED"), ("book", "4000000000000002", "REJECTED"), ("sold-out", "4242424242424242", "CANCELLED")];
+    let kinds = [
+        ("book", "4242424242424242", "CONFIRMED"),
+        ("book", "4000000000000002", "REJECTED"),
+        ("sold-out", "4242424242424242", "CANCELLED"),
+    ];
     let mut orders = Vec::new();
     for i in 0..30 {
         let (sku, card, status) = kinds[i % 3];
@@ -291,7 +295,8 @@ async fn events_of_one_order_arriving_out_of_order_converge() {
 
     // The payment's answer reaches the order service before the order.
     let early = format!("early-{}", uuid::Uuid::new_v4().simple());
-    let authorized = json!({ "order_id": early, "payment_id": format!("pay_{early}"), "amount_cents": 1250, "card_last4": "4242" });
+    let authorized =
+        json!({ "order_id": early, "payment_id": format!("pay_{early}"), "amount_cents": 1250, "card_last4": "4242" });
     send("payments", &Envelope::originate("PaymentAuthorized", &early, "test", 1, authorized));
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(get(&client, &format!("http://127.0.0.1:{}/order/{early}", ports.gateway)).await.is_none());

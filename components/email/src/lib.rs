@@ -1,5 +1,5 @@
-//! Email service: renders the confirmation or rejection email of an order and
-//! records it as sent, once per order and kind.
+//! Email service: renders the confirmation, rejection or cancellation email of
+//! an order and records it as sent, once per order and kind.
 //!
 //! Consumes `emails` (`EmailRequested`); reports `EmailSent` on `analytics`.
 //! Routes: `GET /emails?order={id}`. Delivery is recorded, not performed: a
@@ -35,6 +35,7 @@ fn kind_name(kind: EmailKind) -> &'static str {
     match kind {
         EmailKind::OrderConfirmed => "order_confirmed",
         EmailKind::OrderRejected => "order_rejected",
+        EmailKind::OrderCancelled => "order_cancelled",
     }
 }
 
@@ -134,6 +135,25 @@ mod tests {
         assert_eq!(emails[0].from, "Test <t@example.com>");
         assert_eq!(emails[0].sent_at_ms, 7);
         assert!(emails[0].subject.contains("confirmed"), "{}", emails[0].subject);
+    }
+
+    #[test]
+    fn cancellation_is_sent_once_next_to_other_kinds() {
+        let mut host = MemoryHost::at(7);
+        let mut cancelled = request(EmailKind::OrderCancelled);
+        let mut req: EmailRequested = cancelled.payload_json().unwrap();
+        req.reason = Some("out of stock: book".into());
+        cancelled.payload = serde_json::to_vec(&req).unwrap();
+        let out = EmailService::handle(&mut host, &cancelled).unwrap();
+        let sent: EmailSent = out[0].payload_json().unwrap();
+        assert_eq!((sent.kind, sent.email_id.as_str()), (EmailKind::OrderCancelled, "o1-order_cancelled"));
+        assert_eq!(EmailService::handle(&mut host, &cancelled).unwrap(), vec![]);
+        EmailService::handle(&mut host, &request(EmailKind::OrderConfirmed)).unwrap();
+        let emails: Vec<Email> = EmailService::query(&host, &Request::get("/emails?order=o1")).body_json().unwrap();
+        assert_eq!(emails.len(), 2);
+        let email = emails.iter().find(|e| e.kind == EmailKind::OrderCancelled).unwrap();
+        assert!(email.subject.contains("was cancelled"), "{}", email.subject);
+        assert!(email.body.contains("out of stock: book") && email.body.contains("refunded"), "{}", email.body);
     }
 
     #[test]

@@ -50,6 +50,30 @@ pub fn render(req: &EmailRequested) -> Rendered {
                 req.reason.as_deref().unwrap_or("the payment was declined")
             ),
         },
+        EmailKind::OrderCancelled => {
+            let reason = req.reason.as_deref().unwrap_or("it could not be completed");
+            Rendered {
+                subject: format!("Your order {short_id} was cancelled"),
+                body: format!(
+                    "Hello {},\n\nWe cancelled your order {}: {}.\n{}\n\nThe Shop\n",
+                    req.customer_name,
+                    req.order_id,
+                    reason,
+                    money_note(reason)
+                ),
+            }
+        }
+    }
+}
+
+/// What happened to the money, told from the cancellation reason: an order
+/// cancelled for want of stock had been paid and is refunded; one whose
+/// payment did not answer in time is voided, so nothing is charged.
+fn money_note(reason: &str) -> &'static str {
+    if reason.contains("out of stock") || reason.contains("refund") {
+        "Your payment has been refunded."
+    } else {
+        "You have not been charged."
     }
 }
 
@@ -74,7 +98,17 @@ mod tests {
         assert!(r.body.contains("3 x pen @ 1.05 = 3.15"), "{}", r.body);
         assert!(r.body.contains("Total: 3.15"));
         let rejected =
-            render(&EmailRequested { kind: EmailKind::OrderRejected, reason: Some("no funds".into()), ..req });
+            render(&EmailRequested { kind: EmailKind::OrderRejected, reason: Some("no funds".into()), ..req.clone() });
         assert!(rejected.body.contains("0123456789: no funds."), "{}", rejected.body);
+        let cancel = |reason: &str| {
+            render(&EmailRequested { kind: EmailKind::OrderCancelled, reason: Some(reason.into()), ..req.clone() })
+        };
+        let timed_out = cancel("no answer from payment within 30000 ms");
+        assert_eq!(timed_out.subject, "Your order 01234567 was cancelled");
+        assert!(timed_out.body.contains("0123456789: no answer from payment within 30000 ms."), "{}", timed_out.body);
+        assert!(timed_out.body.contains("You have not been charged."), "{}", timed_out.body);
+        let sold_out = cancel("out of stock: pen");
+        assert!(sold_out.body.contains("Your payment has been refunded."), "{}", sold_out.body);
+        assert!(!sold_out.body.contains("not been charged"), "{}", sold_out.body);
     }
 }

@@ -26,12 +26,25 @@ pub mod types {
     pub const ORDER_CONFIRMED: &str = "OrderConfirmed";
     /// On `orders`, from the order service.
     pub const ORDER_REJECTED: &str = "OrderRejected";
+    /// On `orders`, from the order service: the order will not be fulfilled
+    /// (out of stock, or no payment answer in time).
+    pub const ORDER_CANCELLED: &str = "OrderCancelled";
     /// On `payments`, from the order service: a command to the payment service.
     pub const PAYMENT_REQUESTED: &str = "PaymentRequested";
     /// On `payments`, from the payment service.
     pub const PAYMENT_AUTHORIZED: &str = "PaymentAuthorized";
     /// On `payments`, from the payment service.
     pub const PAYMENT_DECLINED: &str = "PaymentDeclined";
+    /// On `payments`, from the order service: a command to refund what was
+    /// captured for an order.
+    pub const PAYMENT_REFUND_REQUESTED: &str = "PaymentRefundRequested";
+    /// On `payments`, from the payment service: the answer to a refund request.
+    pub const PAYMENT_REFUNDED: &str = "PaymentRefunded";
+    /// On `payments`, from the order service: a command to make sure an order
+    /// is never charged (its payment deadline passed).
+    pub const PAYMENT_VOID_REQUESTED: &str = "PaymentVoidRequested";
+    /// On `payments`, from the payment service: the answer to a void request.
+    pub const PAYMENT_VOIDED: &str = "PaymentVoided";
     /// On `emails`, from the order service: a command to the email service.
     pub const EMAIL_REQUESTED: &str = "EmailRequested";
     /// On `analytics`, from the email service.
@@ -109,9 +122,13 @@ pub struct PaymentRequested {
     pub order_id: String,
     pub amount_cents: u64,
     pub card_number: String,
+    /// Milliseconds since the Unix epoch after which the payment service must
+    /// not charge: by then the order service has given up on the answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
 }
 
-/// The payment was authorized.
+/// The payment was authorized and captured (a sale).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PaymentAuthorized {
     pub order_id: String,
@@ -131,6 +148,43 @@ pub struct PaymentDeclined {
     pub reason: String,
 }
 
+/// The order service asks for a refund of what was captured for an order
+/// (e.g. it was paid but is out of stock).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentRefundRequested {
+    pub order_id: String,
+    pub amount_cents: u64,
+    pub reason: String,
+}
+
+/// The payment service's answer to [`PaymentRefundRequested`], repeated for a
+/// repeated request; an order is refunded at most once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentRefunded {
+    pub order_id: String,
+    pub payment_id: String,
+    /// What was given back; 0 if nothing had been captured.
+    pub refunded_cents: u64,
+}
+
+/// The order service gave up waiting for the payment answer: the payment
+/// service must make sure the order is not charged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentVoidRequested {
+    pub order_id: String,
+    pub reason: String,
+}
+
+/// The payment service's answer to [`PaymentVoidRequested`]: the order is not
+/// charged, and any later payment request for it is declined.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentVoided {
+    pub order_id: String,
+    /// What a capture that had already happened was refunded; 0 if none had.
+    pub refunded_cents: u64,
+    pub note: String,
+}
+
 /// The order is confirmed (payment authorized).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderConfirmed {
@@ -147,12 +201,22 @@ pub struct OrderRejected {
     pub reason: String,
 }
 
+/// The order is cancelled: it was out of stock (the payment is refunded) or
+/// the payment did not answer in time (the payment is voided).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderCancelled {
+    pub order_id: String,
+    pub total_cents: u64,
+    pub reason: String,
+}
+
 /// Which email to send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EmailKind {
     OrderConfirmed,
     OrderRejected,
+    OrderCancelled,
 }
 
 /// The order service asks the email service to send an email.
@@ -164,7 +228,7 @@ pub struct EmailRequested {
     pub customer_name: String,
     pub items: Vec<LineItem>,
     pub total_cents: u64,
-    /// Why the order was rejected, for rejection emails.
+    /// Why the order was rejected or cancelled, for those emails.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
@@ -191,6 +255,17 @@ mod tests {
         assert!(!card::is_valid("4242424242424241"), "checksum");
         assert!(!card::is_valid("42"), "length");
         assert!(!card::is_valid("4242x42424242424"), "digits only");
+    }
+
+    #[test]
+    fn payment_request_deadline_is_optional_on_the_wire() {
+        let old = r#"{"order_id":"o1","amount_cents":5,"card_number":"4242"}"#;
+        let req: PaymentRequested = serde_json::from_str(old).unwrap();
+        assert_eq!(req.deadline_ms, None);
+        assert_eq!(serde_json::to_string(&req).unwrap(), old, "no deadline field when absent");
+        let req = PaymentRequested { deadline_ms: Some(9), ..req };
+        assert!(serde_json::to_string(&req).unwrap().contains(r#""deadline_ms":9"#));
+        assert_eq!(serde_json::to_string(&EmailKind::OrderCancelled).unwrap(), r#""order_cancelled""#);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The outbound ports a service sees: state, logging, clock and configuration.
+//! The outbound ports a service sees: state, timers, logging, clock and
+//! configuration.
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -62,6 +63,23 @@ pub trait Host {
     /// [`StateError::Unavailable`] when the store cannot be read.
     fn list_keys(&self, prefix: &str, limit: u32) -> Result<Vec<String>, StateError>;
 
+    /// Sets timer `id` (replacing a pending one with the same id) to deliver,
+    /// at `at_ms`, an event on [`crate::TIMER_TOPIC`] with this type, key and
+    /// JSON payload back to this service. Like state writes, the change takes
+    /// effect only if the current `handle` call succeeds.
+    ///
+    /// # Errors
+    /// [`StateError::Invalid`] during a query or for an invalid timer;
+    /// [`StateError::Unavailable`] on store failure.
+    fn schedule(&mut self, id: &str, at_ms: u64, event_type: &str, key: &str, payload: &[u8])
+    -> Result<(), StateError>;
+
+    /// Cancels timer `id`; cancelling an unknown timer is not an error.
+    ///
+    /// # Errors
+    /// As for [`Host::schedule`].
+    fn cancel(&mut self, id: &str) -> Result<(), StateError>;
+
     /// Milliseconds since the Unix epoch, from the host's clock.
     fn now_ms(&self) -> u64;
 
@@ -93,6 +111,23 @@ pub trait Host {
         let bytes = serde_json::to_vec(value)
             .map_err(|err| HandleError::Permanent(format!("cannot encode state at {key:?}: {err}")))?;
         Ok(self.set(key, &bytes)?)
+    }
+
+    /// Schedules a timer whose payload is `payload` encoded as JSON.
+    ///
+    /// # Errors
+    /// As for [`Host::schedule`]; permanent if `payload` cannot be encoded.
+    fn schedule_json<T: Serialize>(
+        &mut self,
+        id: &str,
+        at_ms: u64,
+        event_type: &str,
+        key: &str,
+        payload: &T,
+    ) -> Result<(), HandleError> {
+        let bytes = serde_json::to_vec(payload)
+            .map_err(|err| HandleError::Permanent(format!("cannot encode timer {id:?}: {err}")))?;
+        Ok(self.schedule(id, at_ms, event_type, key, &bytes)?)
     }
 
     /// A config value parsed as `T`, or `default` when absent.

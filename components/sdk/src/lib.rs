@@ -10,8 +10,12 @@ mod memory;
 mod types;
 
 pub use host::{Host, Level, StateError};
-pub use memory::MemoryHost;
+pub use memory::{MemoryHost, ScheduledTimer};
 pub use types::{Event, HandleError, Outgoing, Request, Response};
+
+/// The logical topic of the events the host delivers when a timer is due
+/// (see [`Host::schedule`]).
+pub const TIMER_TOPIC: &str = "timer";
 
 #[cfg(target_arch = "wasm32")]
 #[doc(hidden)]

@@ -1,9 +1,19 @@
-//! In-memory [`Host`] for native unit tests of service logic.
+//! In-memory [`Host`] for native unit tests of service logic, timers included.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 
-use crate::{Host, Level, StateError};
+use crate::{Event, Host, Level, StateError, TIMER_TOPIC};
+
+/// A pending timer of a [`MemoryHost`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduledTimer {
+    /// When it fires, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    pub event_type: String,
+    pub key: String,
+    pub payload: Vec<u8>,
+}
 
 /// A [`Host`] whose state, clock, config and log live in memory.
 #[derive(Debug, Default)]
@@ -16,6 +26,8 @@ pub struct MemoryHost {
     pub now_ms: u64,
     /// Every line logged, in order.
     pub logs: RefCell<Vec<(Level, String)>>,
+    /// Pending timers by id.
+    pub timers: BTreeMap<String, ScheduledTimer>,
 }
 
 impl MemoryHost {
@@ -28,6 +40,31 @@ impl MemoryHost {
     pub fn with_config(mut self, key: &str, value: &str) -> Self {
         self.config.insert(key.to_owned(), value.to_owned());
         self
+    }
+
+    /// Removes the timers due at [`MemoryHost::now_ms`] and returns the events
+    /// the host would deliver for them, earliest first (ties by timer id).
+    ///
+    /// The timers are removed before the events are handled, so a handler
+    /// may schedule the same id again, as with the real host.
+    pub fn take_due(&mut self) -> Vec<Event> {
+        let due: Vec<String> =
+            self.timers.iter().filter(|(_, timer)| timer.at_ms <= self.now_ms).map(|(id, _)| id.clone()).collect();
+        let mut fired: Vec<(String, ScheduledTimer)> =
+            due.into_iter().filter_map(|id| self.timers.remove(&id).map(|timer| (id, timer))).collect();
+        fired.sort_by_key(|(_, timer)| timer.at_ms);
+        fired
+            .into_iter()
+            .map(|(id, timer)| Event {
+                id: format!("timer/{id}/{}", timer.at_ms),
+                event_type: timer.event_type,
+                topic: TIMER_TOPIC.to_owned(),
+                key: Some(timer.key),
+                headers: Vec::new(),
+                payload: timer.payload,
+                timestamp_ms: timer.at_ms,
+            })
+            .collect()
     }
 }
 
@@ -57,6 +94,25 @@ impl Host for MemoryHost {
             .collect())
     }
 
+    fn schedule(
+        &mut self,
+        id: &str,
+        at_ms: u64,
+        event_type: &str,
+        key: &str,
+        payload: &[u8],
+    ) -> Result<(), StateError> {
+        let timer =
+            ScheduledTimer { at_ms, event_type: event_type.to_owned(), key: key.to_owned(), payload: payload.to_vec() };
+        self.timers.insert(id.to_owned(), timer);
+        Ok(())
+    }
+
+    fn cancel(&mut self, id: &str) -> Result<(), StateError> {
+        self.timers.remove(id);
+        Ok(())
+    }
+
     fn now_ms(&self) -> u64 {
         self.now_ms
     }
@@ -68,5 +124,32 @@ impl Host for MemoryHost {
     fn log(&self, level: Level, message: &str, fields: &[(&str, &str)]) {
         let fields: Vec<String> = fields.iter().map(|(k, v)| format!("{k}={v}")).collect();
         self.logs.borrow_mut().push((level, format!("{message} {}", fields.join(" "))));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn due_timers_fire_once_in_time_order_and_can_be_rescheduled() {
+        let mut host = MemoryHost::at(100);
+        host.schedule("b", 50, "B", "k", b"{}").unwrap();
+        host.schedule("a", 80, "A", "k", b"1").unwrap();
+        host.schedule("later", 101, "L", "k", b"{}").unwrap();
+        host.schedule("gone", 10, "G", "k", b"{}").unwrap();
+        host.cancel("gone").unwrap();
+        host.cancel("never-set").unwrap();
+        let due = host.take_due();
+        let ids: Vec<&str> = due.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, ["timer/b/50", "timer/a/80"]);
+        assert_eq!(
+            (due[1].topic.as_str(), due[1].key.as_deref(), due[1].payload.as_slice()),
+            (TIMER_TOPIC, Some("k"), b"1".as_slice())
+        );
+        assert!(host.take_due().is_empty(), "fired timers are gone");
+        host.schedule("a", 90, "A", "k", b"{}").unwrap();
+        assert_eq!(host.take_due().len(), 1, "a fired id can be scheduled again");
+        assert_eq!(host.timers.keys().collect::<Vec<_>>(), ["later"]);
     }
 }

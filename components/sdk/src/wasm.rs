@@ -13,7 +13,7 @@ pub mod bindings {
     });
 }
 
-use bindings::shop::service::{clock, config, log, state};
+use bindings::shop::service::{clock, config, log, state, timers};
 
 /// The component's view of the host: every call is a WIT import.
 pub struct WasmHost;
@@ -42,6 +42,21 @@ impl Host for WasmHost {
 
     fn list_keys(&self, prefix: &str, limit: u32) -> Result<Vec<String>, StateError> {
         Ok(state::list_keys(prefix, limit)?)
+    }
+
+    fn schedule(
+        &mut self,
+        id: &str,
+        at_ms: u64,
+        event_type: &str,
+        key: &str,
+        payload: &[u8],
+    ) -> Result<(), StateError> {
+        Ok(timers::schedule(id, at_ms, event_type, key, payload)?)
+    }
+
+    fn cancel(&mut self, id: &str) -> Result<(), StateError> {
+        Ok(timers::cancel(id)?)
     }
 
     fn now_ms(&self) -> u64 {

@@ -68,7 +68,8 @@ impl Ports {
 
     /// The ports of the components in `options`, and the gateway's.
     pub fn serving(&self, options: &Options) -> Vec<u16> {
-        let named = [("payment", self.payment), ("order", self.order), ("email", self.email), ("analytics", self.analytics)];
+        let named =
+            [("payment", self.payment), ("order", self.order), ("email", self.email), ("analytics", self.analytics)];
         let mut ports = vec![self.gateway];
         ports.extend(named.iter().filter(|(n, _)| !options.without.contains(n)).map(|(_, p)| *p));
         ports
