@@ -192,10 +192,15 @@ async fn every_order_settles_exactly_once_across_sigkills_and_duplicates() {
         })
     };
 
-    // SIGKILL at pseudo-random moments (0.7 to 2.6 s apart), restart at once.
+    // SIGKILL at pseudo-random moments (0.7 to 2.6 s apart), restart at
+    // once; twice more once every order is accepted, while the saga runs.
     let mut kills = 0;
+    let mut kills_after_placing = 0;
     let mut seed = 0x9e37_79b9_u64;
-    while kills < MIN_KILLS || placed.load(Ordering::SeqCst) < ORDERS {
+    while kills < MIN_KILLS || placed.load(Ordering::SeqCst) < ORDERS || kills_after_placing < 2 {
+        if placed.load(Ordering::SeqCst) == ORDERS {
+            kills_after_placing += 1;
+        }
         seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
         tokio::time::sleep(Duration::from_millis(700 + (seed >> 33) % 1900)).await;
         host.child.kill().unwrap();
@@ -316,8 +321,9 @@ async fn every_order_settles_exactly_once_across_sigkills_and_duplicates() {
         dropped += health["duplicates_dropped"].as_u64().unwrap_or(0);
     }
     eprintln!(
-        "kill test: {ORDERS} orders, {kills} SIGKILLs, {} duplicates injected, {dropped} duplicates dropped by the \
-         last host run, final states {by_status:?}, {lamps_sold} lamps sold, {} discrepancies, {:?}",
+        "kill test: {ORDERS} orders, {kills} SIGKILLs, {} duplicates injected, {dropped} records dropped as already \
+         handled by the last host run (injected copies and redeliveries), final states {by_status:?}, {lamps_sold} \
+         lamps sold, {} discrepancies, {:?}",
         duplicates.load(Ordering::SeqCst),
         discrepancies.len(),
         started.elapsed()

@@ -49,8 +49,13 @@ async fn settled(client: &reqwest::Client, ports: Ports, id: &str, status: &str)
     .await
 }
 
+/// The statuses the order went through (a step that only adds a note keeps
+/// the status, so repeats are collapsed).
 fn steps(order: &Value) -> Vec<String> {
-    order["history"].as_array().unwrap().iter().map(|s| s["status"].as_str().unwrap().to_owned()).collect()
+    let mut steps: Vec<String> =
+        order["history"].as_array().unwrap().iter().map(|s| s["status"].as_str().unwrap().to_owned()).collect();
+    steps.dedup();
+    steps
 }
 
 async fn ledger(client: &reqwest::Client, ports: Ports, id: &str) -> Value {
@@ -89,6 +94,9 @@ async fn confirmation_rejection_and_compensation_through_the_gateway() {
 
     let confirmed = settled(&client, ports, &good, "CONFIRMED").await;
     assert_eq!(steps(&confirmed), ["PENDING", "STOCK_RESERVED", "CONFIRMED"], "{confirmed}");
+    let notes: Vec<&str> =
+        confirmed["history"].as_array().unwrap().iter().map(|s| s["note"].as_str().unwrap()).collect();
+    assert!(notes.iter().any(|n| n.contains("authorized")), "payment authorized is a step: {notes:?}");
     for step in confirmed["history"].as_array().unwrap() {
         assert!(step["at_ms"].as_u64().unwrap() > 1_700_000_000_000, "steps carry timestamps: {step}");
     }
