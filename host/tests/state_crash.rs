@@ -46,7 +46,7 @@ fn child_writer(path: &Path) -> ! {
     let mut n = last_commit(&store).map_or(0, |n| n + 1);
     loop {
         store.commit(commit_number(n)).expect("child: commit");
-        if n % 3 == 0 {
+        if n.is_multiple_of(3) {
             // Some outbox clears (not durable on their own) in between.
             store.clear_outbox(&format!("event-{}", n.saturating_sub(2))).expect("child: clear");
         }
@@ -100,7 +100,7 @@ fn committed_state_survives_sigkill_whole() {
         let wait_for = 5 + (round * 7) % 23;
         let started = Instant::now();
         let mut acknowledged = Vec::new();
-        while let Some(line) = lines.next() {
+        for line in lines.by_ref() {
             let line = line.unwrap();
             if let Ok(n) = line.trim().parse::<u64>() {
                 acknowledged.push(n);
