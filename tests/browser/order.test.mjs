@@ -28,9 +28,25 @@ test("an order placed in the page reaches CONFIRMED", async () => {
   await page.waitForFunction(() => document.querySelector("#order-status")?.textContent === "CONFIRMED",
     null, { timeout: 30_000 });
   const steps = await page.$$eval("#history li", els => els.map(e => e.textContent));
-  assert.equal(steps.length, 2, steps.join(" | "));
-  assert.match(steps[1], /^CONFIRMED/);
+  assert.equal(steps.length, 4, steps.join(" | "));
+  assert.match(steps[0], /^PENDING/);
+  assert.match(steps[1], /authorized/);
+  assert.match(steps[2], /^STOCK_RESERVED/);
+  assert.match(steps[3], /^CONFIRMED/);
   await page.screenshot({ path: process.env.SCREENSHOT ?? "/tmp/shop-order.png" });
+});
+
+test("more lamps than in stock: paid, refunded, CANCELLED", async () => {
+  const page = await browser.newPage();
+  await page.goto(GATEWAY);
+  await page.selectOption("#items .item:first-child .sku", "lamp");
+  await page.fill("#items .item:first-child .quantity", "4"); // app.toml stocks 3
+  await page.click("#submit");
+  await page.waitForFunction(() => document.querySelector("#order-status")?.textContent === "CANCELLED",
+    null, { timeout: 30_000 });
+  const steps = await page.$$eval("#history li", els => els.map(e => e.textContent));
+  assert.ok(steps.some(s => s.startsWith("COMPENSATING")), steps.join(" | "));
+  assert.match(steps.at(-1), /^CANCELLED/);
 });
 
 test("a declined card ends REJECTED", async () => {
