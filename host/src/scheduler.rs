@@ -11,7 +11,7 @@ use crate::bus::{Outbound, Publisher};
 use crate::clock::Clock;
 use crate::pipeline::{Disposition, Pipeline};
 use crate::runtime::ServiceRuntime;
-use crate::state::{Commit, OutboxEntry};
+use crate::state::{Commit, OutboxEntry, Timer, TimerChange};
 
 /// Longest sleep between two looks at the timers.
 const POLL: Duration = Duration::from_millis(100);
@@ -20,6 +20,8 @@ const BATCH: usize = 64;
 /// An outbox entry this old is relayed by the periodic pass; younger ones
 /// are most likely being published by whoever committed them.
 pub const STALE_OUTBOX_MS: u64 = 10_000;
+/// A timer whose event was dead-lettered fires again this much later.
+pub const FAILED_TIMER_RETRY_MS: u64 = 60_000;
 /// How often the periodic relay runs.
 const RELAY_EVERY: Duration = Duration::from_secs(5);
 
@@ -44,21 +46,23 @@ pub async fn relay(
     publisher: &dyn Publisher,
     committed_before_ms: u64,
 ) -> anyhow::Result<usize> {
-    let mut relayed = 0;
+    let mut relayed = std::collections::HashSet::new();
     loop {
+        // An entry whose clearing failed comes back in the next batch: each
+        // is published once per pass.
         let entries: Vec<OutboxEntry> = service
             .state_store()
-            .pending_outbox(256)?
+            .pending_outbox(relayed.len() + 256)?
             .into_iter()
-            .filter(|e| e.created_ms <= committed_before_ms)
+            .filter(|e| e.created_ms <= committed_before_ms && !relayed.contains(&e.source))
             .collect();
         if entries.is_empty() {
-            return Ok(relayed);
+            return Ok(relayed.len());
         }
         for entry in entries {
             publish(publisher, entry.records.into_iter().map(Outbound::from).collect()).await?;
             service.published(&entry.source);
-            relayed += 1;
+            relayed.insert(entry.source);
         }
     }
 }
@@ -125,12 +129,91 @@ pub async fn fire_due(
                     }
                 }
                 Disposition::DeadLetter { record, .. } => {
+                    // A timer is never dropped (a lost deadline would leave
+                    // its saga hanging): it is reported on the dead-letter
+                    // topic and tried again later, e.g. by a fixed version.
                     publish(publisher, vec![record]).await?;
-                    // Set aside: the timer must not fire again.
-                    let fired = Some((timer.id.clone(), timer.at_ms));
-                    service.state_store().commit(Commit { fired, now_ms: clock.now_ms(), ..Commit::default() })?;
+                    let now_ms = clock.now_ms();
+                    let again = Timer { at_ms: now_ms + FAILED_TIMER_RETRY_MS, ..timer.clone() };
+                    tracing::error!(component = service.name(), timer = %timer.id, "timer set aside, next try in 60 s");
+                    let timers = vec![TimerChange::Set(again)];
+                    service.state_store().commit(Commit { timers, now_ms, ..Commit::default() })?;
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::MemoryBus;
+    use crate::clock::ManualClock;
+    use crate::envelope::Envelope;
+    use crate::pipeline::{RetryPolicy, Topics};
+    use crate::runtime::tests::runtime;
+
+    fn set(service: &ServiceRuntime, id: &str, at_ms: u64, event_type: &str) {
+        let timer =
+            Timer { id: id.into(), at_ms, event_type: event_type.into(), key: "k".into(), payload: "\"hi\"".into() };
+        let commit = Commit { timers: vec![TimerChange::Set(timer)], ..Commit::default() };
+        service.state_store().commit(commit).unwrap();
+    }
+
+    #[tokio::test]
+    async fn due_timers_are_delivered_once_and_failing_ones_are_kept() {
+        let service = Arc::new(runtime("misbehave", 1000));
+        let clock = Arc::new(ManualClock::at(1_000));
+        let topics = Topics { prefix: "p-".into(), dead_letter: "dlq".into() };
+        let retry = RetryPolicy { max_attempts: 1, ..RetryPolicy::default() };
+        let pipeline = Pipeline::new(service.clone(), topics, retry, clock.clone());
+        let bus = MemoryBus::default();
+        let shutdown = CancellationToken::new();
+        set(&service, "echo", 1_500, "Echo");
+        set(&service, "poison", 1_200, "Panic");
+        set(&service, "later", 9_000, "Echo");
+
+        fire_due(&pipeline, &bus, &*clock, &shutdown).await.unwrap();
+        assert!(bus.records("p-out").is_empty() && bus.records("p-dlq").is_empty(), "nothing is due yet");
+
+        clock.set(2_000);
+        fire_due(&pipeline, &bus, &*clock, &shutdown).await.unwrap();
+        let echoed = bus.records("p-out");
+        assert_eq!(echoed.len(), 1);
+        let envelope = Envelope::decode(Some(&echoed[0].value)).unwrap();
+        assert_eq!((envelope.event_type.as_str(), envelope.order_id.as_str()), ("Echoed", "k"));
+        assert_eq!(service.state_store().get("k").unwrap(), Some(b"\"hi\"".to_vec()), "handled with its payload");
+        assert_eq!(bus.records("p-dlq").len(), 1, "the failing timer is reported");
+        let left = service.state_store().due_timers(u64::MAX, 10).unwrap();
+        let left: Vec<(&str, u64)> = left.iter().map(|t| (t.id.as_str(), t.at_ms)).collect();
+        assert_eq!(left, [("later", 9_000), ("poison", 2_000 + FAILED_TIMER_RETRY_MS)], "kept, not lost");
+        assert_eq!(service.state_store().outbox_count().unwrap(), 0, "published and cleared");
+
+        // Delivered again (a crash before its removal was committed): dropped by id.
+        set(&service, "echo", 1_500, "Echo");
+        fire_due(&pipeline, &bus, &*clock, &shutdown).await.unwrap();
+        assert_eq!(bus.records("p-out").len(), 1, "no second effect");
+        assert_eq!(service.state_store().timer_count().unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn the_relay_publishes_what_a_crash_left_in_the_outbox() {
+        let service = runtime("misbehave", 1000);
+        let record = |v: &str| crate::state::OutboxRecord {
+            topic: "t".into(),
+            key: "k".into(),
+            value: v.into(),
+            headers: vec![],
+        };
+        for (id, at) in [("a", 10), ("b", 20), ("c", 30)] {
+            let commit = Commit { handled: Some(id.into()), outbox: vec![record(id)], now_ms: at, ..Commit::default() };
+            service.state_store().commit(commit).unwrap();
+        }
+        let bus = MemoryBus::default();
+        assert_eq!(relay(&service, &bus, 20).await.unwrap(), 2, "only entries old enough");
+        assert_eq!(relay(&service, &bus, u64::MAX).await.unwrap(), 1);
+        let values: Vec<Vec<u8>> = bus.records("t").into_iter().map(|r| r.value).collect();
+        assert_eq!(values, [b"a".to_vec(), b"b".to_vec(), b"c".to_vec()], "in commit order");
+        assert_eq!(service.state_store().outbox_count().unwrap(), 0);
     }
 }
