@@ -66,6 +66,8 @@ pub enum Disposition {
         source: Option<String>,
         /// The event had been handled before and was dropped.
         duplicate: bool,
+        /// Publish only once this resolves.
+        durable: crate::state::Durable,
     },
     /// It can never be handled: publish it to the dead-letter topic, then
     /// store the offset.
@@ -139,7 +141,7 @@ impl Pipeline {
                         Some(entry) => (entry.records.into_iter().map(Outbound::from).collect(), Some(entry.source)),
                         None => (Vec::new(), None),
                     };
-                    return Some(Disposition::Publish { records, source, duplicate });
+                    return Some(Disposition::Publish { records, source, duplicate, durable: handled.durable });
                 }
                 Err(err) => err,
             };

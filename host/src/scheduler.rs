@@ -46,6 +46,8 @@ pub async fn relay(
     publisher: &dyn Publisher,
     committed_before_ms: u64,
 ) -> anyhow::Result<usize> {
+    // Only what is on disk may go out.
+    service.state_store().sync_point().wait().await?;
     let mut relayed = std::collections::HashSet::new();
     loop {
         // An entry whose clearing failed comes back in the next batch: each
@@ -116,7 +118,8 @@ pub async fn fire_due(
         for timer in due {
             let Some(disposition) = pipeline.process_timer(&timer, shutdown).await else { return Ok(()) };
             match disposition {
-                Disposition::Publish { records, source, duplicate } => {
+                Disposition::Publish { records, source, duplicate, durable } => {
+                    durable.wait().await?;
                     publish(publisher, records).await?;
                     if let Some(source) = source {
                         service.published(&source);

@@ -126,7 +126,10 @@ impl World {
                             headers: record.headers.clone(),
                         };
                         let (out, source) = match pipeline.process(&inbound, &shutdown).await.unwrap() {
-                            Disposition::Publish { records, source, .. } => (records, source),
+                            Disposition::Publish { records, source, durable, .. } => {
+                                durable.wait().await.unwrap();
+                                (records, source)
+                            }
                             Disposition::DeadLetter { record, reason } => {
                                 dead.push((pipeline.service().name().to_owned(), reason));
                                 (vec![record], None)

@@ -40,17 +40,24 @@ fn commit_number(n: u64) -> Commit {
 }
 
 /// The child: resumes after the last commit found and commits forever,
-/// printing each number once `commit` returned (that is: durable).
+/// printing each number once its commit is durable. Commits are not waited
+/// for one by one: several are in flight, as under load, and the flusher
+/// groups them.
 fn child_writer(path: &Path) -> ! {
     let store = DurableStore::open(path).expect("child: open");
     let mut n = last_commit(&store).map_or(0, |n| n + 1);
+    let mut pending = std::collections::VecDeque::new();
     loop {
-        store.commit(commit_number(n)).expect("child: commit");
+        pending.push_back((n, store.commit(commit_number(n)).expect("child: commit")));
         if n.is_multiple_of(3) {
             // Some outbox clears (not durable on their own) in between.
             store.clear_outbox(&format!("event-{}", n.saturating_sub(2))).expect("child: clear");
         }
-        println!("{n}");
+        if pending.len() >= 4 {
+            let (done, durable) = pending.pop_front().unwrap();
+            durable.wait_blocking().expect("child: durable");
+            println!("{done}");
+        }
         n += 1;
     }
 }
@@ -66,6 +73,9 @@ fn last_commit(store: &DurableStore) -> Option<u64> {
     assert!(filler.len() == 16 * 1024 && filler.iter().all(|b| *b == (n % 251) as u8), "filler of another commit");
     assert!(store.was_handled(&format!("event-{n}")).unwrap(), "handled id missing for commit {n}");
     assert!(!store.was_handled(&format!("event-{}", n + 1)).unwrap(), "handled id of a commit that is not there");
+    for earlier in [n / 2, n.saturating_sub(1)] {
+        assert!(store.was_handled(&format!("event-{earlier}")).unwrap(), "commit {earlier} missing before {n}");
+    }
     let timers = store.due_timers(u64::MAX, 10).unwrap();
     assert_eq!(timers.len(), 1, "{timers:?}");
     assert_eq!((timers[0].at_ms, timers[0].payload.clone()), (n, n.to_string()));

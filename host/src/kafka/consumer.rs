@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::StreamExt as _;
+use futures::future::BoxFuture;
 use futures::stream::FuturesOrdered;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
@@ -18,8 +19,9 @@ use rdkafka::statistics::Statistics;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{Inbound, Publisher};
+use crate::bus::{Inbound, Outbound, Publisher};
 use crate::pipeline::{Disposition, Pipeline};
+use crate::state::{Durable, StoreError};
 
 /// Records handled but not yet acknowledged, at most.
 const MAX_IN_FLIGHT: usize = 512;
@@ -191,7 +193,11 @@ async fn run(
         s.last_error = None;
     });
 
-    let mut in_flight = FuturesOrdered::new();
+    // Two stages, each in arrival order: a record's commit must be on disk
+    // before its outputs are published, and they must be acknowledged before
+    // its offset is stored.
+    let mut committing: FuturesOrdered<BoxFuture<'static, Committed>> = FuturesOrdered::new();
+    let mut in_flight: FuturesOrdered<BoxFuture<'static, Done>> = FuturesOrdered::new();
     let result: anyhow::Result<()> = loop {
         tokio::select! {
             biased;
@@ -201,7 +207,12 @@ async fn run(
                     break Err(err);
                 }
             }
-            received = consumer.recv(), if in_flight.len() < MAX_IN_FLIGHT => {
+            Some(committed) = committing.next(), if !committing.is_empty() => {
+                if let Err(err) = publish(publisher, &mut in_flight, committed).await {
+                    break Err(err);
+                }
+            }
+            received = consumer.recv(), if in_flight.len() + committing.len() < MAX_IN_FLIGHT => {
                 let message = match received {
                     Ok(message) => message,
                     Err(err) => {
@@ -215,17 +226,17 @@ async fn run(
                 let record = inbound(&message);
                 drop(message);
                 let Some(disposition) = pipeline.process(&record, shutdown).await else { break Ok(()) };
-                let (records, outcome) = match disposition {
-                    Disposition::Publish { records, source, duplicate } => {
-                        (records, Outcome { dead: false, duplicate, source })
+                let (topic, partition, offset) = (record.topic, record.partition, record.offset);
+                let (records, durable, outcome) = match disposition {
+                    Disposition::Publish { records, source, duplicate, durable } => {
+                        (records, durable, Outcome { topic, partition, offset, dead: false, duplicate, source })
                     }
                     Disposition::DeadLetter { record, .. } => {
-                        (vec![record], Outcome { dead: true, duplicate: false, source: None })
+                        let outcome = Outcome { topic, partition, offset, dead: true, duplicate: false, source: None };
+                        (vec![record], Durable::done(), outcome)
                     }
                 };
-                let acked = publisher.enqueue(records).await.context("failed to enqueue output")?;
-                let (topic, partition, offset) = (record.topic, record.partition, record.offset);
-                in_flight.push_back(async move { acked.await.map(|()| (topic, partition, offset, outcome)) });
+                committing.push_back(Box::pin(async move { durable.wait().await.map(|()| (records, outcome)) }));
             }
         }
     };
@@ -234,6 +245,9 @@ async fn run(
     // must not be marked done ahead of the one that failed.
     if result.is_ok() {
         let drained = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(committed) = committing.next().await {
+                publish(publisher, &mut in_flight, committed).await?;
+            }
             while let Some(done) = in_flight.next().await {
                 store(&consumer, pipeline, status, done)?;
             }
@@ -259,13 +273,33 @@ async fn run(
 
 /// What became of a record whose outputs are being published.
 struct Outcome {
+    topic: String,
+    partition: i32,
+    offset: i64,
     dead: bool,
     duplicate: bool,
     /// The outbox entry to clear once published.
     source: Option<String>,
 }
 
-type Done = Result<(String, i32, i64, Outcome), crate::bus::PublishError>;
+/// A record whose commit is durable (or failed to become so), with its outputs.
+type Committed = Result<(Vec<Outbound>, Outcome), StoreError>;
+/// A record whose outputs were acknowledged (or not).
+type Done = Result<Outcome, crate::bus::PublishError>;
+
+/// Enqueues a durable record's outputs behind those of earlier records.
+async fn publish(
+    publisher: &dyn Publisher,
+    in_flight: &mut FuturesOrdered<BoxFuture<'static, Done>>,
+    committed: Committed,
+) -> anyhow::Result<()> {
+    // A commit that did not reach the disk aborts the loop: the record and
+    // the later ones are consumed again and handled anew.
+    let (records, outcome) = committed.context("state commit not durable")?;
+    let acked = publisher.enqueue(records).await.context("failed to enqueue output")?;
+    in_flight.push_back(Box::pin(async move { acked.await.map(|()| outcome) }));
+    Ok(())
+}
 
 fn store(
     consumer: &StreamConsumer<Context>,
@@ -276,13 +310,14 @@ fn store(
     // A failed publish aborts the loop without storing: the record and all
     // later ones are consumed again from the last committed offset, and the
     // outbox entry stays queued until a redelivery or the relay publishes it.
-    let (topic, partition, offset, outcome) = done.context("output not acknowledged")?;
+    let outcome = done.context("output not acknowledged")?;
+    let (topic, partition, offset) = (&outcome.topic, outcome.partition, outcome.offset);
     if let Some(source) = &outcome.source {
         pipeline.service().published(source);
     }
-    consumer.store_offset(&topic, partition, offset).context("failed to store offset")?;
+    consumer.store_offset(topic, partition, offset).context("failed to store offset")?;
     status.update(|s| {
-        s.last_processed_offsets.insert(tp(&topic, partition), offset);
+        s.last_processed_offsets.insert(tp(topic, partition), offset);
         match (outcome.dead, outcome.duplicate) {
             (true, _) => s.dead_lettered += 1,
             (false, true) => s.duplicates_dropped += 1,

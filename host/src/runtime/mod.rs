@@ -22,7 +22,7 @@ pub use canary::CanaryPolicy;
 pub use engine::{EPOCH_TICK, Engine};
 
 use crate::clock::Clock;
-use crate::state::{Commit, OutboxEntry, OutboxRecord, StateStore, StoreError, Txn};
+use crate::state::{Commit, Durable, OutboxEntry, OutboxRecord, StateStore, StoreError, Txn};
 
 /// A component that cannot be served.
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +122,9 @@ pub struct Handled {
     /// The version (sha256) that handled the event; `None` for a duplicate,
     /// which was not handed to the component again.
     pub version: Option<String>,
+    /// Resolves once the commit (for a duplicate: everything committed so
+    /// far) is on disk; `outbox` may be published only after that.
+    pub durable: Durable,
 }
 
 impl Handled {
@@ -336,8 +339,8 @@ impl ServiceRuntime {
     /// returns `ok`, `wrap` turns its events into the records to publish,
     /// and one [`Commit`] stores together the state writes, the timer
     /// changes, the event id (and removal of the `fired` timer that caused
-    /// it) and the records in the outbox. Publish them, then call
-    /// [`ServiceRuntime::published`].
+    /// it) and the records in the outbox. Wait for [`Handled::durable`],
+    /// publish them, then call [`ServiceRuntime::published`].
     ///
     /// # Errors
     /// [`CallError`]; in every case nothing was committed. A `wrap` failure
@@ -352,7 +355,12 @@ impl ServiceRuntime {
         let _serial = self.handle_lock.lock().await;
         if self.store.was_handled(&event.id)? {
             tracing::debug!(component = %self.name, event_id = %event.id, "duplicate event dropped");
-            return Ok(Handled { outgoing: Vec::new(), outbox: self.store.outbox(&event.id)?, version: None });
+            return Ok(Handled {
+                outgoing: Vec::new(),
+                outbox: self.store.outbox(&event.id)?,
+                version: None,
+                durable: self.store.sync_point(),
+            });
         }
         let component = self.current();
         let mut store = self.new_store(Txn::new(self.store.clone()));
@@ -370,13 +378,13 @@ impl ServiceRuntime {
                     let now_ms = self.clock.now_ms();
                     let handled = Some(event.id.clone());
                     let commit = Commit { writes, timers, handled, fired, outbox: records.clone(), now_ms };
-                    self.store.commit(commit).map(|()| {
+                    self.store.commit(commit).map(|durable| {
                         let outbox = (!records.is_empty()).then(|| OutboxEntry {
                             source: event.id.clone(),
                             created_ms: now_ms,
                             records,
                         });
-                        Handled { outgoing, outbox, version: Some(component.sha256.clone()) }
+                        Handled { outgoing, outbox, version: Some(component.sha256.clone()), durable }
                     })
                 }
                 .map_err(CallError::Store),

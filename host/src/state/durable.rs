@@ -7,16 +7,23 @@
 //! tables, so the component's writes, the handled id, the outbox entry and
 //! the timer changes of one event are atomic together.
 //!
-//! Calls are synchronous (a commit waits for the disk); a component's
-//! `handle` calls are serialized anyway, and queries only read.
+//! Group commit: each [`Commit`] is applied as a non-durable redb
+//! transaction (visible at once, no fsync), and a flusher thread makes
+//! everything committed so far durable with one fsynced transaction, again
+//! and again while commits keep coming. A commit's [`Durable`] resolves when a
+//! flush covers it; redb guarantees that a crash leaves the state of the last
+//! durable transaction, so a commit is either entirely on disk or not at all.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::Duration;
 
 use redb::{
     Database, Durability, ReadableDatabase as _, ReadableTable as _, ReadableTableMetadata as _, TableDefinition,
 };
 
-use super::{Commit, OutboxEntry, StateStore, StoreError, Timer, TimerChange};
+use super::{Commit, Durable, Flushed, OutboxEntry, StateStore, StoreError, Timer, TimerChange};
 
 /// The component's own key-value state.
 const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
@@ -33,8 +40,14 @@ const TIMERS_DUE: TableDefinition<(u64, &str), ()> = TableDefinition::new("timer
 
 /// A component's store in a redb file.
 pub struct DurableStore {
-    db: Database,
+    db: Arc<Database>,
     path: PathBuf,
+    /// Commits applied so far (each gets the next number).
+    committed: Arc<AtomicU64>,
+    /// Wakes the flusher; `true` asks it to flush what is left and stop.
+    signal: Arc<(Mutex<bool>, Condvar)>,
+    flushed: tokio::sync::watch::Receiver<Flushed>,
+    flusher: Option<std::thread::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for DurableStore {
@@ -76,7 +89,19 @@ impl DurableStore {
             )),
             err => unavailable("cannot open state file", path)(&err),
         })?;
-        let store = Self { db, path: path.to_owned() };
+        let db = Arc::new(db);
+        let committed = Arc::new(AtomicU64::new(0));
+        let signal = Arc::new((Mutex::new(false), Condvar::new()));
+        let (sender, flushed) = tokio::sync::watch::channel(Flushed::default());
+        let flusher = {
+            let (db, committed, signal) = (db.clone(), committed.clone(), signal.clone());
+            let name = format!("flush {}", path.file_name().unwrap_or_default().to_string_lossy());
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(move || flush_loop(&db, &committed, &signal, &sender))
+                .map_err(|e| unavailable("cannot start the flusher of", path)(&e))?
+        };
+        let store = Self { db, path: path.to_owned(), committed, signal, flushed, flusher: Some(flusher) };
         let write = store.db.begin_write().map_err(|e| store.err("cannot write")(&e))?;
         {
             let e = store.err("cannot create tables in");
@@ -105,7 +130,9 @@ impl DurableStore {
     }
 
     fn apply(&self, commit: Commit) -> Result<(), redb::Error> {
-        let write = self.db.begin_write()?;
+        let mut write = self.db.begin_write()?;
+        // Made durable by the flusher, together with its neighbours.
+        write.set_durability(Durability::None).map_err(|e| redb::Error::Corrupted(e.to_string()))?;
         {
             let mut state = write.open_table(STATE)?;
             for (key, value) in &commit.writes {
@@ -143,6 +170,65 @@ impl DurableStore {
         }
         write.commit()?;
         Ok(())
+    }
+}
+
+impl Drop for DurableStore {
+    fn drop(&mut self) {
+        let (stop, wake) = &*self.signal;
+        *stop.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        wake.notify_one();
+        if let Some(flusher) = self.flusher.take() {
+            let _ = flusher.join();
+        }
+    }
+}
+
+/// The flusher: whenever commits are newer than the last flush, one fsynced
+/// (empty) transaction makes all of them durable, then their waiters go.
+fn flush_loop(
+    db: &Database,
+    committed: &AtomicU64,
+    signal: &(Mutex<bool>, Condvar),
+    sender: &tokio::sync::watch::Sender<Flushed>,
+) {
+    let mut flushed = 0;
+    loop {
+        let stopping = {
+            let (stop, wake) = signal;
+            let mut stopping = stop.lock().unwrap_or_else(PoisonError::into_inner);
+            while !*stopping && committed.load(Ordering::SeqCst) <= flushed {
+                stopping = wake.wait(stopping).unwrap_or_else(PoisonError::into_inner);
+            }
+            *stopping
+        };
+        // Every commit numbered up to `target` finished before this point,
+        // so the flush transaction below comes after all of them.
+        let target = committed.load(Ordering::SeqCst);
+        if target > flushed {
+            let flush = db.begin_write().map_err(redb::Error::from).and_then(|mut write| {
+                write.set_durability(Durability::Immediate).map_err(|e| redb::Error::Corrupted(e.to_string()))?;
+                write.commit().map_err(redb::Error::from)
+            });
+            match flush {
+                Ok(()) => {
+                    flushed = target;
+                    sender.send_replace(Flushed { seq: target, error: None });
+                }
+                Err(err) => {
+                    tracing::error!("state flush failed, retrying: {err}");
+                    sender.send_replace(Flushed { seq: flushed, error: Some(err.to_string()) });
+                    if stopping {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            }
+        }
+        if stopping {
+            return;
+        }
     }
 }
 
@@ -186,8 +272,18 @@ impl StateStore for DurableStore {
         Ok(keys)
     }
 
-    fn commit(&self, commit: Commit) -> Result<(), StoreError> {
-        self.apply(commit).map_err(|e| self.err("cannot commit to")(&e))
+    fn commit(&self, commit: Commit) -> Result<Durable, StoreError> {
+        self.apply(commit).map_err(|e| self.err("cannot commit to")(&e))?;
+        let seq = self.committed.fetch_add(1, Ordering::SeqCst) + 1;
+        let (stop, wake) = &*self.signal;
+        // Taking the lock orders this wake-up with the flusher's check.
+        drop(stop.lock().unwrap_or_else(PoisonError::into_inner));
+        wake.notify_one();
+        Ok(Durable { seq, flushed: Some(self.flushed.clone()) })
+    }
+
+    fn sync_point(&self) -> Durable {
+        Durable { seq: self.committed.load(Ordering::SeqCst), flushed: Some(self.flushed.clone()) }
     }
 
     fn was_handled(&self, id: &str) -> Result<bool, StoreError> {

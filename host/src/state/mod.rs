@@ -17,6 +17,63 @@ use serde::{Deserialize, Serialize};
 
 pub use durable::DurableStore;
 
+/// The progress of a store's disk flushes: commits up to `seq` are durable.
+#[derive(Debug, Clone, Default)]
+struct Flushed {
+    seq: u64,
+    /// Why the last flush failed, if it did.
+    error: Option<String>,
+}
+
+/// A commit's durability: resolves once the commit is on disk.
+///
+/// A commit is visible to readers (and to later `handle` calls) at once, but
+/// what it queued in the outbox may be published only after [`Durable::wait`]:
+/// a crash before that loses the commit, and the event is handled again.
+#[derive(Debug, Clone)]
+pub struct Durable {
+    seq: u64,
+    flushed: Option<tokio::sync::watch::Receiver<Flushed>>,
+}
+
+impl Durable {
+    /// Already durable (the in-memory store, which has no disk to wait for).
+    pub fn done() -> Self {
+        Self { seq: 0, flushed: None }
+    }
+
+    /// Waits until the commit is on disk.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when flushing failed or the store closed
+    /// first: the commit may be lost, and nothing it queued may be published.
+    pub async fn wait(self) -> Result<(), StoreError> {
+        let Some(mut flushed) = self.flushed else { return Ok(()) };
+        loop {
+            {
+                let progress = flushed.borrow_and_update();
+                if progress.seq >= self.seq {
+                    return Ok(());
+                }
+                if let Some(err) = &progress.error {
+                    return Err(StoreError::Unavailable(format!("commit not made durable: {err}")));
+                }
+            }
+            if flushed.changed().await.is_err() {
+                return Err(StoreError::Unavailable("the store closed before the commit was durable".into()));
+            }
+        }
+    }
+
+    /// [`Durable::wait`] for synchronous callers.
+    ///
+    /// # Errors
+    /// As [`Durable::wait`].
+    pub fn wait_blocking(self) -> Result<(), StoreError> {
+        futures::executor::block_on(self.wait())
+    }
+}
+
 /// Largest key a component may write, in bytes.
 pub const MAX_KEY_BYTES: usize = 1024;
 /// Largest value a component may write, in bytes.
@@ -107,12 +164,17 @@ pub trait StateStore: Send + Sync + 'static {
     /// [`StoreError::Unavailable`] when the store cannot be read.
     fn keys(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StoreError>;
 
-    /// Applies a whole [`Commit`] atomically and durably: after a crash,
-    /// either all of it is there or none of it.
+    /// Applies a whole [`Commit`] atomically: readers see all of it at once,
+    /// and after a crash either all of it is there or none of it. It is on
+    /// disk once the returned [`Durable`] resolves (commits are flushed in
+    /// groups, so many events share one fsync).
     ///
     /// # Errors
     /// [`StoreError::Unavailable`]; then nothing was applied.
-    fn commit(&self, commit: Commit) -> Result<(), StoreError>;
+    fn commit(&self, commit: Commit) -> Result<Durable, StoreError>;
+
+    /// Resolves once everything committed so far is on disk.
+    fn sync_point(&self) -> Durable;
 
     /// Whether the event `id` was handled (committed) before.
     ///
@@ -258,9 +320,13 @@ impl StateStore for MemoryStore {
             .collect())
     }
 
-    fn commit(&self, commit: Commit) -> Result<(), StoreError> {
+    fn commit(&self, commit: Commit) -> Result<Durable, StoreError> {
         self.maps().apply(commit);
-        Ok(())
+        Ok(Durable::done())
+    }
+
+    fn sync_point(&self) -> Durable {
+        Durable::done()
     }
 
     fn was_handled(&self, id: &str) -> Result<bool, StoreError> {
