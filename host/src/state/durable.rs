@@ -42,10 +42,8 @@ const TIMERS_DUE: TableDefinition<(u64, &str), ()> = TableDefinition::new("timer
 pub struct DurableStore {
     db: Arc<Database>,
     path: PathBuf,
-    /// Commits applied so far (each gets the next number).
-    committed: Arc<AtomicU64>,
-    /// Wakes the flusher; `true` asks it to flush what is left and stop.
-    signal: Arc<(Mutex<bool>, Condvar)>,
+    /// What the store and its flusher share.
+    shared: Arc<Shared>,
     flushed: tokio::sync::watch::Receiver<Flushed>,
     flusher: Option<std::thread::JoinHandle<()>>,
 }
@@ -90,18 +88,17 @@ impl DurableStore {
             err => unavailable("cannot open state file", path)(&err),
         })?;
         let db = Arc::new(db);
-        let committed = Arc::new(AtomicU64::new(0));
-        let signal = Arc::new((Mutex::new(false), Condvar::new()));
+        let shared = Arc::new(Shared::default());
         let (sender, flushed) = tokio::sync::watch::channel(Flushed::default());
         let flusher = {
-            let (db, committed, signal) = (db.clone(), committed.clone(), signal.clone());
+            let (db, shared) = (db.clone(), shared.clone());
             let name = format!("flush {}", path.file_name().unwrap_or_default().to_string_lossy());
             std::thread::Builder::new()
                 .name(name)
-                .spawn(move || flush_loop(&db, &committed, &signal, &sender))
+                .spawn(move || flush_loop(&db, &shared, &sender))
                 .map_err(|e| unavailable("cannot start the flusher of", path)(&e))?
         };
-        let store = Self { db, path: path.to_owned(), committed, signal, flushed, flusher: Some(flusher) };
+        let store = Self { db, path: path.to_owned(), shared, flushed, flusher: Some(flusher) };
         let write = store.db.begin_write().map_err(|e| store.err("cannot write")(&e))?;
         {
             let e = store.err("cannot create tables in");
@@ -133,7 +130,8 @@ impl DurableStore {
         let mut write = self.db.begin_write()?;
         // Made durable by the flusher, together with its neighbours.
         write.set_durability(Durability::None).map_err(|e| redb::Error::Corrupted(e.to_string()))?;
-        {
+        // Tables are opened only when touched: each costs pages to rewrite.
+        if !commit.writes.is_empty() {
             let mut state = write.open_table(STATE)?;
             for (key, value) in &commit.writes {
                 match value {
@@ -141,6 +139,8 @@ impl DurableStore {
                     None => state.remove(key.as_str())?,
                 };
             }
+        }
+        if commit.fired.is_some() || !commit.timers.is_empty() {
             let mut timers = write.open_table(TIMERS)?;
             let mut due = write.open_table(TIMERS_DUE)?;
             if let Some((id, at_ms)) = &commit.fired {
@@ -156,16 +156,15 @@ impl DurableStore {
                     TimerChange::Cancel(id) => remove_timer(&mut timers, &mut due, id, None)?,
                 }
             }
-            if let Some(source) = &commit.handled {
-                write.open_table(HANDLED)?.insert(source.as_str(), commit.now_ms)?;
-                if !commit.outbox.is_empty() {
-                    let mut outbox = write.open_table(OUTBOX)?;
-                    let seq = outbox.last()?.map_or(0, |(k, _)| k.value() + 1);
-                    let entry =
-                        OutboxEntry { source: source.clone(), created_ms: commit.now_ms, records: commit.outbox };
-                    outbox.insert(seq, json(&entry).as_slice())?;
-                    write.open_table(OUTBOX_BY_SOURCE)?.insert(source.as_str(), seq)?;
-                }
+        }
+        if let Some(source) = &commit.handled {
+            write.open_table(HANDLED)?.insert(source.as_str(), commit.now_ms)?;
+            if !commit.outbox.is_empty() {
+                let mut outbox = write.open_table(OUTBOX)?;
+                let seq = outbox.last()?.map_or(0, |(k, _)| k.value() + 1);
+                let entry = OutboxEntry { source: source.clone(), created_ms: commit.now_ms, records: commit.outbox };
+                outbox.insert(seq, json(&entry).as_slice())?;
+                write.open_table(OUTBOX_BY_SOURCE)?.insert(source.as_str(), seq)?;
             }
         }
         write.commit()?;
@@ -175,61 +174,106 @@ impl DurableStore {
 
 impl Drop for DurableStore {
     fn drop(&mut self) {
-        let (stop, wake) = &*self.signal;
-        *stop.lock().unwrap_or_else(PoisonError::into_inner) = true;
-        wake.notify_one();
+        self.shared.wake(|work| work.stop = true);
         if let Some(flusher) = self.flusher.take() {
             let _ = flusher.join();
         }
     }
 }
 
+/// State shared by a store and its flusher.
+#[derive(Default)]
+struct Shared {
+    /// Commits applied so far (each gets the next number).
+    committed: AtomicU64,
+    work: Mutex<Work>,
+    wake: Condvar,
+}
+
+/// What the flusher is asked to do besides flushing new commits.
+#[derive(Default)]
+struct Work {
+    /// Outbox entries published since the last flush, to forget in it.
+    cleared: Vec<String>,
+    /// Flush what is left and stop.
+    stop: bool,
+}
+
+impl Shared {
+    fn work(&self) -> std::sync::MutexGuard<'_, Work> {
+        self.work.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Changes the work under the lock (ordering it with the flusher's
+    /// check) and wakes the flusher.
+    fn wake(&self, change: impl FnOnce(&mut Work)) {
+        change(&mut self.work());
+        self.wake.notify_one();
+    }
+
+    fn is_cleared(&self, source: &str) -> bool {
+        self.work().cleared.iter().any(|s| s == source)
+    }
+}
+
 /// The flusher: whenever commits are newer than the last flush, one fsynced
-/// (empty) transaction makes all of them durable, then their waiters go.
-fn flush_loop(
-    db: &Database,
-    committed: &AtomicU64,
-    signal: &(Mutex<bool>, Condvar),
-    sender: &tokio::sync::watch::Sender<Flushed>,
-) {
+/// transaction makes all of them durable, then their waiters go. The same
+/// transaction forgets the outbox entries published meanwhile, so that
+/// publishing costs no write of its own.
+fn flush_loop(db: &Database, shared: &Shared, sender: &tokio::sync::watch::Sender<Flushed>) {
     let mut flushed = 0;
     loop {
-        let stopping = {
-            let (stop, wake) = signal;
-            let mut stopping = stop.lock().unwrap_or_else(PoisonError::into_inner);
-            while !*stopping && committed.load(Ordering::SeqCst) <= flushed {
-                stopping = wake.wait(stopping).unwrap_or_else(PoisonError::into_inner);
+        let (stopping, cleared) = {
+            let mut work = shared.work();
+            while !work.stop && work.cleared.is_empty() && shared.committed.load(Ordering::SeqCst) <= flushed {
+                work = shared.wake.wait(work).unwrap_or_else(PoisonError::into_inner);
             }
-            *stopping
+            (work.stop, work.cleared.clone())
         };
         // Every commit numbered up to `target` finished before this point,
         // so the flush transaction below comes after all of them.
-        let target = committed.load(Ordering::SeqCst);
-        if target > flushed {
-            let flush = db.begin_write().map_err(redb::Error::from).and_then(|mut write| {
-                write.set_durability(Durability::Immediate).map_err(|e| redb::Error::Corrupted(e.to_string()))?;
-                write.commit().map_err(redb::Error::from)
-            });
-            match flush {
-                Ok(()) => {
+        let target = shared.committed.load(Ordering::SeqCst);
+        let durability = if target > flushed { Durability::Immediate } else { Durability::None };
+        match flush(db, durability, &cleared) {
+            Ok(()) => {
+                shared.work().cleared.retain(|s| !cleared.contains(s));
+                if target > flushed {
                     flushed = target;
                     sender.send_replace(Flushed { seq: target, error: None });
                 }
-                Err(err) => {
-                    tracing::error!("state flush failed, retrying: {err}");
-                    sender.send_replace(Flushed { seq: flushed, error: Some(err.to_string()) });
-                    if stopping {
-                        return;
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                    continue;
+            }
+            Err(err) => {
+                tracing::error!("state flush failed, retrying: {err}");
+                sender.send_replace(Flushed { seq: flushed, error: Some(err.to_string()) });
+                if stopping {
+                    return;
                 }
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
             }
         }
         if stopping {
             return;
         }
     }
+}
+
+/// One flush transaction: forgets `cleared` outbox entries, with `durability`.
+fn flush(db: &Database, durability: Durability, cleared: &[String]) -> Result<(), redb::Error> {
+    let mut write = db.begin_write()?;
+    write.set_durability(durability).map_err(|e| redb::Error::Corrupted(e.to_string()))?;
+    if !cleared.is_empty() {
+        let mut by_source = write.open_table(OUTBOX_BY_SOURCE)?;
+        let mut outbox = write.open_table(OUTBOX)?;
+        for source in cleared {
+            let seq = by_source.remove(source.as_str())?.map(|v| v.value());
+            if let Some(seq) = seq {
+                outbox.remove(seq)?;
+            }
+        }
+    }
+    write.commit()?;
+    Ok(())
 }
 
 /// Removes timer `id` (only if due at `only_at`, when given) and its index entry.
@@ -274,16 +318,13 @@ impl StateStore for DurableStore {
 
     fn commit(&self, commit: Commit) -> Result<Durable, StoreError> {
         self.apply(commit).map_err(|e| self.err("cannot commit to")(&e))?;
-        let seq = self.committed.fetch_add(1, Ordering::SeqCst) + 1;
-        let (stop, wake) = &*self.signal;
-        // Taking the lock orders this wake-up with the flusher's check.
-        drop(stop.lock().unwrap_or_else(PoisonError::into_inner));
-        wake.notify_one();
+        let seq = self.shared.committed.fetch_add(1, Ordering::SeqCst) + 1;
+        self.shared.wake(|_| {});
         Ok(Durable { seq, flushed: Some(self.flushed.clone()) })
     }
 
     fn sync_point(&self) -> Durable {
-        Durable { seq: self.committed.load(Ordering::SeqCst), flushed: Some(self.flushed.clone()) }
+        Durable { seq: self.shared.committed.load(Ordering::SeqCst), flushed: Some(self.flushed.clone()) }
     }
 
     fn was_handled(&self, id: &str) -> Result<bool, StoreError> {
@@ -293,6 +334,9 @@ impl StateStore for DurableStore {
     }
 
     fn outbox(&self, source: &str) -> Result<Option<OutboxEntry>, StoreError> {
+        if self.shared.is_cleared(source) {
+            return Ok(None);
+        }
         let e = self.err("cannot read");
         let read = self.read()?;
         let by_source = read.open_table(OUTBOX_BY_SOURCE).map_err(|x| e(&x))?;
@@ -307,28 +351,26 @@ impl StateStore for DurableStore {
     fn pending_outbox(&self, limit: usize) -> Result<Vec<OutboxEntry>, StoreError> {
         let e = self.err("cannot read");
         let outbox = self.read()?.open_table(OUTBOX).map_err(|x| e(&x))?;
+        let cleared = self.shared.work().cleared.clone();
         let mut entries = Vec::new();
-        for entry in outbox.iter().map_err(|x| e(&x))?.take(limit) {
+        for entry in outbox.iter().map_err(|x| e(&x))? {
             let (_, bytes) = entry.map_err(|x| e(&x))?;
-            entries.push(decode(bytes.value(), &self.path)?);
+            let entry: OutboxEntry = decode(bytes.value(), &self.path)?;
+            if !cleared.contains(&entry.source) {
+                entries.push(entry);
+            }
+            if entries.len() >= limit {
+                break;
+            }
         }
         Ok(entries)
     }
 
     fn clear_outbox(&self, source: &str) -> Result<(), StoreError> {
-        let e = self.err("cannot clear the outbox of");
-        let mut write = self.db.begin_write().map_err(|x| e(&x))?;
-        // Not durable on its own: losing it to a crash only republishes
-        // records that consumers recognise as duplicates.
-        write.set_durability(Durability::None).map_err(|x| e(&x))?;
-        {
-            let mut by_source = write.open_table(OUTBOX_BY_SOURCE).map_err(|x| e(&x))?;
-            let seq = by_source.remove(source).map_err(|x| e(&x))?.map(|v| v.value());
-            if let Some(seq) = seq {
-                write.open_table(OUTBOX).map_err(|x| e(&x))?.remove(seq).map_err(|x| e(&x))?;
-            }
-        }
-        write.commit().map_err(|x| e(&x))
+        // Forgotten by the next flush; until then hidden from readers. Lost
+        // in a crash, it is only published again.
+        self.shared.wake(|work| work.cleared.push(source.to_owned()));
+        Ok(())
     }
 
     fn due_timers(&self, now_ms: u64, limit: usize) -> Result<Vec<Timer>, StoreError> {
@@ -353,7 +395,16 @@ impl StateStore for DurableStore {
     }
 
     fn outbox_count(&self) -> Result<u64, StoreError> {
+        // The outbox is short (entries leave it once published): counting
+        // the ones not cleared since the last flush is cheap.
         let e = self.err("cannot read");
-        self.read()?.open_table(OUTBOX).map_err(|x| e(&x))?.len().map_err(|x| e(&x))
+        let cleared = self.shared.work().cleared.clone();
+        let by_source = self.read()?.open_table(OUTBOX_BY_SOURCE).map_err(|x| e(&x))?;
+        let mut count = 0;
+        for entry in by_source.iter().map_err(|x| e(&x))? {
+            let (source, _) = entry.map_err(|x| e(&x))?;
+            count += u64::from(!cleared.iter().any(|c| c == source.value()));
+        }
+        Ok(count)
     }
 }
