@@ -133,18 +133,20 @@ impl Envelope {
 
     /// The event a due timer delivers to `component`.
     ///
-    /// Its id is derived from the component, the timer id and the due time,
-    /// so a timer delivered again after a crash is recognised as handled.
+    /// Its id is derived from the component, the timer id, the due time and
+    /// the event that set it, so a timer delivered again after a crash is
+    /// recognised as handled. It continues the setter's saga: same
+    /// correlation id, caused by the setter.
     pub fn timer(component: &str, timer: &crate::state::Timer, timestamp_ms: u64) -> Self {
-        let name = format!("timer/{component}/{}/{}", timer.id, timer.at_ms);
+        let name = format!("timer/{component}/{}/{}/{}", timer.id, timer.at_ms, timer.set_by);
         let id = Uuid::new_v5(&EVENT_ID_NAMESPACE, name.as_bytes()).to_string();
         let data = serde_json::from_str(&timer.payload).unwrap_or_else(|_| timer.payload.clone().into());
         Self {
-            correlation_id: id.clone(),
+            correlation_id: timer.correlation_id.clone().unwrap_or_else(|| id.clone()),
             id,
             event_type: timer.event_type.clone(),
             order_id: timer.key.clone(),
-            causation_id: None,
+            causation_id: (!timer.set_by.is_empty()).then(|| timer.set_by.clone()),
             timestamp_ms,
             schema_version: SCHEMA_VERSION,
             producer: format!("timer@{component}"),

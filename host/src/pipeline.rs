@@ -14,6 +14,11 @@ use crate::envelope::Envelope;
 use crate::runtime::{Event, OutgoingEvent, ServiceRuntime};
 use crate::state::{OutboxRecord, Timer};
 
+/// Largest record a component may emit: below the broker's default
+/// `message.max.bytes` (1 MiB), so that a committed record can always be
+/// published.
+pub const MAX_RECORD_BYTES: usize = 900 * 1024;
+
 /// Logical topic of the events timers deliver.
 pub const TIMER_TOPIC: &str = "timer";
 
@@ -146,7 +151,10 @@ impl Pipeline {
                 Err(err) => err,
             };
             let reason = err.to_string();
-            if !err.is_retryable() || attempt >= self.retry.max_attempts {
+            // The store failing says nothing about the event: it waits for
+            // the store, however long, rather than being set aside.
+            let store_failed = matches!(err, crate::runtime::CallError::Store(_));
+            if !err.is_retryable() || (attempt >= self.retry.max_attempts && !store_failed) {
                 return Some(self.dead_letter(record, reason, attempt));
             }
             let backoff = self.backoff(attempt);
@@ -200,10 +208,18 @@ impl Pipeline {
                     return Err(format!("component emitted a {} without topic or key", out.event_type));
                 }
                 let envelope = cause.caused(index, &out.event_type, &out.key, producer, now, data);
+                let value = envelope.encode();
+                if value.len() > MAX_RECORD_BYTES {
+                    return Err(format!(
+                        "component emitted a {} of {} bytes, over the {MAX_RECORD_BYTES}-byte record limit",
+                        out.event_type,
+                        value.len()
+                    ));
+                }
                 Ok(OutboxRecord {
                     topic: self.topics.physical(&out.topic),
                     key: out.key.clone(),
-                    value: String::from_utf8_lossy(&envelope.encode()).into_owned(),
+                    value: String::from_utf8_lossy(&value).into_owned(),
                     headers: vec![
                         ("event-type".to_owned(), out.event_type.clone()),
                         ("producer".to_owned(), producer.to_owned()),

@@ -11,7 +11,7 @@ use crate::bus::{Outbound, Publisher};
 use crate::clock::Clock;
 use crate::pipeline::{Disposition, Pipeline};
 use crate::runtime::ServiceRuntime;
-use crate::state::{Commit, OutboxEntry, Timer, TimerChange};
+use crate::state::OutboxEntry;
 
 /// Longest sleep between two looks at the timers.
 const POLL: Duration = Duration::from_millis(100);
@@ -125,10 +125,9 @@ pub async fn fire_due(
                         service.published(&source);
                     }
                     if duplicate {
-                        // Handled already; still here only because the
-                        // component set it again for the very same time.
-                        let fired = Some((timer.id.clone(), timer.at_ms));
-                        service.state_store().commit(Commit { fired, now_ms: clock.now_ms(), ..Commit::default() })?;
+                        // Handled already (or no longer due): make sure
+                        // this very timer is gone.
+                        service.settle_timer(&timer, None).await?;
                     }
                 }
                 Disposition::DeadLetter { record, .. } => {
@@ -136,11 +135,8 @@ pub async fn fire_due(
                     // its saga hanging): it is reported on the dead-letter
                     // topic and tried again later, e.g. by a fixed version.
                     publish(publisher, vec![record]).await?;
-                    let now_ms = clock.now_ms();
-                    let again = Timer { at_ms: now_ms + FAILED_TIMER_RETRY_MS, ..timer.clone() };
                     tracing::error!(component = service.name(), timer = %timer.id, "timer set aside, next try in 60 s");
-                    let timers = vec![TimerChange::Set(again)];
-                    service.state_store().commit(Commit { timers, now_ms, ..Commit::default() })?;
+                    service.settle_timer(&timer, Some(clock.now_ms() + FAILED_TIMER_RETRY_MS)).await?;
                 }
             }
         }
@@ -155,10 +151,22 @@ mod tests {
     use crate::envelope::Envelope;
     use crate::pipeline::{RetryPolicy, Topics};
     use crate::runtime::tests::runtime;
+    use crate::state::{Commit, Timer, TimerChange};
 
     fn set(service: &ServiceRuntime, id: &str, at_ms: u64, event_type: &str) {
-        let timer =
-            Timer { id: id.into(), at_ms, event_type: event_type.into(), key: "k".into(), payload: "\"hi\"".into() };
+        set_by(service, id, at_ms, event_type, "setter");
+    }
+
+    fn set_by(service: &ServiceRuntime, id: &str, at_ms: u64, event_type: &str, setter: &str) {
+        let timer = Timer {
+            id: id.into(),
+            at_ms,
+            event_type: event_type.into(),
+            key: "k".into(),
+            payload: "\"hi\"".into(),
+            set_by: setter.into(),
+            correlation_id: Some("c1".into()),
+        };
         let commit = Commit { timers: vec![TimerChange::Set(timer)], ..Commit::default() };
         service.state_store().commit(commit).unwrap();
     }
@@ -185,6 +193,7 @@ mod tests {
         assert_eq!(echoed.len(), 1);
         let envelope = Envelope::decode(Some(&echoed[0].value)).unwrap();
         assert_eq!((envelope.event_type.as_str(), envelope.order_id.as_str()), ("Echoed", "k"));
+        assert_eq!(envelope.correlation_id, "c1", "the timer continues its setter's saga");
         assert_eq!(service.state_store().get("k").unwrap(), Some(b"\"hi\"".to_vec()), "handled with its payload");
         assert_eq!(bus.records("p-dlq").len(), 1, "the failing timer is reported");
         let left = service.state_store().due_timers(u64::MAX, 10).unwrap();
@@ -197,6 +206,10 @@ mod tests {
         fire_due(&pipeline, &bus, &*clock, &shutdown).await.unwrap();
         assert_eq!(bus.records("p-out").len(), 1, "no second effect");
         assert_eq!(service.state_store().timer_count().unwrap(), 2);
+        // Set again for the same time by another event: a new delivery.
+        set_by(&service, "echo", 1_500, "Echo", "another setter");
+        fire_due(&pipeline, &bus, &*clock, &shutdown).await.unwrap();
+        assert_eq!(bus.records("p-out").len(), 2);
     }
 
     #[tokio::test]

@@ -31,6 +31,8 @@ fn commit_number(n: u64) -> Commit {
             event_type: "Tick".into(),
             key: "k".into(),
             payload: n.to_string(),
+            set_by: format!("event-{n}"),
+            correlation_id: None,
         })],
         handled: Some(format!("event-{n}")),
         fired: None,

@@ -95,7 +95,9 @@ impl timers::Host for HostState {
     ) -> Result<(), state::StateError> {
         let payload = String::from_utf8(payload)
             .map_err(|_| state::StateError::Invalid("timer payload is not UTF-8 JSON".into()))?;
-        self.txn.timer(TimerChange::Set(Timer { id, at_ms, event_type, key, payload })).map_err(to_wit)
+        // `set_by` and `correlation_id` are filled in from the event at commit.
+        let timer = Timer { id, at_ms, event_type, key, payload, set_by: String::new(), correlation_id: None };
+        self.txn.timer(TimerChange::Set(timer)).map_err(to_wit)
     }
 
     fn cancel(&mut self, id: String) -> Result<(), state::StateError> {

@@ -353,6 +353,13 @@ impl ServiceRuntime {
         wrap: impl FnOnce(&[OutgoingEvent], &str) -> Result<Vec<OutboxRecord>, String>,
     ) -> Result<Handled, CallError> {
         let _serial = self.handle_lock.lock().await;
+        if let Some((id, at_ms)) = &fired
+            && self.store.timer(id)?.is_none_or(|t| t.at_ms != *at_ms)
+        {
+            // Cancelled or moved since it was found due: nothing to deliver.
+            tracing::debug!(component = %self.name, timer = %id, "timer no longer due, skipped");
+            return Ok(Handled { outgoing: Vec::new(), outbox: None, version: None, durable: Durable::done() });
+        }
         if self.store.was_handled(&event.id)? {
             tracing::debug!(component = %self.name, event_id = %event.id, "duplicate event dropped");
             return Ok(Handled {
@@ -374,7 +381,14 @@ impl ServiceRuntime {
         let outcome = match result {
             Ok(Ok(outgoing)) => match wrap(&outgoing, &component.sha256) {
                 Ok(records) => {
-                    let (writes, timers) = store.into_data().txn.into_changes();
+                    let (writes, mut timers) = store.into_data().txn.into_changes();
+                    let correlation = event.headers.iter().find(|(k, _)| k == "correlation-id").map(|(_, v)| v);
+                    for change in &mut timers {
+                        if let crate::state::TimerChange::Set(timer) = change {
+                            timer.set_by.clone_from(&event.id);
+                            timer.correlation_id = correlation.cloned();
+                        }
+                    }
                     let now_ms = self.clock.now_ms();
                     let handled = Some(event.id.clone());
                     let commit = Commit { writes, timers, handled, fired, outbox: records.clone(), now_ms };
@@ -394,6 +408,28 @@ impl ServiceRuntime {
             Err(err) => Err(self.trap(err)),
         };
         self.judge(&component, outcome)
+    }
+
+    /// Removes a timer that fired, or moves it to `retry_at_ms`, unless it
+    /// was cancelled or set again meanwhile. Serialized with `handle`.
+    ///
+    /// # Errors
+    /// The store's.
+    pub async fn settle_timer(&self, timer: &crate::state::Timer, retry_at_ms: Option<u64>) -> Result<(), StoreError> {
+        let _serial = self.handle_lock.lock().await;
+        if self.store.timer(&timer.id)?.as_ref() != Some(timer) {
+            return Ok(());
+        }
+        let now_ms = self.clock.now_ms();
+        let commit = match retry_at_ms {
+            Some(at_ms) => Commit {
+                timers: vec![crate::state::TimerChange::Set(crate::state::Timer { at_ms, ..timer.clone() })],
+                now_ms,
+                ..Commit::default()
+            },
+            None => Commit { fired: Some((timer.id.clone(), timer.at_ms)), now_ms, ..Commit::default() },
+        };
+        self.store.commit(commit)?.wait().await
     }
 
     /// Forgets the outbox entry of `source` once its records were

@@ -373,6 +373,15 @@ impl StateStore for DurableStore {
         Ok(())
     }
 
+    fn timer(&self, id: &str) -> Result<Option<Timer>, StoreError> {
+        let e = self.err("cannot read");
+        let timers = self.read()?.open_table(TIMERS).map_err(|x| e(&x))?;
+        match timers.get(id).map_err(|x| e(&x))? {
+            Some(bytes) => Ok(Some(decode(bytes.value(), &self.path)?)),
+            None => Ok(None),
+        }
+    }
+
     fn due_timers(&self, now_ms: u64, limit: usize) -> Result<Vec<Timer>, StoreError> {
         let e = self.err("cannot read");
         let read = self.read()?;

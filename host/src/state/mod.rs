@@ -123,6 +123,13 @@ pub struct Timer {
     pub key: String,
     /// JSON payload of the delivered event.
     pub payload: String,
+    /// Id of the event whose handling set the timer: part of the delivered
+    /// event's id, so a timer set again for the same time is a new event.
+    #[serde(default)]
+    pub set_by: String,
+    /// Correlation id of that event, carried on to the delivered one.
+    #[serde(default)]
+    pub correlation_id: Option<String>,
 }
 
 /// A change to a component's timers.
@@ -201,6 +208,12 @@ pub trait StateStore: Send + Sync + 'static {
     /// # Errors
     /// [`StoreError::Unavailable`] when the store cannot be written.
     fn clear_outbox(&self, source: &str) -> Result<(), StoreError>;
+
+    /// The pending timer `id`, if any.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the store cannot be read.
+    fn timer(&self, id: &str) -> Result<Option<Timer>, StoreError>;
 
     /// Timers due at `now_ms`, earliest first, at most `limit`.
     ///
@@ -348,6 +361,10 @@ impl StateStore for MemoryStore {
             maps.outbox.remove(&seq);
         }
         Ok(())
+    }
+
+    fn timer(&self, id: &str) -> Result<Option<Timer>, StoreError> {
+        Ok(self.maps().timers.get(id).cloned())
     }
 
     fn due_timers(&self, now_ms: u64, limit: usize) -> Result<Vec<Timer>, StoreError> {
@@ -539,7 +556,15 @@ mod contract {
     use super::*;
 
     fn timer(id: &str, at_ms: u64) -> Timer {
-        Timer { id: id.into(), at_ms, event_type: "Due".into(), key: "o1".into(), payload: "{}".into() }
+        Timer {
+            id: id.into(),
+            at_ms,
+            event_type: "Due".into(),
+            key: "o1".into(),
+            payload: "{}".into(),
+            set_by: "e0".into(),
+            correlation_id: None,
+        }
     }
 
     fn record(value: &str) -> OutboxRecord {
