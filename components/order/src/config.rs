@@ -39,8 +39,8 @@ impl Config {
         };
         Ok(Self {
             stock,
-            payment_deadline_ms: host.config_or("payment_deadline_ms", DEFAULT_PAYMENT_DEADLINE_MS)?,
-            compensation_retry_ms: host.config_or("compensation_retry_ms", DEFAULT_COMPENSATION_RETRY_MS)?,
+            payment_deadline_ms: positive(host, "payment_deadline_ms", DEFAULT_PAYMENT_DEADLINE_MS)?,
+            compensation_retry_ms: positive(host, "compensation_retry_ms", DEFAULT_COMPENSATION_RETRY_MS)?,
         })
     }
 
@@ -49,6 +49,15 @@ impl Config {
     pub fn retry_delay_ms(&self, attempts: u32) -> u64 {
         let cap = MAX_COMPENSATION_RETRY_MS.max(self.compensation_retry_ms);
         self.compensation_retry_ms.saturating_mul(1u64 << attempts.min(32)).min(cap)
+    }
+}
+
+/// A duration in milliseconds that must not be 0 (a zero deadline would
+/// cancel every order, a zero retry delay would spin).
+fn positive(host: &impl Host, key: &str, default: u64) -> Result<u64, HandleError> {
+    match host.config_or(key, default)? {
+        0 => Err(HandleError::Permanent(format!("config {key:?} must be greater than 0"))),
+        value => Ok(value),
     }
 }
 

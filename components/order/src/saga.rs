@@ -204,12 +204,19 @@ impl<H: Host> Saga<'_, H> {
         event_id: &str,
         voided: PaymentVoided,
     ) -> Result<Vec<Outgoing>, HandleError> {
-        if order.open_compensation() == Some(CompensationKind::Void) {
-            self.finish_compensation(order)?;
-            let note = format!("void confirmed, {} cents refunded ({})", voided.refunded_cents, voided.note);
-            order.note(event_id, self.now_ms, note);
+        if order.open_compensation() != Some(CompensationKind::Void) {
+            return Ok(Vec::new());
         }
-        Ok(Vec::new())
+        self.finish_compensation(order)?;
+        let note = format!("void confirmed, {} cents refunded ({})", voided.refunded_cents, voided.note);
+        order.note(event_id, self.now_ms, note);
+        // Only now is it known whether money was taken (a capture that beat
+        // the deadline is refunded by the void): the email says which.
+        let mut reason = order.reason.clone().unwrap_or_default();
+        if voided.refunded_cents > 0 {
+            reason.push_str("; the payment taken meanwhile was refunded in full");
+        }
+        Ok(vec![email(order, EmailKind::OrderCancelled, Some(reason))?])
     }
 
     /// No answer in time: cancel the order and make sure it is not charged.
@@ -220,9 +227,9 @@ impl<H: Host> Saga<'_, H> {
         order.compensation = Some(Compensation { kind: CompensationKind::Void, done: false, attempts: 0 });
         order.note(event_id, self.now_ms, "void requested");
         self.schedule_retry(order)?;
-        let mut out = vec![compensation_command(order)?];
-        out.extend(cancel(order, event_id, self.now_ms)?);
-        Ok(out)
+        // The email waits for the void's answer, which says whether a late
+        // capture had to be refunded.
+        Ok(vec![compensation_command(order)?, cancelled(order, event_id, self.now_ms)?])
     }
 
     /// The refund or void is still unconfirmed: ask again, later next time.
@@ -262,12 +269,16 @@ impl<H: Host> Saga<'_, H> {
 /// Moves an order to CANCELLED for its recorded reason; emits the outcome
 /// and the cancellation email.
 fn cancel(order: &mut Order, event_id: &str, now_ms: u64) -> Outputs {
+    let outcome = cancelled(order, event_id, now_ms)?;
+    Ok(vec![outcome, email(order, EmailKind::OrderCancelled, order.reason.clone())?])
+}
+
+/// Moves an order to CANCELLED for its recorded reason; returns the outcome.
+fn cancelled(order: &mut Order, event_id: &str, now_ms: u64) -> Result<Outgoing, HandleError> {
     let reason = order.reason.clone().unwrap_or_default();
     order.advance(Status::Cancelled, event_id, now_ms, format!("cancelled: {reason}"));
-    let cancelled =
-        OrderCancelled { order_id: order.order_id.clone(), total_cents: order.total_cents, reason: reason.clone() };
-    let outcome = Outgoing::json(topics::ORDERS, types::ORDER_CANCELLED, &order.order_id, &cancelled)?;
-    Ok(vec![outcome, email(order, EmailKind::OrderCancelled, Some(reason))?])
+    let cancelled = OrderCancelled { order_id: order.order_id.clone(), total_cents: order.total_cents, reason };
+    Outgoing::json(topics::ORDERS, types::ORDER_CANCELLED, &order.order_id, &cancelled)
 }
 
 /// The refund or void request of an order's compensation: the same payload
