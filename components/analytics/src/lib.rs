@@ -4,7 +4,8 @@
 //!
 //! Aggregates count *facts about orders*, each at most once per order, so a
 //! redelivered event never counts twice; `events_by_topic` and
-//! `events_by_type` count deliveries. Every update is commutative (counts,
+//! `events_by_type` count the events handed to the component (the host
+//! already drops a redelivered event id, so these count distinct events). Every update is commutative (counts,
 //! sums and per-order maxima), so the events of one order may arrive in any
 //! order across topics and the totals converge. Routes: `GET /stats`.
 
@@ -37,9 +38,9 @@ pub struct Stats {
     #[serde(default)]
     pub payments_voided: u64,
     pub emails_sent: u64,
-    /// Deliveries per topic, duplicates included.
+    /// Events handled per topic (each event id once: the host drops repeats).
     pub events_by_topic: BTreeMap<String, u64>,
-    /// Deliveries per event type, duplicates included.
+    /// Events handled per event type (each event id once).
     pub events_by_type: BTreeMap<String, u64>,
 }
 
