@@ -14,9 +14,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use rdkafka::Message as _;
-use rdkafka::message::{Header, Headers as _, OwnedHeaders};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
 use serde_json::{Value, json};
 use support::*;
 
@@ -25,7 +22,6 @@ const ORDERS: usize = 1_000;
 const MIN_KILLS: usize = 5;
 /// Units of `lamp` in stock: more orders want one, so some are compensated.
 const LAMPS: u64 = 30;
-const DUPLICATE_HEADER: &str = "test-duplicate";
 /// The order service's payment deadline in this test.
 const DEADLINE_MS: u64 = 6_000;
 
@@ -83,50 +79,6 @@ async fn place(client: &reqwest::Client, gateway: &str, i: usize) -> (String, u6
         assert!(Instant::now() < deadline, "order {i} not accepted within 180 s");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-/// Re-publishes every record of `topics` once more, as an independent
-/// client, until `stop`; returns how many duplicates it injected.
-fn duplicate_everything(brokers: String, topics: Vec<String>, stop: Arc<AtomicBool>, count: Arc<AtomicU64>) {
-    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-    let consumer = reader(&brokers, &names);
-    let producer: BaseProducer =
-        rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).set("acks", "all").create().unwrap();
-    while !stop.load(Ordering::SeqCst) {
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(message)) => {
-                let mut headers = OwnedHeaders::new();
-                let mut is_copy = false;
-                if let Some(original) = message.headers() {
-                    for h in original.iter() {
-                        is_copy |= h.key == DUPLICATE_HEADER;
-                        headers = headers.insert(Header { key: h.key, value: h.value });
-                    }
-                }
-                if is_copy {
-                    continue;
-                }
-                headers = headers.insert(Header { key: DUPLICATE_HEADER, value: Some("1") });
-                let key = message.key().unwrap_or_default().to_vec();
-                let payload = message.payload().unwrap_or_default().to_vec();
-                let mut record = BaseRecord::to(message.topic()).key(&key).payload(&payload).headers(headers);
-                loop {
-                    match producer.send(record) {
-                        Ok(()) => break,
-                        Err((_, back)) => {
-                            record = back;
-                            producer.poll(Duration::from_millis(50));
-                        }
-                    }
-                }
-                count.fetch_add(1, Ordering::SeqCst);
-            }
-            Some(Err(err)) => eprintln!("duplicator: {err}"),
-            None => {}
-        }
-        producer.poll(Duration::ZERO);
-    }
-    producer.flush(Duration::from_secs(30)).unwrap();
 }
 
 async fn get(client: &reqwest::Client, url: &str) -> Option<Value> {

@@ -10,14 +10,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use rdkafka::Message as _;
-use rdkafka::message::{Header, Headers as _, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
 use serde_json::{Value, json};
 use shop_host::envelope::Envelope;
 use support::*;
-
-const DUPLICATE_HEADER: &str = "test-duplicate";
 
 fn order(sku: &str, card: &str) -> Value {
     json!({
@@ -183,30 +179,6 @@ async fn a_missed_payment_deadline_cancels_and_the_late_payment_is_never_charged
     let emails = get(&client, &format!("http://127.0.0.1:{}/emails?order={id}", ports.email)).await.unwrap();
     let body = emails[0]["body"].as_str().unwrap();
     assert!(body.contains("You have not been charged"), "{body}");
-}
-
-/// Copies every record of `topics` once more until `stop`.
-fn duplicate_everything(brokers: String, topics: Vec<String>, stop: Arc<AtomicBool>, count: Arc<AtomicU64>) {
-    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-    let consumer = reader(&brokers, &names);
-    let producer: BaseProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
-    while !stop.load(Ordering::SeqCst) {
-        let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) else { continue };
-        let original = message.headers();
-        if original.is_some_and(|hs| hs.iter().any(|h| h.key == DUPLICATE_HEADER)) {
-            continue;
-        }
-        let mut headers = OwnedHeaders::new();
-        for h in original.iter().flat_map(|hs| hs.iter()) {
-            headers = headers.insert(Header { key: h.key, value: h.value });
-        }
-        headers = headers.insert(Header { key: DUPLICATE_HEADER, value: Some("1") });
-        let (key, payload) = (message.key().unwrap_or_default(), message.payload().unwrap_or_default());
-        producer.send(BaseRecord::to(message.topic()).key(key).payload(payload).headers(headers)).unwrap();
-        producer.poll(Duration::ZERO);
-        count.fetch_add(1, Ordering::SeqCst);
-    }
-    producer.flush(Duration::from_secs(10)).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,12 @@ use std::io::{BufRead as _, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+use rdkafka::Message as _;
+use rdkafka::message::{Header, Headers as _, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
 use std::time::{Duration, Instant};
 
 /// The repository root.
@@ -288,4 +293,52 @@ pub fn reader(brokers: &str, topics: &[&str]) -> rdkafka::consumer::BaseConsumer
         .unwrap();
     consumer.subscribe(topics).unwrap();
     consumer
+}
+
+/// Header marking the copies [`duplicate_everything`] injects.
+pub const DUPLICATE_HEADER: &str = "test-duplicate";
+
+/// Re-publishes every record of `topics` once more (same key, value and
+/// headers), as an independent client, until `stop`; counts the copies in
+/// `count`. Copies are marked so that they are not copied again.
+pub fn duplicate_everything(brokers: String, topics: Vec<String>, stop: Arc<AtomicBool>, count: Arc<AtomicU64>) {
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let consumer = reader(&brokers, &names);
+    let producer: BaseProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).set("acks", "all").create().unwrap();
+    while !stop.load(Ordering::SeqCst) {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(message)) => {
+                let mut headers = OwnedHeaders::new();
+                let mut is_copy = false;
+                if let Some(original) = message.headers() {
+                    for h in original.iter() {
+                        is_copy |= h.key == DUPLICATE_HEADER;
+                        headers = headers.insert(Header { key: h.key, value: h.value });
+                    }
+                }
+                if is_copy {
+                    continue;
+                }
+                headers = headers.insert(Header { key: DUPLICATE_HEADER, value: Some("1") });
+                let key = message.key().unwrap_or_default().to_vec();
+                let payload = message.payload().unwrap_or_default().to_vec();
+                let mut record = BaseRecord::to(message.topic()).key(&key).payload(&payload).headers(headers);
+                loop {
+                    match producer.send(record) {
+                        Ok(()) => break,
+                        Err((_, back)) => {
+                            record = back;
+                            producer.poll(Duration::from_millis(50));
+                        }
+                    }
+                }
+                count.fetch_add(1, Ordering::SeqCst);
+            }
+            Some(Err(err)) => eprintln!("duplicator: {err}"),
+            None => {}
+        }
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
 }
