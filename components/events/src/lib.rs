@@ -51,6 +51,15 @@ pub mod types {
     pub const EMAIL_SENT: &str = "EmailSent";
 }
 
+/// Decline codes with a meaning for the saga (`PaymentDeclined.code`).
+pub mod codes {
+    /// The request reached the payment service after its `deadline_ms`:
+    /// nothing was charged, and the order's deadline has passed too.
+    pub const DEADLINE_PASSED: &str = "deadline_passed";
+    /// The order was voided before its request was seen: nothing charged.
+    pub const VOIDED: &str = "voided";
+}
+
 /// Test card numbers: the checks the gateway and the payment service share.
 pub mod card {
     /// The card number without the spaces and dashes people type.

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use shop_events::{
     EmailKind, EmailRequested, OrderCancelled, OrderConfirmed, OrderPlaced, OrderRejected, PaymentAuthorized,
     PaymentDeclined, PaymentRefundRequested, PaymentRefunded, PaymentRequested, PaymentVoidRequested, PaymentVoided,
-    topics, types,
+    codes, topics, types,
 };
 use shop_sdk::{HandleError, Host, Level, Outgoing};
 
@@ -124,6 +124,12 @@ impl<H: Host> Saga<'_, H> {
     fn apply(&mut self, order: &mut Order, event_id: &str, answer: Answer) -> Outputs {
         match (order.status, answer) {
             (Status::Pending, Answer::Authorized(paid)) => self.authorized(order, event_id, paid),
+            // Payment refused the request as too late: that is the deadline
+            // passing, whichever of the two noticed it first.
+            (Status::Pending, Answer::Declined(declined)) if declined.code == codes::DEADLINE_PASSED => {
+                self.host.cancel(&deadline_timer(&order.order_id))?;
+                self.deadline_passed(order, event_id)
+            }
             (Status::Pending, Answer::Declined(declined)) => self.declined(order, event_id, declined),
             (Status::Compensating, Answer::Refunded(refunded)) => self.refunded(order, event_id, refunded),
             (Status::Cancelled, Answer::Voided(voided)) => Ok(self.voided(order, event_id, voided)?),
@@ -136,7 +142,10 @@ impl<H: Host> Saga<'_, H> {
                 );
                 Ok(Vec::new())
             }
-            (Status::Cancelled, Answer::Declined(declined)) if order.was_voided() => {
+            // A lateness decline says nothing the history does not already say.
+            (Status::Cancelled, Answer::Declined(declined))
+                if order.was_voided() && declined.code != codes::DEADLINE_PASSED =>
+            {
                 order.note_once(event_id, self.now_ms, format!("late decline ({}), nothing charged", declined.code));
                 Ok(Vec::new())
             }

@@ -278,6 +278,33 @@ fn no_answer_by_the_deadline_cancels_and_voids() {
 }
 
 #[test]
+fn a_decline_for_lateness_is_the_deadline_passing() {
+    // Payment saw the request after its deadline before the order's own
+    // deadline timer fired (the host was down, or the timer is a poll late).
+    let mut shop = Shop::new(&[("payment_deadline_ms", "3000"), ("compensation_retry_ms", "500")]);
+    shop.send(book("o1"));
+    let mut late = declined("o1");
+    let payload = PaymentDeclined {
+        order_id: "o1".into(),
+        amount_cents: 2500,
+        code: shop_events::codes::DEADLINE_PASSED.into(),
+        reason: "the payment request arrived after its deadline".into(),
+    };
+    late.payload = serde_json::to_vec(&payload).unwrap();
+    let out = shop.send(late);
+    assert_eq!(kinds(&out), [types::PAYMENT_VOID_REQUESTED, types::ORDER_CANCELLED]);
+    let order = shop.order("o1");
+    assert_eq!(order.status, Status::Cancelled);
+    assert_eq!(order.reason.as_deref(), Some("no answer from payment within 3000 ms"));
+    assert_eq!(shop.timer_at(&deadline_timer("o1")), None, "the deadline timer is cancelled");
+    assert_eq!(kinds(&shop.tick(4_000)), [types::PAYMENT_VOID_REQUESTED], "only the void retry is left");
+    let email: EmailRequested = shop.send(voided("o1", 0))[0].payload_json().unwrap();
+    assert_eq!(email.kind, EmailKind::OrderCancelled);
+    assert_duplicates_change_nothing(&mut shop);
+    assert_eq!(shop.emails("o1").len(), 1);
+}
+
+#[test]
 fn unconfirmed_refund_is_requested_again_with_doubling_delays() {
     let mut shop = Shop::new(&[("stock", "book=0"), ("compensation_retry_ms", "1000")]);
     shop.send(book("o1"));

@@ -7,10 +7,10 @@ use serde::{Deserialize, Serialize};
 use crate::Decision;
 
 /// Decline code of a request arriving after its `deadline_ms`.
-pub const DEADLINE_PASSED: &str = "deadline_passed";
+pub const DEADLINE_PASSED: &str = shop_events::codes::DEADLINE_PASSED;
 /// Decline code of an order whose payment was voided or refunded before any
 /// request: it must never be charged.
-pub const VOIDED: &str = "voided";
+pub const VOIDED: &str = shop_events::codes::VOIDED;
 
 /// What happened to the money of an order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
