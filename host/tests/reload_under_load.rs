@@ -159,7 +159,9 @@ async fn payment_is_swapped_five_times_under_a_stream_of_orders() {
     let stats_url = format!("http://127.0.0.1:{}/stats", ports.analytics);
     let stats = eventually(Duration::from_secs(120), "every order to settle", || async {
         let s: Value = client.get(&stats_url).send().await.ok()?.json().await.ok()?;
-        (s["orders_confirmed"].as_u64()? + s["orders_rejected"].as_u64()? == ORDERS as u64).then_some(s)
+        // Settled, and the last email reported back to analytics.
+        let settled = s["orders_confirmed"].as_u64()? + s["orders_rejected"].as_u64()? == ORDERS as u64;
+        (settled && s["emails_sent"] == ORDERS).then_some(s)
     })
     .await;
     assert_eq!(stats["orders_placed"], ORDERS, "{stats}");
