@@ -21,14 +21,6 @@ fn order(card: &str, quantity: u32) -> Value {
     })
 }
 
-async fn get_json(client: &reqwest::Client, url: &str) -> Option<Value> {
-    let response = client.get(url).send().await.ok()?;
-    if !response.status().is_success() {
-        return None;
-    }
-    response.json().await.ok()
-}
-
 /// Reads every record of `topics` from the beginning with a consumer of our
 /// own, independent of the host.
 fn read_topics(brokers: &str, topics: &[String]) -> Vec<(String, Value)> {

@@ -81,12 +81,6 @@ async fn place(client: &reqwest::Client, gateway: &str, i: usize) -> (String, u6
     }
 }
 
-async fn get(client: &reqwest::Client, url: &str) -> Option<Value> {
-    let response = client.get(url).timeout(Duration::from_secs(10)).send().await.ok()?;
-    response.status().is_success().then_some(())?;
-    response.json().await.ok()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_order_settles_exactly_once_across_sigkills_and_duplicates() {
     let brokers = brokers();
@@ -178,7 +172,7 @@ async fn every_order_settles_exactly_once_across_sigkills_and_duplicates() {
     for (i, id, total) in &orders {
         let url = format!("{gateway}/order/{id}");
         loop {
-            if let Some(order) = get(&client, &url).await
+            if let Some(order) = get_json(&client, &url).await
                 && ["CONFIRMED", "REJECTED", "CANCELLED"].contains(&order["status"].as_str().unwrap_or(""))
                 && order["compensation"]["done"] != false
             {
@@ -227,7 +221,7 @@ async fn every_order_settles_exactly_once_across_sigkills_and_duplicates() {
         }
 
         // The ledger: one capture, or capture + refund, or nothing.
-        let ledger = get(&client, &format!("http://127.0.0.1:{}/payments/{id}", ports.payment)).await;
+        let ledger = get_json(&client, &format!("http://127.0.0.1:{}/payments/{id}", ports.payment)).await;
         let ops = |kind: &str| {
             ledger
                 .as_ref()
@@ -248,7 +242,7 @@ async fn every_order_settles_exactly_once_across_sigkills_and_duplicates() {
         }
 
         // Exactly one email, of the final state's kind.
-        let emails = get(&client, &format!("http://127.0.0.1:{}/emails?order={id}", ports.email)).await;
+        let emails = get_json(&client, &format!("http://127.0.0.1:{}/emails?order={id}", ports.email)).await;
         let kinds: Vec<String> = emails
             .as_ref()
             .and_then(Value::as_array)
@@ -279,7 +273,7 @@ async fn every_order_settles_exactly_once_across_sigkills_and_duplicates() {
     let stats_url = format!("http://127.0.0.1:{}/stats", ports.analytics);
     let analytics_deadline = Instant::now() + Duration::from_secs(60);
     let stats = loop {
-        let stats = get(&client, &stats_url).await.unwrap_or_default();
+        let stats = get_json(&client, &stats_url).await.unwrap_or_default();
         let matches = expected_stats.as_object().unwrap().iter().all(|(k, v)| stats[k] == *v);
         if matches || Instant::now() > analytics_deadline {
             break stats;
@@ -296,7 +290,7 @@ async fn every_order_settles_exactly_once_across_sigkills_and_duplicates() {
     duplicator.join().unwrap();
     let mut dropped = 0;
     for port in [ports.payment, ports.order, ports.email, ports.analytics] {
-        let health = get(&client, &format!("http://127.0.0.1:{port}/health")).await.unwrap_or_default();
+        let health = get_json(&client, &format!("http://127.0.0.1:{port}/health")).await.unwrap_or_default();
         dropped += health["duplicates_dropped"].as_u64().unwrap_or(0);
     }
     eprintln!(

@@ -23,12 +23,6 @@ fn order(sku: &str, card: &str) -> Value {
     })
 }
 
-async fn get(client: &reqwest::Client, url: &str) -> Option<Value> {
-    let response = client.get(url).send().await.ok()?;
-    response.status().is_success().then_some(())?;
-    response.json().await.ok()
-}
-
 async fn place(client: &reqwest::Client, ports: Ports, body: &Value) -> String {
     let response = client.post(format!("http://127.0.0.1:{}/order", ports.gateway)).json(body).send().await.unwrap();
     assert_eq!(response.status(), 202);
@@ -39,7 +33,7 @@ async fn place(client: &reqwest::Client, ports: Ports, body: &Value) -> String {
 async fn settled(client: &reqwest::Client, ports: Ports, id: &str, status: &str) -> Value {
     let url = format!("http://127.0.0.1:{}/order/{id}", ports.gateway);
     eventually(Duration::from_secs(60), &format!("order {id} to be {status}"), || async {
-        let o = get(client, &url).await?;
+        let o = get_json(client, &url).await?;
         (o["status"] == status && o["compensation"]["done"] != false).then_some(o)
     })
     .await
@@ -55,19 +49,19 @@ fn steps(order: &Value) -> Vec<String> {
 }
 
 async fn ledger(client: &reqwest::Client, ports: Ports, id: &str) -> Value {
-    get(client, &format!("http://127.0.0.1:{}/payments/{id}", ports.payment)).await.unwrap_or(Value::Null)
+    get_json(client, &format!("http://127.0.0.1:{}/payments/{id}", ports.payment)).await.unwrap_or(Value::Null)
 }
 
 async fn email_kinds(client: &reqwest::Client, ports: Ports, id: &str) -> Vec<String> {
     let url = format!("http://127.0.0.1:{}/emails?order={id}", ports.email);
     let emails = eventually(Duration::from_secs(30), "an email", || async {
-        let e = get(client, &url).await?;
+        let e = get_json(client, &url).await?;
         (!e.as_array()?.is_empty()).then_some(e)
     })
     .await;
     // Give a second email, if one were coming, the time to show up.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let emails = get(client, &url).await.unwrap_or(emails);
+    let emails = get_json(client, &url).await.unwrap_or(emails);
     emails.as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap().to_owned()).collect()
 }
 
@@ -125,7 +119,7 @@ async fn confirmation_rejection_and_compensation_through_the_gateway() {
         "orders_cancelled": 1, "revenue_cents": 2500,
     });
     let stats = eventually(Duration::from_secs(30), "analytics", || async {
-        let s = get(&client, &stats_url).await?;
+        let s = get_json(&client, &stats_url).await?;
         expected.as_object().unwrap().iter().all(|(k, v)| s[k] == *v).then_some(s)
     })
     .await;
@@ -150,7 +144,7 @@ async fn a_missed_payment_deadline_cancels_and_the_late_payment_is_never_charged
     let id = place(&client, ports, &order("book", "4242424242424242")).await;
     let url = format!("http://127.0.0.1:{}/order/{id}", ports.gateway);
     let cancelled = eventually(Duration::from_secs(30), "the deadline to cancel the order", || async {
-        let o = get(&client, &url).await?;
+        let o = get_json(&client, &url).await?;
         (o["status"] == "CANCELLED").then_some(o)
     })
     .await;
@@ -159,7 +153,7 @@ async fn a_missed_payment_deadline_cancels_and_the_late_payment_is_never_charged
 
     // The void is retried while nobody answers...
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let retried = get(&client, &url).await.unwrap();
+    let retried = get_json(&client, &url).await.unwrap();
     assert!(retried["compensation"]["attempts"].as_u64().unwrap() >= 2, "{retried}");
 
     // ...then payment comes back (a restart with it), finds the request
@@ -178,7 +172,7 @@ async fn a_missed_payment_deadline_cancels_and_the_late_payment_is_never_charged
     // The cancellation email goes once the void is confirmed, and says what
     // the void found: nothing was charged.
     assert_eq!(email_kinds(&client, ports, &id).await, ["order_cancelled"], "exactly one email");
-    let emails = get(&client, &format!("http://127.0.0.1:{}/emails?order={id}", ports.email)).await.unwrap();
+    let emails = get_json(&client, &format!("http://127.0.0.1:{}/emails?order={id}", ports.email)).await.unwrap();
     let body = emails[0]["body"].as_str().unwrap();
     assert!(body.contains("You have not been charged"), "{body}");
 }
@@ -232,7 +226,7 @@ async fn every_event_delivered_twice_changes_nothing() {
         "revenue_cents": 25_000, "emails_sent": 30, "payments_refunded": 10, "payment_declines": 10,
     });
     let stats = eventually(Duration::from_secs(30), "analytics to converge", || async {
-        let s = get(&client, &stats_url).await?;
+        let s = get_json(&client, &stats_url).await?;
         expected.as_object().unwrap().iter().all(|(k, v)| s[k] == *v).then_some(s)
     })
     .await;
@@ -242,7 +236,7 @@ async fn every_event_delivered_twice_changes_nothing() {
     duplicator.join().unwrap();
     let mut dropped = 0;
     for port in [ports.payment, ports.order, ports.email, ports.analytics] {
-        dropped += get(&client, &format!("http://127.0.0.1:{port}/health")).await.unwrap()["duplicates_dropped"]
+        dropped += get_json(&client, &format!("http://127.0.0.1:{port}/health")).await.unwrap()["duplicates_dropped"]
             .as_u64()
             .unwrap();
     }
@@ -250,7 +244,7 @@ async fn every_event_delivered_twice_changes_nothing() {
     eprintln!("{injected} duplicates injected, {dropped} dropped by id; stats {stats}");
     assert!(injected >= 30 * 8, "every event was copied: {injected}");
     assert!(dropped >= 30 * 4, "the copies reached the components and were dropped: {dropped}");
-    let again = get(&client, &stats_url).await.unwrap();
+    let again = get_json(&client, &stats_url).await.unwrap();
     assert!(expected.as_object().unwrap().iter().all(|(k, v)| again[k] == *v), "{again}");
 }
 
@@ -285,7 +279,7 @@ async fn events_of_one_order_arriving_out_of_order_converge() {
         json!({ "order_id": early, "payment_id": format!("pay_{early}"), "amount_cents": 1250, "card_last4": "4242" });
     send("payments", &Envelope::originate("PaymentAuthorized", &early, "test", 1, authorized));
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(get(&client, &format!("http://127.0.0.1:{}/order/{early}", ports.gateway)).await.is_none());
+    assert!(get_json(&client, &format!("http://127.0.0.1:{}/order/{early}", ports.gateway)).await.is_none());
     send("orders", &Envelope::originate("OrderPlaced", &early, "test", 2, placed(&early)));
     let confirmed = settled(&client, ports, &early, "CONFIRMED").await;
     assert_eq!(email_kinds(&client, ports, &early).await, ["order_confirmed"], "{confirmed}");
@@ -298,7 +292,7 @@ async fn events_of_one_order_arriving_out_of_order_converge() {
     send("payments", &Envelope::originate("PaymentRequested", &voided, "test", 2, request));
     let url = format!("http://127.0.0.1:{}/payments/{voided}", ports.payment);
     let entry = eventually(Duration::from_secs(30), "the request to be refused", || async {
-        let e = get(&client, &url).await?;
+        let e = get_json(&client, &url).await?;
         e["operations"].as_array()?.iter().any(|op| op["kind"] == "decline").then_some(e)
     })
     .await;
@@ -312,7 +306,7 @@ async fn events_of_one_order_arriving_out_of_order_converge() {
     send("orders", &Envelope::originate("OrderConfirmed", &late, "test", 2, outcome));
     let stats_url = format!("http://127.0.0.1:{}/stats", ports.analytics);
     let before = eventually(Duration::from_secs(30), "analytics to count the early facts", || async {
-        let s = get(&client, &stats_url).await?;
+        let s = get_json(&client, &stats_url).await?;
         (s["orders_confirmed"] == 2).then_some(s)
     })
     .await;
@@ -321,7 +315,7 @@ async fn events_of_one_order_arriving_out_of_order_converge() {
     // were injected, not produced by it); once it settles, each fact counts once.
     settled(&client, ports, &late, "CONFIRMED").await;
     let stats = eventually(Duration::from_secs(30), "analytics to converge", || async {
-        let s = get(&client, &stats_url).await?;
+        let s = get_json(&client, &stats_url).await?;
         (s["orders_placed"] == 2 && s["emails_sent"] == 2).then_some(s)
     })
     .await;

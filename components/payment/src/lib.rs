@@ -137,21 +137,10 @@ fn decision_answer(entry: LedgerEntry) -> Result<Outgoing, HandleError> {
 /// yet gets a tombstone so that a late request is not charged. Always
 /// answers with the refund recorded.
 fn refund(host: &mut impl Host, req: &PaymentRefundRequested) -> Result<Vec<Outgoing>, HandleError> {
-    let now = host.now_ms();
-    let entry = match load(host, &req.order_id)? {
-        Some(mut entry) => {
-            if entry.refund(now, &req.reason) {
-                store(host, &entry)?;
-                host.log(Level::Info, "payment refunded", &[("order_id", &req.order_id)]);
-            }
-            entry
-        }
-        None => {
-            let entry = LedgerEntry::tombstone(&req.order_id, now, format!("refund requested first: {}", req.reason));
-            store(host, &entry)?;
-            entry
-        }
-    };
+    let tombstone_note = format!("refund requested first: {}", req.reason);
+    let entry = compensate(host, &req.order_id, tombstone_note, "payment refunded", |entry, now| {
+        entry.refund(now, &req.reason)
+    })?;
     let refunded = PaymentRefunded {
         order_id: entry.order_id,
         payment_id: entry.payment_id,
@@ -163,24 +152,41 @@ fn refund(host: &mut impl Host, req: &PaymentRefundRequested) -> Result<Vec<Outg
 /// Makes sure the order is not charged: a tombstone if nothing was decided
 /// yet, a full refund of a capture. Always answers with the outcome.
 fn void(host: &mut impl Host, req: &PaymentVoidRequested) -> Result<Vec<Outgoing>, HandleError> {
+    let entry = compensate(host, &req.order_id, req.reason.clone(), "captured payment voided", |entry, now| {
+        entry.void(now, &req.reason)
+    })?;
+    let voided =
+        PaymentVoided { order_id: req.order_id.clone(), refunded_cents: entry.refunded_cents, note: entry.void_note() };
+    Ok(vec![Outgoing::json(topics::PAYMENTS, types::PAYMENT_VOIDED, &req.order_id, &voided)?])
+}
+
+/// Applies a compensation to the order's ledger entry (`apply` says whether
+/// it changed anything: each happens once), or records a tombstone with
+/// `tombstone_note` when no payment was decided yet, so that a late request
+/// is never charged. Returns the entry as it now stands.
+fn compensate(
+    host: &mut impl Host,
+    order_id: &str,
+    tombstone_note: String,
+    done: &str,
+    apply: impl FnOnce(&mut LedgerEntry, u64) -> bool,
+) -> Result<LedgerEntry, HandleError> {
     let now = host.now_ms();
-    let entry = match load(host, &req.order_id)? {
+    let entry = match load(host, order_id)? {
         Some(mut entry) => {
-            if entry.void(now, &req.reason) {
+            if apply(&mut entry, now) {
                 store(host, &entry)?;
-                host.log(Level::Info, "captured payment voided", &[("order_id", &req.order_id)]);
+                host.log(Level::Info, done, &[("order_id", order_id)]);
             }
             entry
         }
         None => {
-            let entry = LedgerEntry::tombstone(&req.order_id, now, req.reason.clone());
+            let entry = LedgerEntry::tombstone(order_id, now, tombstone_note);
             store(host, &entry)?;
             entry
         }
     };
-    let voided =
-        PaymentVoided { order_id: req.order_id.clone(), refunded_cents: entry.refunded_cents, note: entry.void_note() };
-    Ok(vec![Outgoing::json(topics::PAYMENTS, types::PAYMENT_VOIDED, &req.order_id, &voided)?])
+    Ok(entry)
 }
 
 shop_sdk::export_service!(Payment);

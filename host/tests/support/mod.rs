@@ -252,6 +252,14 @@ where
     }
 }
 
+/// GETs `url` and decodes its JSON body; `None` on any failure or a
+/// non-2xx status (10 s timeout, so a killed host does not hang a test).
+pub async fn get_json(client: &reqwest::Client, url: &str) -> Option<serde_json::Value> {
+    let response = client.get(url).timeout(Duration::from_secs(10)).send().await.ok()?;
+    response.status().is_success().then_some(())?;
+    response.json().await.ok()
+}
+
 /// A fresh temporary directory.
 pub fn temp_dir(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("shop-{tag}-{}", uuid::Uuid::new_v4().simple()));
