@@ -44,11 +44,11 @@ impl Config {
         })
     }
 
-    /// The delay before compensation attempt `attempts + 1`: the configured
-    /// delay doubled per attempt already made, capped.
-    pub fn retry_delay_ms(&self, attempts: u32) -> u64 {
+    /// The delay before the next compensation attempt: the configured delay
+    /// doubled per retry already made, capped.
+    pub fn retry_delay_ms(&self, retries: u32) -> u64 {
         let cap = MAX_COMPENSATION_RETRY_MS.max(self.compensation_retry_ms);
-        self.compensation_retry_ms.saturating_mul(1u64 << attempts.min(32)).min(cap)
+        self.compensation_retry_ms.saturating_mul(1u64 << retries.min(32)).min(cap)
     }
 }
 

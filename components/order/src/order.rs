@@ -53,7 +53,7 @@ pub struct Compensation {
     pub kind: CompensationKind,
     /// Whether the payment service confirmed it.
     pub done: bool,
-    /// How many times the command was sent again.
+    /// How many times the command was sent (1 for the first request).
     pub attempts: u32,
 }
 

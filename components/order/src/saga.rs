@@ -180,7 +180,7 @@ impl<H: Host> Saga<'_, H> {
                 let reason = format!("out of stock: {}", short.join(", "));
                 order.note(event_id, self.now_ms, reason.clone());
                 order.reason = Some(reason);
-                order.compensation = Some(Compensation { kind: CompensationKind::Refund, done: false, attempts: 0 });
+                order.compensation = Some(Compensation { kind: CompensationKind::Refund, done: false, attempts: 1 });
                 order.advance(Status::Compensating, event_id, self.now_ms, "refund requested");
                 self.schedule_retry(order)?;
                 Ok(vec![compensation_command(order)?])
@@ -233,7 +233,7 @@ impl<H: Host> Saga<'_, H> {
         let waited = order.deadline_ms.unwrap_or(self.now_ms).saturating_sub(order.placed_at_ms());
         order.note(event_id, self.now_ms, "payment deadline passed");
         order.reason = Some(format!("no answer from payment within {waited} ms"));
-        order.compensation = Some(Compensation { kind: CompensationKind::Void, done: false, attempts: 0 });
+        order.compensation = Some(Compensation { kind: CompensationKind::Void, done: false, attempts: 1 });
         order.note(event_id, self.now_ms, "void requested");
         self.schedule_retry(order)?;
         // The email waits for the void's answer, which says whether a late
@@ -247,15 +247,15 @@ impl<H: Host> Saga<'_, H> {
             return Ok(Vec::new());
         };
         compensation.attempts += 1;
-        let note = format!("{:?} requested again (attempt {})", compensation.kind, compensation.attempts + 1);
+        let note = format!("{:?} requested again (attempt {})", compensation.kind, compensation.attempts);
         order.note(event_id, self.now_ms, note.to_lowercase());
         self.schedule_retry(order)?;
         Ok(vec![compensation_command(order)?])
     }
 
     fn schedule_retry(&mut self, order: &Order) -> Result<(), HandleError> {
-        let attempts = order.compensation.as_ref().map_or(0, |c| c.attempts);
-        let at_ms = self.now_ms.saturating_add(self.config.retry_delay_ms(attempts));
+        let sent = order.compensation.as_ref().map_or(1, |c| c.attempts);
+        let at_ms = self.now_ms.saturating_add(self.config.retry_delay_ms(sent.saturating_sub(1)));
         self.set_timer(&compensation_timer(&order.order_id), at_ms, COMPENSATION_RETRY, &order.order_id)
     }
 

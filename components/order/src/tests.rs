@@ -198,7 +198,7 @@ fn out_of_stock_after_payment_refunds_then_cancels() {
     assert_eq!((refund.amount_cents, refund.reason.as_str()), (2500, "out of stock: book"));
     let order = shop.order("o1");
     assert_eq!(order.status, Status::Compensating);
-    assert_eq!(order.compensation, Some(Compensation { kind: CompensationKind::Refund, done: false, attempts: 0 }));
+    assert_eq!(order.compensation, Some(Compensation { kind: CompensationKind::Refund, done: false, attempts: 1 }));
     assert!(order.reserved.is_empty());
     assert_eq!(shop.host.get_json::<u64>(&stock_key("book")).unwrap(), None, "stock untouched");
     assert_eq!(shop.timer_at(&compensation_timer("o1")), Some(1_500));
@@ -251,7 +251,7 @@ fn no_answer_by_the_deadline_cancels_and_voids() {
     assert_eq!(void.reason, "no answer from payment within 3000 ms");
     let order = shop.order("o1");
     assert_eq!(order.status, Status::Cancelled);
-    assert_eq!(order.compensation, Some(Compensation { kind: CompensationKind::Void, done: false, attempts: 0 }));
+    assert_eq!(order.compensation, Some(Compensation { kind: CompensationKind::Void, done: false, attempts: 1 }));
     assert!(notes(&order).contains(&"payment deadline passed"));
     assert_eq!(shop.timer_at(&compensation_timer("o1")), Some(4_500));
 
@@ -317,7 +317,7 @@ fn unconfirmed_refund_is_requested_again_with_doubling_delays() {
         fired_at.push(now);
     }
     assert_eq!(shop.timer_at(&compensation_timer("o1")), Some(32_000));
-    assert_eq!(shop.order("o1").compensation.map(|c| c.attempts), Some(4));
+    assert_eq!(shop.order("o1").compensation.map(|c| c.attempts), Some(5));
     assert_eq!(kinds(&shop.send(refunded("o1"))), [types::ORDER_CANCELLED, types::EMAIL_REQUESTED]);
     assert_eq!(shop.tick(1_000_000), vec![], "no more retries once refunded");
     // A retry event still in flight when the refund arrived does nothing.
@@ -437,7 +437,7 @@ fn query_shows_order_without_card_number() {
     assert_eq!(resp.status, 200);
     let body: serde_json::Value = resp.body_json().unwrap();
     assert_eq!(body["status"], "COMPENSATING");
-    assert_eq!(body["compensation"], serde_json::json!({"kind": "refund", "done": false, "attempts": 0}));
+    assert_eq!(body["compensation"], serde_json::json!({"kind": "refund", "done": false, "attempts": 1}));
     assert_eq!(body["reason"], "out of stock: book");
     assert_eq!(body["history"][0]["at_ms"], 1_000);
     assert!(body.get("card_number").is_none());
