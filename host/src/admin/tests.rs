@@ -57,7 +57,8 @@ async fn a_reload_swaps_versions_and_keeps_state() {
     assert_eq!((status, body["version"].as_str()), (StatusCode::OK, Some(sha(&order).as_str())), "{body}");
     assert_eq!(service.current().sha256, sha(&order));
     // The order service ignores this event type: the new version is serving.
-    assert!(crate::runtime::tests::handle(&service, &event("Echo", "x")).await.unwrap().outgoing.is_empty());
+    let handled = crate::runtime::tests::handle(&service, &event("Echo", "x")).await.unwrap();
+    assert!(crate::runtime::tests::emitted(&handled).is_empty());
 
     // An empty body reloads the manifest's file.
     let (status, body) = call(&app, "POST", "/components/svc/reload", Some(TOKEN), vec![]).await;

@@ -114,8 +114,6 @@ impl CallError {
 /// What a successful `handle` call produced.
 #[derive(Debug)]
 pub struct Handled {
-    /// Events the component emitted, in its order (empty for a duplicate).
-    pub outgoing: Vec<OutgoingEvent>,
     /// The records to publish now, committed in the outbox: this call's, or
     /// for a duplicate those still unpublished from the first handling.
     pub outbox: Option<OutboxEntry>,
@@ -358,12 +356,11 @@ impl ServiceRuntime {
         {
             // Cancelled or moved since it was found due: nothing to deliver.
             tracing::debug!(component = %self.name, timer = %id, "timer no longer due, skipped");
-            return Ok(Handled { outgoing: Vec::new(), outbox: None, version: None, durable: Durable::done() });
+            return Ok(Handled { outbox: None, version: None, durable: Durable::done() });
         }
         if self.store.was_handled(&event.id)? {
             tracing::debug!(component = %self.name, event_id = %event.id, "duplicate event dropped");
             return Ok(Handled {
-                outgoing: Vec::new(),
                 outbox: self.store.outbox(&event.id)?,
                 version: None,
                 durable: self.store.sync_point(),
@@ -398,7 +395,7 @@ impl ServiceRuntime {
                             created_ms: now_ms,
                             records,
                         });
-                        Handled { outgoing, outbox, version: Some(component.sha256.clone()), durable }
+                        Handled { outbox, version: Some(component.sha256.clone()), durable }
                     })
                 }
                 .map_err(CallError::Store),
