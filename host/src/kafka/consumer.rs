@@ -1,8 +1,9 @@
 //! One consumer group per component, at-least-once: a record's offset is
 //! stored only after the component handled it *and* everything it emitted
-//! was acknowledged. Records are handled one at a time in arrival order
-//! (which keeps per-partition order); publishing is pipelined, and offsets
-//! are stored strictly in arrival order.
+//! was acknowledged. Records are submitted to the service's pipeline in
+//! arrival order (which keeps per-partition order) and handled on its
+//! executor thread while this loop keeps reading; publishing is pipelined,
+//! and offsets are stored strictly in arrival order.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -196,8 +197,11 @@ async fn run(
     // Two stages, each in arrival order: a record's commit must be on disk
     // before its outputs are published, and they must be acknowledged before
     // its offset is stored.
-    let mut committing: FuturesOrdered<BoxFuture<'static, Committed>> = FuturesOrdered::new();
+    let mut committing: FuturesOrdered<BoxFuture<'static, Option<Committed>>> = FuturesOrdered::new();
     let mut in_flight: FuturesOrdered<BoxFuture<'static, Done>> = FuturesOrdered::new();
+    // Set when shutdown interrupted a record's retries: it and every later
+    // record stay unstored.
+    let mut interrupted = false;
     let result: anyhow::Result<()> = loop {
         tokio::select! {
             biased;
@@ -208,6 +212,10 @@ async fn run(
                 }
             }
             Some(committed) = committing.next(), if !committing.is_empty() => {
+                let Some(committed) = committed else {
+                    interrupted = true;
+                    break Ok(());
+                };
                 if let Err(err) = publish(publisher, &mut in_flight, committed).await {
                     break Err(err);
                 }
@@ -225,18 +233,20 @@ async fn run(
                 };
                 let record = inbound(&message);
                 drop(message);
-                let Some(disposition) = pipeline.process(&record, shutdown).await else { break Ok(()) };
-                let (topic, partition, offset) = (record.topic, record.partition, record.offset);
-                let (records, durable, outcome) = match disposition {
-                    Disposition::Publish { records, source, duplicate, durable } => {
-                        (records, durable, Outcome { topic, partition, offset, dead: false, duplicate, source })
-                    }
-                    Disposition::DeadLetter { record, .. } => {
-                        let outcome = Outcome { topic, partition, offset, dead: true, duplicate: false, source: None };
-                        (vec![record], Durable::done(), outcome)
-                    }
-                };
-                committing.push_back(Box::pin(async move { durable.wait().await.map(|()| (records, outcome)) }));
+                let (topic, partition, offset) = (record.topic.clone(), record.partition, record.offset);
+                let handled = pipeline.submit(record, shutdown);
+                committing.push_back(Box::pin(async move {
+                    let (records, durable, outcome) = match handled.await? {
+                        Disposition::Publish { records, source, duplicate, durable } => {
+                            (records, durable, Outcome { topic, partition, offset, dead: false, duplicate, source })
+                        }
+                        Disposition::DeadLetter { record, .. } => {
+                            let outcome = Outcome { topic, partition, offset, dead: true, duplicate: false, source: None };
+                            (vec![record], Durable::done(), outcome)
+                        }
+                    };
+                    Some(durable.wait().await.map(|()| (records, outcome)))
+                }));
             }
         }
     };
@@ -245,7 +255,8 @@ async fn run(
     // must not be marked done ahead of the one that failed.
     if result.is_ok() {
         let drained = tokio::time::timeout(Duration::from_secs(30), async {
-            while let Some(committed) = committing.next().await {
+            while !interrupted && let Some(committed) = committing.next().await {
+                let Some(committed) = committed else { break };
                 publish(publisher, &mut in_flight, committed).await?;
             }
             while let Some(done) = in_flight.next().await {

@@ -11,10 +11,12 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use crate::clock::Clock;
 use crate::state::{AccessError, Timer, TimerChange, Txn};
 
+// Synchronous calls: guests run on the pipeline's executor threads (and
+// queries on blocking threads), never on the async runtime, so no fiber
+// stack is needed per call.
 wasmtime::component::bindgen!({
     path: "../wit",
     world: "service",
-    exports: { default: async },
 });
 
 use shop::service::{clock, config, log, state, timers};

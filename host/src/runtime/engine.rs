@@ -11,6 +11,21 @@ use super::HostState;
 /// How often the epoch advances; a call's budget is rounded up to it.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
+/// Largest linear memory a component may be granted (`memory_mib` ≤ 4096).
+pub const MAX_MEMORY_BYTES: usize = 4096 << 20;
+
+/// Deepest Wasm stack of a call. Guests run on the caller's native stack, so
+/// the threads that call them have [`CALL_THREAD_STACK`] bytes.
+pub const MAX_WASM_STACK: usize = 512 << 10;
+
+/// Native stack of a thread that calls guests: the Wasm stack plus room for
+/// the host functions it calls.
+pub const CALL_THREAD_STACK: usize = 8 << 20;
+
+/// Component instances alive at once across all services: one call per
+/// service executor, the query pools and reload trials fit well within it.
+const POOL_INSTANCES: u32 = 128;
+
 /// The engine and linker shared by every component; cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
@@ -41,7 +56,18 @@ impl Engine {
     pub fn with_cache(cache_dir: Option<std::path::PathBuf>) -> anyhow::Result<Self> {
         let mut config = wasmtime::Config::new();
         config.epoch_interruption(true);
-        config.max_wasm_stack(512 * 1024);
+        config.max_wasm_stack(MAX_WASM_STACK);
+        // A fresh instance per call comes from a pool of pre-reserved slots
+        // whose memory is reset, not unmapped: no mmap/munmap per call.
+        let mut pool = wasmtime::PoolingAllocationConfig::new();
+        pool.total_component_instances(POOL_INSTANCES)
+            .total_core_instances(POOL_INSTANCES * 8)
+            .total_memories(POOL_INSTANCES * 2)
+            .total_tables(POOL_INSTANCES * 4)
+            .max_memory_size(MAX_MEMORY_BYTES)
+            .linear_memory_keep_resident(1 << 20)
+            .table_keep_resident(64 << 10);
+        config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
         let engine = wasmtime::Engine::new(&config).map_err(anyhow::Error::from)?;
         let linker = super::linker(&engine).map_err(anyhow::Error::from)?;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));

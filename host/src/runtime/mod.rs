@@ -19,10 +19,10 @@ use wasmtime::{Store, StoreLimitsBuilder, Trap};
 pub use bindings::{Event, HandleError, HostState, OutgoingEvent, Request, Response};
 pub use cache::ComponentCache;
 pub use canary::CanaryPolicy;
-pub use engine::{EPOCH_TICK, Engine};
+pub use engine::{CALL_THREAD_STACK, EPOCH_TICK, Engine};
 
 use crate::clock::Clock;
-use crate::state::{Commit, Durable, OutboxEntry, OutboxRecord, StateStore, StoreError, Txn};
+use crate::state::{Commit, OutboxRecord, StateRead, StateStore, StoreError, StoreReader, TimerChange, Txn, Write};
 
 /// A component that cannot be served.
 #[derive(Debug, thiserror::Error)]
@@ -111,25 +111,17 @@ impl CallError {
     }
 }
 
-/// What a successful `handle` call produced.
+/// What a successful `handle` call produced, nothing of it committed yet.
 #[derive(Debug)]
-pub struct Handled {
-    /// The records to publish now, committed in the outbox: this call's, or
-    /// for a duplicate those still unpublished from the first handling.
-    pub outbox: Option<OutboxEntry>,
-    /// The version (sha256) that handled the event; `None` for a duplicate,
-    /// which was not handed to the component again.
-    pub version: Option<String>,
-    /// Resolves once the commit (for a duplicate: everything committed so
-    /// far) is on disk; `outbox` may be published only after that.
-    pub durable: Durable,
-}
-
-impl Handled {
-    /// Whether the event had been handled before and was dropped.
-    pub fn is_duplicate(&self) -> bool {
-        self.version.is_none()
-    }
+pub struct Called {
+    /// The records to publish, as `wrap` made them from the emitted events.
+    pub records: Vec<OutboxRecord>,
+    /// The state writes, in key order.
+    pub writes: Vec<Write>,
+    /// The timer changes, in call order (`set_by` not yet filled in).
+    pub timers: Vec<TimerChange>,
+    /// The version (sha256) that handled the event.
+    pub version: String,
 }
 
 /// Resource bounds of every call into a component.
@@ -172,10 +164,16 @@ pub struct ServiceRuntime {
     config: Arc<HashMap<String, String>>,
     clock: Arc<dyn Clock>,
     limits: Limits,
-    /// Serializes `handle` calls: each reads and writes the shared state, so
-    /// two concurrent calls could interleave a read-modify-write.
+    /// Serializes handling (a batch of the pipeline's executor), timer
+    /// settling and version switches: each reads and writes the shared
+    /// state, so two at once could interleave a read-modify-write.
     handle_lock: tokio::sync::Mutex<()>,
+    /// Queries running at once, at most [`MAX_QUERIES`].
+    queries: tokio::sync::Semaphore,
 }
+
+/// Queries one service answers at once; more wait their turn.
+pub const MAX_QUERIES: usize = 4;
 
 /// What a [`ServiceRuntime`] is built from.
 pub struct ServiceSpec {
@@ -208,7 +206,14 @@ impl ServiceRuntime {
             clock: spec.clock,
             limits: spec.limits,
             handle_lock: tokio::sync::Mutex::new(()),
+            queries: tokio::sync::Semaphore::new(MAX_QUERIES),
         }
+    }
+
+    /// Takes the handling lock from a thread outside the async runtime (the
+    /// pipeline's executor).
+    pub fn serial_blocking(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.handle_lock.blocking_lock()
     }
 
     /// The service's name.
@@ -253,13 +258,13 @@ impl ServiceRuntime {
         let at_ms = self.clock.now_ms();
         let path = PathBuf::from(source);
         let engine = self.engine.clone();
-        let compiled = tokio::task::spawn_blocking(move || LoadedComponent::from_bytes(&engine, &path, &bytes))
-            .await
-            .unwrap_or_else(|err| Err(LoadError::Compile { path: source.into(), message: err.to_string() }));
-        let checked = match compiled {
-            Ok(component) => self.trial_instantiate(component).await,
-            Err(err) => Err(err),
-        };
+        let trial = self.trial_store_parts();
+        let checked = tokio::task::spawn_blocking(move || {
+            let component = LoadedComponent::from_bytes(&engine, &path, &bytes)?;
+            trial.instantiate(&engine, component)
+        })
+        .await
+        .unwrap_or_else(|err| Err(LoadError::Compile { path: source.into(), message: err.to_string() }));
         let component = match checked {
             Ok(component) => Arc::new(component),
             Err(err) => {
@@ -293,14 +298,14 @@ impl ServiceRuntime {
         Ok(component)
     }
 
-    async fn trial_instantiate(&self, component: LoadedComponent) -> Result<LoadedComponent, LoadError> {
-        let mut store = self.new_store(Txn::read_only(self.store.clone()));
-        match component.pre.instantiate_async(&mut store).await {
-            Ok(_) => Ok(component),
-            Err(err) => Err(LoadError::World {
-                path: component.path.clone(),
-                message: format!("instantiation failed: {err:#}"),
-            }),
+    fn trial_store_parts(&self) -> StoreParts {
+        StoreParts {
+            name: self.name.clone(),
+            view: Arc::new(StoreReader(self.store.clone())),
+            config: self.config.clone(),
+            clock: self.clock.clone(),
+            limits: self.limits,
+            read_only: true,
         }
     }
 
@@ -309,14 +314,15 @@ impl ServiceRuntime {
         &self.store
     }
 
-    fn new_store(&self, txn: Txn) -> Store<HostState> {
-        let limits = StoreLimitsBuilder::new().memory_size(self.limits.memory_bytes).instances(4).build();
-        let state = HostState::new(self.name.clone(), txn, self.config.clone(), self.clock.clone(), limits);
-        let mut store = Store::new(self.engine.wasmtime(), state);
-        store.limiter(|s| &mut s.limits);
-        store.set_epoch_deadline(self.engine.ticks_for(self.limits.timeout));
-        store.epoch_deadline_trap();
-        store
+    fn parts(&self, view: Arc<dyn StateRead>, read_only: bool) -> StoreParts {
+        StoreParts {
+            name: self.name.clone(),
+            view,
+            config: self.config.clone(),
+            clock: self.clock.clone(),
+            limits: self.limits,
+            read_only,
+        }
     }
 
     fn trap(&self, err: wasmtime::Error) -> CallError {
@@ -329,76 +335,32 @@ impl ServiceRuntime {
         CallError::Trap(message)
     }
 
-    /// Handles one event, effectively once.
-    ///
-    /// An event id already handled is not handed to the component again: the
-    /// result is a duplicate carrying whatever of its outputs is still
-    /// unpublished. Otherwise `handle` runs on a fresh instance and, if it
-    /// returns `ok`, `wrap` turns its events into the records to publish,
-    /// and one [`Commit`] stores together the state writes, the timer
-    /// changes, the event id (and removal of the `fired` timer that caused
-    /// it) and the records in the outbox. Wait for [`Handled::durable`],
-    /// publish them, then call [`ServiceRuntime::published`].
+    /// Calls the component's `handle` on a fresh instance, reading `view`,
+    /// and lets `wrap` turn what it emitted into records (given the events
+    /// and the version). Nothing is committed: the pipeline owns
+    /// deduplication, the commit and the outbox. The outcome feeds the
+    /// canary watch of a freshly reloaded version. Runs the guest on the
+    /// calling thread: call it from a thread outside the async runtime.
     ///
     /// # Errors
-    /// [`CallError`]; in every case nothing was committed. A `wrap` failure
-    /// (the component emitted something unpublishable) is a permanent
-    /// component error.
-    pub async fn handle(
+    /// [`CallError::Handle`] for the component's own error or a `wrap`
+    /// failure (permanent), [`CallError::Trap`] when the instance trapped,
+    /// [`CallError::Canary`] for a failure of a version under watch.
+    pub fn call(
         &self,
         event: &Event,
-        fired: Option<(String, u64)>,
+        view: Arc<dyn StateRead>,
         wrap: impl FnOnce(&[OutgoingEvent], &str) -> Result<Vec<OutboxRecord>, String>,
-    ) -> Result<Handled, CallError> {
-        let _serial = self.handle_lock.lock().await;
-        if let Some((id, at_ms)) = &fired
-            && self.store.timer(id)?.is_none_or(|t| t.at_ms != *at_ms)
-        {
-            // Cancelled or moved since it was found due: nothing to deliver.
-            tracing::debug!(component = %self.name, timer = %id, "timer no longer due, skipped");
-            return Ok(Handled { outbox: None, version: None, durable: Durable::done() });
-        }
-        if self.store.was_handled(&event.id)? {
-            tracing::debug!(component = %self.name, event_id = %event.id, "duplicate event dropped");
-            return Ok(Handled {
-                outbox: self.store.outbox(&event.id)?,
-                version: None,
-                durable: self.store.sync_point(),
-            });
-        }
+    ) -> Result<Called, CallError> {
         let component = self.current();
-        let mut store = self.new_store(Txn::new(self.store.clone()));
-        let started = Instant::now();
-        let result = async {
-            let instance = component.pre.instantiate_async(&mut store).await?;
-            instance.call_handle(&mut store, event).await
-        }
-        .await;
-        tracing::trace!(component = %self.name, elapsed = ?started.elapsed(), "handle call");
+        let mut store = self.parts(view, false).store(&self.engine);
+        let result = component.pre.instantiate(&mut store).and_then(|instance| instance.call_handle(&mut store, event));
         let outcome = match result {
             Ok(Ok(outgoing)) => match wrap(&outgoing, &component.sha256) {
                 Ok(records) => {
-                    let (writes, mut timers) = store.into_data().txn.into_changes();
-                    let correlation = event.headers.iter().find(|(k, _)| k == "correlation-id").map(|(_, v)| v);
-                    for change in &mut timers {
-                        if let crate::state::TimerChange::Set(timer) = change {
-                            timer.set_by.clone_from(&event.id);
-                            timer.correlation_id = correlation.cloned();
-                        }
-                    }
-                    let now_ms = self.clock.now_ms();
-                    let handled = Some(event.id.clone());
-                    let commit = Commit { writes, timers, handled, fired, outbox: records.clone(), now_ms };
-                    self.store.commit(commit).map(|durable| {
-                        let outbox = (!records.is_empty()).then(|| OutboxEntry {
-                            source: event.id.clone(),
-                            created_ms: now_ms,
-                            records,
-                        });
-                        Handled { outbox, version: Some(component.sha256.clone()), durable }
-                    })
+                    let (writes, timers) = store.into_data().txn.into_changes();
+                    Ok(Called { records, writes, timers, version: component.sha256.clone() })
                 }
-                .map_err(CallError::Store),
                 Err(reason) => Err(CallError::Handle(HandleError::Permanent(reason))),
             },
             Ok(Err(err)) => Err(CallError::Handle(err)),
@@ -440,7 +402,7 @@ impl ServiceRuntime {
     /// Feeds an outcome to the canary watch, rolling back if it says so.
     /// Failures of a watched version are made retryable so that the event
     /// is tried again, on the restored version after a rollback.
-    fn judge(&self, component: &LoadedComponent, outcome: Result<Handled, CallError>) -> Result<Handled, CallError> {
+    fn judge<T>(&self, component: &LoadedComponent, outcome: Result<T, CallError>) -> Result<T, CallError> {
         match self.canary.observe(&component.sha256, outcome.is_ok()) {
             canary::Verdict::Unwatched | canary::Verdict::Watching if outcome.is_ok() => outcome,
             canary::Verdict::Unwatched => outcome,
@@ -468,26 +430,66 @@ impl ServiceRuntime {
         }
     }
 
-    /// Runs `query` on a fresh instance with a read-only view of the state.
+    /// Runs `query` on a fresh instance with a read-only view of the state,
+    /// on a blocking thread, at most [`MAX_QUERIES`] at once.
     ///
     /// # Errors
     /// [`CallError::Trap`] when the instance traps.
     pub async fn query(&self, request: &Request) -> Result<Response, CallError> {
+        let _permit = self.queries.acquire().await.map_err(|e| CallError::Trap(e.to_string()))?;
         let component = self.current();
-        let mut store = self.new_store(Txn::read_only(self.store.clone()));
-        let result = async {
-            let instance = component.pre.instantiate_async(&mut store).await?;
-            instance.call_query(&mut store, request).await
-        }
-        .await;
+        let parts = self.parts(Arc::new(StoreReader(self.store.clone())), true);
+        let engine = self.engine.clone();
+        let request = request.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut store = parts.store(&engine);
+            component.pre.instantiate(&mut store).and_then(|instance| instance.call_query(&mut store, &request))
+        })
+        .await
+        .map_err(|err| CallError::Trap(format!("query thread failed: {err}")))?;
         result.map_err(|err| self.trap(err))
+    }
+}
+
+/// What a call's store is made from; sendable to the thread that runs it.
+struct StoreParts {
+    name: Arc<str>,
+    view: Arc<dyn StateRead>,
+    config: Arc<HashMap<String, String>>,
+    clock: Arc<dyn Clock>,
+    limits: Limits,
+    read_only: bool,
+}
+
+impl StoreParts {
+    fn store(self, engine: &Engine) -> Store<HostState> {
+        let limits = StoreLimitsBuilder::new().memory_size(self.limits.memory_bytes).instances(4).build();
+        let txn = if self.read_only { Txn::read_only(self.view) } else { Txn::new(self.view) };
+        let state = HostState::new(self.name, txn, self.config, self.clock, limits);
+        let mut store = Store::new(engine.wasmtime(), state);
+        store.limiter(|s| &mut s.limits);
+        store.set_epoch_deadline(engine.ticks_for(self.limits.timeout));
+        store.epoch_deadline_trap();
+        store
+    }
+
+    /// Instantiates `component` once, to refuse a version that cannot start.
+    fn instantiate(self, engine: &Engine, component: LoadedComponent) -> Result<LoadedComponent, LoadError> {
+        let mut store = self.store(engine);
+        match component.pre.instantiate(&mut store) {
+            Ok(_) => Ok(component),
+            Err(err) => Err(LoadError::World {
+                path: component.path.clone(),
+                message: format!("instantiation failed: {err:#}"),
+            }),
+        }
     }
 }
 
 /// Builds the linker every component is checked against.
 fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostState>> {
     let mut linker = Linker::new(engine);
-    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
     bindings::Service::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |state| state)?;
     Ok(linker)
 }

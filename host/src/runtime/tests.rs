@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::clock::ManualClock;
-use crate::state::MemoryStore;
+use crate::state::{MemoryStore, OutboxEntry};
 
 pub(crate) fn wasm(name: &str) -> PathBuf {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../target/wasm32-wasip2/release/{name}.wasm"));
@@ -43,10 +43,23 @@ pub(crate) fn event(event_type: &str, key: &str) -> Event {
     }
 }
 
-/// Handles `event`, putting what the component emitted in the outbox as
-/// records of its logical topic with the payload as value.
+/// What [`handle`] produced: the outbox entry committed, and the version.
+#[derive(Debug)]
+pub(crate) struct Handled {
+    pub outbox: Option<OutboxEntry>,
+    pub version: Option<String>,
+}
+
+/// Handles `event` as the pipeline would, on a thread of its own (guests
+/// never run on the async runtime), putting what the component emitted in
+/// the outbox as records of its logical topic with the payload as value.
+/// An event handled before is not handled again (`version` is `None`).
 pub(crate) async fn handle(rt: &ServiceRuntime, event: &Event) -> Result<Handled, CallError> {
-    rt.handle(event, None, |outgoing, _| {
+    let store = rt.state_store().clone();
+    if store.was_handled(&event.id)? {
+        return Ok(Handled { outbox: store.outbox(&event.id)?, version: None });
+    }
+    let wrap = |outgoing: &[OutgoingEvent], _: &str| {
         Ok(outgoing
             .iter()
             .map(|out| OutboxRecord {
@@ -56,8 +69,18 @@ pub(crate) async fn handle(rt: &ServiceRuntime, event: &Event) -> Result<Handled
                 headers: vec![("event-type".to_owned(), out.event_type.clone())],
             })
             .collect())
-    })
-    .await
+    };
+    let view: Arc<dyn StateRead> = Arc::new(StoreReader(store.clone()));
+    let called = std::thread::scope(|s| s.spawn(|| rt.call(event, view, wrap)).join().unwrap())?;
+    let commit = Commit {
+        writes: called.writes,
+        timers: called.timers,
+        handled: Some(event.id.clone()),
+        outbox: called.records,
+        ..Commit::default()
+    };
+    store.commit(commit)?.wait().await?;
+    Ok(Handled { outbox: store.outbox(&event.id)?, version: Some(called.version) })
 }
 
 /// The event types of the records `handled` put in the outbox.

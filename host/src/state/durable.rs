@@ -126,50 +126,66 @@ impl DurableStore {
         self.db.begin_read().map_err(|e| self.err("cannot read")(&e))
     }
 
-    fn apply(&self, commit: Commit) -> Result<(), redb::Error> {
+    fn apply(&self, commits: &[Commit]) -> Result<(), redb::Error> {
         let mut write = self.db.begin_write()?;
         // Made durable by the flusher, together with its neighbours.
         write.set_durability(Durability::None).map_err(|e| redb::Error::Corrupted(e.to_string()))?;
-        // Tables are opened only when touched: each costs pages to rewrite.
-        if !commit.writes.is_empty() {
-            let mut state = write.open_table(STATE)?;
-            for (key, value) in &commit.writes {
-                match value {
-                    Some(value) => state.insert(key.as_str(), value.as_slice())?,
-                    None => state.remove(key.as_str())?,
-                };
-            }
-        }
-        if commit.fired.is_some() || !commit.timers.is_empty() {
-            let mut timers = write.open_table(TIMERS)?;
-            let mut due = write.open_table(TIMERS_DUE)?;
-            if let Some((id, at_ms)) = &commit.fired {
-                remove_timer(&mut timers, &mut due, id, Some(*at_ms))?;
-            }
-            for change in &commit.timers {
-                match change {
-                    TimerChange::Set(timer) => {
-                        remove_timer(&mut timers, &mut due, &timer.id, None)?;
-                        timers.insert(timer.id.as_str(), json(timer).as_slice())?;
-                        due.insert((timer.at_ms, timer.id.as_str()), ())?;
-                    }
-                    TimerChange::Cancel(id) => remove_timer(&mut timers, &mut due, id, None)?,
-                }
-            }
-        }
-        if let Some(source) = &commit.handled {
-            write.open_table(HANDLED)?.insert(source.as_str(), commit.now_ms)?;
-            if !commit.outbox.is_empty() {
-                let mut outbox = write.open_table(OUTBOX)?;
-                let seq = outbox.last()?.map_or(0, |(k, _)| k.value() + 1);
-                let entry = OutboxEntry { source: source.clone(), created_ms: commit.now_ms, records: commit.outbox };
-                outbox.insert(seq, json(&entry).as_slice())?;
-                write.open_table(OUTBOX_BY_SOURCE)?.insert(source.as_str(), seq)?;
-            }
+        for commit in commits {
+            apply_one(&write, commit)?;
         }
         write.commit()?;
         Ok(())
     }
+}
+
+/// An [`OutboxEntry`] serialized without copying its records.
+#[derive(serde::Serialize)]
+struct EntryRef<'a> {
+    source: &'a str,
+    created_ms: u64,
+    records: &'a [super::OutboxRecord],
+}
+
+/// Adds one event's changes to the write transaction `write`.
+fn apply_one(write: &redb::WriteTransaction, commit: &Commit) -> Result<(), redb::Error> {
+    // Tables are opened only when touched: each costs pages to rewrite.
+    if !commit.writes.is_empty() {
+        let mut state = write.open_table(STATE)?;
+        for (key, value) in &commit.writes {
+            match value {
+                Some(value) => state.insert(key.as_str(), value.as_slice())?,
+                None => state.remove(key.as_str())?,
+            };
+        }
+    }
+    if commit.fired.is_some() || !commit.timers.is_empty() {
+        let mut timers = write.open_table(TIMERS)?;
+        let mut due = write.open_table(TIMERS_DUE)?;
+        if let Some((id, at_ms)) = &commit.fired {
+            remove_timer(&mut timers, &mut due, id, Some(*at_ms))?;
+        }
+        for change in &commit.timers {
+            match change {
+                TimerChange::Set(timer) => {
+                    remove_timer(&mut timers, &mut due, &timer.id, None)?;
+                    timers.insert(timer.id.as_str(), json(timer).as_slice())?;
+                    due.insert((timer.at_ms, timer.id.as_str()), ())?;
+                }
+                TimerChange::Cancel(id) => remove_timer(&mut timers, &mut due, id, None)?,
+            }
+        }
+    }
+    if let Some(source) = &commit.handled {
+        write.open_table(HANDLED)?.insert(source.as_str(), commit.now_ms)?;
+        if !commit.outbox.is_empty() {
+            let mut outbox = write.open_table(OUTBOX)?;
+            let seq = outbox.last()?.map_or(0, |(k, _)| k.value() + 1);
+            let entry = EntryRef { source, created_ms: commit.now_ms, records: &commit.outbox };
+            outbox.insert(seq, json(&entry).as_slice())?;
+            write.open_table(OUTBOX_BY_SOURCE)?.insert(source.as_str(), seq)?;
+        }
+    }
+    Ok(())
 }
 
 impl Drop for DurableStore {
@@ -317,7 +333,11 @@ impl StateStore for DurableStore {
     }
 
     fn commit(&self, commit: Commit) -> Result<Durable, StoreError> {
-        self.apply(commit).map_err(|e| self.err("cannot commit to")(&e))?;
+        self.commit_batch(std::slice::from_ref(&commit))
+    }
+
+    fn commit_batch(&self, commits: &[Commit]) -> Result<Durable, StoreError> {
+        self.apply(commits).map_err(|e| self.err("cannot commit to")(&e))?;
         let seq = self.shared.committed.fetch_add(1, Ordering::SeqCst) + 1;
         self.shared.wake(|_| {});
         Ok(Durable { seq, flushed: Some(self.flushed.clone()) })

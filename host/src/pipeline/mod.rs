@@ -1,8 +1,18 @@
-//! From one inbound record to the records to publish: decode the envelope,
-//! call the component (retrying what may succeed later), wrap what it
-//! emitted in envelopes, or set the record aside on the dead-letter topic.
-//! Adapter-neutral: the Kafka consumer and the in-memory tests both drive it.
+//! The processing core: from inbound records (and due timers) to the records
+//! to publish. Decode the envelope, drop what was handled before, call the
+//! component (retrying what may succeed later), wrap what it emitted in
+//! envelopes and commit it with the state changes, or set the record aside
+//! on the dead-letter topic.
+//!
+//! Each service has one executor thread ([`executor`]) that handles
+//! records in submission order, in batches committed as one store
+//! transaction; guests and commits never run on the async runtime.
+//! Adapter-neutral: the Kafka consumer, the scheduler and the in-memory
+//! tests all drive it through [`Pipeline::submit`].
 
+mod executor;
+
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -79,8 +89,14 @@ pub enum Disposition {
     DeadLetter { record: Outbound, reason: String },
 }
 
-/// One component's processing pipeline.
+/// One component's processing pipeline: a handle on its executor thread.
 pub struct Pipeline {
+    core: Arc<Core>,
+    jobs: std::sync::mpsc::Sender<executor::Job>,
+}
+
+/// What the executor needs to handle a record.
+struct Core {
     service: Arc<ServiceRuntime>,
     topics: Topics,
     retry: RetryPolicy,
@@ -88,84 +104,67 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// A pipeline feeding `service`.
+    /// A pipeline feeding `service`, with its executor thread.
+    ///
+    /// # Panics
+    /// If the operating system cannot start a thread.
     pub fn new(service: Arc<ServiceRuntime>, topics: Topics, retry: RetryPolicy, clock: Arc<dyn Clock>) -> Self {
-        Self { service, topics, retry, clock }
+        let core = Arc::new(Core { service, topics, retry, clock });
+        let jobs = executor::start(core.clone());
+        Self { core, jobs }
     }
 
     /// The service behind this pipeline.
     pub fn service(&self) -> &Arc<ServiceRuntime> {
-        &self.service
+        &self.core.service
     }
 
-    /// Processes one record. `None` means shutdown interrupted a retry: the
-    /// record was not handled and its offset must not be stored.
-    pub async fn process(&self, record: &Inbound, shutdown: &CancellationToken) -> Option<Disposition> {
-        let envelope = match Envelope::decode(record.value.as_deref()) {
-            Ok(envelope) => envelope,
-            Err(err) => {
-                return Some(self.dead_letter(record, format!("invalid envelope: {err}"), 0));
-            }
-        };
-        self.run(record, &envelope, None, shutdown).await
-    }
-
-    /// Delivers a due timer to the component, like a record of the `timer`
-    /// topic. A dead-lettered timer must then be discarded by the caller.
-    pub async fn process_timer(&self, timer: &Timer, shutdown: &CancellationToken) -> Option<Disposition> {
-        let envelope = Envelope::timer(self.service.name(), timer, self.clock.now_ms());
-        let record = Inbound {
-            topic: TIMER_TOPIC.to_owned(),
-            partition: -1,
-            offset: -1,
-            key: Some(timer.key.clone().into_bytes()),
-            value: Some(envelope.encode()),
-            headers: vec![("timer-id".to_owned(), timer.id.clone().into_bytes())],
-        };
-        self.run(&record, &envelope, Some((timer.id.clone(), timer.at_ms)), shutdown).await
-    }
-
-    async fn run(
+    /// Queues one record behind those submitted before it and returns its
+    /// outcome. `None` means shutdown interrupted a retry: the record was
+    /// not handled and neither its offset nor any later one may be stored.
+    pub fn submit(
         &self,
-        record: &Inbound,
-        envelope: &Envelope,
-        fired: Option<(String, u64)>,
+        record: Inbound,
         shutdown: &CancellationToken,
-    ) -> Option<Disposition> {
-        let event = self.event(record, envelope);
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let wrap = |outgoing: &[OutgoingEvent], version: &str| {
-                self.wrap(envelope, outgoing, &format!("{}@{version}", self.service.name()))
-            };
-            let err = match self.service.handle(&event, fired.clone(), wrap).await {
-                Ok(handled) => {
-                    let duplicate = handled.is_duplicate();
-                    let (records, source) = match handled.outbox {
-                        Some(entry) => (entry.records.into_iter().map(Outbound::from).collect(), Some(entry.source)),
-                        None => (Vec::new(), None),
-                    };
-                    return Some(Disposition::Publish { records, source, duplicate, durable: handled.durable });
-                }
-                Err(err) => err,
-            };
-            let reason = err.to_string();
-            // The store failing says nothing about the event: it waits for
-            // the store, however long, rather than being set aside.
-            let store_failed = matches!(err, crate::runtime::CallError::Store(_));
-            if !err.is_retryable() || (attempt >= self.retry.max_attempts && !store_failed) {
-                return Some(self.dead_letter(record, reason, attempt));
-            }
-            let backoff = self.backoff(attempt);
-            tracing::warn!(component = self.service.name(), event_id = %event.id, attempt, ?backoff, "{reason}; retrying");
-            tokio::select! {
-                () = shutdown.cancelled() => return None,
-                () = tokio::time::sleep(backoff) => {}
-            }
-        }
+    ) -> impl Future<Output = Option<Disposition>> + Send + 'static {
+        self.send(executor::Input::Record(record), shutdown)
     }
 
+    /// Queues a due timer, delivered to the component like a record of the
+    /// `timer` topic. A dead-lettered timer must then be kept by the caller.
+    pub fn submit_timer(
+        &self,
+        timer: Timer,
+        shutdown: &CancellationToken,
+    ) -> impl Future<Output = Option<Disposition>> + Send + 'static {
+        self.send(executor::Input::Timer(timer), shutdown)
+    }
+
+    fn send(
+        &self,
+        input: executor::Input,
+        shutdown: &CancellationToken,
+    ) -> impl Future<Output = Option<Disposition>> + Send + 'static {
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        let job = executor::Job { input, shutdown: shutdown.clone(), reply };
+        // The executor lives as long as this pipeline's sender: a failed
+        // send is an executor that died (a bug), which reads as "not handled".
+        let sent = self.jobs.send(job).is_ok();
+        async move { if sent { outcome.await.ok().flatten() } else { None } }
+    }
+
+    /// Processes one record: [`Pipeline::submit`], awaited.
+    pub async fn process(&self, record: &Inbound, shutdown: &CancellationToken) -> Option<Disposition> {
+        self.submit(record.clone(), shutdown).await
+    }
+
+    /// Delivers a due timer: [`Pipeline::submit_timer`], awaited.
+    pub async fn process_timer(&self, timer: &Timer, shutdown: &CancellationToken) -> Option<Disposition> {
+        self.submit_timer(timer.clone(), shutdown).await
+    }
+}
+
+impl Core {
     fn backoff(&self, attempt: u32) -> Duration {
         let factor = 2u32.saturating_pow(attempt.saturating_sub(1));
         self.retry.first_backoff.saturating_mul(factor).min(self.retry.max_backoff)

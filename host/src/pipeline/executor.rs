@@ -1,0 +1,288 @@
+//! A service's executor: one thread that handles submitted records in
+//! submission order, in batches. The events of a batch see each other's
+//! state changes through an [`Overlay`] and are committed together, in one
+//! store transaction; each one's outcome is answered once that commit is
+//! applied. Guest calls and commits run here, never on the async runtime.
+
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use super::{Core, Disposition, TIMER_TOPIC};
+use crate::bus::{Inbound, Outbound};
+use crate::envelope::Envelope;
+use crate::runtime::{CALL_THREAD_STACK, CallError, Event};
+use crate::state::{Commit, Durable, Overlay, StoreError, Timer, TimerChange};
+
+/// Most events committed in one store transaction. A batch is whatever
+/// was queued when the executor got to it, so under light load each event
+/// is its own batch and waits for nobody.
+const MAX_BATCH: usize = 64;
+
+/// How often a pause checks for shutdown.
+const PAUSE_SLICE: Duration = Duration::from_millis(10);
+
+/// What to handle.
+pub(super) enum Input {
+    Record(Inbound),
+    Timer(Timer),
+}
+
+/// One submitted input and where its outcome goes.
+pub(super) struct Job {
+    pub input: Input,
+    pub shutdown: CancellationToken,
+    pub reply: oneshot::Sender<Option<Disposition>>,
+}
+
+/// Starts the executor thread of `core`'s service; it ends when every
+/// sender is dropped.
+pub(super) fn start(core: Arc<Core>) -> Sender<Job> {
+    let (jobs, queue) = std::sync::mpsc::channel();
+    let name = core.service.name().to_owned();
+    std::thread::Builder::new()
+        .name(format!("exec-{name}"))
+        .stack_size(CALL_THREAD_STACK)
+        .spawn(move || run(&core, &queue))
+        .unwrap_or_else(|err| panic!("cannot start the executor thread of {name}: {err}"));
+    jobs
+}
+
+fn run(core: &Core, queue: &Receiver<Job>) {
+    while let Ok(first) = queue.recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let mut batch = Batch::new(core);
+        for job in jobs {
+            batch.handle(job);
+        }
+        batch.flush();
+    }
+}
+
+/// What became of one input before the batch's commit.
+enum Outcome {
+    /// Known now: a dead letter, a duplicate, or `None` (interrupted).
+    Now(Option<Disposition>),
+    /// Handled: this commit joins the batch's.
+    Commit(Commit),
+}
+
+/// An open batch: the events handled so far, committed by [`Batch::flush`].
+struct Batch<'a> {
+    core: &'a Core,
+    /// The service's handling lock, released only while pausing.
+    serial: Option<tokio::sync::MutexGuard<'a, ()>>,
+    overlay: Arc<Overlay>,
+    commits: Vec<Commit>,
+    replies: Vec<oneshot::Sender<Option<Disposition>>>,
+    /// Shutdown of the pending events, which interrupts a failing commit.
+    shutdown: Option<CancellationToken>,
+}
+
+impl<'a> Batch<'a> {
+    fn new(core: &'a Core) -> Self {
+        Self {
+            core,
+            serial: Some(core.service.serial_blocking()),
+            overlay: Overlay::new(core.service.state_store().clone()),
+            commits: Vec::new(),
+            replies: Vec::new(),
+            shutdown: None,
+        }
+    }
+
+    fn handle(&mut self, job: Job) {
+        let Job { input, shutdown, reply } = job;
+        match self.outcome(input, &shutdown) {
+            Outcome::Now(disposition) => {
+                // The receiver may be gone (its consumer stopped): nothing to do.
+                let _ = reply.send(disposition);
+            }
+            Outcome::Commit(commit) => {
+                self.overlay.record(&commit);
+                self.commits.push(commit);
+                self.replies.push(reply);
+                self.shutdown.get_or_insert(shutdown);
+            }
+        }
+    }
+
+    /// Handles one input, retrying what may succeed later.
+    fn outcome(&mut self, input: Input, shutdown: &CancellationToken) -> Outcome {
+        let core = self.core;
+        let (record, envelope, fired) = match input {
+            Input::Record(record) => match Envelope::decode(record.value.as_deref()) {
+                Ok(envelope) => (record, envelope, None),
+                Err(err) => {
+                    return Outcome::Now(Some(core.dead_letter(&record, format!("invalid envelope: {err}"), 0)));
+                }
+            },
+            Input::Timer(timer) => {
+                let envelope = Envelope::timer(core.service.name(), &timer, core.clock.now_ms());
+                let record = Inbound {
+                    topic: TIMER_TOPIC.to_owned(),
+                    partition: -1,
+                    offset: -1,
+                    key: Some(timer.key.clone().into_bytes()),
+                    value: Some(envelope.encode()),
+                    headers: vec![("timer-id".to_owned(), timer.id.clone().into_bytes())],
+                };
+                (record, envelope, Some((timer.id, timer.at_ms)))
+            }
+        };
+        let event = core.event(&record, &envelope);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let err = match self.attempt(&event, &envelope, fired.as_ref()) {
+                Ok(outcome) => return outcome,
+                Err(err) => err,
+            };
+            let reason = err.to_string();
+            // The store failing says nothing about the event: it waits for
+            // the store, however long, rather than being set aside.
+            let store_failed = matches!(err, CallError::Store(_));
+            if !err.is_retryable() || (attempt >= core.retry.max_attempts && !store_failed) {
+                return Outcome::Now(Some(core.dead_letter(&record, reason, attempt)));
+            }
+            let backoff = core.backoff(attempt);
+            tracing::warn!(component = core.service.name(), event_id = %event.id, attempt, ?backoff, "{reason}; retrying");
+            // What the batch holds goes out before the wait.
+            self.flush();
+            if !self.pause(backoff, shutdown) {
+                return Outcome::Now(None);
+            }
+        }
+    }
+
+    /// One try: drop a duplicate or a timer no longer due, else call the
+    /// component and make its commit.
+    fn attempt(
+        &mut self,
+        event: &Event,
+        envelope: &Envelope,
+        fired: Option<&(String, u64)>,
+    ) -> Result<Outcome, CallError> {
+        let core = self.core;
+        let store = core.service.state_store().clone();
+        if let Some((id, at_ms)) = fired {
+            // Timers are not in the overlay: the check must see the batch.
+            self.flush();
+            if store.timer(id)?.is_none_or(|t| t.at_ms != *at_ms) {
+                // Cancelled or moved since it was found due: nothing to deliver.
+                tracing::debug!(component = core.service.name(), timer = %id, "timer no longer due, skipped");
+                let skipped = Disposition::Publish {
+                    records: Vec::new(),
+                    source: None,
+                    duplicate: true,
+                    durable: Durable::done(),
+                };
+                return Ok(Outcome::Now(Some(skipped)));
+            }
+        }
+        if self.overlay.handled_in_batch(&event.id) {
+            // A copy within the batch: its original's outbox is in the store
+            // once the batch is.
+            self.flush();
+        }
+        if store.was_handled(&event.id)? {
+            tracing::debug!(component = core.service.name(), event_id = %event.id, "duplicate event dropped");
+            let entry = store.outbox(&event.id)?;
+            let (records, source) = match entry {
+                Some(entry) => (entry.records.into_iter().map(Outbound::from).collect(), Some(entry.source)),
+                None => (Vec::new(), None),
+            };
+            let durable = store.sync_point();
+            return Ok(Outcome::Now(Some(Disposition::Publish { records, source, duplicate: true, durable })));
+        }
+        let name = core.service.name();
+        let called = core.service.call(event, self.overlay.clone(), |outgoing, version| {
+            core.wrap(envelope, outgoing, &format!("{name}@{version}"))
+        })?;
+        let correlation = event.headers.iter().find(|(k, _)| k == "correlation-id").map(|(_, v)| v);
+        let mut timers = called.timers;
+        for change in &mut timers {
+            if let TimerChange::Set(timer) = change {
+                timer.set_by.clone_from(&event.id);
+                timer.correlation_id = correlation.cloned();
+            }
+        }
+        Ok(Outcome::Commit(Commit {
+            writes: called.writes,
+            timers,
+            handled: Some(event.id.clone()),
+            fired: fired.cloned(),
+            outbox: called.records,
+            now_ms: core.clock.now_ms(),
+        }))
+    }
+
+    /// Commits the batch's events in one transaction and answers each.
+    /// A store failure is retried until it works or shutdown; then the
+    /// events are answered `None` (not handled).
+    fn flush(&mut self) {
+        if self.commits.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let mut attempt = 0;
+        let durable = loop {
+            match self.core.service.state_store().commit_batch(&self.commits) {
+                Ok(durable) => break Some(durable),
+                Err(err) => {
+                    attempt += 1;
+                    let backoff = self.core.backoff(attempt);
+                    let StoreError::Unavailable(reason) = err;
+                    tracing::error!(
+                        component = self.core.service.name(),
+                        events = self.commits.len(),
+                        ?backoff,
+                        "commit failed, retrying: {reason}"
+                    );
+                    let shutdown = self.shutdown.clone().unwrap_or_default();
+                    if !self.pause(backoff, &shutdown) {
+                        break None;
+                    }
+                }
+            }
+        };
+        tracing::trace!(component = self.core.service.name(), events = self.commits.len(), elapsed = ?started.elapsed(), "batch committed");
+        for (commit, reply) in self.commits.drain(..).zip(self.replies.drain(..)) {
+            let disposition = durable.clone().map(|durable| {
+                let source = commit.handled.filter(|_| !commit.outbox.is_empty());
+                let records = commit.outbox.into_iter().map(Outbound::from).collect();
+                Disposition::Publish { records, source, duplicate: false, durable }
+            });
+            let _ = reply.send(disposition);
+        }
+        self.overlay.clear();
+        self.shutdown = None;
+    }
+
+    /// Waits `duration` without holding the handling lock, so that a reload
+    /// or a timer settlement can go meanwhile. `false` if `shutdown` came
+    /// first.
+    fn pause(&mut self, duration: Duration, shutdown: &CancellationToken) -> bool {
+        self.serial = None;
+        let until = Instant::now() + duration;
+        let mut interrupted = false;
+        while Instant::now() < until {
+            if shutdown.is_cancelled() {
+                interrupted = true;
+                break;
+            }
+            std::thread::sleep(PAUSE_SLICE.min(until.saturating_duration_since(Instant::now())));
+        }
+        self.serial = Some(self.core.service.serial_blocking());
+        !interrupted
+    }
+}

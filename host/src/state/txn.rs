@@ -1,0 +1,239 @@
+//! The view of the state one guest call gets, and the batch overlay under it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use std::collections::HashSet;
+use std::sync::{Mutex, PoisonError};
+
+use super::{Commit, MAX_KEY_BYTES, MAX_VALUE_BYTES, StateStore, StoreError, TimerChange, Write};
+
+/// What a guest call may read: a store, or a store under a batch's
+/// uncommitted writes ([`Overlay`]).
+pub trait StateRead: Send + Sync + 'static {
+    /// Reads one key.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the store cannot be read.
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Keys starting with `prefix`, ascending, at most `limit`.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the store cannot be read.
+    fn keys(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StoreError>;
+}
+
+/// A store read directly (queries, and calls outside a batch).
+pub struct StoreReader(pub Arc<dyn StateStore>);
+
+impl StateRead for StoreReader {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.0.get(key)
+    }
+
+    fn keys(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.0.keys(prefix, limit)
+    }
+}
+
+/// Keys of `base` with `prefix` under `writes` (sets added, deletes removed),
+/// ascending, at most `limit`. `fetch` must list at least `limit` plus the
+/// number of deletes in `writes`, so that deleted keys cannot starve the result.
+fn merge_keys(
+    writes: &BTreeMap<String, Option<Vec<u8>>>,
+    prefix: &str,
+    limit: usize,
+    fetch: impl FnOnce(usize) -> Result<Vec<String>, StoreError>,
+) -> Result<Vec<String>, StoreError> {
+    let deletes = writes.values().filter(|v| v.is_none()).count();
+    let mut keys: std::collections::BTreeSet<String> = fetch(limit.saturating_add(deletes))?.into_iter().collect();
+    for (key, value) in writes.range(prefix.to_owned()..).take_while(|(k, _)| k.starts_with(prefix)) {
+        match value {
+            Some(_) => keys.insert(key.clone()),
+            None => keys.remove(key),
+        };
+    }
+    Ok(keys.into_iter().take(limit).collect())
+}
+
+/// The state seen by the events of one batch: the store, under the changes
+/// of the batch's earlier events, which are committed together at its end.
+/// Only the executor of one service writes to it, between guest calls.
+pub struct Overlay {
+    store: Arc<dyn StateStore>,
+    pending: Mutex<Pending>,
+}
+
+#[derive(Default)]
+struct Pending {
+    writes: BTreeMap<String, Option<Vec<u8>>>,
+    handled: HashSet<String>,
+}
+
+impl Overlay {
+    /// An empty overlay over `store`.
+    pub fn new(store: Arc<dyn StateStore>) -> Arc<Self> {
+        Arc::new(Self { store, pending: Mutex::new(Pending::default()) })
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The store under the overlay.
+    pub fn store(&self) -> &Arc<dyn StateStore> {
+        &self.store
+    }
+
+    /// Adds a commit of the batch: later reads see its writes and its id.
+    pub fn record(&self, commit: &Commit) {
+        let mut pending = self.pending();
+        for (key, value) in &commit.writes {
+            pending.writes.insert(key.clone(), value.clone());
+        }
+        if let Some(id) = &commit.handled {
+            pending.handled.insert(id.clone());
+        }
+    }
+
+    /// Whether event `id` was handled by an earlier event of the batch (not
+    /// yet committed).
+    pub fn handled_in_batch(&self, id: &str) -> bool {
+        self.pending().handled.contains(id)
+    }
+
+    /// Whether anything awaits the batch's commit.
+    pub fn is_empty(&self) -> bool {
+        let pending = self.pending();
+        pending.writes.is_empty() && pending.handled.is_empty()
+    }
+
+    /// Forgets the batch once it is committed (or abandoned).
+    pub fn clear(&self) {
+        *self.pending() = Pending::default();
+    }
+}
+
+impl StateRead for Overlay {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(value) = self.pending().writes.get(key) {
+            return Ok(value.clone());
+        }
+        self.store.get(key)
+    }
+
+    fn keys(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+        let pending = self.pending();
+        merge_keys(&pending.writes, prefix, limit, |n| self.store.keys(prefix, n))
+    }
+}
+
+/// Why a component's state access was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessError {
+    /// The store failed; retrying may help.
+    Unavailable(String),
+    /// The access itself is wrong (read-only call, oversized entry).
+    Invalid(String),
+}
+
+impl From<StoreError> for AccessError {
+    fn from(err: StoreError) -> Self {
+        AccessError::Unavailable(err.to_string())
+    }
+}
+
+/// The view of the store one call gets: reads see the call's own writes,
+/// and nothing reaches the store until [`Txn::into_writes`] is committed.
+pub struct Txn {
+    store: Arc<dyn StateRead>,
+    writes: BTreeMap<String, Option<Vec<u8>>>,
+    timers: Vec<TimerChange>,
+    read_only: bool,
+}
+
+impl Txn {
+    /// A transaction for a `handle` call.
+    pub fn new(store: Arc<dyn StateRead>) -> Self {
+        Self { store, writes: BTreeMap::new(), timers: Vec::new(), read_only: false }
+    }
+
+    /// A read-only view for a `query` call.
+    pub fn read_only(store: Arc<dyn StateRead>) -> Self {
+        Self { store, writes: BTreeMap::new(), timers: Vec::new(), read_only: true }
+    }
+
+    /// Reads through the pending writes.
+    ///
+    /// # Errors
+    /// [`AccessError::Unavailable`] when the store fails.
+    pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, AccessError> {
+        match self.writes.get(key) {
+            Some(pending) => Ok(pending.clone()),
+            None => Ok(self.store.get(key)?),
+        }
+    }
+
+    /// Records a write (`None` deletes).
+    ///
+    /// # Errors
+    /// [`AccessError::Invalid`] in a read-only view or for oversized entries.
+    pub fn put(&mut self, key: &str, value: Option<Vec<u8>>) -> Result<(), AccessError> {
+        if self.read_only {
+            return Err(AccessError::Invalid("state is read-only during a query".into()));
+        }
+        if key.is_empty() || key.len() > MAX_KEY_BYTES {
+            return Err(AccessError::Invalid(format!("key length must be 1..={MAX_KEY_BYTES} bytes")));
+        }
+        if value.as_ref().is_some_and(|v| v.len() > MAX_VALUE_BYTES) {
+            return Err(AccessError::Invalid(format!("value larger than {MAX_VALUE_BYTES} bytes")));
+        }
+        self.writes.insert(key.to_owned(), value);
+        Ok(())
+    }
+
+    /// Keys with `prefix`, merging pending writes and deletes.
+    ///
+    /// # Errors
+    /// [`AccessError::Unavailable`] when the store fails.
+    pub fn keys(&self, prefix: &str, limit: usize) -> Result<Vec<String>, AccessError> {
+        Ok(merge_keys(&self.writes, prefix, limit, |n| self.store.keys(prefix, n))?)
+    }
+
+    /// Records a timer change.
+    ///
+    /// # Errors
+    /// [`AccessError::Invalid`] in a read-only view, for an empty or
+    /// oversized id, or a payload that is not JSON.
+    pub fn timer(&mut self, change: TimerChange) -> Result<(), AccessError> {
+        if self.read_only {
+            return Err(AccessError::Invalid("timers cannot be changed during a query".into()));
+        }
+        let id = match &change {
+            TimerChange::Set(timer) => &timer.id,
+            TimerChange::Cancel(id) => id,
+        };
+        if id.is_empty() || id.len() > MAX_KEY_BYTES {
+            return Err(AccessError::Invalid(format!("timer id length must be 1..={MAX_KEY_BYTES} bytes")));
+        }
+        if let TimerChange::Set(timer) = &change {
+            if timer.key.is_empty() || timer.event_type.is_empty() {
+                return Err(AccessError::Invalid("a timer needs an event type and a key".into()));
+            }
+            if timer.payload.len() > MAX_VALUE_BYTES {
+                return Err(AccessError::Invalid(format!("timer payload larger than {MAX_VALUE_BYTES} bytes")));
+            }
+            if let Err(err) = serde_json::from_str::<serde_json::Value>(&timer.payload) {
+                return Err(AccessError::Invalid(format!("timer payload is not JSON: {err}")));
+            }
+        }
+        self.timers.push(change);
+        Ok(())
+    }
+
+    /// The call's state writes (in key order) and timer changes (in call order).
+    pub fn into_changes(self) -> (Vec<Write>, Vec<TimerChange>) {
+        (self.writes.into_iter().collect(), self.timers)
+    }
+}
