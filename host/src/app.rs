@@ -62,6 +62,7 @@ fn service_spec(
         limits: Limits {
             timeout: Duration::from_millis(settings.timeout_ms),
             memory_bytes: settings.memory_mib * 1024 * 1024,
+            instance_reuse: settings.instance_reuse,
         },
         canary: CanaryPolicy { events: settings.canary_events, max_failures: settings.canary_max_failures },
     }

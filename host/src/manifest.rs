@@ -215,6 +215,15 @@ pub struct ComponentSettings {
     /// `max_attempts`, so a failing event is retried on the restored version).
     #[serde(default = "default_canary_max_failures")]
     pub canary_max_failures: u32,
+    /// Events one instance handles before it is replaced by a fresh one.
+    /// 1 (the default) gives every event a fresh instance. More is for
+    /// components that keep nothing in memory between calls (all their state
+    /// goes through the `state` import): the instance's memory then carries
+    /// nothing from one event to the next that the component could see, and
+    /// instantiation stops dominating the cost of an event. A trap always
+    /// discards the instance; queries always get a fresh one.
+    #[serde(default = "default_instance_reuse")]
+    pub instance_reuse: u32,
     /// Values the component reads through its `config` import.
     #[serde(default)]
     pub config: HashMap<String, String>,
@@ -234,6 +243,9 @@ fn default_canary_events() -> u32 {
 }
 fn default_canary_max_failures() -> u32 {
     3
+}
+fn default_instance_reuse() -> u32 {
+    1
 }
 
 impl Manifest {
@@ -330,6 +342,9 @@ impl Manifest {
             }
             if !(1..=4096).contains(&c.memory_mib) {
                 return Err(invalid(key("memory_mib"), "must be between 1 and 4096"));
+            }
+            if !(1..=100_000).contains(&c.instance_reuse) {
+                return Err(invalid(key("instance_reuse"), "must be between 1 and 100000"));
             }
             if !(1..=100).contains(&c.max_attempts) {
                 return Err(invalid(key("max_attempts"), "must be between 1 and 100"));

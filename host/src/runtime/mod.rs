@@ -131,6 +131,17 @@ pub struct Limits {
     pub timeout: std::time::Duration,
     /// Linear memory limit of one instance.
     pub memory_bytes: usize,
+    /// Events one instance handles before a fresh one replaces it (1: a
+    /// fresh instance per event).
+    pub instance_reuse: u32,
+}
+
+/// An instance kept between `handle` calls ([`Limits::instance_reuse`]).
+struct Warm {
+    component: Arc<LoadedComponent>,
+    store: Store<HostState>,
+    instance: bindings::Service,
+    calls: u32,
 }
 
 /// One entry of a service's version history.
@@ -170,6 +181,8 @@ pub struct ServiceRuntime {
     handle_lock: tokio::sync::Mutex<()>,
     /// Queries running at once, at most [`MAX_QUERIES`].
     queries: tokio::sync::Semaphore,
+    /// The instance kept for the next `handle` call, if reused.
+    warm: std::sync::Mutex<Option<Warm>>,
 }
 
 /// Queries one service answers at once; more wait their turn.
@@ -207,6 +220,7 @@ impl ServiceRuntime {
             limits: spec.limits,
             handle_lock: tokio::sync::Mutex::new(()),
             queries: tokio::sync::Semaphore::new(MAX_QUERIES),
+            warm: std::sync::Mutex::new(None),
         }
     }
 
@@ -353,12 +367,28 @@ impl ServiceRuntime {
         wrap: impl FnOnce(&[OutgoingEvent], &str) -> Result<Vec<OutboxRecord>, String>,
     ) -> Result<Called, CallError> {
         let component = self.current();
-        let mut store = self.parts(view, false).store(&self.engine);
-        let result = component.pre.instantiate(&mut store).and_then(|instance| instance.call_handle(&mut store, event));
+        let kept = self.warm.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        let mut warm = match kept.filter(|w| Arc::ptr_eq(&w.component, &component)) {
+            Some(mut warm) => {
+                warm.store.data_mut().txn = Txn::new(view);
+                warm.store.set_epoch_deadline(self.engine.ticks_for(self.limits.timeout));
+                warm
+            }
+            None => {
+                let mut store = self.parts(view, false).store(&self.engine);
+                match component.pre.instantiate(&mut store) {
+                    Ok(instance) => Warm { component: component.clone(), store, instance, calls: 0 },
+                    Err(err) => return self.judge(&component, Err(self.trap(err))),
+                }
+            }
+        };
+        warm.calls += 1;
+        let result = warm.instance.call_handle(&mut warm.store, event);
+        let changes = warm.store.data_mut().txn.take_changes();
         let outcome = match result {
             Ok(Ok(outgoing)) => match wrap(&outgoing, &component.sha256) {
                 Ok(records) => {
-                    let (writes, timers) = store.into_data().txn.into_changes();
+                    let (writes, timers) = changes;
                     Ok(Called { records, writes, timers, version: component.sha256.clone() })
                 }
                 Err(reason) => Err(CallError::Handle(HandleError::Permanent(reason))),
@@ -366,6 +396,12 @@ impl ServiceRuntime {
             Ok(Err(err)) => Err(CallError::Handle(err)),
             Err(err) => Err(self.trap(err)),
         };
+        // A trapped instance cannot be entered again; one that returned,
+        // ok or error, serves the next event if reuse allows.
+        let trapped = matches!(outcome, Err(CallError::Trap(_)));
+        if !trapped && warm.calls < self.limits.instance_reuse {
+            *self.warm.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(warm);
+        }
         self.judge(&component, outcome)
     }
 

@@ -15,6 +15,11 @@ pub(crate) fn wasm(name: &str) -> PathBuf {
 }
 
 pub(crate) fn runtime(name: &str, timeout_ms: u64) -> ServiceRuntime {
+    runtime_reusing(name, timeout_ms, 1)
+}
+
+/// [`runtime`] whose instances serve up to `instance_reuse` events.
+pub(crate) fn runtime_reusing(name: &str, timeout_ms: u64, instance_reuse: u32) -> ServiceRuntime {
     let engine = Engine::new().unwrap();
     let component = LoadedComponent::from_file(&engine, &wasm(name)).unwrap();
     ServiceRuntime::new(
@@ -25,7 +30,7 @@ pub(crate) fn runtime(name: &str, timeout_ms: u64) -> ServiceRuntime {
             store: Arc::new(MemoryStore::default()),
             config: HashMap::new(),
             clock: Arc::new(ManualClock::at(42)),
-            limits: Limits { timeout: Duration::from_millis(timeout_ms), memory_bytes: 64 << 20 },
+            limits: Limits { timeout: Duration::from_millis(timeout_ms), memory_bytes: 64 << 20, instance_reuse },
             canary: CanaryPolicy { events: 5, max_failures: 2 },
         },
     )
@@ -123,6 +128,27 @@ async fn a_panic_is_contained_and_the_next_event_runs() {
     let err = handle(&rt, &event("Panic", "k")).await.unwrap_err();
     assert!(matches!(&err, CallError::Trap(_)), "{err}");
     assert!(handle(&rt, &event("Echo", "after")).await.is_ok(), "a fresh instance serves the next event");
+}
+
+#[tokio::test]
+async fn a_reused_instance_serves_many_events_and_is_replaced_after_a_trap() {
+    let rt = runtime_reusing("misbehave", 200, 100);
+    for i in 0..5 {
+        let handled = handle(&rt, &event("Echo", &format!("k{i}"))).await.unwrap();
+        assert_eq!(emitted(&handled), ["Echoed"]);
+    }
+    let err = handle(&rt, &event("WriteThenFail", "w")).await.unwrap_err();
+    assert!(matches!(err, CallError::Handle(HandleError::Retryable(_))), "{err}");
+    let handled = handle(&rt, &event("Echo", "after-error")).await.unwrap();
+    assert_eq!(emitted(&handled), ["Echoed"], "an error leaves the instance usable");
+    assert_eq!(stored(&rt, "w").await, None, "the failed call's writes did not leak into the next one");
+    assert!(matches!(handle(&rt, &event("Panic", "p")).await.unwrap_err(), CallError::Trap(_)));
+    assert!(handle(&rt, &event("Echo", "after-panic")).await.is_ok(), "a trapped instance is replaced");
+    let started = Instant::now();
+    let err = handle(&rt, &event("Spin", "s")).await.unwrap_err();
+    assert!(matches!(&err, CallError::Trap(m) if m.contains("time budget")), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5), "the budget holds on a reused instance too");
+    assert!(handle(&rt, &event("Echo", "after-spin")).await.is_ok());
 }
 
 #[tokio::test]

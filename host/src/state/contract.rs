@@ -127,6 +127,6 @@ fn timers_are_validated() {
     assert!(matches!(txn.timer(TimerChange::Cancel(String::new())), Err(AccessError::Invalid(_))));
     let mut ro = Txn::read_only(Arc::new(StoreReader(Arc::new(MemoryStore::default()))));
     assert!(matches!(ro.timer(TimerChange::Cancel("t".into())), Err(AccessError::Invalid(m)) if m.contains("query")));
-    let (_, timers) = txn.into_changes();
+    let (_, timers) = txn.take_changes();
     assert_eq!(timers.len(), 1);
 }

@@ -17,7 +17,7 @@ fn txn_reads_its_own_writes_and_commits_nothing_until_asked() {
     assert_eq!(txn.get("b").unwrap(), None);
     assert_eq!(txn.keys("", 10).unwrap(), ["a", "c"]);
     assert_eq!(store.get("a").unwrap(), Some(b"1".to_vec()), "uncommitted writes are invisible");
-    let (writes, _) = txn.into_changes();
+    let (writes, _) = txn.take_changes();
     store.commit(Commit { writes, ..Commit::default() }).unwrap();
     assert_eq!(store.keys("", 10).unwrap(), ["a", "c"]);
 }

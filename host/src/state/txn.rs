@@ -232,8 +232,9 @@ impl Txn {
         Ok(())
     }
 
-    /// The call's state writes (in key order) and timer changes (in call order).
-    pub fn into_changes(self) -> (Vec<Write>, Vec<TimerChange>) {
-        (self.writes.into_iter().collect(), self.timers)
+    /// The call's state writes (in key order) and timer changes (in call
+    /// order), leaving the transaction empty.
+    pub fn take_changes(&mut self) -> (Vec<Write>, Vec<TimerChange>) {
+        (std::mem::take(&mut self.writes).into_iter().collect(), std::mem::take(&mut self.timers))
     }
 }

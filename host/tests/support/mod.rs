@@ -154,6 +154,7 @@ wasm = "{wasm}"
 port = {port}
 topics = {topics}
 group = "{name}-service"
+instance_reuse = 1000
 config = {{ {config} }}
 "#,
             wasm = component(name).display(),
