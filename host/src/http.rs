@@ -57,6 +57,7 @@ async fn health(State(port): State<Port>) -> Response {
         "timers_pending": timers_pending,
         "outbox_pending": outbox_pending,
         "last_error": consumer.last_error,
+        "stages": port.service.stages().totals(),
     });
     (code, axum::Json(body)).into_response()
 }

@@ -17,5 +17,6 @@ pub mod manifest;
 pub mod pipeline;
 pub mod runtime;
 pub mod scheduler;
+pub mod stages;
 pub mod state;
 pub mod watch;

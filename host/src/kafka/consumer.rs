@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Inbound, Outbound, Publisher};
 use crate::pipeline::{Disposition, Pipeline};
+use crate::stages::Stage;
 use crate::state::{Durable, StoreError};
 
 /// Records handled but not yet acknowledged, at most.
@@ -216,7 +217,7 @@ async fn run(
                     interrupted = true;
                     break Ok(());
                 };
-                if let Err(err) = publish(publisher, &mut in_flight, committed).await {
+                if let Err(err) = publish(publisher, pipeline, &mut in_flight, committed).await {
                     break Err(err);
                 }
             }
@@ -235,6 +236,7 @@ async fn run(
                 drop(message);
                 let (topic, partition, offset) = (record.topic.clone(), record.partition, record.offset);
                 let handled = pipeline.submit(record, shutdown);
+                let service = pipeline.service().clone();
                 committing.push_back(Box::pin(async move {
                     let (records, durable, outcome) = match handled.await? {
                         Disposition::Publish { records, source, duplicate, durable } => {
@@ -245,7 +247,10 @@ async fn run(
                             (vec![record], Durable::done(), outcome)
                         }
                     };
-                    Some(durable.wait().await.map(|()| (records, outcome)))
+                    let waiting = std::time::Instant::now();
+                    let durable = durable.wait().await;
+                    service.stages().record(Stage::DurableWait, waiting.elapsed());
+                    Some(durable.map(|()| (records, outcome)))
                 }));
             }
         }
@@ -257,7 +262,7 @@ async fn run(
         let drained = tokio::time::timeout(Duration::from_secs(30), async {
             while !interrupted && let Some(committed) = committing.next().await {
                 let Some(committed) = committed else { break };
-                publish(publisher, &mut in_flight, committed).await?;
+                publish(publisher, pipeline, &mut in_flight, committed).await?;
             }
             while let Some(done) = in_flight.next().await {
                 store(&consumer, pipeline, status, done)?;
@@ -301,14 +306,23 @@ type Done = Result<Outcome, crate::bus::PublishError>;
 /// Enqueues a durable record's outputs behind those of earlier records.
 async fn publish(
     publisher: &dyn Publisher,
+    pipeline: &Pipeline,
     in_flight: &mut FuturesOrdered<BoxFuture<'static, Done>>,
     committed: Committed,
 ) -> anyhow::Result<()> {
     // A commit that did not reach the disk aborts the loop: the record and
     // the later ones are consumed again and handled anew.
     let (records, outcome) = committed.context("state commit not durable")?;
+    let publishing = (!records.is_empty()).then(std::time::Instant::now);
     let acked = publisher.enqueue(records).await.context("failed to enqueue output")?;
-    in_flight.push_back(Box::pin(async move { acked.await.map(|()| outcome) }));
+    let service = pipeline.service().clone();
+    in_flight.push_back(Box::pin(async move {
+        let acked = acked.await;
+        if let Some(started) = publishing {
+            service.stages().record(Stage::Publish, started.elapsed());
+        }
+        acked.map(|()| outcome)
+    }));
     Ok(())
 }
 

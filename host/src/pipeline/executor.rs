@@ -15,6 +15,7 @@ use super::{Core, Disposition, TIMER_TOPIC};
 use crate::bus::{Inbound, Outbound};
 use crate::envelope::Envelope;
 use crate::runtime::{CALL_THREAD_STACK, CallError, Event};
+use crate::stages::Stage;
 use crate::state::{Commit, Durable, Overlay, StoreError, Timer, TimerChange};
 
 /// Most events committed in one store transaction. A batch is whatever
@@ -119,6 +120,7 @@ impl<'a> Batch<'a> {
     /// Handles one input, retrying what may succeed later.
     fn outcome(&mut self, input: Input, shutdown: &CancellationToken) -> Outcome {
         let core = self.core;
+        let decoding = Instant::now();
         let (record, envelope, fired) = match input {
             Input::Record(record) => match Envelope::decode(record.value.as_deref()) {
                 Ok(envelope) => (record, envelope, None),
@@ -140,6 +142,7 @@ impl<'a> Batch<'a> {
             }
         };
         let event = core.event(&record, &envelope);
+        core.service.stages().record(Stage::Decode, decoding.elapsed());
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -194,7 +197,10 @@ impl<'a> Batch<'a> {
             // once the batch is.
             self.flush();
         }
-        if store.was_handled(&event.id)? {
+        let dedup = Instant::now();
+        let handled_before = store.was_handled(&event.id);
+        core.service.stages().record(Stage::Dedup, dedup.elapsed());
+        if handled_before? {
             tracing::debug!(component = core.service.name(), event_id = %event.id, "duplicate event dropped");
             let entry = store.outbox(&event.id)?;
             let (records, source) = match entry {
@@ -236,7 +242,10 @@ impl<'a> Batch<'a> {
         let started = Instant::now();
         let mut attempt = 0;
         let durable = loop {
-            match self.core.service.state_store().commit_batch(&self.commits) {
+            let commit = Instant::now();
+            let committed = self.core.service.state_store().commit_batch(&self.commits);
+            self.core.service.stages().record(Stage::Commit, commit.elapsed());
+            match committed {
                 Ok(durable) => break Some(durable),
                 Err(err) => {
                     attempt += 1;

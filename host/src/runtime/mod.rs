@@ -22,6 +22,7 @@ pub use canary::CanaryPolicy;
 pub use engine::{CALL_THREAD_STACK, EPOCH_TICK, Engine};
 
 use crate::clock::Clock;
+use crate::stages::Stage;
 use crate::state::{Commit, OutboxRecord, StateRead, StateStore, StoreError, StoreReader, TimerChange, Txn, Write};
 
 /// A component that cannot be served.
@@ -183,6 +184,8 @@ pub struct ServiceRuntime {
     queries: tokio::sync::Semaphore,
     /// The instance kept for the next `handle` call, if reused.
     warm: std::sync::Mutex<Option<Warm>>,
+    /// Time spent in each stage of the data path.
+    stages: crate::stages::Stages,
 }
 
 /// Queries one service answers at once; more wait their turn.
@@ -221,7 +224,13 @@ impl ServiceRuntime {
             handle_lock: tokio::sync::Mutex::new(()),
             queries: tokio::sync::Semaphore::new(MAX_QUERIES),
             warm: std::sync::Mutex::new(None),
+            stages: crate::stages::Stages::default(),
         }
+    }
+
+    /// Time spent in each stage of this service's data path.
+    pub fn stages(&self) -> &crate::stages::Stages {
+        &self.stages
     }
 
     /// Takes the handling lock from a thread outside the async runtime (the
@@ -376,14 +385,15 @@ impl ServiceRuntime {
             }
             None => {
                 let mut store = self.parts(view, false).store(&self.engine);
-                match component.pre.instantiate(&mut store) {
+                let instance = self.stages.time(Stage::Instantiate, || component.pre.instantiate(&mut store));
+                match instance {
                     Ok(instance) => Warm { component: component.clone(), store, instance, calls: 0 },
                     Err(err) => return self.judge(&component, Err(self.trap(err))),
                 }
             }
         };
         warm.calls += 1;
-        let result = warm.instance.call_handle(&mut warm.store, event);
+        let result = self.stages.time(Stage::Call, || warm.instance.call_handle(&mut warm.store, event));
         let changes = warm.store.data_mut().txn.take_changes();
         let outcome = match result {
             Ok(Ok(outgoing)) => match wrap(&outgoing, &component.sha256) {
