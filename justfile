@@ -37,6 +37,12 @@ run: build-components build
 check: build-components build
     cargo run -p host -- check --manifest app.toml
 
+# Time to healthy, closed and open loops, latency by polling and on the topic,
+# host CPU and memory; options go to `bench suite` (`just bench --rates 100`).
+# Measure the system end to end on a real broker (results in target/bench/).
+bench *ARGS: build-components build
+    scripts/bench.sh {{ ARGS }}
+
 # Start a single-node Apache Kafka (KRaft) on 127.0.0.1:9092 (fetched from Maven once).
 kafka:
     scripts/kafka.sh start

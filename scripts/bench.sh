@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# End-to-end benchmark on a real Apache Kafka broker (`just bench`, which
+# builds the components and the host first).
+#
+#   scripts/bench.sh [SUITE OPTIONS]     e.g. --closed 32 --rates 100 --open-duration-s 10
+#
+# Starts the broker (scripts/kafka.sh), then the host the way `just run` does,
+# with a copy of app.toml whose state_dir is a fresh temporary directory and
+# whose topics and consumer groups carry a fresh `bench-XXXXXXXX.` prefix, so
+# runs neither pile up nor see each other's events. Measures the time until
+# every port answers /health, runs `bench suite` (see `cargo run -p bench --
+# suite --help`), stops the host with SIGTERM and deletes the run's topics.
+# Results: the table on stdout, JSON in target/bench/, the host's log in
+# target/bench/host.log. BENCH_PORT_OFFSET=10000 moves every port (3001-3005
+# become 13001-13005), to run beside a host on the usual ports.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
+TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
+OUT="$TARGET/bench"
+# Added to every port of the manifest, to run beside a host on the usual ports.
+PORT_OFFSET="${BENCH_PORT_OFFSET:-0}"
+STOP_TIMEOUT_S=30
+
+log() { echo "bench.sh: $*" >&2; }
+
+scripts/kafka.sh start
+cargo build -q -p bench
+BENCH="$TARGET/debug/bench"
+
+RUN_ID="bench-$(od -An -N4 -tx1 /dev/urandom | tr -d ' \n')"
+WORK="$(mktemp -d -t shop-bench.XXXXXX)"
+MANIFEST="$WORK/app.toml"
+HOST_PID=""
+mkdir -p "$OUT"
+
+stop_host() {
+  [ -n "$HOST_PID" ] && kill -0 "$HOST_PID" 2>/dev/null || return 0
+  local start_ns end_ns
+  start_ns=$(date +%s%N)
+  kill -TERM "$HOST_PID"
+  for _ in $(seq 1 $((STOP_TIMEOUT_S * 20))); do
+    kill -0 "$HOST_PID" 2>/dev/null || break
+    sleep 0.05
+  done
+  if kill -0 "$HOST_PID" 2>/dev/null; then
+    log "host did not stop within $STOP_TIMEOUT_S s of SIGTERM; killing it"
+    kill -KILL "$HOST_PID" 2>/dev/null || true
+  else
+    end_ns=$(date +%s%N)
+    log "host stopped $(((end_ns - start_ns) / 1000000)) ms after SIGTERM"
+  fi
+  wait "$HOST_PID" 2>/dev/null || true
+  HOST_PID=""
+}
+
+cleanup() {
+  local status=$?
+  stop_host
+  cp "$WORK/host.log" "$OUT/host.log" 2>/dev/null || true
+  if [ "$status" -ne 0 ] && [ -f "$WORK/host.log" ]; then
+    log "last lines of the host's log ($OUT/host.log):"
+    tail -n 20 "$WORK/host.log" >&2
+  fi
+  "$BENCH" delete-topics --prefix "$RUN_ID." || log "the topics $RUN_ID.* were not deleted"
+  rm -rf "$WORK"
+  exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# The manifest's paths are relative to its own directory: make the component
+# files and the compile cache absolute (the cache is shared with `just run`),
+# point state_dir at the fresh directory, and give topics and groups the
+# run's prefix.
+awk -v root="$ROOT" -v work="$WORK" -v prefix="$RUN_ID." -v offset="$PORT_OFFSET" -v ports="$WORK/ports" '
+  function absolute(line) {
+    if (line ~ /=[ \t]*"[^\/]/) sub(/"/, "\"" root "/", line)
+    return line
+  }
+  /^[ \t]*\[/ {
+    section = $0; gsub(/[][ \t]/, "", section)
+    print
+    if (section == "kafka") { print "topic_prefix = \"" prefix "\""; kafka = 1 }
+    if (section == "runtime") { print "state_dir = \"" work "/state\""; runtime = 1 }
+    next
+  }
+  section == "kafka" && /^[ \t]*topic_prefix[ \t]*=/ { next }
+  # Static members do not leave their group on shutdown, and a group with
+  # members cannot be deleted; a one-off host has nothing to take back.
+  section == "kafka" && /^[ \t]*instance_id[ \t]*=/ { next }
+  section == "runtime" && /^[ \t]*state_dir[ \t]*=/ { next }
+  section == "runtime" && /^[ \t]*cache_dir[ \t]*=/ { print absolute($0); cache = 1; next }
+  /^[ \t]*wasm[ \t]*=/ { print absolute($0); next }
+  /^[ \t]*port[ \t]*=[ \t]*[0-9]+/ && (section == "gateway" || section ~ /^components\.[^.]+$/) {
+    port = $0; sub(/^[^=]*=[ \t]*/, "", port); port = int(port) + offset
+    print "port = " port
+    print section " " port > ports
+    next
+  }
+  { print }
+  END {
+    if (!kafka) print "\n[kafka]\ntopic_prefix = \"" prefix "\""
+    if (!runtime) print "\n[runtime]\nstate_dir = \"" work "/state\""
+  }
+' app.toml >"$MANIFEST"
+if ! grep -q '^[[:space:]]*cache_dir[[:space:]]*=' "$MANIFEST"; then
+  # A key for the [runtime] table, wherever the awk put it.
+  sed -i "/^\[runtime\]/a cache_dir = \"$ROOT/.component-cache\"" "$MANIFEST"
+fi
+
+GATEWAY_PORT=""
+HEALTH_URLS=""
+while read -r section port; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    log "port $port ($section) is taken: stop the host using it, or set BENCH_PORT_OFFSET (e.g. 10000)"
+    exit 1
+  fi
+  [ "$section" = gateway ] && GATEWAY_PORT=$port
+  HEALTH_URLS="${HEALTH_URLS:+$HEALTH_URLS,}http://127.0.0.1:$port/health"
+done <"$WORK/ports"
+[ -n "$GATEWAY_PORT" ] || { log "app.toml has no [gateway] port"; exit 1; }
+
+log "starting the host (topics $RUN_ID.*, state in $WORK/state, log in $OUT/host.log)"
+# `cargo run` as in `just run`: same profile and flags, and it execs the
+# host in place, so $! is the host's pid. The admin API stays off.
+env -u HOST_ADMIN_TOKEN -u HOST_MANIFEST cargo run -q -p host -- run --manifest "$MANIFEST" >"$WORK/host.log" 2>&1 &
+HOST_PID=$!
+
+HEALTHY_MS="$("$BENCH" wait-healthy --pid "$HOST_PID" --urls "$HEALTH_URLS" --out-dir "$OUT")"
+"$BENCH" suite --host-pid "$HOST_PID" --gateway "http://127.0.0.1:$GATEWAY_PORT" --orders-topic "$RUN_ID.orders" \
+  --healthy-ms "$HEALTHY_MS" --out-dir "$OUT" "$@"
