@@ -37,10 +37,10 @@ enum Command {
         #[arg(long, default_value_t = 32)]
         concurrency: usize,
         /// Orders to place in all.
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = 10_000)]
         orders: usize,
         /// Stop sending after this many seconds even if `orders` is not reached.
-        #[arg(long, default_value_t = 30)]
+        #[arg(long, default_value_t = 15)]
         duration_s: u64,
     },
     /// One open-loop run: orders sent on a fixed schedule.
@@ -99,11 +99,11 @@ struct SuiteArgs {
     /// Concurrency of each closed-loop run.
     #[arg(long, value_delimiter = ',', default_value = "32,128")]
     closed: Vec<usize>,
-    /// Orders of each closed-loop run.
-    #[arg(long, default_value_t = 1000)]
+    /// Orders of each closed-loop run (unless its time is up first).
+    #[arg(long, default_value_t = 10_000)]
     closed_orders: usize,
     /// Longest sending time of each closed-loop run, in seconds.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 15)]
     closed_duration_s: u64,
     /// Rate of each open-loop run, in orders per second.
     #[arg(long, value_delimiter = ',', default_value = "100,250")]
@@ -196,6 +196,8 @@ struct SuiteReport<'a> {
     healthy_ms: Option<u64>,
     /// The host before any order.
     host_idle: Option<Sample>,
+    /// CPU the idle host used, in cores (1.0 = one core busy), over `IDLE_WINDOW`.
+    host_idle_cpu_cores: Option<f64>,
     phases: &'a [PhaseReport],
 }
 
@@ -260,7 +262,13 @@ async fn suite(args: SuiteArgs) -> anyhow::Result<()> {
     }
     let driver = common.driver()?;
     let observers = common.observers().await?;
-    let host_idle = observers.host.map(Process::sample).transpose()?;
+    let (host_idle, host_idle_cpu_cores) = match observers.host {
+        Some(host) => {
+            let (sample, cores) = idle(host).await?;
+            (Some(sample), Some(cores))
+        }
+        None => (None, None),
+    };
     if args.warmup > 0 {
         let warmup = Load::Closed { concurrency: 8, orders: args.warmup, duration: Duration::from_secs(30) };
         let phase = phase::run(&driver, warmup, &observers_without_topic(&observers)).await?;
@@ -274,18 +282,30 @@ async fn suite(args: SuiteArgs) -> anyhow::Result<()> {
         eprintln!("bench: {}: {:.1} completed orders/s", phase.scenario, phase.completed_per_s);
         phases.push(phase);
     }
-    let suite = SuiteReport { healthy_ms: args.healthy_ms, host_idle, phases: &phases };
+    let suite = SuiteReport { healthy_ms: args.healthy_ms, host_idle, host_idle_cpu_cores, phases: &phases };
     report::write_json(&common.out_dir, "suite", &suite)?;
     println!();
     if let Some(ms) = args.healthy_ms {
         println!("time to healthy (all 5 ports): {ms} ms");
     }
-    if let Some(idle) = host_idle {
-        println!("host RSS idle: {:.0} MiB", idle.rss_mib);
+    if let (Some(idle), Some(cores)) = (host_idle, host_idle_cpu_cores) {
+        println!("host idle: RSS {:.0} MiB, CPU {:.1} % of a core", idle.rss_mib, cores * 100.0);
     }
     print!("{}", report::table(&phases));
     println!("JSON: {}/{{suite,<scenario>}}.json", common.out_dir.display());
     Ok(())
+}
+
+/// How long the idle host is watched before any order.
+const IDLE_WINDOW: Duration = Duration::from_secs(2);
+
+/// The idle host's memory, and the CPU it uses doing nothing (consumer
+/// polls, timers), which every phase's CPU figure includes.
+async fn idle(host: Process) -> anyhow::Result<(Sample, f64)> {
+    let before = host.sample()?;
+    tokio::time::sleep(IDLE_WINDOW).await;
+    let after = host.sample()?;
+    Ok((after, (after.cpu_s - before.cpu_s) / IDLE_WINDOW.as_secs_f64()))
 }
 
 fn observers_without_topic(observers: &Observers) -> Observers {

@@ -173,6 +173,7 @@ pub fn table(phases: &[PhaseReport]) -> String {
     row("statuses", &|p| counts(&p.statuses));
     row("errors", &|p| counts(&p.errors));
     row("poll errors", &|p| p.poll_errors.to_string());
+    row("host CPU s", &|p| host_cell(p, |h| Some(format!("{:.2}", h.cpu_s))));
     row("host CPU s / 1k orders", &|p| host_cell(p, |h| h.cpu_s_per_1000_orders.map(|c| format!("{c:.2}"))));
     row("host RSS before MiB", &|p| host_cell(p, |h| Some(format!("{:.0}", h.before.rss_mib))));
     row("host RSS after MiB", &|p| host_cell(p, |h| Some(format!("{:.0}", h.after.rss_mib))));
