@@ -1,18 +1,20 @@
 //! One consumer group per component, at-least-once: a record's offset is
 //! stored only after the component handled it *and* everything it emitted
 //! was acknowledged. Records are submitted to the service's pipeline in
-//! arrival order (which keeps per-partition order) and handled on its
-//! executor thread while this loop keeps reading; publishing is pipelined,
-//! and offsets are stored strictly in arrival order.
+//! arrival order and handled on its executor thread, one key's records in
+//! order, while this loop keeps reading; each record then settles on its own
+//! (durable commit, publish after the previous record of its key, ack), and
+//! a partition's stored offset is the lowest one not yet done.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use futures::StreamExt as _;
 use futures::future::BoxFuture;
-use futures::stream::FuturesOrdered;
+use futures::stream::FuturesUnordered;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{Headers as _, Message as _};
@@ -20,10 +22,11 @@ use rdkafka::statistics::Statistics;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{Inbound, Outbound, Publisher};
+use crate::bus::{Inbound, Publisher};
 use crate::pipeline::{Disposition, Pipeline};
 use crate::stages::Stage;
-use crate::state::{Durable, StoreError};
+use crate::state::Durable;
+use tokio::sync::oneshot;
 
 /// Records handled but not yet acknowledged, at most.
 const MAX_IN_FLIGHT: usize = 512;
@@ -131,7 +134,7 @@ pub async fn run_supervised(
 ) {
     let name = pipeline.service().name().to_owned();
     loop {
-        match run(&pipeline, &*publisher, &settings, &status, &shutdown).await {
+        match run(&pipeline, &publisher, &settings, &status, &shutdown).await {
             Ok(()) => break,
             Err(err) => {
                 let message = format!("{err:#}");
@@ -168,7 +171,7 @@ fn inbound(message: &rdkafka::message::BorrowedMessage<'_>) -> Inbound {
 
 async fn run(
     pipeline: &Pipeline,
-    publisher: &dyn Publisher,
+    publisher: &Arc<dyn Publisher>,
     settings: &ConsumerSettings,
     status: &ConsumerStatus,
     shutdown: &CancellationToken,
@@ -195,33 +198,24 @@ async fn run(
         s.last_error = None;
     });
 
-    // Two stages, each in arrival order: a record's commit must be on disk
-    // before its outputs are published, and they must be acknowledged before
-    // its offset is stored.
-    let mut committing: FuturesOrdered<BoxFuture<'static, Option<Committed>>> = FuturesOrdered::new();
-    let mut in_flight: FuturesOrdered<BoxFuture<'static, Done>> = FuturesOrdered::new();
-    // Set when shutdown interrupted a record's retries: it and every later
-    // record stay unstored.
-    let mut interrupted = false;
+    // Each record goes to the pipeline at once (its executor keeps one key's
+    // records in order) and then settles on its own: its commit must be on
+    // disk before its outputs are published (after those of the previous
+    // record of its key), and they must be acknowledged before its offset
+    // counts as done. A partition's stored offset is the lowest not yet done.
+    let mut pending: FuturesUnordered<BoxFuture<'static, Settled>> = FuturesUnordered::new();
+    let mut progress = Progress::default();
+    let mut chains = PublishChains::default();
     let result: anyhow::Result<()> = loop {
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break Ok(()),
-            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
-                if let Err(err) = store(&consumer, pipeline, status, done) {
+            Some(settled) = pending.next(), if !pending.is_empty() => {
+                if let Err(err) = settle(&consumer, status, &mut progress, settled) {
                     break Err(err);
                 }
             }
-            Some(committed) = committing.next(), if !committing.is_empty() => {
-                let Some(committed) = committed else {
-                    interrupted = true;
-                    break Ok(());
-                };
-                if let Err(err) = publish(publisher, pipeline, &mut in_flight, committed).await {
-                    break Err(err);
-                }
-            }
-            received = consumer.recv(), if in_flight.len() + committing.len() < MAX_IN_FLIGHT => {
+            received = consumer.recv(), if pending.len() < MAX_IN_FLIGHT => {
                 let message = match received {
                     Ok(message) => message,
                     Err(err) => {
@@ -234,24 +228,9 @@ async fn run(
                 };
                 let record = inbound(&message);
                 drop(message);
-                let (topic, partition, offset) = (record.topic.clone(), record.partition, record.offset);
-                let handled = pipeline.submit(record, shutdown);
-                let service = pipeline.service().clone();
-                committing.push_back(Box::pin(async move {
-                    let (records, durable, outcome) = match handled.await? {
-                        Disposition::Publish { records, source, duplicate, durable } => {
-                            (records, durable, Outcome { topic, partition, offset, dead: false, duplicate, source })
-                        }
-                        Disposition::DeadLetter { record, .. } => {
-                            let outcome = Outcome { topic, partition, offset, dead: true, duplicate: false, source: None };
-                            (vec![record], Durable::done(), outcome)
-                        }
-                    };
-                    let waiting = std::time::Instant::now();
-                    let durable = durable.wait().await;
-                    service.stages().record(Stage::DurableWait, waiting.elapsed());
-                    Some(durable.map(|()| (records, outcome)))
-                }));
+                progress.start(&record.topic, record.partition, record.offset);
+                let (previous, enqueued) = chains.next(record.key.as_deref().unwrap_or_default());
+                pending.push(Box::pin(handle(pipeline, publisher.clone(), record, shutdown, previous, enqueued)));
             }
         }
     };
@@ -260,12 +239,8 @@ async fn run(
     // must not be marked done ahead of the one that failed.
     if result.is_ok() {
         let drained = tokio::time::timeout(Duration::from_secs(30), async {
-            while !interrupted && let Some(committed) = committing.next().await {
-                let Some(committed) = committed else { break };
-                publish(publisher, pipeline, &mut in_flight, committed).await?;
-            }
-            while let Some(done) = in_flight.next().await {
-                store(&consumer, pipeline, status, done)?;
+            while let Some(settled) = pending.next().await {
+                settle(&consumer, status, &mut progress, settled)?;
             }
             anyhow::Ok(())
         })
@@ -287,67 +262,180 @@ async fn run(
     result
 }
 
-/// What became of a record whose outputs are being published.
+/// What became of a record.
 struct Outcome {
     topic: String,
     partition: i32,
     offset: i64,
     dead: bool,
     duplicate: bool,
-    /// The outbox entry to clear once published.
-    source: Option<String>,
 }
 
-/// A record whose commit is durable (or failed to become so), with its outputs.
-type Committed = Result<(Vec<Outbound>, Outcome), StoreError>;
-/// A record whose outputs were acknowledged (or not).
-type Done = Result<Outcome, crate::bus::PublishError>;
+/// A record settled: done (`Some`), left unhandled by shutdown (`None`),
+/// or failed to commit durably or to publish (the loop then stops and the
+/// record comes back).
+type Settled = anyhow::Result<Option<Outcome>>;
 
-/// Enqueues a durable record's outputs behind those of earlier records.
-async fn publish(
-    publisher: &dyn Publisher,
+/// Handles one record through the pipeline and publishes what it emitted.
+fn handle(
     pipeline: &Pipeline,
-    in_flight: &mut FuturesOrdered<BoxFuture<'static, Done>>,
-    committed: Committed,
-) -> anyhow::Result<()> {
-    // A commit that did not reach the disk aborts the loop: the record and
-    // the later ones are consumed again and handled anew.
-    let (records, outcome) = committed.context("state commit not durable")?;
-    let publishing = (!records.is_empty()).then(std::time::Instant::now);
-    let acked = publisher.enqueue(records).await.context("failed to enqueue output")?;
+    publisher: Arc<dyn Publisher>,
+    record: Inbound,
+    shutdown: &CancellationToken,
+    previous: Option<oneshot::Receiver<()>>,
+    enqueued: oneshot::Sender<()>,
+) -> impl Future<Output = Settled> + Send + 'static {
+    let (topic, partition, offset) = (record.topic.clone(), record.partition, record.offset);
+    let handled = pipeline.submit(record, shutdown);
     let service = pipeline.service().clone();
-    in_flight.push_back(Box::pin(async move {
-        let acked = acked.await;
+    async move {
+        let Some(disposition) = handled.await else { return Ok(None) };
+        let (records, durable, outcome, source) = match disposition {
+            Disposition::Publish { records, source, duplicate, durable } => {
+                (records, durable, Outcome { topic, partition, offset, dead: false, duplicate }, source)
+            }
+            Disposition::DeadLetter { record, .. } => {
+                let outcome = Outcome { topic, partition, offset, dead: true, duplicate: false };
+                (vec![record], Durable::done(), outcome, None)
+            }
+        };
+        let waiting = Instant::now();
+        let durable = durable.wait().await;
+        service.stages().record(Stage::DurableWait, waiting.elapsed());
+        // A commit that did not reach the disk stops the loop: the record and
+        // the later ones are consumed again and handled anew.
+        durable.context("state commit not durable")?;
+        if let Some(previous) = previous {
+            // Sent or dropped: either way the previous record of this key
+            // is past its enqueueing.
+            let _ = previous.await;
+        }
+        let publishing = (!records.is_empty()).then(Instant::now);
+        let acked = publisher.enqueue(records).await;
+        drop(enqueued);
+        // A failed publish stops the loop without storing: the record comes
+        // back, and its outbox entry stays queued until a redelivery or the
+        // relay publishes it.
+        acked.context("failed to enqueue output")?.await.context("output not acknowledged")?;
         if let Some(started) = publishing {
             service.stages().record(Stage::Publish, started.elapsed());
         }
-        acked.map(|()| outcome)
-    }));
+        if let Some(source) = &source {
+            service.published(source);
+        }
+        Ok(Some(outcome))
+    }
+}
+
+/// Per key, the signal that the last record submitted has enqueued its
+/// outputs: the next record of that key publishes only after it, so one
+/// key's outputs keep their order.
+#[derive(Default)]
+struct PublishChains {
+    last: HashMap<Vec<u8>, oneshot::Receiver<()>>,
+}
+
+impl PublishChains {
+    /// The signal to wait for and the one to give, for a record of `key`.
+    fn next(&mut self, key: &[u8]) -> (Option<oneshot::Receiver<()>>, oneshot::Sender<()>) {
+        if self.last.len() >= MAX_IN_FLIGHT * 4 {
+            // Forget keys whose last record already enqueued.
+            self.last.retain(|_, signal| matches!(signal.try_recv(), Err(oneshot::error::TryRecvError::Empty)));
+        }
+        let (enqueued, signal) = oneshot::channel();
+        (self.last.insert(key.to_vec(), signal), enqueued)
+    }
+}
+
+/// Offsets in flight per partition. Everything below the lowest offset in
+/// flight is done, so that is what may be stored.
+#[derive(Default)]
+struct Progress {
+    partitions: HashMap<(String, i32), PartitionProgress>,
+}
+
+#[derive(Default)]
+struct PartitionProgress {
+    in_flight: BTreeSet<i64>,
+    highest: i64,
+}
+
+impl Progress {
+    fn start(&mut self, topic: &str, partition: i32, offset: i64) {
+        let p = self.partitions.entry((topic.to_owned(), partition)).or_default();
+        p.in_flight.insert(offset);
+        p.highest = p.highest.max(offset);
+    }
+
+    /// Marks `offset` done; the last offset of an unbroken run of done
+    /// records from the start, if this moved it.
+    fn finish(&mut self, topic: &str, partition: i32, offset: i64) -> Option<i64> {
+        let p = self.partitions.get_mut(&(topic.to_owned(), partition))?;
+        let was_lowest = p.in_flight.first() == Some(&offset);
+        p.in_flight.remove(&offset);
+        if !was_lowest {
+            return None;
+        }
+        Some(p.in_flight.first().map_or(p.highest, |lowest| lowest - 1))
+    }
+}
+
+fn settle(
+    consumer: &StreamConsumer<Context>,
+    status: &ConsumerStatus,
+    progress: &mut Progress,
+    settled: Settled,
+) -> anyhow::Result<()> {
+    let Some(outcome) = settled? else { return Ok(()) };
+    let (topic, partition) = (&outcome.topic, outcome.partition);
+    if let Some(done) = progress.finish(topic, partition, outcome.offset) {
+        // Fails for a partition revoked meanwhile: its new owner starts from
+        // the last committed offset and drops what was handled here by id.
+        match consumer.store_offset(topic, partition, done) {
+            Ok(()) => status.update(|s| {
+                s.last_processed_offsets.insert(tp(topic, partition), done);
+            }),
+            Err(err) => tracing::warn!(%topic, partition, offset = done, "offset not stored: {err}"),
+        }
+    }
+    status.update(|s| match (outcome.dead, outcome.duplicate) {
+        (true, _) => s.dead_lettered += 1,
+        (false, true) => s.duplicates_dropped += 1,
+        (false, false) => s.handled += 1,
+    });
     Ok(())
 }
 
-fn store(
-    consumer: &StreamConsumer<Context>,
-    pipeline: &Pipeline,
-    status: &ConsumerStatus,
-    done: Done,
-) -> anyhow::Result<()> {
-    // A failed publish aborts the loop without storing: the record and all
-    // later ones are consumed again from the last committed offset, and the
-    // outbox entry stays queued until a redelivery or the relay publishes it.
-    let outcome = done.context("output not acknowledged")?;
-    let (topic, partition, offset) = (&outcome.topic, outcome.partition, outcome.offset);
-    if let Some(source) = &outcome.source {
-        pipeline.service().published(source);
-    }
-    consumer.store_offset(topic, partition, offset).context("failed to store offset")?;
-    status.update(|s| {
-        s.last_processed_offsets.insert(tp(topic, partition), offset);
-        match (outcome.dead, outcome.duplicate) {
-            (true, _) => s.dead_lettered += 1,
-            (false, true) => s.duplicates_dropped += 1,
-            (false, false) => s.handled += 1,
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stored_offset_is_the_last_before_the_lowest_in_flight() {
+        let mut progress = Progress::default();
+        for offset in [10, 11, 12, 13] {
+            progress.start("t", 0, offset);
         }
-    });
-    Ok(())
+        progress.start("t", 1, 5);
+        assert_eq!(progress.finish("t", 0, 12), None, "11 and 10 are not done");
+        assert_eq!(progress.finish("t", 0, 10), Some(10));
+        assert_eq!(progress.finish("t", 1, 5), Some(5), "partitions are independent");
+        assert_eq!(progress.finish("t", 0, 11), Some(12), "12 was done already");
+        assert_eq!(progress.finish("t", 0, 13), Some(13));
+        assert_eq!(progress.finish("t", 0, 99), None, "unknown offsets change nothing");
+    }
+
+    #[tokio::test]
+    async fn one_keys_outputs_are_enqueued_in_order() {
+        let mut chains = PublishChains::default();
+        let (first_wait, first_done) = chains.next(b"k");
+        assert!(first_wait.is_none());
+        let (second_wait, _second_done) = chains.next(b"k");
+        let (other_wait, _) = chains.next(b"other");
+        assert!(other_wait.is_none(), "another key waits for nobody");
+        let mut second_wait = second_wait.unwrap();
+        assert!(matches!(second_wait.try_recv(), Err(oneshot::error::TryRecvError::Empty)));
+        drop(first_done);
+        assert!(second_wait.await.is_err(), "released once the first enqueued");
+    }
 }

@@ -3,9 +3,14 @@
 //! state changes through an [`Overlay`] and are committed together, in one
 //! store transaction; each one's outcome is answered once that commit is
 //! applied. Guest calls and commits run here, never on the async runtime.
+//!
+//! An event that fails in a way that may pass is parked with the events of
+//! its key that come after it (a lane), and retried after its backoff;
+//! events of other keys go on meanwhile. Records of one key stay in order.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, Sender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -25,6 +30,10 @@ const MAX_BATCH: usize = 64;
 
 /// How often a pause checks for shutdown.
 const PAUSE_SLICE: Duration = Duration::from_millis(10);
+
+/// Longest wait for new work while events are parked, so that shutdown is
+/// noticed and retries come due on time.
+const PARKED_POLL: Duration = Duration::from_millis(50);
 
 /// What to handle.
 pub(super) enum Input {
@@ -53,8 +62,24 @@ pub(super) fn start(core: Arc<Core>) -> Sender<Job> {
 }
 
 fn run(core: &Core, queue: &Receiver<Job>) {
-    while let Ok(first) = queue.recv() {
-        let mut jobs = vec![first];
+    let mut parked: HashMap<String, Lane> = HashMap::new();
+    loop {
+        // Wait for a job, or for the next parked retry to come due.
+        let first = if parked.is_empty() {
+            match queue.recv() {
+                Ok(job) => Some(job),
+                Err(_) => return,
+            }
+        } else {
+            let next = parked.values().map(|lane| lane.retry_at).min().unwrap_or_else(Instant::now);
+            match queue.recv_timeout(next.saturating_duration_since(Instant::now()).min(PARKED_POLL)) {
+                Ok(job) => Some(job),
+                Err(RecvTimeoutError::Timeout) => None,
+                // Dropping the parked jobs answers them "not handled".
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        };
+        let mut jobs: Vec<Job> = first.into_iter().collect();
         while jobs.len() < MAX_BATCH {
             match queue.try_recv() {
                 Ok(job) => jobs.push(job),
@@ -62,17 +87,64 @@ fn run(core: &Core, queue: &Receiver<Job>) {
             }
         }
         let mut batch = Batch::new(core);
+        // Parked lanes first: their retries come due, or shutdown ends them.
+        let now = Instant::now();
+        let resumable: Vec<String> = parked
+            .iter()
+            .filter(|(_, lane)| lane.retry_at <= now || lane.jobs.front().is_some_and(|j| j.shutdown.is_cancelled()))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in resumable {
+            if let Some(lane) = parked.remove(&key) {
+                batch.resume(key, lane, &mut parked);
+            }
+        }
         for job in jobs {
-            batch.handle(job);
+            let Some(ready) = batch.prepare(job) else { continue };
+            let key = lane_key(&ready.event);
+            match parked.get_mut(&key) {
+                // Its key waits for an earlier event: it queues behind it.
+                Some(lane) => lane.jobs.push_back(ready),
+                None => batch.resume(key, Lane::of(ready), &mut parked),
+            }
         }
         batch.flush();
     }
 }
 
+/// The events of one key waiting for the first of them to be retried:
+/// records of one key stay in order, other keys go on meanwhile.
+struct Lane {
+    retry_at: Instant,
+    jobs: VecDeque<Ready>,
+}
+
+impl Lane {
+    fn of(ready: Ready) -> Self {
+        Self { retry_at: Instant::now(), jobs: VecDeque::from([ready]) }
+    }
+}
+
+/// A decoded input, with its attempts so far.
+struct Ready {
+    record: Inbound,
+    envelope: Envelope,
+    event: Event,
+    fired: Option<(String, u64)>,
+    attempt: u32,
+    shutdown: CancellationToken,
+    reply: oneshot::Sender<Option<Disposition>>,
+}
+
+/// The key whose events stay in order: the order id.
+fn lane_key(event: &Event) -> String {
+    event.key.clone().unwrap_or_default()
+}
+
 /// What became of one input before the batch's commit.
 enum Outcome {
-    /// Known now: a dead letter, a duplicate, or `None` (interrupted).
-    Now(Option<Disposition>),
+    /// Known now: a dead letter or a duplicate.
+    Now(Disposition),
     /// Handled: this commit joins the batch's.
     Commit(Commit),
 }
@@ -101,31 +173,17 @@ impl<'a> Batch<'a> {
         }
     }
 
-    fn handle(&mut self, job: Job) {
-        let Job { input, shutdown, reply } = job;
-        match self.outcome(input, &shutdown) {
-            Outcome::Now(disposition) => {
-                // The receiver may be gone (its consumer stopped): nothing to do.
-                let _ = reply.send(disposition);
-            }
-            Outcome::Commit(commit) => {
-                self.overlay.record(&commit);
-                self.commits.push(commit);
-                self.replies.push(reply);
-                self.shutdown.get_or_insert(shutdown);
-            }
-        }
-    }
-
-    /// Handles one input, retrying what may succeed later.
-    fn outcome(&mut self, input: Input, shutdown: &CancellationToken) -> Outcome {
+    /// Decodes a job; an undecodable record is answered at once (dead letter).
+    fn prepare(&mut self, job: Job) -> Option<Ready> {
         let core = self.core;
+        let Job { input, shutdown, reply } = job;
         let decoding = Instant::now();
         let (record, envelope, fired) = match input {
             Input::Record(record) => match Envelope::decode(record.value.as_deref()) {
                 Ok(envelope) => (record, envelope, None),
                 Err(err) => {
-                    return Outcome::Now(Some(core.dead_letter(&record, format!("invalid envelope: {err}"), 0)));
+                    let _ = reply.send(Some(core.dead_letter(&record, format!("invalid envelope: {err}"), 0)));
+                    return None;
                 }
             },
             Input::Timer(timer) => {
@@ -143,28 +201,61 @@ impl<'a> Batch<'a> {
         };
         let event = core.event(&record, &envelope);
         core.service.stages().record(Stage::Decode, decoding.elapsed());
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let err = match self.attempt(&event, &envelope, fired.as_ref()) {
-                Ok(outcome) => return outcome,
-                Err(err) => err,
-            };
-            let reason = err.to_string();
-            // The store failing says nothing about the event: it waits for
-            // the store, however long, rather than being set aside.
-            let store_failed = matches!(err, CallError::Store(_));
-            if !err.is_retryable() || (attempt >= core.retry.max_attempts && !store_failed) {
-                return Outcome::Now(Some(core.dead_letter(&record, reason, attempt)));
+        Some(Ready { record, envelope, event, fired, attempt: 0, shutdown, reply })
+    }
+
+    /// Runs a lane's events in order until one must wait for a retry; the
+    /// lane is then parked under `key` with that event first.
+    fn resume(&mut self, key: String, mut lane: Lane, parked: &mut HashMap<String, Lane>) {
+        while let Some(ready) = lane.jobs.pop_front() {
+            if ready.shutdown.is_cancelled() && ready.attempt > 0 {
+                // Interrupted while waiting to retry: it and the events
+                // behind it are not handled, and no offset moves past them.
+                let _ = ready.reply.send(None);
+                for waiting in lane.jobs.drain(..) {
+                    let _ = waiting.reply.send(None);
+                }
+                return;
             }
-            let backoff = core.backoff(attempt);
-            tracing::warn!(component = core.service.name(), event_id = %event.id, attempt, ?backoff, "{reason}; retrying");
-            // What the batch holds goes out before the wait.
-            self.flush();
-            if !self.pause(backoff, shutdown) {
-                return Outcome::Now(None);
+            if let Some((ready, retry_at)) = self.run(ready) {
+                lane.jobs.push_front(ready);
+                lane.retry_at = retry_at;
+                parked.insert(key, lane);
+                return;
             }
         }
+    }
+
+    /// One attempt at an input; `Some` with the time to try again if it
+    /// failed in a way that may pass.
+    fn run(&mut self, mut ready: Ready) -> Option<(Ready, Instant)> {
+        let core = self.core;
+        ready.attempt += 1;
+        let err = match self.attempt(&ready.event, &ready.envelope, ready.fired.as_ref()) {
+            Ok(Outcome::Now(disposition)) => {
+                let _ = ready.reply.send(Some(disposition));
+                return None;
+            }
+            Ok(Outcome::Commit(commit)) => {
+                self.overlay.record(&commit);
+                self.commits.push(commit);
+                self.replies.push(ready.reply);
+                self.shutdown.get_or_insert(ready.shutdown);
+                return None;
+            }
+            Err(err) => err,
+        };
+        let reason = err.to_string();
+        // The store failing says nothing about the event: it waits for
+        // the store, however long, rather than being set aside.
+        let store_failed = matches!(err, CallError::Store(_));
+        if !err.is_retryable() || (ready.attempt >= core.retry.max_attempts && !store_failed) {
+            let _ = ready.reply.send(Some(core.dead_letter(&ready.record, reason, ready.attempt)));
+            return None;
+        }
+        let backoff = core.backoff(ready.attempt);
+        tracing::warn!(component = core.service.name(), event_id = %ready.event.id, attempt = ready.attempt, ?backoff, "{reason}; retrying");
+        Some((ready, Instant::now() + backoff))
     }
 
     /// One try: drop a duplicate or a timer no longer due, else call the
@@ -189,7 +280,7 @@ impl<'a> Batch<'a> {
                     duplicate: true,
                     durable: Durable::done(),
                 };
-                return Ok(Outcome::Now(Some(skipped)));
+                return Ok(Outcome::Now(skipped));
             }
         }
         if self.overlay.handled_in_batch(&event.id) {
@@ -208,7 +299,7 @@ impl<'a> Batch<'a> {
                 None => (Vec::new(), None),
             };
             let durable = store.sync_point();
-            return Ok(Outcome::Now(Some(Disposition::Publish { records, source, duplicate: true, durable })));
+            return Ok(Outcome::Now(Disposition::Publish { records, source, duplicate: true, durable }));
         }
         let name = core.service.name();
         let called = core.service.call(event, self.overlay.clone(), |outgoing, version| {

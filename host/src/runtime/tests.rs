@@ -310,3 +310,41 @@ async fn a_changed_file_is_reloaded_after_it_settles() {
     watcher.await.unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test]
+async fn a_key_waiting_to_retry_holds_up_only_its_own_later_events() {
+    use futures::StreamExt as _;
+
+    use crate::bus::Inbound;
+    use crate::envelope::Envelope;
+    use crate::pipeline::{Disposition, Pipeline, RetryPolicy, Topics};
+
+    let rt = Arc::new(runtime("misbehave", 1000));
+    let retry = RetryPolicy { max_attempts: 3, first_backoff: Duration::from_millis(100), ..RetryPolicy::default() };
+    let pipeline = Pipeline::new(rt, Topics::default(), retry, Arc::new(ManualClock::at(5)));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let record = |event_type: &str, key: &str, offset: i64| {
+        let envelope = Envelope::originate(event_type, key, "test", 1, serde_json::json!("hello"));
+        let value = Some(envelope.encode());
+        Inbound { topic: "in".into(), partition: 0, offset, key: Some(key.into()), value, headers: vec![] }
+    };
+    let mut done: futures::stream::FuturesUnordered<_> =
+        [record("WriteThenFail", "a", 0), record("Echo", "a", 1), record("Echo", "b", 2)]
+            .into_iter()
+            .map(|r| {
+                let offset = r.offset;
+                let handled = pipeline.submit(r, &shutdown);
+                async move { (offset, handled.await) }
+            })
+            .collect();
+    let mut order = Vec::new();
+    while let Some((offset, disposition)) = done.next().await {
+        let dead = matches!(disposition, Some(Disposition::DeadLetter { .. }));
+        order.push((offset, dead));
+    }
+    assert_eq!(
+        order,
+        [(2, false), (0, true), (1, false)],
+        "key b goes on while key a retries; a's second event waits for its first"
+    );
+}
