@@ -38,6 +38,10 @@ const TIMERS: TableDefinition<&str, &[u8]> = TableDefinition::new("timers");
 /// (due time, timer id): the timers in firing order.
 const TIMERS_DUE: TableDefinition<(u64, &str), ()> = TableDefinition::new("timers_due");
 
+/// redb's page cache per store (its default is 1 GiB): what is read often,
+/// the handled ids of recent events and the component's hot keys, fits.
+const CACHE_BYTES: usize = 32 << 20;
+
 /// A component's store in a redb file.
 pub struct DurableStore {
     db: Arc<Database>,
@@ -80,7 +84,7 @@ impl DurableStore {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| unavailable("cannot create the directory of", path)(&e))?;
         }
-        let db = Database::create(path).map_err(|err| match err {
+        let db = Database::builder().set_cache_size(CACHE_BYTES).create(path).map_err(|err| match err {
             redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Unavailable(format!(
                 "state file {} is already open in another process: is another host running with the same state_dir?",
                 path.display()
