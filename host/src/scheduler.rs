@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Outbound, Publisher};
 use crate::clock::Clock;
-use crate::pipeline::{Disposition, Pipeline};
+use crate::pipeline::{Pipeline, Settled, Turn, settle};
 use crate::runtime::ServiceRuntime;
 use crate::state::OutboxEntry;
 
@@ -117,24 +117,15 @@ pub async fn fire_due(
         }
         for timer in due {
             let Some(disposition) = pipeline.process_timer(&timer, shutdown).await else { return Ok(()) };
-            match disposition {
-                Disposition::Publish { records, source, duplicate, durable } => {
-                    durable.wait().await?;
-                    publish(publisher, records).await?;
-                    if let Some(source) = source {
-                        service.published(&source);
-                    }
-                    if duplicate {
-                        // Handled already (or no longer due): make sure
-                        // this very timer is gone.
-                        service.settle_timer(&timer, None).await?;
-                    }
-                }
-                Disposition::DeadLetter { record, .. } => {
+            match settle(service, publisher, disposition, Turn::default()).await? {
+                Settled::Handled => {}
+                // Handled already (or no longer due): make sure this very
+                // timer is gone.
+                Settled::Duplicate => service.settle_timer(&timer, None).await?,
+                Settled::DeadLettered => {
                     // A timer is never dropped (a lost deadline would leave
                     // its saga hanging): it is reported on the dead-letter
                     // topic and tried again later, e.g. by a fixed version.
-                    publish(publisher, vec![record]).await?;
                     tracing::error!(component = service.name(), timer = %timer.id, "timer set aside, next try in 60 s");
                     service.settle_timer(&timer, Some(clock.now_ms() + FAILED_TIMER_RETRY_MS)).await?;
                 }

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use shop_host::bus::{Inbound, MemoryBus, Outbound, Publisher};
 use shop_host::clock::{Clock, ManualClock};
 use shop_host::envelope::Envelope;
-use shop_host::pipeline::{Disposition, Pipeline, RetryPolicy, Topics};
+use shop_host::pipeline::{Disposition, Pipeline, RetryPolicy, Topics, Turn, settle};
 use shop_host::runtime::{CanaryPolicy, Engine, Limits, LoadedComponent, Request, ServiceRuntime, ServiceSpec};
 use shop_host::state::MemoryStore;
 use tokio_util::sync::CancellationToken;
@@ -125,20 +125,11 @@ impl World {
                             value: Some(record.value.clone()),
                             headers: record.headers.clone(),
                         };
-                        let (out, source) = match pipeline.process(&inbound, &shutdown).await.unwrap() {
-                            Disposition::Publish { records, source, durable, .. } => {
-                                durable.wait().await.unwrap();
-                                (records, source)
-                            }
-                            Disposition::DeadLetter { record, reason } => {
-                                dead.push((pipeline.service().name().to_owned(), reason));
-                                (vec![record], None)
-                            }
-                        };
-                        self.bus.enqueue(out).await.unwrap().await.unwrap();
-                        if let Some(source) = source {
-                            pipeline.service().published(&source);
+                        let disposition = pipeline.process(&inbound, &shutdown).await.unwrap();
+                        if let Disposition::DeadLetter { reason, .. } = &disposition {
+                            dead.push((pipeline.service().name().to_owned(), reason.clone()));
                         }
+                        settle(pipeline.service(), &*self.bus, disposition, Turn::default()).await.unwrap();
                         *cursor += 1;
                         moved = true;
                     }

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::StreamExt as _;
@@ -23,9 +23,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Inbound, Publisher};
-use crate::pipeline::{Disposition, Pipeline};
-use crate::stages::Stage;
-use crate::state::Durable;
+use crate::pipeline::{Pipeline, Settled, Turn, settle};
 use tokio::sync::oneshot;
 
 /// Records handled but not yet acknowledged, at most.
@@ -203,7 +201,7 @@ async fn run(
     // disk before its outputs are published (after those of the previous
     // record of its key), and they must be acknowledged before its offset
     // counts as done. A partition's stored offset is the lowest not yet done.
-    let mut pending: FuturesUnordered<BoxFuture<'static, Settled>> = FuturesUnordered::new();
+    let mut pending: FuturesUnordered<BoxFuture<'static, Outcome>> = FuturesUnordered::new();
     let mut progress = Progress::default();
     let mut chains = PublishChains::default();
     let result: anyhow::Result<()> = loop {
@@ -211,7 +209,7 @@ async fn run(
             biased;
             () = shutdown.cancelled() => break Ok(()),
             Some(settled) = pending.next(), if !pending.is_empty() => {
-                if let Err(err) = settle(&consumer, status, &mut progress, settled) {
+                if let Err(err) = done(&consumer, status, &mut progress, settled) {
                     break Err(err);
                 }
             }
@@ -229,8 +227,8 @@ async fn run(
                 let record = inbound(&message);
                 drop(message);
                 progress.start(&record.topic, record.partition, record.offset);
-                let (previous, enqueued) = chains.next(record.key.as_deref().unwrap_or_default());
-                pending.push(Box::pin(handle(pipeline, publisher.clone(), record, shutdown, previous, enqueued)));
+                let turn = chains.next(record.key.as_deref().unwrap_or_default());
+                pending.push(Box::pin(handle(pipeline, publisher.clone(), record, shutdown, turn)));
             }
         }
     };
@@ -240,7 +238,7 @@ async fn run(
     if result.is_ok() {
         let drained = tokio::time::timeout(Duration::from_secs(30), async {
             while let Some(settled) = pending.next().await {
-                settle(&consumer, status, &mut progress, settled)?;
+                done(&consumer, status, &mut progress, settled)?;
             }
             anyhow::Ok(())
         })
@@ -262,68 +260,27 @@ async fn run(
     result
 }
 
-/// What became of a record.
-struct Outcome {
-    topic: String,
-    partition: i32,
-    offset: i64,
-    dead: bool,
-    duplicate: bool,
-}
+/// What became of a record: where it was and how it settled (`None`: left
+/// unhandled by shutdown); an error stops the loop and the record comes back.
+type Outcome = (String, i32, i64, anyhow::Result<Option<Settled>>);
 
-/// A record settled: done (`Some`), left unhandled by shutdown (`None`),
-/// or failed to commit durably or to publish (the loop then stops and the
-/// record comes back).
-type Settled = anyhow::Result<Option<Outcome>>;
-
-/// Handles one record through the pipeline and publishes what it emitted.
+/// Handles one record through the pipeline and settles it in its turn.
 fn handle(
     pipeline: &Pipeline,
     publisher: Arc<dyn Publisher>,
     record: Inbound,
     shutdown: &CancellationToken,
-    previous: Option<oneshot::Receiver<()>>,
-    enqueued: oneshot::Sender<()>,
-) -> impl Future<Output = Settled> + Send + 'static {
+    turn: Turn,
+) -> impl Future<Output = Outcome> + Send + 'static {
     let (topic, partition, offset) = (record.topic.clone(), record.partition, record.offset);
     let handled = pipeline.submit(record, shutdown);
     let service = pipeline.service().clone();
     async move {
-        let Some(disposition) = handled.await else { return Ok(None) };
-        let (records, durable, outcome, source) = match disposition {
-            Disposition::Publish { records, source, duplicate, durable } => {
-                (records, durable, Outcome { topic, partition, offset, dead: false, duplicate }, source)
-            }
-            Disposition::DeadLetter { record, .. } => {
-                let outcome = Outcome { topic, partition, offset, dead: true, duplicate: false };
-                (vec![record], Durable::done(), outcome, None)
-            }
+        let settled = match handled.await {
+            Some(disposition) => settle(&service, &*publisher, disposition, turn).await.map(Some),
+            None => Ok(None),
         };
-        let waiting = Instant::now();
-        let durable = durable.wait().await;
-        service.stages().record(Stage::DurableWait, waiting.elapsed());
-        // A commit that did not reach the disk stops the loop: the record and
-        // the later ones are consumed again and handled anew.
-        durable.context("state commit not durable")?;
-        if let Some(previous) = previous {
-            // Sent or dropped: either way the previous record of this key
-            // is past its enqueueing.
-            let _ = previous.await;
-        }
-        let publishing = (!records.is_empty()).then(Instant::now);
-        let acked = publisher.enqueue(records).await;
-        drop(enqueued);
-        // A failed publish stops the loop without storing: the record comes
-        // back, and its outbox entry stays queued until a redelivery or the
-        // relay publishes it.
-        acked.context("failed to enqueue output")?.await.context("output not acknowledged")?;
-        if let Some(started) = publishing {
-            service.stages().record(Stage::Publish, started.elapsed());
-        }
-        if let Some(source) = &source {
-            service.published(source);
-        }
-        Ok(Some(outcome))
+        (topic, partition, offset, settled)
     }
 }
 
@@ -336,14 +293,14 @@ struct PublishChains {
 }
 
 impl PublishChains {
-    /// The signal to wait for and the one to give, for a record of `key`.
-    fn next(&mut self, key: &[u8]) -> (Option<oneshot::Receiver<()>>, oneshot::Sender<()>) {
+    /// The turn of the next record of `key`.
+    fn next(&mut self, key: &[u8]) -> Turn {
         if self.last.len() >= MAX_IN_FLIGHT * 4 {
             // Forget keys whose last record already enqueued.
             self.last.retain(|_, signal| matches!(signal.try_recv(), Err(oneshot::error::TryRecvError::Empty)));
         }
         let (enqueued, signal) = oneshot::channel();
-        (self.last.insert(key.to_vec(), signal), enqueued)
+        Turn { previous: self.last.insert(key.to_vec(), signal), enqueued: Some(enqueued) }
     }
 }
 
@@ -380,28 +337,28 @@ impl Progress {
     }
 }
 
-fn settle(
+/// Counts a settled record and stores its partition's offset if it moved.
+fn done(
     consumer: &StreamConsumer<Context>,
     status: &ConsumerStatus,
     progress: &mut Progress,
-    settled: Settled,
+    (topic, partition, offset, settled): Outcome,
 ) -> anyhow::Result<()> {
-    let Some(outcome) = settled? else { return Ok(()) };
-    let (topic, partition) = (&outcome.topic, outcome.partition);
-    if let Some(done) = progress.finish(topic, partition, outcome.offset) {
+    let Some(settled) = settled? else { return Ok(()) };
+    if let Some(done) = progress.finish(&topic, partition, offset) {
         // Fails for a partition revoked meanwhile: its new owner starts from
         // the last committed offset and drops what was handled here by id.
-        match consumer.store_offset(topic, partition, done) {
+        match consumer.store_offset(&topic, partition, done) {
             Ok(()) => status.update(|s| {
-                s.last_processed_offsets.insert(tp(topic, partition), done);
+                s.last_processed_offsets.insert(tp(&topic, partition), done);
             }),
             Err(err) => tracing::warn!(%topic, partition, offset = done, "offset not stored: {err}"),
         }
     }
-    status.update(|s| match (outcome.dead, outcome.duplicate) {
-        (true, _) => s.dead_lettered += 1,
-        (false, true) => s.duplicates_dropped += 1,
-        (false, false) => s.handled += 1,
+    status.update(|s| match settled {
+        Settled::DeadLettered => s.dead_lettered += 1,
+        Settled::Duplicate => s.duplicates_dropped += 1,
+        Settled::Handled => s.handled += 1,
     });
     Ok(())
 }
@@ -428,14 +385,13 @@ mod tests {
     #[tokio::test]
     async fn one_keys_outputs_are_enqueued_in_order() {
         let mut chains = PublishChains::default();
-        let (first_wait, first_done) = chains.next(b"k");
-        assert!(first_wait.is_none());
-        let (second_wait, _second_done) = chains.next(b"k");
-        let (other_wait, _) = chains.next(b"other");
-        assert!(other_wait.is_none(), "another key waits for nobody");
-        let mut second_wait = second_wait.unwrap();
+        let first = chains.next(b"k");
+        assert!(first.previous.is_none());
+        let second = chains.next(b"k");
+        assert!(chains.next(b"other").previous.is_none(), "another key waits for nobody");
+        let mut second_wait = second.previous.unwrap();
         assert!(matches!(second_wait.try_recv(), Err(oneshot::error::TryRecvError::Empty)));
-        drop(first_done);
+        drop(first.enqueued);
         assert!(second_wait.await.is_err(), "released once the first enqueued");
     }
 }

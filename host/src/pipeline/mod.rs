@@ -11,6 +11,7 @@
 //! tests all drive it through [`Pipeline::submit`].
 
 mod executor;
+mod settle;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -23,6 +24,8 @@ use crate::clock::Clock;
 use crate::envelope::Envelope;
 use crate::runtime::{Event, OutgoingEvent, ServiceRuntime};
 use crate::state::{OutboxRecord, Timer};
+
+pub use settle::{Settled, Turn, settle};
 
 /// Largest record a component may emit: below the broker's default
 /// `message.max.bytes` (1 MiB), so that a committed record can always be

@@ -1,0 +1,82 @@
+//! Settling a handled record: the one path from a [`Disposition`] to
+//! "done", shared by the Kafka consumer, the timer scheduler and the
+//! in-memory tests. Its commit must be durable before what it emitted is
+//! published; once the broker acknowledged that, its outbox entry goes.
+
+use std::time::Instant;
+
+use anyhow::Context as _;
+use tokio::sync::oneshot;
+
+use super::Disposition;
+use crate::bus::Publisher;
+use crate::runtime::ServiceRuntime;
+use crate::stages::Stage;
+
+/// What a settled record was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Handled now: its outputs were published.
+    Handled,
+    /// Handled before (or a timer no longer due): dropped, with whatever of
+    /// its first handling's outputs was still unpublished published again.
+    Duplicate,
+    /// Set aside on the dead-letter topic.
+    DeadLettered,
+}
+
+/// A record's turn among the records of its key: it publishes only after
+/// the previous one enqueued, and tells the next one when it has. The
+/// default waits for nobody.
+#[derive(Debug, Default)]
+pub struct Turn {
+    /// Resolves (sent or dropped) once the previous record of the key enqueued.
+    pub previous: Option<oneshot::Receiver<()>>,
+    /// Dropped once this record enqueued.
+    pub enqueued: Option<oneshot::Sender<()>>,
+}
+
+/// Settles `disposition`: waits for its commit to be durable, publishes its
+/// records in its `turn`, waits for their acknowledgement, then forgets its
+/// outbox entry.
+///
+/// # Errors
+/// The commit did not become durable, or publishing failed. Nothing may then
+/// be treated as done: the record must be handled again (its outbox entry,
+/// if any, stays queued for a redelivery or the relay).
+pub async fn settle(
+    service: &ServiceRuntime,
+    publisher: &dyn Publisher,
+    disposition: Disposition,
+    turn: Turn,
+) -> anyhow::Result<Settled> {
+    let (records, durable, source, settled) = match disposition {
+        Disposition::Publish { records, source, duplicate, durable } => {
+            let settled = if duplicate { Settled::Duplicate } else { Settled::Handled };
+            (records, Some(durable), source, settled)
+        }
+        Disposition::DeadLetter { record, .. } => (vec![record], None, None, Settled::DeadLettered),
+    };
+    if let Some(durable) = durable {
+        let waiting = Instant::now();
+        let durable = durable.wait().await;
+        service.stages().record(Stage::DurableWait, waiting.elapsed());
+        durable.context("state commit not durable")?;
+    }
+    if let Some(previous) = turn.previous {
+        // Sent or dropped: either way the previous record is past enqueueing.
+        let _ = previous.await;
+    }
+    if records.is_empty() {
+        return Ok(settled);
+    }
+    let publishing = Instant::now();
+    let acked = publisher.enqueue(records).await;
+    drop(turn.enqueued);
+    acked.context("failed to enqueue output")?.await.context("output not acknowledged")?;
+    service.stages().record(Stage::Publish, publishing.elapsed());
+    if let Some(source) = &source {
+        service.published(source);
+    }
+    Ok(settled)
+}
