@@ -9,17 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use shop_events::OrderPlaced;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{Outbound, Publisher};
 use crate::clock::{Clock, SystemClock};
-use crate::envelope::Envelope;
 use crate::kafka::{self, ConsumerSettings, ConsumerStatus, EmbeddedBroker, KafkaPublisher};
 use crate::manifest::{ComponentSettings, Manifest};
 use crate::pipeline::{Pipeline, RetryPolicy, Topics};
-use crate::runtime::{CanaryPolicy, Engine, Limits, LoadedComponent, Request, ServiceRuntime, ServiceSpec};
+use crate::runtime::{CanaryPolicy, Engine, Limits, LoadedComponent, ServiceRuntime, ServiceSpec};
 use crate::state::{DurableStore, StateStore};
 
 /// Compiles every component of the manifest against the world, serving nothing.
@@ -159,7 +156,7 @@ pub async fn run(manifest: Manifest, brokers: Option<String>, shutdown: Cancella
         let router = crate::http::component_app(service, status);
         tasks.spawn(serve(listener, router, shutdown.clone(), name));
     }
-    let backend = Arc::new(GatewayBackend {
+    let backend = Arc::new(crate::gateway_backend::GatewayBackend {
         publisher: publisher.clone(),
         orders_topic: topics.physical(shop_events::topics::ORDERS),
         orders: services[&manifest.gateway.order_component].clone(),
@@ -194,58 +191,5 @@ async fn serve(listener: TcpListener, router: axum::Router, shutdown: Cancellati
     tracing::info!(%name, %addr, "listening");
     if let Err(err) = axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await {
         tracing::error!(%name, "HTTP server failed: {err}");
-    }
-}
-
-/// The gateway's backend: Kafka for publishing, the order component for status.
-struct GatewayBackend {
-    publisher: Arc<dyn Publisher>,
-    orders_topic: String,
-    orders: Arc<ServiceRuntime>,
-    clock: Arc<dyn Clock>,
-}
-
-impl gateway::Backend for GatewayBackend {
-    fn place_order(&self, order: OrderPlaced) -> gateway::BoxFuture<'_, Result<(), gateway::BackendError>> {
-        Box::pin(async move {
-            let data = serde_json::to_value(&order).map_err(|e| gateway::BackendError(e.to_string()))?;
-            let envelope = Envelope::originate(
-                shop_events::types::ORDER_PLACED,
-                &order.order_id,
-                "gateway",
-                self.clock.now_ms(),
-                data,
-            );
-            let record = Outbound {
-                topic: self.orders_topic.clone(),
-                key: order.order_id.clone(),
-                value: envelope.encode(),
-                headers: vec![("event-type".into(), shop_events::types::ORDER_PLACED.as_bytes().to_vec())],
-            };
-            let acked = self.publisher.enqueue(vec![record]).await.map_err(|e| gateway::BackendError(e.to_string()))?;
-            acked.await.map_err(|e| gateway::BackendError(e.to_string()))
-        })
-    }
-
-    fn order_status(
-        &self,
-        order_id: &str,
-    ) -> gateway::BoxFuture<'_, Result<Option<serde_json::Value>, gateway::BackendError>> {
-        let request = Request {
-            method: "GET".into(),
-            path: format!("/orders/{order_id}"),
-            query: String::new(),
-            body: Vec::new(),
-        };
-        Box::pin(async move {
-            let response = self.orders.query(&request).await.map_err(|e| gateway::BackendError(e.to_string()))?;
-            match response.status {
-                200 => serde_json::from_slice(&response.body)
-                    .map(Some)
-                    .map_err(|e| gateway::BackendError(format!("order service answered invalid JSON: {e}"))),
-                404 => Ok(None),
-                status => Err(gateway::BackendError(format!("order service answered {status}"))),
-            }
-        })
     }
 }

@@ -105,64 +105,60 @@ impl Default for Options {
     }
 }
 
-/// Writes a manifest of the four components with `ports` and a unique
-/// topic prefix; returns its path and the prefix. State lives in `dir/state`.
+/// Writes the shipped `app.toml` with `ports`, a unique topic prefix and
+/// state in `dir/state`; returns its path and the prefix.
 pub fn write_manifest(dir: &Path, ports: Ports) -> (PathBuf, String) {
     write_manifest_with(dir, ports, &Options::default())
 }
 
-/// [`write_manifest`] with [`Options`].
+/// [`write_manifest`] with [`Options`]. The services, their topics, groups
+/// and settings come from `app.toml`, so the tests run what users run.
 pub fn write_manifest_with(dir: &Path, ports: Ports, options: &Options) -> (PathBuf, String) {
+    use toml::{Table, Value};
+
     let prefix = options.prefix.clone().unwrap_or_else(|| format!("t{}-", uuid::Uuid::new_v4().simple()));
-    let instance = if options.static_membership { format!("instance_id = \"{prefix}host\"") } else { String::new() };
-    let mut text = format!(
-        r#"
-[kafka]
-partitions = 3
-topic_prefix = "{prefix}"
-{instance}
-
-[runtime]
-state_dir = "{state_dir}"
-
-[gateway]
-port = {gateway}
-
-[admin]
-port = {admin}
-token = "{token}"
-"#,
-        state_dir = dir.join("state").display(),
-        gateway = ports.gateway,
-        admin = ports.admin,
-        token = ADMIN_TOKEN,
-    );
-    let components = [
-        ("payment", ports.payment, r#"["payments"]"#, r#"max_amount_cents = "500000""#.to_owned()),
-        ("order", ports.order, r#"["orders", "payments"]"#, options.order_config.clone()),
-        ("email", ports.email, r#"["emails"]"#, String::new()),
-        ("analytics", ports.analytics, r#"["orders", "payments", "emails", "analytics"]"#, String::new()),
-    ];
-    for (name, port, topics, config) in components {
-        if options.without.contains(&name) {
-            continue;
+    let mut app: Table = std::fs::read_to_string(repo().join("app.toml")).unwrap().parse().unwrap();
+    let section = |app: &mut Table, name: &str| -> Table {
+        app.remove(name).and_then(|v| v.as_table().cloned()).unwrap_or_default()
+    };
+    let mut kafka = section(&mut app, "kafka");
+    kafka.remove("brokers");
+    kafka.remove("instance_id");
+    kafka.insert("partitions".into(), Value::Integer(3));
+    kafka.insert("topic_prefix".into(), Value::String(prefix.clone()));
+    if options.static_membership {
+        kafka.insert("instance_id".into(), Value::String(format!("{prefix}host")));
+    }
+    let mut runtime = section(&mut app, "runtime");
+    runtime.insert("state_dir".into(), Value::String(dir.join("state").display().to_string()));
+    runtime.insert("cache_dir".into(), Value::String(repo().join(".component-cache").display().to_string()));
+    let mut gateway = section(&mut app, "gateway");
+    gateway.insert("port".into(), Value::Integer(ports.gateway.into()));
+    let mut admin = Table::new();
+    admin.insert("port".into(), Value::Integer(ports.admin.into()));
+    admin.insert("token".into(), Value::String(ADMIN_TOKEN.into()));
+    let mut components = section(&mut app, "components");
+    let port_of =
+        [("payment", ports.payment), ("order", ports.order), ("email", ports.email), ("analytics", ports.analytics)];
+    components.retain(|name, _| !options.without.contains(&name));
+    for (name, settings) in components.iter_mut() {
+        let settings = settings.as_table_mut().unwrap();
+        let port = port_of.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no test port for {name}")).1;
+        settings.insert("port".into(), Value::Integer(port.into()));
+        settings.insert("wasm".into(), Value::String(component(name).display().to_string()));
+        if name == "order" {
+            let wrapped: Table = format!("config = {{ {} }}", options.order_config).parse().unwrap();
+            settings.insert("config".into(), wrapped["config"].clone());
         }
-        text += &format!(
-            r#"
-[components.{name}]
-wasm = "{wasm}"
-port = {port}
-topics = {topics}
-group = "{name}-service"
-instance_reuse = 1000
-config = {{ {config} }}
-"#,
-            wasm = component(name).display(),
-        );
+    }
+    for (name, table) in
+        [("kafka", kafka), ("runtime", runtime), ("gateway", gateway), ("admin", admin), ("components", components)]
+    {
+        app.insert(name.into(), Value::Table(table));
     }
     std::fs::create_dir_all(dir).unwrap();
     let path = dir.join("app.toml");
-    std::fs::write(&path, text).unwrap();
+    std::fs::write(&path, toml::to_string(&app).unwrap()).unwrap();
     (path, prefix)
 }
 

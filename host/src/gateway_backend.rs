@@ -1,0 +1,69 @@
+//! The gateway's adapter to the rest of the host: `POST /order` publishes
+//! `OrderPlaced` through the publisher, `GET /order/{id}` asks the order
+//! component.
+
+use std::sync::Arc;
+
+use shop_events::OrderPlaced;
+
+use crate::bus::{Outbound, Publisher};
+use crate::clock::Clock;
+use crate::envelope::Envelope;
+use crate::runtime::{Request, ServiceRuntime};
+
+/// The gateway's backend: Kafka for publishing, the order component for status.
+pub struct GatewayBackend {
+    /// Where `OrderPlaced` goes.
+    pub publisher: Arc<dyn Publisher>,
+    /// Physical name of the orders topic.
+    pub orders_topic: String,
+    /// The order component, asked for an order's status.
+    pub orders: Arc<ServiceRuntime>,
+    /// Stamps the envelopes.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl gateway::Backend for GatewayBackend {
+    fn place_order(&self, order: OrderPlaced) -> gateway::BoxFuture<'_, Result<(), gateway::BackendError>> {
+        Box::pin(async move {
+            let data = serde_json::to_value(&order).map_err(|e| gateway::BackendError(e.to_string()))?;
+            let envelope = Envelope::originate(
+                shop_events::types::ORDER_PLACED,
+                &order.order_id,
+                "gateway",
+                self.clock.now_ms(),
+                data,
+            );
+            let record = Outbound {
+                topic: self.orders_topic.clone(),
+                key: order.order_id.clone(),
+                value: envelope.encode(),
+                headers: vec![("event-type".into(), shop_events::types::ORDER_PLACED.as_bytes().to_vec())],
+            };
+            let acked = self.publisher.enqueue(vec![record]).await.map_err(|e| gateway::BackendError(e.to_string()))?;
+            acked.await.map_err(|e| gateway::BackendError(e.to_string()))
+        })
+    }
+
+    fn order_status(
+        &self,
+        order_id: &str,
+    ) -> gateway::BoxFuture<'_, Result<Option<serde_json::Value>, gateway::BackendError>> {
+        let request = Request {
+            method: "GET".into(),
+            path: format!("/orders/{order_id}"),
+            query: String::new(),
+            body: Vec::new(),
+        };
+        Box::pin(async move {
+            let response = self.orders.query(&request).await.map_err(|e| gateway::BackendError(e.to_string()))?;
+            match response.status {
+                200 => serde_json::from_slice(&response.body)
+                    .map(Some)
+                    .map_err(|e| gateway::BackendError(format!("order service answered invalid JSON: {e}"))),
+                404 => Ok(None),
+                status => Err(gateway::BackendError(format!("order service answered {status}"))),
+            }
+        })
+    }
+}
