@@ -8,6 +8,7 @@
 //! ```
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use uuid::Uuid;
 
 /// The envelope version this host writes and understands.
@@ -30,7 +31,7 @@ pub enum EnvelopeError {
 }
 
 /// The envelope around every event.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Envelope {
     /// Unique event id; redeliveries and re-emissions keep it.
     pub id: String,
@@ -50,8 +51,29 @@ pub struct Envelope {
     pub schema_version: u32,
     /// Who produced it: `gateway` or `NAME@SHA256`.
     pub producer: String,
-    /// The domain payload.
-    pub data: serde_json::Value,
+    /// The domain payload, kept as the JSON text it came in: the host
+    /// passes it on without building it into a tree and writing it again.
+    pub data: Box<RawValue>,
+}
+
+impl PartialEq for Envelope {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.id, &self.event_type, &self.order_id, &self.correlation_id, &self.causation_id)
+            == (&other.id, &other.event_type, &other.order_id, &other.correlation_id, &other.causation_id)
+            && (self.timestamp_ms, self.schema_version) == (other.timestamp_ms, other.schema_version)
+            && self.producer == other.producer
+            && self.data.get() == other.data.get()
+    }
+}
+
+/// `value` as a payload.
+pub fn raw(value: &serde_json::Value) -> Box<RawValue> {
+    // A `Value` always serializes to valid JSON.
+    serde_json::value::to_raw_value(value).unwrap_or_else(|_| null())
+}
+
+fn null() -> Box<RawValue> {
+    RawValue::from_string("null".to_owned()).unwrap_or_else(|_| unreachable!("`null` is JSON"))
 }
 
 impl Envelope {
@@ -90,6 +112,7 @@ impl Envelope {
         timestamp_ms: u64,
         data: serde_json::Value,
     ) -> Self {
+        let data = raw(&data);
         let id = Uuid::new_v5(&EVENT_ID_NAMESPACE, format!("{event_type}/{order_id}").as_bytes()).to_string();
         Self {
             correlation_id: id.clone(),
@@ -115,7 +138,7 @@ impl Envelope {
         order_id: &str,
         producer: &str,
         timestamp_ms: u64,
-        data: serde_json::Value,
+        data: Box<RawValue>,
     ) -> Self {
         let name = format!("{}/{index}/{event_type}", self.id);
         Self {
@@ -140,7 +163,9 @@ impl Envelope {
     pub fn timer(component: &str, timer: &crate::state::Timer, timestamp_ms: u64) -> Self {
         let name = format!("timer/{component}/{}/{}/{}", timer.id, timer.at_ms, timer.set_by);
         let id = Uuid::new_v5(&EVENT_ID_NAMESPACE, name.as_bytes()).to_string();
-        let data = serde_json::from_str(&timer.payload).unwrap_or_else(|_| timer.payload.clone().into());
+        // Checked to be JSON when the timer was set.
+        let data = RawValue::from_string(timer.payload.clone())
+            .unwrap_or_else(|_| raw(&serde_json::Value::String(timer.payload.clone())));
         Self {
             correlation_id: timer.correlation_id.clone().unwrap_or_else(|| id.clone()),
             id,
@@ -156,7 +181,7 @@ impl Envelope {
 
     /// The JSON bytes of the envelope.
     pub fn encode(&self) -> Vec<u8> {
-        // Serializing a struct of strings, integers and a `Value` cannot fail.
+        // Serializing a struct of strings, integers and JSON text cannot fail.
         serde_json::to_vec(self).unwrap_or_default()
     }
 }
@@ -175,9 +200,9 @@ mod tests {
         let again = Envelope::originate("OrderPlaced", "o1", "gateway", 9, json!({"a": 1}));
         assert_eq!(again.id, first.id, "the same order placed again is the same event");
         assert_ne!(Envelope::originate("OrderPlaced", "o2", "gateway", 5, json!({})).id, first.id);
-        let a = first.caused(0, "PaymentRequested", "o1", "order@x", 6, json!({}));
-        let b = first.caused(0, "PaymentRequested", "o1", "order@y", 7, json!({}));
-        let c = first.caused(1, "PaymentRequested", "o1", "order@x", 6, json!({}));
+        let a = first.caused(0, "PaymentRequested", "o1", "order@x", 6, raw(&json!({})));
+        let b = first.caused(0, "PaymentRequested", "o1", "order@y", 7, raw(&json!({})));
+        let c = first.caused(1, "PaymentRequested", "o1", "order@x", 6, raw(&json!({})));
         assert_eq!(a.id, b.id, "same cause and position give the same id");
         assert_ne!(a.id, c.id);
         assert_eq!(

@@ -191,7 +191,7 @@ impl Core {
             topic: self.topics.logical(&record.topic).to_owned(),
             key: Some(envelope.order_id.clone()),
             headers,
-            payload: envelope.data.to_string().into_bytes(),
+            payload: envelope.data.get().as_bytes().to_vec(),
             timestamp_ms: envelope.timestamp_ms,
         }
     }
@@ -203,9 +203,11 @@ impl Core {
             .iter()
             .enumerate()
             .map(|(index, out)| {
-                let data: serde_json::Value = serde_json::from_slice(&out.payload).map_err(|err| {
+                let not_json = |err: &dyn std::fmt::Display| {
                     format!("component emitted a {} whose payload is not JSON: {err}", out.event_type)
-                })?;
+                };
+                let text = String::from_utf8(out.payload.clone()).map_err(|e| not_json(&e))?;
+                let data = serde_json::value::RawValue::from_string(text).map_err(|e| not_json(&e))?;
                 if out.key.is_empty() || out.topic.is_empty() {
                     return Err(format!("component emitted a {} without topic or key", out.event_type));
                 }
