@@ -7,12 +7,14 @@
 # Starts the broker (scripts/kafka.sh), then the host the way `just run` does,
 # with a copy of app.toml whose state_dir is a fresh temporary directory and
 # whose topics and consumer groups carry a fresh `bench-XXXXXXXX.` prefix, so
-# runs neither pile up nor see each other's events. Measures the time until
-# every port answers /health, runs `bench suite` (see `cargo run -p bench --
-# suite --help`), stops the host with SIGTERM and deletes the run's topics.
-# Results: the table on stdout, JSON in target/bench/, the host's log in
-# target/bench/host.log. BENCH_PORT_OFFSET=10000 moves every port (3001-3005
-# become 13001-13005), to run beside a host on the usual ports.
+# runs neither pile up nor see each other's events, and with the admin API on
+# behind a one-off token. Measures the time until every port answers /health,
+# runs `bench suite` (closed and open loops with each component's stage costs,
+# then a hot swap under load; see `cargo run -p bench -- suite --help`), stops
+# the host with SIGTERM and deletes the run's topics. Results: the tables on
+# stdout, JSON in target/bench/, the host's log in target/bench/host.log. BENCH_PORT_OFFSET=10000 moves every
+# port (3001-3005 become 13001-13005, the admin API 3090 becomes 13090), to
+# run beside a host on the usual ports.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -31,6 +33,7 @@ cargo build -q -p bench
 BENCH="$TARGET/debug/bench"
 
 RUN_ID="bench-$(od -An -N4 -tx1 /dev/urandom | tr -d ' \n')"
+ADMIN_TOKEN="bench-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
 WORK="$(mktemp -d -t shop-bench.XXXXXX)"
 MANIFEST="$WORK/app.toml"
 HOST_PID=""
@@ -80,11 +83,15 @@ awk -v root="$ROOT" -v work="$WORK" -v prefix="$RUN_ID." -v offset="$PORT_OFFSET
     if (line ~ /=[ \t]*"[^\/]/) sub(/"/, "\"" root "/", line)
     return line
   }
+  # The admin API on its default port, moved like the others.
+  function admin_port() { print "port = " (3090 + offset); print "admin " (3090 + offset) > ports; admin_done = 1 }
   /^[ \t]*\[/ {
+    if (section == "admin" && !admin_done) admin_port()
     section = $0; gsub(/[][ \t]/, "", section)
     print
     if (section == "kafka") { print "topic_prefix = \"" prefix "\""; kafka = 1 }
     if (section == "runtime") { print "state_dir = \"" work "/state\""; runtime = 1 }
+    if (section == "admin") admin = 1
     next
   }
   section == "kafka" && /^[ \t]*topic_prefix[ \t]*=/ { next }
@@ -93,6 +100,13 @@ awk -v root="$ROOT" -v work="$WORK" -v prefix="$RUN_ID." -v offset="$PORT_OFFSET
   section == "kafka" && /^[ \t]*instance_id[ \t]*=/ { next }
   section == "runtime" && /^[ \t]*state_dir[ \t]*=/ { next }
   section == "runtime" && /^[ \t]*cache_dir[ \t]*=/ { print absolute($0); cache = 1; next }
+  section == "admin" && /^[ \t]*port[ \t]*=[ \t]*[0-9]+/ {
+    port = $0; sub(/^[^=]*=[ \t]*/, "", port); port = int(port) + offset
+    print "port = " port
+    print "admin " port > ports
+    admin_done = 1
+    next
+  }
   /^[ \t]*wasm[ \t]*=/ { print absolute($0); next }
   /^[ \t]*port[ \t]*=[ \t]*[0-9]+/ && (section == "gateway" || section ~ /^components\.[^.]+$/) {
     port = $0; sub(/^[^=]*=[ \t]*/, "", port); port = int(port) + offset
@@ -102,8 +116,10 @@ awk -v root="$ROOT" -v work="$WORK" -v prefix="$RUN_ID." -v offset="$PORT_OFFSET
   }
   { print }
   END {
+    if (section == "admin" && !admin_done) admin_port()
     if (!kafka) print "\n[kafka]\ntopic_prefix = \"" prefix "\""
     if (!runtime) print "\n[runtime]\nstate_dir = \"" work "/state\""
+    if (!admin) { print "\n[admin]"; admin_port() }
   }
 ' app.toml >"$MANIFEST"
 if ! grep -q '^[[:space:]]*cache_dir[[:space:]]*=' "$MANIFEST"; then
@@ -112,23 +128,32 @@ if ! grep -q '^[[:space:]]*cache_dir[[:space:]]*=' "$MANIFEST"; then
 fi
 
 GATEWAY_PORT=""
+ADMIN_PORT=""
 HEALTH_URLS=""
+COMPONENTS=""
 while read -r section port; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     log "port $port ($section) is taken: stop the host using it, or set BENCH_PORT_OFFSET (e.g. 10000)"
     exit 1
   fi
-  [ "$section" = gateway ] && GATEWAY_PORT=$port
+  case "$section" in
+    admin) ADMIN_PORT=$port; continue ;;
+    gateway) GATEWAY_PORT=$port ;;
+    components.*) COMPONENTS="${COMPONENTS:+$COMPONENTS,}${section#components.}=http://127.0.0.1:$port/health" ;;
+  esac
   HEALTH_URLS="${HEALTH_URLS:+$HEALTH_URLS,}http://127.0.0.1:$port/health"
 done <"$WORK/ports"
 [ -n "$GATEWAY_PORT" ] || { log "app.toml has no [gateway] port"; exit 1; }
 
 log "starting the host (topics $RUN_ID.*, state in $WORK/state, log in $OUT/host.log)"
 # `cargo run` as in `just run`: same profile and flags, and it execs the
-# host in place, so $! is the host's pid. The admin API stays off.
-env -u HOST_ADMIN_TOKEN -u HOST_MANIFEST cargo run -q -p host -- run --manifest "$MANIFEST" >"$WORK/host.log" 2>&1 &
+# host in place, so $! is the host's pid. The admin API is on, for the hot
+# swap, behind this run's own token.
+env -u HOST_MANIFEST HOST_ADMIN_TOKEN="$ADMIN_TOKEN" cargo run -q -p host -- run --manifest "$MANIFEST" \
+  >"$WORK/host.log" 2>&1 &
 HOST_PID=$!
 
 HEALTHY_MS="$("$BENCH" wait-healthy --pid "$HOST_PID" --urls "$HEALTH_URLS" --out-dir "$OUT")"
-"$BENCH" suite --host-pid "$HOST_PID" --gateway "http://127.0.0.1:$GATEWAY_PORT" --orders-topic "$RUN_ID.orders" \
-  --healthy-ms "$HEALTHY_MS" --out-dir "$OUT" "$@"
+BENCH_ADMIN_TOKEN="$ADMIN_TOKEN" "$BENCH" suite --host-pid "$HOST_PID" --gateway "http://127.0.0.1:$GATEWAY_PORT" \
+  --orders-topic "$RUN_ID.orders" --components "$COMPONENTS" --admin-url "http://127.0.0.1:$ADMIN_PORT" \
+  --swap-wasm "$TARGET/wasm32-wasip2/release/payment-v2.wasm" --healthy-ms "$HEALTHY_MS" --out-dir "$OUT" "$@"

@@ -5,16 +5,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use serde::Serialize;
 
 use crate::gateway::{Gateway, OrderTemplate};
-use crate::host::{Process, Sample};
+use crate::host::Process;
 use crate::load::{Driver, Load};
 use crate::order::Polling;
 use crate::phase::{self, Observers};
-use crate::report::{self, PhaseReport};
+use crate::report;
+use crate::stages::Probe;
+use crate::suite::SuiteArgs;
 use crate::topic::TopicReader;
-use crate::{cleanup, health};
+use crate::{cleanup, health, suite};
 
 /// Load driver for the shop: places orders through the gateway and measures
 /// them end to end, by polling and on the Kafka topic.
@@ -54,7 +55,8 @@ enum Command {
         #[arg(long, default_value_t = 15)]
         duration_s: u64,
     },
-    /// The standard scenarios in a row: warm-up, closed loops, open loops.
+    /// The standard scenarios in a row: warm-up, closed loops, open loops,
+    /// a hot swap under load; stage costs from each component's /health.
     Suite(SuiteArgs),
     /// Delete the topics and consumer groups of a finished benchmark host.
     DeleteTopics {
@@ -92,79 +94,56 @@ struct HealthArgs {
     out_dir: PathBuf,
 }
 
-#[derive(Debug, Args)]
-struct SuiteArgs {
-    #[command(flatten)]
-    common: Common,
-    /// Concurrency of each closed-loop run.
-    #[arg(long, value_delimiter = ',', default_value = "32,128")]
-    closed: Vec<usize>,
-    /// Orders of each closed-loop run (unless its time is up first).
-    #[arg(long, default_value_t = 10_000)]
-    closed_orders: usize,
-    /// Longest sending time of each closed-loop run, in seconds.
-    #[arg(long, default_value_t = 15)]
-    closed_duration_s: u64,
-    /// Rate of each open-loop run, in orders per second.
-    #[arg(long, value_delimiter = ',', default_value = "100,250")]
-    rates: Vec<f64>,
-    /// Sending time of each open-loop run, in seconds.
-    #[arg(long, default_value_t = 15)]
-    open_duration_s: u64,
-    /// Orders placed (8 in flight) before measuring, not reported; 0 for none.
-    #[arg(long, default_value_t = 50)]
-    warmup: usize,
-    /// Time to healthy measured by `wait-healthy`, to include in the results.
-    #[arg(long)]
-    healthy_ms: Option<u64>,
-}
-
 /// Options every load subcommand shares.
 #[derive(Debug, Args)]
-struct Common {
+pub(crate) struct Common {
     /// Base URL of the gateway.
     #[arg(long, env = "BENCH_GATEWAY", default_value = "http://127.0.0.1:3005")]
-    gateway: String,
+    pub(crate) gateway: String,
     /// Kafka bootstrap servers, for the topic reader.
     #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    brokers: String,
+    pub(crate) brokers: String,
     /// Physical name of the orders topic (the host's `topic_prefix` + `orders`).
     #[arg(long, env = "BENCH_ORDERS_TOPIC", default_value = "orders")]
-    orders_topic: String,
+    pub(crate) orders_topic: String,
     /// Do not read the topic (no POST→final-event figures).
     #[arg(long)]
-    no_topic: bool,
+    pub(crate) no_topic: bool,
     /// Pid of the host, for its CPU time and memory.
     #[arg(long)]
-    host_pid: Option<u32>,
+    pub(crate) host_pid: Option<u32>,
+    /// Components whose /health stage counters are read around each phase,
+    /// as `NAME=HEALTH_URL`, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) components: Vec<String>,
     /// Pause after each status answer before polling again.
     #[arg(long, default_value_t = 10)]
-    poll_interval_ms: u64,
+    pub(crate) poll_interval_ms: u64,
     /// Timeout of each HTTP call.
     #[arg(long, default_value_t = 10_000)]
-    request_timeout_ms: u64,
+    pub(crate) request_timeout_ms: u64,
     /// Give up on an order this long after its send time, in seconds.
     #[arg(long, default_value_t = 60)]
-    final_timeout_s: u64,
+    pub(crate) final_timeout_s: u64,
     /// After a phase, wait up to this long for final events still on their way, in seconds.
     #[arg(long, default_value_t = 10)]
-    topic_grace_s: u64,
+    pub(crate) topic_grace_s: u64,
     /// SKU ordered; one the shop does not stock never runs out.
     #[arg(long, default_value = "bench-widget")]
-    sku: String,
+    pub(crate) sku: String,
     /// Unit price in cents.
     #[arg(long, default_value_t = 1250)]
-    unit_price_cents: u64,
+    pub(crate) unit_price_cents: u64,
     /// Card number (the accepted test card by default).
     #[arg(long, default_value = "4242 4242 4242 4242")]
-    card: String,
+    pub(crate) card: String,
     /// Directory of the JSON results.
     #[arg(long, default_value = "target/bench")]
-    out_dir: PathBuf,
+    pub(crate) out_dir: PathBuf,
 }
 
 impl Common {
-    fn driver(&self) -> anyhow::Result<Driver> {
+    pub(crate) fn driver(&self) -> anyhow::Result<Driver> {
         anyhow::ensure!(self.poll_interval_ms > 0, "--poll-interval-ms must be at least 1");
         anyhow::ensure!(self.request_timeout_ms > 0, "--request-timeout-ms must be at least 1");
         anyhow::ensure!(self.final_timeout_s > 0, "--final-timeout-s must be at least 1");
@@ -178,27 +157,31 @@ impl Common {
         })
     }
 
-    async fn observers(&self) -> anyhow::Result<Observers> {
+    pub(crate) async fn observers(&self) -> anyhow::Result<Observers> {
         let topic =
             if self.no_topic { None } else { Some(TopicReader::start(&self.brokers, &self.orders_topic).await?) };
         Ok(Observers {
             topic,
             topic_grace: Duration::from_secs(self.topic_grace_s),
             host: self.host_pid.map(Process::Pid),
+            health: self.probe()?,
         })
     }
-}
 
-/// The suite's results file.
-#[derive(Serialize)]
-struct SuiteReport<'a> {
-    /// Host start to every `/health` answering 200.
-    healthy_ms: Option<u64>,
-    /// The host before any order.
-    host_idle: Option<Sample>,
-    /// CPU the idle host used, in cores (1.0 = one core busy), over `IDLE_WINDOW`.
-    host_idle_cpu_cores: Option<f64>,
-    phases: &'a [PhaseReport],
+    fn probe(&self) -> anyhow::Result<Option<Probe>> {
+        if self.components.is_empty() {
+            return Ok(None);
+        }
+        let components = self
+            .components
+            .iter()
+            .map(|pair| match pair.split_once('=') {
+                Some((name, url)) if !name.is_empty() && !url.is_empty() => Ok((name.to_owned(), url.to_owned())),
+                _ => anyhow::bail!("--components takes NAME=HEALTH_URL pairs, not {pair:?}"),
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Probe::new(components).map(Some)
+    }
 }
 
 /// Runs the subcommand.
@@ -215,7 +198,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Open { common, rate, duration_s } => {
             single(&common, Load::Open { rate, duration: Duration::from_secs(duration_s) }).await
         }
-        Command::Suite(args) => suite(args).await,
+        Command::Suite(args) => suite::run(args).await,
         Command::DeleteTopics { brokers, prefix } => {
             let (topics, groups) = cleanup::delete_prefixed(&brokers, &prefix).await?;
             eprintln!("bench: deleted {topics} topics and {groups} consumer groups named {prefix:?}*");
@@ -244,70 +227,8 @@ async fn single(common: &Common, load: Load) -> anyhow::Result<()> {
     let phase = phase::run(&driver, load, &observers).await?;
     report::write_json(&common.out_dir, &phase.scenario, &phase)?;
     print!("{}", report::table(std::slice::from_ref(&phase)));
+    if let Some(stages) = &phase.stages {
+        print!("{}", crate::stages::table(&[(&phase.scenario, stages)]));
+    }
     Ok(())
-}
-
-async fn suite(args: SuiteArgs) -> anyhow::Result<()> {
-    let common = &args.common;
-    let closed_duration = Duration::from_secs(args.closed_duration_s);
-    let open_duration = Duration::from_secs(args.open_duration_s);
-    let loads: Vec<Load> = args
-        .closed
-        .iter()
-        .map(|&concurrency| Load::Closed { concurrency, orders: args.closed_orders, duration: closed_duration })
-        .chain(args.rates.iter().map(|&rate| Load::Open { rate, duration: open_duration }))
-        .collect();
-    for load in &loads {
-        load.validate()?;
-    }
-    let driver = common.driver()?;
-    let observers = common.observers().await?;
-    let (host_idle, host_idle_cpu_cores) = match observers.host {
-        Some(host) => {
-            let (sample, cores) = idle(host).await?;
-            (Some(sample), Some(cores))
-        }
-        None => (None, None),
-    };
-    if args.warmup > 0 {
-        let warmup = Load::Closed { concurrency: 8, orders: args.warmup, duration: Duration::from_secs(30) };
-        let phase = phase::run(&driver, warmup, &observers_without_topic(&observers)).await?;
-        eprintln!("bench: warm-up: {} orders, {} final", phase.sent, phase.finished);
-    }
-    let mut phases = Vec::with_capacity(loads.len());
-    for load in loads {
-        eprintln!("bench: {} ...", load.name());
-        let phase = phase::run(&driver, load, &observers).await?;
-        report::write_json(&common.out_dir, &phase.scenario, &phase)?;
-        eprintln!("bench: {}: {:.1} completed orders/s", phase.scenario, phase.completed_per_s);
-        phases.push(phase);
-    }
-    let suite = SuiteReport { healthy_ms: args.healthy_ms, host_idle, host_idle_cpu_cores, phases: &phases };
-    report::write_json(&common.out_dir, "suite", &suite)?;
-    println!();
-    if let Some(ms) = args.healthy_ms {
-        println!("time to healthy (all 5 ports): {ms} ms");
-    }
-    if let (Some(idle), Some(cores)) = (host_idle, host_idle_cpu_cores) {
-        println!("host idle: RSS {:.0} MiB, CPU {:.1} % of a core", idle.rss_mib, cores * 100.0);
-    }
-    print!("{}", report::table(&phases));
-    println!("JSON: {}/{{suite,<scenario>}}.json", common.out_dir.display());
-    Ok(())
-}
-
-/// How long the idle host is watched before any order.
-const IDLE_WINDOW: Duration = Duration::from_secs(2);
-
-/// The idle host's memory, and the CPU it uses doing nothing (consumer
-/// polls, timers), which every phase's CPU figure includes.
-async fn idle(host: Process) -> anyhow::Result<(Sample, f64)> {
-    let before = host.sample()?;
-    tokio::time::sleep(IDLE_WINDOW).await;
-    let after = host.sample()?;
-    Ok((after, (after.cpu_s - before.cpu_s) / IDLE_WINDOW.as_secs_f64()))
-}
-
-fn observers_without_topic(observers: &Observers) -> Observers {
-    Observers { topic: None, topic_grace: observers.topic_grace, host: observers.host }
 }

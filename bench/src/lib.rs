@@ -1,16 +1,20 @@
 //! Load driver for the shop (`just bench`): places orders through the
 //! gateway, follows each to its final status by polling and on the Kafka
-//! `orders` topic, and reports throughput, latency percentiles and the
-//! host's CPU and memory.
+//! `orders` topic, and reports throughput, latency percentiles, the host's
+//! CPU and memory and each component's stage costs; swaps a component under
+//! load.
 
 pub mod cleanup;
 pub mod cli;
 pub mod gateway;
 pub mod health;
 pub mod host;
+pub mod hotswap;
 pub mod load;
 pub mod order;
 pub mod phase;
 pub mod report;
+pub mod stages;
 pub mod stats;
+pub mod suite;
 pub mod topic;

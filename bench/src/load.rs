@@ -94,7 +94,8 @@ async fn closed(driver: &Driver, concurrency: usize, orders: usize, duration: Du
             outcomes
         });
     }
-    let mut outcomes = Vec::with_capacity(orders);
+    // `orders` may be a mere bound (a run limited by its duration).
+    let mut outcomes = Vec::with_capacity(orders.min(1 << 16));
     while let Some(joined) = workers.join_next().await {
         match joined {
             Ok(done) => outcomes.extend(done),

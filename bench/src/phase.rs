@@ -1,13 +1,16 @@
 //! One measured phase: sample the host, run a load, wait for the topic to
 //! catch up and the host to go quiet, sample again, and report.
 
+use std::future::Future;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use crate::host::{Process, Sample};
 use crate::load::{self, Driver, Load};
+use crate::order::Outcome;
 use crate::report::{HostFigures, PhaseReport};
+use crate::stages::{Probe, StageReport};
 use crate::topic::TopicReader;
 
 /// What observes a phase besides the orders' own outcomes.
@@ -18,6 +21,8 @@ pub struct Observers {
     pub topic_grace: Duration,
     /// The host process, with `--host-pid`.
     pub host: Option<Process>,
+    /// The components' `/health`, for their stage costs.
+    pub health: Option<Probe>,
 }
 
 /// After a phase, the host counts as quiet once it used less than this
@@ -30,12 +35,31 @@ const SETTLE_MAX: Duration = Duration::from_secs(15);
 /// Runs `load` and measures it.
 ///
 /// # Errors
-/// When the host process cannot be read (e.g. it exited).
+/// When the host process or a component's `/health` cannot be read.
 pub async fn run(driver: &Driver, load: Load, observers: &Observers) -> anyhow::Result<PhaseReport> {
+    let (report, _, ()) = run_with(driver, load, observers, async {}).await?;
+    Ok(report)
+}
+
+/// Runs `load` with `beside` running alongside (e.g. reloads under load),
+/// and measures it; also returns the orders' outcomes and what `beside` gave.
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_with<T>(
+    driver: &Driver,
+    load: Load,
+    observers: &Observers,
+    beside: impl Future<Output = T>,
+) -> anyhow::Result<(PhaseReport, Vec<Outcome>, T)> {
     let host_before = observers.host.map(Process::sample).transpose()?;
+    let stages_before = match &observers.health {
+        Some(probe) => Some(probe.snapshot().await?),
+        None => None,
+    };
     let driver_before = Process::Myself.sample()?;
     let start = Instant::now();
-    let outcomes = load::run(driver, load).await;
+    let (outcomes, beside) = tokio::join!(load::run(driver, load), beside);
     let elapsed = start.elapsed();
     if let Some(reader) = &observers.topic {
         let ids: Vec<&str> = outcomes.iter().filter_map(|o| o.order_id.as_deref()).collect();
@@ -54,8 +78,13 @@ pub async fn run(driver: &Driver, load: Load, observers: &Observers) -> anyhow::
             settle_s: quiet_since.elapsed().as_secs_f64(),
         });
     }
+    // After the host went quiet: every event the phase caused is counted.
+    if let (Some(probe), Some(before)) = (&observers.health, stages_before) {
+        let after = probe.snapshot().await?;
+        report.stages = Some(StageReport::new(&before, &after, report.host.as_ref().map(|h| h.cpu_s)));
+    }
     report.driver_cpu_s = Process::Myself.sample()?.cpu_s - driver_before.cpu_s;
-    Ok(report)
+    Ok((report, outcomes, beside))
 }
 
 /// Samples `host` until it is quiet (or `SETTLE_MAX` passed); the last sample.

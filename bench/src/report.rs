@@ -11,6 +11,7 @@ use serde::Serialize;
 use crate::host::Sample;
 use crate::load::Load;
 use crate::order::Outcome;
+use crate::stages::StageReport;
 use crate::stats::Percentiles;
 use crate::topic::TopicReader;
 
@@ -81,6 +82,8 @@ pub struct PhaseReport {
     pub host: Option<HostFigures>,
     /// CPU seconds the driver itself spent (it shares the machine).
     pub driver_cpu_s: f64,
+    /// Each component's stage costs, with `--components`.
+    pub stages: Option<StageReport>,
 }
 
 impl PhaseReport {
@@ -125,6 +128,7 @@ impl PhaseReport {
             poll_errors: outcomes.iter().map(|o| u64::from(o.poll_errors)).sum(),
             host: None,
             driver_cpu_s: 0.0,
+            stages: None,
         }
     }
 }
@@ -175,6 +179,18 @@ pub fn table(phases: &[PhaseReport]) -> String {
     row("poll errors", &|p| p.poll_errors.to_string());
     row("host CPU s", &|p| host_cell(p, |h| Some(format!("{:.2}", h.cpu_s))));
     row("host CPU s / 1k orders", &|p| host_cell(p, |h| h.cpu_s_per_1000_orders.map(|c| format!("{c:.2}"))));
+    row("events handled / order", &|p| {
+        p.stages
+            .as_ref()
+            .filter(|_| p.finished > 0)
+            .map_or("-".into(), |s| format!("{:.2}", s.events_handled as f64 / p.finished as f64))
+    });
+    row("host CPU µs / event", &|p| {
+        p.stages.as_ref().and_then(|s| s.host_cpu_us_per_event).map_or("-".into(), |us| format!("{us:.0}"))
+    });
+    row("guest share of host CPU", &|p| {
+        p.stages.as_ref().and_then(|s| s.guest_share_of_host_cpu).map_or("-".into(), |s| format!("{:.1} %", s * 100.0))
+    });
     row("host RSS before MiB", &|p| host_cell(p, |h| Some(format!("{:.0}", h.before.rss_mib))));
     row("host RSS after MiB", &|p| host_cell(p, |h| Some(format!("{:.0}", h.after.rss_mib))));
     row("host RSS peak MiB", &|p| host_cell(p, |h| Some(format!("{:.0}", h.after.peak_rss_mib))));
@@ -204,7 +220,8 @@ fn counts(map: &BTreeMap<String, usize>) -> String {
     map.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
 }
 
-fn render(header: &[String], rows: &[(String, Vec<String>)]) -> String {
+/// Renders `rows` under `header`, labels left, cells right-aligned.
+pub fn render(header: &[String], rows: &[(String, Vec<String>)]) -> String {
     let label_width = rows.iter().map(|(l, _)| l.chars().count()).max().unwrap_or(0);
     let widths: Vec<usize> = (0..header.len())
         .map(|i| {
