@@ -11,8 +11,9 @@
 # behind a one-off token. Measures the time until every port answers /health,
 # runs `bench suite` (closed and open loops with each component's stage costs,
 # then a hot swap under load; see `cargo run -p bench -- suite --help`), stops
-# the host with SIGTERM and deletes the run's topics. Results: the tables on
-# stdout, JSON in target/bench/, the host's log in target/bench/host.log. BENCH_PORT_OFFSET=10000 moves every
+# the host with SIGTERM, runs `bench physical` (plain Kafka relays moving the
+# run's record flow: the broker's limit), and deletes the run's topics. Results: the tables on stdout, JSON in target/bench/, the
+# host's log in target/bench/host.log. BENCH_PORT_OFFSET=10000 moves every
 # port (3001-3005 become 13001-13005, the admin API 3090 becomes 13090), to
 # run beside a host on the usual ports.
 set -euo pipefail
@@ -157,3 +158,7 @@ HEALTHY_MS="$("$BENCH" wait-healthy --pid "$HOST_PID" --urls "$HEALTH_URLS" --ou
 BENCH_ADMIN_TOKEN="$ADMIN_TOKEN" "$BENCH" suite --host-pid "$HOST_PID" --gateway "http://127.0.0.1:$GATEWAY_PORT" \
   --orders-topic "$RUN_ID.orders" --components "$COMPONENTS" --admin-url "http://127.0.0.1:$ADMIN_PORT" \
   --swap-wasm "$TARGET/wasm32-wasip2/release/payment-v2.wasm" --healthy-ms "$HEALTHY_MS" --out-dir "$OUT" "$@"
+
+# The rest runs without the host, which would compete for the machine.
+stop_host
+"$BENCH" physical --manifest "$MANIFEST" --prefix "$RUN_ID." --out-dir "$OUT"

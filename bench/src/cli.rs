@@ -15,7 +15,7 @@ use crate::report;
 use crate::stages::Probe;
 use crate::suite::SuiteArgs;
 use crate::topic::TopicReader;
-use crate::{cleanup, health, suite};
+use crate::{cleanup, health, physical, suite};
 
 /// Load driver for the shop: places orders through the gateway and measures
 /// them end to end, by polling and on the Kafka topic.
@@ -58,6 +58,9 @@ enum Command {
     /// The standard scenarios in a row: warm-up, closed loops, open loops,
     /// a hot swap under load; stage costs from each component's /health.
     Suite(SuiteArgs),
+    /// The physical limit: the saga's records moved by plain Kafka relays
+    /// (no Wasm, no state) on the broker, compared with the suite's results.
+    Physical(physical::PhysicalArgs),
     /// Delete the topics and consumer groups of a finished benchmark host.
     DeleteTopics {
         /// Kafka bootstrap servers.
@@ -199,6 +202,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             single(&common, Load::Open { rate, duration: Duration::from_secs(duration_s) }).await
         }
         Command::Suite(args) => suite::run(args).await,
+        Command::Physical(args) => physical::run(args).await,
         Command::DeleteTopics { brokers, prefix } => {
             let (topics, groups) = cleanup::delete_prefixed(&brokers, &prefix).await?;
             eprintln!("bench: deleted {topics} topics and {groups} consumer groups named {prefix:?}*");

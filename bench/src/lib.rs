@@ -2,7 +2,7 @@
 //! gateway, follows each to its final status by polling and on the Kafka
 //! `orders` topic, and reports throughput, latency percentiles, the host's
 //! CPU and memory and each component's stage costs; swaps a component under
-//! load.
+//! load; measures the broker's physical limit with plain Kafka relays.
 
 pub mod cleanup;
 pub mod cli;
@@ -11,8 +11,10 @@ pub mod health;
 pub mod host;
 pub mod hotswap;
 pub mod load;
+pub mod manifest;
 pub mod order;
 pub mod phase;
+pub mod physical;
 pub mod report;
 pub mod stages;
 pub mod stats;
