@@ -38,7 +38,9 @@ check: build-components build
     cargo run -p host -- check --manifest app.toml
 
 # Time to healthy, closed and open loops, latency by polling and on the topic,
-# host CPU and memory; options go to `bench suite` (`just bench --rates 100`).
+# host CPU and memory, each component's stage costs, a hot swap under load;
+# then the broker's limit with plain Kafka relays, and Wasm vs native per
+# event. Options go to `bench suite` (`just bench --rates 100`).
 # Measure the system end to end on a real broker (results in target/bench/).
 bench *ARGS: build-components build
     scripts/bench.sh {{ ARGS }}

@@ -12,7 +12,9 @@
 # runs `bench suite` (closed and open loops with each component's stage costs,
 # then a hot swap under load; see `cargo run -p bench -- suite --help`), stops
 # the host with SIGTERM, runs `bench physical` (plain Kafka relays moving the
-# run's record flow: the broker's limit), and deletes the run's topics. Results: the tables on stdout, JSON in target/bench/, the
+# run's record flow: the broker's limit) and `bench wasm` (each component's
+# logic per event, natively and through the host library), and deletes the
+# run's topics. Results: the tables on stdout, JSON in target/bench/, the
 # host's log in target/bench/host.log. BENCH_PORT_OFFSET=10000 moves every
 # port (3001-3005 become 13001-13005, the admin API 3090 becomes 13090), to
 # run beside a host on the usual ports.
@@ -30,7 +32,14 @@ STOP_TIMEOUT_S=30
 log() { echo "bench.sh: $*" >&2; }
 
 scripts/kafka.sh start
-cargo build -q -p bench
+# The component crates, and the bench where their generic logic is
+# instantiated, at the opt-level of the .wasm build (Cargo.toml), so that
+# `bench wasm` compares like with like; the host keeps `just run`'s build.
+NATIVE_OPT=()
+for crate in payment order email analytics shop-sdk bench; do
+  NATIVE_OPT+=(--config "profile.dev.package.$crate.opt-level=\"s\"")
+done
+cargo build -q -p bench "${NATIVE_OPT[@]}"
 BENCH="$TARGET/debug/bench"
 
 RUN_ID="bench-$(od -An -N4 -tx1 /dev/urandom | tr -d ' \n')"
@@ -162,3 +171,4 @@ BENCH_ADMIN_TOKEN="$ADMIN_TOKEN" "$BENCH" suite --host-pid "$HOST_PID" --gateway
 # The rest runs without the host, which would compete for the machine.
 stop_host
 "$BENCH" physical --manifest "$MANIFEST" --prefix "$RUN_ID." --out-dir "$OUT"
+"$BENCH" wasm --manifest "$MANIFEST" --out-dir "$OUT"

@@ -15,7 +15,7 @@ use crate::report;
 use crate::stages::Probe;
 use crate::suite::SuiteArgs;
 use crate::topic::TopicReader;
-use crate::{cleanup, health, physical, suite};
+use crate::{cleanup, health, physical, suite, wasm};
 
 /// Load driver for the shop: places orders through the gateway and measures
 /// them end to end, by polling and on the Kafka topic.
@@ -61,6 +61,9 @@ enum Command {
     /// The physical limit: the saga's records moved by plain Kafka relays
     /// (no Wasm, no state) on the broker, compared with the suite's results.
     Physical(physical::PhysicalArgs),
+    /// Each component's logic per event: native, and through the host's
+    /// runtime and pipeline (no broker).
+    Wasm(wasm::WasmArgs),
     /// Delete the topics and consumer groups of a finished benchmark host.
     DeleteTopics {
         /// Kafka bootstrap servers.
@@ -203,6 +206,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Suite(args) => suite::run(args).await,
         Command::Physical(args) => physical::run(args).await,
+        Command::Wasm(args) => wasm::run(args).await,
         Command::DeleteTopics { brokers, prefix } => {
             let (topics, groups) = cleanup::delete_prefixed(&brokers, &prefix).await?;
             eprintln!("bench: deleted {topics} topics and {groups} consumer groups named {prefix:?}*");

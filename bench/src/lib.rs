@@ -2,7 +2,8 @@
 //! gateway, follows each to its final status by polling and on the Kafka
 //! `orders` topic, and reports throughput, latency percentiles, the host's
 //! CPU and memory and each component's stage costs; swaps a component under
-//! load; measures the broker's physical limit with plain Kafka relays.
+//! load; measures the broker's physical limit with plain Kafka relays, and
+//! the cost of Wasm per event against the components' native logic.
 
 pub mod cleanup;
 pub mod cli;
@@ -20,3 +21,4 @@ pub mod stages;
 pub mod stats;
 pub mod suite;
 pub mod topic;
+pub mod wasm;

@@ -1,0 +1,167 @@
+//! Realistic event sequences for each component: orders run through the
+//! four components' native logic, each record delivered to every component
+//! subscribed to its topic (as the manifest says), and each component's
+//! deliveries kept in order. Ids, envelopes and headers are made the way
+//! the host makes them.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use shop_events::{Customer, LineItem, OrderPlaced, topics, types};
+use shop_sdk::{Event, HandleError, MemoryHost, Outgoing, Service};
+use uuid::Uuid;
+
+use crate::manifest::Manifest;
+
+/// Namespace of the ids made here (uuid v5, as the host derives them).
+const IDS: Uuid = Uuid::from_u128(0x1b6c_55f0_8e0d_4c3a_9f7e_2d4b_6a8c_0e13);
+
+/// One event as a component receives it, with its envelope's fields.
+#[derive(Debug, Clone)]
+pub struct Delivered {
+    /// What the component's `handle` gets (topic: logical).
+    pub event: Event,
+    pub correlation_id: String,
+    pub causation_id: Option<String>,
+    /// The envelope's `producer`.
+    pub producer: String,
+}
+
+impl Delivered {
+    fn new(
+        topic: &str,
+        event_type: &str,
+        key: &str,
+        payload: Vec<u8>,
+        cause: Option<&Self>,
+        producer: &str,
+        now_ms: u64,
+    ) -> Self {
+        let (id, correlation_id) = match cause {
+            Some(cause) => {
+                let id = Uuid::new_v5(&IDS, format!("{}/{event_type}/{key}", cause.event.id).as_bytes()).to_string();
+                (id, cause.correlation_id.clone())
+            }
+            None => {
+                let id = Uuid::new_v5(&IDS, format!("{event_type}/{key}").as_bytes()).to_string();
+                (id.clone(), id)
+            }
+        };
+        let causation_id = cause.map(|c| c.event.id.clone());
+        // As the pipeline builds them: envelope fields, then record headers.
+        let mut headers = vec![
+            ("correlation-id".to_owned(), correlation_id.clone()),
+            ("schema-version".to_owned(), "1".to_owned()),
+            ("producer".to_owned(), producer.to_owned()),
+        ];
+        if let Some(cause) = &causation_id {
+            headers.push(("causation-id".to_owned(), cause.clone()));
+        }
+        headers.push(("event-type".to_owned(), event_type.to_owned()));
+        headers.push(("producer".to_owned(), producer.to_owned()));
+        let event = Event {
+            id,
+            event_type: event_type.to_owned(),
+            topic: topic.to_owned(),
+            key: Some(key.to_owned()),
+            headers,
+            payload,
+            timestamp_ms: now_ms,
+        };
+        Self { event, correlation_id, causation_id, producer: producer.to_owned() }
+    }
+
+    /// The record value: the JSON envelope the host would read.
+    pub fn envelope(&self) -> Vec<u8> {
+        let data: serde_json::Value = serde_json::from_slice(&self.event.payload).unwrap_or(serde_json::Value::Null);
+        let envelope = serde_json::json!({
+            "id": self.event.id,
+            "type": self.event.event_type,
+            "order_id": self.event.key,
+            "correlation_id": self.correlation_id,
+            "causation_id": self.causation_id,
+            "timestamp_ms": self.event.timestamp_ms,
+            "schema_version": 1,
+            "producer": self.producer,
+            "data": data,
+        });
+        serde_json::to_vec(&envelope).unwrap_or_default()
+    }
+}
+
+/// Calls `component`'s native `handle`.
+///
+/// # Errors
+/// The component's, or an unknown component.
+pub fn handle(component: &str, host: &mut MemoryHost, event: &Event) -> Result<Vec<Outgoing>, HandleError> {
+    match component {
+        "payment" => payment::Payment::handle(host, event),
+        "order" => order::OrderService::handle(host, event),
+        "email" => email::EmailService::handle(host, event),
+        "analytics" => analytics::Analytics::handle(host, event),
+        other => Err(HandleError::Permanent(format!("no native build of component {other:?}"))),
+    }
+}
+
+/// A fresh native host for `component`, configured as the manifest says.
+pub fn host(manifest: &Manifest, component: &str, now_ms: u64) -> MemoryHost {
+    let mut host = MemoryHost::at(now_ms);
+    if let Some(settings) = manifest.components.get(component) {
+        host.config = settings.config.clone();
+    }
+    host
+}
+
+/// The first record of an order, as the gateway publishes it for the
+/// benchmark's standard order (one unstocked item, the accepted card).
+fn placed(order_id: &str, now_ms: u64) -> Delivered {
+    let item = LineItem { sku: "bench-widget".into(), quantity: 1, unit_price_cents: 1250 };
+    let payload = OrderPlaced {
+        order_id: order_id.to_owned(),
+        customer: Customer { name: "Bench".into(), email: "bench@example.com".into() },
+        total_cents: item.subtotal_cents(),
+        items: vec![item],
+        card_number: "4242424242424242".into(),
+    };
+    let payload = serde_json::to_vec(&payload).unwrap_or_default();
+    Delivered::new(topics::ORDERS, types::ORDER_PLACED, order_id, payload, None, "gateway", now_ms)
+}
+
+/// Runs `orders` orders through the native components; returns each
+/// component's deliveries, in order.
+///
+/// # Errors
+/// When a component fails to handle an event, or an order never ends.
+pub fn sequences(manifest: &Manifest, orders: usize, now_ms: u64) -> anyhow::Result<BTreeMap<String, Vec<Delivered>>> {
+    let mut hosts: BTreeMap<String, MemoryHost> =
+        manifest.components.keys().map(|name| (name.clone(), host(manifest, name, now_ms))).collect();
+    let mut delivered: BTreeMap<String, Vec<Delivered>> = BTreeMap::new();
+    for n in 0..orders {
+        let order_id = Uuid::new_v5(&IDS, format!("order-{n}").as_bytes()).to_string();
+        let mut queue = VecDeque::from([placed(&order_id, now_ms)]);
+        let mut steps = 0;
+        while let Some(record) = queue.pop_front() {
+            steps += 1;
+            anyhow::ensure!(steps < 1_000, "order {order_id} never ends");
+            for component in manifest.subscribers(&record.event.topic) {
+                let Some(host) = hosts.get_mut(component) else { continue };
+                let outgoing = handle(component, host, &record.event)
+                    .map_err(|err| anyhow::anyhow!("{component} failed on {}: {err}", record.event.event_type))?;
+                let producer = format!("{component}@native");
+                for out in outgoing {
+                    let next = Delivered::new(
+                        &out.topic,
+                        &out.event_type,
+                        &out.key,
+                        out.payload,
+                        Some(&record),
+                        &producer,
+                        now_ms,
+                    );
+                    queue.push_back(next);
+                }
+                delivered.entry(component.to_owned()).or_default().push(record.clone());
+            }
+        }
+    }
+    Ok(delivered)
+}
