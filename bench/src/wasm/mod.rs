@@ -183,7 +183,7 @@ fn table(rows: &[Row], reuse: u32) -> String {
         ],
     ));
     let mut out = String::from(
-        "\nWasm vs native, µs per event, median (the same event sequences each way)\n  \
+        "\nWasm vs native, µs per event of the median order (the same event sequences each way)\n  \
          native: the Service impls on MemoryHost, built at the .wasm's opt-level; reuse/fresh: ServiceRuntime::call \
          + in-memory store commit, one instance for many events / one per event; (call), (inst): the host's mean \
          guest handle and instantiation time per event; pipeline+redb: Pipeline::process on a DurableStore, one \
