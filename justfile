@@ -37,12 +37,12 @@ run: build-components build
 check: build-components build
     cargo run -p host -- check --manifest app.toml
 
-# Measure the system end to end on a real broker (results in target/bench/):
-# time to healthy, closed and open loops, latency by polling and on the topic,
+# Time to healthy, closed and open loops, latency by polling and on the topic,
 # host CPU and memory, each component's stage costs, a hot swap under load;
 # then the broker's limit with plain Kafka relays, and Wasm vs native per
 # event. Options go to `bench suite` (`just bench --rates 100`);
 # BENCH_PORT_OFFSET=10000 runs it beside a host already on :3001-3005.
+# Measure the system end to end on a real broker (results in target/bench/).
 bench *ARGS: build-components build
     scripts/bench.sh {{ ARGS }}
 
