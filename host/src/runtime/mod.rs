@@ -434,7 +434,13 @@ impl ServiceRuntime {
             },
             None => Commit { fired: Some((timer.id.clone(), timer.at_ms)), now_ms, ..Commit::default() },
         };
-        self.store.commit(commit)?.wait().await
+        // A durable commit waits for its fsync: not on an async worker.
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.commit(commit))
+            .await
+            .map_err(|err| StoreError::Unavailable(format!("commit thread failed: {err}")))??
+            .wait()
+            .await
     }
 
     /// Forgets the outbox entry of `source` once its records were

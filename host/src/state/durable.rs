@@ -3,19 +3,20 @@
 //! redb is a copy-on-write B-tree with checksummed pages: a write
 //! transaction becomes visible, and after `commit` returns durable (fsync),
 //! as a whole or not at all, and a crash mid-commit leaves the previous
-//! committed version. Each [`Commit`] is one redb write transaction over six
-//! tables, so the component's writes, the handled id, the outbox entry and
-//! the timer changes of one event are atomic together.
+//! committed version. The component's writes, the handled id, the outbox
+//! entry and the timer changes of an event go into one redb write
+//! transaction over six tables, so they are atomic together.
 //!
-//! Group commit: each [`Commit`] is applied as a non-durable redb
-//! transaction (visible at once, no fsync), and a flusher thread makes
-//! everything committed so far durable with one fsynced transaction, again
-//! and again while commits keep coming. A commit's [`Durable`] resolves when a
-//! flush covers it; redb guarantees that a crash leaves the state of the last
-//! durable transaction, so a commit is either entirely on disk or not at all.
+//! Group commit: the pipeline hands over a batch of events' commits, which go
+//! to disk in one fsynced transaction (under load a batch holds dozens of
+//! events, so they share one fsync); when `commit_batch` returns they are
+//! durable. Outbox entries published meanwhile are forgotten by the next
+//! commit, or by a flusher thread when none comes within a second. (Handing
+//! the fsync to a separate flusher thread, as before, cost an extra thread
+//! hop per batch: 5.5 instead of 4.8 ms of host CPU per order at 100
+//! orders/s, and no more throughput under load.)
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -23,7 +24,7 @@ use redb::{
     Database, Durability, ReadableDatabase as _, ReadableTable as _, ReadableTableMetadata as _, TableDefinition,
 };
 
-use super::{Commit, Durable, Flushed, OutboxEntry, StateStore, StoreError, Timer, TimerChange};
+use super::{Commit, Durable, OutboxEntry, StateStore, StoreError, Timer, TimerChange};
 
 /// The component's own key-value state.
 const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
@@ -48,7 +49,6 @@ pub struct DurableStore {
     path: PathBuf,
     /// What the store and its flusher share.
     shared: Arc<Shared>,
-    flushed: tokio::sync::watch::Receiver<Flushed>,
     flusher: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -93,16 +93,15 @@ impl DurableStore {
         })?;
         let db = Arc::new(db);
         let shared = Arc::new(Shared::default());
-        let (sender, flushed) = tokio::sync::watch::channel(Flushed::default());
         let flusher = {
             let (db, shared) = (db.clone(), shared.clone());
             let name = format!("flush {}", path.file_name().unwrap_or_default().to_string_lossy());
             std::thread::Builder::new()
                 .name(name)
-                .spawn(move || flush_loop(&db, &shared, &sender))
+                .spawn(move || flush_loop(&db, &shared))
                 .map_err(|e| unavailable("cannot start the flusher of", path)(&e))?
         };
-        let store = Self { db, path: path.to_owned(), shared, flushed, flusher: Some(flusher) };
+        let store = Self { db, path: path.to_owned(), shared, flusher: Some(flusher) };
         let write = store.db.begin_write().map_err(|e| store.err("cannot write")(&e))?;
         {
             let e = store.err("cannot create tables in");
@@ -130,13 +129,15 @@ impl DurableStore {
         self.db.begin_read().map_err(|e| self.err("cannot read")(&e))
     }
 
-    fn apply(&self, commits: &[Commit]) -> Result<(), redb::Error> {
+    /// One durable transaction: `commits` in order, and forgetting the
+    /// `cleared` outbox entries.
+    fn apply(&self, commits: &[Commit], cleared: &[String]) -> Result<(), redb::Error> {
         let mut write = self.db.begin_write()?;
-        // Made durable by the flusher, together with its neighbours.
-        write.set_durability(Durability::None).map_err(|e| redb::Error::Corrupted(e.to_string()))?;
+        write.set_durability(Durability::Immediate).map_err(|e| redb::Error::Corrupted(e.to_string()))?;
         for commit in commits {
             apply_one(&write, commit)?;
         }
+        forget(&write, cleared)?;
         write.commit()?;
         Ok(())
     }
@@ -204,16 +205,14 @@ impl Drop for DurableStore {
 /// State shared by a store and its flusher.
 #[derive(Default)]
 struct Shared {
-    /// Commits applied so far (each gets the next number).
-    committed: AtomicU64,
     work: Mutex<Work>,
     wake: Condvar,
 }
 
-/// What the flusher is asked to do besides flushing new commits.
+/// What the flusher is asked to do.
 #[derive(Default)]
 struct Work {
-    /// Outbox entries published since the last flush, to forget in it.
+    /// Outbox entries published since the last write, to forget in the next.
     cleared: Vec<String>,
     /// Flush what is left and stop.
     stop: bool,
@@ -236,40 +235,23 @@ impl Shared {
     }
 }
 
-/// The flusher: whenever commits are newer than the last flush, one fsynced
-/// transaction makes all of them durable, then their waiters go. The same
-/// transaction forgets the outbox entries published meanwhile, so that
-/// publishing costs no write of its own.
-fn flush_loop(db: &Database, shared: &Shared, sender: &tokio::sync::watch::Sender<Flushed>) {
-    let mut flushed = 0;
+/// The flusher: forgets outbox entries published while no commit came to
+/// carry them (a commit takes them along), checking every [`FLUSH_IDLE`],
+/// and flushes what is left when the store closes.
+fn flush_loop(db: &Database, shared: &Shared) {
     loop {
         let (stopping, cleared) = {
             let mut work = shared.work();
-            while !work.stop && work.cleared.is_empty() && shared.committed.load(Ordering::SeqCst) <= flushed {
-                work = shared.wake.wait(work).unwrap_or_else(PoisonError::into_inner);
+            if !work.stop {
+                work = shared.wake.wait_timeout(work, FLUSH_IDLE).unwrap_or_else(PoisonError::into_inner).0;
             }
             (work.stop, work.cleared.clone())
         };
-        // Every commit numbered up to `target` finished before this point,
-        // so the flush transaction below comes after all of them.
-        let target = shared.committed.load(Ordering::SeqCst);
-        let durability = if target > flushed { Durability::Immediate } else { Durability::None };
-        match flush(db, durability, &cleared) {
-            Ok(()) => {
-                shared.work().cleared.retain(|s| !cleared.contains(s));
-                if target > flushed {
-                    flushed = target;
-                    sender.send_replace(Flushed { seq: target, error: None });
-                }
-            }
-            Err(err) => {
-                tracing::error!("state flush failed, retrying: {err}");
-                sender.send_replace(Flushed { seq: flushed, error: Some(err.to_string()) });
-                if stopping {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-                continue;
+        if !cleared.is_empty() {
+            match forget_now(db, &cleared) {
+                Ok(()) => shared.work().cleared.retain(|s| !cleared.contains(s)),
+                // Harmless: the entries stay hidden and are tried again.
+                Err(err) => tracing::warn!("cannot forget published outbox entries: {err}"),
             }
         }
         if stopping {
@@ -278,21 +260,32 @@ fn flush_loop(db: &Database, shared: &Shared, sender: &tokio::sync::watch::Sende
     }
 }
 
-/// One flush transaction: forgets `cleared` outbox entries, with `durability`.
-fn flush(db: &Database, durability: Durability, cleared: &[String]) -> Result<(), redb::Error> {
+/// How long published outbox entries may wait for a commit to carry them.
+const FLUSH_IDLE: Duration = Duration::from_secs(1);
+
+/// Forgets `cleared` in a transaction of its own, without an fsync: losing it
+/// in a crash only publishes those entries again.
+fn forget_now(db: &Database, cleared: &[String]) -> Result<(), redb::Error> {
     let mut write = db.begin_write()?;
-    write.set_durability(durability).map_err(|e| redb::Error::Corrupted(e.to_string()))?;
-    if !cleared.is_empty() {
-        let mut by_source = write.open_table(OUTBOX_BY_SOURCE)?;
-        let mut outbox = write.open_table(OUTBOX)?;
-        for source in cleared {
-            let seq = by_source.remove(source.as_str())?.map(|v| v.value());
-            if let Some(seq) = seq {
-                outbox.remove(seq)?;
-            }
+    write.set_durability(Durability::None).map_err(|e| redb::Error::Corrupted(e.to_string()))?;
+    forget(&write, cleared)?;
+    write.commit()?;
+    Ok(())
+}
+
+/// Forgets the outbox entries of `cleared` sources in `write`.
+fn forget(write: &redb::WriteTransaction, cleared: &[String]) -> Result<(), redb::Error> {
+    if cleared.is_empty() {
+        return Ok(());
+    }
+    let mut by_source = write.open_table(OUTBOX_BY_SOURCE)?;
+    let mut outbox = write.open_table(OUTBOX)?;
+    for source in cleared {
+        let seq = by_source.remove(source.as_str())?.map(|v| v.value());
+        if let Some(seq) = seq {
+            outbox.remove(seq)?;
         }
     }
-    write.commit()?;
     Ok(())
 }
 
@@ -341,14 +334,17 @@ impl StateStore for DurableStore {
     }
 
     fn commit_batch(&self, commits: &[Commit]) -> Result<Durable, StoreError> {
-        self.apply(commits).map_err(|e| self.err("cannot commit to")(&e))?;
-        let seq = self.shared.committed.fetch_add(1, Ordering::SeqCst) + 1;
-        self.shared.wake(|_| {});
-        Ok(Durable { seq, flushed: Some(self.flushed.clone()) })
+        // The batch is the group: one fsync covers all its events, and the
+        // outbox entries published since the last write ride along.
+        let cleared = self.shared.work().cleared.clone();
+        self.apply(commits, &cleared).map_err(|e| self.err("cannot commit to")(&e))?;
+        self.shared.work().cleared.retain(|s| !cleared.contains(s));
+        Ok(Durable::done())
     }
 
     fn sync_point(&self) -> Durable {
-        Durable { seq: self.shared.committed.load(Ordering::SeqCst), flushed: Some(self.flushed.clone()) }
+        // Every commit is durable when `commit_batch` returns.
+        Durable::done()
     }
 
     fn was_handled(&self, id: &str) -> Result<bool, StoreError> {
@@ -391,9 +387,10 @@ impl StateStore for DurableStore {
     }
 
     fn clear_outbox(&self, source: &str) -> Result<(), StoreError> {
-        // Forgotten by the next flush; until then hidden from readers. Lost
-        // in a crash, it is only published again.
-        self.shared.wake(|work| work.cleared.push(source.to_owned()));
+        // Forgotten by the next commit (or the flusher's next round when no
+        // commit comes); until then hidden from readers. Lost in a crash, it
+        // is only published again.
+        self.shared.work().cleared.push(source.to_owned());
         Ok(())
     }
 
