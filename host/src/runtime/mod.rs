@@ -281,7 +281,7 @@ impl ServiceRuntime {
         let at_ms = self.clock.now_ms();
         let path = PathBuf::from(source);
         let engine = self.engine.clone();
-        let trial = self.trial_store_parts();
+        let trial = self.parts(Arc::new(StoreReader(self.store.clone())), true);
         let checked = tokio::task::spawn_blocking(move || {
             let component = LoadedComponent::from_bytes(&engine, &path, &bytes)?;
             trial.instantiate(&engine, component)
@@ -319,17 +319,6 @@ impl ServiceRuntime {
         });
         tracing::info!(component = %self.name, version = %sha256, "reloaded");
         Ok(component)
-    }
-
-    fn trial_store_parts(&self) -> StoreParts {
-        StoreParts {
-            name: self.name.clone(),
-            view: Arc::new(StoreReader(self.store.clone())),
-            config: self.config.clone(),
-            clock: self.clock.clone(),
-            limits: self.limits,
-            read_only: true,
-        }
     }
 
     /// The service's state store (read by tests and tools).

@@ -18,52 +18,30 @@ pub use durable::DurableStore;
 pub use memory::MemoryStore;
 pub use txn::{AccessError, Overlay, StateRead, StoreReader, Txn};
 
-/// The progress of a store's disk flushes: commits up to `seq` are durable.
-#[derive(Debug, Clone, Default)]
-struct Flushed {
-    seq: u64,
-    /// Why the last flush failed, if it did.
-    error: Option<String>,
-}
-
-/// A commit's durability: resolves once the commit is on disk.
+/// A commit's durability: what it queued in the outbox may be published only
+/// once [`Durable::wait`] resolved.
 ///
-/// A commit is visible to readers (and to later `handle` calls) at once, but
-/// what it queued in the outbox may be published only after [`Durable::wait`]:
-/// a crash before that loses the commit, and the event is handled again.
-#[derive(Debug, Clone)]
-pub struct Durable {
-    seq: u64,
-    flushed: Option<tokio::sync::watch::Receiver<Flushed>>,
-}
+/// Both adapters return from [`StateStore::commit_batch`] once the commit
+/// is on disk (the durable store fsyncs each batch), so theirs resolve at
+/// once; the type keeps the publish-after-durable step explicit in the
+/// pipeline for an adapter that makes commits durable later.
+#[derive(Debug, Clone, Default)]
+pub struct Durable(());
 
 impl Durable {
-    /// Already durable (the in-memory store, which has no disk to wait for).
+    /// Already durable.
     pub fn done() -> Self {
-        Self { seq: 0, flushed: None }
+        Self(())
     }
 
     /// Waits until the commit is on disk.
     ///
     /// # Errors
-    /// [`StoreError::Unavailable`] when flushing failed or the store closed
-    /// first: the commit may be lost, and nothing it queued may be published.
+    /// [`StoreError::Unavailable`] when it can no longer become durable;
+    /// nothing it queued may then be published. (Neither adapter defers
+    /// durability today, so neither returns this.)
     pub async fn wait(self) -> Result<(), StoreError> {
-        let Some(mut flushed) = self.flushed else { return Ok(()) };
-        loop {
-            {
-                let progress = flushed.borrow_and_update();
-                if progress.seq >= self.seq {
-                    return Ok(());
-                }
-                if let Some(err) = &progress.error {
-                    return Err(StoreError::Unavailable(format!("commit not made durable: {err}")));
-                }
-            }
-            if flushed.changed().await.is_err() {
-                return Err(StoreError::Unavailable("the store closed before the commit was durable".into()));
-            }
-        }
+        Ok(())
     }
 
     /// [`Durable::wait`] for synchronous callers.
@@ -174,8 +152,7 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Applies a whole [`Commit`] atomically: readers see all of it at once,
     /// and after a crash either all of it is there or none of it. It is on
-    /// disk once the returned [`Durable`] resolves (commits are flushed in
-    /// groups, so many events share one fsync).
+    /// disk once the returned [`Durable`] resolves.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`]; then nothing was applied.

@@ -81,11 +81,6 @@ impl Overlay {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The store under the overlay.
-    pub fn store(&self) -> &Arc<dyn StateStore> {
-        &self.store
-    }
-
     /// Adds a commit of the batch: later reads see its writes and its id.
     pub fn record(&self, commit: &Commit) {
         let mut pending = self.pending();
@@ -101,12 +96,6 @@ impl Overlay {
     /// yet committed).
     pub fn handled_in_batch(&self, id: &str) -> bool {
         self.pending().handled.contains(id)
-    }
-
-    /// Whether anything awaits the batch's commit.
-    pub fn is_empty(&self) -> bool {
-        let pending = self.pending();
-        pending.writes.is_empty() && pending.handled.is_empty()
     }
 
     /// Forgets the batch once it is committed (or abandoned).
