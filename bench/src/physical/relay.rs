@@ -14,12 +14,12 @@ use anyhow::Context as _;
 use futures::StreamExt as _;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
+use rdkafka::Message as _;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Header, Headers as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::{ClientConfig, Message as _};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -112,13 +112,9 @@ impl Tracker {
 pub async fn run(settings: &Settings, manifest: &Manifest, topology: Arc<Topology>) -> anyhow::Result<Vec<Figures>> {
     let topics: Vec<String> = manifest.topics().iter().map(|t| format!("{}{t}", settings.prefix)).collect();
     shop_host::kafka::ensure_topics(&settings.brokers, &topics, manifest.kafka.partitions, 1).await?;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &settings.brokers)
+    // The host's own producer settings, so that the relay measures the same path.
+    let producer: FutureProducer = shop_host::kafka::producer_config(&settings.brokers)
         .set("client.id", "shop-bench-relay")
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "1")
-        .set("message.timeout.ms", "30000")
         .create()
         .context("failed to create the Kafka producer")?;
     let tracker = Arc::new(Tracker {
@@ -196,16 +192,9 @@ pub async fn run(settings: &Settings, manifest: &Manifest, topology: Arc<Topolog
 }
 
 fn consumer(settings: &Settings, group: &str) -> anyhow::Result<StreamConsumer> {
-    ClientConfig::new()
-        .set("bootstrap.servers", &settings.brokers)
+    // The host's own consumer and offset settings.
+    shop_host::kafka::consumer_config(&settings.brokers, &format!("{}{group}", settings.prefix))
         .set("client.id", "shop-bench-relay")
-        .set("group.id", format!("{}{group}", settings.prefix))
-        .set("enable.auto.commit", "true")
-        .set("auto.commit.interval.ms", "1000")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000")
         .create()
         .context("failed to create the Kafka consumer")
 }

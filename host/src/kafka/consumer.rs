@@ -174,18 +174,11 @@ async fn run(
     status: &ConsumerStatus,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut config = super::client_config(&settings.brokers);
+    let mut config = super::consumer_config(&settings.brokers, &settings.group);
     if let Some(instance) = &settings.instance_id {
         config.set("group.instance.id", instance);
     }
     let consumer: StreamConsumer<Context> = config
-        .set("group.id", &settings.group)
-        .set("enable.auto.commit", "true")
-        .set("auto.commit.interval.ms", "1000")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000")
         .set("statistics.interval.ms", "1000")
         .create_with_context(Context { status: status.clone() })
         .context("failed to create the Kafka consumer")?;

@@ -24,6 +24,33 @@ pub fn client_config(brokers: &str) -> ClientConfig {
     config
 }
 
+/// The producer's configuration for `brokers`: idempotent, acks=all, so an
+/// acknowledgement means every in-sync replica has the record, in order.
+pub fn producer_config(brokers: &str) -> ClientConfig {
+    let mut config = client_config(brokers);
+    config
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "1")
+        .set("message.timeout.ms", "30000");
+    config
+}
+
+/// A component consumer's configuration for `brokers` and `group`: offsets
+/// stored by the host only once a record is done, committed every second.
+pub fn consumer_config(brokers: &str, group: &str) -> ClientConfig {
+    let mut config = client_config(brokers);
+    config
+        .set("group.id", group)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000");
+    config
+}
+
 /// Creates the `topics` that do not exist yet.
 ///
 /// # Errors

@@ -26,13 +26,7 @@ impl KafkaPublisher {
     /// # Errors
     /// When librdkafka rejects the configuration.
     pub fn connect(brokers: &str) -> anyhow::Result<Self> {
-        let producer = super::client_config(brokers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "1")
-            .set("message.timeout.ms", "30000")
-            .create()
-            .context("failed to create the Kafka producer")?;
+        let producer = super::producer_config(brokers).create().context("failed to create the Kafka producer")?;
         Ok(Self { producer })
     }
 
