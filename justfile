@@ -54,10 +54,19 @@ kafka:
 kafka-stop:
     scripts/kafka.sh stop
 
-# Everything: formatting, lints, unit tests, end-to-end on a real broker, browser test.
+# Start a local PostgreSQL on 127.0.0.1:5432 (Debian's postgresql package, data in .postgres/).
+postgres:
+    scripts/postgres.sh start
+
+# Stop the server started by `just postgres`.
+postgres-stop:
+    scripts/postgres.sh stop
+
+# Everything: formatting, lints, unit tests, end-to-end on a real broker and PostgreSQL, browser test.
 test: build-components build-test-components build
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
     scripts/kafka.sh start
-    KAFKA_BROKERS=127.0.0.1:9092 cargo test --workspace
+    scripts/postgres.sh start
+    DATABASE_URL="$(scripts/postgres.sh url)" KAFKA_BROKERS=127.0.0.1:9092 cargo test --workspace
     scripts/browser-test.sh
