@@ -149,14 +149,24 @@ enum Outcome {
     Commit(Commit),
 }
 
+/// How a batch's commit ended.
+enum Committed {
+    Done(Durable),
+    /// Shutdown came while the store was unavailable.
+    Abandoned,
+    /// Lost a race: nothing was applied.
+    Conflict(String),
+}
+
 /// An open batch: the events handled so far, committed by [`Batch::flush`].
 struct Batch<'a> {
     core: &'a Core,
     /// The service's handling lock, released only while pausing.
     serial: Option<tokio::sync::MutexGuard<'a, ()>>,
     overlay: Arc<Overlay>,
-    commits: Vec<Commit>,
-    replies: Vec<oneshot::Sender<Option<Disposition>>>,
+    /// Each handled event's commit, with the event (handled again if the
+    /// batch's commit loses a race).
+    entries: Vec<(Commit, Ready)>,
     /// Shutdown of the pending events, which interrupts a failing commit.
     shutdown: Option<CancellationToken>,
 }
@@ -167,8 +177,7 @@ impl<'a> Batch<'a> {
             core,
             serial: Some(core.service.serial_blocking()),
             overlay: Overlay::new(core.service.state_store().clone()),
-            commits: Vec::new(),
-            replies: Vec::new(),
+            entries: Vec::new(),
             shutdown: None,
         }
     }
@@ -238,9 +247,8 @@ impl<'a> Batch<'a> {
             }
             Ok(Outcome::Commit(commit)) => {
                 self.overlay.record(&commit);
-                self.commits.push(commit);
-                self.replies.push(ready.reply);
-                self.shutdown.get_or_insert(ready.shutdown);
+                self.shutdown.get_or_insert_with(|| ready.shutdown.clone());
+                self.entries.push((commit, ready));
                 return None;
             }
             Err(err) => err,
@@ -325,47 +333,99 @@ impl<'a> Batch<'a> {
 
     /// Commits the batch's events in one transaction and answers each.
     /// A store failure is retried until it works or shutdown; then the
-    /// events are answered `None` (not handled).
+    /// events are answered `None` (not handled). A conflict (something the
+    /// batch read changed, or one of its events was handled elsewhere)
+    /// handles the events again on fresh state, then commits that.
     fn flush(&mut self) {
-        if self.commits.is_empty() {
-            return;
+        while !self.entries.is_empty() {
+            match self.commit() {
+                Committed::Done(durable) => {
+                    self.answer(Some(&durable));
+                    return;
+                }
+                Committed::Abandoned => {
+                    self.answer(None);
+                    return;
+                }
+                Committed::Conflict(reason) => {
+                    let entries = std::mem::take(&mut self.entries);
+                    tracing::debug!(
+                        component = self.core.service.name(),
+                        events = entries.len(),
+                        "{reason}; handling the batch again"
+                    );
+                    self.overlay.clear();
+                    self.shutdown = None;
+                    for (_, ready) in entries {
+                        self.again(ready);
+                    }
+                }
+            }
         }
+    }
+
+    /// One commit of the batch, retrying while the store is unavailable.
+    fn commit(&mut self) -> Committed {
         let started = Instant::now();
+        let reads = self.overlay.reads();
+        let commits: Vec<Commit> = self.entries.iter().map(|(commit, _)| commit.clone()).collect();
         let mut attempt = 0;
-        let durable = loop {
+        loop {
             let commit = Instant::now();
-            let committed = self.core.service.state_store().commit_batch(&self.commits);
+            let committed = self.core.service.state_store().commit_batch(&commits, &reads);
             self.core.service.stages().record(Stage::Commit, commit.elapsed());
             match committed {
-                Ok(durable) => break Some(durable),
-                Err(err) => {
+                Ok(durable) => {
+                    tracing::trace!(component = self.core.service.name(), events = commits.len(), elapsed = ?started.elapsed(), "batch committed");
+                    return Committed::Done(durable);
+                }
+                Err(StoreError::Conflict(reason)) => return Committed::Conflict(reason),
+                Err(StoreError::Unavailable(reason)) => {
                     attempt += 1;
                     let backoff = self.core.backoff(attempt);
-                    let StoreError::Unavailable(reason) = err;
                     tracing::error!(
                         component = self.core.service.name(),
-                        events = self.commits.len(),
+                        events = commits.len(),
                         ?backoff,
                         "commit failed, retrying: {reason}"
                     );
                     let shutdown = self.shutdown.clone().unwrap_or_default();
                     if !self.pause(backoff, &shutdown) {
-                        break None;
+                        return Committed::Abandoned;
                     }
                 }
             }
-        };
-        tracing::trace!(component = self.core.service.name(), events = self.commits.len(), elapsed = ?started.elapsed(), "batch committed");
-        for (commit, reply) in self.commits.drain(..).zip(self.replies.drain(..)) {
-            let disposition = durable.clone().map(|durable| {
+        }
+    }
+
+    /// Answers every event of the batch: handled if `durable`, else not.
+    fn answer(&mut self, durable: Option<&Durable>) {
+        for (commit, ready) in self.entries.drain(..) {
+            let disposition = durable.map(|durable| {
                 let source = commit.handled.filter(|_| !commit.outbox.is_empty());
                 let records = commit.outbox.into_iter().map(Outbound::from).collect();
-                Disposition::Publish { records, source, duplicate: false, durable }
+                Disposition::Publish { records, source, duplicate: false, durable: durable.clone() }
             });
-            let _ = reply.send(disposition);
+            let _ = ready.reply.send(disposition);
         }
         self.overlay.clear();
         self.shutdown = None;
+    }
+
+    /// Handles an event of a conflicting batch again. Its first try did not
+    /// count; if this one fails in a way that may pass, it waits here for
+    /// its retry (it cannot be parked: the events after it in the batch
+    /// come next).
+    fn again(&mut self, mut ready: Ready) {
+        ready.attempt = ready.attempt.saturating_sub(1);
+        while let Some((waiting, retry_at)) = self.run(ready) {
+            let shutdown = waiting.shutdown.clone();
+            if !self.pause(retry_at.saturating_duration_since(Instant::now()), &shutdown) {
+                let _ = waiting.reply.send(None);
+                return;
+            }
+            ready = waiting;
+        }
     }
 
     /// Waits `duration` without holding the handling lock, so that a reload

@@ -81,10 +81,183 @@ fn timers_fire_in_order_and_are_replaced_cancelled_and_removed(store: &dyn State
     assert_eq!(store.due_timers(1000, 1).unwrap().len(), 1, "limit");
 }
 
+/// What a batch saw when it read `pairs` (`None`: absent) and listed `listings`.
+fn seen(pairs: &[(&str, Option<&str>)], listings: &[(&str, usize, &[&str])]) -> ReadSet {
+    ReadSet {
+        keys: pairs.iter().map(|(k, v)| ((*k).to_owned(), ReadSet::digest(v.map(str::as_bytes)))).collect(),
+        listings: listings
+            .iter()
+            .map(|(p, n, keys)| ((*p).to_owned(), *n, keys.iter().map(|k| (*k).to_owned()).collect()))
+            .collect(),
+    }
+}
+
+fn conflicting_commits_are_refused_whole(store: &dyn StateStore) {
+    store.commit(handled("e1", &[("lamp", "1")], &[], vec![])).unwrap();
+    // Read lamp=1, but another commit sold it meanwhile.
+    store.commit(handled("e2", &[("lamp", "0")], &["sold"], vec![])).unwrap();
+    let late = handled("e3", &[("lamp", "0"), ("other", "x")], &["sold again"], vec![TimerChange::Set(timer("t", 5))]);
+    let err = store.commit_batch(std::slice::from_ref(&late), &seen(&[("lamp", Some("1"))], &[])).unwrap_err();
+    assert!(matches!(&err, StoreError::Conflict(m) if m.contains("lamp")), "{err}");
+    assert!(!store.was_handled("e3").unwrap(), "nothing of a conflicting commit is applied");
+    assert_eq!((store.get("other").unwrap(), store.outbox("e3").unwrap()), (None, None));
+    assert_eq!(store.timer_count().unwrap(), 0);
+    // On fresh state it goes through.
+    store.commit_batch(std::slice::from_ref(&late), &seen(&[("lamp", Some("0"))], &[])).unwrap();
+    assert!(store.was_handled("e3").unwrap());
+    // A key read as absent and created meanwhile, a listing that grew.
+    store.commit(handled("e4", &[("new", "1")], &[], vec![])).unwrap();
+    let c = handled("e5", &[("x", "1")], &[], vec![]);
+    assert!(matches!(
+        store.commit_batch(std::slice::from_ref(&c), &seen(&[("new", None)], &[])),
+        Err(StoreError::Conflict(_))
+    ));
+    let listed: &[(&str, usize, &[&str])] = &[("ne", 10, &[])];
+    assert!(matches!(store.commit_batch(std::slice::from_ref(&c), &seen(&[], listed)), Err(StoreError::Conflict(_))));
+    let listed: &[(&str, usize, &[&str])] = &[("ne", 10, &["new"])];
+    store.commit_batch(std::slice::from_ref(&c), &seen(&[("new", Some("1"))], listed)).unwrap();
+    // An event handled meanwhile (by another host): the whole batch is refused.
+    let batch = [handled("e6", &[("y", "1")], &[], vec![]), handled("e1", &[("lamp", "9")], &["twice"], vec![])];
+    assert!(matches!(store.commit_batch(&batch, &ReadSet::default()), Err(StoreError::Conflict(_))));
+    assert_eq!((store.get("y").unwrap(), store.was_handled("e6").unwrap()), (None, false));
+    assert_eq!(store.get("lamp").unwrap(), Some(b"0".to_vec()));
+}
+
+/// Threads incrementing one counter through optimistic commits, each
+/// retried on conflict, as executors on several hosts do: none is lost.
+fn concurrent_increments_are_never_lost(store: Arc<dyn StateStore>) {
+    const THREADS: usize = 4;
+    const EACH: usize = 25;
+    let conflicts = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for thread in 0..THREADS {
+            let (store, conflicts) = (store.clone(), &conflicts);
+            scope.spawn(move || {
+                for i in 0..EACH {
+                    loop {
+                        let now = store.get("count").unwrap();
+                        let n: u64 = now.as_deref().map_or(0, |v| std::str::from_utf8(v).unwrap().parse().unwrap());
+                        let next = (n + 1).to_string();
+                        let commit = handled(&format!("inc-{thread}-{i}"), &[("count", &next)], &[], vec![]);
+                        let reads = ReadSet {
+                            keys: [("count".to_owned(), ReadSet::digest(now.as_deref()))].into(),
+                            listings: Vec::new(),
+                        };
+                        match store.commit_batch(std::slice::from_ref(&commit), &reads) {
+                            Ok(_) => break,
+                            Err(StoreError::Conflict(_)) => {
+                                conflicts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            Err(err) => panic!("{err}"),
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let total = (THREADS * EACH).to_string();
+    assert_eq!(store.get("count").unwrap(), Some(total.into_bytes()), "every increment counted once");
+    eprintln!("{} conflicts retried", conflicts.into_inner());
+}
+
+/// The whole contract, on fresh stores from `open`.
+fn contract(mut open: impl FnMut() -> Arc<dyn StateStore>) {
+    state_handled_and_outbox_commit_together(&*open());
+    timers_fire_in_order_and_are_replaced_cancelled_and_removed(&*open());
+    conflicting_commits_are_refused_whole(&*open());
+    concurrent_increments_are_never_lost(open());
+}
+
 #[test]
 fn memory_store() {
-    state_handled_and_outbox_commit_together(&MemoryStore::default());
-    timers_fire_in_order_and_are_replaced_cancelled_and_removed(&MemoryStore::default());
+    contract(|| Arc::new(MemoryStore::default()));
+}
+
+/// The database of the PostgreSQL tests, or a panic saying how to start one.
+pub(crate) fn database_url() -> String {
+    std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()).expect(
+        "PostgreSQL tests need a server: run `just postgres` and set DATABASE_URL=$(scripts/postgres.sh url) (`just test` does both)",
+    )
+}
+
+/// A fresh schema of its own, dropped at the end.
+pub(crate) struct TestSchema {
+    pub stores: PgStores,
+    pub name: String,
+}
+
+impl TestSchema {
+    pub(crate) fn new() -> Self {
+        let name = format!("test_{}", uuid::Uuid::new_v4().simple());
+        let stores = PgStores::connect(&database_url(), &name).unwrap();
+        Self { stores, name }
+    }
+}
+
+impl Drop for TestSchema {
+    fn drop(&mut self) {
+        let (url, name) = (database_url(), self.name.clone());
+        // Best effort, off any async runtime.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            runtime.block_on(async {
+                let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.ok()?;
+                tokio::spawn(connection);
+                client.batch_execute(&format!("DROP SCHEMA {name} CASCADE")).await.ok()
+            })
+        })
+        .join();
+    }
+}
+
+#[test]
+fn postgres_store() {
+    let schema = TestSchema::new();
+    let mut n = 0;
+    contract(|| {
+        // Each check gets a component of its own in the one schema.
+        n += 1;
+        Arc::new(schema.stores.store(&format!("c{n}")))
+    });
+    // Two hosts' stores of one component share everything.
+    let a = schema.stores.store("shared");
+    let other =
+        TestSchema { stores: PgStores::connect(&database_url(), &schema.name).unwrap(), name: schema.name.clone() };
+    let b = other.stores.store("shared");
+    a.commit(handled("e1", &[("k", "v")], &["r"], vec![TimerChange::Set(timer("t", 5))])).unwrap();
+    assert!(b.was_handled("e1").unwrap());
+    assert_eq!(b.get("k").unwrap(), Some(b"v".to_vec()));
+    std::mem::forget(other); // its schema is the first one's
+}
+
+#[test]
+fn postgres_claims_lease_timers_and_stale_outbox_to_one_host() {
+    let schema = TestSchema::new();
+    let host_a = schema.stores.store("c");
+    let host_b = schema.stores.store("c");
+    host_a
+        .commit(handled("e1", &[], &["r1"], vec![TimerChange::Set(timer("t1", 10)), TimerChange::Set(timer("t2", 20))]))
+        .unwrap();
+    let lease = std::time::Duration::from_secs(60);
+    let a: Vec<String> = host_a.claim_due_timers(15, 10, lease).unwrap().into_iter().map(|t| t.id).collect();
+    assert_eq!(a, ["t1"]);
+    let b: Vec<String> = host_b.claim_due_timers(100, 10, lease).unwrap().into_iter().map(|t| t.id).collect();
+    assert_eq!(b, ["t2"], "a claimed timer is not handed to another host");
+    assert!(host_a.claim_due_timers(100, 10, lease).unwrap().is_empty());
+    assert_eq!(host_b.due_timers(100, 10).unwrap().len(), 2, "still pending until handled");
+    // A lease that ran out (its host died) hands the timer to a live host.
+    let short = std::time::Duration::from_millis(1);
+    host_a.commit(handled("e2", &[], &[], vec![TimerChange::Set(timer("t3", 30))])).unwrap();
+    assert_eq!(host_a.claim_due_timers(100, 10, short).unwrap().len(), 1);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(host_b.claim_due_timers(100, 10, lease).unwrap()[0].id, "t3");
+    // Setting a timer again releases its lease.
+    host_a.commit(handled("e3", &[], &[], vec![TimerChange::Set(timer("t1", 40))])).unwrap();
+    assert_eq!(host_b.claim_due_timers(100, 10, lease).unwrap()[0], timer("t1", 40));
+    // The outbox: one relayer per entry.
+    assert_eq!(host_a.claim_stale_outbox(7, 10, lease).unwrap()[0].source, "e1");
+    assert!(host_b.claim_stale_outbox(7, 10, lease).unwrap().is_empty());
+    assert!(host_b.claim_stale_outbox(6, 10, lease).unwrap().is_empty(), "younger than asked");
 }
 
 fn temp_file(name: &str) -> std::path::PathBuf {
@@ -93,6 +266,7 @@ fn temp_file(name: &str) -> std::path::PathBuf {
 
 #[test]
 fn durable_store() {
+    contract(|| Arc::new(DurableStore::open(&temp_file("x.redb")).unwrap()));
     let path = temp_file("a.redb");
     state_handled_and_outbox_commit_together(&DurableStore::open(&path).unwrap());
     timers_fire_in_order_and_are_replaced_cancelled_and_removed(&DurableStore::open(&temp_file("b.redb")).unwrap());

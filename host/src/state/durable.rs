@@ -24,7 +24,7 @@ use redb::{
     Database, Durability, ReadableDatabase as _, ReadableTable as _, ReadableTableMetadata as _, TableDefinition,
 };
 
-use super::{Commit, Durable, OutboxEntry, StateStore, StoreError, Timer, TimerChange};
+use super::{Commit, Durable, OutboxEntry, ReadSet, StateStore, StoreError, Timer, TimerChange};
 
 /// The component's own key-value state.
 const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
@@ -129,11 +129,25 @@ impl DurableStore {
         self.db.begin_read().map_err(|e| self.err("cannot read")(&e))
     }
 
-    /// One durable transaction: `commits` in order, and forgetting the
-    /// `cleared` outbox entries.
-    fn apply(&self, commits: &[Commit], cleared: &[String]) -> Result<(), redb::Error> {
-        let mut write = self.db.begin_write()?;
-        write.set_durability(Durability::Immediate).map_err(|e| redb::Error::Corrupted(e.to_string()))?;
+    /// One durable transaction: `commits` in order if `reads` still hold,
+    /// and forgetting the `cleared` outbox entries.
+    fn apply(&self, commits: &[Commit], reads: &ReadSet, cleared: &[String]) -> Result<(), StoreError> {
+        let e = self.err("cannot commit to");
+        let mut write = self.db.begin_write().map_err(|x| e(&x))?;
+        write.set_durability(Durability::Immediate).map_err(|x| e(&x))?;
+        check(&write, commits, reads).map_err(|x| match x {
+            Checked::Conflict(err) => err,
+            Checked::Db(x) => e(&x),
+        })?;
+        self.apply_checked(write, commits, cleared).map_err(|x| e(&x))
+    }
+
+    fn apply_checked(
+        &self,
+        write: redb::WriteTransaction,
+        commits: &[Commit],
+        cleared: &[String],
+    ) -> Result<(), redb::Error> {
         for commit in commits {
             apply_one(&write, commit)?;
         }
@@ -141,6 +155,73 @@ impl DurableStore {
         write.commit()?;
         Ok(())
     }
+}
+
+/// Why a batch's check failed.
+enum Checked {
+    Conflict(StoreError),
+    Db(redb::Error),
+}
+
+impl<E: Into<redb::Error>> From<E> for Checked {
+    fn from(err: E) -> Self {
+        Checked::Db(err.into())
+    }
+}
+
+/// Refuses a batch that read something changed since, or whose event was
+/// handled already. (One host writes a redb file, through one executor, so
+/// this holds unless the store is shared in-process, as the contract tests do.)
+fn check(write: &redb::WriteTransaction, commits: &[Commit], reads: &ReadSet) -> Result<(), Checked> {
+    if commits.iter().any(|c| c.handled.is_some()) {
+        let handled = write.open_table(HANDLED)?;
+        for id in commits.iter().filter_map(|c| c.handled.as_deref()) {
+            if handled.get(id)?.is_some() {
+                return Err(Checked::Conflict(StoreError::Conflict(format!("event {id} was handled meanwhile"))));
+            }
+        }
+    }
+    if reads.is_empty() {
+        return Ok(());
+    }
+    let state = write.open_table(STATE)?;
+    let mut failure = None;
+    let result = reads.validate(
+        |key| match state.get(key) {
+            Ok(value) => Ok(ReadSet::digest(value.as_ref().map(|v| v.value()))),
+            Err(err) => {
+                failure = Some(redb::Error::from(err));
+                Err(StoreError::Unavailable(String::new()))
+            }
+        },
+        |prefix, limit| {
+            let listed = list(&state, prefix, limit);
+            listed.map_err(|err| StoreError::Unavailable(err.to_string()))
+        },
+    );
+    match (result, failure) {
+        (Ok(()), _) => Ok(()),
+        (Err(_), Some(err)) => Err(Checked::Db(err)),
+        (Err(err), None) => Err(Checked::Conflict(err)),
+    }
+}
+
+/// Keys of `table` starting with `prefix`, ascending, at most `limit`.
+fn list(
+    table: &impl redb::ReadableTable<&'static str, &'static [u8]>,
+    prefix: &str,
+    limit: usize,
+) -> Result<Vec<String>, redb::Error> {
+    let mut keys = Vec::new();
+    for entry in table.range(prefix..)? {
+        let (key, _) = entry?;
+        let key = key.value();
+        if !key.starts_with(prefix) || keys.len() >= limit {
+            break;
+        }
+        keys.push(key.to_owned());
+    }
+    Ok(keys)
 }
 
 /// An [`OutboxEntry`] serialized without copying its records.
@@ -317,27 +398,14 @@ impl StateStore for DurableStore {
     fn keys(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StoreError> {
         let e = self.err("cannot read");
         let table = self.read()?.open_table(STATE).map_err(|x| e(&x))?;
-        let mut keys = Vec::new();
-        for entry in table.range(prefix..).map_err(|x| e(&x))? {
-            let (key, _) = entry.map_err(|x| e(&x))?;
-            let key = key.value();
-            if !key.starts_with(prefix) || keys.len() >= limit {
-                break;
-            }
-            keys.push(key.to_owned());
-        }
-        Ok(keys)
+        list(&table, prefix, limit).map_err(|x| e(&x))
     }
 
-    fn commit(&self, commit: Commit) -> Result<Durable, StoreError> {
-        self.commit_batch(std::slice::from_ref(&commit))
-    }
-
-    fn commit_batch(&self, commits: &[Commit]) -> Result<Durable, StoreError> {
+    fn commit_batch(&self, commits: &[Commit], reads: &ReadSet) -> Result<Durable, StoreError> {
         // The batch is the group: one fsync covers all its events, and the
         // outbox entries published since the last write ride along.
         let cleared = self.shared.work().cleared.clone();
-        self.apply(commits, &cleared).map_err(|e| self.err("cannot commit to")(&e))?;
+        self.apply(commits, reads, &cleared)?;
         self.shared.work().cleared.retain(|s| !cleared.contains(s));
         Ok(Durable::done())
     }

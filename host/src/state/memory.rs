@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Mutex, PoisonError};
 
-use super::{Commit, Durable, OutboxEntry, StateStore, StoreError, Timer, TimerChange};
+use super::{Commit, Durable, OutboxEntry, ReadSet, StateStore, StoreError, Timer, TimerChange};
 
 /// The parts of a store, kept in plain maps by [`MemoryStore`] and in
 /// tables by [`DurableStore`].
@@ -20,6 +20,28 @@ struct Maps {
 }
 
 impl Maps {
+    /// Refuses a batch that read something changed since, or whose event
+    /// was handled already.
+    fn check(&self, commits: &[Commit], reads: &ReadSet) -> Result<(), StoreError> {
+        if let Some(id) = commits.iter().filter_map(|c| c.handled.as_ref()).find(|id| self.handled.contains_key(*id)) {
+            return Err(StoreError::Conflict(format!("event {id} was handled meanwhile")));
+        }
+        reads.validate(
+            |key| Ok(ReadSet::digest(self.state.get(key).map(Vec::as_slice))),
+            |prefix, limit| Ok(self.keys(prefix, limit)),
+        )
+    }
+
+    fn keys(&self, prefix: &str, limit: usize) -> Vec<String> {
+        self.state
+            .range(prefix.to_owned()..)
+            .map(|(k, _)| k)
+            .take_while(|k| k.starts_with(prefix))
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
     fn apply(&mut self, commit: Commit) {
         for (key, value) in commit.writes {
             match value {
@@ -93,19 +115,15 @@ impl StateStore for MemoryStore {
     }
 
     fn keys(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StoreError> {
-        Ok(self
-            .maps()
-            .state
-            .range(prefix.to_owned()..)
-            .map(|(k, _)| k)
-            .take_while(|k| k.starts_with(prefix))
-            .take(limit)
-            .cloned()
-            .collect())
+        Ok(self.maps().keys(prefix, limit))
     }
 
-    fn commit(&self, commit: Commit) -> Result<Durable, StoreError> {
-        self.maps().apply(commit);
+    fn commit_batch(&self, commits: &[Commit], reads: &ReadSet) -> Result<Durable, StoreError> {
+        let mut maps = self.maps();
+        maps.check(commits, reads)?;
+        for commit in commits {
+            maps.apply(commit.clone());
+        }
         Ok(Durable::done())
     }
 

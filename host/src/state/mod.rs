@@ -10,13 +10,17 @@
 
 pub mod durable;
 mod memory;
+pub mod postgres;
 mod txn;
+
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 pub use durable::DurableStore;
 pub use memory::MemoryStore;
-pub use txn::{AccessError, Overlay, StateRead, StoreReader, Txn};
+pub use postgres::{PgStores, PostgresStore};
+pub use txn::{AccessError, Overlay, ReadSet, StateRead, StoreReader, Txn};
 
 /// A commit's durability: what it queued in the outbox may be published only
 /// once [`Durable::wait`] resolved.
@@ -64,6 +68,11 @@ pub enum StoreError {
     /// The store cannot serve the request now.
     #[error("state store unavailable: {0}")]
     Unavailable(String),
+    /// A commit lost a race: something it read changed since, or its event
+    /// was handled meanwhile (by another host). Nothing was applied; the
+    /// events must be handled again on fresh state.
+    #[error("commit conflict: {0}")]
+    Conflict(String),
 }
 
 /// A write: `Some(value)` sets, `None` deletes.
@@ -152,26 +161,31 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Applies a whole [`Commit`] atomically: readers see all of it at once,
     /// and after a crash either all of it is there or none of it. It is on
-    /// disk once the returned [`Durable`] resolves.
+    /// disk once the returned [`Durable`] resolves. (A batch of one with
+    /// nothing read.)
     ///
     /// # Errors
-    /// [`StoreError::Unavailable`]; then nothing was applied.
-    fn commit(&self, commit: Commit) -> Result<Durable, StoreError>;
+    /// As [`StateStore::commit_batch`].
+    fn commit(&self, commit: Commit) -> Result<Durable, StoreError> {
+        self.commit_batch(std::slice::from_ref(&commit), &ReadSet::default())
+    }
 
     /// Applies several events' commits, in order, as one transaction: each
     /// is all-or-nothing as [`StateStore::commit`] promises, and so is the
     /// whole batch (a crash keeps all of them or none). One transaction
     /// instead of one per event is what makes a batch cheap.
     ///
+    /// Optimistic concurrency: the batch applies only if everything in
+    /// `reads` is still as it was read and none of its events was handled
+    /// already; otherwise nothing is applied and the answer is
+    /// [`StoreError::Conflict`]. A commit thus never overwrites a change it
+    /// did not see (two hosts selling the last lamp) and an event is never
+    /// applied twice (two hosts handling it during a rebalance).
+    ///
     /// # Errors
-    /// [`StoreError::Unavailable`]; then nothing was applied.
-    fn commit_batch(&self, commits: &[Commit]) -> Result<Durable, StoreError> {
-        let mut durable = self.sync_point();
-        for commit in commits {
-            durable = self.commit(commit.clone())?;
-        }
-        Ok(durable)
-    }
+    /// [`StoreError::Conflict`] or [`StoreError::Unavailable`]; then nothing
+    /// was applied.
+    fn commit_batch(&self, commits: &[Commit], reads: &ReadSet) -> Result<Durable, StoreError>;
 
     /// Resolves once everything committed so far is on disk.
     fn sync_point(&self) -> Durable;
@@ -213,6 +227,37 @@ pub trait StateStore: Send + Sync + 'static {
     /// # Errors
     /// [`StoreError::Unavailable`] when the store cannot be read.
     fn due_timers(&self, now_ms: u64, limit: usize) -> Result<Vec<Timer>, StoreError>;
+
+    /// Timers due at `now_ms` for this host to deliver: [`StateStore::due_timers`]
+    /// minus those another host claimed. A store shared by several hosts
+    /// leases the returned timers to the caller for `lease`, so that each
+    /// fires on one host, and one whose host died fires elsewhere once the
+    /// lease ran out. (Delivering one twice would still change nothing: the
+    /// delivered event has an id, dropped the second time.)
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the store cannot be read.
+    fn claim_due_timers(&self, now_ms: u64, limit: usize, lease: Duration) -> Result<Vec<Timer>, StoreError> {
+        let _ = lease;
+        self.due_timers(now_ms, limit)
+    }
+
+    /// Outbox entries committed at or before `committed_before_ms`, for this
+    /// host to relay, leased as [`StateStore::claim_due_timers`] does.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the store cannot be read.
+    fn claim_stale_outbox(
+        &self,
+        committed_before_ms: u64,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Vec<OutboxEntry>, StoreError> {
+        let _ = lease;
+        let mut entries = self.pending_outbox(limit)?;
+        entries.retain(|e| e.created_ms <= committed_before_ms);
+        Ok(entries)
+    }
 
     /// How many timers are pending.
     ///

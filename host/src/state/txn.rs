@@ -57,6 +57,52 @@ fn merge_keys(
     Ok(keys.into_iter().take(limit).collect())
 }
 
+/// What a batch read from its store, to be checked unchanged at commit:
+/// optimistic concurrency control. Each key is kept with a SHA-256 digest of
+/// the value first read (`None`: absent); each listing with its result.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReadSet {
+    pub keys: BTreeMap<String, Option<[u8; 32]>>,
+    /// `(prefix, limit, keys listed)`.
+    pub listings: Vec<(String, usize, Vec<String>)>,
+}
+
+impl ReadSet {
+    /// The digest a read value is remembered by.
+    pub fn digest(value: Option<&[u8]>) -> Option<[u8; 32]> {
+        use sha2::Digest as _;
+        value.map(|v| sha2::Sha256::digest(v).into())
+    }
+
+    /// Whether nothing was read.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.listings.is_empty()
+    }
+
+    /// Checks the reads against the store as it is now, through `get` and
+    /// `keys`; names the first key that changed.
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`] for a change, or what `get`/`keys` returned.
+    pub fn validate(
+        &self,
+        mut get: impl FnMut(&str) -> Result<Option<[u8; 32]>, StoreError>,
+        mut keys: impl FnMut(&str, usize) -> Result<Vec<String>, StoreError>,
+    ) -> Result<(), StoreError> {
+        for (key, seen) in &self.keys {
+            if get(key)? != *seen {
+                return Err(StoreError::Conflict(format!("key {key:?} changed since it was read")));
+            }
+        }
+        for (prefix, limit, seen) in &self.listings {
+            if keys(prefix, *limit)? != *seen {
+                return Err(StoreError::Conflict(format!("keys under {prefix:?} changed since they were listed")));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The state seen by the events of one batch: the store, under the changes
 /// of the batch's earlier events, which are committed together at its end.
 /// Only the executor of one service writes to it, between guest calls.
@@ -69,6 +115,8 @@ pub struct Overlay {
 struct Pending {
     writes: BTreeMap<String, Option<Vec<u8>>>,
     handled: HashSet<String>,
+    /// What was read from the store itself (not from `writes`).
+    reads: ReadSet,
 }
 
 impl Overlay {
@@ -98,6 +146,11 @@ impl Overlay {
         self.pending().handled.contains(id)
     }
 
+    /// What the batch read from the store so far.
+    pub fn reads(&self) -> ReadSet {
+        self.pending().reads.clone()
+    }
+
     /// Forgets the batch once it is committed (or abandoned).
     pub fn clear(&self) {
         *self.pending() = Pending::default();
@@ -109,12 +162,22 @@ impl StateRead for Overlay {
         if let Some(value) = self.pending().writes.get(key) {
             return Ok(value.clone());
         }
-        self.store.get(key)
+        let value = self.store.get(key)?;
+        // The first read is the one the batch's outcome depends on.
+        self.pending().reads.keys.entry(key.to_owned()).or_insert_with(|| ReadSet::digest(value.as_deref()));
+        Ok(value)
     }
 
     fn keys(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StoreError> {
-        let pending = self.pending();
-        merge_keys(&pending.writes, prefix, limit, |n| self.store.keys(prefix, n))
+        let mut pending = self.pending();
+        let mut listed = None;
+        let keys = merge_keys(&pending.writes, prefix, limit, |n| {
+            let keys = self.store.keys(prefix, n)?;
+            listed = Some((prefix.to_owned(), n, keys.clone()));
+            Ok(keys)
+        })?;
+        pending.reads.listings.extend(listed);
+        Ok(keys)
     }
 }
 
