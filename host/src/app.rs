@@ -14,10 +14,91 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::{Clock, SystemClock};
 use crate::kafka::{self, ConsumerSettings, ConsumerStatus, EmbeddedBroker, KafkaPublisher};
-use crate::manifest::{ComponentSettings, Manifest};
+use crate::manifest::{ComponentSettings, Manifest, StateBackend};
 use crate::pipeline::{Pipeline, RetryPolicy, Topics};
 use crate::runtime::{CanaryPolicy, Engine, Limits, LoadedComponent, ServiceRuntime, ServiceSpec};
-use crate::state::{DurableStore, StateStore};
+use crate::state::{DurableStore, PgStores, StateStore};
+
+/// What one host serves of the manifest: several hosts, each serving a
+/// subset, share the work of one app through Kafka's consumer groups and
+/// one PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct Serving {
+    /// Components this host runs (consumes for, serves the port of);
+    /// `None`: all of the manifest's.
+    pub components: Option<std::collections::BTreeSet<String>>,
+    /// Whether this host serves the gateway.
+    pub gateway: bool,
+    /// Static group member id of this host; `None`: `kafka.instance_id`,
+    /// else one of its own (see [`crate::instance`]).
+    pub instance_id: Option<String>,
+}
+
+impl Default for Serving {
+    fn default() -> Self {
+        Self { components: None, gateway: true, instance_id: None }
+    }
+}
+
+impl Serving {
+    /// Whether this host runs component `name`.
+    pub fn runs(&self, name: &str) -> bool {
+        self.components.as_ref().is_none_or(|c| c.contains(name))
+    }
+
+    /// Checks the selection against the manifest.
+    ///
+    /// # Errors
+    /// An unknown component, nothing to serve, or a gateway that could not
+    /// read the order component's state.
+    pub fn validate(&self, manifest: &Manifest) -> anyhow::Result<()> {
+        if let Some(components) = &self.components {
+            if let Some(unknown) = components.iter().find(|c| !manifest.components.contains_key(*c)) {
+                let known: Vec<&String> = manifest.components.keys().collect();
+                anyhow::bail!("--components: no component named {unknown:?} in the manifest (it has {known:?})");
+            }
+            anyhow::ensure!(
+                self.gateway || !components.is_empty(),
+                "nothing to serve: --no-gateway and no --components"
+            );
+        }
+        let order = &manifest.gateway.order_component;
+        anyhow::ensure!(
+            !self.gateway || self.runs(order) || manifest.state.backend == StateBackend::Postgres,
+            "the gateway answers GET /order/{{id}} from the state of component {order:?}, which this host does not run: \
+             with the redb backend that state is local to the host running {order:?}; serve it here (--components) or \
+             use the postgres backend ([state] backend = \"postgres\")"
+        );
+        Ok(())
+    }
+}
+
+/// Opens the store of each component in `names`.
+fn open_stores(manifest: &Manifest, names: &[&String]) -> anyhow::Result<BTreeMap<String, Arc<dyn StateStore>>> {
+    let mut stores: BTreeMap<String, Arc<dyn StateStore>> = BTreeMap::new();
+    match manifest.state.backend {
+        StateBackend::Redb => {
+            for name in names {
+                let path = manifest.runtime.state_dir.join(format!("{name}.redb"));
+                let store = DurableStore::open(&path).with_context(|| format!("component {name:?}"))?;
+                stores.insert((*name).clone(), Arc::new(store));
+            }
+        }
+        StateBackend::Postgres => {
+            let Some(url) = manifest.state.url.as_deref().filter(|u| !u.is_empty()) else {
+                anyhow::bail!(
+                    "state.backend = \"postgres\" needs a database URL: set state.url or DATABASE_URL (`just postgres` starts one)"
+                );
+            };
+            let shared = PgStores::connect(url, &manifest.state.schema)
+                .context("state.backend = \"postgres\" (state.url or DATABASE_URL)")?;
+            for name in names {
+                stores.insert((*name).clone(), Arc::new(shared.store(name)));
+            }
+        }
+    }
+    Ok(stores)
+}
 
 /// Compiles every component of the manifest against the world, serving nothing.
 ///
@@ -71,21 +152,43 @@ fn service_spec(
 /// # Errors
 /// A component that does not load, a port that is taken, or a Kafka
 /// cluster that cannot be reached at start.
-pub async fn run(manifest: Manifest, brokers: Option<String>, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    manifest: Manifest,
+    brokers: Option<String>,
+    serving: Serving,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    serving.validate(&manifest)?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let engine = Engine::with_cache(Some(manifest.runtime.cache_dir.clone()))?;
+    // The components this host runs, and the gateway's order component,
+    // which it may only query.
+    let order = &manifest.gateway.order_component;
+    let loaded: Vec<&String> =
+        manifest.components.keys().filter(|name| serving.runs(name) || (serving.gateway && *name == order)).collect();
+    let mut stores = {
+        let manifest = manifest.clone();
+        let names: Vec<String> = loaded.iter().map(|n| (*n).clone()).collect();
+        // Connecting blocks (a database may take seconds to answer).
+        tokio::task::spawn_blocking(move || open_stores(&manifest, &names.iter().collect::<Vec<_>>())).await??
+    };
     let mut services = BTreeMap::new();
-    for (name, settings) in &manifest.components {
+    for name in loaded {
+        let settings = &manifest.components[name];
         let component =
             LoadedComponent::from_file(&engine, &settings.wasm).with_context(|| format!("component {name:?}"))?;
         tracing::info!(component = %name, version = %component.sha256, wasm = ?settings.wasm, from_cache = component.from_cache, "loaded");
-        let path = manifest.runtime.state_dir.join(format!("{name}.redb"));
-        let store = DurableStore::open(&path).with_context(|| format!("component {name:?}"))?;
-        let spec = service_spec(name, settings, component, Arc::new(store), clock.clone());
+        let store = stores.remove(name).context("store opened for every loaded component")?;
+        let spec = service_spec(name, settings, component, store, clock.clone());
         services.insert(name.clone(), Arc::new(ServiceRuntime::new(engine.clone(), spec)));
     }
+    let instance = crate::instance::resolve(&manifest, serving.instance_id.as_deref())?;
+    tracing::info!(instance = %instance.id(), components = ?services.keys().filter(|n| serving.runs(n)).collect::<Vec<_>>(), gateway = serving.gateway, state = ?manifest.state.backend, "serving");
 
-    let gateway_listener = bind(&manifest, manifest.gateway.port, "the gateway").await?;
+    let gateway_listener = match serving.gateway {
+        true => Some(bind(&manifest, manifest.gateway.port, "the gateway").await?),
+        false => None,
+    };
     let admin_listener = match &manifest.admin.token {
         Some(_) => {
             let addr = SocketAddr::from(([127, 0, 0, 1], manifest.admin.port));
@@ -97,7 +200,7 @@ pub async fn run(manifest: Manifest, brokers: Option<String>, shutdown: Cancella
         }
     };
     let mut listeners = Vec::new();
-    for (name, settings) in &manifest.components {
+    for (name, settings) in manifest.components.iter().filter(|(name, _)| serving.runs(name)) {
         listeners.push((name.clone(), bind(&manifest, settings.port, &format!("component {name:?}")).await?));
     }
 
@@ -125,8 +228,9 @@ pub async fn run(manifest: Manifest, brokers: Option<String>, shutdown: Cancella
 
     // What was committed but not acknowledged before the last stop goes out
     // first, before anything new is handled.
-    for (name, service) in &services {
-        match crate::scheduler::relay(service, &*publisher, u64::MAX).await {
+    let started_ms = clock.now_ms();
+    for (name, service) in services.iter().filter(|(name, _)| serving.runs(name)) {
+        match crate::scheduler::relay(service, &*publisher, started_ms).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(component = %name, entries = n, "published the outbox left by the last run"),
             // Kept: the periodic relay tries again.
@@ -145,7 +249,7 @@ pub async fn run(manifest: Manifest, brokers: Option<String>, shutdown: Cancella
             brokers: brokers.clone(),
             group: format!("{}{}", topics.prefix, settings.group),
             topics: settings.topics.iter().map(|t| topics.physical(t)).collect(),
-            instance_id: manifest.kafka.instance_id.as_ref().map(|id| format!("{id}-{name}")),
+            instance_id: Some(format!("{}-{name}", instance.id())),
         };
         tasks.spawn(crate::scheduler::run(pipeline.clone(), publisher.clone(), clock.clone(), shutdown.clone()));
         tasks.spawn(kafka::run_supervised(pipeline, publisher.clone(), consumer, status.clone(), shutdown.clone()));
@@ -156,13 +260,15 @@ pub async fn run(manifest: Manifest, brokers: Option<String>, shutdown: Cancella
         let router = crate::http::component_app(service, status);
         tasks.spawn(serve(listener, router, shutdown.clone(), name));
     }
-    let backend = Arc::new(crate::gateway_backend::GatewayBackend {
-        publisher: publisher.clone(),
-        orders_topic: topics.physical(shop_events::topics::ORDERS),
-        orders: services[&manifest.gateway.order_component].clone(),
-        clock,
-    });
-    tasks.spawn(serve(gateway_listener, gateway::app(backend), shutdown.clone(), "gateway".into()));
+    if let Some(listener) = gateway_listener {
+        let backend = Arc::new(crate::gateway_backend::GatewayBackend {
+            publisher: publisher.clone(),
+            orders_topic: topics.physical(shop_events::topics::ORDERS),
+            orders: services[&manifest.gateway.order_component].clone(),
+            clock,
+        });
+        tasks.spawn(serve(listener, gateway::app(backend), shutdown.clone(), "gateway".into()));
+    }
     if let (Some(listener), Some(token)) = (admin_listener, &manifest.admin.token) {
         let managed = services
             .iter()
@@ -182,6 +288,7 @@ pub async fn run(manifest: Manifest, brokers: Option<String>, shutdown: Cancella
         }
     }
     publisher.flush(Duration::from_secs(10));
+    drop(instance);
     tracing::info!("host stopped");
     Ok(())
 }

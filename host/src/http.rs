@@ -35,13 +35,24 @@ pub fn component_app(service: Arc<ServiceRuntime>, status: ConsumerStatus) -> Ro
 async fn health(State(port): State<Port>) -> Response {
     let current = port.service.current();
     let consumer = port.status.snapshot();
-    let (code, status) =
-        if consumer.consuming { (StatusCode::OK, "ok") } else { (StatusCode::SERVICE_UNAVAILABLE, "degraded") };
     let loaded_at_ms = crate::clock::unix_ms(current.loaded_at);
-    let store = port.service.state_store();
-    // -1: the store could not be read (its error is logged by whoever hits it).
-    let timers_pending = store.timer_count().map_or(-1, |n| n as i64);
-    let outbox_pending = store.outbox_count().map_or(-1, |n| n as i64);
+    let store = port.service.state_store().clone();
+    // A database round trip blocks: off the async workers.
+    let counts = tokio::task::spawn_blocking(move || {
+        Ok::<_, crate::state::StoreError>((store.timer_count()?, store.outbox_count()?))
+    })
+    .await
+    .unwrap_or_else(|err| Err(crate::state::StoreError::Unavailable(err.to_string())));
+    // -1: the store could not be read.
+    let (timers_pending, outbox_pending, state_error) = match counts {
+        Ok((timers, outbox)) => (timers as i64, outbox as i64, None),
+        Err(err) => (-1, -1, Some(err.to_string())),
+    };
+    let (code, status) = if consumer.consuming && state_error.is_none() {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "degraded")
+    };
     let body = json!({
         "status": status,
         "component": port.service.name(),
@@ -57,6 +68,7 @@ async fn health(State(port): State<Port>) -> Response {
         "timers_pending": timers_pending,
         "outbox_pending": outbox_pending,
         "last_error": consumer.last_error,
+        "state_error": state_error,
         "stages": port.service.stages().totals(),
     });
     (code, axum::Json(body)).into_response()

@@ -13,6 +13,7 @@ pub mod clock;
 pub mod envelope;
 pub mod gateway_backend;
 pub mod http;
+pub mod instance;
 pub mod kafka;
 pub mod manifest;
 pub mod pipeline;

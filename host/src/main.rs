@@ -29,6 +29,24 @@ enum Command {
         /// Token of the admin API (loopback only); overrides `admin.token`.
         #[arg(long, env = "HOST_ADMIN_TOKEN", hide_env_values = true)]
         admin_token: Option<String>,
+        /// Components this host runs, comma-separated (`order,payment`);
+        /// `none` for a gateway-only host. Default: all of the manifest's.
+        #[arg(long, env = "HOST_COMPONENTS", value_delimiter = ',')]
+        components: Option<Vec<String>>,
+        /// Do not serve the gateway on this host.
+        #[arg(long, env = "HOST_NO_GATEWAY")]
+        no_gateway: bool,
+        /// This host's static consumer-group member id; overrides
+        /// `kafka.instance_id`. Default: one of its own, kept across restarts
+        /// in the state directory.
+        #[arg(long, env = "HOST_INSTANCE_ID")]
+        instance_id: Option<String>,
+        /// State backend, `redb` or `postgres`; overrides `state.backend`.
+        #[arg(long, env = "HOST_STATE_BACKEND")]
+        state_backend: Option<shop_host::manifest::StateBackend>,
+        /// PostgreSQL URL of the `postgres` backend; overrides `state.url`.
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: Option<String>,
     },
     /// Reload one component of a running host through its admin API.
     Reload {
@@ -60,7 +78,26 @@ async fn main() -> ExitCode {
         )
         .init();
     let result = match Cli::parse().command {
-        Command::Run { manifest, kafka_brokers, admin_token } => run(manifest, kafka_brokers, admin_token).await,
+        Command::Run {
+            manifest,
+            kafka_brokers,
+            admin_token,
+            components,
+            no_gateway,
+            instance_id,
+            state_backend,
+            database_url,
+        } => {
+            let serving = shop_host::app::Serving {
+                components: components.map(|names| {
+                    names.into_iter().map(|n| n.trim().to_owned()).filter(|n| !n.is_empty() && n != "none").collect()
+                }),
+                gateway: !no_gateway,
+                instance_id,
+            };
+            let state = (state_backend, database_url.filter(|u| !u.is_empty()));
+            run(manifest, kafka_brokers, admin_token, serving, state).await
+        }
         Command::Reload { name, path, admin_url, token } => reload(&name, path, &admin_url, &token).await,
         Command::Check { manifest } => check(manifest),
     };
@@ -73,15 +110,27 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(path: PathBuf, brokers: Option<String>, admin_token: Option<String>) -> anyhow::Result<()> {
+async fn run(
+    path: PathBuf,
+    brokers: Option<String>,
+    admin_token: Option<String>,
+    serving: shop_host::app::Serving,
+    (backend, database_url): (Option<shop_host::manifest::StateBackend>, Option<String>),
+) -> anyhow::Result<()> {
     let mut manifest = Manifest::load(&path)?;
     if let Some(token) = admin_token.filter(|t| !t.is_empty()) {
         manifest.admin.token = Some(token);
-        manifest.validate()?;
     }
+    if let Some(backend) = backend {
+        manifest.state.backend = backend;
+    }
+    if let Some(url) = database_url {
+        manifest.state.url = Some(url);
+    }
+    manifest.validate()?;
     let shutdown = CancellationToken::new();
     tokio::spawn(shutdown_on_signal(shutdown.clone()));
-    shop_host::app::run(manifest, brokers.filter(|b| !b.trim().is_empty()), shutdown).await
+    shop_host::app::run(manifest, brokers.filter(|b| !b.trim().is_empty()), serving, shutdown).await
 }
 
 async fn reload(name: &str, path: Option<PathBuf>, admin_url: &str, token: &str) -> anyhow::Result<()> {

@@ -41,6 +41,9 @@ pub struct Manifest {
     /// Wasm runtime settings.
     #[serde(default)]
     pub runtime: RuntimeSettings,
+    /// Where the components' state lives.
+    #[serde(default)]
+    pub state: StateSettings,
     /// The service components, by name.
     pub components: BTreeMap<String, ComponentSettings>,
 }
@@ -148,6 +151,48 @@ impl Default for RuntimeSettings {
     fn default() -> Self {
         Self { cache_dir: default_cache_dir(), watch: default_watch(), state_dir: default_state_dir() }
     }
+}
+
+/// Where the components' state (data, handled ids, outbox, timers) lives.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateSettings {
+    /// `redb` (the default): one embedded file per component under
+    /// `runtime.state_dir`, for one host. `postgres`: one shared database,
+    /// so that any number of hosts can serve a component.
+    #[serde(default)]
+    pub backend: StateBackend,
+    /// PostgreSQL URL (`postgres://user:password@host:port/db`);
+    /// `DATABASE_URL` overrides it. Required by the `postgres` backend.
+    pub url: Option<String>,
+    /// Schema of the tables in that database (created if missing).
+    #[serde(default = "default_schema")]
+    pub schema: String,
+}
+
+/// A state backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StateBackend {
+    #[default]
+    Redb,
+    Postgres,
+}
+
+impl std::str::FromStr for StateBackend {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "redb" => Ok(Self::Redb),
+            "postgres" => Ok(Self::Postgres),
+            other => Err(format!("unknown state backend {other:?}: use \"redb\" or \"postgres\"")),
+        }
+    }
+}
+
+fn default_schema() -> String {
+    "shop".into()
 }
 
 /// The admin API: always bound to 127.0.0.1, whatever `http.bind` says.
@@ -303,6 +348,15 @@ impl Manifest {
         if self.components.is_empty() {
             return Err(invalid("components", "at least one component is required"));
         }
+        let schema = &self.state.schema;
+        if schema.is_empty()
+            || schema.len() > 63
+            || schema.starts_with(|c: char| c.is_ascii_digit())
+            || !schema.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        {
+            return Err(invalid("state.schema", format!("{schema:?}: use 1 to 63 lowercase letters, digits or '_'")));
+        }
+
         let mut ports: HashMap<u16, String> = HashMap::new();
         let mut claim = |port: u16, owner: String, key: String| {
             if port == 0 {

@@ -22,6 +22,10 @@ const BATCH: usize = 64;
 pub const STALE_OUTBOX_MS: u64 = 10_000;
 /// A timer whose event was dead-lettered fires again this much later.
 pub const FAILED_TIMER_RETRY_MS: u64 = 60_000;
+/// How long a timer or an outbox entry claimed by this host is left to it
+/// by the other hosts sharing its store: if this host dies, another
+/// delivers them that much later.
+pub const CLAIM_LEASE: Duration = Duration::from_secs(30);
 /// How often the periodic relay runs.
 const RELAY_EVERY: Duration = Duration::from_secs(5);
 
@@ -50,14 +54,14 @@ pub async fn relay(
     service.state_store().sync_point().wait().await?;
     let mut relayed = std::collections::HashSet::new();
     loop {
-        // An entry whose clearing failed comes back in the next batch: each
+        // Claimed for this host (a store shared by several leases them);
+        // an entry whose clearing failed comes back in the next batch, and
         // is published once per pass.
-        let entries: Vec<OutboxEntry> = service
-            .state_store()
-            .pending_outbox(relayed.len() + 256)?
-            .into_iter()
-            .filter(|e| e.created_ms <= committed_before_ms && !relayed.contains(&e.source))
-            .collect();
+        let store = service.state_store().clone();
+        let limit = relayed.len() + 256;
+        let entries: Vec<OutboxEntry> =
+            blocking(move || store.claim_stale_outbox(committed_before_ms, limit, CLAIM_LEASE)).await?;
+        let entries: Vec<OutboxEntry> = entries.into_iter().filter(|e| !relayed.contains(&e.source)).collect();
         if entries.is_empty() {
             return Ok(relayed.len());
         }
@@ -67,6 +71,13 @@ pub async fn relay(
             relayed.insert(entry.source);
         }
     }
+}
+
+/// Runs a store call off the async workers (a database round trip blocks).
+async fn blocking<T: Send + 'static>(
+    call: impl FnOnce() -> Result<T, crate::state::StoreError> + Send + 'static,
+) -> anyhow::Result<T> {
+    Ok(tokio::task::spawn_blocking(call).await??)
 }
 
 /// Delivers the service's due timers until `shutdown`, and every few
@@ -111,7 +122,8 @@ pub async fn fire_due(
 ) -> anyhow::Result<()> {
     let service = pipeline.service();
     loop {
-        let due = service.state_store().due_timers(clock.now_ms(), BATCH)?;
+        let (store, now_ms) = (service.state_store().clone(), clock.now_ms());
+        let due = blocking(move || store.claim_due_timers(now_ms, BATCH, CLAIM_LEASE)).await?;
         if due.is_empty() {
             return Ok(());
         }
