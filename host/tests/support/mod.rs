@@ -36,6 +36,26 @@ pub fn brokers() -> String {
         .expect("integration tests need a real broker: run `just kafka` and set KAFKA_BROKERS=127.0.0.1:9092 (`just test` does both)")
 }
 
+/// The PostgreSQL server under test, or a panic saying how to start one.
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()).expect(
+        "PostgreSQL tests need a server: run `just postgres` and set DATABASE_URL=$(scripts/postgres.sh url) (`just test` does both)",
+    )
+}
+
+/// A schema name of its own for one test's state.
+pub fn fresh_schema() -> String {
+    format!("test_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Drops a test's schema (best effort).
+pub async fn drop_schema(schema: &str) {
+    if let Ok((client, connection)) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls).await {
+        tokio::spawn(connection);
+        let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).await;
+    }
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -92,6 +112,9 @@ pub struct Options {
     pub order_config: String,
     /// Join consumer groups with static membership (fast restarts).
     pub static_membership: bool,
+    /// Keep the state in this PostgreSQL schema (of `DATABASE_URL`)
+    /// instead of redb files.
+    pub postgres_schema: Option<String>,
 }
 
 impl Default for Options {
@@ -101,6 +124,7 @@ impl Default for Options {
             without: Vec::new(),
             order_config: r#"stock = "sold-out=0""#.into(),
             static_membership: false,
+            postgres_schema: None,
         }
     }
 }
@@ -151,9 +175,20 @@ pub fn write_manifest_with(dir: &Path, ports: Ports, options: &Options) -> (Path
             settings.insert("config".into(), wrapped["config"].clone());
         }
     }
-    for (name, table) in
-        [("kafka", kafka), ("runtime", runtime), ("gateway", gateway), ("admin", admin), ("components", components)]
-    {
+    let mut state = section(&mut app, "state");
+    if let Some(schema) = &options.postgres_schema {
+        state.insert("backend".into(), Value::String("postgres".into()));
+        state.insert("url".into(), Value::String(database_url()));
+        state.insert("schema".into(), Value::String(schema.clone()));
+    }
+    for (name, table) in [
+        ("kafka", kafka),
+        ("runtime", runtime),
+        ("state", state),
+        ("gateway", gateway),
+        ("admin", admin),
+        ("components", components),
+    ] {
         app.insert(name.into(), Value::Table(table));
     }
     std::fs::create_dir_all(dir).unwrap();
@@ -171,10 +206,19 @@ pub struct HostProcess {
 impl HostProcess {
     /// Starts `host run` on `manifest` against `brokers` (`None`: embedded).
     pub fn start(manifest: &Path, brokers: Option<&str>) -> Self {
+        Self::start_with(manifest, brokers, &[])
+    }
+
+    /// [`HostProcess::start`] with more arguments of `host run`.
+    pub fn start_with(manifest: &Path, brokers: Option<&str>, args: &[&str]) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_host"));
         command
             .args(["run", "--manifest"])
             .arg(manifest)
+            .args(args)
+            .env_remove("DATABASE_URL")
+            .env_remove("HOST_COMPONENTS")
+            .env_remove("HOST_INSTANCE_ID")
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())

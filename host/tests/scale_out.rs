@@ -1,0 +1,379 @@
+//! Scale-out on a real broker and a real PostgreSQL: three hosts of one
+//! app, each serving a different subset of it, share the work through
+//! Kafka's consumer groups and the state through PostgreSQL.
+//!
+//! - A: gateway, order, analytics
+//! - B: gateway (without the order component: it reads the shared state),
+//!   payment, email
+//! - C: order, payment, analytics
+//!
+//! 2,000 orders go in through both gateways; C is SIGKILLed mid-stream, its
+//! partitions move to A and B, and it is restarted later. Then every order
+//! must be final once, both gateways must agree, an independent reader of
+//! the topics must find each fact once (no double capture, no double email,
+//! nothing lost, no dead letter), the lamps sold across two order hosts must
+//! be exactly the stock, and analytics (on two hosts) must add up.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use rdkafka::Message as _;
+use serde_json::{Value, json};
+use support::*;
+
+const ORDERS: usize = 2_000;
+/// Units of `lamp` in stock; far more orders want one.
+const LAMPS: u64 = 25;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Good,
+    Declined,
+    Lamp,
+}
+
+fn kind(i: usize) -> Kind {
+    match i % 10 {
+        0 => Kind::Declined,
+        1 | 2 => Kind::Lamp,
+        _ => Kind::Good,
+    }
+}
+
+fn order_body(kind: Kind) -> Value {
+    let (sku, price) = if kind == Kind::Lamp { ("lamp", 3400) } else { ("book", 1250) };
+    let card = if kind == Kind::Declined { "4000000000000002" } else { "4242424242424242" };
+    json!({
+        "customer": { "name": "Ada", "email": "ada@example.com" },
+        "items": [ { "sku": sku, "quantity": 1, "unit_price_cents": price } ],
+        "payment": { "card_number": card }
+    })
+}
+
+/// Places order `i` through `gateway` until accepted (same idempotency key
+/// on every try).
+async fn place(client: &reqwest::Client, gateway: &str, i: usize) -> String {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let sent = client
+            .post(format!("{gateway}/order"))
+            .header("idempotency-key", format!("scale-{i}"))
+            .json(&order_body(kind(i)))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await;
+        if let Ok(response) = sent {
+            if response.status() == 202 {
+                let body: Value = response.json().await.unwrap();
+                return body["order_id"].as_str().unwrap().to_owned();
+            }
+            assert!(response.status().is_server_error(), "order {i} refused: {}", response.status());
+        }
+        assert!(Instant::now() < deadline, "order {i} not accepted within 120 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// One host: its manifest (its own ports and state directory, the app's
+/// topics and schema) and what it serves.
+struct Host {
+    manifest: std::path::PathBuf,
+    ports: Ports,
+    args: Vec<&'static str>,
+    /// Ports that answer `/health` when it is up.
+    serving: Vec<u16>,
+}
+
+impl Host {
+    fn new(dir: &std::path::Path, options: &Options, components: &[&str], gateway: bool) -> Self {
+        let ports = Ports::free();
+        let (manifest, _) = write_manifest_with(dir, ports, options);
+        let mut serving: Vec<u16> = components
+            .iter()
+            .map(|c| match *c {
+                "order" => ports.order,
+                "payment" => ports.payment,
+                "email" => ports.email,
+                _ => ports.analytics,
+            })
+            .collect();
+        if gateway {
+            serving.push(ports.gateway);
+        }
+        let mut args = vec!["--components", Box::leak(components.join(",").into_boxed_str())];
+        if !gateway {
+            args.push("--no-gateway");
+        }
+        Self { manifest, ports, args, serving }
+    }
+
+    fn start(&self, brokers: &str) -> HostProcess {
+        HostProcess::start_with(&self.manifest, Some(brokers), &self.args)
+    }
+}
+
+/// Every fact on the topics, read by a client of our own: per order, the
+/// distinct event ids of each event type; and every dead letter.
+#[derive(Default)]
+struct Topics {
+    facts: BTreeMap<String, BTreeMap<String, BTreeSet<String>>>,
+    records: usize,
+    dead_letters: Vec<String>,
+}
+
+/// Reads every record now on the app's topics (up to their high
+/// watermarks), with a client of our own.
+fn read_topics(brokers: &str, prefix: &str) -> Topics {
+    use rdkafka::consumer::Consumer as _;
+    let names: Vec<String> =
+        ["orders", "payments", "emails", "analytics", "dead-letters"].iter().map(|t| format!("{prefix}{t}")).collect();
+    let consumer = reader(brokers, &names.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut total = 0;
+    for name in &names {
+        let metadata = consumer.fetch_metadata(Some(name), Duration::from_secs(10)).unwrap();
+        for partition in metadata.topics()[0].partitions() {
+            let (low, high) = consumer.fetch_watermarks(name, partition.id(), Duration::from_secs(10)).unwrap();
+            total += usize::try_from(high - low).unwrap();
+        }
+    }
+    let mut topics = Topics::default();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while topics.records < total {
+        assert!(Instant::now() < deadline, "read {} of {total} records in 120 s", topics.records);
+        let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) else { continue };
+        topics.records += 1;
+        let value: Value = serde_json::from_slice(message.payload().unwrap_or_default()).unwrap_or_default();
+        if message.topic().ends_with("dead-letters") {
+            topics.dead_letters.push(value.to_string());
+            continue;
+        }
+        let order = value["order_id"].as_str().unwrap_or("?").to_owned();
+        let event_type = value["type"].as_str().unwrap_or("?").to_owned();
+        let id = value["id"].as_str().unwrap_or("?").to_owned();
+        topics.facts.entry(order).or_default().entry(event_type).or_default().insert(id);
+    }
+    topics
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hosts_share_the_work_and_the_state_across_a_sigkill() {
+    let brokers = brokers();
+    let schema = fresh_schema();
+    let dir = temp_dir("scale");
+    let prefix = format!("t{}-", uuid::Uuid::new_v4().simple());
+    let options = Options {
+        prefix: Some(prefix.clone()),
+        // Long enough that no order is cancelled while C's partitions wait
+        // for its session to expire.
+        order_config: format!(r#"stock = "lamp={LAMPS}", payment_deadline_ms = "90000""#),
+        postgres_schema: Some(schema.clone()),
+        ..Options::default()
+    };
+    let a = Host::new(&dir.join("a"), &options, &["order", "analytics"], true);
+    let b = Host::new(&dir.join("b"), &options, &["payment", "email"], true);
+    let c = Host::new(&dir.join("c"), &options, &["order", "payment", "analytics"], false);
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let _host_a = a.start(&brokers);
+    let _host_b = b.start(&brokers);
+    let mut host_c = c.start(&brokers);
+    for host in [&a, &b, &c] {
+        wait_ports_healthy(&client, &host.serving).await;
+    }
+    let gateways = [format!("http://127.0.0.1:{}", a.ports.gateway), format!("http://127.0.0.1:{}", b.ports.gateway)];
+
+    // 8 clients, alternating between the two gateways.
+    let placed = Arc::new(AtomicUsize::new(0));
+    let placing = {
+        let (client, gateways, placed) = (client.clone(), gateways.clone(), placed.clone());
+        tokio::spawn(async move {
+            let next = Arc::new(AtomicUsize::new(0));
+            let workers: Vec<_> = (0..8)
+                .map(|_| {
+                    let (client, gateways, next, placed) =
+                        (client.clone(), gateways.clone(), next.clone(), placed.clone());
+                    tokio::spawn(async move {
+                        let mut mine = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, Ordering::SeqCst);
+                            if i >= ORDERS {
+                                return mine;
+                            }
+                            let id = place(&client, &gateways[i % 2], i).await;
+                            placed.fetch_add(1, Ordering::SeqCst);
+                            mine.push((i, id));
+                        }
+                    })
+                })
+                .collect();
+            let mut all = Vec::new();
+            for worker in workers {
+                all.extend(worker.await.unwrap());
+            }
+            all
+        })
+    };
+
+    // SIGKILL C a third of the way in; its partitions move to A and B
+    // (once its session expires), and it comes back later.
+    eventually(Duration::from_secs(120), "a third of the orders accepted", || async {
+        (placed.load(Ordering::SeqCst) >= ORDERS / 3).then_some(())
+    })
+    .await;
+    host_c.child.kill().unwrap();
+    host_c.child.wait().unwrap();
+    let killed_at = placed.load(Ordering::SeqCst);
+    let health = format!("http://127.0.0.1:{}/health", a.ports.order);
+    eventually(Duration::from_secs(60), "A's order component to take over all partitions", || async {
+        let health = get_json(&client, &health).await?;
+        (health["assigned_partitions"].as_array()?.len() == 6).then_some(())
+    })
+    .await;
+    let moved_at = placed.load(Ordering::SeqCst);
+    let host_c = c.start(&brokers);
+    wait_ports_healthy(&client, &c.serving).await;
+    let orders = placing.await.unwrap();
+    assert_eq!(orders.len(), ORDERS);
+    eprintln!(
+        "scale-out: C killed after {killed_at} orders, its partitions moved by {moved_at}, all {ORDERS} accepted after {:?}",
+        started.elapsed()
+    );
+
+    // Every order final, and both gateways (B's has no order component)
+    // say the same.
+    let mut finals: BTreeMap<String, (usize, String)> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    for (i, id) in &orders {
+        loop {
+            let order = get_json(&client, &format!("{}/order/{id}", gateways[0])).await;
+            let status = order.as_ref().and_then(|o| o["status"].as_str()).unwrap_or("").to_owned();
+            let done = order.as_ref().is_some_and(|o| o["compensation"]["done"] != false);
+            if ["CONFIRMED", "REJECTED", "CANCELLED"].contains(&status.as_str()) && done {
+                finals.insert(id.clone(), (*i, status));
+                break;
+            }
+            assert!(Instant::now() < deadline, "order {id} ({:?}) not final: {order:?}", kind(*i));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let settled = started.elapsed();
+    let mut discrepancies = Vec::new();
+    for (id, (_, status)) in finals.iter().step_by(10) {
+        let other = get_json(&client, &format!("{}/order/{id}", gateways[1])).await;
+        if other.as_ref().and_then(|o| o["status"].as_str()) != Some(status.as_str()) {
+            discrepancies.push(format!("gateway B says {other:?} for {status} order {id}"));
+        }
+    }
+
+    // An independent reader: each fact once per order.
+    let topics = read_topics(&brokers, &prefix);
+    let mut by_status: BTreeMap<String, u64> = BTreeMap::new();
+    let (mut revenue, mut lamps_sold, mut refunds) = (0u64, 0u64, 0u64);
+    for (id, (i, status)) in &finals {
+        *by_status.entry(status.clone()).or_default() += 1;
+        let facts = topics.facts.get(id).cloned().unwrap_or_default();
+        let count = |t: &str| facts.get(t).map_or(0, BTreeSet::len);
+        let finals_seen = count("OrderConfirmed") + count("OrderRejected") + count("OrderCancelled");
+        let answers = count("PaymentAuthorized") + count("PaymentDeclined");
+        let mut wrong = Vec::new();
+        if count("OrderPlaced") != 1 || count("PaymentRequested") != 1 {
+            wrong.push("placed or requested not exactly once");
+        }
+        if answers != 1 {
+            wrong.push("not exactly one payment answer");
+        }
+        if finals_seen != 1 {
+            wrong.push("not exactly one final event");
+        }
+        if count("EmailRequested") != 1 || count("EmailSent") != 1 {
+            wrong.push("not exactly one email");
+        }
+        let expected = match (kind(*i), status.as_str()) {
+            (Kind::Good, "CONFIRMED") => count("PaymentAuthorized") == 1 && count("OrderConfirmed") == 1,
+            (Kind::Declined, "REJECTED") => count("PaymentDeclined") == 1,
+            (Kind::Lamp, "CONFIRMED") => count("OrderConfirmed") == 1,
+            // A refund may be asked again (and acknowledged again) when its
+            // answer is slow; the ledger below says whether money moved twice.
+            (Kind::Lamp, "CANCELLED") => count("PaymentRefunded") >= 1,
+            _ => false,
+        };
+        if !expected {
+            wrong.push("final state does not fit the order");
+        }
+        if !wrong.is_empty() {
+            discrepancies.push(format!("order {id} ({:?}, {status}): {wrong:?} in {facts:?}", kind(*i)));
+        }
+        if status == "CONFIRMED" {
+            revenue += if kind(*i) == Kind::Lamp { 3400 } else { 1250 };
+            lamps_sold += u64::from(kind(*i) == Kind::Lamp);
+        }
+        refunds += u64::from(count("PaymentRefunded") > 0);
+
+        // The ledger, read through B: one capture, refunded at most once.
+        let ledger = get_json(&client, &format!("http://127.0.0.1:{}/payments/{id}", b.ports.payment)).await;
+        let ops = |kind: &str| {
+            ledger
+                .as_ref()
+                .and_then(|l| l["operations"].as_array())
+                .map_or(0, |ops| ops.iter().filter(|op| op["kind"] == kind).count())
+        };
+        let ok = match status.as_str() {
+            "CONFIRMED" => ops("capture") == 1 && ops("refund") == 0,
+            "REJECTED" => ops("capture") == 0,
+            _ => ops("capture") == 1 && ops("refund") == 1,
+        };
+        if !ok {
+            discrepancies.push(format!("ledger of {status} order {id}: {ledger:?}"));
+        }
+    }
+    if lamps_sold != LAMPS {
+        discrepancies.push(format!("{lamps_sold} lamps sold by two order hosts, {LAMPS} in stock"));
+    }
+    if !topics.dead_letters.is_empty() {
+        discrepancies.push(format!("{} dead letters, first: {}", topics.dead_letters.len(), topics.dead_letters[0]));
+    }
+
+    // Analytics, served by two hosts, adds up to the final states.
+    let count = |s: &str| by_status.get(s).copied().unwrap_or(0);
+    let expected_stats = json!({
+        "orders_placed": ORDERS,
+        "orders_confirmed": count("CONFIRMED"),
+        "orders_rejected": count("REJECTED"),
+        "orders_cancelled": count("CANCELLED"),
+        "revenue_cents": revenue,
+        "emails_sent": ORDERS,
+        "payments_refunded": refunds,
+        "refunded_cents": refunds * 3400,
+    });
+    let mut stats = Value::Null;
+    for port in [a.ports.analytics, c.ports.analytics] {
+        let url = format!("http://127.0.0.1:{port}/stats");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        stats = loop {
+            let stats = get_json(&client, &url).await.unwrap_or_default();
+            let matches = expected_stats.as_object().unwrap().iter().all(|(k, v)| stats[k] == *v);
+            if matches || Instant::now() > deadline {
+                break stats;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        };
+        for (key, want) in expected_stats.as_object().unwrap() {
+            if stats[key] != *want {
+                discrepancies.push(format!("analytics on :{port}: {key} = {} but the orders say {want}", stats[key]));
+            }
+        }
+    }
+    eprintln!(
+        "scale-out: {ORDERS} orders final after {settled:?}, {by_status:?}, {lamps_sold} lamps sold, {} records read, \
+         stats {stats}, {} discrepancies",
+        topics.records,
+        discrepancies.len()
+    );
+    drop(host_c);
+    drop_schema(&schema).await;
+    assert!(discrepancies.is_empty(), "{} discrepancies:\n{}", discrepancies.len(), discrepancies.join("\n"));
+}
