@@ -377,3 +377,84 @@ async fn three_hosts_share_the_work_and_the_state_across_a_sigkill() {
     drop_schema(&schema).await;
     assert!(discrepancies.is_empty(), "{} discrepancies:\n{}", discrepancies.len(), discrepancies.join("\n"));
 }
+
+/// A rebalance while sagas are half-way: the only order host dies after
+/// asking for payments; a payment host answers them meanwhile; a new order
+/// host takes the partitions over and finishes every saga from the shared
+/// state, each step once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_host_finishes_sagas_left_half_way() {
+    const HALF: usize = 60;
+    let brokers = brokers();
+    let schema = fresh_schema();
+    let dir = temp_dir("half-way");
+    let prefix = format!("t{}-", uuid::Uuid::new_v4().simple());
+    let options = Options {
+        prefix: Some(prefix.clone()),
+        order_config: r#"payment_deadline_ms = "90000""#.into(),
+        postgres_schema: Some(schema.clone()),
+        ..Options::default()
+    };
+    let first = Host::new(&dir.join("first"), &options, &["order", "email", "analytics"], true);
+    let payment = Host::new(&dir.join("payment"), &options, &["payment"], false);
+    let second = Host::new(&dir.join("second"), &options, &["order"], false);
+    let client = reqwest::Client::new();
+    let mut first_host = first.start(&brokers);
+    wait_ports_healthy(&client, &first.serving).await;
+    // The first host is killed once it has asked for every payment (no
+    // payment host runs yet).
+    let gateway = format!("http://127.0.0.1:{}", first.ports.gateway);
+    let mut ids = Vec::new();
+    for i in 0..HALF {
+        ids.push(place(&client, &gateway, 10_000 + i * 10 + 3).await);
+    }
+    let requested = |topics: &Topics| {
+        ids.iter().filter(|id| topics.facts.get(*id).is_some_and(|f| f.contains_key("PaymentRequested"))).count()
+    };
+    eventually(Duration::from_secs(30), "every payment requested", || async {
+        (requested(&read_topics(&brokers, &prefix)) == HALF).then_some(())
+    })
+    .await;
+    first_host.child.kill().unwrap();
+    first_host.child.wait().unwrap();
+    // Payments are answered while no order host runs.
+    let _payment_host = payment.start(&brokers);
+    wait_ports_healthy(&client, &payment.serving).await;
+    let topics = eventually(Duration::from_secs(30), "every payment answered", || async {
+        let topics = read_topics(&brokers, &prefix);
+        let answered =
+            ids.iter().filter(|id| topics.facts.get(*id).is_some_and(|f| f.contains_key("PaymentAuthorized"))).count();
+        (answered == HALF).then_some(topics)
+    })
+    .await;
+    let half_way =
+        ids.iter().filter(|id| topics.facts.get(*id).is_some_and(|f| !f.contains_key("OrderConfirmed"))).count();
+    assert_eq!(half_way, HALF, "every saga is half-way: paid, not confirmed");
+
+    // Another host takes the order partitions over (once the dead member's
+    // session expires) and finishes the sagas.
+    let _second_host = second.start(&brokers);
+    wait_ports_healthy(&client, &second.serving).await;
+    let order_port = second.ports.order;
+    for id in &ids {
+        eventually(Duration::from_secs(60), &format!("order {id} confirmed"), || async {
+            let order = get_json(&client, &format!("http://127.0.0.1:{order_port}/orders/{id}")).await?;
+            (order["status"] == "CONFIRMED").then_some(())
+        })
+        .await;
+    }
+    let topics = read_topics(&brokers, &prefix);
+    let mut discrepancies = Vec::new();
+    for id in &ids {
+        let facts = topics.facts.get(id).cloned().unwrap_or_default();
+        for event_type in ["OrderPlaced", "PaymentRequested", "PaymentAuthorized", "OrderConfirmed", "EmailRequested"] {
+            let n = facts.get(event_type).map_or(0, BTreeSet::len);
+            if n != 1 {
+                discrepancies.push(format!("order {id}: {n} × {event_type}"));
+            }
+        }
+    }
+    eprintln!("half-way: {half_way} of {HALF} sagas were half-way when the second host took over");
+    drop_schema(&schema).await;
+    assert!(discrepancies.is_empty(), "{}", discrepancies.join("\n"));
+}

@@ -1,0 +1,230 @@
+//! PostgreSQL restarted under load, on a server of the test's own (started
+//! with `scripts/postgres.sh` on a free port, so other tests keep theirs):
+//! while it is down the components report it on `/health` and their events
+//! wait; once it is back every accepted order settles, each fact once.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use rdkafka::Message as _;
+use serde_json::{Value, json};
+use support::*;
+
+const ORDERS: usize = 600;
+
+/// A PostgreSQL server of this test's own.
+struct Server {
+    home: std::path::PathBuf,
+    port: u16,
+}
+
+impl Server {
+    fn script(&self, action: &str) {
+        let status = Command::new(repo().join("scripts/postgres.sh"))
+            .arg(action)
+            .env("PG_HOME_DIR", &self.home)
+            .env("PG_PORT", self.port.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "scripts/postgres.sh {action} failed");
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/shop", self.port)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.script("stop");
+        let _ = std::fs::remove_dir_all(&self.home);
+    }
+}
+
+fn body(i: usize) -> Value {
+    let card = if i % 5 == 0 { "4000000000000002" } else { "4242424242424242" };
+    json!({
+        "customer": { "name": "Ada", "email": "ada@example.com" },
+        "items": [ { "sku": "book", "quantity": 1, "unit_price_cents": 1250 } ],
+        "payment": { "card_number": card }
+    })
+}
+
+fn write_manifest_on(dir: &Path, ports: Ports, url: &str) -> (std::path::PathBuf, String) {
+    let options = Options {
+        postgres_schema: Some("shop".into()),
+        order_config: r#"payment_deadline_ms = "120000""#.into(),
+        ..Options::default()
+    };
+    let (manifest, prefix) = write_manifest_with(dir, ports, &options);
+    // The test's own server instead of the shared one.
+    let text = std::fs::read_to_string(&manifest).unwrap().replace(&database_url(), url);
+    std::fs::write(&manifest, text).unwrap();
+    (manifest, prefix)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_wait_for_a_restarted_database_and_nothing_is_lost() {
+    let brokers = brokers();
+    let server = Server { home: std::env::temp_dir().join(format!("pg-restart-{}", free_port())), port: free_port() };
+    server.script("start");
+    let dir = temp_dir("pg-restart");
+    let ports = Ports::free();
+    let (manifest, prefix) = write_manifest_on(&dir, ports, &server.url());
+    let _host = HostProcess::start(&manifest, Some(&brokers));
+    let client = reqwest::Client::new();
+    wait_healthy(&client, ports).await;
+    let gateway = format!("http://127.0.0.1:{}", ports.gateway);
+
+    // Orders keep coming, 4 clients, about 60 a second.
+    let placed = Arc::new(AtomicUsize::new(0));
+    let placing = {
+        let (client, gateway, placed) = (client.clone(), gateway.clone(), placed.clone());
+        tokio::spawn(async move {
+            let next = Arc::new(AtomicUsize::new(0));
+            let workers: Vec<_> = (0..4)
+                .map(|_| {
+                    let (client, gateway, next, placed) =
+                        (client.clone(), gateway.clone(), next.clone(), placed.clone());
+                    tokio::spawn(async move {
+                        let mut mine = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, Ordering::SeqCst);
+                            if i >= ORDERS {
+                                return mine;
+                            }
+                            let response = client
+                                .post(format!("{gateway}/order"))
+                                .header("idempotency-key", format!("pg-restart-{i}"))
+                                .json(&body(i))
+                                .send()
+                                .await
+                                .unwrap();
+                            assert_eq!(response.status(), 202, "the gateway needs Kafka, not the database");
+                            let body: Value = response.json().await.unwrap();
+                            mine.push(body["order_id"].as_str().unwrap().to_owned());
+                            placed.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(60)).await;
+                        }
+                    })
+                })
+                .collect();
+            let mut all = Vec::new();
+            for worker in workers {
+                all.extend(worker.await.unwrap());
+            }
+            all
+        })
+    };
+
+    eventually(Duration::from_secs(60), "a quarter of the orders placed", || async {
+        (placed.load(Ordering::SeqCst) >= ORDERS / 4).then_some(())
+    })
+    .await;
+    server.script("stop");
+    let stopped_at = placed.load(Ordering::SeqCst);
+    // /health says why the component cannot go on.
+    let health = format!("http://127.0.0.1:{}/health", ports.payment);
+    let degraded = eventually(Duration::from_secs(30), "payment's /health to report the database", || async {
+        let response = client.get(&health).send().await.ok()?;
+        let code = response.status();
+        let body: Value = response.json().await.ok()?;
+        (code == 503 && body["status"] == "degraded" && body["state_error"].as_str()?.contains("PostgreSQL"))
+            .then_some(body)
+    })
+    .await;
+    eventually(Duration::from_secs(60), "more orders placed while the database is down", || async {
+        (placed.load(Ordering::SeqCst) >= stopped_at + 100).then_some(())
+    })
+    .await;
+    let restarted_at = placed.load(Ordering::SeqCst);
+    server.script("start");
+    let orders = placing.await.unwrap();
+    eprintln!(
+        "postgres restart: stopped after {stopped_at} orders, {} placed while down; health said {}",
+        restarted_at - stopped_at,
+        degraded["state_error"]
+    );
+
+    // Everything settles once the database is back.
+    let mut finals = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for id in &orders {
+        loop {
+            let order = get_json(&client, &format!("{gateway}/order/{id}")).await;
+            let status = order.as_ref().and_then(|o| o["status"].as_str()).unwrap_or("").to_owned();
+            if ["CONFIRMED", "REJECTED"].contains(&status.as_str()) {
+                finals.insert(id.clone(), status);
+                break;
+            }
+            assert!(Instant::now() < deadline, "order {id} not final: {order:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    wait_healthy(&client, ports).await;
+
+    // Each fact once on the topics, read by a client of our own.
+    use rdkafka::consumer::Consumer as _;
+    let names: Vec<String> =
+        ["orders", "payments", "analytics", "dead-letters"].iter().map(|t| format!("{prefix}{t}")).collect();
+    let consumer = reader(&brokers, &names.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut facts: BTreeMap<String, BTreeMap<String, BTreeSet<String>>> = BTreeMap::new();
+    let mut dead_letters = 0;
+    let read_deadline = Instant::now() + Duration::from_secs(60);
+    let complete = |facts: &BTreeMap<String, BTreeMap<String, BTreeSet<String>>>| {
+        orders.iter().all(|id| facts.get(id).is_some_and(|f| f.contains_key("EmailSent")))
+    };
+    while !complete(&facts) && Instant::now() < read_deadline {
+        let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) else { continue };
+        if message.topic().ends_with("dead-letters") {
+            dead_letters += 1;
+            continue;
+        }
+        let value: Value = serde_json::from_slice(message.payload().unwrap_or_default()).unwrap_or_default();
+        let order = value["order_id"].as_str().unwrap_or("?").to_owned();
+        let event_type = value["type"].as_str().unwrap_or("?").to_owned();
+        facts
+            .entry(order)
+            .or_default()
+            .entry(event_type)
+            .or_default()
+            .insert(value["id"].as_str().unwrap_or("?").into());
+    }
+    let mut discrepancies = Vec::new();
+    for (id, status) in &finals {
+        let of = facts.get(id).cloned().unwrap_or_default();
+        let count = |t: &str| of.get(t).map_or(0, BTreeSet::len);
+        let final_event = if status == "CONFIRMED" { "OrderConfirmed" } else { "OrderRejected" };
+        for event_type in ["OrderPlaced", "PaymentRequested", final_event, "EmailSent"] {
+            if count(event_type) != 1 {
+                discrepancies.push(format!("{status} order {id}: {} × {event_type}", count(event_type)));
+            }
+        }
+        if count("PaymentAuthorized") + count("PaymentDeclined") != 1 {
+            discrepancies.push(format!("{status} order {id}: not one payment answer in {of:?}"));
+        }
+    }
+    if dead_letters > 0 {
+        discrepancies.push(format!("{dead_letters} dead letters"));
+    }
+    let stats_url = format!("http://127.0.0.1:{}/stats", ports.analytics);
+    let stats_deadline = Instant::now() + Duration::from_secs(30);
+    let stats = loop {
+        let stats = get_json(&client, &stats_url).await.unwrap_or_default();
+        let counted = stats["orders_placed"] == json!(ORDERS) && stats["emails_sent"] == json!(ORDERS);
+        if counted || Instant::now() > stats_deadline {
+            break stats;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    if stats["orders_placed"] != json!(ORDERS) || stats["emails_sent"] != json!(ORDERS) {
+        discrepancies.push(format!("analytics: {stats}"));
+    }
+    assert!(discrepancies.is_empty(), "{} discrepancies:\n{}", discrepancies.len(), discrepancies.join("\n"));
+}
