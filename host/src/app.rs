@@ -300,3 +300,44 @@ async fn serve(listener: TcpListener, router: axum::Router, shutdown: Cancellati
         tracing::error!(%name, "HTTP server failed: {err}");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(backend: &str) -> Manifest {
+        let component = |name: &str, port: u16| {
+            format!(
+                "[components.{name}]\nwasm = \"{name}.wasm\"\nport = {port}\ntopics = [\"t\"]\ngroup = \"{name}\"\n"
+            )
+        };
+        let text = format!(
+            "[gateway]\nport = 1\n[state]\nbackend = \"{backend}\"\n{}{}",
+            component("order", 2),
+            component("payment", 3)
+        );
+        Manifest::parse(&text).unwrap()
+    }
+
+    fn serving(components: Option<&[&str]>, gateway: bool) -> Serving {
+        let components = components.map(|c| c.iter().map(|n| (*n).to_owned()).collect());
+        Serving { components, gateway, instance_id: None }
+    }
+
+    #[test]
+    fn a_host_serves_a_subset_it_can_serve() {
+        let redb = manifest("redb");
+        assert!(serving(None, true).validate(&redb).is_ok());
+        assert!(serving(Some(&["order"]), true).validate(&redb).is_ok());
+        assert!(serving(Some(&["payment"]), false).validate(&redb).is_ok());
+        let err = serving(Some(&["paymnet"]), true).validate(&redb).unwrap_err().to_string();
+        assert!(err.contains("no component named \"paymnet\""), "{err}");
+        let err = serving(Some(&[]), false).validate(&redb).unwrap_err().to_string();
+        assert!(err.contains("nothing to serve"), "{err}");
+        // A gateway without the order component needs the shared store.
+        let err = serving(Some(&["payment"]), true).validate(&redb).unwrap_err().to_string();
+        assert!(err.contains("postgres"), "{err}");
+        assert!(serving(Some(&[]), true).validate(&manifest("postgres")).is_ok(), "a gateway-only host");
+        assert!(serving(Some(&["payment"]), true).runs("payment") && !serving(Some(&["payment"]), true).runs("order"));
+    }
+}

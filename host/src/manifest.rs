@@ -154,7 +154,7 @@ impl Default for RuntimeSettings {
 }
 
 /// Where the components' state (data, handled ids, outbox, timers) lives.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StateSettings {
     /// `redb` (the default): one embedded file per component under
@@ -193,6 +193,12 @@ impl std::str::FromStr for StateBackend {
 
 fn default_schema() -> String {
     "shop".into()
+}
+
+impl Default for StateSettings {
+    fn default() -> Self {
+        Self { backend: StateBackend::default(), url: None, schema: default_schema() }
+    }
 }
 
 /// The admin API: always bound to 127.0.0.1, whatever `http.bind` says.

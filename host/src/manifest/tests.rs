@@ -60,6 +60,21 @@ fn defaults_apply() {
     let order = &m.components["order"];
     assert_eq!((order.timeout_ms, order.memory_mib, order.max_attempts), (1000, 64, 5));
     assert_eq!(m.logical_topics(), ["dead-letters", "orders", "payments"]);
+    assert_eq!((m.state.backend, m.state.url.as_deref(), m.state.schema.as_str()), (StateBackend::Redb, None, "shop"));
+}
+
+#[test]
+fn the_state_backend_is_chosen_and_checked() {
+    let (_dir, wasm) = wasm_file();
+    let top = "[state]\nbackend = \"postgres\"\nurl = \"postgres://u@db/shop\"\nschema = \"prod_1\"";
+    let m = check(&manifest_with(&wasm, "", top)).unwrap();
+    assert_eq!((m.state.backend, m.state.schema.as_str()), (StateBackend::Postgres, "prod_1"));
+    let err = check(&manifest_with(&wasm, "", "[state]\nbackend = \"sqlite\"")).unwrap_err();
+    assert!(err.contains("unknown variant `sqlite`"), "{err}");
+    let err = check(&manifest_with(&wasm, "", "[state]\nschema = \"Drop Table\"")).unwrap_err();
+    assert!(err.contains("state.schema"), "{err}");
+    assert_eq!("postgres".parse::<StateBackend>(), Ok(StateBackend::Postgres));
+    assert!("mysql".parse::<StateBackend>().unwrap_err().contains("redb"));
 }
 
 #[test]
