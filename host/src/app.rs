@@ -228,7 +228,12 @@ pub async fn run(
 
     // What was committed but not acknowledged before the last stop goes out
     // first, before anything new is handled.
-    let started_ms = clock.now_ms();
+    // On a shared store, younger entries may be another live host's, being
+    // published right now: the periodic relay takes them if they stay.
+    let started_ms = match manifest.state.backend {
+        StateBackend::Redb => clock.now_ms(),
+        StateBackend::Postgres => clock.now_ms().saturating_sub(crate::scheduler::STALE_OUTBOX_MS),
+    };
     for (name, service) in services.iter().filter(|(name, _)| serving.runs(name)) {
         match crate::scheduler::relay(service, &*publisher, started_ms).await {
             Ok(0) => {}

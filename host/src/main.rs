@@ -41,6 +41,10 @@ enum Command {
         /// in the state directory.
         #[arg(long, env = "HOST_INSTANCE_ID")]
         instance_id: Option<String>,
+        /// Added to every port of the manifest (gateway, components, admin),
+        /// to run several hosts of one app on one machine.
+        #[arg(long, env = "HOST_PORT_OFFSET", default_value_t = 0)]
+        port_offset: u16,
         /// State backend, `redb` or `postgres`; overrides `state.backend`.
         #[arg(long, env = "HOST_STATE_BACKEND")]
         state_backend: Option<shop_host::manifest::StateBackend>,
@@ -85,6 +89,7 @@ async fn main() -> ExitCode {
             components,
             no_gateway,
             instance_id,
+            port_offset,
             state_backend,
             database_url,
         } => {
@@ -95,8 +100,13 @@ async fn main() -> ExitCode {
                 gateway: !no_gateway,
                 instance_id,
             };
-            let state = (state_backend, database_url.filter(|u| !u.is_empty()));
-            run(manifest, kafka_brokers, admin_token, serving, state).await
+            let overrides = Overrides {
+                admin_token: admin_token.filter(|t| !t.is_empty()),
+                port_offset,
+                state_backend,
+                database_url: database_url.filter(|u| !u.is_empty()),
+            };
+            run(manifest, kafka_brokers, overrides, serving).await
         }
         Command::Reload { name, path, admin_url, token } => reload(&name, path, &admin_url, &token).await,
         Command::Check { manifest } => check(manifest),
@@ -110,23 +120,31 @@ async fn main() -> ExitCode {
     }
 }
 
+/// What the command line and the environment change in the manifest.
+struct Overrides {
+    admin_token: Option<String>,
+    port_offset: u16,
+    state_backend: Option<shop_host::manifest::StateBackend>,
+    database_url: Option<String>,
+}
+
 async fn run(
     path: PathBuf,
     brokers: Option<String>,
-    admin_token: Option<String>,
+    overrides: Overrides,
     serving: shop_host::app::Serving,
-    (backend, database_url): (Option<shop_host::manifest::StateBackend>, Option<String>),
 ) -> anyhow::Result<()> {
     let mut manifest = Manifest::load(&path)?;
-    if let Some(token) = admin_token.filter(|t| !t.is_empty()) {
+    if let Some(token) = overrides.admin_token {
         manifest.admin.token = Some(token);
     }
-    if let Some(backend) = backend {
+    if let Some(backend) = overrides.state_backend {
         manifest.state.backend = backend;
     }
-    if let Some(url) = database_url {
+    if let Some(url) = overrides.database_url {
         manifest.state.url = Some(url);
     }
+    manifest.offset_ports(overrides.port_offset)?;
     manifest.validate()?;
     let shutdown = CancellationToken::new();
     tokio::spawn(shutdown_on_signal(shutdown.clone()));

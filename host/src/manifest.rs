@@ -428,6 +428,27 @@ impl Manifest {
         Ok(())
     }
 
+    /// Adds `offset` to every port (gateway, admin, components), so that
+    /// several hosts of one app can run on one machine.
+    ///
+    /// # Errors
+    /// [`ManifestError::Invalid`] for a port pushed past 65535.
+    pub fn offset_ports(&mut self, offset: u16) -> Result<(), ManifestError> {
+        let shift = |key: String, port: &mut u16| match port.checked_add(offset) {
+            Some(shifted) => {
+                *port = shifted;
+                Ok(())
+            }
+            None => Err(invalid(key, format!("port {port} + offset {offset} is past 65535"))),
+        };
+        shift("gateway.port".into(), &mut self.gateway.port)?;
+        shift("admin.port".into(), &mut self.admin.port)?;
+        for (name, component) in &mut self.components {
+            shift(format!("components.{name}.port"), &mut component.port)?;
+        }
+        Ok(())
+    }
+
     /// Every logical topic the app uses: consumed ones and the dead-letter topic.
     pub fn logical_topics(&self) -> Vec<String> {
         let mut topics: Vec<String> = self.components.values().flat_map(|c| c.topics.iter().cloned()).collect();

@@ -170,7 +170,6 @@ async fn events_wait_for_a_restarted_database_and_nothing_is_lost() {
     wait_healthy(&client, ports).await;
 
     // Each fact once on the topics, read by a client of our own.
-    use rdkafka::consumer::Consumer as _;
     let names: Vec<String> =
         ["orders", "payments", "analytics", "dead-letters"].iter().map(|t| format!("{prefix}{t}")).collect();
     let consumer = reader(&brokers, &names.iter().map(String::as_str).collect::<Vec<_>>());

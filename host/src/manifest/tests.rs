@@ -64,6 +64,16 @@ fn defaults_apply() {
 }
 
 #[test]
+fn ports_move_by_an_offset() {
+    let (_dir, wasm) = wasm_file();
+    let mut m = check(&manifest_with(&wasm, "", "")).unwrap();
+    m.offset_ports(100).unwrap();
+    assert_eq!((m.gateway.port, m.admin.port, m.components["order"].port), (3105, 3190, 3102));
+    let err = m.offset_ports(65_000).unwrap_err().to_string();
+    assert!(err.contains("gateway.port") && err.contains("65535"), "{err}");
+}
+
+#[test]
 fn the_state_backend_is_chosen_and_checked() {
     let (_dir, wasm) = wasm_file();
     let top = "[state]\nbackend = \"postgres\"\nurl = \"postgres://u@db/shop\"\nschema = \"prod_1\"";
