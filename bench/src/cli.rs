@@ -15,7 +15,7 @@ use crate::report;
 use crate::stages::Probe;
 use crate::suite::SuiteArgs;
 use crate::topic::TopicReader;
-use crate::{cleanup, health, physical, suite, wasm};
+use crate::{cleanup, health, physical, scale, suite, wasm};
 
 /// Load driver for the shop: places orders through the gateway and measures
 /// them end to end, by polling and on the Kafka topic.
@@ -64,6 +64,10 @@ enum Command {
     /// Each component's logic per event: native, and through the host's
     /// runtime and pipeline (no broker).
     Wasm(wasm::WasmArgs),
+    /// One hot component (email) on 1, 2 and 3 hosts sharing PostgreSQL,
+    /// and on one host with redb: events/s and CPU per event of the hosts,
+    /// the database and the broker.
+    Scale(scale::ScaleArgs),
     /// Delete the topics and consumer groups of a finished benchmark host.
     DeleteTopics {
         /// Kafka bootstrap servers.
@@ -207,6 +211,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Suite(args) => suite::run(args).await,
         Command::Physical(args) => physical::run(args).await,
         Command::Wasm(args) => wasm::run(args).await,
+        Command::Scale(args) => scale::run(args).await,
         Command::DeleteTopics { brokers, prefix } => {
             let (topics, groups) = cleanup::delete_prefixed(&brokers, &prefix).await?;
             eprintln!("bench: deleted {topics} topics and {groups} consumer groups named {prefix:?}*");

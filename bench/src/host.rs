@@ -1,4 +1,6 @@
-//! CPU time and memory of a process, read from `/proc` (Linux only).
+//! CPU time and memory of a process, of a set of processes (a database
+//! server and its backends) and of the whole machine, read from `/proc`
+//! (Linux only).
 
 use std::path::PathBuf;
 
@@ -51,6 +53,84 @@ impl Process {
     }
 }
 
+/// A set of processes whose CPU time is counted together.
+#[derive(Debug, Clone, Copy)]
+pub enum Processes<'a> {
+    /// Every process whose command name (`comm`) is this, e.g. `postgres`:
+    /// a server and its backends.
+    Named(&'a str),
+    /// Every process whose command line holds this, e.g. `kafka.Kafka`.
+    CommandLine(&'a str),
+}
+
+impl Processes<'_> {
+    /// CPU seconds of every process of the set now, counting what each has
+    /// reaped of its children (`cutime + cstime`): a backend that exits
+    /// during a window moves its time to the server's children total, so a
+    /// difference of two readings holds it.
+    ///
+    /// # Errors
+    /// When `/proc` cannot be listed.
+    pub fn cpu_s(self) -> anyhow::Result<f64> {
+        let mut ticks = 0;
+        for entry in std::fs::read_dir("/proc").context("failed to list /proc")? {
+            let Ok(entry) = entry else { continue };
+            if !entry.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())) {
+                continue;
+            }
+            // A process may exit between the listing and the reads: skip it.
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+            let member = match self {
+                Self::Named(name) => command_name(&stat) == Some(name),
+                Self::CommandLine(part) => std::fs::read(entry.path().join("cmdline"))
+                    .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(part)),
+            };
+            if member {
+                ticks += parse_cpu_ticks_with_children(&stat).unwrap_or(0);
+            }
+        }
+        Ok(ticks as f64 / clock_ticks_per_second())
+    }
+}
+
+/// The machine's CPU time since boot, from `/proc/stat`, in seconds summed
+/// over all cores.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct MachineSample {
+    /// Time the cores were busy (all but idle and iowait).
+    pub busy_s: f64,
+    /// All time, busy or not.
+    pub total_s: f64,
+}
+
+impl MachineSample {
+    /// Reads `/proc/stat` now.
+    ///
+    /// # Errors
+    /// When `/proc/stat` cannot be read or parsed.
+    pub fn now() -> anyhow::Result<Self> {
+        let stat = std::fs::read_to_string("/proc/stat").context("failed to read /proc/stat")?;
+        parse_machine(&stat).with_context(|| format!("unexpected /proc/stat: {stat:?}"))
+    }
+
+    /// The share of the cores' time that was busy between `before` and `self`.
+    pub fn busy_share_since(self, before: Self) -> Option<f64> {
+        let total = self.total_s - before.total_s;
+        (total > 0.0).then(|| (self.busy_s - before.busy_s) / total)
+    }
+}
+
+fn parse_machine(stat: &str) -> Option<MachineSample> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let ticks: Vec<u64> = line.split_whitespace().skip(1).map(str::parse).collect::<Result<_, _>>().ok()?;
+    // user nice system idle iowait irq softirq steal [guest guest_nice,
+    // already counted in user and nice].
+    let total: u64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3)? + ticks.get(4).copied().unwrap_or(0);
+    let hz = clock_ticks_per_second();
+    Some(MachineSample { busy_s: total.saturating_sub(idle) as f64 / hz, total_s: total as f64 / hz })
+}
+
 fn clock_ticks_per_second() -> f64 {
     // SAFETY: sysconf only reads a configuration value.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -67,6 +147,25 @@ fn parse_cpu_ticks(stat: &str) -> Option<u64> {
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
     Some(utime + stime)
+}
+
+/// The command name (field 2, between the first `(` and the last `)`).
+fn command_name(stat: &str) -> Option<&str> {
+    let start = stat.find('(')?;
+    let end = stat.rfind(')')?;
+    stat.get(start + 1..end)
+}
+
+/// `utime + stime + cutime + cstime` (fields 14 to 17) of a `/proc/PID/stat` line.
+fn parse_cpu_ticks_with_children(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let mut ticks = 0;
+    for field in fields.get(11..15)? {
+        // cutime and cstime are signed in the kernel's format.
+        ticks += field.parse::<i64>().ok()?.max(0) as u64;
+    }
+    Some(ticks)
 }
 
 /// The value in kB of `key` (e.g. `VmRSS:`) in `/proc/PID/status`.
@@ -90,6 +189,35 @@ mod tests {
         assert_eq!(status_kib(status, "VmRSS:"), Some(102_400));
         assert_eq!(status_kib(status, "VmHWM:"), Some(204_800));
         assert_eq!(status_kib(status, "VmSwap:"), None);
+    }
+
+    #[test]
+    fn a_server_counts_its_reaped_children() {
+        let stat = "15234 (postgres) S 1 15234 15234 0 -1 4194560 100 0 0 0 250 50 700 300 20 0 1 0 1000 1 2";
+        assert_eq!(command_name(stat), Some("postgres"));
+        assert_eq!(parse_cpu_ticks_with_children(stat), Some(1_300));
+    }
+
+    #[test]
+    fn machine_busy_time_leaves_out_idle_and_iowait() {
+        let stat = "cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 50 0 25 400 25 0 0 0 0 0\n";
+        let sample = parse_machine(stat).unwrap();
+        let hz = clock_ticks_per_second();
+        assert_eq!((sample.busy_s * hz, sample.total_s * hz), (150.0, 1_000.0));
+        let later = MachineSample { busy_s: sample.busy_s + 1.0, total_s: sample.total_s + 2.0 };
+        assert_eq!(later.busy_share_since(sample), Some(0.5));
+    }
+
+    #[test]
+    fn this_process_is_found_by_its_command_line() {
+        let own = std::fs::read("/proc/self/cmdline").unwrap();
+        let own = String::from_utf8_lossy(&own);
+        let name = own.split('\0').next().unwrap();
+        // Busy until the kernel has counted a few ticks of this process.
+        while Process::Myself.sample().unwrap().cpu_s < 0.05 {
+            std::hint::black_box((0..10_000u64).sum::<u64>());
+        }
+        assert!(Processes::CommandLine(name).cpu_s().unwrap() >= 0.05);
     }
 
     #[test]

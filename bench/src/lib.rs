@@ -2,8 +2,9 @@
 //! gateway, follows each to its final status by polling and on the Kafka
 //! `orders` topic, and reports throughput, latency percentiles, the host's
 //! CPU and memory and each component's stage costs; swaps a component under
-//! load; measures the broker's physical limit with plain Kafka relays, and
-//! the cost of Wasm per event against the components' native logic.
+//! load; measures the broker's physical limit with plain Kafka relays, the
+//! cost of Wasm per event against the components' native logic, and one
+//! component scaled out over several hosts.
 
 pub mod cleanup;
 pub mod cli;
@@ -17,6 +18,7 @@ pub mod order;
 pub mod phase;
 pub mod physical;
 pub mod report;
+pub mod scale;
 pub mod stages;
 pub mod stats;
 pub mod suite;

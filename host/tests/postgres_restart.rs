@@ -48,7 +48,7 @@ impl Drop for Server {
 }
 
 fn body(i: usize) -> Value {
-    let card = if i % 5 == 0 { "4000000000000002" } else { "4242424242424242" };
+    let card = if i.is_multiple_of(5) { "4000000000000002" } else { "4242424242424242" };
     json!({
         "customer": { "name": "Ada", "email": "ada@example.com" },
         "items": [ { "sku": "book", "quantity": 1, "unit_price_cents": 1250 } ],
