@@ -261,3 +261,6 @@ impl Core {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -20,6 +20,16 @@ pub(crate) fn runtime(name: &str, timeout_ms: u64) -> ServiceRuntime {
 
 /// [`runtime`] whose instances serve up to `instance_reuse` events.
 pub(crate) fn runtime_reusing(name: &str, timeout_ms: u64, instance_reuse: u32) -> ServiceRuntime {
+    runtime_on(name, timeout_ms, instance_reuse, Arc::new(MemoryStore::default()))
+}
+
+/// [`runtime_reusing`] on `store`.
+pub(crate) fn runtime_on(
+    name: &str,
+    timeout_ms: u64,
+    instance_reuse: u32,
+    store: Arc<dyn StateStore>,
+) -> ServiceRuntime {
     let engine = Engine::new().unwrap();
     let component = LoadedComponent::from_file(&engine, &wasm(name)).unwrap();
     ServiceRuntime::new(
@@ -27,7 +37,7 @@ pub(crate) fn runtime_reusing(name: &str, timeout_ms: u64, instance_reuse: u32) 
         ServiceSpec {
             name: name.into(),
             component,
-            store: Arc::new(MemoryStore::default()),
+            store,
             config: HashMap::new(),
             clock: Arc::new(ManualClock::at(42)),
             limits: Limits { timeout: Duration::from_millis(timeout_ms), memory_bytes: 64 << 20, instance_reuse },
