@@ -13,11 +13,15 @@
 # then a hot swap under load; see `cargo run -p bench -- suite --help`), stops
 # the host with SIGTERM, runs `bench physical` (plain Kafka relays moving the
 # run's record flow: the broker's limit) and `bench wasm` (each component's
-# logic per event, natively and through the host library), and deletes the
-# run's topics. Results: the tables on stdout, JSON in target/bench/, the
-# host's log in target/bench/host.log. BENCH_PORT_OFFSET=10000 moves every
-# port (3001-3005 become 13001-13005, the admin API 3090 becomes 13090), to
-# run beside a host on the usual ports.
+# logic per event, natively and through the host library), then starts
+# PostgreSQL (scripts/postgres.sh) and runs `bench scale` (the email
+# component alone on 1, 2 and 3 hosts sharing PostgreSQL, then on one host
+# with redb, each host on the manifest's ports plus 100, 200, 300), and
+# deletes the run's topics. Results: the tables on stdout, JSON in
+# target/bench/, the host's log in target/bench/host.log, the scale hosts'
+# in target/bench/scale/. BENCH_PORT_OFFSET=10000 moves every port
+# (3001-3005 become 13001-13005, the admin API 3090 becomes 13090), to run
+# beside a host on the usual ports.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -172,3 +176,9 @@ BENCH_ADMIN_TOKEN="$ADMIN_TOKEN" "$BENCH" suite --host-pid "$HOST_PID" --gateway
 stop_host
 "$BENCH" physical --manifest "$MANIFEST" --prefix "$RUN_ID." --out-dir "$OUT"
 "$BENCH" wasm --manifest "$MANIFEST" --out-dir "$OUT"
+# Hosts of its own, started from the host binary `cargo run` built above;
+# it stops them, drops its schemas and deletes its topics itself, even on
+# error or Ctrl-C.
+scripts/postgres.sh start
+DATABASE_URL="$(scripts/postgres.sh url)" "$BENCH" scale --manifest "$MANIFEST" --prefix "$RUN_ID." \
+  --host-bin "$TARGET/debug/host" --out-dir "$OUT"
