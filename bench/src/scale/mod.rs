@@ -139,6 +139,10 @@ pub struct RunFigures {
     pub stage_mean_us: std::collections::BTreeMap<String, f64>,
     pub commit_us_per_event: Option<f64>,
     pub events_per_batch: Option<f64>,
+    /// Time per event on the hosts' executor threads, which handle events
+    /// one after the other: decode, dedup, instantiate, call and commit,
+    /// summed over the hosts and divided by the events handled.
+    pub executor_us_per_event: Option<f64>,
     /// Resident memory of the hosts together at the end, in MiB.
     pub hosts_rss_mib: f64,
     /// ERROR and WARN lines of the hosts' logs.
@@ -336,6 +340,7 @@ fn figures(
         .map(|(name, (count, total))| (name.to_owned(), total as f64 / count as f64))
         .collect();
     let (batches, commit_us) = delta("commit");
+    let executor_us: u64 = ["decode", "dedup", "instantiate", "call", "commit"].iter().map(|s| delta(s).1).sum();
     RunFigures {
         label: spec.label.clone(),
         backend: spec.backend,
@@ -365,6 +370,7 @@ fn figures(
         stage_mean_us,
         commit_us_per_event: (handled > 0 && batches > 0).then(|| commit_us as f64 / handled as f64),
         events_per_batch: (batches > 0).then(|| handled as f64 / batches as f64),
+        executor_us_per_event: (handled > 0).then(|| executor_us as f64 / handled as f64),
         hosts_rss_mib: after.hosts_rss_mib.iter().sum(),
         logs: LogFindings::default(),
     }
@@ -409,6 +415,60 @@ async fn interrupted() -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host::MachineSample;
+    use fleet::HostHealth;
+
+    fn health(handled: u64, call: (u64, u64), commit: (u64, u64)) -> HostHealth {
+        let stages = std::collections::BTreeMap::from([
+            ("call".to_owned(), StageTotal { count: call.0, total_us: call.1 }),
+            ("commit".to_owned(), StageTotal { count: commit.0, total_us: commit.1 }),
+        ]);
+        HostHealth { handled, stages, ..HostHealth::default() }
+    }
+
+    fn reading(hosts_cpu_s: Vec<f64>, postgres_cpu_s: f64, health: Vec<HostHealth>) -> Reading {
+        Reading {
+            hosts_rss_mib: vec![10.0; hosts_cpu_s.len()],
+            hosts_cpu_s,
+            postgres_cpu_s,
+            broker_cpu_s: 0.0,
+            driver_cpu_s: 0.0,
+            machine: MachineSample::default(),
+            health,
+        }
+    }
+
+    #[test]
+    fn figures_add_up_over_the_hosts() {
+        let spec = FleetSpec {
+            hosts: 2,
+            backend: Backend::Postgres,
+            topic_prefix: "bench-1a2b.scale2.".into(),
+            partitions: 6,
+            schema: "bench_1a2b_n2".into(),
+            work_dir: "/tmp".into(),
+            log_dir: "/tmp".into(),
+            label: "pg-n2".into(),
+        };
+        let before = reading(vec![1.0, 2.0], 10.0, vec![health(5, (5, 50), (1, 10)), health(0, (0, 0), (0, 0))]);
+        // 1,000 events in 0.5 s: 600 + 400, 100 µs per call, 10 batches of 2 ms.
+        let after = reading(
+            vec![1.3, 2.2],
+            10.4,
+            vec![health(605, (605, 60_050), (7, 12_010)), health(400, (400, 40_000), (4, 8_000))],
+        );
+        let times =
+            Times { ready: Duration::from_secs(1), produce: Duration::ZERO, elapsed: Duration::from_millis(500) };
+        let f = figures(&spec, 1_000, vec![3, 3], times, &before, &after);
+        assert_eq!((f.handled, f.handled_per_host.clone()), (1_000, vec![600, 400]));
+        assert!((f.events_per_s - 2_000.0).abs() < 1e-6);
+        assert!((f.host_cpu_ms_per_event - 0.5).abs() < 1e-9, "{}", f.host_cpu_ms_per_event);
+        assert!((f.postgres_cpu_ms_per_event - 0.4).abs() < 1e-9);
+        assert_eq!((f.stage_mean_us["call"], f.stage_mean_us["commit"]), (100.0, 2_000.0));
+        assert_eq!((f.events_per_batch, f.commit_us_per_event), (Some(100.0), Some(20.0)));
+        assert_eq!(f.executor_us_per_event, Some(120.0));
+        assert!(table::render(&[f], 6).contains("2000"));
+    }
 
     #[test]
     fn names_come_from_the_run_prefix() {

@@ -28,10 +28,12 @@ pub fn render(runs: &[RunFigures], partitions: i32) -> String {
     row("machine busy", &|r| r.machine_busy_share.map_or("-".into(), |s| format!("{:.0} % of {}", s * 100.0, r.cores)));
     row("driver CPU s", &|r| format!("{:.2}", r.driver_cpu_s));
     let stage = |name: &'static str| move |r: &RunFigures| r.stage_mean_us.get(name).map_or("-".into(), us);
+    row("dedup µs (mean / event)", &stage("dedup"));
     row("call µs (mean / event)", &stage("call"));
     row("commit µs (mean / batch)", &stage("commit"));
     row("events / batch", &|r| r.events_per_batch.map_or("-".into(), |v| format!("{v:.1}")));
     row("commit µs / event", &|r| r.commit_us_per_event.as_ref().map_or("-".into(), us));
+    row("executor µs / event", &|r| r.executor_us_per_event.as_ref().map_or("-".into(), us));
     row("publish µs (mean / event)", &stage("publish"));
     row("hosts RSS MiB", &|r| format!("{:.0}", r.hosts_rss_mib));
     row("host log ERROR / WARN", &|r| format!("{} / {}", r.logs.errors, r.logs.warnings));
@@ -42,6 +44,10 @@ pub fn render(runs: &[RunFigures], partitions: i32) -> String {
         runs.first().map_or(0, |r| r.events)
     );
     out.push_str(&report::render(&header, &rows));
+    out.push_str(
+        "  executor: decode + dedup + instantiate + call + commit per event, in a row on the one executor thread \
+         each host has per component: 1e6 / it bounds each host's events/s\n",
+    );
     out.push_str(&comparison(runs));
     out
 }
