@@ -284,7 +284,8 @@ pub async fn run(
             .collect();
         tasks.spawn(serve(listener, crate::admin::admin_app(managed, token), shutdown.clone(), "admin".into()));
     }
-    tracing::info!(gateway = manifest.gateway.port, brokers = %brokers, "host ready");
+    let gateway_port = serving.gateway.then_some(manifest.gateway.port);
+    tracing::info!(gateway = ?gateway_port, brokers = %brokers, "host ready");
 
     while let Some(joined) = tasks.join_next().await {
         if let Err(err) = joined {

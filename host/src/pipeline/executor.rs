@@ -8,7 +8,7 @@
 //! its key that come after it (a lane), and retried after its backoff;
 //! events of other keys go on meanwhile. Records of one key stay in order.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
@@ -94,13 +94,14 @@ fn run(core: &Core, queue: &Receiver<Job>) {
             .filter(|(_, lane)| lane.retry_at <= now || lane.jobs.front().is_some_and(|j| j.shutdown.is_cancelled()))
             .map(|(key, _)| key.clone())
             .collect();
-        for key in resumable {
-            if let Some(lane) = parked.remove(&key) {
-                batch.resume(key, lane, &mut parked);
-            }
+        let resumable: Vec<(String, Lane)> =
+            resumable.into_iter().filter_map(|key| parked.remove(&key).map(|lane| (key, lane))).collect();
+        let ready: Vec<Ready> = jobs.into_iter().filter_map(|job| batch.prepare(job)).collect();
+        batch.look_up(resumable.iter().flat_map(|(_, lane)| lane.jobs.iter()).chain(&ready));
+        for (key, lane) in resumable {
+            batch.resume(key, lane, &mut parked);
         }
-        for job in jobs {
-            let Some(ready) = batch.prepare(job) else { continue };
+        for ready in ready {
             let key = lane_key(&ready.event);
             match parked.get_mut(&key) {
                 // Its key waits for an earlier event: it queues behind it.
@@ -169,6 +170,20 @@ struct Batch<'a> {
     entries: Vec<(Commit, Ready)>,
     /// Shutdown of the pending events, which interrupts a failing commit.
     shutdown: Option<CancellationToken>,
+    /// Which of the batch's events the store had handled when the batch
+    /// began, looked up at once ([`Batch::look_up`]); `None` after a
+    /// conflict, when another host may have handled any of them since.
+    seen: Option<Seen>,
+}
+
+/// The batch's dedup look-up.
+struct Seen {
+    /// Ids looked up.
+    checked: HashSet<String>,
+    /// Those handled before, and those the batch committed since.
+    handled: HashSet<String>,
+    /// The look-up's time, shared among its events.
+    per_event: Duration,
 }
 
 impl<'a> Batch<'a> {
@@ -179,7 +194,26 @@ impl<'a> Batch<'a> {
             overlay: Overlay::new(core.service.state_store().clone()),
             entries: Vec::new(),
             shutdown: None,
+            seen: None,
         }
+    }
+
+    /// Looks up at once which of `events` were handled before: one round
+    /// trip for the batch instead of one per event on a database. Events
+    /// committed later by this batch are added as it commits them; another
+    /// host committing one meanwhile is caught by the commit (a conflict).
+    fn look_up<'r>(&mut self, events: impl Iterator<Item = &'r Ready>) {
+        let ids: Vec<&str> = events.map(|ready| ready.event.id.as_str()).collect();
+        if ids.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        // On failure each event looks for itself (and waits for the store).
+        self.seen = self.core.service.state_store().handled_among(&ids).ok().map(|handled| Seen {
+            checked: ids.iter().map(|id| (*id).to_owned()).collect(),
+            handled,
+            per_event: started.elapsed() / u32::try_from(ids.len()).unwrap_or(u32::MAX),
+        });
     }
 
     /// Decodes a job; an undecodable record is answered at once (dead letter).
@@ -296,9 +330,18 @@ impl<'a> Batch<'a> {
             // once the batch is.
             self.flush();
         }
-        let dedup = Instant::now();
-        let handled_before = store.was_handled(&event.id);
-        core.service.stages().record(Stage::Dedup, dedup.elapsed());
+        let handled_before = match &self.seen {
+            Some(seen) if seen.checked.contains(&event.id) => {
+                core.service.stages().record(Stage::Dedup, seen.per_event);
+                Ok(seen.handled.contains(&event.id))
+            }
+            _ => {
+                let dedup = Instant::now();
+                let handled_before = store.was_handled(&event.id);
+                core.service.stages().record(Stage::Dedup, dedup.elapsed());
+                handled_before
+            }
+        };
         if handled_before? {
             tracing::debug!(component = core.service.name(), event_id = %event.id, "duplicate event dropped");
             let entry = store.outbox(&event.id)?;
@@ -349,6 +392,7 @@ impl<'a> Batch<'a> {
                 }
                 Committed::Conflict(reason) => {
                     let entries = std::mem::take(&mut self.entries);
+                    self.seen = None;
                     tracing::debug!(
                         component = self.core.service.name(),
                         events = entries.len(),
@@ -400,6 +444,9 @@ impl<'a> Batch<'a> {
 
     /// Answers every event of the batch: handled if `durable`, else not.
     fn answer(&mut self, durable: Option<&Durable>) {
+        if let (Some(seen), Some(_)) = (&mut self.seen, durable) {
+            seen.handled.extend(self.entries.iter().filter_map(|(commit, _)| commit.handled.clone()));
+        }
         for (commit, ready) in self.entries.drain(..) {
             let disposition = durable.map(|durable| {
                 let source = commit.handled.filter(|_| !commit.outbox.is_empty());

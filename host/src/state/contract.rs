@@ -35,6 +35,8 @@ fn state_handled_and_outbox_commit_together(store: &dyn StateStore) {
     store.commit(handled("e2", &[("a", "3")], &[], vec![])).unwrap();
     store.commit(handled("e3", &[], &["r3"], vec![])).unwrap();
     assert!(store.was_handled("e1").unwrap() && store.was_handled("e2").unwrap());
+    let among = store.handled_among(&["e1", "unknown", "e3"]).unwrap();
+    assert_eq!(among, ["e1".to_owned(), "e3".to_owned()].into(), "one look for a batch");
     assert_eq!(store.get("a").unwrap(), Some(b"3".to_vec()));
     assert_eq!(store.keys("", 10).unwrap(), ["a", "b"]);
     let entry = store.outbox("e1").unwrap().unwrap();

@@ -196,6 +196,21 @@ pub trait StateStore: Send + Sync + 'static {
     /// [`StoreError::Unavailable`] when the store cannot be read.
     fn was_handled(&self, id: &str) -> Result<bool, StoreError>;
 
+    /// Which of `ids` were handled (committed) before: one look for a whole
+    /// batch (one round trip on a database).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the store cannot be read.
+    fn handled_among(&self, ids: &[&str]) -> Result<std::collections::HashSet<String>, StoreError> {
+        let mut handled = std::collections::HashSet::new();
+        for id in ids {
+            if self.was_handled(id)? {
+                handled.insert((*id).to_owned());
+            }
+        }
+        Ok(handled)
+    }
+
     /// The unpublished outputs of event `source`, if any.
     ///
     /// # Errors

@@ -293,6 +293,7 @@ struct Sql {
     get: String,
     keys: String,
     was_handled: String,
+    handled_among: String,
     outbox: String,
     pending_outbox: String,
     forget: String,
@@ -327,6 +328,7 @@ impl Sql {
                 "SELECT key FROM {state} WHERE component = $1 AND key >= $2 AND key < $3 AND starts_with(key, $2) ORDER BY key LIMIT $4"
             ),
             was_handled: format!("SELECT 1 FROM {handled} WHERE component = $1 AND event_id = $2"),
+            handled_among: format!("SELECT event_id FROM {handled} WHERE component = $1 AND event_id = ANY($2)"),
             outbox: format!("SELECT created_ms, records FROM {outbox} WHERE component = $1 AND source = $2"),
             pending_outbox: format!(
                 "SELECT source, created_ms, records FROM {outbox} WHERE component = $1 ORDER BY seq LIMIT $2"
@@ -658,6 +660,14 @@ impl StateStore for PostgresStore {
         let id = id.to_owned();
         self.with(move |client, sql, component| async move {
             Ok(client.query_opt(&sql.was_handled, &[&component, &id]).await?.is_some())
+        })
+    }
+
+    fn handled_among(&self, ids: &[&str]) -> Result<std::collections::HashSet<String>, StoreError> {
+        let ids: Vec<String> = ids.iter().map(|id| (*id).to_owned()).collect();
+        self.with(move |client, sql, component| async move {
+            let rows = client.query(&sql.handled_among, &[&component, &ids]).await?;
+            Ok(rows.into_iter().map(|row| row.get(0)).collect())
         })
     }
 
