@@ -62,6 +62,10 @@ postgres:
 postgres-stop:
     scripts/postgres.sh stop
 
+# Lint the Dockerfile, compose.yaml and the image's manifest without a Docker engine (tools in .venv-tools/).
+check-containers:
+    scripts/validate-containers.sh
+
 # Everything: formatting, lints, unit tests, end-to-end on a real broker and PostgreSQL, browser test.
 test: build-components build-test-components build
     cargo fmt --all -- --check

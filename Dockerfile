@@ -1,0 +1,75 @@
+# syntax=docker/dockerfile:1
+# The shop in one image: the native host and the four service components, run
+# as a non-root user with deploy/app.container.toml as its manifest.
+#
+#   docker build -t shop-host .
+#   docker compose up -d              Kafka, PostgreSQL, three hosts and a gateway
+#   docker run --rm shop-host check   validate the manifest and compile the components
+#
+# The base images are pinned to a release (add `@sha256:...` to pin them to
+# the byte). Both stages must stay on the same Debian release, since the host
+# links the builder's glibc; the Rust release is the workspace's rust-version.
+
+FROM rust:1.95.0-bookworm AS builder
+
+# rdkafka (default features plus tokio, no `cmake-build`, so no cmake) builds
+# librdkafka and its C++ wrapper from the bundled source with ./configure and
+# make, and links the system zlib it finds through pkg-config. The rust image
+# has all of it; naming it makes a slimmer base fail here, not in a build script.
+# Debian's versions are not pinned: the pinned base image fixes the release,
+# and a security update within it is wanted.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ make pkg-config zlib1g-dev \
+    && rm -rf /var/lib/apt/lists/*
+RUN rustup target add wasm32-wasip2
+
+WORKDIR /src
+COPY . .
+
+# The registry and target/ are cache mounts: a source change rebuilds only the
+# crates it touches. Artifacts are copied out of target/ in the same step,
+# since a cache mount is not part of the image.
+RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
+    --mount=type=cache,target=/usr/local/cargo/git,sharing=locked \
+    --mount=type=cache,target=/src/target,sharing=locked \
+    cargo build --release --locked --target wasm32-wasip2 -p payment -p order -p email -p analytics \
+    && cargo build --release --locked -p host \
+    && mkdir -p /out/components \
+    && cp target/release/host /out/host \
+    && for name in payment order email analytics; do \
+        cp "target/wasm32-wasip2/release/$name.wasm" /out/components/; \
+    done
+
+FROM debian:12.12-slim AS runtime
+
+# The host needs libc, libgcc_s and zlib, all in the slim image. ca-certificates
+# is for TLS, which the host does not speak yet (rdkafka is built without `ssl`,
+# PostgreSQL is reached without TLS): a managed Kafka or database will need it.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+
+RUN groupadd --system --gid 10001 shop \
+    && useradd --system --uid 10001 --gid shop --home-dir /app --no-create-home \
+        --shell /usr/sbin/nologin shop
+
+WORKDIR /app
+COPY --from=builder /out/host /usr/local/bin/host
+COPY --from=builder /out/components/ /app/components/
+COPY deploy/app.container.toml /app/app.toml
+# The manifest's state_dir (instance slot files) and cache_dir (compiled
+# components) are the only places the host writes; everything else in /app
+# stays root's and read-only to it.
+RUN install -d -o shop -g shop -m 0750 /app/var /app/var/state /app/var/component-cache
+
+USER 10001:10001
+ENV HOST_MANIFEST=/app/app.toml \
+    RUST_LOG=info
+# payment, order, email, analytics, gateway (the admin API stays on loopback).
+EXPOSE 3001 3002 3003 3004 3005
+# The host finishes in-flight events and commits their offsets on SIGTERM.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["host"]
+CMD ["run"]
