@@ -459,7 +459,12 @@ impl PostgresStore {
                 }
                 let forgotten = async {
                     let client = backend.client().await?;
-                    client.execute(&sql.forget, &[&component, &sources]).await.map_err(|err| classify(&err))
+                    async {
+                        let forget = client.prepare_cached(&sql.forget).await?;
+                        client.execute(&forget, &[&component, &sources]).await
+                    }
+                    .await
+                    .map_err(|err| classify(&err))
                 };
                 match forgotten.await {
                     Ok(_) => cleared.lock().unwrap_or_else(PoisonError::into_inner).retain(|s| !sources.contains(s)),
@@ -559,17 +564,17 @@ async fn commit(
     // Locks first, in one order for every batch.
     let keyspace = lock_key(component, "keyspace", "");
     if changes.listed {
-        tx.execute(&sql.lock_keyspace, &[&keyspace]).await?;
+        tx.execute(&tx.prepare_cached(&sql.lock_keyspace).await?, &[&keyspace]).await?;
     } else if changes.writes {
-        tx.execute(&sql.lock_keyspace_shared, &[&keyspace]).await?;
+        tx.execute(&tx.prepare_cached(&sql.lock_keyspace_shared).await?, &[&keyspace]).await?;
     }
     if !changes.locks.is_empty() {
-        tx.execute(&sql.lock, &[&changes.locks]).await?;
+        tx.execute(&tx.prepare_cached(&sql.lock).await?, &[&changes.locks]).await?;
     }
     // What was read must be what is there now.
     if !reads.keys.is_empty() {
         let keys: Vec<&str> = reads.keys.keys().map(String::as_str).collect();
-        let rows = tx.query(&sql.validate, &[&component, &keys]).await?;
+        let rows = tx.query(&tx.prepare_cached(&sql.validate).await?, &[&component, &keys]).await?;
         let now: BTreeMap<String, Vec<u8>> = rows.into_iter().map(|row| (row.get(0), row.get(1))).collect();
         let changed = reads.keys.iter().find(|(key, seen)| ReadSet::digest(now.get(*key).map(Vec::as_slice)) != **seen);
         if let Some((key, _)) = changed {
@@ -578,40 +583,52 @@ async fn commit(
     }
     for (prefix, limit, seen) in &reads.listings {
         let limit = i64::try_from(*limit).unwrap_or(i64::MAX);
-        let rows = tx.query(&sql.keys, &[&component, prefix, &prefix_end(prefix), &limit]).await?;
+        let rows =
+            tx.query(&tx.prepare_cached(&sql.keys).await?, &[&component, prefix, &prefix_end(prefix), &limit]).await?;
         let now: Vec<String> = rows.into_iter().map(|row| row.get(0)).collect();
         if now != *seen {
             return Ok(Err(StoreError::Conflict(format!("keys under {prefix:?} changed since they were listed"))));
         }
     }
     if !changes.handled.0.is_empty() {
-        let inserted = tx.execute(&sql.insert_handled, &[&component, &changes.handled.0, &changes.handled.1]).await?;
+        let inserted = tx
+            .execute(
+                &tx.prepare_cached(&sql.insert_handled).await?,
+                &[&component, &changes.handled.0, &changes.handled.1],
+            )
+            .await?;
         if inserted != changes.handled.0.len() as u64 {
             return Ok(Err(StoreError::Conflict("an event of the batch was handled meanwhile".into())));
         }
     }
     if !changes.upserts.0.is_empty() {
-        tx.execute(&sql.upsert, &[&component, &changes.upserts.0, &changes.upserts.1]).await?;
+        tx.execute(&tx.prepare_cached(&sql.upsert).await?, &[&component, &changes.upserts.0, &changes.upserts.1])
+            .await?;
     }
     if !changes.deletes.is_empty() {
-        tx.execute(&sql.delete, &[&component, &changes.deletes]).await?;
+        tx.execute(&tx.prepare_cached(&sql.delete).await?, &[&component, &changes.deletes]).await?;
     }
     for step in &changes.timers {
         match step {
-            TimerStep::Fired(id, at_ms) => tx.execute(&sql.delete_fired, &[&component, id, at_ms]).await?,
+            TimerStep::Fired(id, at_ms) => {
+                tx.execute(&tx.prepare_cached(&sql.delete_fired).await?, &[&component, id, at_ms]).await?
+            }
             TimerStep::Set(timer) => {
                 let body = serde_json::to_string(timer).unwrap_or_default();
-                tx.execute(&sql.set_timer, &[&component, &timer.id, &ms(timer.at_ms), &body]).await?
+                tx.execute(&tx.prepare_cached(&sql.set_timer).await?, &[&component, &timer.id, &ms(timer.at_ms), &body])
+                    .await?
             }
-            TimerStep::Cancel(id) => tx.execute(&sql.cancel_timer, &[&component, id]).await?,
+            TimerStep::Cancel(id) => {
+                tx.execute(&tx.prepare_cached(&sql.cancel_timer).await?, &[&component, id]).await?
+            }
         };
     }
     if !changes.outbox.0.is_empty() {
         let (sources, created, records) = &changes.outbox;
-        tx.execute(&sql.insert_outbox, &[&component, sources, created, records]).await?;
+        tx.execute(&tx.prepare_cached(&sql.insert_outbox).await?, &[&component, sources, created, records]).await?;
     }
     if !cleared.is_empty() {
-        tx.execute(&sql.forget, &[&component, &cleared]).await?;
+        tx.execute(&tx.prepare_cached(&sql.forget).await?, &[&component, &cleared]).await?;
     }
     tx.commit().await?;
     Ok(Ok(()))
@@ -621,7 +638,10 @@ impl StateStore for PostgresStore {
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let key = key.to_owned();
         self.with(move |client, sql, component| async move {
-            Ok(client.query_opt(&sql.get, &[&component, &key]).await?.map(|row| row.get(0)))
+            Ok(client
+                .query_opt(&client.prepare_cached(&sql.get).await?, &[&component, &key])
+                .await?
+                .map(|row| row.get(0)))
         })
     }
 
@@ -629,7 +649,9 @@ impl StateStore for PostgresStore {
         let prefix = prefix.to_owned();
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.with(move |client, sql, component| async move {
-            let rows = client.query(&sql.keys, &[&component, &prefix, &prefix_end(&prefix), &limit]).await?;
+            let rows = client
+                .query(&client.prepare_cached(&sql.keys).await?, &[&component, &prefix, &prefix_end(&prefix), &limit])
+                .await?;
             Ok(rows.into_iter().map(|row| row.get(0)).collect())
         })
     }
@@ -659,14 +681,14 @@ impl StateStore for PostgresStore {
     fn was_handled(&self, id: &str) -> Result<bool, StoreError> {
         let id = id.to_owned();
         self.with(move |client, sql, component| async move {
-            Ok(client.query_opt(&sql.was_handled, &[&component, &id]).await?.is_some())
+            Ok(client.query_opt(&client.prepare_cached(&sql.was_handled).await?, &[&component, &id]).await?.is_some())
         })
     }
 
     fn handled_among(&self, ids: &[&str]) -> Result<std::collections::HashSet<String>, StoreError> {
         let ids: Vec<String> = ids.iter().map(|id| (*id).to_owned()).collect();
         self.with(move |client, sql, component| async move {
-            let rows = client.query(&sql.handled_among, &[&component, &ids]).await?;
+            let rows = client.query(&client.prepare_cached(&sql.handled_among).await?, &[&component, &ids]).await?;
             Ok(rows.into_iter().map(|row| row.get(0)).collect())
         })
     }
@@ -677,7 +699,7 @@ impl StateStore for PostgresStore {
         }
         let source = source.to_owned();
         let row = self.with(move |client, sql, component| async move {
-            let row = client.query_opt(&sql.outbox, &[&component, &source]).await?;
+            let row = client.query_opt(&client.prepare_cached(&sql.outbox).await?, &[&component, &source]).await?;
             Ok(row.map(|row| (source, row.get::<_, i64>(0), row.get::<_, String>(1))))
         })?;
         row.map(|(source, created_ms, records)| entry(source, created_ms, &records)).transpose()
@@ -687,7 +709,7 @@ impl StateStore for PostgresStore {
         let cleared = self.cleared().clone();
         let fetch = i64::try_from(limit.saturating_add(cleared.len())).unwrap_or(i64::MAX);
         let rows = self.with(move |client, sql, component| async move {
-            let rows = client.query(&sql.pending_outbox, &[&component, &fetch]).await?;
+            let rows = client.query(&client.prepare_cached(&sql.pending_outbox).await?, &[&component, &fetch]).await?;
             Ok(rows.into_iter().map(|row| (row.get(0), row.get(1), row.get(2))).collect::<Vec<(String, i64, String)>>())
         })?;
         rows.into_iter()
@@ -705,7 +727,10 @@ impl StateStore for PostgresStore {
     fn timer(&self, id: &str) -> Result<Option<Timer>, StoreError> {
         let id = id.to_owned();
         let body = self.with(move |client, sql, component| async move {
-            Ok(client.query_opt(&sql.timer, &[&component, &id]).await?.map(|row| row.get::<_, String>(0)))
+            Ok(client
+                .query_opt(&client.prepare_cached(&sql.timer).await?, &[&component, &id])
+                .await?
+                .map(|row| row.get::<_, String>(0)))
         })?;
         body.map(|body| decode(&body, "timer")).transpose()
     }
@@ -713,7 +738,9 @@ impl StateStore for PostgresStore {
     fn due_timers(&self, now_ms: u64, limit: usize) -> Result<Vec<Timer>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let bodies = self.with(move |client, sql, component| async move {
-            let rows = client.query(&sql.due_timers, &[&component, &ms(now_ms), &limit]).await?;
+            let rows = client
+                .query(&client.prepare_cached(&sql.due_timers).await?, &[&component, &ms(now_ms), &limit])
+                .await?;
             Ok(rows.into_iter().map(|row| row.get::<_, String>(0)).collect::<Vec<_>>())
         })?;
         bodies.iter().map(|body| decode(body, "timer")).collect()
@@ -723,7 +750,9 @@ impl StateStore for PostgresStore {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let lease_ms = f64::from(u32::try_from(lease.as_millis()).unwrap_or(u32::MAX));
         let bodies = self.with(move |client, sql, component| async move {
-            let rows = client.query(&sql.claim_timers, &[&component, &ms(now_ms), &limit, &lease_ms]).await?;
+            let rows = client
+                .query(&client.prepare_cached(&sql.claim_timers).await?, &[&component, &ms(now_ms), &limit, &lease_ms])
+                .await?;
             Ok(rows.into_iter().map(|row| row.get::<_, String>(0)).collect::<Vec<_>>())
         })?;
         let mut timers: Vec<Timer> = bodies.iter().map(|body| decode(body, "timer")).collect::<Result<_, _>>()?;
@@ -741,8 +770,12 @@ impl StateStore for PostgresStore {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let lease_ms = f64::from(u32::try_from(lease.as_millis()).unwrap_or(u32::MAX));
         let mut rows = self.with(move |client, sql, component| async move {
-            let rows =
-                client.query(&sql.claim_outbox, &[&component, &ms(committed_before_ms), &limit, &lease_ms]).await?;
+            let rows = client
+                .query(
+                    &client.prepare_cached(&sql.claim_outbox).await?,
+                    &[&component, &ms(committed_before_ms), &limit, &lease_ms],
+                )
+                .await?;
             Ok(rows.into_iter().map(|row| (row.get(0), row.get(1), row.get(2), row.get(3))).collect::<Vec<(
                 i64,
                 String,
@@ -759,7 +792,8 @@ impl StateStore for PostgresStore {
 
     fn timer_count(&self) -> Result<u64, StoreError> {
         self.with(move |client, sql, component| async move {
-            let count: i64 = client.query_one(&sql.timer_count, &[&component]).await?.get(0);
+            let count: i64 =
+                client.query_one(&client.prepare_cached(&sql.timer_count).await?, &[&component]).await?.get(0);
             Ok(u64::try_from(count).unwrap_or(0))
         })
     }
@@ -767,7 +801,10 @@ impl StateStore for PostgresStore {
     fn outbox_count(&self) -> Result<u64, StoreError> {
         let cleared = self.cleared().clone();
         self.with(move |client, sql, component| async move {
-            let count: i64 = client.query_one(&sql.outbox_count, &[&component, &cleared]).await?.get(0);
+            let count: i64 = client
+                .query_one(&client.prepare_cached(&sql.outbox_count).await?, &[&component, &cleared])
+                .await?
+                .get(0);
             Ok(u64::try_from(count).unwrap_or(0))
         })
     }
