@@ -100,22 +100,24 @@ impl ClientContext for Context {
 }
 
 impl ConsumerContext for Context {
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let assigned = match consumer.assignment() {
-            Ok(list) => list.elements().iter().map(|e| tp(e.topic(), e.partition())).collect(),
-            Err(err) => {
-                tracing::warn!("cannot read assignment: {err}");
-                Vec::new()
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        // From the callback's own argument: asking the consumer for its
+        // assignment here blocks forever when the rebalance is the one that
+        // closing the consumer (shutdown) triggers. With the eager protocol
+        // (the default), an assignment is the whole new set and a
+        // revocation takes everything.
+        let assigned: Vec<String> = match rebalance {
+            Rebalance::Assign(list) => list.elements().iter().map(|e| tp(e.topic(), e.partition())).collect(),
+            Rebalance::Revoke(_) => Vec::new(),
+            Rebalance::Error(err) => {
+                tracing::warn!("rebalance error: {err}");
+                return;
             }
         };
         tracing::info!(
             ?assigned,
             "rebalance: {}",
-            match rebalance {
-                Rebalance::Assign(_) => "assigned",
-                Rebalance::Revoke(_) => "revoked",
-                Rebalance::Error(_) => "error",
-            }
+            if matches!(rebalance, Rebalance::Assign(_)) { "assigned" } else { "revoked" }
         );
         self.status.update(|s| s.assigned_partitions = assigned);
     }
@@ -244,11 +246,20 @@ async fn run(
             }
         }
     }
-    match consumer.commit_consumer_state(CommitMode::Sync) {
-        Ok(()) => {}
-        // Nothing was stored since the last commit.
-        Err(rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
-        Err(err) => tracing::warn!(group = %settings.group, "final commit failed: {err}"),
+    // The final commit and the close (leaving the group, its rebalance
+    // callbacks) block: off the async workers.
+    let group = settings.group.clone();
+    let closed = tokio::task::spawn_blocking(move || {
+        match consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) => {}
+            // Nothing was stored since the last commit.
+            Err(rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
+            Err(err) => tracing::warn!(%group, "final commit failed: {err}"),
+        }
+        drop(consumer);
+    });
+    if let Err(err) = closed.await {
+        tracing::error!(group = %settings.group, "closing the consumer failed: {err}");
     }
     result
 }
