@@ -411,9 +411,6 @@ impl ServiceRuntime {
     /// The store's.
     pub async fn settle_timer(&self, timer: &crate::state::Timer, retry_at_ms: Option<u64>) -> Result<(), StoreError> {
         let _serial = self.handle_lock.lock().await;
-        if self.store.timer(&timer.id)?.as_ref() != Some(timer) {
-            return Ok(());
-        }
         let now_ms = self.clock.now_ms();
         let commit = match retry_at_ms {
             Some(at_ms) => Commit {
@@ -423,13 +420,19 @@ impl ServiceRuntime {
             },
             None => Commit { fired: Some((timer.id.clone(), timer.at_ms)), now_ms, ..Commit::default() },
         };
-        // A durable commit waits for its fsync: not on an async worker.
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.commit(commit))
-            .await
-            .map_err(|err| StoreError::Unavailable(format!("commit thread failed: {err}")))??
-            .wait()
-            .await
+        // The store's calls block (a durable commit waits for its fsync, a
+        // database for its round trips): not on an async worker.
+        let (store, timer) = (self.store.clone(), timer.clone());
+        tokio::task::spawn_blocking(move || {
+            if store.timer(&timer.id)?.as_ref() != Some(&timer) {
+                return Ok(crate::state::Durable::done());
+            }
+            store.commit(commit)
+        })
+        .await
+        .map_err(|err| StoreError::Unavailable(format!("commit thread failed: {err}")))??
+        .wait()
+        .await
     }
 
     /// Forgets the outbox entry of `source` once its records were
