@@ -243,6 +243,8 @@ pub async fn run(
         }
     }
 
+    let drain_timeout = Duration::from_millis(manifest.runtime.drain_timeout_ms);
+    let abandoned = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = tokio::task::JoinSet::new();
     for (name, listener) in listeners {
         let settings = &manifest.components[&name];
@@ -255,9 +257,16 @@ pub async fn run(
             group: format!("{}{}", topics.prefix, settings.group),
             topics: settings.topics.iter().map(|t| topics.physical(t)).collect(),
             instance_id: Some(format!("{}-{name}", instance.id())),
+            drain_timeout,
         };
         tasks.spawn(crate::scheduler::run(pipeline.clone(), publisher.clone(), clock.clone(), shutdown.clone()));
-        tasks.spawn(kafka::run_supervised(pipeline, publisher.clone(), consumer, status.clone(), shutdown.clone()));
+        let consuming = kafka::run_supervised(pipeline, publisher.clone(), consumer, status.clone(), shutdown.clone());
+        let abandoned = abandoned.clone();
+        tasks.spawn(async move {
+            if let Err(kafka::Abandoned(n)) = consuming.await {
+                abandoned.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
         if manifest.runtime.watch {
             let timing = crate::watch::WatchTiming::default();
             tasks.spawn(crate::watch::watch(service.clone(), settings.wasm.clone(), timing, shutdown.clone()));
@@ -287,17 +296,47 @@ pub async fn run(
     let gateway_port = serving.gateway.then_some(manifest.gateway.port);
     tracing::info!(gateway = ?gateway_port, brokers = %brokers, "host ready");
 
-    while let Some(joined) = tasks.join_next().await {
-        if let Err(err) = joined {
-            tracing::error!("task failed: {err}");
-            shutdown.cancel();
+    // Until shutdown, a task that fails stops the host. From shutdown on,
+    // every task has the drain timeout (and a few seconds to close) to end;
+    // whatever is left then is abandoned.
+    let mut deadline = None;
+    loop {
+        let stop_by = deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86_400));
+        tokio::select! {
+            joined = tasks.join_next() => match joined {
+                None => break,
+                Some(Err(err)) if !err.is_cancelled() => {
+                    tracing::error!("task failed: {err}");
+                    shutdown.cancel();
+                }
+                Some(_) => {}
+            },
+            () = shutdown.cancelled(), if deadline.is_none() => {
+                deadline = Some(tokio::time::Instant::now() + drain_timeout + CLOSE_GRACE);
+            }
+            () = tokio::time::sleep_until(stop_by), if deadline.is_some() => {
+                tracing::error!(tasks = tasks.len(), "shutdown: tasks still running after the drain timeout, abandoned");
+                abandoned.fetch_add(tasks.len(), std::sync::atomic::Ordering::SeqCst);
+                tasks.abort_all();
+                while tasks.join_next().await.is_some() {}
+                break;
+            }
         }
     }
-    publisher.flush(Duration::from_secs(10));
+    publisher.flush(CLOSE_GRACE);
     drop(instance);
+    let abandoned = abandoned.load(std::sync::atomic::Ordering::SeqCst);
+    anyhow::ensure!(
+        abandoned == 0,
+        "stopped, abandoning {abandoned} records or tasks in flight (they will be delivered again)"
+    );
     tracing::info!("host stopped");
     Ok(())
 }
+
+/// After the drain timeout, how long consumers and the producer get to
+/// close.
+const CLOSE_GRACE: Duration = Duration::from_secs(3);
 
 async fn serve(listener: TcpListener, router: axum::Router, shutdown: CancellationToken, name: String) {
     let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();

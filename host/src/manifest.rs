@@ -133,6 +133,15 @@ pub struct RuntimeSettings {
     /// component), relative to the manifest. One host at a time may use it.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+    /// On SIGTERM, how long the host may take to finish the records in
+    /// flight, in milliseconds; what is left then is abandoned (its offsets
+    /// not stored, so it is delivered again) and the host exits non-zero.
+    #[serde(default = "default_drain_timeout_ms")]
+    pub drain_timeout_ms: u64,
+}
+
+fn default_drain_timeout_ms() -> u64 {
+    10_000
 }
 
 fn default_state_dir() -> PathBuf {
@@ -149,7 +158,12 @@ fn default_cache_dir() -> PathBuf {
 
 impl Default for RuntimeSettings {
     fn default() -> Self {
-        Self { cache_dir: default_cache_dir(), watch: default_watch(), state_dir: default_state_dir() }
+        Self {
+            cache_dir: default_cache_dir(),
+            watch: default_watch(),
+            state_dir: default_state_dir(),
+            drain_timeout_ms: default_drain_timeout_ms(),
+        }
     }
 }
 
@@ -353,6 +367,9 @@ impl Manifest {
         }
         if self.components.is_empty() {
             return Err(invalid("components", "at least one component is required"));
+        }
+        if !(100..=300_000).contains(&self.runtime.drain_timeout_ms) {
+            return Err(invalid("runtime.drain_timeout_ms", "must be between 100 and 300000"));
         }
         let schema = &self.state.schema;
         if schema.is_empty()

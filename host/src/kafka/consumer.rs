@@ -39,6 +39,8 @@ pub struct ConsumerSettings {
     pub topics: Vec<String>,
     /// `group.instance.id` for static membership, if any.
     pub instance_id: Option<String>,
+    /// On shutdown, how long the records in flight may take to settle.
+    pub drain_timeout: Duration,
 }
 
 /// What `/health` shows about a component's consumer.
@@ -123,19 +125,33 @@ impl ConsumerContext for Context {
     }
 }
 
+/// Records in flight left unsettled at shutdown.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} records in flight abandoned at shutdown")]
+pub struct Abandoned(pub usize);
+
 /// Runs a component's consumer until `shutdown`, restarting it after a
 /// failure so that one failing service never stops the others.
+///
+/// # Errors
+/// [`Abandoned`]: shutdown left records in flight unsettled (they will be
+/// delivered again).
 pub async fn run_supervised(
     pipeline: Arc<Pipeline>,
     publisher: Arc<dyn Publisher>,
     settings: ConsumerSettings,
     status: ConsumerStatus,
     shutdown: CancellationToken,
-) {
+) -> Result<(), Abandoned> {
     let name = pipeline.service().name().to_owned();
+    let mut outcome = Ok(());
     loop {
         match run(&pipeline, &publisher, &settings, &status, &shutdown).await {
             Ok(()) => break,
+            Err(err) if err.is::<Abandoned>() => {
+                outcome = Err(err.downcast::<Abandoned>().unwrap_or(Abandoned(0)));
+                break;
+            }
             Err(err) => {
                 let message = format!("{err:#}");
                 tracing::error!(component = %name, "consumer failed, restarting in 1 s: {message}");
@@ -152,6 +168,7 @@ pub async fn run_supervised(
     }
     status.update(|s| s.consuming = false);
     tracing::info!(component = %name, "consumer stopped");
+    outcome
 }
 
 fn inbound(message: &rdkafka::message::BorrowedMessage<'_>) -> Inbound {
@@ -229,23 +246,38 @@ async fn run(
     };
     // On a clean stop, finish what is in flight: its effects happened, so
     // store its offsets. After a failure, store nothing more: later records
-    // must not be marked done ahead of the one that failed.
-    if result.is_ok() {
-        let drained = tokio::time::timeout(Duration::from_secs(30), async {
-            while let Some(settled) = pending.next().await {
-                done(&consumer, status, &mut progress, settled)?;
-            }
-            anyhow::Ok(())
-        })
-        .await;
-        match drained {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => tracing::error!(group = %settings.group, "while draining: {err:#}"),
-            Err(_) => {
-                tracing::error!(group = %settings.group, "in-flight records not acknowledged within 30 s")
+    // must not be marked done ahead of the one that failed. What has not
+    // settled within the drain timeout is abandoned: its offsets are not
+    // stored, so it is delivered again (and dropped by id if it was handled).
+    let result = match result {
+        Ok(()) => {
+            let drained = tokio::time::timeout(settings.drain_timeout, async {
+                while let Some(settled) = pending.next().await {
+                    done(&consumer, status, &mut progress, settled)?;
+                }
+                anyhow::Ok(())
+            })
+            .await;
+            match drained {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(err)) => {
+                    tracing::error!(group = %settings.group, "while draining: {err:#}");
+                    Ok(())
+                }
+                Err(_) => {
+                    tracing::error!(
+                        group = %settings.group,
+                        abandoned = pending.len(),
+                        "records in flight not settled within the drain timeout ({:?}): abandoned, to be delivered again",
+                        settings.drain_timeout
+                    );
+                    Err(Abandoned(pending.len()).into())
+                }
             }
         }
-    }
+        Err(err) => Err(err),
+    };
+    drop(pending);
     // The final commit and the close (leaving the group, its rebalance
     // callbacks) block: off the async workers.
     let group = settings.group.clone();

@@ -101,6 +101,7 @@ fn invalid_values_name_their_key() {
         ("", "[kafka]\npartitions = 0", "kafka.partitions"),
         ("", "[kafka]\ntopic_prefix = \"a b\"", "kafka.topic_prefix"),
         ("timeout_ms = 0", "", "components.order.timeout_ms"),
+        ("", "[runtime]\ndrain_timeout_ms = 5", "runtime.drain_timeout_ms"),
         ("", "[http]\nbind = \"nowhere\"", "invalid IP address"),
     ];
     for (component, top, needle) in cases {
