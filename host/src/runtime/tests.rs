@@ -269,7 +269,16 @@ async fn compiled_components_are_cached_on_disk() {
     let first =
         LoadedComponent::from_bytes(&Engine::with_cache(Some(dir.clone())).unwrap(), &wasm("payment"), &bytes).unwrap();
     assert!(!first.from_cache);
-    let entries: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let cwasm = |dir: &std::path::Path| -> Vec<std::path::PathBuf> {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "cwasm"))
+            .collect();
+        entries.sort();
+        entries
+    };
+    let entries = cwasm(&dir);
     assert_eq!(entries.len(), 1, "{entries:?}");
     assert!(entries[0].file_name().unwrap().to_string_lossy().starts_with(&first.sha256));
 
@@ -283,7 +292,26 @@ async fn compiled_components_are_cached_on_disk() {
     let rebuilt = LoadedComponent::from_bytes(&engine, &wasm("payment"), &bytes).unwrap();
     assert!(!rebuilt.from_cache);
     assert!(LoadedComponent::from_bytes(&engine, &wasm("payment"), &bytes).unwrap().from_cache);
+
+    // Native code this cache did not write is never loaded, however valid:
+    // another component's entry under payment's name...
+    let email = std::fs::read(wasm("email")).unwrap();
+    let email_entry = LoadedComponent::from_bytes(&engine, &wasm("email"), &email).unwrap();
+    let email_path = cwasm(&dir).into_iter().find(|p| p.to_string_lossy().contains(&email_entry.sha256)).unwrap();
+    std::fs::copy(&email_path, &entries[0]).unwrap();
+    assert!(!LoadedComponent::from_bytes(&engine, &wasm("payment"), &bytes).unwrap().from_cache, "renamed entry");
+    // ...payment's own entry sealed by another cache (another key)...
+    let other = std::env::temp_dir().join(format!("cache-test-{}", uuid::Uuid::new_v4().simple()));
+    LoadedComponent::from_bytes(&Engine::with_cache(Some(other.clone())).unwrap(), &wasm("payment"), &bytes).unwrap();
+    std::fs::copy(&cwasm(&other)[0], &entries[0]).unwrap();
+    assert!(!LoadedComponent::from_bytes(&engine, &wasm("payment"), &bytes).unwrap().from_cache, "foreign seal");
+    // ...or a serialized component without a seal (as written before seals).
+    let bare = wasmtime::component::Component::new(engine.wasmtime(), &bytes).unwrap().serialize().unwrap();
+    std::fs::write(&entries[0], bare).unwrap();
+    assert!(!LoadedComponent::from_bytes(&engine, &wasm("payment"), &bytes).unwrap().from_cache, "no seal");
+    assert!(LoadedComponent::from_bytes(&engine, &wasm("payment"), &bytes).unwrap().from_cache, "replaced, sealed");
     std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(&other).unwrap();
 }
 
 #[tokio::test]
