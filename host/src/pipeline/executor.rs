@@ -288,6 +288,13 @@ impl<'a> Batch<'a> {
             Err(err) => err,
         };
         let reason = err.to_string();
+        if matches!(err, CallError::RolledBack(_)) {
+            // The try that rolled the new version back is not the event's:
+            // it goes again at once, on the restored version.
+            ready.attempt -= 1;
+            tracing::warn!(component = core.service.name(), event_id = %ready.event.id, "{reason}; retrying on the restored version");
+            return Some((ready, Instant::now()));
+        }
         // The store failing says nothing about the event: it waits for
         // the store, however long, rather than being set aside.
         let store_failed = matches!(err, CallError::Store(_));

@@ -21,6 +21,19 @@ impl Default for CanaryPolicy {
     }
 }
 
+/// What one outcome says about the version that produced it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Observation {
+    /// Handled.
+    Ok,
+    /// The version's own fault: a trap, a timeout, a retryable error, or a
+    /// permanent error on a record the previous version handles.
+    Failed,
+    /// Says nothing about the version (the store failed, or the record is
+    /// refused by the previous version too): not counted at all.
+    Ignored,
+}
+
 /// What the watch concluded from one outcome.
 pub enum Verdict {
     /// No watch, or the event ran on another version.
@@ -57,13 +70,23 @@ impl Canary {
         *self.watch.lock().unwrap_or_else(PoisonError::into_inner) = Some(watch);
     }
 
+    /// The version `version` replaced, if `version` is under watch.
+    pub fn previous_of(&self, version: &str) -> Option<Arc<LoadedComponent>> {
+        let guard = self.watch.lock().unwrap_or_else(PoisonError::into_inner);
+        guard.as_ref().filter(|w| w.candidate == version).map(|w| w.previous.clone())
+    }
+
     /// Records one outcome of `version`.
-    pub fn observe(&self, version: &str, ok: bool) -> Verdict {
+    pub fn observe(&self, version: &str, observation: Observation) -> Verdict {
         let mut guard = self.watch.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(watch) = guard.as_mut().filter(|w| w.candidate == version) else { return Verdict::Unwatched };
-        watch.seen += 1;
-        if !ok {
-            watch.failures += 1;
+        match observation {
+            Observation::Ignored => return Verdict::Watching,
+            Observation::Ok => watch.seen += 1,
+            Observation::Failed => {
+                watch.seen += 1;
+                watch.failures += 1;
+            }
         }
         if watch.failures >= self.policy.max_failures {
             let (failures, seen) = (watch.failures, watch.seen);

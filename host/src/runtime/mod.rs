@@ -100,6 +100,10 @@ pub enum CallError {
     /// previous version once the watch rolls back.
     #[error("new version failed during its canary: {0}")]
     Canary(String),
+    /// This failure rolled the new version back: the event is retried on
+    /// the restored version, and this try does not count as an attempt.
+    #[error("new version {0}")]
+    RolledBack(String),
     /// Committing the call's state writes failed; nothing was applied.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -365,6 +369,7 @@ impl ServiceRuntime {
         wrap: impl FnOnce(&[OutgoingEvent], &str) -> Result<Vec<OutboxRecord>, String>,
     ) -> Result<Called, CallError> {
         let component = self.current();
+        let trial_view = view.clone();
         let kept = self.warm.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
         let mut warm = match kept.filter(|w| Arc::ptr_eq(&w.component, &component)) {
             Some(mut warm) => {
@@ -377,7 +382,7 @@ impl ServiceRuntime {
                 let instance = self.stages.time(Stage::Instantiate, || component.pre.instantiate(&mut store));
                 match instance {
                     Ok(instance) => Warm { component: component.clone(), store, instance, calls: 0 },
-                    Err(err) => return self.judge(&component, Err(self.trap(err))),
+                    Err(err) => return self.judge(&component, canary::Observation::Failed, Err(self.trap(err))),
                 }
             }
         };
@@ -401,7 +406,38 @@ impl ServiceRuntime {
         if !trapped && warm.calls < self.limits.instance_reuse {
             *self.warm.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(warm);
         }
-        self.judge(&component, outcome)
+        let observation = self.observe(&component, &outcome, event, &trial_view);
+        self.judge(&component, observation, outcome)
+    }
+
+    /// What `outcome` says about `component` under canary watch. A
+    /// permanent error is the new version's fault only if the version it
+    /// replaced handles the same event on the same state (a trial call whose
+    /// writes and outputs are discarded); a record both refuse is bad input.
+    fn observe<T>(
+        &self,
+        component: &LoadedComponent,
+        outcome: &Result<T, CallError>,
+        event: &Event,
+        view: &Arc<dyn StateRead>,
+    ) -> canary::Observation {
+        match outcome {
+            Ok(_) => canary::Observation::Ok,
+            Err(CallError::Store(_)) => canary::Observation::Ignored,
+            Err(CallError::Handle(HandleError::Permanent(_))) => {
+                let Some(previous) = self.canary.previous_of(&component.sha256) else {
+                    return canary::Observation::Ignored;
+                };
+                let mut store = self.parts(view.clone(), false).store(&self.engine);
+                let handled = previous
+                    .pre
+                    .instantiate(&mut store)
+                    .and_then(|instance| instance.call_handle(&mut store, event))
+                    .is_ok_and(|result| result.is_ok());
+                if handled { canary::Observation::Failed } else { canary::Observation::Ignored }
+            }
+            Err(_) => canary::Observation::Failed,
+        }
     }
 
     /// Removes a timer that fired, or moves it to `retry_at_ms`, unless it
@@ -446,10 +482,16 @@ impl ServiceRuntime {
     /// Feeds an outcome to the canary watch, rolling back if it says so.
     /// Failures of a watched version are made retryable so that the event
     /// is tried again, on the restored version after a rollback.
-    fn judge<T>(&self, component: &LoadedComponent, outcome: Result<T, CallError>) -> Result<T, CallError> {
-        match self.canary.observe(&component.sha256, outcome.is_ok()) {
-            canary::Verdict::Unwatched | canary::Verdict::Watching if outcome.is_ok() => outcome,
+    fn judge<T>(
+        &self,
+        component: &LoadedComponent,
+        observation: canary::Observation,
+        outcome: Result<T, CallError>,
+    ) -> Result<T, CallError> {
+        match self.canary.observe(&component.sha256, observation) {
             canary::Verdict::Unwatched => outcome,
+            // Only the version's own faults become canary failures (retried).
+            canary::Verdict::Watching if observation != canary::Observation::Failed => outcome,
             canary::Verdict::Watching => outcome.map_err(|err| CallError::Canary(err.to_string())),
             canary::Verdict::Passed => {
                 tracing::info!(component = %self.name, version = %component.sha256, "new version passed its canary");
@@ -469,7 +511,7 @@ impl ServiceRuntime {
                         break;
                     }
                 }
-                Err(CallError::Canary(reason))
+                Err(CallError::RolledBack(reason))
             }
         }
     }

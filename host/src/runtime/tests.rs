@@ -210,13 +210,28 @@ async fn a_new_version_failing_its_canary_is_rolled_back() {
     assert!(matches!(&first, CallError::Canary(m) if m.contains("malformed OrderPlaced")), "{first}");
     assert!(first.is_retryable(), "a canary failure is retried, not dead-lettered");
     let second = handle(&rt, &poison()).await.unwrap_err();
-    assert!(matches!(&second, CallError::Canary(m) if m.contains("rolled back after 2 failures")), "{second}");
+    assert!(matches!(&second, CallError::RolledBack(m) if m.contains("rolled back after 2 failures")), "{second}");
+    assert!(second.is_retryable());
     assert_eq!(rt.current().sha256, original, "the previous version serves again");
     assert!(handle(&rt, &poison()).await.is_ok(), "the retried event succeeds on the restored version");
 
     let outcomes: Vec<String> = rt.history().into_iter().map(|h| h.outcome).collect();
     assert_eq!(outcomes[0], "serving");
     assert!(outcomes[1].starts_with("rolled back after 2 failures"), "{outcomes:?}");
+}
+
+#[tokio::test]
+async fn records_every_version_refuses_do_not_roll_a_good_version_back() {
+    let rt = runtime("payment", 1000);
+    let v2 = hex::encode(Sha256::digest(std::fs::read(wasm("payment-v2")).unwrap()));
+    rt.reload("payment-v2.wasm", std::fs::read(wasm("payment-v2")).unwrap()).await.unwrap();
+    // Malformed requests: the previous version refuses them as well, so
+    // they are bad input, not the new version's fault.
+    for i in 0..4 {
+        let err = handle(&rt, &event("PaymentRequested", &i.to_string())).await.unwrap_err();
+        assert!(matches!(err, CallError::Handle(HandleError::Permanent(_))), "{err}");
+    }
+    assert_eq!(rt.current().sha256, v2, "still serving the new version");
 }
 
 #[tokio::test]
@@ -242,7 +257,9 @@ async fn the_pipeline_retries_a_canary_failure_on_the_restored_version() {
 
     let rt = Arc::new(runtime("misbehave", 1000));
     rt.reload("order.wasm", std::fs::read(wasm("order")).unwrap()).await.unwrap();
-    let retry = RetryPolicy { max_attempts: 3, first_backoff: Duration::from_millis(1), ..RetryPolicy::default() };
+    // As many attempts as canary failures: the attempt that rolls the
+    // version back does not count, so the event is not dead-lettered.
+    let retry = RetryPolicy { max_attempts: 2, first_backoff: Duration::from_millis(1), ..RetryPolicy::default() };
     let pipeline = Pipeline::new(rt.clone(), Topics::default(), retry, Arc::new(ManualClock::at(5)));
     let envelope = Envelope::originate("OrderPlaced", "canary", "test", 1, serde_json::json!("hello"));
     let record = Inbound {
