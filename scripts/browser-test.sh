@@ -28,6 +28,7 @@ sed -e "s|^port = 3005|port = $((BASE + 5))|" \
     -e "s|^port = 3004|port = $((BASE + 4))|" \
     -e "s|^topic_prefix = \"\"|topic_prefix = \"$PREFIX\"|" \
     -e "s|^wasm = \"target/|wasm = \"$ROOT/target/|" \
+    -e "s|^stock = \"\\(.*\\)\"|stock = \"\\1,<b>bold</b>=0\"|" \
     app.toml >"$WORK/app.toml"
 
 "$ROOT/target/debug/host" run --manifest "$WORK/app.toml" >"$WORK/host.log" 2>&1 &

@@ -71,3 +71,30 @@ test("invalid fields are shown next to the fields and nothing is placed", async 
   assert.match(await error("items[0].quantity").textContent(), /between 1 and 1000/);
   assert.equal(await page.locator("#status").isHidden(), true);
 });
+
+test("event text with markup in the history is shown as text, never parsed", async () => {
+  const page = await browser.newPage();
+  await page.goto(GATEWAY);
+  // scripts/browser-test.sh stocks 0 of the SKU "<b>bold</b>": the order
+  // is cancelled with the note "out of stock: <b>bold</b>".
+  const id = await page.evaluate(async () => {
+    const r = await fetch("/order", {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({
+        customer: { name: "Ada", email: "ada@example.com" },
+        items: [{ sku: "<b>bold</b>", quantity: 1, unit_price_cents: 100 }],
+        payment: { card_number: "4242424242424242" },
+      }),
+    });
+    const body = await r.json();
+    follow(body.order_id);
+    return body.order_id;
+  });
+  await page.waitForFunction(() => document.querySelector("#order-status")?.textContent === "CANCELLED",
+    null, { timeout: 30_000 });
+  assert.equal(await page.textContent("#order-id"), id);
+  const history = await page.textContent("#history");
+  assert.ok(history.includes("out of stock: <b>bold</b>"), history);
+  assert.equal(await page.$$eval("#history b", els => els.length), 0, "no element made from event text");
+});
