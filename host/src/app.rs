@@ -235,7 +235,8 @@ pub async fn run(
         StateBackend::Postgres => clock.now_ms().saturating_sub(crate::scheduler::STALE_OUTBOX_MS),
     };
     for (name, service) in services.iter().filter(|(name, _)| serving.runs(name)) {
-        match crate::scheduler::relay(service, &*publisher, started_ms).await {
+        let dead_letters = topics.physical(&topics.dead_letter);
+        match crate::scheduler::relay(service, &*publisher, started_ms, &dead_letters).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(component = %name, entries = n, "published the outbox left by the last run"),
             // Kept: the periodic relay tries again.
@@ -252,6 +253,7 @@ pub async fn run(
         let status = ConsumerStatus::default();
         let retry = RetryPolicy { max_attempts: settings.max_attempts, ..RetryPolicy::default() };
         let pipeline = Arc::new(Pipeline::new(service.clone(), topics.clone(), retry, clock.clone()));
+        pipeline.set_max_record_bytes(manifest.kafka.max_record_bytes);
         let consumer = ConsumerSettings {
             brokers: brokers.clone(),
             group: format!("{}{}", topics.prefix, settings.group),

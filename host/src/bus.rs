@@ -45,6 +45,9 @@ impl From<crate::state::OutboxRecord> for Outbound {
 pub struct PublishError {
     pub topic: String,
     pub message: String,
+    /// The broker will never take the record (unknown topic, record too
+    /// large, not authorised): retrying cannot help.
+    pub permanent: bool,
 }
 
 /// Resolves once every record of one `enqueue` call is acknowledged.
@@ -65,12 +68,20 @@ pub trait Publisher: Send + Sync + 'static {
 #[derive(Debug, Default)]
 pub struct MemoryBus {
     topics: Mutex<BTreeMap<String, Vec<Outbound>>>,
+    /// Topics whose records are refused for good, with the reason.
+    refused: Mutex<BTreeMap<String, String>>,
 }
 
 impl MemoryBus {
     /// The records published to `topic` so far.
     pub fn records(&self, topic: &str) -> Vec<Outbound> {
         self.topics.lock().unwrap_or_else(PoisonError::into_inner).get(topic).cloned().unwrap_or_default()
+    }
+
+    /// Refuses every record to `topic` from now on, permanently, as a broker
+    /// refuses a topic that does not exist.
+    pub fn refuse(&self, topic: &str, message: &str) {
+        self.refused.lock().unwrap_or_else(PoisonError::into_inner).insert(topic.to_owned(), message.to_owned());
     }
 
     /// Publishes one record directly (as an external producer would).
@@ -89,9 +100,23 @@ impl Publisher for MemoryBus {
         &self,
         records: Vec<Outbound>,
     ) -> Pin<Box<dyn Future<Output = Result<Acked, PublishError>> + Send + '_>> {
+        let mut failure = None;
         for record in records {
-            self.push(record);
+            let refused = self.refused.lock().unwrap_or_else(PoisonError::into_inner).get(&record.topic).cloned();
+            match refused {
+                Some(message) => {
+                    failure.get_or_insert(PublishError { topic: record.topic, message, permanent: true });
+                }
+                None => self.push(record),
+            }
         }
-        Box::pin(async { Ok(Box::pin(async { Ok(()) }) as Acked) })
+        Box::pin(async move {
+            Ok(Box::pin(async move {
+                match failure {
+                    Some(err) => Err(err),
+                    None => Ok(()),
+                }
+            }) as Acked)
+        })
     }
 }

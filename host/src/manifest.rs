@@ -74,6 +74,14 @@ pub struct KafkaSettings {
     /// broker to expire the dead member. Give every host its own id.
     #[serde(default)]
     pub instance_id: Option<String>,
+    /// Largest record value a component is given, in bytes; a larger one
+    /// is set aside on the dead-letter topic as too large.
+    #[serde(default = "default_max_record_bytes")]
+    pub max_record_bytes: usize,
+}
+
+fn default_max_record_bytes() -> usize {
+    crate::pipeline::DEFAULT_MAX_RECORD_BYTES
 }
 
 fn default_partitions() -> i32 {
@@ -95,6 +103,7 @@ impl Default for KafkaSettings {
             topic_prefix: String::new(),
             dead_letter_topic: default_dead_letter_topic(),
             instance_id: None,
+            max_record_bytes: default_max_record_bytes(),
         }
     }
 }
@@ -361,6 +370,9 @@ impl Manifest {
             return Err(invalid("kafka.replication_factor", "must be between 1 and 32"));
         }
         check_name("kafka.topic_prefix", &k.topic_prefix, true)?;
+        if !(1024..=16 << 20).contains(&k.max_record_bytes) {
+            return Err(invalid("kafka.max_record_bytes", "must be between 1024 and 16777216"));
+        }
         check_name("kafka.dead_letter_topic", &k.dead_letter_topic, false)?;
         if let Some(id) = &k.instance_id {
             check_name("kafka.instance_id", id, false)?;

@@ -9,9 +9,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Outbound, Publisher};
 use crate::clock::Clock;
-use crate::pipeline::{Pipeline, Settled, Turn, settle};
+use crate::pipeline::{Disposition, Pipeline, Settled, Turn, settle};
 use crate::runtime::ServiceRuntime;
-use crate::state::OutboxEntry;
+use crate::state::{Durable, OutboxEntry};
 
 /// Longest sleep between two looks at the timers.
 const POLL: Duration = Duration::from_millis(100);
@@ -49,6 +49,7 @@ pub async fn relay(
     service: &ServiceRuntime,
     publisher: &dyn Publisher,
     committed_before_ms: u64,
+    dead_letter_topic: &str,
 ) -> anyhow::Result<usize> {
     // Only what is on disk may go out.
     service.state_store().sync_point().wait().await?;
@@ -66,8 +67,16 @@ pub async fn relay(
             return Ok(relayed.len());
         }
         for entry in entries {
-            publish(publisher, entry.records.into_iter().map(Outbound::from).collect()).await?;
-            service.published(&entry.source);
+            // Settled like a redelivered event's outputs: published, or set
+            // aside if the broker refuses them for good; then forgotten.
+            let records = entry.records.into_iter().map(Outbound::from).collect();
+            let disposition = Disposition::Publish {
+                records,
+                source: Some(entry.source.clone()),
+                duplicate: true,
+                durable: Durable::done(),
+            };
+            settle(service, publisher, disposition, Turn::default(), dead_letter_topic).await?;
             relayed.insert(entry.source);
         }
     }
@@ -97,7 +106,7 @@ pub async fn run(
         if last_relay.elapsed() >= RELAY_EVERY {
             last_relay = tokio::time::Instant::now();
             let before = clock.now_ms().saturating_sub(STALE_OUTBOX_MS);
-            match relay(&service, &*publisher, before).await {
+            match relay(&service, &*publisher, before, &pipeline.dead_letter_topic()).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(component = service.name(), entries = n, "relayed stale outbox entries"),
                 Err(err) => tracing::warn!(component = service.name(), "outbox relay failed, will retry: {err:#}"),
@@ -129,7 +138,7 @@ pub async fn fire_due(
         }
         for timer in due {
             let Some(disposition) = pipeline.process_timer(&timer, shutdown).await else { return Ok(()) };
-            match settle(service, publisher, disposition, Turn::default()).await? {
+            match settle(service, publisher, disposition, Turn::default(), &pipeline.dead_letter_topic()).await? {
                 Settled::Handled => {}
                 // Handled already (or no longer due): make sure this very
                 // timer is gone.
@@ -229,10 +238,38 @@ mod tests {
             service.state_store().commit(commit).unwrap();
         }
         let bus = MemoryBus::default();
-        assert_eq!(relay(&service, &bus, 20).await.unwrap(), 2, "only entries old enough");
-        assert_eq!(relay(&service, &bus, u64::MAX).await.unwrap(), 1);
+        assert_eq!(relay(&service, &bus, 20, "dlq").await.unwrap(), 2, "only entries old enough");
+        assert_eq!(relay(&service, &bus, u64::MAX, "dlq").await.unwrap(), 1);
         let values: Vec<Vec<u8>> = bus.records("t").into_iter().map(|r| r.value).collect();
         assert_eq!(values, [b"a".to_vec(), b"b".to_vec(), b"c".to_vec()], "in commit order");
         assert_eq!(service.state_store().outbox_count().unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_outbox_entry_the_broker_refuses_for_good_is_set_aside_not_retried_forever() {
+        let service = runtime("misbehave", 1000);
+        let record = crate::state::OutboxRecord {
+            topic: "gone".into(),
+            key: "k".into(),
+            value: "x".repeat(100_000),
+            headers: vec![("h".into(), "v".into())],
+        };
+        let commit = Commit { handled: Some("e1".into()), outbox: vec![record], now_ms: 1, ..Commit::default() };
+        service.state_store().commit(commit).unwrap();
+        let bus = MemoryBus::default();
+        bus.refuse("gone", "Broker: Unknown topic or partition");
+        assert_eq!(relay(&service, &bus, u64::MAX, "dlq").await.unwrap(), 1);
+        assert_eq!(service.state_store().outbox_count().unwrap(), 0, "forgotten, not relayed again");
+        let aside = bus.records("dlq");
+        assert_eq!(aside.len(), 1);
+        let header = |name: &str| {
+            aside[0].headers.iter().find(|(k, _)| k == name).map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        };
+        assert!(header("dlq-reason").unwrap().contains("Unknown topic"), "{:?}", aside[0].headers);
+        assert_eq!(header("dlq-target-topic").as_deref(), Some("gone"));
+        assert_eq!(header("dlq-source-event").as_deref(), Some("e1"));
+        assert_eq!(header("dlq-truncated").as_deref(), Some("100000"), "a dead letter stays small enough");
+        assert_eq!(aside[0].value.len(), crate::pipeline::MAX_DEAD_LETTER_VALUE);
+        assert_eq!(header("h").as_deref(), Some("v"), "its own headers kept");
     }
 }

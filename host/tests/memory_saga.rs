@@ -129,7 +129,15 @@ impl World {
                         if let Disposition::DeadLetter { reason, .. } = &disposition {
                             dead.push((pipeline.service().name().to_owned(), reason.clone()));
                         }
-                        settle(pipeline.service(), &*self.bus, disposition, Turn::default()).await.unwrap();
+                        settle(
+                            pipeline.service(),
+                            &*self.bus,
+                            disposition,
+                            Turn::default(),
+                            &pipeline.dead_letter_topic(),
+                        )
+                        .await
+                        .unwrap();
                         *cursor += 1;
                         moved = true;
                     }

@@ -311,9 +311,10 @@ fn handle(
     let (topic, partition, offset) = (record.topic.clone(), record.partition, record.offset);
     let handled = pipeline.submit(record, shutdown);
     let service = pipeline.service().clone();
+    let dead_letters = pipeline.dead_letter_topic();
     async move {
         let settled = match handled.await {
-            Some(disposition) => settle(&service, &*publisher, disposition, turn).await.map(Some),
+            Some(disposition) => settle(&service, &*publisher, disposition, turn, &dead_letters).await.map(Some),
             None => Ok(None),
         };
         (topic, partition, offset, settled)

@@ -38,8 +38,31 @@ impl KafkaPublisher {
     }
 }
 
-fn failed(topic: &str, err: impl std::fmt::Display) -> PublishError {
-    PublishError { topic: topic.to_owned(), message: err.to_string() }
+fn failed(topic: &str, err: &KafkaError) -> PublishError {
+    PublishError { topic: topic.to_owned(), message: err.to_string(), permanent: is_permanent(err) }
+}
+
+/// Whether the broker will never take the record, however often it is
+/// sent: the topic does not exist (topics are not auto-created), the record
+/// is too large or invalid, or the producer is not authorised.
+fn is_permanent(err: &KafkaError) -> bool {
+    use RDKafkaErrorCode as Code;
+    let code = match err {
+        KafkaError::MessageProduction(code) => *code,
+        _ => return false,
+    };
+    matches!(
+        code,
+        Code::UnknownTopic
+            | Code::UnknownTopicOrPartition
+            | Code::InvalidTopic
+            | Code::MessageSizeTooLarge
+            | Code::InvalidMessageSize
+            | Code::InvalidMessage
+            | Code::InvalidRecord
+            | Code::TopicAuthorizationFailed
+            | Code::ClusterAuthorizationFailed
+    )
 }
 
 impl Publisher for KafkaPublisher {
@@ -65,7 +88,7 @@ impl Publisher for KafkaPublisher {
                             pending = back;
                             tokio::time::sleep(Duration::from_millis(20)).await;
                         }
-                        Err((err, _)) => return Err(failed(&record.topic, err)),
+                        Err((err, _)) => return Err(failed(&record.topic, &err)),
                     }
                 };
                 deliveries.push((record.topic.clone(), delivery));
@@ -74,8 +97,12 @@ impl Publisher for KafkaPublisher {
                 try_join_all(deliveries.into_iter().map(|(topic, delivery)| async move {
                     match delivery.await {
                         Ok(Ok(_)) => Ok(()),
-                        Ok(Err((err, _))) => Err(failed(&topic, err)),
-                        Err(_) => Err(failed(&topic, "producer closed before acknowledging")),
+                        Ok(Err((err, _))) => Err(failed(&topic, &err)),
+                        Err(_) => Err(PublishError {
+                            topic,
+                            message: "producer closed before acknowledging".into(),
+                            permanent: false,
+                        }),
                     }
                 }))
                 .await

@@ -222,6 +222,17 @@ impl<'a> Batch<'a> {
         let Job { input, shutdown, reply } = job;
         let decoding = Instant::now();
         let (record, envelope, fired) = match input {
+            Input::Record(record)
+                if record.value.as_ref().map_or(0, Vec::len)
+                    > core.max_record_bytes.load(std::sync::atomic::Ordering::Relaxed) =>
+            {
+                let limit = core.max_record_bytes.load(std::sync::atomic::Ordering::Relaxed);
+                let size = record.value.as_ref().map_or(0, Vec::len);
+                let reason =
+                    format!("record of {size} bytes is larger than the limit of {limit} (kafka.max_record_bytes)");
+                let _ = reply.send(Some(core.dead_letter(&record, reason, 0)));
+                return None;
+            }
             Input::Record(record) => match Envelope::decode(record.value.as_deref()) {
                 Ok(envelope) => (record, envelope, None),
                 Err(err) => {

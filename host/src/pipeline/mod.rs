@@ -32,6 +32,19 @@ pub use settle::{Settled, Turn, settle};
 /// published.
 pub const MAX_RECORD_BYTES: usize = 900 * 1024;
 
+/// Largest value a dead-letter record carries; a longer one is cut there
+/// (its full length in a `dlq-truncated` header), so that the dead-letter
+/// topic always takes it.
+pub const MAX_DEAD_LETTER_VALUE: usize = 64 * 1024;
+
+/// `value` cut to [`MAX_DEAD_LETTER_VALUE`], and the header saying so if it was.
+fn bounded(value: &[u8]) -> (Vec<u8>, Option<(String, Vec<u8>)>) {
+    if value.len() <= MAX_DEAD_LETTER_VALUE {
+        return (value.to_vec(), None);
+    }
+    (value[..MAX_DEAD_LETTER_VALUE].to_vec(), Some(("dlq-truncated".to_owned(), value.len().to_string().into_bytes())))
+}
+
 /// Logical topic of the events timers deliver.
 pub const TIMER_TOPIC: &str = "timer";
 
@@ -104,7 +117,12 @@ struct Core {
     topics: Topics,
     retry: RetryPolicy,
     clock: Arc<dyn Clock>,
+    /// Largest record value handled; a larger one is dead-lettered as such.
+    max_record_bytes: std::sync::atomic::AtomicUsize,
 }
+
+/// Default of [`Pipeline::set_max_record_bytes`].
+pub const DEFAULT_MAX_RECORD_BYTES: usize = 512 * 1024;
 
 impl Pipeline {
     /// A pipeline feeding `service`, with its executor thread.
@@ -112,9 +130,21 @@ impl Pipeline {
     /// # Panics
     /// If the operating system cannot start a thread.
     pub fn new(service: Arc<ServiceRuntime>, topics: Topics, retry: RetryPolicy, clock: Arc<dyn Clock>) -> Self {
-        let core = Arc::new(Core { service, topics, retry, clock });
+        let max_record_bytes = std::sync::atomic::AtomicUsize::new(DEFAULT_MAX_RECORD_BYTES);
+        let core = Arc::new(Core { service, topics, retry, clock, max_record_bytes });
         let jobs = executor::start(core.clone());
         Self { core, jobs }
+    }
+
+    /// Records whose value is larger than `bytes` are not handled but
+    /// dead-lettered as too large (a copy cut to [`MAX_DEAD_LETTER_VALUE`]).
+    pub fn set_max_record_bytes(&self, bytes: usize) {
+        self.core.max_record_bytes.store(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The physical dead-letter topic.
+    pub fn dead_letter_topic(&self) -> String {
+        self.core.topics.physical(&self.core.topics.dead_letter)
     }
 
     /// The service behind this pipeline.
@@ -250,13 +280,10 @@ impl Core {
             ("dlq-attempts".to_owned(), attempts.to_string().into_bytes()),
         ]);
         let key = record.key.as_deref().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
+        let (value, truncated) = bounded(record.value.as_deref().unwrap_or_default());
+        headers.extend(truncated);
         Disposition::DeadLetter {
-            record: Outbound {
-                topic: self.topics.physical(&self.topics.dead_letter),
-                key,
-                value: record.value.clone().unwrap_or_default(),
-                headers,
-            },
+            record: Outbound { topic: self.topics.physical(&self.topics.dead_letter), key, value, headers },
             reason,
         }
     }

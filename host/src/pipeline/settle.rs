@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use tokio::sync::oneshot;
 
 use super::Disposition;
-use crate::bus::Publisher;
+use crate::bus::{Outbound, Publisher};
 use crate::runtime::ServiceRuntime;
 use crate::stages::Stage;
 
@@ -40,15 +40,22 @@ pub struct Turn {
 /// records in its `turn`, waits for their acknowledgement, then forgets its
 /// outbox entry.
 ///
+/// Records the broker refuses for good (unknown topic, too large, not
+/// authorised) never stall the stream: they are set aside on
+/// `dead_letter_topic` with the reason, the outbox entry is forgotten, and
+/// the record counts as dead-lettered.
+///
 /// # Errors
-/// The commit did not become durable, or publishing failed. Nothing may then
-/// be treated as done: the record must be handled again (its outbox entry,
-/// if any, stays queued for a redelivery or the relay).
+/// The commit did not become durable, or publishing failed in a way that
+/// may pass. Nothing may then be treated as done: the record must be handled
+/// again (its outbox entry, if any, stays queued for a redelivery or the
+/// relay).
 pub async fn settle(
     service: &ServiceRuntime,
     publisher: &dyn Publisher,
     disposition: Disposition,
     turn: Turn,
+    dead_letter_topic: &str,
 ) -> anyhow::Result<Settled> {
     let (records, durable, source, settled) = match disposition {
         Disposition::Publish { records, source, duplicate, durable } => {
@@ -71,12 +78,52 @@ pub async fn settle(
         return Ok(settled);
     }
     let publishing = Instant::now();
-    let acked = publisher.enqueue(records).await;
+    let kept = records.clone();
+    let enqueued = publisher.enqueue(records).await;
     drop(turn.enqueued);
-    acked.context("failed to enqueue output")?.await.context("output not acknowledged")?;
+    let acked = match enqueued {
+        Ok(acked) => acked.await,
+        Err(err) => Err(err),
+    };
+    match acked {
+        Ok(()) => {}
+        Err(err) if err.permanent && err.topic != dead_letter_topic => {
+            let reason = format!("the broker refuses it for good: {err}");
+            let aside: Vec<Outbound> = kept
+                .iter()
+                .filter(|record| record.topic == err.topic)
+                .map(|record| set_aside(record, &reason, service.name(), source.as_deref(), dead_letter_topic))
+                .collect();
+            tracing::error!(component = service.name(), source = ?source, records = aside.len(), "output set aside: {reason}");
+            publisher.enqueue(aside).await?.await.context("set-aside output not acknowledged")?;
+            if let Some(source) = &source {
+                service.published(source);
+            }
+            return Ok(Settled::DeadLettered);
+        }
+        Err(err) => return Err(err).context("output not acknowledged"),
+    }
     service.stages().record(Stage::Publish, publishing.elapsed());
     if let Some(source) = &source {
         service.published(source);
     }
     Ok(settled)
+}
+
+/// The dead-letter copy of an output the broker refused: its key, headers
+/// and (bounded) value, with why, who emitted it, for which topic, and for
+/// which event.
+fn set_aside(record: &Outbound, reason: &str, component: &str, source: Option<&str>, topic: &str) -> Outbound {
+    let (value, truncated) = super::bounded(&record.value);
+    let mut headers = record.headers.clone();
+    headers.extend([
+        ("dlq-reason".to_owned(), reason.as_bytes().to_vec()),
+        ("dlq-component".to_owned(), component.as_bytes().to_vec()),
+        ("dlq-target-topic".to_owned(), record.topic.as_bytes().to_vec()),
+    ]);
+    if let Some(source) = source {
+        headers.push(("dlq-source-event".to_owned(), source.as_bytes().to_vec()));
+    }
+    headers.extend(truncated);
+    Outbound { topic: topic.to_owned(), key: record.key.clone(), value, headers }
 }
