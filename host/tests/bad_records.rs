@@ -52,16 +52,7 @@ async fn refused_outputs_and_oversized_records_are_set_aside_and_the_stream_goes
     let ports = Ports::free();
     let (manifest, prefix) = write_manifest(&dir, ports);
     // A component whose every output goes to `out`, a topic that does not exist.
-    let misbehave_port = free_port();
-    let mut app: toml::Table = std::fs::read_to_string(&manifest).unwrap().parse().unwrap();
-    let echo: toml::Table = format!(
-        "wasm = {:?}\nport = {misbehave_port}\ntopics = [\"misbehave\"]\ngroup = \"misbehave\"\n",
-        component("misbehave").display().to_string()
-    )
-    .parse()
-    .unwrap();
-    app["components"].as_table_mut().unwrap().insert("misbehave".into(), toml::Value::Table(echo));
-    std::fs::write(&manifest, toml::to_string(&app).unwrap()).unwrap();
+    let misbehave_port = add_component(&manifest, "misbehave", "");
     let _host = HostProcess::start(&manifest, Some(&brokers));
     let client = reqwest::Client::new();
     wait_healthy(&client, ports).await;

@@ -57,28 +57,10 @@ fn order_body(kind: Kind) -> Value {
     })
 }
 
-/// Places order `i` until the gateway accepts it; the same idempotency key
-/// on every try, so a retry after a crash is the same order.
+/// Places order `i` until the gateway accepts it: its id and total.
 async fn place(client: &reqwest::Client, gateway: &str, i: usize) -> (String, u64) {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let sent = client
-            .post(format!("{gateway}/order"))
-            .header("idempotency-key", format!("kill-test-{i}"))
-            .json(&order_body(kind(i)))
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await;
-        if let Ok(response) = sent {
-            if response.status() == 202 {
-                let body: Value = response.json().await.unwrap();
-                return (body["order_id"].as_str().unwrap().to_owned(), body["total_cents"].as_u64().unwrap());
-            }
-            assert!(response.status().is_server_error(), "order {i} refused: {}", response.status());
-        }
-        assert!(Instant::now() < deadline, "order {i} not accepted within 180 s");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let body = place_until_accepted(client, gateway, &format!("kill-test-{i}"), &order_body(kind(i))).await;
+    (body["order_id"].as_str().unwrap().to_owned(), body["total_cents"].as_u64().unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -115,32 +97,10 @@ async fn every_order_settles_exactly_once_across_sigkills_and_duplicates() {
     // Orders go in from 8 concurrent clients while the host is killed.
     let placed = Arc::new(AtomicUsize::new(0));
     let placing = {
-        let (client, gateway, placed) = (client.clone(), gateway.clone(), placed.clone());
-        tokio::spawn(async move {
-            let next = Arc::new(AtomicUsize::new(0));
-            let workers: Vec<_> = (0..8)
-                .map(|_| {
-                    let (client, gateway, next, placed) =
-                        (client.clone(), gateway.clone(), next.clone(), placed.clone());
-                    tokio::spawn(async move {
-                        let mut mine = Vec::new();
-                        loop {
-                            let i = next.fetch_add(1, Ordering::SeqCst);
-                            if i >= ORDERS {
-                                return mine;
-                            }
-                            let (id, total) = place(&client, &gateway, i).await;
-                            placed.fetch_add(1, Ordering::SeqCst);
-                            mine.push((i, id, total));
-                        }
-                    })
-                })
-                .collect();
-            let mut all = Vec::new();
-            for worker in workers {
-                all.extend(worker.await.unwrap());
-            }
-            all
+        let (client, gateway) = (client.clone(), gateway.clone());
+        spawn_placing(8, ORDERS, placed.clone(), move |i| {
+            let (client, gateway) = (client.clone(), gateway.clone());
+            async move { place(&client, &gateway, i).await }
         })
     };
 
@@ -162,7 +122,8 @@ async fn every_order_settles_exactly_once_across_sigkills_and_duplicates() {
         host = HostProcess::start(&manifest, Some(&brokers));
         assert!(started.elapsed() < Duration::from_secs(600), "the run took too long");
     }
-    let orders = placing.await.unwrap();
+    let orders: Vec<(usize, String, u64)> =
+        placing.await.unwrap().into_iter().map(|(i, (id, total))| (i, id, total)).collect();
     assert_eq!(orders.len(), ORDERS);
     wait_healthy(&client, ports).await;
 

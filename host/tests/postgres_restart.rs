@@ -82,44 +82,25 @@ async fn events_wait_for_a_restarted_database_and_nothing_is_lost() {
     wait_healthy(&client, ports).await;
     let gateway = format!("http://127.0.0.1:{}", ports.gateway);
 
-    // Orders keep coming, 4 clients, about 60 a second.
     let placed = Arc::new(AtomicUsize::new(0));
     let placing = {
-        let (client, gateway, placed) = (client.clone(), gateway.clone(), placed.clone());
-        tokio::spawn(async move {
-            let next = Arc::new(AtomicUsize::new(0));
-            let workers: Vec<_> = (0..4)
-                .map(|_| {
-                    let (client, gateway, next, placed) =
-                        (client.clone(), gateway.clone(), next.clone(), placed.clone());
-                    tokio::spawn(async move {
-                        let mut mine = Vec::new();
-                        loop {
-                            let i = next.fetch_add(1, Ordering::SeqCst);
-                            if i >= ORDERS {
-                                return mine;
-                            }
-                            let response = client
-                                .post(format!("{gateway}/order"))
-                                .header("idempotency-key", format!("pg-restart-{i}"))
-                                .json(&body(i))
-                                .send()
-                                .await
-                                .unwrap();
-                            assert_eq!(response.status(), 202, "the gateway needs Kafka, not the database");
-                            let body: Value = response.json().await.unwrap();
-                            mine.push(body["order_id"].as_str().unwrap().to_owned());
-                            placed.fetch_add(1, Ordering::SeqCst);
-                            tokio::time::sleep(Duration::from_millis(60)).await;
-                        }
-                    })
-                })
-                .collect();
-            let mut all = Vec::new();
-            for worker in workers {
-                all.extend(worker.await.unwrap());
+        let (client, gateway) = (client.clone(), gateway.clone());
+        spawn_placing(4, ORDERS, placed.clone(), move |i| {
+            let (client, gateway) = (client.clone(), gateway.clone());
+            async move {
+                let response = client
+                    .post(format!("{gateway}/order"))
+                    .header("idempotency-key", format!("pg-restart-{i}"))
+                    .json(&body(i))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 202, "the gateway needs Kafka, not the database");
+                let body: Value = response.json().await.unwrap();
+                // About 60 orders a second from the 4 clients.
+                tokio::time::sleep(Duration::from_millis(60)).await;
+                body["order_id"].as_str().unwrap().to_owned()
             }
-            all
         })
     };
 
@@ -145,7 +126,7 @@ async fn events_wait_for_a_restarted_database_and_nothing_is_lost() {
     .await;
     let restarted_at = placed.load(Ordering::SeqCst);
     server.script("start");
-    let orders = placing.await.unwrap();
+    let orders: Vec<String> = placing.await.unwrap().into_iter().map(|(_, id)| id).collect();
     eprintln!(
         "postgres restart: stopped after {stopped_at} orders, {} placed while down; health said {}",
         restarted_at - stopped_at,

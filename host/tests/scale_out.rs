@@ -54,28 +54,10 @@ fn order_body(kind: Kind) -> Value {
     })
 }
 
-/// Places order `i` through `gateway` until accepted (same idempotency key
-/// on every try).
+/// Places order `i` through `gateway` until accepted: its id.
 async fn place(client: &reqwest::Client, gateway: &str, i: usize) -> String {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let sent = client
-            .post(format!("{gateway}/order"))
-            .header("idempotency-key", format!("scale-{i}"))
-            .json(&order_body(kind(i)))
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await;
-        if let Ok(response) = sent {
-            if response.status() == 202 {
-                let body: Value = response.json().await.unwrap();
-                return body["order_id"].as_str().unwrap().to_owned();
-            }
-            assert!(response.status().is_server_error(), "order {i} refused: {}", response.status());
-        }
-        assert!(Instant::now() < deadline, "order {i} not accepted within 120 s");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let body = place_until_accepted(client, gateway, &format!("scale-{i}"), &order_body(kind(i))).await;
+    body["order_id"].as_str().unwrap().to_owned()
 }
 
 /// One host: its manifest (its own ports and state directory, the app's
@@ -189,32 +171,10 @@ async fn three_hosts_share_the_work_and_the_state_across_a_sigkill() {
     // 8 clients, alternating between the two gateways.
     let placed = Arc::new(AtomicUsize::new(0));
     let placing = {
-        let (client, gateways, placed) = (client.clone(), gateways.clone(), placed.clone());
-        tokio::spawn(async move {
-            let next = Arc::new(AtomicUsize::new(0));
-            let workers: Vec<_> = (0..8)
-                .map(|_| {
-                    let (client, gateways, next, placed) =
-                        (client.clone(), gateways.clone(), next.clone(), placed.clone());
-                    tokio::spawn(async move {
-                        let mut mine = Vec::new();
-                        loop {
-                            let i = next.fetch_add(1, Ordering::SeqCst);
-                            if i >= ORDERS {
-                                return mine;
-                            }
-                            let id = place(&client, &gateways[i % 2], i).await;
-                            placed.fetch_add(1, Ordering::SeqCst);
-                            mine.push((i, id));
-                        }
-                    })
-                })
-                .collect();
-            let mut all = Vec::new();
-            for worker in workers {
-                all.extend(worker.await.unwrap());
-            }
-            all
+        let (client, gateways) = (client.clone(), gateways.clone());
+        spawn_placing(8, ORDERS, placed.clone(), move |i| {
+            let (client, gateway) = (client.clone(), gateways[i % 2].clone());
+            async move { place(&client, &gateway, i).await }
         })
     };
 

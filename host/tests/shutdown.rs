@@ -100,17 +100,7 @@ async fn a_call_that_outlasts_the_drain_is_abandoned_with_a_failure_exit() {
     let (manifest, prefix) = write_manifest(&dir, ports);
     prepare(&manifest, &dir);
     // A component whose call spins for up to a minute (its time budget).
-    let misbehave_port = free_port();
-    let mut app: toml::Table = std::fs::read_to_string(&manifest).unwrap().parse().unwrap();
-    let spin: toml::Table = format!(
-        "wasm = {:?}\nport = {misbehave_port}\ntopics = [\"misbehave\"]\ngroup = \"misbehave\"\ntimeout_ms = 60000\n",
-        component("misbehave").display().to_string()
-    )
-    .parse()
-    .unwrap();
-    app["components"].as_table_mut().unwrap().insert("misbehave".into(), toml::Value::Table(spin));
-    std::fs::write(&manifest, toml::to_string(&app).unwrap()).unwrap();
-
+    let misbehave_port = add_component(&manifest, "misbehave", "timeout_ms = 60000");
     let mut host = HostProcess::start(&manifest, Some(&brokers));
     let client = reqwest::Client::new();
     wait_healthy(&client, ports).await;

@@ -391,3 +391,91 @@ pub fn duplicate_everything(brokers: String, topics: Vec<String>, stop: Arc<Atom
     }
     producer.flush(Duration::from_secs(30)).unwrap();
 }
+
+/// Runs `place(i)` for every `i` below `total` on `workers` concurrent
+/// tasks, counting each finished call in `placed`; resolves to `(i, result)`
+/// for all of them.
+pub fn spawn_placing<T, F, Fut>(
+    workers: usize,
+    total: usize,
+    placed: Arc<std::sync::atomic::AtomicUsize>,
+    place: F,
+) -> tokio::task::JoinHandle<Vec<(usize, T)>>
+where
+    T: Send + 'static,
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = T> + Send + 'static,
+{
+    let place = Arc::new(place);
+    tokio::spawn(async move {
+        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..workers)
+            .map(|_| {
+                let (next, placed, place) = (next.clone(), placed.clone(), place.clone());
+                tokio::spawn(async move {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::SeqCst);
+                        if i >= total {
+                            return mine;
+                        }
+                        let result = place(i).await;
+                        placed.fetch_add(1, Ordering::SeqCst);
+                        mine.push((i, result));
+                    }
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for task in tasks {
+            all.extend(task.await.unwrap());
+        }
+        all
+    })
+}
+
+/// Adds component `name` (the test build of the same name) to `manifest`
+/// on a free port, consuming the topic `name`, with extra `fields` (TOML
+/// lines); returns its port.
+pub fn add_component(manifest: &Path, name: &str, fields: &str) -> u16 {
+    let port = free_port();
+    let mut app: toml::Table = std::fs::read_to_string(manifest).unwrap().parse().unwrap();
+    let settings: toml::Table = format!(
+        "wasm = {:?}\nport = {port}\ntopics = [{name:?}]\ngroup = {name:?}\n{fields}\n",
+        component(name).display().to_string()
+    )
+    .parse()
+    .unwrap();
+    app["components"].as_table_mut().unwrap().insert(name.into(), toml::Value::Table(settings));
+    std::fs::write(manifest, toml::to_string(&app).unwrap()).unwrap();
+    port
+}
+
+/// Posts `body` to `gateway` until it is accepted (202), with the same
+/// `Idempotency-Key` on every try, so that a retry after a crash is the
+/// same order; returns the gateway's answer. A refusal (4xx) fails the test.
+pub async fn place_until_accepted(
+    client: &reqwest::Client,
+    gateway: &str,
+    key: &str,
+    body: &serde_json::Value,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let sent = client
+            .post(format!("{gateway}/order"))
+            .header("idempotency-key", key)
+            .json(body)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await;
+        if let Ok(response) = sent {
+            if response.status() == 202 {
+                return response.json().await.unwrap();
+            }
+            assert!(response.status().is_server_error(), "order {key} refused: {}", response.status());
+        }
+        assert!(Instant::now() < deadline, "order {key} not accepted within 180 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
