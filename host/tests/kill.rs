@@ -83,7 +83,7 @@ async fn every_order_settles_exactly_once_across_sigkills_and_duplicates() {
     let started = Instant::now();
 
     let mut host = HostProcess::start(&manifest, Some(&brokers));
-    wait_healthy(&client, ports).await;
+    wait_host_healthy(&client, ports, &host).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let duplicates = Arc::new(AtomicU64::new(0));
@@ -125,7 +125,7 @@ async fn every_order_settles_exactly_once_across_sigkills_and_duplicates() {
     let orders: Vec<(usize, String, u64)> =
         placing.await.unwrap().into_iter().map(|(i, (id, total))| (i, id, total)).collect();
     assert_eq!(orders.len(), ORDERS);
-    wait_healthy(&client, ports).await;
+    wait_host_healthy(&client, ports, &host).await;
 
     // Every order reaches a final state.
     let mut finals: BTreeMap<String, (usize, u64, Value)> = BTreeMap::new();

@@ -479,3 +479,28 @@ pub async fn place_until_accepted(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// [`wait_healthy`] for `host`, failing with what every port answered and
+/// the host's last log lines (not only which port timed out).
+pub async fn wait_host_healthy(client: &reqwest::Client, ports: Ports, host: &HostProcess) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut answers = Vec::new();
+        for port in ports.all() {
+            let answer = match client.get(format!("http://127.0.0.1:{port}/health")).send().await {
+                Ok(response) => (response.status().as_u16(), response.text().await.unwrap_or_default()),
+                Err(err) => (0, err.to_string()),
+            };
+            answers.push((port, answer));
+        }
+        if answers.iter().all(|(_, (status, _))| *status == 200) {
+            return;
+        }
+        if Instant::now() > deadline {
+            let output = host.output();
+            let tail: Vec<&str> = output.lines().rev().take(80).collect::<Vec<_>>().into_iter().rev().collect();
+            panic!("not healthy within 60 s: {answers:?}\n--- host log (tail) ---\n{}", tail.join("\n"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
