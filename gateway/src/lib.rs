@@ -2,6 +2,7 @@
 //! through a [`Backend`] and serves their status and the order page.
 //!
 //! Routes: `GET /` (frontend), `GET /health`, `POST /order`, `GET /order/{id}`.
+//! Every error is JSON: `{"error": {"code", "message"}}`.
 
 mod error;
 mod request;
@@ -10,8 +11,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -45,14 +46,59 @@ pub trait Backend: Send + Sync + 'static {
     fn order_status(&self, order_id: &str) -> BoxFuture<'_, Result<Option<serde_json::Value>, BackendError>>;
 }
 
-/// The gateway's router.
+/// Largest request body accepted (an order is a few KiB).
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// The gateway's router. Every error it answers is JSON
+/// (`{"error": {"code", "message"}}`), its own and axum's alike.
 pub fn app(backend: Arc<dyn Backend>) -> Router {
     Router::new()
         .route("/", get(index))
         .route("/health", get(health))
         .route("/order", post(place_order))
         .route("/order/{id}", get(order_status))
+        .fallback(no_route)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(backend)
+}
+
+async fn no_route(uri: Uri) -> ApiError {
+    ApiError::NotFound(format!("no route {}: try POST /order or GET /order/{{id}}", uri.path()))
+}
+
+/// Re-shapes the errors axum answers by itself as plain text (a wrong
+/// method, a body over [`MAX_BODY_BYTES`], a path it cannot parse) into the
+/// gateway's JSON error, keeping their status and headers (e.g. `Allow`).
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.map(|b| String::from_utf8_lossy(&b).into_owned());
+    let message = text.ok().filter(|t| !t.is_empty()).unwrap_or_else(|| status.to_string());
+    let code = match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        _ if status.is_server_error() => "internal",
+        _ => "bad_request",
+    };
+    let mut reshaped = (status, Json(json!({ "error": { "code": code, "message": message } }))).into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            reshaped.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    reshaped
 }
 
 const INDEX_HTML: &str = include_str!("../static/index.html");

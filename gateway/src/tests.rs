@@ -145,3 +145,33 @@ async fn unknown_order_health_and_page() {
     let html = axum::body::to_bytes(page.into_body(), 1 << 20).await.unwrap();
     assert!(String::from_utf8_lossy(&html).contains("<form"));
 }
+
+#[tokio::test]
+async fn every_error_is_json_with_a_code() {
+    let app = || app(Arc::new(TwinBackend::default()));
+    let too_large = json!({ "customer": { "name": "x".repeat(MAX_BODY_BYTES) } });
+    let cases = [
+        (Request::get("/nowhere").body(Body::empty()).unwrap(), StatusCode::NOT_FOUND, "not_found"),
+        (Request::get("/order").body(Body::empty()).unwrap(), StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+        (post(&too_large, &[]), StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+        (
+            Request::post("/order").header("content-type", "text/plain").body(Body::from("{}")).unwrap(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            Request::post("/order").header("content-type", "application/json").body(Body::from("{")).unwrap(),
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+        ),
+        (Request::get("/order/%FF").body(Body::empty()).unwrap(), StatusCode::BAD_REQUEST, "bad_request"),
+    ];
+    for (request, status, code) in cases {
+        let uri = request.uri().clone();
+        let (got, body) = send(app(), request).await;
+        assert_eq!((got, body["error"]["code"].as_str()), (status, Some(code)), "{uri}: {body}");
+        assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{uri}: {body}");
+    }
+    let response = app().oneshot(Request::get("/order").body(Body::empty()).unwrap()).await.unwrap();
+    assert!(response.headers().contains_key("allow"), "405 keeps its Allow header");
+}

@@ -35,13 +35,30 @@ struct Admin {
     token: Arc<str>,
 }
 
-/// The admin router. Every route requires `Authorization: Bearer {token}`.
+/// The admin router. Every route requires `Authorization: Bearer {token}`,
+/// checked before anything of the request's body is read.
 pub fn admin_app(services: BTreeMap<String, Managed>, token: &str) -> Router {
+    let admin = Admin { services: Arc::new(services), token: token.into() };
     Router::new()
         .route("/components", get(list))
         .route("/components/{name}/reload", post(reload))
         .layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES))
-        .with_state(Admin { services: Arc::new(services), token: token.into() })
+        .route_layer(axum::middleware::from_fn_with_state(admin.clone(), require_token))
+        .with_state(admin)
+}
+
+/// Refuses a request without the token before its handler (and the body
+/// extractor) runs: an unauthenticated client cannot make the host read,
+/// let alone buffer, an upload.
+async fn require_token(
+    State(admin): State<Admin>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !authorized(&admin, request.headers()) {
+        return unauthorized();
+    }
+    next.run(request).await
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response {
@@ -67,10 +84,7 @@ fn authorized(admin: &Admin, headers: &HeaderMap) -> bool {
     same(presented.as_bytes(), admin.token.as_bytes())
 }
 
-async fn list(State(admin): State<Admin>, headers: HeaderMap) -> Response {
-    if !authorized(&admin, &headers) {
-        return unauthorized();
-    }
+async fn list(State(admin): State<Admin>) -> Response {
     let components: BTreeMap<&String, serde_json::Value> = admin
         .services
         .iter()
@@ -87,10 +101,7 @@ async fn list(State(admin): State<Admin>, headers: HeaderMap) -> Response {
     Json(components).into_response()
 }
 
-async fn reload(State(admin): State<Admin>, Path(name): Path<String>, headers: HeaderMap, body: Bytes) -> Response {
-    if !authorized(&admin, &headers) {
-        return unauthorized();
-    }
+async fn reload(State(admin): State<Admin>, Path(name): Path<String>, body: Bytes) -> Response {
     let Some(managed) = admin.services.get(&name) else {
         return error(StatusCode::NOT_FOUND, "unknown_component", &format!("no component named {name:?}"));
     };

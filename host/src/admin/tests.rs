@@ -46,6 +46,22 @@ async fn requests_without_the_token_are_refused() {
 }
 
 #[tokio::test]
+async fn the_token_is_checked_before_any_of_the_body_is_read() {
+    let app = app_with(Arc::new(runtime("misbehave", 1000)));
+    // A body that never arrives: reading it first would hang.
+    let endless = Body::from_stream(futures::stream::pending::<Result<Vec<u8>, std::io::Error>>());
+    let request = Request::builder()
+        .method("POST")
+        .uri("/components/svc/reload")
+        .header("authorization", "Bearer wrong")
+        .header("content-length", "60000000")
+        .body(endless)
+        .unwrap();
+    let answered = tokio::time::timeout(std::time::Duration::from_secs(5), app.oneshot(request)).await;
+    assert_eq!(answered.expect("answered without reading the body").unwrap().status(), StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
 async fn a_reload_swaps_versions_and_keeps_state() {
     let service = Arc::new(runtime("misbehave", 1000));
     let app = app_with(service.clone());
