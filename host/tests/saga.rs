@@ -284,15 +284,22 @@ async fn events_of_one_order_arriving_out_of_order_converge() {
         })
     };
 
-    // The payment's answer reaches the order service before the order.
+    // The payment's answer reaches the order service before the order. Its
+    // payment id is one the payment service would never make, so the
+    // confirmed order shows whether the buffered answer was applied.
     let early = format!("early-{}", uuid::Uuid::new_v4().simple());
-    let authorized =
-        json!({ "order_id": early, "payment_id": format!("pay_{early}"), "amount_cents": 1250, "card_last4": "4242" });
+    let payment_id = format!("pay_buffered_{early}");
+    let authorized = json!({ "order_id": early, "payment_id": payment_id, "amount_cents": 1250, "card_last4": "4242" });
     send("payments", &Envelope::originate("PaymentAuthorized", &early, "test", 1, authorized));
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let order_health = format!("http://127.0.0.1:{}/health", ports.order);
+    eventually(Duration::from_secs(30), "the order service to handle the early answer", || async {
+        (get_json(&client, &order_health).await?["handled"].as_u64()? >= 1).then_some(())
+    })
+    .await;
     assert!(get_json(&client, &format!("http://127.0.0.1:{}/order/{early}", ports.gateway)).await.is_none());
     send("orders", &Envelope::originate("OrderPlaced", &early, "test", 2, placed(&early)));
     let confirmed = settled(&client, ports, &early, "CONFIRMED").await;
+    assert_eq!(confirmed["payment_id"], json!(payment_id), "the buffered answer was applied: {confirmed}");
     assert_eq!(email_kinds(&client, ports, &early).await, ["order_confirmed"], "{confirmed}");
 
     // A void reaches the payment service before the request it voids.
