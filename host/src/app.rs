@@ -74,14 +74,14 @@ impl Serving {
 }
 
 /// Opens the store of each component in `names`.
-fn open_stores(manifest: &Manifest, names: &[&String]) -> anyhow::Result<BTreeMap<String, Arc<dyn StateStore>>> {
+fn open_stores(manifest: &Manifest, names: &[String]) -> anyhow::Result<BTreeMap<String, Arc<dyn StateStore>>> {
     let mut stores: BTreeMap<String, Arc<dyn StateStore>> = BTreeMap::new();
     match manifest.state.backend {
         StateBackend::Redb => {
             for name in names {
                 let path = manifest.runtime.state_dir.join(format!("{name}.redb"));
                 let store = DurableStore::open(&path).with_context(|| format!("component {name:?}"))?;
-                stores.insert((*name).clone(), Arc::new(store));
+                stores.insert(name.clone(), Arc::new(store));
             }
         }
         StateBackend::Postgres => {
@@ -93,7 +93,7 @@ fn open_stores(manifest: &Manifest, names: &[&String]) -> anyhow::Result<BTreeMa
             let shared = PgStores::connect(url, &manifest.state.schema)
                 .context("state.backend = \"postgres\" (state.url or DATABASE_URL)")?;
             for name in names {
-                stores.insert((*name).clone(), Arc::new(shared.store(name)));
+                stores.insert(name.clone(), Arc::new(shared.store(name)));
             }
         }
     }
@@ -170,7 +170,7 @@ pub async fn run(
         let manifest = manifest.clone();
         let names: Vec<String> = loaded.iter().map(|n| (*n).clone()).collect();
         // Connecting blocks (a database may take seconds to answer).
-        tokio::task::spawn_blocking(move || open_stores(&manifest, &names.iter().collect::<Vec<_>>())).await??
+        tokio::task::spawn_blocking(move || open_stores(&manifest, &names)).await??
     };
     let mut services = BTreeMap::new();
     for name in loaded {

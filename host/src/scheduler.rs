@@ -29,17 +29,6 @@ pub const CLAIM_LEASE: Duration = Duration::from_secs(30);
 /// How often the periodic relay runs.
 const RELAY_EVERY: Duration = Duration::from_secs(5);
 
-/// Publishes the records and waits for the broker's acknowledgement.
-///
-/// # Errors
-/// The publish error; nothing may be assumed delivered.
-pub async fn publish(publisher: &dyn Publisher, records: Vec<Outbound>) -> Result<(), crate::bus::PublishError> {
-    if records.is_empty() {
-        return Ok(());
-    }
-    publisher.enqueue(records).await?.await
-}
-
 /// Publishes every outbox entry committed at or before `committed_before_ms`
 /// and clears each once acknowledged. Returns how many entries were relayed.
 ///

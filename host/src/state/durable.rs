@@ -185,24 +185,13 @@ fn check(write: &redb::WriteTransaction, commits: &[Commit], reads: &ReadSet) ->
         return Ok(());
     }
     let state = write.open_table(STATE)?;
-    let mut failure = None;
-    let result = reads.validate(
-        |key| match state.get(key) {
-            Ok(value) => Ok(ReadSet::digest(value.as_ref().map(|v| v.value()))),
-            Err(err) => {
-                failure = Some(redb::Error::from(err));
-                Err(StoreError::Unavailable(String::new()))
-            }
-        },
-        |prefix, limit| {
-            let listed = list(&state, prefix, limit);
-            listed.map_err(|err| StoreError::Unavailable(err.to_string()))
-        },
-    );
-    match (result, failure) {
-        (Ok(()), _) => Ok(()),
-        (Err(_), Some(err)) => Err(Checked::Db(err)),
-        (Err(err), None) => Err(Checked::Conflict(err)),
+    let changed = reads.changed(
+        |key| Ok::<_, redb::Error>(ReadSet::digest(state.get(key)?.as_ref().map(|v| v.value()))),
+        |prefix, limit| list(&state, prefix, limit),
+    )?;
+    match changed {
+        Some(conflict) => Err(Checked::Conflict(conflict)),
+        None => Ok(()),
     }
 }
 

@@ -26,10 +26,15 @@ impl Maps {
         if let Some(id) = commits.iter().filter_map(|c| c.handled.as_ref()).find(|id| self.handled.contains_key(*id)) {
             return Err(StoreError::Conflict(format!("event {id} was handled meanwhile")));
         }
-        reads.validate(
+        let changed = reads.changed::<std::convert::Infallible>(
             |key| Ok(ReadSet::digest(self.state.get(key).map(Vec::as_slice))),
             |prefix, limit| Ok(self.keys(prefix, limit)),
-        )
+        );
+        match changed {
+            Ok(None) => Ok(()),
+            Ok(Some(conflict)) => Err(conflict),
+            Err(never) => match never {},
+        }
     }
 
     fn keys(&self, prefix: &str, limit: usize) -> Vec<String> {

@@ -25,9 +25,9 @@ pub use txn::{AccessError, Overlay, ReadSet, StateRead, StoreReader, Txn};
 /// A commit's durability: what it queued in the outbox may be published only
 /// once [`Durable::wait`] resolved.
 ///
-/// Both adapters return from [`StateStore::commit_batch`] once the commit
-/// is on disk (the durable store fsyncs each batch), so theirs resolve at
-/// once; the type keeps the publish-after-durable step explicit in the
+/// Every adapter returns from [`StateStore::commit_batch`] once the commit
+/// is on disk (redb fsyncs each batch, PostgreSQL its WAL on commit), so
+/// theirs resolve at once; the type keeps the publish-after-durable step explicit in the
 /// pipeline for an adapter that makes commits durable later.
 #[derive(Debug, Clone, Default)]
 pub struct Durable(());
@@ -42,8 +42,8 @@ impl Durable {
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] when it can no longer become durable;
-    /// nothing it queued may then be published. (Neither adapter defers
-    /// durability today, so neither returns this.)
+    /// nothing it queued may then be published. (No adapter defers
+    /// durability today, so none returns this.)
     pub async fn wait(self) -> Result<(), StoreError> {
         Ok(())
     }

@@ -571,24 +571,30 @@ async fn commit(
     if !changes.locks.is_empty() {
         tx.execute(&tx.prepare_cached(&sql.lock).await?, &[&changes.locks]).await?;
     }
-    // What was read must be what is there now.
+    // What was read must be what is there now: the keys in one query, each
+    // listing again, then compared as every adapter does.
+    let mut now: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     if !reads.keys.is_empty() {
         let keys: Vec<&str> = reads.keys.keys().map(String::as_str).collect();
         let rows = tx.query(&tx.prepare_cached(&sql.validate).await?, &[&component, &keys]).await?;
-        let now: BTreeMap<String, Vec<u8>> = rows.into_iter().map(|row| (row.get(0), row.get(1))).collect();
-        let changed = reads.keys.iter().find(|(key, seen)| ReadSet::digest(now.get(*key).map(Vec::as_slice)) != **seen);
-        if let Some((key, _)) = changed {
-            return Ok(Err(StoreError::Conflict(format!("key {key:?} changed since it was read"))));
-        }
+        now = rows.into_iter().map(|row| (row.get(0), row.get(1))).collect();
     }
-    for (prefix, limit, seen) in &reads.listings {
+    let mut listed = Vec::with_capacity(reads.listings.len());
+    for (prefix, limit, _) in &reads.listings {
         let limit = i64::try_from(*limit).unwrap_or(i64::MAX);
         let rows =
             tx.query(&tx.prepare_cached(&sql.keys).await?, &[&component, prefix, &prefix_end(prefix), &limit]).await?;
-        let now: Vec<String> = rows.into_iter().map(|row| row.get(0)).collect();
-        if now != *seen {
-            return Ok(Err(StoreError::Conflict(format!("keys under {prefix:?} changed since they were listed"))));
-        }
+        listed.push(rows.into_iter().map(|row| row.get(0)).collect::<Vec<String>>());
+    }
+    let mut listed = listed.into_iter();
+    let changed = reads.changed::<std::convert::Infallible>(
+        |key| Ok(ReadSet::digest(now.get(key).map(Vec::as_slice))),
+        |_, _| Ok(listed.next().unwrap_or_default()),
+    );
+    match changed {
+        Ok(None) => {}
+        Ok(Some(conflict)) => return Ok(Err(conflict)),
+        Err(never) => match never {},
     }
     if !changes.handled.0.is_empty() {
         let inserted = tx

@@ -79,27 +79,29 @@ impl ReadSet {
         self.keys.is_empty() && self.listings.is_empty()
     }
 
-    /// Checks the reads against the store as it is now, through `get` and
-    /// `keys`; names the first key that changed.
+    /// Checks the reads against the store as it is now, through `get` (a
+    /// key's digest now) and `keys` (a listing now, asked for in the order
+    /// of [`ReadSet::listings`]): `Ok(Some(conflict))` naming the first read
+    /// that no longer holds, `Ok(None)` when all hold.
     ///
     /// # Errors
-    /// [`StoreError::Conflict`] for a change, or what `get`/`keys` returned.
-    pub fn validate(
+    /// What `get` or `keys` returned: the store could not be read.
+    pub fn changed<E>(
         &self,
-        mut get: impl FnMut(&str) -> Result<Option<[u8; 32]>, StoreError>,
-        mut keys: impl FnMut(&str, usize) -> Result<Vec<String>, StoreError>,
-    ) -> Result<(), StoreError> {
+        mut get: impl FnMut(&str) -> Result<Option<[u8; 32]>, E>,
+        mut keys: impl FnMut(&str, usize) -> Result<Vec<String>, E>,
+    ) -> Result<Option<StoreError>, E> {
         for (key, seen) in &self.keys {
             if get(key)? != *seen {
-                return Err(StoreError::Conflict(format!("key {key:?} changed since it was read")));
+                return Ok(Some(StoreError::Conflict(format!("key {key:?} changed since it was read"))));
             }
         }
         for (prefix, limit, seen) in &self.listings {
             if keys(prefix, *limit)? != *seen {
-                return Err(StoreError::Conflict(format!("keys under {prefix:?} changed since they were listed")));
+                return Ok(Some(StoreError::Conflict(format!("keys under {prefix:?} changed since they were listed"))));
             }
         }
-        Ok(())
+        Ok(None)
     }
 }
 
