@@ -57,8 +57,24 @@ pub async fn drop_schema(schema: &str) {
 }
 
 /// A port nobody listens on right now.
+///
+/// Taken below the kernel's ephemeral range (32768 and up), never from it:
+/// a port the kernel hands out for `bind(0)` may be handed out again to an
+/// outgoing connection (a Kafka client's) before the host binds it, or
+/// while a killed host is restarted on it. Each call in a process takes the
+/// next port of a sequence that starts at a random offset.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::AtomicU16;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ =
+        NEXT.compare_exchange(0, 20_000 + (std::process::id() % 6_000) as u16 * 2, Ordering::SeqCst, Ordering::SeqCst);
+    loop {
+        let port = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = 20_000 + port.wrapping_sub(20_000) % 12_000;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Ports of one test app.
