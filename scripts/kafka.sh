@@ -5,8 +5,10 @@
 #   scripts/kafka.sh stop    stop the broker started here
 #   scripts/kafka.sh status  exit 0 when the broker answers
 #
-# Everything lives under $KAFKA_HOME_DIR (default: .kafka/ in the repo): the jars, the
-# configuration, the data and the log. Override the port with KAFKA_PORT (default 9092).
+# The configuration, the data and the log live under $KAFKA_HOME_DIR (default: .kafka/ in
+# the repo), the jars under $KAFKA_LIB_DIR (default: in .kafka/), so that a second broker
+# (tests that stop one) with its own KAFKA_HOME_DIR, KAFKA_PORT (default 9092) and
+# KAFKA_CONTROLLER_PORT (default 9093) shares them.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,7 +17,7 @@ HOME_DIR="${KAFKA_HOME_DIR:-$ROOT/.kafka}"
 PORT="${KAFKA_PORT:-9092}"
 CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9093}"
 # Bump the suffix when the dependency list below changes, so that it is fetched again.
-LIB="$HOME_DIR/lib-$KAFKA_VERSION-2"
+LIB="${KAFKA_LIB_DIR:-$ROOT/.kafka/lib-$KAFKA_VERSION-2}"
 DATA="$HOME_DIR/data"
 PIDFILE="$HOME_DIR/kafka.pid"
 LOG="$HOME_DIR/kafka.log"

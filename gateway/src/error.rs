@@ -1,7 +1,7 @@
 //! The gateway's one error type: a status, a stable code and a message.
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
@@ -20,11 +20,37 @@ pub enum ApiError {
     NotFound(String),
     /// Kafka or the order service failed.
     Backend(BackendError),
+    /// The order was not sent (the broker is unreachable): not placed.
+    Unavailable(String),
+    /// The order was sent but not acknowledged in time: it may still be
+    /// placed, under `order_id`.
+    Unconfirmed { order_id: String, reason: String },
 }
+
+/// Seconds a client is asked to wait before retrying a `503`.
+pub const RETRY_AFTER_SECS: u64 = 2;
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let retry_after = [(header::RETRY_AFTER, RETRY_AFTER_SECS.to_string())];
         let (status, code, message, fields) = match self {
+            ApiError::Unavailable(reason) => {
+                tracing::warn!("order refused: {reason}");
+                let message = "the order was not placed: the message broker is unreachable; please retry";
+                let body = json!({ "error": { "code": "unavailable", "message": message } });
+                return (StatusCode::SERVICE_UNAVAILABLE, retry_after, Json(body)).into_response();
+            }
+            ApiError::Unconfirmed { order_id, reason } => {
+                tracing::warn!(%order_id, "order not confirmed: {reason}");
+                let body = json!({ "error": {
+                    "code": "not_confirmed",
+                    "message": "the broker did not confirm the order in time: it is most likely not placed, but may be; \
+                                retry with the same Idempotency-Key, which never places it twice",
+                    "order_id": order_id,
+                    "status_url": format!("/order/{order_id}"),
+                } });
+                return (StatusCode::SERVICE_UNAVAILABLE, retry_after, Json(body)).into_response();
+            }
             ApiError::MalformedJson(detail) => (
                 StatusCode::BAD_REQUEST,
                 "malformed_json",

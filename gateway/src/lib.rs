@@ -10,6 +10,7 @@ mod request;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode, Uri, header};
@@ -30,14 +31,32 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 #[error("{0}")]
 pub struct BackendError(pub String);
 
+/// Why an order was not placed; the message is logged, never shown.
+#[derive(Debug, thiserror::Error)]
+pub enum PlaceError {
+    /// Not sent: the order is certainly not placed.
+    #[error("not sent: {0}")]
+    NotSent(String),
+    /// Sent but not acknowledged: it may still be placed (a retry with the
+    /// same `Idempotency-Key` then returns it, never a second order).
+    #[error("not confirmed: {0}")]
+    Unconfirmed(String),
+}
+
 /// What the gateway needs from the rest of the system (the host provides
 /// Kafka and the order service; tests provide a twin).
 pub trait Backend: Send + Sync + 'static {
     /// Publishes `OrderPlaced`; resolves only once the broker acknowledged it.
     ///
     /// # Errors
-    /// [`BackendError`] when it was not acknowledged.
-    fn place_order(&self, order: OrderPlaced) -> BoxFuture<'_, Result<(), BackendError>>;
+    /// [`PlaceError`] when it was not acknowledged.
+    fn place_order(&self, order: OrderPlaced) -> BoxFuture<'_, Result<(), PlaceError>>;
+
+    /// Why orders cannot be taken right now (the broker is unreachable), if
+    /// so: they are refused at once, and `/health` says `degraded`.
+    fn unavailable(&self) -> Option<String> {
+        None
+    }
 
     /// The order's current state and history as JSON, `None` if unknown.
     ///
@@ -49,9 +68,34 @@ pub trait Backend: Send + Sync + 'static {
 /// Largest request body accepted (an order is a few KiB).
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
+/// How the gateway waits on its backend.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Longest wait for the broker's acknowledgement of an order before
+    /// answering `503`.
+    pub publish_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self { publish_timeout: Duration::from_secs(2) }
+    }
+}
+
+#[derive(Clone)]
+struct Gateway {
+    backend: Arc<dyn Backend>,
+    settings: Settings,
+}
+
+/// The gateway's router with the default [`Settings`].
+pub fn app(backend: Arc<dyn Backend>) -> Router {
+    app_with(backend, Settings::default())
+}
+
 /// The gateway's router. Every error it answers is JSON
 /// (`{"error": {"code", "message"}}`), its own and axum's alike.
-pub fn app(backend: Arc<dyn Backend>) -> Router {
+pub fn app_with(backend: Arc<dyn Backend>, settings: Settings) -> Router {
     Router::new()
         .route("/", get(index))
         .route("/health", get(health))
@@ -60,7 +104,7 @@ pub fn app(backend: Arc<dyn Backend>) -> Router {
         .fallback(no_route)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::map_response(json_errors))
-        .with_state(backend)
+        .with_state(Gateway { backend, settings })
 }
 
 async fn no_route(uri: Uri) -> ApiError {
@@ -107,12 +151,18 @@ async fn index() -> Html<&'static str> {
     Html(INDEX_HTML)
 }
 
-async fn health() -> Json<serde_json::Value> {
-    Json(json!({ "status": "ok", "component": "gateway", "version": env!("CARGO_PKG_VERSION") }))
+async fn health(State(gateway): State<Gateway>) -> Response {
+    let (code, status, reason) = match gateway.backend.unavailable() {
+        None => (StatusCode::OK, "ok", None),
+        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, "degraded", Some(reason)),
+    };
+    let body =
+        json!({ "status": status, "component": "gateway", "version": env!("CARGO_PKG_VERSION"), "reason": reason });
+    (code, Json(body)).into_response()
 }
 
 async fn place_order(
-    State(backend): State<Arc<dyn Backend>>,
+    State(Gateway { backend, settings }): State<Gateway>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
@@ -129,7 +179,17 @@ async fn place_order(
     let placed = request.validate(idempotency_key).map_err(ApiError::Validation)?;
     let order_id = placed.order_id.clone();
     let total_cents = placed.total_cents;
-    backend.place_order(placed).await.map_err(ApiError::Backend)?;
+    // Refused at once while the broker is unreachable: certainly not placed.
+    if let Some(reason) = backend.unavailable() {
+        return Err(ApiError::Unavailable(reason));
+    }
+    let unconfirmed = |reason: String| ApiError::Unconfirmed { order_id: order_id.clone(), reason };
+    match tokio::time::timeout(settings.publish_timeout, backend.place_order(placed)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(PlaceError::NotSent(reason))) => return Err(ApiError::Unavailable(reason)),
+        Ok(Err(PlaceError::Unconfirmed(reason))) => return Err(unconfirmed(reason)),
+        Err(_) => return Err(unconfirmed(format!("no acknowledgement within {:?}", settings.publish_timeout))),
+    }
     let body = json!({
         "order_id": order_id,
         "status": "PENDING",
@@ -140,7 +200,7 @@ async fn place_order(
 }
 
 async fn order_status(
-    State(backend): State<Arc<dyn Backend>>,
+    State(Gateway { backend, .. }): State<Gateway>,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {

@@ -13,17 +13,29 @@ use super::*;
 struct TwinBackend {
     placed: Mutex<Vec<OrderPlaced>>,
     fail: bool,
+    /// The broker is known to be unreachable.
+    down: bool,
+    /// Sent, never acknowledged.
+    hang: bool,
 }
 
 impl Backend for TwinBackend {
-    fn place_order(&self, order: OrderPlaced) -> BoxFuture<'_, Result<(), BackendError>> {
+    fn place_order(&self, order: OrderPlaced) -> BoxFuture<'_, Result<(), PlaceError>> {
         Box::pin(async move {
             if self.fail {
-                return Err(BackendError("broker down".into()));
+                return Err(PlaceError::Unconfirmed("broker down".into()));
+            }
+            if self.hang {
+                self.placed.lock().unwrap().push(order);
+                return std::future::pending().await;
             }
             self.placed.lock().unwrap().push(order);
             Ok(())
         })
+    }
+
+    fn unavailable(&self) -> Option<String> {
+        self.down.then(|| "all broker connections are down".to_owned())
     }
 
     fn order_status(&self, order_id: &str) -> BoxFuture<'_, Result<Option<serde_json::Value>, BackendError>> {
@@ -120,6 +132,37 @@ async fn broker_failure_is_503_without_internals() {
     let (status, body) = send(app(backend), post(&valid_order(), &[])).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(!body.to_string().contains("broker down"));
+}
+
+#[tokio::test]
+async fn while_the_broker_is_unreachable_orders_are_refused_at_once() {
+    let backend = Arc::new(TwinBackend { down: true, ..TwinBackend::default() });
+    let response = app(backend.clone()).oneshot(post(&valid_order(), &[])).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(response.headers()["retry-after"], "2");
+    let body: serde_json::Value =
+        serde_json::from_slice(&axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap()).unwrap();
+    assert_eq!(body["error"]["code"], "unavailable");
+    assert!(backend.placed.lock().unwrap().is_empty(), "not even tried");
+    let (status, body) = send(app(backend), Request::get("/health").body(Body::empty()).unwrap()).await;
+    assert_eq!((status, body["status"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("degraded")));
+    assert!(body["reason"].as_str().unwrap().contains("broker"), "{body}");
+}
+
+#[tokio::test]
+async fn an_order_not_acknowledged_in_time_is_503_with_its_id() {
+    let backend = Arc::new(TwinBackend { hang: true, ..TwinBackend::default() });
+    let settings = Settings { publish_timeout: Duration::from_millis(50) };
+    let request = post(&valid_order(), &[("idempotency-key", "k1")]);
+    let response = app_with(backend.clone(), settings).oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(response.headers().contains_key("retry-after"));
+    let body: serde_json::Value =
+        serde_json::from_slice(&axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap()).unwrap();
+    assert_eq!(body["error"]["code"], "not_confirmed");
+    let sent = backend.placed.lock().unwrap()[0].order_id.clone();
+    assert_eq!(body["error"]["order_id"], sent.as_str(), "the client learns which order may exist");
+    assert_eq!(body["error"]["status_url"], format!("/order/{sent}"));
 }
 
 #[tokio::test]

@@ -13,7 +13,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::{Clock, SystemClock};
-use crate::kafka::{self, ConsumerSettings, ConsumerStatus, EmbeddedBroker, KafkaPublisher};
+use crate::deadlines::{DeadlineClock, Watermark};
+use crate::kafka::{self, BrokerLink, ConsumerSettings, ConsumerStatus, EmbeddedBroker, KafkaPublisher};
 use crate::manifest::{ComponentSettings, Manifest, StateBackend};
 use crate::pipeline::{Pipeline, RetryPolicy, Topics};
 use crate::runtime::{CanaryPolicy, Engine, Limits, LoadedComponent, ServiceRuntime, ServiceSpec};
@@ -224,7 +225,8 @@ pub async fn run(
             (Some(embedded), address)
         }
     };
-    let publisher = Arc::new(KafkaPublisher::connect(&brokers)?);
+    let link = BrokerLink::default();
+    let publisher = Arc::new(KafkaPublisher::connect(&brokers, link.clone())?);
 
     // What was committed but not acknowledged before the last stop goes out
     // first, before anything new is handled.
@@ -247,6 +249,17 @@ pub async fn run(
     let drain_timeout = Duration::from_millis(manifest.runtime.drain_timeout_ms);
     let abandoned = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(probe_while_down(publisher.clone(), link.clone(), shutdown.clone()));
+    // Timers are due once every consumer here has caught up, not counting
+    // the broker's outages.
+    let watermarks: BTreeMap<String, Watermark> =
+        listeners.iter().map(|(name, _)| (name.clone(), Watermark::default())).collect();
+    let deadlines: Arc<dyn Clock> = Arc::new(DeadlineClock::new(
+        clock.clone(),
+        link.clone(),
+        watermarks.values().cloned().collect(),
+        Duration::from_millis(manifest.runtime.deadline_outage_window_ms),
+    ));
     for (name, listener) in listeners {
         let settings = &manifest.components[&name];
         let service = services[&name].clone();
@@ -260,8 +273,16 @@ pub async fn run(
             topics: settings.topics.iter().map(|t| topics.physical(t)).collect(),
             instance_id: Some(format!("{}-{name}", instance.id())),
             drain_timeout,
+            link: link.clone(),
+            watermark: watermarks[&name].clone(),
         };
-        tasks.spawn(crate::scheduler::run(pipeline.clone(), publisher.clone(), clock.clone(), shutdown.clone()));
+        tasks.spawn(crate::scheduler::run(
+            pipeline.clone(),
+            publisher.clone(),
+            clock.clone(),
+            deadlines.clone(),
+            shutdown.clone(),
+        ));
         let consuming = kafka::run_supervised(pipeline, publisher.clone(), consumer, status.clone(), shutdown.clone());
         let abandoned = abandoned.clone();
         tasks.spawn(async move {
@@ -273,17 +294,25 @@ pub async fn run(
             let timing = crate::watch::WatchTiming::default();
             tasks.spawn(crate::watch::watch(service.clone(), settings.wasm.clone(), timing, shutdown.clone()));
         }
-        let router = crate::http::component_app(service, status);
+        let router = crate::http::component_app(service, status, link.clone());
         tasks.spawn(serve(listener, router, shutdown.clone(), name));
     }
+    let mut gateway_publisher = None;
     if let Some(listener) = gateway_listener {
+        // Its own producer: an order not acknowledged in time is answered
+        // 503 and dropped, not sent later behind the client's back.
+        let publish_timeout = Duration::from_millis(manifest.gateway.publish_timeout_ms);
+        let orders = Arc::new(KafkaPublisher::connect_with_timeout(&brokers, link.clone(), publish_timeout)?);
+        gateway_publisher = Some(orders.clone());
         let backend = Arc::new(crate::gateway_backend::GatewayBackend {
-            publisher: publisher.clone(),
+            publisher: orders,
             orders_topic: topics.physical(shop_events::topics::ORDERS),
             orders: services[&manifest.gateway.order_component].clone(),
             clock,
+            link: link.clone(),
         });
-        tasks.spawn(serve(listener, gateway::app(backend), shutdown.clone(), "gateway".into()));
+        let router = gateway::app_with(backend, gateway::Settings { publish_timeout });
+        tasks.spawn(serve(listener, router, shutdown.clone(), "gateway".into()));
     }
     if let (Some(listener), Some(token)) = (admin_listener, &manifest.admin.token) {
         let managed = services
@@ -293,7 +322,10 @@ pub async fn run(
                 (name.clone(), crate::admin::Managed { service: service.clone(), wasm })
             })
             .collect();
-        tasks.spawn(serve(listener, crate::admin::admin_app(managed, token), shutdown.clone(), "admin".into()));
+        let log = crate::dlq::KafkaLog::new(&brokers, &topics.physical(&topics.dead_letter));
+        let dead_letters = crate::dlq::DeadLetters::new(Arc::new(log), publisher.clone());
+        let admin = crate::admin::admin_app(managed, token, Some(dead_letters));
+        tasks.spawn(serve(listener, admin, shutdown.clone(), "admin".into()));
     }
     let gateway_port = serving.gateway.then_some(manifest.gateway.port);
     tracing::info!(gateway = ?gateway_port, brokers = %brokers, "host ready");
@@ -326,6 +358,9 @@ pub async fn run(
         }
     }
     publisher.flush(CLOSE_GRACE);
+    if let Some(orders) = gateway_publisher {
+        orders.flush(CLOSE_GRACE);
+    }
     drop(instance);
     let abandoned = abandoned.load(std::sync::atomic::Ordering::SeqCst);
     anyhow::ensure!(
@@ -339,6 +374,21 @@ pub async fn run(
 /// After the drain timeout, how long consumers and the producer get to
 /// close.
 const CLOSE_GRACE: Duration = Duration::from_secs(3);
+
+/// While the broker is unreachable, asks it for metadata every second, so
+/// that the link is seen up again even by a host with nothing to send.
+async fn probe_while_down(publisher: Arc<KafkaPublisher>, link: BrokerLink, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        if link.down().is_some() {
+            let publisher = publisher.clone();
+            let _ = tokio::task::spawn_blocking(move || publisher.probe(Duration::from_secs(1))).await;
+        }
+    }
+}
 
 async fn serve(listener: TcpListener, router: axum::Router, shutdown: CancellationToken, name: String) {
     let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();

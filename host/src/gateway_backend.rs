@@ -9,6 +9,7 @@ use shop_events::OrderPlaced;
 use crate::bus::{Outbound, Publisher};
 use crate::clock::Clock;
 use crate::envelope::Envelope;
+use crate::kafka::BrokerLink;
 use crate::runtime::{Request, ServiceRuntime};
 
 /// The gateway's backend: Kafka for publishing, the order component for status.
@@ -21,12 +22,14 @@ pub struct GatewayBackend {
     pub orders: Arc<ServiceRuntime>,
     /// Stamps the envelopes.
     pub clock: Arc<dyn Clock>,
+    /// Whether the broker can be reached: if not, orders are refused at once.
+    pub link: BrokerLink,
 }
 
 impl gateway::Backend for GatewayBackend {
-    fn place_order(&self, order: OrderPlaced) -> gateway::BoxFuture<'_, Result<(), gateway::BackendError>> {
+    fn place_order(&self, order: OrderPlaced) -> gateway::BoxFuture<'_, Result<(), gateway::PlaceError>> {
         Box::pin(async move {
-            let data = serde_json::to_value(&order).map_err(|e| gateway::BackendError(e.to_string()))?;
+            let data = serde_json::to_value(&order).map_err(|e| gateway::PlaceError::NotSent(e.to_string()))?;
             let envelope = Envelope::originate(
                 shop_events::types::ORDER_PLACED,
                 &order.order_id,
@@ -40,9 +43,14 @@ impl gateway::Backend for GatewayBackend {
                 value: envelope.encode(),
                 headers: vec![("event-type".into(), shop_events::types::ORDER_PLACED.as_bytes().to_vec())],
             };
-            let acked = self.publisher.enqueue(vec![record]).await.map_err(|e| gateway::BackendError(e.to_string()))?;
-            acked.await.map_err(|e| gateway::BackendError(e.to_string()))
+            let acked =
+                self.publisher.enqueue(vec![record]).await.map_err(|e| gateway::PlaceError::NotSent(e.to_string()))?;
+            acked.await.map_err(|e| gateway::PlaceError::Unconfirmed(e.to_string()))
         })
+    }
+
+    fn unavailable(&self) -> Option<String> {
+        self.link.down().map(|down| down.reason)
     }
 
     fn order_status(

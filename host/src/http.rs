@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::json;
 
-use crate::kafka::ConsumerStatus;
+use crate::kafka::{BrokerLink, ConsumerStatus};
 use crate::runtime::{Request, ServiceRuntime};
 
 /// Largest request body forwarded to a component.
@@ -21,15 +21,16 @@ const MAX_BODY_BYTES: usize = 64 * 1024;
 struct Port {
     service: Arc<ServiceRuntime>,
     status: ConsumerStatus,
+    link: BrokerLink,
 }
 
 /// The router of one component's port.
-pub fn component_app(service: Arc<ServiceRuntime>, status: ConsumerStatus) -> Router {
+pub fn component_app(service: Arc<ServiceRuntime>, status: ConsumerStatus, link: BrokerLink) -> Router {
     Router::new()
         .route("/health", get(health))
         .fallback(query)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(Port { service, status })
+        .with_state(Port { service, status, link })
 }
 
 async fn health(State(port): State<Port>) -> Response {
@@ -48,7 +49,8 @@ async fn health(State(port): State<Port>) -> Response {
         Ok((timers, outbox)) => (timers as i64, outbox as i64, None),
         Err(err) => (-1, -1, Some(err.to_string())),
     };
-    let (code, status) = if consumer.consuming && state_error.is_none() {
+    let broker_down = port.link.down();
+    let (code, status) = if consumer.consuming && state_error.is_none() && broker_down.is_none() {
         (StatusCode::OK, "ok")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "degraded")
@@ -69,6 +71,7 @@ async fn health(State(port): State<Port>) -> Response {
         "outbox_pending": outbox_pending,
         "last_error": consumer.last_error,
         "state_error": state_error,
+        "broker_unreachable": broker_down,
         "stages": port.service.stages().totals(),
     });
     (code, axum::Json(body)).into_response()

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod app;
 pub mod bus;
 pub mod clock;
+pub mod deadlines;
 pub mod envelope;
 pub mod gateway_backend;
 pub mod http;

@@ -147,10 +147,19 @@ pub struct RuntimeSettings {
     /// not stored, so it is delivered again) and the host exits non-zero.
     #[serde(default = "default_drain_timeout_ms")]
     pub drain_timeout_ms: u64,
+    /// Timers do not count time the broker was unreachable within this
+    /// window, in milliseconds: keep it above the longest deadline (see
+    /// `crate::deadlines`).
+    #[serde(default = "default_outage_window_ms")]
+    pub deadline_outage_window_ms: u64,
 }
 
 fn default_drain_timeout_ms() -> u64 {
     10_000
+}
+
+fn default_outage_window_ms() -> u64 {
+    120_000
 }
 
 fn default_state_dir() -> PathBuf {
@@ -172,6 +181,7 @@ impl Default for RuntimeSettings {
             watch: default_watch(),
             state_dir: default_state_dir(),
             drain_timeout_ms: default_drain_timeout_ms(),
+            deadline_outage_window_ms: default_outage_window_ms(),
         }
     }
 }
@@ -255,6 +265,14 @@ pub struct GatewaySettings {
     /// Component that answers `GET /order/{id}` (through its `/orders/{id}` route).
     #[serde(default = "default_order_component")]
     pub order_component: String,
+    /// Longest wait for the broker to acknowledge an order, in milliseconds,
+    /// before answering `503` (and dropping it: it is not sent later).
+    #[serde(default = "default_publish_timeout_ms")]
+    pub publish_timeout_ms: u64,
+}
+
+fn default_publish_timeout_ms() -> u64 {
+    2_000
 }
 
 fn default_order_component() -> String {
@@ -382,6 +400,12 @@ impl Manifest {
         }
         if !(100..=300_000).contains(&self.runtime.drain_timeout_ms) {
             return Err(invalid("runtime.drain_timeout_ms", "must be between 100 and 300000"));
+        }
+        if !(1_000..=86_400_000).contains(&self.runtime.deadline_outage_window_ms) {
+            return Err(invalid("runtime.deadline_outage_window_ms", "must be between 1000 and 86400000"));
+        }
+        if !(100..=60_000).contains(&self.gateway.publish_timeout_ms) {
+            return Err(invalid("gateway.publish_timeout_ms", "must be between 100 and 60000"));
         }
         let schema = &self.state.schema;
         if schema.is_empty()

@@ -79,17 +79,19 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// Delivers the service's due timers until `shutdown`, and every few
-/// seconds relays stale outbox entries.
+/// seconds relays stale outbox entries. Timers are due by `deadlines`
+/// (see [`crate::deadlines`]); outbox entries are old by `clock`.
 pub async fn run(
     pipeline: Arc<Pipeline>,
     publisher: Arc<dyn Publisher>,
     clock: Arc<dyn Clock>,
+    deadlines: Arc<dyn Clock>,
     shutdown: CancellationToken,
 ) {
     let service = pipeline.service().clone();
     let mut last_relay = tokio::time::Instant::now();
     loop {
-        if let Err(err) = fire_due(&pipeline, &*publisher, &*clock, &shutdown).await {
+        if let Err(err) = fire_due(&pipeline, &*publisher, &*deadlines, &shutdown).await {
             tracing::warn!(component = service.name(), "timer delivery failed, will retry: {err:#}");
         }
         if last_relay.elapsed() >= RELAY_EVERY {

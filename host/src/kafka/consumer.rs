@@ -22,7 +22,9 @@ use rdkafka::statistics::Statistics;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use super::BrokerLink;
 use crate::bus::{Inbound, Publisher};
+use crate::deadlines::Watermark;
 use crate::pipeline::{Pipeline, Settled, Turn, settle};
 use tokio::sync::oneshot;
 
@@ -41,6 +43,10 @@ pub struct ConsumerSettings {
     pub instance_id: Option<String>,
     /// On shutdown, how long the records in flight may take to settle.
     pub drain_timeout: Duration,
+    /// Where the consumer reports whether the broker answers.
+    pub link: BrokerLink,
+    /// Where it reports how far it has caught up.
+    pub watermark: Watermark,
 }
 
 /// What `/health` shows about a component's consumer.
@@ -86,10 +92,20 @@ fn tp(topic: &str, partition: i32) -> String {
 
 struct Context {
     status: ConsumerStatus,
+    link: BrokerLink,
+    watermark: Watermark,
 }
 
 impl ClientContext for Context {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        tracing::warn!("Kafka consumer: {error}: {reason}");
+        self.link.observe_error(&error, reason);
+    }
+
     fn stats(&self, statistics: Statistics) {
+        self.link.observe_stats(&statistics);
+        let now = crate::clock::unix_ms(std::time::SystemTime::now());
+        self.watermark.observe_stats(now, &statistics, self.link.down().is_none());
         let lag: BTreeMap<String, i64> = statistics
             .topics
             .iter()
@@ -199,7 +215,11 @@ async fn run(
     }
     let consumer: StreamConsumer<Context> = config
         .set("statistics.interval.ms", "1000")
-        .create_with_context(Context { status: status.clone() })
+        .create_with_context(Context {
+            status: status.clone(),
+            link: settings.link.clone(),
+            watermark: settings.watermark.clone(),
+        })
         .context("failed to create the Kafka consumer")?;
     let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics).with_context(|| format!("failed to subscribe to {topics:?}"))?;

@@ -3,6 +3,7 @@
 
 mod consumer;
 mod embedded;
+mod link;
 mod producer;
 
 use std::time::Duration;
@@ -15,12 +16,18 @@ use rdkafka::types::RDKafkaErrorCode;
 
 pub use consumer::{Abandoned, ConsumerSettings, ConsumerStatus, StatusSnapshot, run_supervised};
 pub use embedded::EmbeddedBroker;
+pub use link::{BrokerLink, Down};
 pub use producer::KafkaPublisher;
 
 /// Base client configuration for `brokers`.
 pub fn client_config(brokers: &str) -> ClientConfig {
     let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", brokers).set("client.id", "shop-host");
+    config
+        .set("bootstrap.servers", brokers)
+        .set("client.id", "shop-host")
+        // Back within a second of the broker's return, not ten (the default
+        // backoff doubles up to 10 s during an outage).
+        .set("reconnect.backoff.max.ms", "1000");
     config
 }
 
