@@ -162,6 +162,83 @@ fn concurrent_increments_are_never_lost(store: Arc<dyn StateStore>) {
     eprintln!("{} conflicts retried", conflicts.into_inner());
 }
 
+/// A write past an adapter's encoding: how a test plants the undecodable
+/// body of a timer due at `at_ms` or of the outbox entry of event `id`
+/// (committed at `at_ms`), as disk rot or a bad migration would leave it.
+trait Plant {
+    fn plant(&self, kind: EntryKind, id: &str, at_ms: u64, raw: &[u8]);
+}
+
+impl Plant for MemoryStore {
+    fn plant(&self, kind: EntryKind, id: &str, at_ms: u64, raw: &[u8]) {
+        self.write_raw(kind, id, at_ms, raw);
+    }
+}
+
+impl Plant for DurableStore {
+    fn plant(&self, kind: EntryKind, id: &str, at_ms: u64, raw: &[u8]) {
+        self.write_raw(kind, id, at_ms, raw);
+    }
+}
+
+impl Plant for PostgresStore {
+    fn plant(&self, kind: EntryKind, id: &str, at_ms: u64, raw: &[u8]) {
+        self.write_raw(kind, id, at_ms, raw);
+    }
+}
+
+/// Undecodable timers and outbox entries are skipped by every read (claims,
+/// listings, one by id) and moved once to the quarantine with their bytes
+/// and reason; the good ones go on, and commits never trip over them.
+fn corrupt_entries_are_quarantined_and_skipped(store: &(impl StateStore + Plant)) {
+    use EntryKind::{Outbox, Timer as T};
+    let lease = std::time::Duration::from_secs(60);
+    let set = |t| TimerChange::Set(t);
+    store.commit(handled("e1", &[], &["r1"], vec![set(timer("t1", 10)), set(timer("t3", 30))])).unwrap();
+    let (bad_timer, bad_records): (&[u8], &[u8]) = (b"{\"id\": \"bad\", \"at_ms\": ", b"[{\"topic\": 5}]");
+    store.plant(T, "bad", 20, bad_timer);
+    store.plant(Outbox, "e2", 7, bad_records);
+    store.commit(handled("e3", &[], &["r3"], vec![])).unwrap();
+    assert_eq!(store.corrupt_entries().unwrap(), CorruptEntries::default());
+
+    let timers: Vec<String> = store.claim_due_timers(100, 10, lease).unwrap().into_iter().map(|t| t.id).collect();
+    assert_eq!(timers, ["t1", "t3"], "the good timers still fire");
+    let sources: Vec<String> =
+        store.claim_stale_outbox(100, 10, lease).unwrap().into_iter().map(|e| e.source).collect();
+    assert_eq!(sources, ["e1", "e3"], "the good entries are still relayed");
+    let quarantined = store.quarantined(10).unwrap();
+    let found: Vec<(EntryKind, &str, &[u8])> =
+        quarantined.iter().map(|q| (q.kind, q.id.as_str(), q.raw.as_slice())).collect();
+    assert_eq!(found, [(Outbox, "e2", bad_records), (T, "bad", bad_timer)], "kept as found, latest first");
+    assert!(quarantined.iter().all(|q| q.reason.contains("cannot be decoded") && q.at_ms > 0), "{quarantined:?}");
+    let reported = store.corrupt_entries().unwrap();
+    assert_eq!(reported.count, 2);
+    assert!(reported.last_reason.as_deref().is_some_and(|r| r.starts_with("outbox \"e2\": cannot be decoded")));
+
+    // Out of the way: not met again, not reported again.
+    assert_eq!((store.timer_count().unwrap(), store.outbox_count().unwrap()), (2, 2));
+    let due: Vec<String> = store.due_timers(100, 10).unwrap().into_iter().map(|t| t.id).collect();
+    assert_eq!(due, ["t1", "t3"]);
+    let pending: Vec<String> = store.pending_outbox(10).unwrap().into_iter().map(|e| e.source).collect();
+    assert_eq!(pending, ["e1", "e3"]);
+    assert_eq!(store.corrupt_entries().unwrap(), reported, "nothing new");
+
+    // A read by id meets one the same way.
+    store.plant(T, "bad2", 40, b"nope");
+    store.plant(Outbox, "e4", 8, b"nope");
+    assert_eq!((store.timer("bad2").unwrap(), store.outbox("e4").unwrap()), (None, None));
+    assert_eq!(store.corrupt_entries().unwrap().count, 4);
+    assert_eq!(store.quarantined(1).unwrap()[0].id, "e4");
+
+    // A commit replaces or cancels a corrupt timer without decoding it.
+    store.plant(T, "bad3", 50, b"nope");
+    store.plant(T, "bad4", 60, b"nope");
+    store.commit(handled("e5", &[], &[], vec![set(timer("bad3", 70)), TimerChange::Cancel("bad4".into())])).unwrap();
+    let due: Vec<String> = store.due_timers(100, 10).unwrap().into_iter().map(|t| t.id).collect();
+    assert_eq!(due, ["t1", "t3", "bad3"]);
+    assert_eq!(store.corrupt_entries().unwrap().count, 4, "replaced, not quarantined");
+}
+
 /// The whole contract, on fresh stores from `open`.
 fn contract(mut open: impl FnMut() -> Arc<dyn StateStore>) {
     state_handled_and_outbox_commit_together(&*open());
@@ -173,6 +250,7 @@ fn contract(mut open: impl FnMut() -> Arc<dyn StateStore>) {
 #[test]
 fn memory_store() {
     contract(|| Arc::new(MemoryStore::default()));
+    corrupt_entries_are_quarantined_and_skipped(&MemoryStore::default());
 }
 
 /// The database of the PostgreSQL tests, or a panic saying how to start one.
@@ -221,6 +299,7 @@ fn postgres_store() {
         n += 1;
         Arc::new(schema.stores.store(&format!("c{n}")))
     });
+    corrupt_entries_are_quarantined_and_skipped(&schema.stores.store("corrupt"));
     // Two hosts' stores of one component share everything.
     let a = schema.stores.store("shared");
     let other =
@@ -269,6 +348,13 @@ fn temp_file(name: &str) -> std::path::PathBuf {
 #[test]
 fn durable_store() {
     contract(|| Arc::new(DurableStore::open(&temp_file("x.redb")).unwrap()));
+    let corrupt = temp_file("q.redb");
+    corrupt_entries_are_quarantined_and_skipped(&DurableStore::open(&corrupt).unwrap());
+    let reopened = DurableStore::open(&corrupt).unwrap();
+    assert_eq!(reopened.corrupt_entries().unwrap().count, 4, "the quarantine is durable");
+    assert_eq!(reopened.timer_count().unwrap(), 3);
+    drop(reopened);
+    std::fs::remove_dir_all(corrupt.parent().unwrap()).unwrap();
     let path = temp_file("a.redb");
     state_handled_and_outbox_commit_together(&DurableStore::open(&path).unwrap());
     timers_fire_in_order_and_are_replaced_cancelled_and_removed(&DurableStore::open(&temp_file("b.redb")).unwrap());

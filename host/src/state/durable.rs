@@ -5,7 +5,9 @@
 //! as a whole or not at all, and a crash mid-commit leaves the previous
 //! committed version. The component's writes, the handled id, the outbox
 //! entry and the timer changes of an event go into one redb write
-//! transaction over six tables, so they are atomic together.
+//! transaction over six tables, so they are atomic together. A seventh holds
+//! the timers and outbox entries found undecodable, moved there (in a
+//! transaction of their own) by the read that found them.
 //!
 //! Group commit: the pipeline hands over a batch of events' commits, which go
 //! to disk in one fsynced transaction (under load a batch holds dozens of
@@ -24,7 +26,15 @@ use redb::{
     Database, Durability, ReadableDatabase as _, ReadableTable as _, ReadableTableMetadata as _, TableDefinition,
 };
 
-use super::{Commit, Durable, OutboxEntry, ReadSet, StateStore, StoreError, Timer, TimerChange};
+#[cfg(test)]
+use super::EntryKind;
+use super::{
+    Commit, CorruptEntries, Durable, OutboxEntry, Quarantined, ReadSet, StateStore, StoreError, Timer, TimerChange,
+    decode_entry,
+};
+use quarantine::{Found, Place, QUARANTINE};
+
+mod quarantine;
 
 /// The component's own key-value state.
 const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
@@ -68,11 +78,6 @@ fn json<T: serde::Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).unwrap_or_default()
 }
 
-fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], path: &Path) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes)
-        .map_err(|err| StoreError::Unavailable(format!("corrupt entry in {}: {err}", path.display())))
-}
-
 impl DurableStore {
     /// Opens (or creates) the store at `path`, creating its directory.
     ///
@@ -111,6 +116,7 @@ impl DurableStore {
             write.open_table(OUTBOX_BY_SOURCE).map_err(|x| e(&x))?;
             write.open_table(TIMERS).map_err(|x| e(&x))?;
             write.open_table(TIMERS_DUE).map_err(|x| e(&x))?;
+            write.open_table(QUARANTINE).map_err(|x| e(&x))?;
         }
         write.commit().map_err(|e| store.err("cannot commit")(&e))?;
         Ok(store)
@@ -140,6 +146,49 @@ impl DurableStore {
             Checked::Db(x) => e(&x),
         })?;
         self.apply_checked(write, commits, cleared).map_err(|x| e(&x))
+    }
+
+    /// Moves `found` to the quarantine, each only if it still holds the
+    /// bytes found (a commit may have replaced it meanwhile), durably: the
+    /// entry leaves its table in the same transaction.
+    fn quarantine(&self, found: Vec<Found>) -> Result<(), StoreError> {
+        if found.is_empty() {
+            return Ok(());
+        }
+        let e = self.err("cannot quarantine a corrupt entry in");
+        let mut write = self.db.begin_write().map_err(|x| e(&x))?;
+        write.set_durability(Durability::Immediate).map_err(|x| e(&x))?;
+        let mut moved = Vec::new();
+        for found in found {
+            if let Some(entry) = quarantine::move_to(&write, found).map_err(|x| e(&x))? {
+                moved.push(entry);
+            }
+        }
+        write.commit().map_err(|x| e(&x))?;
+        for entry in &moved {
+            super::report(self, entry);
+        }
+        Ok(())
+    }
+
+    /// Writes `raw` as the stored body of a timer due at `at_ms` or of the
+    /// outbox entry of event `id`, as a corrupt entry would be found (tests).
+    #[cfg(test)]
+    pub(super) fn write_raw(&self, kind: EntryKind, id: &str, at_ms: u64, raw: &[u8]) {
+        let write = self.db.begin_write().unwrap();
+        match kind {
+            EntryKind::Timer => {
+                write.open_table(TIMERS).unwrap().insert(id, raw).unwrap();
+                write.open_table(TIMERS_DUE).unwrap().insert((at_ms, id), ()).unwrap();
+            }
+            EntryKind::Outbox => {
+                let mut outbox = write.open_table(OUTBOX).unwrap();
+                let seq = outbox.last().unwrap().map_or(0, |(k, _)| k.value() + 1);
+                outbox.insert(seq, raw).unwrap();
+                write.open_table(OUTBOX_BY_SOURCE).unwrap().insert(id, seq).unwrap();
+            }
+        }
+        write.commit().unwrap();
     }
 
     fn apply_checked(
@@ -359,7 +408,9 @@ fn forget(write: &redb::WriteTransaction, cleared: &[String]) -> Result<(), redb
     Ok(())
 }
 
-/// Removes timer `id` (only if due at `only_at`, when given) and its index entry.
+/// Removes timer `id` (only if due at `only_at`, when given) and its index
+/// entry. A corrupt body is removed the same way: setting or cancelling a
+/// timer replaces whatever was stored.
 fn remove_timer(
     timers: &mut redb::Table<'_, &'static str, &'static [u8]>,
     due: &mut redb::Table<'_, (u64, &'static str), ()>,
@@ -367,14 +418,31 @@ fn remove_timer(
     only_at: Option<u64>,
 ) -> Result<(), redb::Error> {
     let old = timers.get(id)?.map(|v| v.value().to_vec());
-    if let Some(old) = old {
-        let old: Timer = serde_json::from_slice(&old).map_err(|e| redb::Error::Corrupted(e.to_string()))?;
-        if only_at.is_none_or(|at| at == old.at_ms) {
-            timers.remove(id)?;
-            due.remove((old.at_ms, id))?;
+    let Some(old) = old else { return Ok(()) };
+    let at_ms = match decode_entry::<Timer>(&old) {
+        Ok(old) => Some(old.at_ms),
+        Err(_) => due_time(due, id)?,
+    };
+    if only_at.is_none_or(|at| Some(at) == at_ms) {
+        timers.remove(id)?;
+        if let Some(at_ms) = at_ms {
+            due.remove((at_ms, id))?;
         }
     }
     Ok(())
+}
+
+/// The due time of timer `id` as indexed: the only record of it when its
+/// body is corrupt. A scan, taken only then.
+fn due_time(due: &impl redb::ReadableTable<(u64, &'static str), ()>, id: &str) -> Result<Option<u64>, redb::Error> {
+    for entry in due.iter()? {
+        let (key, _) = entry?;
+        let (at_ms, indexed) = key.value();
+        if indexed == id {
+            return Ok(Some(at_ms));
+        }
+    }
+    Ok(None)
 }
 
 impl StateStore for DurableStore {
@@ -419,9 +487,13 @@ impl StateStore for DurableStore {
         let by_source = read.open_table(OUTBOX_BY_SOURCE).map_err(|x| e(&x))?;
         let Some(seq) = by_source.get(source).map_err(|x| e(&x))?.map(|v| v.value()) else { return Ok(None) };
         let outbox = read.open_table(OUTBOX).map_err(|x| e(&x))?;
-        match outbox.get(seq).map_err(|x| e(&x))? {
-            Some(bytes) => Ok(Some(decode(bytes.value(), &self.path)?)),
-            None => Ok(None),
+        let Some(raw) = outbox.get(seq).map_err(|x| e(&x))?.map(|v| v.value().to_vec()) else { return Ok(None) };
+        match decode_entry(&raw) {
+            Ok(entry) => Ok(Some(entry)),
+            Err(reason) => {
+                self.quarantine(vec![Found { place: Place::Outbox(seq), raw, reason }])?;
+                Ok(None)
+            }
         }
     }
 
@@ -429,17 +501,22 @@ impl StateStore for DurableStore {
         let e = self.err("cannot read");
         let outbox = self.read()?.open_table(OUTBOX).map_err(|x| e(&x))?;
         let cleared = self.shared.work().cleared.clone();
-        let mut entries = Vec::new();
+        let (mut entries, mut corrupt) = (Vec::new(), Vec::new());
         for entry in outbox.iter().map_err(|x| e(&x))? {
-            let (_, bytes) = entry.map_err(|x| e(&x))?;
-            let entry: OutboxEntry = decode(bytes.value(), &self.path)?;
-            if !cleared.contains(&entry.source) {
-                entries.push(entry);
-            }
             if entries.len() >= limit {
                 break;
             }
+            let (seq, bytes) = entry.map_err(|x| e(&x))?;
+            match decode_entry::<OutboxEntry>(bytes.value()) {
+                Ok(entry) if cleared.contains(&entry.source) => {}
+                Ok(entry) => entries.push(entry),
+                Err(reason) => {
+                    corrupt.push(Found { place: Place::Outbox(seq.value()), raw: bytes.value().to_vec(), reason })
+                }
+            }
         }
+        drop(outbox);
+        self.quarantine(corrupt)?;
         Ok(entries)
     }
 
@@ -454,9 +531,13 @@ impl StateStore for DurableStore {
     fn timer(&self, id: &str) -> Result<Option<Timer>, StoreError> {
         let e = self.err("cannot read");
         let timers = self.read()?.open_table(TIMERS).map_err(|x| e(&x))?;
-        match timers.get(id).map_err(|x| e(&x))? {
-            Some(bytes) => Ok(Some(decode(bytes.value(), &self.path)?)),
-            None => Ok(None),
+        let Some(raw) = timers.get(id).map_err(|x| e(&x))?.map(|v| v.value().to_vec()) else { return Ok(None) };
+        match decode_entry(&raw) {
+            Ok(timer) => Ok(Some(timer)),
+            Err(reason) => {
+                self.quarantine(vec![Found { place: Place::Timer(id.to_owned(), None), raw, reason }])?;
+                Ok(None)
+            }
         }
     }
 
@@ -465,14 +546,23 @@ impl StateStore for DurableStore {
         let read = self.read()?;
         let due = read.open_table(TIMERS_DUE).map_err(|x| e(&x))?;
         let timers = read.open_table(TIMERS).map_err(|x| e(&x))?;
-        let mut fired = Vec::new();
+        let (mut fired, mut corrupt) = (Vec::new(), Vec::new());
         for entry in due.range((0, "")..(now_ms.saturating_add(1), "")).map_err(|x| e(&x))?.take(limit) {
             let (key, _) = entry.map_err(|x| e(&x))?;
-            let (_, id) = key.value();
+            let (at_ms, id) = key.value();
             if let Some(bytes) = timers.get(id).map_err(|x| e(&x))? {
-                fired.push(decode(bytes.value(), &self.path)?);
+                match decode_entry(bytes.value()) {
+                    Ok(timer) => fired.push(timer),
+                    Err(reason) => corrupt.push(Found {
+                        place: Place::Timer(id.to_owned(), Some(at_ms)),
+                        raw: bytes.value().to_vec(),
+                        reason,
+                    }),
+                }
             }
         }
+        drop((due, timers));
+        self.quarantine(corrupt)?;
         Ok(fired)
     }
 
@@ -493,5 +583,18 @@ impl StateStore for DurableStore {
             count += u64::from(!cleared.iter().any(|c| c == source.value()));
         }
         Ok(count)
+    }
+
+    fn quarantined(&self, limit: usize) -> Result<Vec<Quarantined>, StoreError> {
+        let e = self.err("cannot read");
+        let table = self.read()?.open_table(QUARANTINE).map_err(|x| e(&x))?;
+        quarantine::latest(&table, limit).map_err(|x| e(&x))
+    }
+
+    fn corrupt_entries(&self) -> Result<CorruptEntries, StoreError> {
+        let e = self.err("cannot read");
+        let count = self.read()?.open_table(QUARANTINE).map_err(|x| e(&x))?.len().map_err(|x| e(&x))?;
+        let last = if count == 0 { None } else { self.quarantined(1)?.first().map(Quarantined::describe) };
+        Ok(CorruptEntries { count, last_reason: last })
     }
 }

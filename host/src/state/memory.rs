@@ -3,7 +3,37 @@
 use std::collections::BTreeMap;
 use std::sync::{Mutex, PoisonError};
 
-use super::{Commit, Durable, OutboxEntry, ReadSet, StateStore, StoreError, Timer, TimerChange};
+use super::{
+    Commit, CorruptEntries, Durable, EntryKind, OutboxEntry, Quarantined, ReadSet, StateStore, StoreError, Timer,
+    TimerChange, decode_entry,
+};
+
+/// A timer or outbox entry as kept: decoded, or bytes written past the
+/// encoding by a test (decoded when read, as the other adapters decode
+/// theirs, so that a corrupt one takes the same path).
+#[derive(Debug, Clone)]
+enum Stored<T> {
+    Decoded(T),
+    #[cfg_attr(not(test), expect(dead_code, reason = "only tests write entries past the encoding"))]
+    Raw(Vec<u8>),
+}
+
+impl<T: serde::de::DeserializeOwned + serde::Serialize + Clone> Stored<T> {
+    fn decode(&self) -> Result<T, String> {
+        match self {
+            Stored::Decoded(value) => Ok(value.clone()),
+            Stored::Raw(raw) => decode_entry(raw),
+        }
+    }
+
+    fn raw(&self) -> Vec<u8> {
+        match self {
+            // Structs of strings and integers always serialize.
+            Stored::Decoded(value) => serde_json::to_vec(value).unwrap_or_default(),
+            Stored::Raw(raw) => raw.clone(),
+        }
+    }
+}
 
 /// The parts of a store, kept in plain maps by [`MemoryStore`] and in
 /// tables by [`DurableStore`].
@@ -11,12 +41,15 @@ use super::{Commit, Durable, OutboxEntry, ReadSet, StateStore, StoreError, Timer
 struct Maps {
     state: BTreeMap<String, Vec<u8>>,
     handled: BTreeMap<String, u64>,
-    /// Sequence number → entry; the sequence keeps commit order.
-    outbox: BTreeMap<u64, OutboxEntry>,
+    /// Sequence number → (source, entry); the sequence keeps commit order.
+    outbox: BTreeMap<u64, (String, Stored<OutboxEntry>)>,
     outbox_by_source: BTreeMap<String, u64>,
     next_outbox: u64,
-    timers: BTreeMap<String, Timer>,
+    /// Timer id → (due time, timer).
+    timers: BTreeMap<String, (u64, Stored<Timer>)>,
     timers_due: std::collections::BTreeSet<(u64, String)>,
+    /// Oldest first.
+    quarantine: Vec<Quarantined>,
 }
 
 impl Maps {
@@ -55,7 +88,7 @@ impl Maps {
             };
         }
         if let Some((id, at_ms)) = &commit.fired
-            && self.timers.get(id).is_some_and(|t| t.at_ms == *at_ms)
+            && self.timers.get(id).is_some_and(|(at, _)| at == at_ms)
         {
             self.remove_timer(id);
         }
@@ -64,9 +97,11 @@ impl Maps {
                 TimerChange::Set(timer) => {
                     self.remove_timer(&timer.id);
                     self.timers_due.insert((timer.at_ms, timer.id.clone()));
-                    self.timers.insert(timer.id.clone(), timer);
+                    self.timers.insert(timer.id.clone(), (timer.at_ms, Stored::Decoded(timer)));
                 }
-                TimerChange::Cancel(id) => self.remove_timer(&id),
+                TimerChange::Cancel(id) => {
+                    self.remove_timer(&id);
+                }
             }
         }
         if let Some(source) = commit.handled {
@@ -75,15 +110,50 @@ impl Maps {
                 let seq = self.next_outbox;
                 self.next_outbox += 1;
                 self.outbox_by_source.insert(source.clone(), seq);
-                self.outbox.insert(seq, OutboxEntry { source, created_ms: commit.now_ms, records: commit.outbox });
+                let entry = OutboxEntry { source: source.clone(), created_ms: commit.now_ms, records: commit.outbox };
+                self.outbox.insert(seq, (source, Stored::Decoded(entry)));
             }
         }
     }
 
-    fn remove_timer(&mut self, id: &str) {
-        if let Some(old) = self.timers.remove(id) {
-            self.timers_due.remove(&(old.at_ms, old.id));
+    fn remove_timer(&mut self, id: &str) -> Option<Stored<Timer>> {
+        let (at_ms, old) = self.timers.remove(id)?;
+        self.timers_due.remove(&(at_ms, id.to_owned()));
+        Some(old)
+    }
+
+    /// Timer `id`, or `None` when there is none or it was just quarantined.
+    fn timer(&mut self, id: &str) -> Option<Timer> {
+        match self.timers.get(id)?.1.decode() {
+            Ok(timer) => Some(timer),
+            Err(reason) => {
+                if let Some(old) = self.remove_timer(id) {
+                    self.quarantine(EntryKind::Timer, id, old.raw(), reason);
+                }
+                None
+            }
         }
+    }
+
+    /// The outbox entry of sequence `seq`, or `None` when there is none or
+    /// it was just quarantined.
+    fn entry(&mut self, seq: u64) -> Option<OutboxEntry> {
+        match self.outbox.get(&seq)?.1.decode() {
+            Ok(entry) => Some(entry),
+            Err(reason) => {
+                let (source, old) = self.outbox.remove(&seq)?;
+                self.outbox_by_source.remove(&source);
+                self.quarantine(EntryKind::Outbox, &source, old.raw(), reason);
+                None
+            }
+        }
+    }
+
+    fn quarantine(&mut self, kind: EntryKind, id: &str, raw: Vec<u8>, reason: String) {
+        let at_ms = crate::clock::unix_ms(std::time::SystemTime::now());
+        let entry = Quarantined { kind, id: id.to_owned(), raw, reason, at_ms };
+        super::report(&"memory store", &entry);
+        self.quarantine.push(entry);
     }
 }
 
@@ -111,6 +181,27 @@ impl MemoryStore {
             ..Commit::default()
         });
         store
+    }
+
+    /// Writes `raw` as the stored body of a timer due at `at_ms` or of the
+    /// outbox entry of event `id` (committed at `at_ms`), as a corrupt entry
+    /// would be found (tests).
+    #[cfg(test)]
+    pub(super) fn write_raw(&self, kind: EntryKind, id: &str, at_ms: u64, raw: &[u8]) {
+        let mut maps = self.maps();
+        match kind {
+            EntryKind::Timer => {
+                maps.remove_timer(id);
+                maps.timers_due.insert((at_ms, id.to_owned()));
+                maps.timers.insert(id.to_owned(), (at_ms, Stored::Raw(raw.to_vec())));
+            }
+            EntryKind::Outbox => {
+                let seq = maps.next_outbox;
+                maps.next_outbox += 1;
+                maps.outbox_by_source.insert(id.to_owned(), seq);
+                maps.outbox.insert(seq, (id.to_owned(), Stored::Raw(raw.to_vec())));
+            }
+        }
     }
 }
 
@@ -141,12 +232,15 @@ impl StateStore for MemoryStore {
     }
 
     fn outbox(&self, source: &str) -> Result<Option<OutboxEntry>, StoreError> {
-        let maps = self.maps();
-        Ok(maps.outbox_by_source.get(source).and_then(|seq| maps.outbox.get(seq)).cloned())
+        let mut maps = self.maps();
+        let Some(seq) = maps.outbox_by_source.get(source).copied() else { return Ok(None) };
+        Ok(maps.entry(seq))
     }
 
     fn pending_outbox(&self, limit: usize) -> Result<Vec<OutboxEntry>, StoreError> {
-        Ok(self.maps().outbox.values().take(limit).cloned().collect())
+        let mut maps = self.maps();
+        let seqs: Vec<u64> = maps.outbox.keys().take(limit).copied().collect();
+        Ok(seqs.into_iter().filter_map(|seq| maps.entry(seq)).collect())
     }
 
     fn clear_outbox(&self, source: &str) -> Result<(), StoreError> {
@@ -158,18 +252,14 @@ impl StateStore for MemoryStore {
     }
 
     fn timer(&self, id: &str) -> Result<Option<Timer>, StoreError> {
-        Ok(self.maps().timers.get(id).cloned())
+        Ok(self.maps().timer(id))
     }
 
     fn due_timers(&self, now_ms: u64, limit: usize) -> Result<Vec<Timer>, StoreError> {
-        let maps = self.maps();
-        Ok(maps
-            .timers_due
-            .iter()
-            .take_while(|(at, _)| *at <= now_ms)
-            .take(limit)
-            .filter_map(|(_, id)| maps.timers.get(id).cloned())
-            .collect())
+        let mut maps = self.maps();
+        let due: Vec<String> =
+            maps.timers_due.iter().take_while(|(at, _)| *at <= now_ms).take(limit).map(|(_, id)| id.clone()).collect();
+        Ok(due.iter().filter_map(|id| maps.timer(id)).collect())
     }
 
     fn timer_count(&self) -> Result<u64, StoreError> {
@@ -178,5 +268,17 @@ impl StateStore for MemoryStore {
 
     fn outbox_count(&self) -> Result<u64, StoreError> {
         Ok(self.maps().outbox.len() as u64)
+    }
+
+    fn quarantined(&self, limit: usize) -> Result<Vec<Quarantined>, StoreError> {
+        Ok(self.maps().quarantine.iter().rev().take(limit).cloned().collect())
+    }
+
+    fn corrupt_entries(&self) -> Result<CorruptEntries, StoreError> {
+        let maps = self.maps();
+        Ok(CorruptEntries {
+            count: maps.quarantine.len() as u64,
+            last_reason: maps.quarantine.last().map(Quarantined::describe),
+        })
     }
 }

@@ -7,6 +7,11 @@
 //! handled event's [`Commit`] to all four atomically: that is the
 //! transactional outbox. [`durable::DurableStore`] (redb, fsync on commit)
 //! is the real adapter; [`MemoryStore`] is its in-memory twin for tests.
+//!
+//! A timer or outbox entry that cannot be decoded is never an error of the
+//! whole store: the read that meets it moves it to the component's
+//! quarantine ([`Quarantined`]: raw bytes, reason, time) and goes on without
+//! it, so one bad entry cannot stop a component's timers or relay.
 
 pub mod durable;
 mod memory;
@@ -118,6 +123,72 @@ pub struct Timer {
     /// Correlation id of that event, carried on to the delivered one.
     #[serde(default)]
     pub correlation_id: Option<String>,
+}
+
+/// What kind of stored entry was quarantined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    /// A timer ([`Timer`]), by its id.
+    Timer,
+    /// An outbox entry ([`OutboxEntry`]), by its source event id.
+    Outbox,
+}
+
+impl EntryKind {
+    /// The stored name of the kind.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryKind::Timer => "timer",
+            EntryKind::Outbox => "outbox",
+        }
+    }
+
+    /// The kind of a stored name (an unknown one reads as an outbox entry:
+    /// only the two are ever written).
+    fn parse(name: &str) -> Self {
+        if name == "timer" { EntryKind::Timer } else { EntryKind::Outbox }
+    }
+}
+
+/// A timer or outbox entry that could not be decoded, moved out of the
+/// host's way: never read by the host again, kept as found for an operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quarantined {
+    pub kind: EntryKind,
+    /// The timer's id or the outbox entry's source event id.
+    pub id: String,
+    /// The stored bytes, as found.
+    pub raw: Vec<u8>,
+    /// Why they could not be decoded.
+    pub reason: String,
+    /// When the entry was quarantined, milliseconds since the Unix epoch.
+    pub at_ms: u64,
+}
+
+impl Quarantined {
+    /// One line naming the entry and the reason.
+    pub fn describe(&self) -> String {
+        format!("{} {:?}: {}", self.kind.as_str(), self.id, self.reason)
+    }
+}
+
+/// A component's quarantine in short, for its health.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CorruptEntries {
+    /// How many entries are quarantined.
+    pub count: u64,
+    /// [`Quarantined::describe`] of the latest.
+    pub last_reason: Option<String>,
+}
+
+/// Decodes a stored timer or outbox entry; `Err(reason)` when it cannot be.
+fn decode_entry<T: serde::de::DeserializeOwned>(raw: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(raw).map_err(|err| format!("cannot be decoded: {err}"))
+}
+
+/// Logs an entry just quarantined (once: by the store that moved it).
+fn report(store: &dyn std::fmt::Debug, entry: &Quarantined) {
+    tracing::warn!(?store, "quarantined a corrupt state entry, skipped from now on: {}", entry.describe());
 }
 
 /// A change to a component's timers.
@@ -285,6 +356,32 @@ pub trait StateStore: Send + Sync + 'static {
     /// # Errors
     /// [`StoreError::Unavailable`] when the store cannot be read.
     fn outbox_count(&self) -> Result<u64, StoreError>;
+
+    /// Entries quarantined because they could not be decoded, latest first,
+    /// at most `limit`.
+    ///
+    /// Every read of timers or outbox entries (one, a listing or a claim)
+    /// that meets such an entry moves it here, with its raw bytes and the
+    /// reason, and answers without it: it is not read again, not lost, and
+    /// the other entries go on. Setting or cancelling a timer whose stored
+    /// body is corrupt replaces or removes it like any other. (The default
+    /// is for a store that cannot hold undecodable entries.)
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the store cannot be read.
+    fn quarantined(&self, limit: usize) -> Result<Vec<Quarantined>, StoreError> {
+        let _ = limit;
+        Ok(Vec::new())
+    }
+
+    /// How many entries are quarantined, and the latest one's reason.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the store cannot be read.
+    fn corrupt_entries(&self) -> Result<CorruptEntries, StoreError> {
+        let all = self.quarantined(usize::MAX)?;
+        Ok(CorruptEntries { count: all.len() as u64, last_reason: all.first().map(Quarantined::describe) })
+    }
 }
 
 #[cfg(test)]

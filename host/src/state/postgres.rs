@@ -2,7 +2,8 @@
 //! database, so that any number of hosts can serve a component.
 //!
 //! Tables (in the configured schema) hold all components' rows, each keyed
-//! by the component's name: `state`, `handled`, `outbox`, `timers`. One
+//! by the component's name: `state`, `handled`, `outbox`, `timers`, and
+//! `quarantine` for timers and outbox entries found undecodable. One
 //! batch of events is one transaction, committed at `READ COMMITTED` with
 //! optimistic concurrency control checked under locks:
 //!
@@ -48,7 +49,10 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Timeouts};
 use tokio_postgres::error::SqlState;
 
-use super::{Commit, Durable, OutboxEntry, OutboxRecord, ReadSet, StateStore, StoreError, Timer, TimerChange};
+use super::{
+    Commit, CorruptEntries, Durable, EntryKind, OutboxEntry, OutboxRecord, Quarantined, ReadSet, StateStore,
+    StoreError, Timer, TimerChange, decode_entry,
+};
 
 /// Connections per host, shared by its components.
 const POOL_SIZE: usize = 16;
@@ -59,7 +63,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const FORGET_EVERY: Duration = Duration::from_secs(1);
 
 /// The schema, one statement per step; applied in order, each once.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE {s}.state (
     component text COLLATE "C" NOT NULL,
     key text COLLATE "C" NOT NULL,
@@ -91,7 +96,20 @@ CREATE TABLE {s}.timers (
     PRIMARY KEY (component, id)
 );
 CREATE INDEX timers_due ON {s}.timers (component, at_ms, id);
-"#];
+"#,
+    r#"
+CREATE TABLE {s}.quarantine (
+    seq bigserial PRIMARY KEY,
+    component text NOT NULL,
+    kind text NOT NULL,
+    id text NOT NULL,
+    raw bytea NOT NULL,
+    reason text NOT NULL,
+    at_ms bigint NOT NULL
+);
+CREATE INDEX quarantine_by_component ON {s}.quarantine (component, seq);
+"#,
+];
 
 /// The connection shared by every component of a host: a pool on a
 /// runtime of its own.
@@ -314,6 +332,10 @@ struct Sql {
     set_timer: String,
     cancel_timer: String,
     insert_outbox: String,
+    quarantine_timer: String,
+    quarantine_outbox: String,
+    quarantined: String,
+    corrupt_entries: String,
 }
 
 impl Sql {
@@ -322,7 +344,26 @@ impl Sql {
         let handled = backend.table("handled");
         let outbox = backend.table("outbox");
         let timers = backend.table("timers");
+        let quarantine = backend.table("quarantine");
+        // Moves a row only if it still holds the body found: a commit may
+        // have replaced it meanwhile, and another host may have moved it.
+        let quarantine_from = |table: &str, id: &str, body: &str| {
+            format!(
+                "WITH moved AS (DELETE FROM {table} WHERE component = $1 AND {id} = $2 AND {body} = $3 RETURNING {id}, {body})
+                 INSERT INTO {quarantine} (component, kind, id, raw, reason, at_ms)
+                 SELECT $1, $4, {id}, convert_to({body}, 'UTF8'), $5, (extract(epoch FROM clock_timestamp()) * 1000)::bigint
+                 FROM moved RETURNING at_ms"
+            )
+        };
         Self {
+            quarantine_timer: quarantine_from(&timers, "id", "timer"),
+            quarantine_outbox: quarantine_from(&outbox, "source", "records"),
+            quarantined: format!(
+                "SELECT kind, id, raw, reason, at_ms FROM {quarantine} WHERE component = $1 ORDER BY seq DESC LIMIT $2"
+            ),
+            corrupt_entries: format!(
+                "SELECT count(*) OVER (), kind, id, reason FROM {quarantine} WHERE component = $1 ORDER BY seq DESC LIMIT 1"
+            ),
             get: format!("SELECT value FROM {state} WHERE component = $1 AND key = $2"),
             keys: format!(
                 "SELECT key FROM {state} WHERE component = $1 AND key >= $2 AND key < $3 AND starts_with(key, $2) ORDER BY key LIMIT $4"
@@ -336,13 +377,13 @@ impl Sql {
             forget: format!("DELETE FROM {outbox} WHERE component = $1 AND source = ANY($2)"),
             timer: format!("SELECT timer FROM {timers} WHERE component = $1 AND id = $2"),
             due_timers: format!(
-                "SELECT timer FROM {timers} WHERE component = $1 AND at_ms <= $2 ORDER BY at_ms, id LIMIT $3"
+                "SELECT id, timer FROM {timers} WHERE component = $1 AND at_ms <= $2 ORDER BY at_ms, id LIMIT $3"
             ),
             claim_timers: format!(
                 "UPDATE {timers} t SET lease_until = clock_timestamp() + $4 * interval '1 millisecond'
                  FROM (SELECT id FROM {timers} WHERE component = $1 AND at_ms <= $2 AND lease_until < clock_timestamp()
                        ORDER BY at_ms, id LIMIT $3 FOR UPDATE SKIP LOCKED) due
-                 WHERE t.component = $1 AND t.id = due.id RETURNING t.timer"
+                 WHERE t.component = $1 AND t.id = due.id RETURNING t.id, t.timer"
             ),
             claim_outbox: format!(
                 "UPDATE {outbox} o SET lease_until = clock_timestamp() + $4 * interval '1 millisecond'
@@ -415,8 +456,32 @@ fn lock_key(component: &str, kind: &str, name: &str) -> i64 {
     i64::from_ne_bytes(hash.to_ne_bytes())
 }
 
-fn decode<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> Result<T, StoreError> {
-    serde_json::from_str(text).map_err(|err| StoreError::Unavailable(format!("corrupt {what} in PostgreSQL: {err}")))
+/// Timers stored as `(id, body)`, decoded: the good ones, and the
+/// undecodable ones as `(id, body, reason)`.
+fn timers(rows: Vec<(String, String)>) -> (Vec<Timer>, Vec<(String, String, String)>) {
+    let (mut good, mut corrupt) = (Vec::new(), Vec::new());
+    for (id, body) in rows {
+        match decode_entry(body.as_bytes()) {
+            Ok(timer) => good.push(timer),
+            Err(reason) => corrupt.push((id, body, reason)),
+        }
+    }
+    (good, corrupt)
+}
+
+/// Outbox entries stored as `(source, created_ms, records)`, decoded as
+/// [`timers`] are.
+fn entries(rows: Vec<(String, i64, String)>) -> (Vec<OutboxEntry>, Vec<(String, String, String)>) {
+    let (mut good, mut corrupt) = (Vec::new(), Vec::new());
+    for (source, created_ms, records) in rows {
+        match decode_entry::<Vec<OutboxRecord>>(records.as_bytes()) {
+            Ok(records) => {
+                good.push(OutboxEntry { source, created_ms: u64::try_from(created_ms).unwrap_or(0), records })
+            }
+            Err(reason) => corrupt.push((source, records, reason)),
+        }
+    }
+    (good, corrupt)
 }
 
 /// The exclusive upper bound of keys starting with `prefix` (in byte order).
@@ -437,6 +502,55 @@ impl PostgresStore {
             let client = backend.client().await?;
             work(client, sql, component).await.map_err(|err| classify(&err))
         })
+    }
+
+    /// Moves the undecodable entries `found` (`(id, body, reason)`) of `kind`
+    /// to the quarantine; logs those this host moved.
+    fn quarantine(&self, kind: EntryKind, found: Vec<(String, String, String)>) -> Result<(), StoreError> {
+        if found.is_empty() {
+            return Ok(());
+        }
+        let moved = self.with(move |client, sql, component| async move {
+            let statement = match kind {
+                EntryKind::Timer => &sql.quarantine_timer,
+                EntryKind::Outbox => &sql.quarantine_outbox,
+            };
+            let statement = client.prepare_cached(statement).await?;
+            let mut moved = Vec::new();
+            for (id, body, reason) in found {
+                let row = client.query_opt(&statement, &[&component, &id, &body, &kind.as_str(), &reason]).await?;
+                if let Some(row) = row {
+                    let at_ms = u64::try_from(row.get::<_, i64>(0)).unwrap_or(0);
+                    moved.push(Quarantined { kind, id, raw: body.into_bytes(), reason, at_ms });
+                }
+            }
+            Ok(moved)
+        })?;
+        for entry in &moved {
+            super::report(self, entry);
+        }
+        Ok(())
+    }
+
+    /// Writes `raw` as the stored body of a timer due at `at_ms` or of the
+    /// outbox records of event `id` (committed at `at_ms`), as a corrupt entry
+    /// would be found (tests).
+    #[cfg(test)]
+    pub(super) fn write_raw(&self, kind: EntryKind, id: &str, at_ms: u64, raw: &[u8]) {
+        let (id, body) = (id.to_owned(), String::from_utf8(raw.to_vec()).unwrap());
+        let (timers, outbox) = (self.backend.table("timers"), self.backend.table("outbox"));
+        self.with(move |client, _, component| async move {
+            let statement = match kind {
+                EntryKind::Timer => {
+                    format!("INSERT INTO {timers} (component, id, at_ms, timer) VALUES ($1, $2, $3, $4)")
+                }
+                EntryKind::Outbox => {
+                    format!("INSERT INTO {outbox} (component, source, created_ms, records) VALUES ($1, $2, $3, $4)")
+                }
+            };
+            client.execute(&statement, &[&component, &id, &ms(at_ms), &body]).await
+        })
+        .unwrap();
     }
 
     fn cleared(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
@@ -708,7 +822,9 @@ impl StateStore for PostgresStore {
             let row = client.query_opt(&client.prepare_cached(&sql.outbox).await?, &[&component, &source]).await?;
             Ok(row.map(|row| (source, row.get::<_, i64>(0), row.get::<_, String>(1))))
         })?;
-        row.map(|(source, created_ms, records)| entry(source, created_ms, &records)).transpose()
+        let (mut good, corrupt) = entries(row.into_iter().collect());
+        self.quarantine(EntryKind::Outbox, corrupt)?;
+        Ok(good.pop())
     }
 
     fn pending_outbox(&self, limit: usize) -> Result<Vec<OutboxEntry>, StoreError> {
@@ -718,11 +834,10 @@ impl StateStore for PostgresStore {
             let rows = client.query(&client.prepare_cached(&sql.pending_outbox).await?, &[&component, &fetch]).await?;
             Ok(rows.into_iter().map(|row| (row.get(0), row.get(1), row.get(2))).collect::<Vec<(String, i64, String)>>())
         })?;
-        rows.into_iter()
-            .filter(|(source, _, _)| !cleared.contains(source))
-            .take(limit)
-            .map(|(source, created_ms, records)| entry(source, created_ms, &records))
-            .collect()
+        let (good, corrupt) =
+            entries(rows.into_iter().filter(|(source, _, _)| !cleared.contains(source)).take(limit).collect());
+        self.quarantine(EntryKind::Outbox, corrupt)?;
+        Ok(good)
     }
 
     fn clear_outbox(&self, source: &str) -> Result<(), StoreError> {
@@ -732,38 +847,43 @@ impl StateStore for PostgresStore {
 
     fn timer(&self, id: &str) -> Result<Option<Timer>, StoreError> {
         let id = id.to_owned();
-        let body = self.with(move |client, sql, component| async move {
+        let row = self.with(move |client, sql, component| async move {
             Ok(client
                 .query_opt(&client.prepare_cached(&sql.timer).await?, &[&component, &id])
                 .await?
-                .map(|row| row.get::<_, String>(0)))
+                .map(|row| (id, row.get::<_, String>(0))))
         })?;
-        body.map(|body| decode(&body, "timer")).transpose()
+        let (mut good, corrupt) = timers(row.into_iter().collect());
+        self.quarantine(EntryKind::Timer, corrupt)?;
+        Ok(good.pop())
     }
 
     fn due_timers(&self, now_ms: u64, limit: usize) -> Result<Vec<Timer>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let bodies = self.with(move |client, sql, component| async move {
+        let rows = self.with(move |client, sql, component| async move {
             let rows = client
                 .query(&client.prepare_cached(&sql.due_timers).await?, &[&component, &ms(now_ms), &limit])
                 .await?;
-            Ok(rows.into_iter().map(|row| row.get::<_, String>(0)).collect::<Vec<_>>())
+            Ok(rows.into_iter().map(|row| (row.get(0), row.get(1))).collect())
         })?;
-        bodies.iter().map(|body| decode(body, "timer")).collect()
+        let (good, corrupt) = timers(rows);
+        self.quarantine(EntryKind::Timer, corrupt)?;
+        Ok(good)
     }
 
     fn claim_due_timers(&self, now_ms: u64, limit: usize, lease: Duration) -> Result<Vec<Timer>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let lease_ms = f64::from(u32::try_from(lease.as_millis()).unwrap_or(u32::MAX));
-        let bodies = self.with(move |client, sql, component| async move {
+        let rows = self.with(move |client, sql, component| async move {
             let rows = client
                 .query(&client.prepare_cached(&sql.claim_timers).await?, &[&component, &ms(now_ms), &limit, &lease_ms])
                 .await?;
-            Ok(rows.into_iter().map(|row| row.get::<_, String>(0)).collect::<Vec<_>>())
+            Ok(rows.into_iter().map(|row| (row.get(0), row.get(1))).collect())
         })?;
-        let mut timers: Vec<Timer> = bodies.iter().map(|body| decode(body, "timer")).collect::<Result<_, _>>()?;
-        timers.sort_by(|a, b| (a.at_ms, &a.id).cmp(&(b.at_ms, &b.id)));
-        Ok(timers)
+        let (mut good, corrupt) = timers(rows);
+        self.quarantine(EntryKind::Timer, corrupt)?;
+        good.sort_by(|a, b| (a.at_ms, &a.id).cmp(&(b.at_ms, &b.id)));
+        Ok(good)
     }
 
     fn claim_stale_outbox(
@@ -790,10 +910,14 @@ impl StateStore for PostgresStore {
             )>>())
         })?;
         rows.sort_by_key(|(seq, ..)| *seq);
-        rows.into_iter()
+        let rows = rows
+            .into_iter()
             .filter(|(_, source, ..)| !cleared.contains(source))
-            .map(|(_, source, created_ms, records)| entry(source, created_ms, &records))
-            .collect()
+            .map(|(_, source, created_ms, records)| (source, created_ms, records))
+            .collect();
+        let (good, corrupt) = entries(rows);
+        self.quarantine(EntryKind::Outbox, corrupt)?;
+        Ok(good)
     }
 
     fn timer_count(&self) -> Result<u64, StoreError> {
@@ -814,11 +938,42 @@ impl StateStore for PostgresStore {
             Ok(u64::try_from(count).unwrap_or(0))
         })
     }
-}
 
-fn entry(source: String, created_ms: i64, records: &str) -> Result<OutboxEntry, StoreError> {
-    let records: Vec<OutboxRecord> = decode(records, "outbox entry")?;
-    Ok(OutboxEntry { source, created_ms: u64::try_from(created_ms).unwrap_or(0), records })
+    fn quarantined(&self, limit: usize) -> Result<Vec<Quarantined>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with(move |client, sql, component| async move {
+            let rows = client.query(&client.prepare_cached(&sql.quarantined).await?, &[&component, &limit]).await?;
+            Ok(rows
+                .into_iter()
+                .map(|row| Quarantined {
+                    kind: EntryKind::parse(row.get(0)),
+                    id: row.get(1),
+                    raw: row.get(2),
+                    reason: row.get(3),
+                    at_ms: u64::try_from(row.get::<_, i64>(4)).unwrap_or(0),
+                })
+                .collect())
+        })
+    }
+
+    fn corrupt_entries(&self) -> Result<CorruptEntries, StoreError> {
+        self.with(move |client, sql, component| async move {
+            let row = client.query_opt(&client.prepare_cached(&sql.corrupt_entries).await?, &[&component]).await?;
+            Ok(row.map_or_else(CorruptEntries::default, |row| {
+                let last = Quarantined {
+                    kind: EntryKind::parse(row.get(1)),
+                    id: row.get(2),
+                    raw: Vec::new(),
+                    reason: row.get(3),
+                    at_ms: 0,
+                };
+                CorruptEntries {
+                    count: u64::try_from(row.get::<_, i64>(0)).unwrap_or(0),
+                    last_reason: Some(last.describe()),
+                }
+            }))
+        })
+    }
 }
 
 #[cfg(test)]
