@@ -40,20 +40,27 @@ async fn health(State(port): State<Port>) -> Response {
     let store = port.service.state_store().clone();
     // A database round trip blocks: off the async workers.
     let counts = tokio::task::spawn_blocking(move || {
-        Ok::<_, crate::state::StoreError>((store.timer_count()?, store.outbox_count()?))
+        Ok::<_, crate::state::StoreError>((store.timer_count()?, store.outbox_count()?, store.corrupt_entries()?))
     })
     .await
     .unwrap_or_else(|err| Err(crate::state::StoreError::Unavailable(err.to_string())));
     // -1: the store could not be read.
-    let (timers_pending, outbox_pending, state_error) = match counts {
-        Ok((timers, outbox)) => (timers as i64, outbox as i64, None),
-        Err(err) => (-1, -1, Some(err.to_string())),
+    let (timers_pending, outbox_pending, corrupt, state_error) = match counts {
+        Ok((timers, outbox, corrupt)) => (timers as i64, outbox as i64, Some(corrupt), None),
+        Err(err) => (-1, -1, None, Some(err.to_string())),
     };
     let broker_down = port.link.down();
     let (code, status) = if consumer.consuming && state_error.is_none() && broker_down.is_none() {
         (StatusCode::OK, "ok")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "degraded")
+    };
+    // Entries quarantined as corrupt: reported, yet still 200, since the
+    // component goes on without them, a restart would not mend them, and
+    // on a shared store every host of the component reports the same.
+    let status = match &corrupt {
+        Some(corrupt) if corrupt.count > 0 => "degraded",
+        _ => status,
     };
     let body = json!({
         "status": status,
@@ -71,6 +78,7 @@ async fn health(State(port): State<Port>) -> Response {
         "outbox_pending": outbox_pending,
         "last_error": consumer.last_error,
         "state_error": state_error,
+        "corrupt_entries": corrupt.map(|c| json!({ "count": c.count, "last_reason": c.last_reason })),
         "broker_unreachable": broker_down,
         "stages": port.service.stages().totals(),
     });
