@@ -19,8 +19,9 @@ build-component NAME:
     cargo build --release --target wasm32-wasip2 -p {{ NAME }}
 
 # Build the test-only components (used by the host's tests).
-# The payment variants are built with features and copied aside; the plain
-# build runs last so that payment.wasm is the real one again.
+# The payment and email variants are built with features and copied aside;
+# each plain build runs last so that payment.wasm and email.wasm are the real
+# ones again.
 build-test-components:
     cargo build --release --target wasm32-wasip2 -p misbehave --lib --bins
     cargo build --release --target wasm32-wasip2 -p payment --features v2
@@ -28,6 +29,9 @@ build-test-components:
     cargo build --release --target wasm32-wasip2 -p payment --features trap
     cp target/wasm32-wasip2/release/payment.wasm target/wasm32-wasip2/release/payment-trap.wasm
     cargo build --release --target wasm32-wasip2 -p payment
+    cargo build --release --target wasm32-wasip2 -p email --features fail
+    cp target/wasm32-wasip2/release/email.wasm target/wasm32-wasip2/release/email-fail.wasm
+    cargo build --release --target wasm32-wasip2 -p email
 
 # Run the whole system: gateway on :3005, components on :3001-3004.
 run: build-components build

@@ -4,19 +4,23 @@
 //! - `GET /components`: current version, load time and history of each.
 //! - `POST /components/{name}/reload`: body = new component bytes, or empty
 //!   to reload the file named in the manifest.
+//! - `GET /dlq?component=&since=`: the dead letters (see [`crate::dlq`]).
+//! - `POST /dlq/replay`: `{"ids": ["0/42"]}` or `{"all": true, "component":
+//!   "email"}`; answers what was replayed and what was refused, and why.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
+use crate::dlq::{DeadLetters, Filter, Selection};
 use crate::runtime::ServiceRuntime;
 
 /// Largest component accepted by upload.
@@ -33,15 +37,19 @@ pub struct Managed {
 struct Admin {
     services: Arc<BTreeMap<String, Managed>>,
     token: Arc<str>,
+    dead_letters: Option<DeadLetters>,
 }
 
 /// The admin router. Every route requires `Authorization: Bearer {token}`,
-/// checked before anything of the request's body is read.
-pub fn admin_app(services: BTreeMap<String, Managed>, token: &str) -> Router {
-    let admin = Admin { services: Arc::new(services), token: token.into() };
+/// checked before anything of the request's body is read. Without
+/// `dead_letters`, the `/dlq` routes answer 404.
+pub fn admin_app(services: BTreeMap<String, Managed>, token: &str, dead_letters: Option<DeadLetters>) -> Router {
+    let admin = Admin { services: Arc::new(services), token: token.into(), dead_letters };
     Router::new()
         .route("/components", get(list))
         .route("/components/{name}/reload", post(reload))
+        .route("/dlq", get(dlq_list))
+        .route("/dlq/replay", post(dlq_replay))
         .layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES))
         .route_layer(axum::middleware::from_fn_with_state(admin.clone(), require_token))
         .with_state(admin)
@@ -121,6 +129,73 @@ async fn reload(State(admin): State<Admin>, Path(name): Path<String>, body: Byte
             Json(json!({ "component": name, "version": component.sha256, "source": source })).into_response()
         }
         Err(err) => error(StatusCode::UNPROCESSABLE_ENTITY, "rejected", &err.to_string()),
+    }
+}
+
+/// Query of `GET /dlq`.
+#[derive(Debug, serde::Deserialize)]
+struct DlqQuery {
+    component: Option<String>,
+    since: Option<String>,
+}
+
+/// Body of `POST /dlq/replay`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplayBody {
+    #[serde(default)]
+    ids: Vec<String>,
+    #[serde(default)]
+    all: bool,
+    component: Option<String>,
+}
+
+/// The answer of a `/dlq` route on a host that reads no dead-letter topic.
+fn no_dead_letters() -> Response {
+    error(StatusCode::NOT_FOUND, "no_dlq", "this host reads no dead-letter topic")
+}
+
+/// Logs what the broker said once, and answers without it.
+fn unavailable(err: &anyhow::Error) -> Response {
+    tracing::error!("dead-letter topic: {err:#}");
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "dlq_unavailable",
+        "the dead-letter topic cannot be read or written now; see the host's log",
+    )
+}
+
+async fn dlq_list(State(admin): State<Admin>, Query(query): Query<DlqQuery>) -> Response {
+    let Some(dead_letters) = admin.dead_letters.as_ref() else { return no_dead_letters() };
+    let now_ms = i64::try_from(crate::clock::unix_ms(std::time::SystemTime::now())).unwrap_or(i64::MAX);
+    let since_ms = match query.since.as_deref().filter(|s| !s.is_empty()).map(|s| crate::dlq::parse_since(s, now_ms)) {
+        Some(Err(message)) => return error(StatusCode::BAD_REQUEST, "invalid_since", &message),
+        Some(Ok(ms)) => Some(ms),
+        None => None,
+    };
+    let filter = Filter { component: query.component.filter(|c| !c.is_empty()), since_ms };
+    match dead_letters.list(&filter).await {
+        Ok(letters) => Json(json!({ "topic": dead_letters.topic(), "dead_letters": letters })).into_response(),
+        Err(err) => unavailable(&err),
+    }
+}
+
+async fn dlq_replay(State(admin): State<Admin>, body: Bytes) -> Response {
+    let Some(dead_letters) = admin.dead_letters.as_ref() else { return no_dead_letters() };
+    let selection = serde_json::from_slice::<ReplayBody>(&body)
+        .map_err(|err| {
+            format!(
+                "expected {{\"ids\": [\"PARTITION/OFFSET\", ...]}} or {{\"all\": true, \"component\": NAME}}: {err}"
+            )
+        })
+        .and_then(|body| Selection::new(&body.ids, body.all, body.component));
+    let selection = match selection {
+        Ok(selection) => selection,
+        Err(message) => return error(StatusCode::BAD_REQUEST, "invalid_selection", &message),
+    };
+    match dead_letters.replay(&selection).await {
+        Ok(report) => Json(report).into_response(),
+        Err(err) => unavailable(&err),
     }
 }
 

@@ -11,6 +11,7 @@ pub mod app;
 pub mod bus;
 pub mod clock;
 pub mod deadlines;
+pub mod dlq;
 pub mod envelope;
 pub mod gateway_backend;
 pub mod http;

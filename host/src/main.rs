@@ -71,6 +71,54 @@ enum Command {
         #[arg(long, short, env = "HOST_MANIFEST", default_value = "app.toml")]
         manifest: PathBuf,
     },
+    /// List the dead letters, or replay them to the topics they came from.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+        #[command(flatten)]
+        target: DlqTarget,
+    },
+}
+
+/// Where the dead-letter topic is.
+#[derive(Debug, clap::Args)]
+struct DlqTarget {
+    /// App manifest (TOML): its topic prefix, dead-letter topic and brokers.
+    #[arg(long, short, global = true, env = "HOST_MANIFEST", default_value = "app.toml")]
+    manifest: PathBuf,
+    /// Kafka bootstrap servers; overrides `kafka.brokers`.
+    #[arg(long, global = true, env = "KAFKA_BROKERS")]
+    kafka_brokers: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// One line per dead letter: id, time, component, version, source,
+    /// attempts, replay state, reason.
+    List {
+        /// Only those set aside by this component.
+        #[arg(long)]
+        component: Option<String>,
+        /// Only those set aside since: a duration ago (`30m`, `2h`, `7d`),
+        /// an RFC 3339 time or Unix ms.
+        #[arg(long)]
+        since: Option<String>,
+    },
+    /// Publish dead letters again to the topics they came from; each is
+    /// replayed once (`--all` skips those replayed before).
+    Replay {
+        /// Ids (`PARTITION/OFFSET`, as `list` shows them).
+        ids: Vec<String>,
+        /// Every dead letter of `--component` not replayed yet.
+        #[arg(long, requires = "component")]
+        all: bool,
+        /// The component whose dead letters to replay.
+        #[arg(long)]
+        component: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -89,13 +137,15 @@ fn main() -> ExitCode {
 }
 
 async fn async_main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    let result = match Cli::parse().command {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    match cli.command {
+        // Its output is what it prints (JSON with --json): logs go aside.
+        Command::Dlq { .. } => tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init(),
+        _ => tracing_subscriber::fmt().with_env_filter(filter).init(),
+    }
+    let result = match cli.command {
         Command::Run {
             manifest,
             kafka_brokers,
@@ -124,6 +174,7 @@ async fn async_main() -> ExitCode {
         }
         Command::Reload { name, path, admin_url, token } => reload(&name, path, &admin_url, &token).await,
         Command::Check { manifest } => check(manifest),
+        Command::Dlq { command, target } => dlq(command, target).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -180,6 +231,53 @@ async fn reload(name: &str, path: Option<PathBuf>, admin_url: &str, token: &str)
     let text = response.text().await.unwrap_or_default();
     anyhow::ensure!(status.is_success(), "reload refused ({status}): {text}");
     println!("{text}");
+    Ok(())
+}
+
+async fn dlq(command: DlqCommand, target: DlqTarget) -> anyhow::Result<()> {
+    use shop_host::dlq;
+    let manifest = Manifest::load(&target.manifest)?;
+    let brokers = target.kafka_brokers.filter(|b| !b.trim().is_empty()).or(manifest.kafka.brokers.clone());
+    let Some(brokers) = brokers else {
+        anyhow::bail!(
+            "`host dlq` reads a real broker: set KAFKA_BROKERS or kafka.brokers (the embedded one keeps nothing)"
+        );
+    };
+    let topic = format!("{}{}", manifest.kafka.topic_prefix, manifest.kafka.dead_letter_topic);
+    let dead_letters = dlq::DeadLetters::connect(&brokers, &topic)?;
+    match command {
+        DlqCommand::List { component, since } => {
+            let now_ms = i64::try_from(shop_host::clock::unix_ms(std::time::SystemTime::now())).unwrap_or(i64::MAX);
+            let since_ms = since.map(|s| dlq::parse_since(&s, now_ms)).transpose().map_err(anyhow::Error::msg)?;
+            let letters = dead_letters.list(&dlq::Filter { component, since_ms }).await?;
+            match target.json {
+                true => println!("{}", serde_json::to_string_pretty(&letters)?),
+                false => print!("{}", dlq::render_lines(&letters)),
+            }
+        }
+        DlqCommand::Replay { ids, all, component } => {
+            let selection = dlq::Selection::new(&ids, all, component).map_err(anyhow::Error::msg)?;
+            let report = dead_letters.replay(&selection).await?;
+            match target.json {
+                true => println!("{}", serde_json::to_string_pretty(&report)?),
+                false => {
+                    for r in &report.replayed {
+                        println!("replayed {} to {} (event {})", r.id, r.topic, r.event_id.as_deref().unwrap_or("?"));
+                    }
+                    for r in &report.refused {
+                        println!("refused  {}: {}", r.id, r.reason);
+                    }
+                    println!("{} replayed, {} refused", report.replayed.len(), report.refused.len());
+                }
+            }
+            // Ids named one by one must all go; `--all` leaves out what it cannot replay.
+            anyhow::ensure!(
+                all || report.refused.is_empty(),
+                "{} of the dead letters named were not replayed",
+                report.refused.len()
+            );
+        }
+    }
     Ok(())
 }
 

@@ -46,6 +46,9 @@ fn email_prefix(order_id: &str) -> String {
 impl Service for EmailService {
     fn handle(host: &mut impl Host, event: &Event) -> Result<Vec<Outgoing>, HandleError> {
         match event.event_type.as_str() {
+            types::EMAIL_REQUESTED if cfg!(feature = "fail") => {
+                Err(HandleError::Permanent(format!("test variant `fail`: refusing email request {}", event.id)))
+            }
             types::EMAIL_REQUESTED => send(host, event.payload_json()?),
             _ => Ok(Vec::new()),
         }

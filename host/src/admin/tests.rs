@@ -10,7 +10,7 @@ const TOKEN: &str = "0123456789abcdef-token";
 
 fn app_with(service: Arc<ServiceRuntime>) -> Router {
     let managed = Managed { service, wasm: wasm("misbehave") };
-    admin_app(BTreeMap::from([("svc".to_owned(), managed)]), TOKEN)
+    admin_app(BTreeMap::from([("svc".to_owned(), managed)]), TOKEN, None)
 }
 
 async fn call(
@@ -103,4 +103,54 @@ async fn bad_components_are_rejected_and_the_old_version_keeps_serving() {
     assert!(history.last().unwrap().outcome.starts_with("rejected"), "{history:?}");
     let (status, _) = call(&app, "POST", "/components/nope/reload", Some(TOKEN), vec![1]).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_and_replayed_through_the_api() {
+    use crate::bus::{MemoryBus, Outbound};
+    use crate::dlq::{DeadLetters, MemoryLog};
+    let bus = Arc::new(MemoryBus::default());
+    let dead_letter = |component: &str, offset: u32| Outbound {
+        topic: "dlq".into(),
+        key: "o1".into(),
+        value: b"{}".to_vec(),
+        headers: [
+            ("dlq-reason", "permanent: no"),
+            ("dlq-component", component),
+            ("dlq-source", &format!("emails/0/{offset}")),
+        ]
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.as_bytes().to_vec()))
+        .collect(),
+    };
+    bus.push(dead_letter("email", 3));
+    bus.push(dead_letter("payment", 4));
+    let managed = Managed { service: Arc::new(runtime("misbehave", 1000)), wasm: wasm("misbehave") };
+    let dead_letters = DeadLetters::new(Arc::new(MemoryLog::new(bus.clone(), "dlq")), bus.clone());
+    let app = admin_app(BTreeMap::from([("svc".to_owned(), managed)]), TOKEN, Some(dead_letters));
+
+    assert_eq!(call(&app, "GET", "/dlq", None, vec![]).await.0, StatusCode::UNAUTHORIZED);
+    let (status, body) = call(&app, "GET", "/dlq?component=email", Some(TOKEN), vec![]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!((body["topic"].as_str(), body["dead_letters"].as_array().map(Vec::len)), (Some("dlq"), Some(1)));
+    assert_eq!(body["dead_letters"][0]["id"], "0/0");
+    let (status, body) = call(&app, "GET", "/dlq?since=someday", Some(TOKEN), vec![]).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_since")));
+
+    for bad in [&b"{\"all\": true}"[..], b"{\"ids\": [\"x\"]}", b"{}", b"not json", b"{\"ids\": [], \"typo\": 1}"] {
+        let (status, body) = call(&app, "POST", "/dlq/replay", Some(TOKEN), bad.to_vec()).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_selection")));
+    }
+    let all = br#"{"all": true, "component": "email"}"#.to_vec();
+    let (status, body) = call(&app, "POST", "/dlq/replay", Some(TOKEN), all.clone()).await;
+    assert_eq!((status, body["replayed"][0]["id"].as_str()), (StatusCode::OK, Some("0/0")), "{body}");
+    assert_eq!(bus.records("emails").len(), 1);
+    let (_, body) = call(&app, "POST", "/dlq/replay", Some(TOKEN), all).await;
+    assert_eq!(body["replayed"].as_array().map(Vec::len), Some(0), "{body}");
+    let (_, body) = call(&app, "POST", "/dlq/replay", Some(TOKEN), br#"{"ids": ["0/0", "0/1"]}"#.to_vec()).await;
+    assert_eq!(body["replayed"][0]["id"], "0/1", "{body}");
+    assert!(body["refused"][0]["reason"].as_str().unwrap().contains("already replayed"), "{body}");
+
+    let without = app_with(Arc::new(runtime("misbehave", 1000)));
+    assert_eq!(call(&without, "GET", "/dlq", Some(TOKEN), vec![]).await.0, StatusCode::NOT_FOUND);
 }

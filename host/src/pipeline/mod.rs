@@ -276,6 +276,7 @@ impl Core {
         headers.extend([
             ("dlq-reason".to_owned(), reason.clone().into_bytes()),
             ("dlq-component".to_owned(), self.service.name().as_bytes().to_vec()),
+            ("dlq-version".to_owned(), self.service.current().sha256.clone().into_bytes()),
             ("dlq-source".to_owned(), format!("{}/{}/{}", record.topic, record.partition, record.offset).into_bytes()),
             ("dlq-attempts".to_owned(), attempts.to_string().into_bytes()),
         ]);

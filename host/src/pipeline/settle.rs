@@ -92,7 +92,7 @@ pub async fn settle(
             let aside: Vec<Outbound> = kept
                 .iter()
                 .filter(|record| record.topic == err.topic)
-                .map(|record| set_aside(record, &reason, service.name(), source.as_deref(), dead_letter_topic))
+                .map(|record| set_aside(record, &reason, service, source.as_deref(), dead_letter_topic))
                 .collect();
             tracing::error!(component = service.name(), source = ?source, records = aside.len(), "output set aside: {reason}");
             publisher.enqueue(aside).await?.await.context("set-aside output not acknowledged")?;
@@ -111,14 +111,15 @@ pub async fn settle(
 }
 
 /// The dead-letter copy of an output the broker refused: its key, headers
-/// and (bounded) value, with why, who emitted it, for which topic, and for
-/// which event.
-fn set_aside(record: &Outbound, reason: &str, component: &str, source: Option<&str>, topic: &str) -> Outbound {
+/// and (bounded) value, with why, who emitted it (and which version), for
+/// which topic, and for which event.
+fn set_aside(record: &Outbound, reason: &str, service: &ServiceRuntime, source: Option<&str>, topic: &str) -> Outbound {
     let (value, truncated) = super::bounded(&record.value);
     let mut headers = record.headers.clone();
     headers.extend([
         ("dlq-reason".to_owned(), reason.as_bytes().to_vec()),
-        ("dlq-component".to_owned(), component.as_bytes().to_vec()),
+        ("dlq-component".to_owned(), service.name().as_bytes().to_vec()),
+        ("dlq-version".to_owned(), service.current().sha256.clone().into_bytes()),
         ("dlq-target-topic".to_owned(), record.topic.as_bytes().to_vec()),
     ]);
     if let Some(source) = source {
