@@ -260,6 +260,9 @@ pub async fn run(
         watermarks.values().cloned().collect(),
         Duration::from_millis(manifest.runtime.deadline_outage_window_ms),
     ));
+    for service in services.values() {
+        service.set_deadline_clock(deadlines.clone());
+    }
     for (name, listener) in listeners {
         let settings = &manifest.components[&name];
         let service = services[&name].clone();

@@ -9,11 +9,14 @@
 //! - **outages do not count**: time during which this host could not reach
 //!   the broker (see [`BrokerLink`]) within the last `outage_window` is
 //!   subtracted, so a deadline that spanned a 10 s outage fires 10 s later;
-//! - **caught up first**: it never runs ahead of the *watermark* of any
-//!   consumer of this host, the latest moment `t` such that the consumer
-//!   has handled every record that was on its partitions at `t`. A timer
-//!   due at `t` thus fires only after everything sent to this host before
-//!   `t` (an answer included) was handled.
+//! - **caught up first, twice**: the host's *watermark* is the latest
+//!   moment `t` such that every consumer of this host has handled every
+//!   record that was on its partitions at `t`; a record counts as handled
+//!   only once its outputs are acknowledged. A timer due at `d` fires once
+//!   the watermark has passed the moment `p` at which it passed `d`: by `p`
+//!   every request on the topics at `d` was handled and its answer written
+//!   (a second hop: payment answers the order service's request), and by
+//!   the time the watermark passes `p`, those answers were handled too.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -125,23 +128,48 @@ pub struct DeadlineClock {
     link: BrokerLink,
     watermarks: Vec<Watermark>,
     outage_window: Duration,
+    /// `(wall_ms, watermark_ms)` as seen, oldest first; only the last one at
+    /// or before the current watermark is kept of those behind it.
+    seen: Mutex<VecDeque<(u64, u64)>>,
 }
 
 impl DeadlineClock {
     /// The wall clock held back by `link`'s outages within `outage_window`
     /// and by `watermarks`.
     pub fn new(wall: Arc<dyn Clock>, link: BrokerLink, watermarks: Vec<Watermark>, outage_window: Duration) -> Self {
-        Self { wall, link, watermarks, outage_window }
+        Self { wall, link, watermarks, outage_window, seen: Mutex::default() }
+    }
+
+    /// The watermark as it was when it was the current watermark's time:
+    /// everything on the topics then, and what handling it wrote, is handled.
+    fn caught_up_twice(&self, now: u64) -> u64 {
+        let Some(watermark) = self.watermarks.iter().map(Watermark::reached_ms).min() else { return now };
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        if seen.back().is_none_or(|(_, last)| *last != watermark) {
+            if seen.len() == SAMPLES_KEPT {
+                seen.pop_front();
+            }
+            seen.push_back((now, watermark));
+        }
+        while seen.get(1).is_some_and(|(wall, _)| *wall <= watermark) {
+            seen.pop_front();
+        }
+        match seen.front() {
+            Some((wall, then)) if *wall <= watermark => *then,
+            _ => 0,
+        }
     }
 }
+
+/// Watermark changes remembered (a few per second while it moves).
+const SAMPLES_KEPT: usize = 10_000;
 
 impl Clock for DeadlineClock {
     fn now_ms(&self) -> u64 {
         let now = self.wall.now_ms();
         let window = u64::try_from(self.outage_window.as_millis()).unwrap_or(u64::MAX);
         let outage = self.link.down_within(now.saturating_sub(window), now);
-        let caught_up = self.watermarks.iter().map(Watermark::reached_ms).min().unwrap_or(u64::MAX);
-        now.saturating_sub(outage).min(caught_up)
+        now.saturating_sub(outage).min(self.caught_up_twice(now))
     }
 }
 
@@ -181,21 +209,27 @@ mod tests {
         let link = BrokerLink::default();
         let (a, b) = (Watermark::default(), Watermark::default());
         let clock = DeadlineClock::new(wall.clone(), link.clone(), vec![a.clone(), b.clone()], Duration::from_secs(60));
-        a.observe(100_000, &[], true);
-        assert_eq!(clock.now_ms(), 0, "b has not caught up yet");
-        b.observe(100_000, &[], true);
-        assert_eq!(clock.now_ms(), 100_000);
-        link.report_down(100_000, "gone");
-        wall.set(110_000);
-        assert_eq!(clock.now_ms(), 100_000, "stopped during the outage (no snapshot passes either)");
-        link.report_up(110_000);
+        // Each looks at `at` with `end` records on its partition, `next` done.
+        let both = |at: u64, end: i64, next: i64| {
+            wall.set(at);
+            a.observe(at, &[Position { partition: "t/0".into(), end, next }], true);
+            b.observe(at, &[], true);
+        };
+        b.observe(99_000, &[], true);
+        assert_eq!(clock.now_ms(), 0, "a has not caught up yet");
+        both(100_000, 1, 0);
+        both(101_000, 2, 1);
+        assert_eq!((a.reached_ms(), clock.now_ms()), (100_000, 0), "caught up once: what was written since may not be");
+        both(102_000, 3, 2);
+        assert_eq!(clock.now_ms(), 100_000, "the watermark passed 101 s, when it had reached 100 s");
+        link.report_down(102_000, "gone");
         wall.set(112_000);
-        a.observe(112_000, &[], true);
-        b.observe(112_000, &[], true);
-        assert_eq!(clock.now_ms(), 102_000, "the outage's 10 s do not count");
-        wall.set(200_000);
-        a.observe(200_000, &[], true);
-        b.observe(200_000, &[], true);
+        assert_eq!(clock.now_ms(), 100_000, "stopped during the outage (no snapshot passes either)");
+        link.report_up(112_000);
+        both(113_000, 3, 3);
+        both(114_000, 3, 3);
+        assert_eq!(clock.now_ms(), 104_000, "caught up, but the outage's 10 s do not count");
+        both(200_000, 3, 3);
         assert_eq!(clock.now_ms(), 200_000, "an outage out of the window is forgotten");
         let alone = DeadlineClock::new(wall, BrokerLink::default(), Vec::new(), Duration::from_secs(60));
         assert_eq!(alone.now_ms(), 200_000, "no consumer: the wall clock");

@@ -21,6 +21,9 @@ use rdkafka::message::Message as _;
 use serde_json::{Value, json};
 use support::*;
 
+/// Orders placed at once right before the broker is killed.
+const BURST: usize = 200;
+
 /// A single-node Kafka of this test's own, on ports of its own.
 struct Broker {
     home: PathBuf,
@@ -179,6 +182,19 @@ async fn a_broker_outage_under_load_answers_503_fast_and_loses_or_cancels_nothin
     })
     .await;
 
+    // A burst, and the broker killed as soon as it is accepted: its orders
+    // are in the middle of their sagas when the broker goes away.
+    let burst: Vec<_> = (0..BURST)
+        .map(|j| {
+            let (client, gateway) = (client.clone(), gateway.clone());
+            tokio::spawn(async move { post(&client, &gateway, 1_000_000 + j).await })
+        })
+        .collect();
+    for request in burst {
+        let answer = request.await.unwrap();
+        assert_eq!(answer.status, 202, "the burst is placed before the outage: {answer:?}");
+        answers.lock().unwrap().push(answer);
+    }
     broker.kill();
     let killed_ms = shop_host::clock::unix_ms(std::time::SystemTime::now());
     let killed_at = answers.lock().unwrap().len();
@@ -280,6 +296,15 @@ async fn a_broker_outage_under_load_answers_503_fast_and_loses_or_cancels_nothin
         }
     })
     .await;
+    let before_kill: BTreeSet<&str> =
+        answers[..killed_at].iter().filter(|a| a.status == 202).filter_map(|a| a.order_id.as_deref()).collect();
+    let finished_after_kill = values
+        .iter()
+        .filter(|v| v["type"] == "OrderConfirmed" && v["timestamp_ms"].as_u64().is_some_and(|t| t > killed_ms))
+        .filter(|v| v["order_id"].as_str().is_some_and(|id| before_kill.contains(id)))
+        .count();
+    eprintln!("outage: {finished_after_kill} orders accepted before the kill were confirmed after it");
+    assert!(finished_after_kill > 0, "the outage must catch orders in the middle of their sagas");
     let finals = finals(&values);
     let mut problems = Vec::new();
     for id in &orders {

@@ -36,6 +36,33 @@ test("an order placed in the page reaches CONFIRMED", async () => {
   await page.screenshot({ path: process.env.SCREENSHOT ?? "/tmp/shop-order.png" });
 });
 
+test("a 503 is retried with the same Idempotency-Key and the order goes through", async () => {
+  const page = await browser.newPage();
+  const keys = [];
+  // The first try meets the gateway as it answers while the broker is down.
+  await page.route("**/order", async route => {
+    keys.push(route.request().headers()["idempotency-key"]);
+    if (keys.length === 1) {
+      await route.fulfill({
+        status: 503,
+        headers: { "retry-after": "1", "content-type": "application/json" },
+        body: JSON.stringify({ error: { code: "unavailable", message: "the message broker is unreachable" } }),
+      });
+    } else {
+      await route.continue();
+    }
+  });
+  await page.goto(GATEWAY);
+  await page.fill("#name", "Grace Hopper");
+  await page.fill("#email", "grace@example.com");
+  await page.click("#submit");
+  await page.waitForFunction(() => document.querySelector("#order-status")?.textContent === "CONFIRMED",
+    null, { timeout: 30_000 });
+  assert.equal(keys.length, 2, `tries: ${keys.length}`);
+  assert.ok(keys[0] && keys[0] === keys[1], `the retry reuses the key: ${keys}`);
+  assert.equal(await page.textContent("#form-error"), "");
+});
+
 test("more lamps than in stock: paid, refunded, CANCELLED", async () => {
   const page = await browser.newPage();
   await page.goto(GATEWAY);

@@ -76,8 +76,9 @@ fn authorize(host: &mut impl Host, req: &PaymentRequested) -> Result<Vec<Outgoin
             entry
         }
         None => {
+            // Late by the deadline clock: the host's outage does not count.
             let decision = match req.deadline_ms {
-                Some(deadline) if now > deadline => Decision::Declined {
+                Some(deadline) if host.deadline_now_ms() > deadline => Decision::Declined {
                     code: DEADLINE_PASSED.to_owned(),
                     reason: "the payment request arrived after its deadline".to_owned(),
                 },

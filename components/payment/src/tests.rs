@@ -93,6 +93,15 @@ fn request_past_its_deadline_is_declined_without_capture() {
 }
 
 #[test]
+fn lateness_is_measured_by_the_deadline_clock_not_the_wall_clock() {
+    // 5 s past the deadline by the wall clock, but the host could not reach
+    // the broker for 6 s meanwhile: not late.
+    let mut host = MemoryHost { deadline_lag_ms: 6_000, ..MemoryHost::at(15_000) };
+    let out = Payment::handle(&mut host, &request_until("o1", GOOD, 500, Some(10_000))).unwrap();
+    let _: PaymentAuthorized = only(&out, types::PAYMENT_AUTHORIZED);
+}
+
+#[test]
 fn void_before_the_request_makes_it_decline_without_capture() {
     let mut host = MemoryHost::at(7);
     let out = Payment::handle(&mut host, &void_request("o1")).unwrap();

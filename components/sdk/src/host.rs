@@ -83,6 +83,13 @@ pub trait Host {
     /// Milliseconds since the Unix epoch, from the host's clock.
     fn now_ms(&self) -> u64;
 
+    /// The time deadlines carried in events are measured by: the wall clock
+    /// held back while the host could not reach the broker or was catching
+    /// up, so that a deadline measures the other side's silence only.
+    fn deadline_now_ms(&self) -> u64 {
+        self.now_ms()
+    }
+
     /// A value of the service's `[components.NAME.config]` table.
     fn config(&self, key: &str) -> Option<String>;
 

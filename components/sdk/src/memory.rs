@@ -24,6 +24,9 @@ pub struct MemoryHost {
     pub config: HashMap<String, String>,
     /// Current time returned by [`Host::now_ms`].
     pub now_ms: u64,
+    /// How far [`Host::deadline_now_ms`] is behind `now_ms` (an outage the
+    /// host does not count).
+    pub deadline_lag_ms: u64,
     /// Every line logged, in order.
     pub logs: RefCell<Vec<(Level, String)>>,
     /// Pending timers by id.
@@ -115,6 +118,10 @@ impl Host for MemoryHost {
 
     fn now_ms(&self) -> u64 {
         self.now_ms
+    }
+
+    fn deadline_now_ms(&self) -> u64 {
+        self.now_ms.saturating_sub(self.deadline_lag_ms)
     }
 
     fn config(&self, key: &str) -> Option<String> {

@@ -63,6 +63,10 @@ impl Host for WasmHost {
         clock::now_ms()
     }
 
+    fn deadline_now_ms(&self) -> u64 {
+        clock::deadline_now_ms()
+    }
+
     fn config(&self, key: &str) -> Option<String> {
         config::get(key)
     }

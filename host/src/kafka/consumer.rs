@@ -98,7 +98,7 @@ struct Context {
 
 impl ClientContext for Context {
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        tracing::warn!("Kafka consumer: {error}: {reason}");
+        tracing::debug!("Kafka consumer: {error}: {reason}");
         self.link.observe_error(&error, reason);
     }
 

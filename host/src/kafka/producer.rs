@@ -39,7 +39,7 @@ impl ClientContext for LinkContext {
             tracing::error!("Kafka producer failed for good, it will be replaced: {reason}");
             self.fatal.store(true, Ordering::SeqCst);
         } else {
-            tracing::warn!("Kafka producer: {error}: {reason}");
+            tracing::debug!("Kafka producer: {error}: {reason}");
         }
         self.link.observe_error(&error, reason);
     }

@@ -33,6 +33,7 @@ pub struct HostState {
     component: Arc<str>,
     config: Arc<HashMap<String, String>>,
     clock: Arc<dyn Clock>,
+    deadlines: Arc<dyn Clock>,
 }
 
 impl HostState {
@@ -42,6 +43,7 @@ impl HostState {
         txn: Txn,
         config: Arc<HashMap<String, String>>,
         clock: Arc<dyn Clock>,
+        deadlines: Arc<dyn Clock>,
         limits: StoreLimits,
     ) -> Self {
         // No preopened directory, no environment, no arguments, no stdin, no
@@ -49,7 +51,7 @@ impl HostState {
         // gets no capability through them. Stderr carries guest panic messages.
         let wasi =
             WasiCtx::builder().inherit_stderr().allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false).build();
-        Self { wasi, table: ResourceTable::new(), limits, txn, component, config, clock }
+        Self { wasi, table: ResourceTable::new(), limits, txn, component, config, clock, deadlines }
     }
 }
 
@@ -135,6 +137,10 @@ impl log::Host for HostState {
 impl clock::Host for HostState {
     fn now_ms(&mut self) -> u64 {
         self.clock.now_ms()
+    }
+
+    fn deadline_now_ms(&mut self) -> u64 {
+        self.deadlines.now_ms()
     }
 }
 

@@ -179,6 +179,8 @@ pub struct ServiceRuntime {
     store: Arc<dyn StateStore>,
     config: Arc<HashMap<String, String>>,
     clock: Arc<dyn Clock>,
+    /// What guests measure deadlines by (the wall clock until set).
+    deadlines: RwLock<Arc<dyn Clock>>,
     limits: Limits,
     /// Serializes handling (a batch of the pipeline's executor), timer
     /// settling and version switches: each reads and writes the shared
@@ -223,6 +225,7 @@ impl ServiceRuntime {
             canary: canary::Canary::new(spec.canary),
             store: spec.store,
             config: Arc::new(spec.config),
+            deadlines: RwLock::new(spec.clock.clone()),
             clock: spec.clock,
             limits: spec.limits,
             handle_lock: tokio::sync::Mutex::new(()),
@@ -330,12 +333,19 @@ impl ServiceRuntime {
         &self.store
     }
 
+    /// Gives guests `deadlines` as the clock their deadlines are measured
+    /// by (see [`crate::deadlines`]).
+    pub fn set_deadline_clock(&self, deadlines: Arc<dyn Clock>) {
+        *self.deadlines.write().unwrap_or_else(std::sync::PoisonError::into_inner) = deadlines;
+    }
+
     fn parts(&self, view: Arc<dyn StateRead>, read_only: bool) -> StoreParts {
         StoreParts {
             name: self.name.clone(),
             view,
             config: self.config.clone(),
             clock: self.clock.clone(),
+            deadlines: self.deadlines.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone(),
             limits: self.limits,
             read_only,
         }
@@ -543,6 +553,7 @@ struct StoreParts {
     view: Arc<dyn StateRead>,
     config: Arc<HashMap<String, String>>,
     clock: Arc<dyn Clock>,
+    deadlines: Arc<dyn Clock>,
     limits: Limits,
     read_only: bool,
 }
@@ -551,7 +562,7 @@ impl StoreParts {
     fn store(self, engine: &Engine) -> Store<HostState> {
         let limits = StoreLimitsBuilder::new().memory_size(self.limits.memory_bytes).instances(4).build();
         let txn = if self.read_only { Txn::read_only(self.view) } else { Txn::new(self.view) };
-        let state = HostState::new(self.name, txn, self.config, self.clock, limits);
+        let state = HostState::new(self.name, txn, self.config, self.clock, self.deadlines, limits);
         let mut store = Store::new(engine.wasmtime(), state);
         store.limiter(|s| &mut s.limits);
         store.set_epoch_deadline(engine.ticks_for(self.limits.timeout));
