@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::{Clock, SystemClock};
-use crate::deadlines::{DeadlineClock, Watermark};
+use crate::deadlines::{DeadlineClock, OutageClock, Watermark};
 use crate::kafka::{self, BrokerLink, ConsumerSettings, ConsumerStatus, EmbeddedBroker, KafkaPublisher};
 use crate::manifest::{ComponentSettings, Manifest, StateBackend};
 use crate::pipeline::{Pipeline, RetryPolicy, Topics};
@@ -254,14 +254,12 @@ pub async fn run(
     // the broker's outages.
     let watermarks: BTreeMap<String, Watermark> =
         listeners.iter().map(|(name, _)| (name.clone(), Watermark::default())).collect();
-    let deadlines: Arc<dyn Clock> = Arc::new(DeadlineClock::new(
-        clock.clone(),
-        link.clone(),
-        watermarks.values().cloned().collect(),
-        Duration::from_millis(manifest.runtime.deadline_outage_window_ms),
-    ));
+    let outage_window = Duration::from_millis(manifest.runtime.deadline_outage_window_ms);
+    let outage = Arc::new(OutageClock::new(clock.clone(), link.clone(), outage_window));
+    let deadlines: Arc<dyn Clock> =
+        Arc::new(DeadlineClock::new(outage.clone(), watermarks.values().cloned().collect()));
     for service in services.values() {
-        service.set_deadline_clock(deadlines.clone());
+        service.set_deadline_clock(outage.clone());
     }
     for (name, listener) in listeners {
         let settings = &manifest.components[&name];

@@ -1,4 +1,4 @@
-//! The clock timers are due by: deadlines measure the other side's
+//! The clocks deadlines are measured by: they measure the other side's
 //! silence, not this host's outage.
 //!
 //! A saga's deadline (the order service waits 30 s for the payment answer)
@@ -122,22 +122,44 @@ fn positions(statistics: &Statistics) -> (Vec<Position>, bool) {
     (positions, complete && all_there)
 }
 
-/// The clock timers are due by (see the module's documentation).
-pub struct DeadlineClock {
+/// The wall clock less the time the broker could not be reached within a
+/// window: what guests compare deadlines carried in events with
+/// (`clock.deadline-now-ms`). It does not wait for catch-ups: a guest
+/// handling a backlog cannot tell whether its counterpart still waits, and
+/// the counterpart's own timer, on the [`DeadlineClock`], decides that.
+pub struct OutageClock {
     wall: Arc<dyn Clock>,
     link: BrokerLink,
+    window_ms: u64,
+}
+
+impl OutageClock {
+    /// The wall clock less `link`'s outages within the last `window`.
+    pub fn new(wall: Arc<dyn Clock>, link: BrokerLink, window: Duration) -> Self {
+        Self { wall, link, window_ms: u64::try_from(window.as_millis()).unwrap_or(u64::MAX) }
+    }
+}
+
+impl Clock for OutageClock {
+    fn now_ms(&self) -> u64 {
+        let now = self.wall.now_ms();
+        now.saturating_sub(self.link.down_within(now.saturating_sub(self.window_ms), now))
+    }
+}
+
+/// The clock timers are due by (see the module's documentation).
+pub struct DeadlineClock {
+    outage: Arc<OutageClock>,
     watermarks: Vec<Watermark>,
-    outage_window: Duration,
     /// `(wall_ms, watermark_ms)` as seen, oldest first; only the last one at
     /// or before the current watermark is kept of those behind it.
     seen: Mutex<VecDeque<(u64, u64)>>,
 }
 
 impl DeadlineClock {
-    /// The wall clock held back by `link`'s outages within `outage_window`
-    /// and by `watermarks`.
-    pub fn new(wall: Arc<dyn Clock>, link: BrokerLink, watermarks: Vec<Watermark>, outage_window: Duration) -> Self {
-        Self { wall, link, watermarks, outage_window, seen: Mutex::default() }
+    /// `outage` held back by `watermarks`.
+    pub fn new(outage: Arc<OutageClock>, watermarks: Vec<Watermark>) -> Self {
+        Self { outage, watermarks, seen: Mutex::default() }
     }
 
     /// The watermark as it was when it was the current watermark's time:
@@ -166,10 +188,8 @@ const SAMPLES_KEPT: usize = 10_000;
 
 impl Clock for DeadlineClock {
     fn now_ms(&self) -> u64 {
-        let now = self.wall.now_ms();
-        let window = u64::try_from(self.outage_window.as_millis()).unwrap_or(u64::MAX);
-        let outage = self.link.down_within(now.saturating_sub(window), now);
-        now.saturating_sub(outage).min(self.caught_up_twice(now))
+        let wall = self.outage.wall.now_ms();
+        self.outage.now_ms().min(self.caught_up_twice(wall))
     }
 }
 
@@ -208,7 +228,8 @@ mod tests {
         let wall = Arc::new(ManualClock::at(100_000));
         let link = BrokerLink::default();
         let (a, b) = (Watermark::default(), Watermark::default());
-        let clock = DeadlineClock::new(wall.clone(), link.clone(), vec![a.clone(), b.clone()], Duration::from_secs(60));
+        let outage = Arc::new(OutageClock::new(wall.clone(), link.clone(), Duration::from_secs(60)));
+        let clock = DeadlineClock::new(outage.clone(), vec![a.clone(), b.clone()]);
         // Each looks at `at` with `end` records on its partition, `next` done.
         let both = |at: u64, end: i64, next: i64| {
             wall.set(at);
@@ -225,13 +246,17 @@ mod tests {
         link.report_down(102_000, "gone");
         wall.set(112_000);
         assert_eq!(clock.now_ms(), 100_000, "stopped during the outage (no snapshot passes either)");
+        assert_eq!(outage.now_ms(), 102_000, "guests' deadline clock: stopped at the outage's start");
         link.report_up(112_000);
         both(113_000, 3, 3);
         both(114_000, 3, 3);
         assert_eq!(clock.now_ms(), 104_000, "caught up, but the outage's 10 s do not count");
         both(200_000, 3, 3);
         assert_eq!(clock.now_ms(), 200_000, "an outage out of the window is forgotten");
-        let alone = DeadlineClock::new(wall, BrokerLink::default(), Vec::new(), Duration::from_secs(60));
+        let alone = DeadlineClock::new(
+            Arc::new(OutageClock::new(wall, BrokerLink::default(), Duration::from_secs(60))),
+            Vec::new(),
+        );
         assert_eq!(alone.now_ms(), 200_000, "no consumer: the wall clock");
     }
 }

@@ -337,3 +337,40 @@ async fn a_broker_outage_under_load_answers_503_fast_and_loses_or_cancels_nothin
     host.terminate();
     drop(broker);
 }
+
+/// A producer that failed for good (as librdkafka says when idempotence
+/// can no longer be guaranteed) is replaced before the next send, and
+/// sending works again without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_that_failed_for_good_is_replaced() {
+    use shop_host::bus::{Outbound, Publisher as _};
+    use shop_host::kafka::{BrokerLink, KafkaPublisher};
+
+    let brokers = brokers();
+    let topic = format!("t{}-fatal", uuid::Uuid::new_v4().simple());
+    shop_host::kafka::ensure_topics(&brokers, std::slice::from_ref(&topic), 1, 1).await.unwrap();
+    let publisher = KafkaPublisher::connect(&brokers, BrokerLink::default()).unwrap();
+    let record =
+        |value: &str| Outbound { topic: topic.clone(), key: "k".into(), value: value.into(), headers: Vec::new() };
+    let send = |value: &'static str| {
+        let (publisher, record) = (publisher.clone(), record(value));
+        async move {
+            match publisher.enqueue(vec![record]).await {
+                Ok(acked) => acked.await.map_err(|e| eprintln!("not acknowledged: {e}")).is_ok(),
+                Err(e) => {
+                    eprintln!("not sent: {e}");
+                    false
+                }
+            }
+        }
+    };
+    assert!(send("before").await);
+    publisher.inject_fatal_error();
+    eventually(Duration::from_secs(20), "a send to succeed after the fatal error", || async {
+        send("after").await.then_some(())
+    })
+    .await;
+    assert_eq!(publisher.rebuilt(), 1, "replaced once");
+    let records = tokio::task::spawn_blocking(move || read_all(&brokers, &topic)).await.unwrap();
+    assert!(records.len() >= 2, "both sends are on the topic: {}", records.len());
+}

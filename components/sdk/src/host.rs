@@ -84,8 +84,8 @@ pub trait Host {
     fn now_ms(&self) -> u64;
 
     /// The time deadlines carried in events are measured by: the wall clock
-    /// held back while the host could not reach the broker or was catching
-    /// up, so that a deadline measures the other side's silence only.
+    /// less the time the host could not reach the broker lately, so that a
+    /// deadline measures the other side's silence, not the host's outage.
     fn deadline_now_ms(&self) -> u64 {
         self.now_ms()
     }

@@ -87,8 +87,10 @@ impl KafkaPublisher {
     /// The producer to send with: a new one if the last failed for good.
     fn producer(&self) -> Result<FutureProducer<LinkContext>, PublishError> {
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        if self.fatal.swap(false, Ordering::SeqCst) {
-            let reason = current.client().fatal_error().map(|(_, reason)| reason).unwrap_or_default();
+        // The error callback may not have run yet: librdkafka is asked too.
+        let failed = current.client().fatal_error();
+        if self.fatal.swap(false, Ordering::SeqCst) || failed.is_some() {
+            let reason = failed.map(|(_, reason)| reason).unwrap_or_default();
             match create(&self.config, &self.link, &self.fatal) {
                 Ok(producer) => {
                     tracing::warn!(%reason, "replaced the Kafka producer after a fatal error");
