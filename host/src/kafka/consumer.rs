@@ -30,6 +30,9 @@ use tokio::sync::oneshot;
 
 /// Records handled but not yet acknowledged, at most.
 const MAX_IN_FLIGHT: usize = 512;
+/// First and longest wait before a failed consumer is started again.
+const RESTART_BACKOFF_MIN: Duration = Duration::from_secs(1);
+const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(16);
 
 /// Where and how a component consumes.
 #[derive(Debug, Clone)]
@@ -161,7 +164,9 @@ pub async fn run_supervised(
 ) -> Result<(), Abandoned> {
     let name = pipeline.service().name().to_owned();
     let mut outcome = Ok(());
+    let mut backoff = RESTART_BACKOFF_MIN;
     loop {
+        let started = tokio::time::Instant::now();
         match run(&pipeline, &publisher, &settings, &status, &shutdown).await {
             Ok(()) => break,
             Err(err) if err.is::<Abandoned>() => {
@@ -169,16 +174,23 @@ pub async fn run_supervised(
                 break;
             }
             Err(err) => {
+                // A failure after a good run starts the backoff over; one
+                // that keeps coming (e.g. the broker stays away) waits longer
+                // each time. What was in flight is delivered again, in order.
+                if started.elapsed() > RESTART_BACKOFF_MAX * 2 {
+                    backoff = RESTART_BACKOFF_MIN;
+                }
                 let message = format!("{err:#}");
-                tracing::error!(component = %name, "consumer failed, restarting in 1 s: {message}");
+                tracing::error!(component = %name, "consumer failed, restarting in {backoff:?}: {message}");
                 status.update(|s| {
                     s.consuming = false;
                     s.last_error = Some(message);
                 });
                 tokio::select! {
                     () = shutdown.cancelled() => break,
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    () = tokio::time::sleep(backoff) => {}
                 }
+                backoff = (backoff * 2).min(RESTART_BACKOFF_MAX);
             }
         }
     }
