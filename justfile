@@ -10,13 +10,16 @@ default:
 build:
     cargo build -p host
 
-# Build every service component (never the host).
+# Build every service component (never the host), the JavaScript email
+# service too (needs node and npm; `npm ci` from its lock file).
 build-components:
     cargo build --release --target wasm32-wasip2 {{ prepend("-p ", components) }}
+    components/email-js/build.sh
 
-# Build one service component, e.g. `just build-component payment`.
+# Build one service component, e.g. `just build-component payment`
+# (`email-js`: the JavaScript email service, target/wasm32-wasip2/release/email-js.wasm).
 build-component NAME:
-    cargo build --release --target wasm32-wasip2 -p {{ NAME }}
+    {{ if NAME == "email-js" { "components/email-js/build.sh" } else { "cargo build --release --target wasm32-wasip2 -p " + NAME } }}
 
 # Build the test-only components (used by the host's tests).
 # The payment and email variants are built with features and copied aside;
