@@ -16,6 +16,11 @@ pub enum ApiError {
     UnsupportedMediaType,
     /// Fields failed validation.
     Validation(Vec<FieldError>),
+    /// The `Idempotency-Key` header is empty, too long, not visible ASCII,
+    /// or sent more than once.
+    InvalidIdempotencyKey(String),
+    /// The `Idempotency-Key` was already used for a different order.
+    IdempotencyKeyReused,
     /// No such resource.
     NotFound(String),
     /// Kafka or the order service failed.
@@ -66,6 +71,17 @@ impl IntoResponse for ApiError {
             ApiError::Validation(fields) => {
                 (StatusCode::BAD_REQUEST, "invalid_order", "some fields are invalid".to_owned(), Some(fields))
             }
+            ApiError::InvalidIdempotencyKey(message) => {
+                (StatusCode::BAD_REQUEST, "invalid_idempotency_key", message, None)
+            }
+            ApiError::IdempotencyKeyReused => (
+                StatusCode::CONFLICT,
+                "idempotency_key_reused",
+                "this Idempotency-Key was already used for a different order; send a new key for a new order \
+                 (a retry must repeat the same order exactly)"
+                    .to_owned(),
+                None,
+            ),
             ApiError::NotFound(message) => (StatusCode::NOT_FOUND, "not_found", message, None),
             ApiError::Backend(err) => {
                 // Logged once here; the client gets no internals.

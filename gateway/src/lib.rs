@@ -5,6 +5,7 @@
 //! Every error is JSON: `{"error": {"code", "message"}}`.
 
 mod error;
+mod idempotency;
 mod request;
 
 use std::future::Future;
@@ -21,6 +22,7 @@ use serde_json::json;
 use shop_events::OrderPlaced;
 
 pub use error::ApiError;
+pub use idempotency::{IdempotencyKey, InvalidKey, MAX_KEY_LEN};
 pub use request::{FieldError, OrderRequest};
 
 /// A boxed future, as the [`Backend`] methods return.
@@ -58,6 +60,13 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 
+    /// The request hash an `Idempotency-Key` is bound to (by its digest,
+    /// see [`shop_events::IdempotencyBinding`]), `None` if the key is unused.
+    ///
+    /// # Errors
+    /// [`BackendError`] when the order service cannot answer.
+    fn idempotency(&self, key_digest: &str) -> BoxFuture<'_, Result<Option<String>, BackendError>>;
+
     /// The order's current state and history as JSON, `None` if unknown.
     ///
     /// # Errors
@@ -86,6 +95,7 @@ impl Default for Settings {
 struct Gateway {
     backend: Arc<dyn Backend>,
     settings: Settings,
+    claims: Arc<idempotency::Claims>,
 }
 
 /// The gateway's router with the default [`Settings`].
@@ -104,7 +114,7 @@ pub fn app_with(backend: Arc<dyn Backend>, settings: Settings) -> Router {
         .fallback(no_route)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::map_response(json_errors))
-        .with_state(Gateway { backend, settings })
+        .with_state(Gateway { backend, settings, claims: Arc::default() })
 }
 
 async fn no_route(uri: Uri) -> ApiError {
@@ -162,7 +172,7 @@ async fn health(State(gateway): State<Gateway>) -> Response {
 }
 
 async fn place_order(
-    State(Gateway { backend, settings }): State<Gateway>,
+    State(Gateway { backend, settings, claims }): State<Gateway>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
@@ -173,30 +183,58 @@ async fn place_order(
     {
         return Err(ApiError::UnsupportedMediaType);
     }
+    let key = idempotency::key_of(&headers).map_err(|err| ApiError::InvalidIdempotencyKey(err.0.to_owned()))?;
     let request: OrderRequest =
         serde_json::from_slice(&body).map_err(|err| ApiError::MalformedJson(err.to_string()))?;
-    let idempotency_key = headers.get("idempotency-key").and_then(|v| v.to_str().ok());
-    let placed = request.validate(idempotency_key).map_err(ApiError::Validation)?;
+    let placed = request.validate(key.as_ref()).map_err(ApiError::Validation)?;
     let order_id = placed.order_id.clone();
     let total_cents = placed.total_cents;
+    let binding = placed.idempotency.clone();
+    if let Some(binding) = &binding {
+        // A retry of a recorded order is answered without sending it again
+        // (even while the broker is unreachable); another order under a
+        // bound key is refused without naming the order the key is bound to.
+        match backend.idempotency(&binding.key_digest).await.map_err(ApiError::Backend)? {
+            Some(hash) if hash == binding.request_hash => {
+                let status = match backend.order_status(&order_id).await.map_err(ApiError::Backend)? {
+                    Some(order) => order["status"].as_str().unwrap_or("PENDING").to_owned(),
+                    None => "PENDING".to_owned(),
+                };
+                return Ok(accepted(&order_id, &status, total_cents));
+            }
+            Some(_) => return Err(ApiError::IdempotencyKeyReused),
+            None if !claims.claim(binding) => return Err(ApiError::IdempotencyKeyReused),
+            None => {}
+        }
+    }
     // Refused at once while the broker is unreachable: certainly not placed.
     if let Some(reason) = backend.unavailable() {
+        binding.iter().for_each(|binding| claims.release(binding));
         return Err(ApiError::Unavailable(reason));
     }
     let unconfirmed = |reason: String| ApiError::Unconfirmed { order_id: order_id.clone(), reason };
     match tokio::time::timeout(settings.publish_timeout, backend.place_order(placed)).await {
         Ok(Ok(())) => {}
-        Ok(Err(PlaceError::NotSent(reason))) => return Err(ApiError::Unavailable(reason)),
+        Ok(Err(PlaceError::NotSent(reason))) => {
+            binding.iter().for_each(|binding| claims.release(binding));
+            return Err(ApiError::Unavailable(reason));
+        }
+        // It may be placed: the key stays claimed for this order.
         Ok(Err(PlaceError::Unconfirmed(reason))) => return Err(unconfirmed(reason)),
         Err(_) => return Err(unconfirmed(format!("no acknowledgement within {:?}", settings.publish_timeout))),
     }
+    Ok(accepted(&order_id, "PENDING", total_cents))
+}
+
+/// `202 Accepted` for an order the broker acknowledged (now or before).
+fn accepted(order_id: &str, status: &str, total_cents: u64) -> Response {
     let body = json!({
         "order_id": order_id,
-        "status": "PENDING",
+        "status": status,
         "total_cents": total_cents,
         "status_url": format!("/order/{order_id}"),
     });
-    Ok((StatusCode::ACCEPTED, [(header::LOCATION, format!("/order/{order_id}"))], Json(body)).into_response())
+    (StatusCode::ACCEPTED, [(header::LOCATION, format!("/order/{order_id}"))], Json(body)).into_response()
 }
 
 async fn order_status(

@@ -5,15 +5,14 @@ use serde::{Deserialize, Serialize};
 use shop_events::{Customer, LineItem, OrderPlaced, card, total_cents};
 use uuid::Uuid;
 
+use crate::idempotency::{self, IdempotencyKey};
+
 /// Most lines in one order.
 pub const MAX_ITEMS: usize = 50;
 /// Most units of one line.
 pub const MAX_QUANTITY: u32 = 1_000;
 /// Highest unit price: 100,000.00.
 pub const MAX_UNIT_PRICE_CENTS: u64 = 10_000_000;
-
-/// Namespace of order ids derived from an `Idempotency-Key`.
-const IDEMPOTENCY_NAMESPACE: Uuid = Uuid::from_u128(0x2a4f_9c1e_7b3d_4e58_a0c6_5d1f_3e2b_9c47);
 
 /// The order as a client sends it. Every field is optional here so that a
 /// missing one is reported with the others instead of failing the parse.
@@ -109,12 +108,14 @@ fn plausible_email(email: &str) -> bool {
 impl OrderRequest {
     /// Validates every field and builds the `OrderPlaced` event.
     ///
-    /// The order id is random, or derived from `idempotency_key` so that a
-    /// client retrying the same request places the same order.
+    /// The order id is random, or derived from `idempotency_key` and the
+    /// validated order, which the key is then bound to (see
+    /// [`idempotency::bind`]): a client retrying the same request places the
+    /// same order.
     ///
     /// # Errors
     /// Every invalid field, with its path.
-    pub fn validate(self, idempotency_key: Option<&str>) -> Result<OrderPlaced, Vec<FieldError>> {
+    pub fn validate(self, idempotency_key: Option<&IdempotencyKey>) -> Result<OrderPlaced, Vec<FieldError>> {
         let mut errors = Errors::default();
         if self.customer.is_none() {
             errors.add("customer", "is required");
@@ -156,16 +157,21 @@ impl OrderRequest {
         if !errors.0.is_empty() {
             return Err(errors.0);
         }
-        let order_id = match idempotency_key {
-            Some(key) => Uuid::new_v5(&IDEMPOTENCY_NAMESPACE, key.as_bytes()),
-            None => Uuid::new_v4(),
+        let customer = Customer { name, email };
+        let (order_id, binding) = match idempotency_key {
+            Some(key) => {
+                let (order_id, binding) = idempotency::bind(key, &customer, &items, &digits);
+                (order_id, Some(binding))
+            }
+            None => (Uuid::new_v4(), None),
         };
         Ok(OrderPlaced {
             order_id: order_id.to_string(),
             total_cents: total_cents(&items),
-            customer: Customer { name, email },
+            customer,
             items,
             card_number: digits,
+            idempotency: binding,
         })
     }
 }

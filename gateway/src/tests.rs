@@ -1,5 +1,6 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::body::Body;
 use axum::http::Request;
@@ -14,9 +15,11 @@ struct TwinBackend {
     placed: Mutex<Vec<OrderPlaced>>,
     fail: bool,
     /// The broker is known to be unreachable.
-    down: bool,
+    down: AtomicBool,
     /// Sent, never acknowledged.
     hang: bool,
+    /// The order service has not recorded what was placed yet.
+    lagging: bool,
 }
 
 impl Backend for TwinBackend {
@@ -35,7 +38,18 @@ impl Backend for TwinBackend {
     }
 
     fn unavailable(&self) -> Option<String> {
-        self.down.then(|| "all broker connections are down".to_owned())
+        self.down.load(Ordering::SeqCst).then(|| "all broker connections are down".to_owned())
+    }
+
+    fn idempotency(&self, key_digest: &str) -> BoxFuture<'_, Result<Option<String>, BackendError>> {
+        // Like the order service: the first order recorded under a key wins.
+        let placed = self.placed.lock().unwrap();
+        let bound = placed
+            .iter()
+            .filter_map(|o| o.idempotency.as_ref())
+            .find(|b| b.key_digest == key_digest && !self.lagging)
+            .map(|b| b.request_hash.clone());
+        Box::pin(async move { Ok(bound) })
     }
 
     fn order_status(&self, order_id: &str) -> BoxFuture<'_, Result<Option<serde_json::Value>, BackendError>> {
@@ -136,7 +150,7 @@ async fn broker_failure_is_503_without_internals() {
 
 #[tokio::test]
 async fn while_the_broker_is_unreachable_orders_are_refused_at_once() {
-    let backend = Arc::new(TwinBackend { down: true, ..TwinBackend::default() });
+    let backend = Arc::new(TwinBackend { down: AtomicBool::new(true), ..TwinBackend::default() });
     let response = app(backend.clone()).oneshot(post(&valid_order(), &[])).await.unwrap();
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(response.headers()["retry-after"], "2");
@@ -166,13 +180,104 @@ async fn an_order_not_acknowledged_in_time_is_503_with_its_id() {
 }
 
 #[tokio::test]
-async fn idempotency_key_gives_the_same_order_id() {
+async fn the_same_key_and_order_is_the_same_order_published_once() {
     let backend = Arc::new(TwinBackend::default());
-    let (_, a) = send(app(backend.clone()), post(&valid_order(), &[("idempotency-key", "k1")])).await;
-    let (_, b) = send(app(backend.clone()), post(&valid_order(), &[("idempotency-key", "k1")])).await;
+    let (status, a) = send(app(backend.clone()), post(&valid_order(), &[("idempotency-key", "k1")])).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    // The same order written differently: other whitespace, key order and
+    // card spacing, padded text.
+    let same = r#"{ "payment": {"card_number": "4242424242424242"},
+        "items": [{"unit_price_cents": 1250, "quantity": 2, "sku": " book "}],
+        "customer": {"email": "ada@example.com", "name": "Ada Lovelace"} }"#;
+    let request = Request::post("/order")
+        .header("content-type", "application/json")
+        .header("idempotency-key", "k1")
+        .body(Body::from(same))
+        .unwrap();
+    let (status, b) = send(app(backend.clone()), request).await;
+    assert_eq!((status, &b["order_id"], b["total_cents"].as_u64()), (StatusCode::ACCEPTED, &a["order_id"], Some(2500)));
+    assert_eq!(backend.placed.lock().unwrap().len(), 1, "a recorded order is not published again");
     let (_, c) = send(app(backend.clone()), post(&valid_order(), &[("idempotency-key", "k2")])).await;
-    assert_eq!(a["order_id"], b["order_id"]);
     assert_ne!(a["order_id"], c["order_id"]);
+    assert_eq!(backend.placed.lock().unwrap().len(), 2);
+    // A retry of a recorded order is answered even while the broker is down.
+    backend.down.store(true, Ordering::SeqCst);
+    let (status, d) = send(app(backend.clone()), post(&valid_order(), &[("idempotency-key", "k1")])).await;
+    assert_eq!((status, &d["order_id"]), (StatusCode::ACCEPTED, &a["order_id"]));
+}
+
+#[tokio::test]
+async fn a_key_reused_for_another_order_is_409_and_names_no_order() {
+    let backend = Arc::new(TwinBackend::default());
+    let (_, first) = send(app(backend.clone()), post(&valid_order(), &[("idempotency-key", "k1")])).await;
+    let mut other = valid_order();
+    other["items"][0]["quantity"] = json!(3);
+    let (status, body) = send(app(backend.clone()), post(&other, &[("idempotency-key", "k1")])).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("idempotency_key_reused")));
+    let first_id = first["order_id"].as_str().unwrap();
+    assert!(!body.to_string().contains(first_id), "the 409 must not reveal the bound order: {body}");
+    assert_eq!(backend.placed.lock().unwrap().len(), 1);
+    // Another customer guessing the key with their own order gets another
+    // id, or a 409: never the first order's id.
+    let mut guesser = valid_order();
+    guesser["customer"] = json!({ "name": "Eve", "email": "eve@example.com" });
+    let (status, _) = send(app(backend.clone()), post(&guesser, &[("idempotency-key", "k1")])).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let (_, elsewhere) = send(app(backend.clone()), post(&guesser, &[("idempotency-key", "k9")])).await;
+    let (_, first_body_k9) =
+        send(app(Arc::new(TwinBackend::default())), post(&valid_order(), &[("idempotency-key", "k9")])).await;
+    assert_ne!(elsewhere["order_id"], first_body_k9["order_id"], "the id depends on the order, not only the key");
+}
+
+#[tokio::test]
+async fn a_second_order_racing_the_first_under_one_key_is_refused_by_this_gateway() {
+    // The order service has not recorded the first order yet.
+    let backend = Arc::new(TwinBackend { lagging: true, ..TwinBackend::default() });
+    let gateway = app(backend.clone());
+    let key = [("idempotency-key", "race")];
+    assert_eq!(send(gateway.clone(), post(&valid_order(), &key)).await.0, StatusCode::ACCEPTED);
+    let mut other = valid_order();
+    other["items"][0]["sku"] = json!("lamp");
+    assert_eq!(send(gateway.clone(), post(&other, &key)).await.0, StatusCode::CONFLICT);
+    assert_eq!(send(gateway.clone(), post(&valid_order(), &key)).await.0, StatusCode::ACCEPTED, "a retry");
+    let placed = backend.placed.lock().unwrap().clone();
+    assert_eq!(placed.len(), 2, "the retry is published again (the order service drops it by id)");
+    assert_eq!(placed[0].order_id, placed[1].order_id);
+}
+
+#[tokio::test]
+async fn a_key_whose_order_was_not_sent_is_free_again() {
+    let backend = Arc::new(TwinBackend { down: AtomicBool::new(true), lagging: true, ..TwinBackend::default() });
+    let gateway = app(backend.clone());
+    let key = [("idempotency-key", "k1")];
+    assert_eq!(send(gateway.clone(), post(&valid_order(), &key)).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    backend.down.store(false, Ordering::SeqCst);
+    let mut other = valid_order();
+    other["items"][0]["quantity"] = json!(1);
+    assert_eq!(send(gateway.clone(), post(&other, &key)).await.0, StatusCode::ACCEPTED, "never placed, so not bound");
+}
+
+#[tokio::test]
+async fn empty_long_or_invisible_keys_are_400() {
+    let backend = Arc::new(TwinBackend::default());
+    let long = "k".repeat(MAX_KEY_LEN + 1);
+    for key in [&b""[..], long.as_bytes(), b"has space", b"tab\tkey", "caf\u{e9}".as_bytes()] {
+        let mut request = post(&valid_order(), &[]);
+        request.headers_mut().insert("idempotency-key", axum::http::HeaderValue::from_bytes(key).unwrap());
+        let (status, body) = send(app(backend.clone()), request).await;
+        let label = String::from_utf8_lossy(key);
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_idempotency_key")),
+            "{label:?}: {body}"
+        );
+    }
+    let two = post(&valid_order(), &[("idempotency-key", "a"), ("idempotency-key", "b")]);
+    assert_eq!(send(app(backend.clone()), two).await.0, StatusCode::BAD_REQUEST);
+    assert!(backend.placed.lock().unwrap().is_empty());
+    let longest = "k".repeat(MAX_KEY_LEN);
+    let (status, _) = send(app(backend.clone()), post(&valid_order(), &[("idempotency-key", &longest)])).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{MAX_KEY_LEN} visible characters are fine");
 }
 
 #[tokio::test]

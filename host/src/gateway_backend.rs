@@ -1,6 +1,6 @@
 //! The gateway's adapter to the rest of the host: `POST /order` publishes
-//! `OrderPlaced` through the publisher, `GET /order/{id}` asks the order
-//! component.
+//! `OrderPlaced` through the publisher; `GET /order/{id}` and the
+//! `Idempotency-Key` check ask the order component.
 
 use std::sync::Arc;
 
@@ -53,25 +53,33 @@ impl gateway::Backend for GatewayBackend {
         self.link.down().map(|down| down.reason)
     }
 
+    fn idempotency(&self, key_digest: &str) -> gateway::BoxFuture<'_, Result<Option<String>, gateway::BackendError>> {
+        let path = format!("/idempotency/{key_digest}");
+        Box::pin(async move {
+            let bound = self.ask_orders(path).await?;
+            Ok(bound.and_then(|bound| bound["request_hash"].as_str().map(str::to_owned)))
+        })
+    }
+
     fn order_status(
         &self,
         order_id: &str,
     ) -> gateway::BoxFuture<'_, Result<Option<serde_json::Value>, gateway::BackendError>> {
-        let request = Request {
-            method: "GET".into(),
-            path: format!("/orders/{order_id}"),
-            query: String::new(),
-            body: Vec::new(),
-        };
-        Box::pin(async move {
-            let response = self.orders.query(&request).await.map_err(|e| gateway::BackendError(e.to_string()))?;
-            match response.status {
-                200 => serde_json::from_slice(&response.body)
-                    .map(Some)
-                    .map_err(|e| gateway::BackendError(format!("order service answered invalid JSON: {e}"))),
-                404 => Ok(None),
-                status => Err(gateway::BackendError(format!("order service answered {status}"))),
-            }
-        })
+        Box::pin(self.ask_orders(format!("/orders/{order_id}")))
+    }
+}
+
+impl GatewayBackend {
+    /// `GET path` on the order component: its JSON, `None` on 404.
+    async fn ask_orders(&self, path: String) -> Result<Option<serde_json::Value>, gateway::BackendError> {
+        let request = Request { method: "GET".into(), path, query: String::new(), body: Vec::new() };
+        let response = self.orders.query(&request).await.map_err(|e| gateway::BackendError(e.to_string()))?;
+        match response.status {
+            200 => serde_json::from_slice(&response.body)
+                .map(Some)
+                .map_err(|e| gateway::BackendError(format!("order service answered invalid JSON: {e}"))),
+            404 => Ok(None),
+            status => Err(gateway::BackendError(format!("order service answered {status}"))),
+        }
     }
 }

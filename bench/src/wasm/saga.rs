@@ -121,6 +121,7 @@ fn placed(order_id: &str, now_ms: u64) -> Delivered {
         total_cents: item.subtotal_cents(),
         items: vec![item],
         card_number: "4242424242424242".into(),
+        idempotency: None,
     };
     let payload = serde_json::to_vec(&payload).unwrap_or_default();
     Delivered::new(topics::ORDERS, types::ORDER_PLACED, order_id, payload, None, "gateway", now_ms)

@@ -123,6 +123,22 @@ pub struct OrderPlaced {
     pub total_cents: u64,
     /// Test card number only: this demo shop never sees real cards.
     pub card_number: String,
+    /// The `Idempotency-Key` the order was placed with, bound to its body;
+    /// absent for an order placed without a key (and in older events).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency: Option<IdempotencyBinding>,
+}
+
+/// An `Idempotency-Key` bound to the order it was first used for. Only
+/// digests travel: the key itself never leaves the gateway. The order service
+/// keeps the first body seen for a key and ignores an order with another.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdempotencyBinding {
+    /// SHA-256 (hex) of the key, under the gateway's own prefix.
+    pub key_digest: String,
+    /// SHA-256 (hex) of the key and the validated order (whitespace and card
+    /// formatting do not change it): "the same request".
+    pub request_hash: String,
 }
 
 /// The order service asks the payment service to authorize an amount.
@@ -275,6 +291,18 @@ mod tests {
         let req = PaymentRequested { deadline_ms: Some(9), ..req };
         assert!(serde_json::to_string(&req).unwrap().contains(r#""deadline_ms":9"#));
         assert_eq!(serde_json::to_string(&EmailKind::OrderCancelled).unwrap(), r#""order_cancelled""#);
+    }
+
+    #[test]
+    fn order_placed_idempotency_is_optional_on_the_wire() {
+        let old = r#"{"order_id":"o1","customer":{"name":"A","email":"a@b.c"},"items":[],"total_cents":0,"card_number":"4242"}"#;
+        let placed: OrderPlaced = serde_json::from_str(old).unwrap();
+        assert_eq!(placed.idempotency, None);
+        assert_eq!(serde_json::to_string(&placed).unwrap(), old, "no idempotency field when absent");
+        let binding = IdempotencyBinding { key_digest: "k".into(), request_hash: "h".into() };
+        let placed = OrderPlaced { idempotency: Some(binding.clone()), ..placed };
+        let decoded: OrderPlaced = serde_json::from_str(&serde_json::to_string(&placed).unwrap()).unwrap();
+        assert_eq!(decoded.idempotency, Some(binding));
     }
 
     #[test]

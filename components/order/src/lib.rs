@@ -6,16 +6,19 @@
 //!
 //! Consumes `orders` (`OrderPlaced`), `payments` (`PaymentAuthorized`,
 //! `PaymentDeclined`, `PaymentRefunded`, `PaymentVoided`) and its own timers.
-//! Routes: `GET /orders/{id}`, `GET /stock/{sku}`.
+//! Routes: `GET /orders/{id}`, `GET /stock/{sku}`, `GET /idempotency/{key_digest}`
+//! (the request hash an `Idempotency-Key` is bound to, for the gateway).
 
 mod answer;
 mod config;
+mod idempotency;
 mod order;
 mod saga;
 mod stock;
 
 pub use answer::{Answer, EarlyAnswer, early_key};
 pub use config::{Config, DEFAULT_COMPENSATION_RETRY_MS, DEFAULT_PAYMENT_DEADLINE_MS, MAX_COMPENSATION_RETRY_MS};
+pub use idempotency::{Bound, binding_key};
 pub use order::{Compensation, CompensationKind, Order, Reservation, Status, Step};
 pub use saga::{COMPENSATION_RETRY, OrderTimer, PAYMENT_DEADLINE, compensation_timer, deadline_timer};
 use shop_events::types;
@@ -61,6 +64,11 @@ impl Service for OrderService {
                 Ok(None) => Response::not_found(&format!("no order {id}")),
                 Err(err) => Response::error(500, "state_error", &err.to_string()),
             },
+            ("GET", ["idempotency", key_digest]) => match host.get_json::<Bound>(&binding_key(key_digest)) {
+                Ok(Some(bound)) => Response::json(200, &bound),
+                Ok(None) => Response::not_found("no order with this key"),
+                Err(err) => Response::error(500, "state_error", &err.to_string()),
+            },
             ("GET", ["stock", sku]) => {
                 let remaining = Config::load(host).and_then(|config| stock::remaining(host, &config.stock, sku));
                 match remaining {
@@ -68,7 +76,9 @@ impl Service for OrderService {
                     Err(err) => Response::error(500, "stock_unavailable", &err.to_string()),
                 }
             }
-            _ => Response::not_found("unknown route; try GET /orders/{id} or GET /stock/{sku}"),
+            _ => Response::not_found(
+                "unknown route; try GET /orders/{id}, GET /stock/{sku} or GET /idempotency/{key_digest}",
+            ),
         }
     }
 }

@@ -88,6 +88,10 @@ pub struct Order {
     pub reserved: Vec<Reservation>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compensation: Option<Compensation>,
+    /// The hash of the request its `Idempotency-Key` is bound to, if it was
+    /// placed with one (a digest of the key and the order, never the card).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_hash: Option<String>,
     pub history: Vec<Step>,
 }
 
@@ -106,6 +110,7 @@ impl Order {
             deadline_ms: Some(deadline_ms),
             reserved: Vec::new(),
             compensation: None,
+            request_hash: placed.idempotency.map(|binding| binding.request_hash),
             history: vec![Step {
                 status: Status::Pending,
                 at_ms: now_ms,

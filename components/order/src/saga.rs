@@ -15,7 +15,7 @@ use shop_sdk::{HandleError, Host, Level, Outgoing};
 
 use crate::answer::{ANSWER_TYPES, Answer, EarlyAnswer, early_key};
 use crate::order::{Compensation, CompensationKind, Order, Status};
-use crate::{Config, order_key, stock};
+use crate::{Config, idempotency, order_key, stock};
 
 /// Timer event type: the payment answer is overdue.
 pub const PAYMENT_DEADLINE: &str = "PaymentDeadline";
@@ -53,12 +53,21 @@ type Outputs = Result<Vec<Outgoing>, HandleError>;
 
 impl<H: Host> Saga<'_, H> {
     /// A new order: record it, request its payment with a deadline, then
-    /// apply any answers that arrived before it. A known order is a duplicate.
+    /// apply any answers that arrived before it. A known order is a duplicate;
+    /// an order whose `Idempotency-Key` is bound to another request is ignored.
     pub fn place(&mut self, event_id: &str, placed: OrderPlaced) -> Outputs {
         let key = order_key(&placed.order_id);
+        if let Some(binding) = &placed.idempotency
+            && !idempotency::admits(self.host, &placed.order_id, binding)?
+        {
+            return Ok(Vec::new());
+        }
         if self.host.get(&key)?.is_some() {
             self.host.log(Level::Debug, "duplicate OrderPlaced ignored", &[("order_id", &placed.order_id)]);
             return Ok(Vec::new());
+        }
+        if let Some(binding) = &placed.idempotency {
+            idempotency::bind(self.host, binding)?;
         }
         let deadline_ms = self.now_ms.saturating_add(self.config.payment_deadline_ms);
         let mut order = Order::place(placed, event_id, self.now_ms, deadline_ms);

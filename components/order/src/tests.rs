@@ -3,10 +3,11 @@
 
 use super::*;
 use shop_events::{
-    Customer, EmailKind, EmailRequested, LineItem, OrderCancelled, OrderPlaced, PaymentAuthorized, PaymentDeclined,
-    PaymentRefundRequested, PaymentRefunded, PaymentRequested, PaymentVoidRequested, PaymentVoided, topics,
+    Customer, EmailKind, EmailRequested, IdempotencyBinding, LineItem, OrderCancelled, OrderPlaced, PaymentAuthorized,
+    PaymentDeclined, PaymentRefundRequested, PaymentRefunded, PaymentRequested, PaymentVoidRequested, PaymentVoided,
+    topics,
 };
-use shop_sdk::MemoryHost;
+use shop_sdk::{Level, MemoryHost};
 
 struct Shop {
     host: MemoryHost,
@@ -69,6 +70,7 @@ fn placed(order_id: &str, items: &[(&str, u32)]) -> Event {
         total_cents: shop_events::total_cents(&items),
         items,
         card_number: "4242424242424242".into(),
+        idempotency: None,
     };
     Event::json(&format!("placed-{order_id}"), topics::ORDERS, types::ORDER_PLACED, order_id, &placed)
 }
@@ -443,4 +445,38 @@ fn query_shows_order_without_card_number() {
     assert!(body.get("card_number").is_none());
     assert_eq!(OrderService::query(&shop.host, &Request::get("/orders/zzz")).status, 404);
     assert_eq!(OrderService::query(&shop.host, &Request::get("/nope")).status, 404);
+}
+
+fn keyed(order_id: &str, event_id: &str, key_digest: &str, request_hash: &str) -> Event {
+    let mut placed: OrderPlaced = book(order_id).payload_json().unwrap();
+    placed.idempotency = Some(IdempotencyBinding { key_digest: key_digest.into(), request_hash: request_hash.into() });
+    Event::json(event_id, topics::ORDERS, types::ORDER_PLACED, order_id, &placed)
+}
+
+#[test]
+fn a_key_is_bound_to_its_first_request_and_another_body_is_ignored() {
+    let mut shop = Shop::new(&[]);
+    assert_eq!(kinds(&shop.send(keyed("o1", "e1", "k1", "h1"))), [types::PAYMENT_REQUESTED]);
+    assert_eq!(shop.order("o1").request_hash.as_deref(), Some("h1"));
+    let bound: serde_json::Value =
+        OrderService::query(&shop.host, &Request::get("/idempotency/k1")).body_json().unwrap();
+    assert_eq!(bound, serde_json::json!({ "request_hash": "h1" }), "only the hash, never the order id");
+    assert_eq!(OrderService::query(&shop.host, &Request::get("/idempotency/k2")).status, 404);
+
+    // A different body under the same key has another id (the gateway
+    // derives it from both): it raced the first, and is never placed.
+    assert!(shop.send(keyed("o2", "e2", "k1", "h2")).is_empty());
+    assert_eq!(OrderService::query(&shop.host, &Request::get("/orders/o2")).status, 404);
+    assert!(
+        shop.host.logs.borrow().iter().any(|(level, line)| *level == Level::Warn && line.contains("order_id=o2")),
+        "the ignored order is logged"
+    );
+    // The same request again is the same order: a duplicate.
+    assert!(shop.send(keyed("o1", "e3", "k1", "h1")).is_empty());
+    let bound: serde_json::Value =
+        OrderService::query(&shop.host, &Request::get("/idempotency/k1")).body_json().unwrap();
+    assert_eq!(bound["request_hash"], "h1");
+    // An order placed without a key binds nothing.
+    shop.send(book("o3"));
+    assert_eq!(shop.order("o3").request_hash, None);
 }
