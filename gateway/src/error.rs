@@ -21,6 +21,8 @@ pub enum ApiError {
     InvalidIdempotencyKey(String),
     /// The `Idempotency-Key` was already used for a different order.
     IdempotencyKeyReused,
+    /// The request was not read and answered within this time.
+    Timeout(std::time::Duration),
     /// No such resource.
     NotFound(String),
     /// Kafka or the order service failed.
@@ -80,6 +82,15 @@ impl IntoResponse for ApiError {
                 "this Idempotency-Key was already used for a different order; send a new key for a new order \
                  (a retry must repeat the same order exactly)"
                     .to_owned(),
+                None,
+            ),
+            ApiError::Timeout(limit) => (
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "the request was not read and answered within {limit:?}; an order may still be placed: \
+                     retry it with the same Idempotency-Key"
+                ),
                 None,
             ),
             ApiError::NotFound(message) => (StatusCode::NOT_FOUND, "not_found", message, None),

@@ -1,20 +1,23 @@
 //! The API gateway and web frontend: validates orders, publishes them
 //! through a [`Backend`] and serves their status and the order page.
 //!
-//! Routes: `GET /` (frontend), `GET /health`, `POST /order`, `GET /order/{id}`.
-//! Every error is JSON: `{"error": {"code", "message"}}`.
+//! Routes: `GET /` (frontend), `GET /health`, `POST /order`, `GET /order/{id}`,
+//! `GET /openapi.json` (the document of them all). Every error is JSON:
+//! `{"error": {"code", "message"}}`. [`serve`] adds a header read timeout.
 
 mod error;
 mod idempotency;
 mod request;
+mod server;
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -24,6 +27,7 @@ use shop_events::OrderPlaced;
 pub use error::ApiError;
 pub use idempotency::{IdempotencyKey, InvalidKey, MAX_KEY_LEN};
 pub use request::{FieldError, OrderRequest};
+pub use server::serve;
 
 /// A boxed future, as the [`Backend`] methods return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -77,17 +81,28 @@ pub trait Backend: Send + Sync + 'static {
 /// Largest request body accepted (an order is a few KiB).
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
-/// How the gateway waits on its backend.
+/// How long the gateway waits on its backend and on its clients.
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {
     /// Longest wait for the broker's acknowledgement of an order before
     /// answering `503`.
     pub publish_timeout: Duration,
+    /// Longest time from the request's headers to its answer (reading the
+    /// body included) before answering `408 request_timeout`. Above
+    /// `publish_timeout`, so that an order's own `503` comes first.
+    pub request_timeout: Duration,
+    /// Longest time a connection may take to send a request's headers
+    /// (and stay idle between requests) before it is closed; see [`serve`].
+    pub header_read_timeout: Duration,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { publish_timeout: Duration::from_secs(2) }
+        Self {
+            publish_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(5),
+        }
     }
 }
 
@@ -111,10 +126,29 @@ pub fn app_with(backend: Arc<dyn Backend>, settings: Settings) -> Router {
         .route("/health", get(health))
         .route("/order", post(place_order))
         .route("/order/{id}", get(order_status))
+        .route("/openapi.json", get(openapi))
         .fallback(no_route)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(settings.request_timeout, time_limit))
         .layer(axum::middleware::map_response(json_errors))
         .with_state(Gateway { backend, settings, claims: Arc::default() })
+}
+
+/// Answers `408` when a request (its body included) is not answered within
+/// `limit`; the handler is dropped.
+async fn time_limit(State(limit): State<Duration>, request: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::Timeout(limit).into_response(),
+    }
+}
+
+/// The OpenAPI document of every route and answer, checked against the
+/// router by the tests.
+pub const OPENAPI_JSON: &str = include_str!("../static/openapi.json");
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI_JSON).into_response()
 }
 
 async fn no_route(uri: Uri) -> ApiError {
@@ -141,6 +175,7 @@ async fn json_errors(response: Response) -> Response {
         StatusCode::BAD_REQUEST => "bad_request",
         StatusCode::NOT_FOUND => "not_found",
         StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::REQUEST_TIMEOUT => "request_timeout",
         StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
         StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
         _ if status.is_server_error() => "internal",

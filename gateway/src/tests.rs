@@ -8,6 +8,8 @@ use tower::ServiceExt as _;
 
 use super::*;
 
+mod openapi;
+
 /// In-memory twin of the host: records what was published and answers
 /// status queries from it.
 #[derive(Default)]
@@ -20,6 +22,8 @@ struct TwinBackend {
     hang: bool,
     /// The order service has not recorded what was placed yet.
     lagging: bool,
+    /// The order service never answers.
+    stuck: bool,
 }
 
 impl Backend for TwinBackend {
@@ -42,6 +46,9 @@ impl Backend for TwinBackend {
     }
 
     fn idempotency(&self, key_digest: &str) -> BoxFuture<'_, Result<Option<String>, BackendError>> {
+        if self.stuck {
+            return Box::pin(std::future::pending());
+        }
         // Like the order service: the first order recorded under a key wins.
         let placed = self.placed.lock().unwrap();
         let bound = placed
@@ -53,8 +60,26 @@ impl Backend for TwinBackend {
     }
 
     fn order_status(&self, order_id: &str) -> BoxFuture<'_, Result<Option<serde_json::Value>, BackendError>> {
+        if self.stuck {
+            return Box::pin(std::future::pending());
+        }
+        if self.fail {
+            return Box::pin(async { Err(BackendError("order service down".into())) });
+        }
         let found = self.placed.lock().unwrap().iter().find(|o| o.order_id == order_id).cloned();
-        Box::pin(async move { Ok(found.map(|o| json!({ "order_id": o.order_id, "status": "PENDING" }))) })
+        // What the order service answers: the order without its card number.
+        let order = found.map(|o| {
+            let mut order = json!({
+                "order_id": o.order_id, "status": "PENDING", "customer": o.customer, "items": o.items,
+                "total_cents": o.total_cents,
+                "history": [{ "status": "PENDING", "at_ms": 1, "event_id": "e1", "note": "order placed" }],
+            });
+            if let Some(binding) = o.idempotency {
+                order["request_hash"] = json!(binding.request_hash);
+            }
+            order
+        });
+        Box::pin(async move { Ok(order) })
     }
 }
 
@@ -166,7 +191,7 @@ async fn while_the_broker_is_unreachable_orders_are_refused_at_once() {
 #[tokio::test]
 async fn an_order_not_acknowledged_in_time_is_503_with_its_id() {
     let backend = Arc::new(TwinBackend { hang: true, ..TwinBackend::default() });
-    let settings = Settings { publish_timeout: Duration::from_millis(50) };
+    let settings = Settings { publish_timeout: Duration::from_millis(50), ..Settings::default() };
     let request = post(&valid_order(), &[("idempotency-key", "k1")]);
     let response = app_with(backend.clone(), settings).oneshot(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
@@ -322,4 +347,69 @@ async fn every_error_is_json_with_a_code() {
     }
     let response = app().oneshot(Request::get("/order").body(Body::empty()).unwrap()).await.unwrap();
     assert!(response.headers().contains_key("allow"), "405 keeps its Allow header");
+}
+
+#[tokio::test]
+async fn a_request_not_answered_in_time_is_408_and_nothing_is_published() {
+    let backend = Arc::new(TwinBackend { stuck: true, ..TwinBackend::default() });
+    let settings = Settings { request_timeout: Duration::from_millis(100), ..Settings::default() };
+    let started = std::time::Instant::now();
+    let (status, body) =
+        send(app_with(backend.clone(), settings), Request::get("/order/o1").body(Body::empty()).unwrap()).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::REQUEST_TIMEOUT, Some("request_timeout")));
+    let (status, _) =
+        send(app_with(backend.clone(), settings), post(&valid_order(), &[("idempotency-key", "k1")])).await;
+    assert_eq!(status, StatusCode::REQUEST_TIMEOUT);
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert!(backend.placed.lock().unwrap().is_empty());
+}
+
+/// A real server on a free port, its address and its shutdown switch.
+async fn serve_on_a_port(settings: Settings) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let router = app_with(Arc::new(TwinBackend::default()), settings);
+    tokio::spawn(serve(listener, router, settings, async move {
+        let _ = stopped.await;
+    }));
+    (addr, stop)
+}
+
+#[tokio::test]
+async fn a_client_trickling_its_headers_is_cut_off() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let settings = Settings { header_read_timeout: Duration::from_millis(300), ..Settings::default() };
+    let (addr, _stop) = serve_on_a_port(settings).await;
+    // A whole request is answered.
+    let mut whole = tokio::net::TcpStream::connect(addr).await.unwrap();
+    whole.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.unwrap();
+    let mut answer = String::new();
+    whole.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // Headers that never end: the server closes the connection.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "still open after 5 s");
+    let elapsed = started.elapsed();
+    assert!(elapsed >= Duration::from_millis(250) && elapsed < Duration::from_secs(2), "closed after {elapsed:?}");
+    assert!(!String::from_utf8_lossy(&rest).contains("200 OK"), "no answer to a request never finished");
+}
+
+#[tokio::test]
+async fn serve_stops_on_shutdown() {
+    let (addr, stop) = serve_on_a_port(Settings::default()).await;
+    stop.send(()).unwrap();
+    let mut refused = false;
+    for _ in 0..50 {
+        if tokio::net::TcpStream::connect(addr).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "the port is released after shutdown");
 }

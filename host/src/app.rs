@@ -312,8 +312,10 @@ pub async fn run(
             clock,
             link: link.clone(),
         });
-        let router = gateway::app_with(backend, gateway::Settings { publish_timeout });
-        tasks.spawn(serve(listener, router, shutdown.clone(), "gateway".into()));
+        let settings = gateway::Settings { publish_timeout, ..gateway::Settings::default() };
+        let router = gateway::app_with(backend, settings);
+        // With a header read timeout, which axum::serve cannot set.
+        tasks.spawn(gateway::serve(listener, router, settings, shutdown.clone().cancelled_owned()));
     }
     if let (Some(listener), Some(token)) = (admin_listener, &manifest.admin.token) {
         let managed = services
