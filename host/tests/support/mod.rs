@@ -4,6 +4,11 @@
 
 #![allow(dead_code)]
 
+mod topics;
+// Each test binary uses its own part of the support module.
+#[allow(unused_imports)]
+pub use topics::*;
+
 use std::io::{BufRead as _, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -516,6 +521,24 @@ pub async fn wait_host_healthy(client: &reqwest::Client, ports: Ports, host: &Ho
             let output = host.output();
             let tail: Vec<&str> = output.lines().rev().take(80).collect::<Vec<_>>().into_iter().rev().collect();
             panic!("not healthy within 60 s: {answers:?}\n--- host log (tail) ---\n{}", tail.join("\n"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Polls `f` every 100 ms until it says the value is right, at most
+/// `timeout`; returns the last value either way, for the caller to report
+/// what is still wrong (where [`eventually`] would only say it timed out).
+pub async fn converge<T, F, Fut>(timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = (bool, T)>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (done, value) = f().await;
+        if done || Instant::now() > deadline {
+            return value;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
