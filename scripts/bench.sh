@@ -10,10 +10,14 @@
 # runs neither pile up nor see each other's events, and with the admin API on
 # behind a one-off token. Measures the time until every port answers /health,
 # runs `bench suite` (closed and open loops with each component's stage costs,
-# then a hot swap under load; see `cargo run -p bench -- suite --help`), stops
+# then a hot swap under load; see `cargo run -p bench -- suite --help`) and
+# `bench email-js-e2e` (the same closed loop with the Rust, then the
+# JavaScript email build serving, swapped through the admin API), stops
 # the host with SIGTERM, runs `bench physical` (plain Kafka relays moving the
-# run's record flow: the broker's limit) and `bench wasm` (each component's
-# logic per event, natively and through the host library), then starts
+# run's record flow: the broker's limit), `bench wasm` (each component's
+# logic per event, natively and through the host library) and `bench
+# email-js` (the JavaScript email build against the Rust one: size, compile
+# and cache-load time, instantiation and cost per event), then starts
 # PostgreSQL (scripts/postgres.sh) and runs `bench scale` (the email
 # component alone on 1, 2 and 3 hosts sharing PostgreSQL, then on one host
 # with redb, each host on the manifest's ports plus 100, 200, 300), and
@@ -171,11 +175,19 @@ HEALTHY_MS="$("$BENCH" wait-healthy --pid "$HOST_PID" --urls "$HEALTH_URLS" --ou
 BENCH_ADMIN_TOKEN="$ADMIN_TOKEN" "$BENCH" suite --host-pid "$HOST_PID" --gateway "http://127.0.0.1:$GATEWAY_PORT" \
   --orders-topic "$RUN_ID.orders" --components "$COMPONENTS" --admin-url "http://127.0.0.1:$ADMIN_PORT" \
   --swap-wasm "$TARGET/wasm32-wasip2/release/payment-v2.wasm" --healthy-ms "$HEALTHY_MS" --out-dir "$OUT" "$@"
+# The email service in JavaScript serving instead of the Rust one: the same
+# closed loop with each, swapped through the admin API (Rust again after).
+BENCH_ADMIN_TOKEN="$ADMIN_TOKEN" "$BENCH" email-js-e2e --host-pid "$HOST_PID" \
+  --gateway "http://127.0.0.1:$GATEWAY_PORT" --orders-topic "$RUN_ID.orders" --components "$COMPONENTS" \
+  --admin-url "http://127.0.0.1:$ADMIN_PORT" --rust "$TARGET/wasm32-wasip2/release/email.wasm" \
+  --js "$TARGET/wasm32-wasip2/release/email-js.wasm" --out-dir "$OUT"
 
 # The rest runs without the host, which would compete for the machine.
 stop_host
 "$BENCH" physical --manifest "$MANIFEST" --prefix "$RUN_ID." --out-dir "$OUT"
 "$BENCH" wasm --manifest "$MANIFEST" --out-dir "$OUT"
+"$BENCH" email-js --manifest "$MANIFEST" --rust "$TARGET/wasm32-wasip2/release/email.wasm" \
+  --js "$TARGET/wasm32-wasip2/release/email-js.wasm" --out-dir "$OUT"
 # Hosts of its own, started from the host binary `cargo run` built above;
 # it stops them, drops its schemas and deletes its topics itself, even on
 # error or Ctrl-C.

@@ -15,7 +15,7 @@ use crate::report;
 use crate::stages::Probe;
 use crate::suite::SuiteArgs;
 use crate::topic::TopicReader;
-use crate::{cleanup, health, physical, scale, suite, wasm};
+use crate::{cleanup, email_js, health, physical, scale, suite, wasm};
 
 /// Load driver for the shop: places orders through the gateway and measures
 /// them end to end, by polling and on the Kafka topic.
@@ -64,6 +64,12 @@ enum Command {
     /// Each component's logic per event: native, and through the host's
     /// runtime and pipeline (no broker).
     Wasm(wasm::WasmArgs),
+    /// The email service in JavaScript vs Rust: size, compile and cache-load
+    /// time, instantiation and per-event cost through the host's runtime.
+    EmailJs(email_js::EmailJsArgs),
+    /// End to end on the running host: a closed loop with the Rust email
+    /// build serving, then with the JavaScript one swapped in (admin API).
+    EmailJsE2e(email_js::EmailJsE2eArgs),
     /// One hot component (email) on 1, 2 and 3 hosts sharing PostgreSQL,
     /// and on one host with redb: events/s and CPU per event of the hosts,
     /// the database and the broker.
@@ -211,6 +217,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Suite(args) => suite::run(args).await,
         Command::Physical(args) => physical::run(args).await,
         Command::Wasm(args) => wasm::run(args).await,
+        Command::EmailJs(args) => email_js::run(args).await,
+        Command::EmailJsE2e(args) => email_js::e2e(args).await,
         Command::Scale(args) => scale::run(args).await,
         Command::DeleteTopics { brokers, prefix } => {
             let (topics, groups) = cleanup::delete_prefixed(&brokers, &prefix).await?;

@@ -8,6 +8,7 @@
 
 pub mod cleanup;
 pub mod cli;
+pub mod email_js;
 pub mod gateway;
 pub mod health;
 pub mod host;

@@ -4,8 +4,8 @@
 //! library: `ServiceRuntime::call` with a reused or a fresh instance on an
 //! in-memory store, and `Pipeline::process` on a durable store. No broker.
 
-mod measure;
-mod saga;
+pub(crate) mod measure;
+pub(crate) mod saga;
 
 use std::path::PathBuf;
 use std::time::Duration;
