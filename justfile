@@ -73,7 +73,7 @@ postgres-stop:
 check-containers:
     scripts/validate-containers.sh
 
-# Everything: formatting, lints, unit tests, end-to-end on a real broker and PostgreSQL, browser test.
+# Everything: formatting, lints, unit tests, end-to-end on a real broker and PostgreSQL, browser test, gateway fuzzing.
 test: build-components build-test-components build
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
@@ -81,3 +81,4 @@ test: build-components build-test-components build
     scripts/postgres.sh start
     DATABASE_URL="$(scripts/postgres.sh url)" KAFKA_BROKERS=127.0.0.1:9092 cargo test --workspace
     scripts/browser-test.sh
+    KAFKA_BROKERS=127.0.0.1:9092 scripts/fuzz-gateway.sh
