@@ -268,6 +268,9 @@ pub async fn run(
         let retry = RetryPolicy { max_attempts: settings.max_attempts, ..RetryPolicy::default() };
         let pipeline = Arc::new(Pipeline::new(service.clone(), topics.clone(), retry, clock.clone()));
         pipeline.set_max_record_bytes(manifest.kafka.max_record_bytes);
+        let metrics = Arc::new(crate::metrics::ComponentMetrics::new(service.clone(), status.clone(), link.clone()));
+        pipeline.set_metrics(metrics.clone());
+        service.stages().attach(metrics.stage_histograms());
         let consumer = ConsumerSettings {
             brokers: brokers.clone(),
             group: format!("{}{}", topics.prefix, settings.group),
@@ -295,7 +298,7 @@ pub async fn run(
             let timing = crate::watch::WatchTiming::default();
             tasks.spawn(crate::watch::watch(service.clone(), settings.wasm.clone(), timing, shutdown.clone()));
         }
-        let router = crate::http::component_app(service, status, link.clone());
+        let router = crate::http::component_app(service, status, link.clone(), metrics);
         tasks.spawn(serve(listener, router, shutdown.clone(), name));
     }
     let mut gateway_publisher = None;
@@ -314,6 +317,8 @@ pub async fn run(
         });
         let settings = gateway::Settings { publish_timeout, ..gateway::Settings::default() };
         let router = gateway::app_with(backend, settings);
+        // Timed by matched route, and `/metrics` beside the gateway's own routes.
+        let router = Arc::new(crate::metrics::GatewayMetrics::new(link.clone())).instrument(router);
         // With a header read timeout, which axum::serve cannot set.
         tasks.spawn(gateway::serve(listener, router, settings, shutdown.clone().cancelled_owned()));
     }

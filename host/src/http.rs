@@ -1,5 +1,5 @@
-//! Each component's HTTP port: `GET /health` from the host, every other
-//! route answered by the component's `query` export.
+//! Each component's HTTP port: `GET /health` and `GET /metrics` from the
+//! host, every other route answered by the component's `query` export.
 
 use std::sync::Arc;
 
@@ -12,6 +12,7 @@ use axum::routing::get;
 use serde_json::json;
 
 use crate::kafka::{BrokerLink, ConsumerStatus};
+use crate::metrics::ComponentMetrics;
 use crate::runtime::{Request, ServiceRuntime};
 
 /// Largest request body forwarded to a component.
@@ -22,15 +23,24 @@ struct Port {
     service: Arc<ServiceRuntime>,
     status: ConsumerStatus,
     link: BrokerLink,
+    metrics: Arc<ComponentMetrics>,
 }
 
-/// The router of one component's port.
-pub fn component_app(service: Arc<ServiceRuntime>, status: ConsumerStatus, link: BrokerLink) -> Router {
+/// The router of one component's port; `metrics` are the component's
+/// (see [`crate::metrics`]).
+pub fn component_app(
+    service: Arc<ServiceRuntime>,
+    status: ConsumerStatus,
+    link: BrokerLink,
+    metrics: Arc<ComponentMetrics>,
+) -> Router {
+    let scrape = metrics.router();
     Router::new()
         .route("/health", get(health))
         .fallback(query)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(Port { service, status, link })
+        .with_state(Port { service, status, link, metrics })
+        .merge(scrape)
 }
 
 async fn health(State(port): State<Port>) -> Response {
@@ -100,6 +110,7 @@ async fn query(State(port): State<Port>, method: Method, uri: Uri, body: Bytes) 
             (status, [(header::CONTENT_TYPE, content_type)], response.body).into_response()
         }
         Err(err) => {
+            port.metrics.trapped(&err);
             tracing::error!(component = port.service.name(), path = %request.path, "query failed: {err}");
             let body = json!({ "error": { "code": "component_failed", "message": "the component could not answer" } });
             (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(body)).into_response()

@@ -13,6 +13,11 @@ use tokio_util::sync::CancellationToken;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines as `text` (ANSI colours only on a terminal) or `json` (one
+    /// object per line, with the handled event's component, version, event
+    /// and order ids).
+    #[arg(long, global = true, env = "HOST_LOG_FORMAT", value_enum, default_value_t)]
+    log_format: shop_host::logs::LogFormat,
 }
 
 #[derive(Debug, Subcommand)]
@@ -138,13 +143,8 @@ fn main() -> ExitCode {
 
 async fn async_main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    match cli.command {
-        // Its output is what it prints (JSON with --json): logs go aside.
-        Command::Dlq { .. } => tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init(),
-        _ => tracing_subscriber::fmt().with_env_filter(filter).init(),
-    }
+    // `dlq`'s output is what it prints (JSON with --json): logs go aside.
+    shop_host::logs::init(cli.log_format, matches!(cli.command, Command::Dlq { .. }));
     let result = match cli.command {
         Command::Run {
             manifest,

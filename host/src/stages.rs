@@ -33,6 +33,8 @@ const STAGES: usize = 7;
 pub struct Stages {
     counts: [AtomicU64; STAGES],
     nanos: [AtomicU64; STAGES],
+    /// The latency histograms of `/metrics`, once attached.
+    histograms: std::sync::OnceLock<crate::metrics::StageHistograms>,
 }
 
 /// One stage's totals.
@@ -62,6 +64,14 @@ impl Stages {
         let i = stage as usize;
         self.counts[i].fetch_add(1, Ordering::Relaxed);
         self.nanos[i].fetch_add(u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        if let Some(histograms) = self.histograms.get() {
+            histograms.observe(stage, elapsed);
+        }
+    }
+
+    /// Also observes every later run in `histograms`; the first call wins.
+    pub fn attach(&self, histograms: crate::metrics::StageHistograms) {
+        let _ = self.histograms.set(histograms);
     }
 
     /// Runs `f`, recording its duration under `stage`.

@@ -284,6 +284,7 @@ impl<'a> Batch<'a> {
     /// failed in a way that may pass.
     fn run(&mut self, mut ready: Ready) -> Option<(Ready, Instant)> {
         let core = self.core;
+        let _span = core.span(&ready.envelope).entered();
         ready.attempt += 1;
         let err = match self.attempt(&ready.event, &ready.envelope, ready.fired.as_ref()) {
             Ok(Outcome::Now(disposition)) => {
@@ -298,6 +299,9 @@ impl<'a> Batch<'a> {
             }
             Err(err) => err,
         };
+        if let Some(metrics) = core.metrics.get() {
+            metrics.failed(&err);
+        }
         let reason = err.to_string();
         if matches!(err, CallError::RolledBack(_)) {
             // The try that rolled the new version back is not the event's:

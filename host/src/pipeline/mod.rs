@@ -119,6 +119,8 @@ struct Core {
     clock: Arc<dyn Clock>,
     /// Largest record value handled; a larger one is dead-lettered as such.
     max_record_bytes: std::sync::atomic::AtomicUsize,
+    /// Where failed attempts are counted, once set.
+    metrics: std::sync::OnceLock<Arc<crate::metrics::ComponentMetrics>>,
 }
 
 /// Default of [`Pipeline::set_max_record_bytes`].
@@ -131,7 +133,8 @@ impl Pipeline {
     /// If the operating system cannot start a thread.
     pub fn new(service: Arc<ServiceRuntime>, topics: Topics, retry: RetryPolicy, clock: Arc<dyn Clock>) -> Self {
         let max_record_bytes = std::sync::atomic::AtomicUsize::new(DEFAULT_MAX_RECORD_BYTES);
-        let core = Arc::new(Core { service, topics, retry, clock, max_record_bytes });
+        let metrics = std::sync::OnceLock::new();
+        let core = Arc::new(Core { service, topics, retry, clock, max_record_bytes, metrics });
         let jobs = executor::start(core.clone());
         Self { core, jobs }
     }
@@ -140,6 +143,12 @@ impl Pipeline {
     /// dead-lettered as too large (a copy cut to [`MAX_DEAD_LETTER_VALUE`]).
     pub fn set_max_record_bytes(&self, bytes: usize) {
         self.core.max_record_bytes.store(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Counts failed attempts (errors, traps, rollbacks) in `metrics`; the
+    /// first call wins.
+    pub fn set_metrics(&self, metrics: Arc<crate::metrics::ComponentMetrics>) {
+        let _ = self.core.metrics.set(metrics);
     }
 
     /// The physical dead-letter topic.
@@ -201,6 +210,20 @@ impl Core {
     fn backoff(&self, attempt: u32) -> Duration {
         let factor = 2u32.saturating_pow(attempt.saturating_sub(1));
         self.retry.first_backoff.saturating_mul(factor).min(self.retry.max_backoff)
+    }
+
+    /// The span of handling one event: every log line within it (the
+    /// host's and the guest's) carries the component, the version serving,
+    /// the event and its order.
+    fn span(&self, envelope: &Envelope) -> tracing::Span {
+        tracing::info_span!(
+            "event",
+            component = %self.service.name(),
+            version = %self.service.current().sha256,
+            event_id = %envelope.id,
+            event_type = %envelope.event_type,
+            order_id = %envelope.order_id,
+        )
     }
 
     /// The WIT event for an envelope; envelope metadata goes in the headers.

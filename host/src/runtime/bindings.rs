@@ -111,8 +111,8 @@ impl timers::Host for HostState {
 
 impl log::Host for HostState {
     fn log(&mut self, level: log::Level, message: String, fields: Vec<(String, String)>) {
-        let fields: Vec<String> = fields.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
-        let fields = fields.join(" ");
+        // Escaped and bounded: a guest cannot forge or flood log lines.
+        let (message, fields) = (crate::logs::guest_message(&message), crate::logs::guest_fields(&fields));
         let component = &*self.component;
         match level {
             log::Level::Trace => {
