@@ -18,7 +18,7 @@ use crate::kafka::{self, BrokerLink, ConsumerSettings, ConsumerStatus, EmbeddedB
 use crate::manifest::{ComponentSettings, Manifest, StateBackend};
 use crate::pipeline::{Pipeline, RetryPolicy, Topics};
 use crate::runtime::{CanaryPolicy, Engine, Limits, LoadedComponent, ServiceRuntime, ServiceSpec};
-use crate::state::{DurableStore, PgStores, StateStore};
+use crate::state::{DurableStore, PgStores, StateStore, TxnLimits};
 
 /// What one host serves of the manifest: several hosts, each serving a
 /// subset, share the work of one app through Kafka's consumer groups and
@@ -108,6 +108,7 @@ fn open_stores(manifest: &Manifest, names: &[String]) -> anyhow::Result<BTreeMap
 pub fn check(manifest: &Manifest) -> anyhow::Result<()> {
     let engine = Engine::with_cache(Some(manifest.runtime.cache_dir.clone()))?;
     for (name, settings) in &manifest.components {
+        let engine = engine.with_stack(settings.stack_kib << 10)?;
         LoadedComponent::from_file(&engine, &settings.wasm).with_context(|| format!("component {name:?}"))?;
     }
     Ok(())
@@ -142,6 +143,12 @@ fn service_spec(
             timeout: Duration::from_millis(settings.timeout_ms),
             memory_bytes: settings.memory_mib * 1024 * 1024,
             instance_reuse: settings.instance_reuse,
+            txn: TxnLimits {
+                max_writes: settings.max_writes_per_call,
+                max_bytes: settings.max_write_bytes_per_call,
+                max_timers: settings.max_timers_per_call,
+            },
+            max_queries: settings.max_concurrent_queries,
         },
         canary: CanaryPolicy { events: settings.canary_events, max_failures: settings.canary_max_failures },
     }
@@ -176,6 +183,8 @@ pub async fn run(
     let mut services = BTreeMap::new();
     for name in loaded {
         let settings = &manifest.components[name];
+        // The Wasm stack is an engine setting: one engine per stack size.
+        let engine = engine.with_stack(settings.stack_kib << 10)?;
         let component =
             LoadedComponent::from_file(&engine, &settings.wasm).with_context(|| format!("component {name:?}"))?;
         tracing::info!(component = %name, version = %component.sha256, wasm = ?settings.wasm, from_cache = component.from_cache, "loaded");

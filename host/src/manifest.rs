@@ -316,6 +316,25 @@ pub struct ComponentSettings {
     /// discards the instance; queries always get a fresh one.
     #[serde(default = "default_instance_reuse")]
     pub instance_reuse: u32,
+    /// Wasm stack of a call, in KiB: how deep the component may recurse
+    /// before it traps (stack overflow).
+    #[serde(default = "default_stack_kib")]
+    pub stack_kib: usize,
+    /// Distinct keys one call may write (set or delete); past it the write
+    /// is refused (`state-error.invalid`) and the event fails for good.
+    #[serde(default = "default_max_writes_per_call")]
+    pub max_writes_per_call: usize,
+    /// Bytes one call may write: keys and values, plus timer ids, keys and
+    /// payloads; past it as `max_writes_per_call`.
+    #[serde(default = "default_max_write_bytes_per_call")]
+    pub max_write_bytes_per_call: usize,
+    /// Timers one call may set or cancel; past it as `max_writes_per_call`.
+    #[serde(default = "default_max_timers_per_call")]
+    pub max_timers_per_call: usize,
+    /// Queries (HTTP routes) answered at once, each on a thread of the
+    /// component's own; more wait their turn.
+    #[serde(default = "default_max_concurrent_queries")]
+    pub max_concurrent_queries: usize,
     /// Values the component reads through its `config` import.
     #[serde(default)]
     pub config: HashMap<String, String>,
@@ -338,6 +357,21 @@ fn default_canary_max_failures() -> u32 {
 }
 fn default_instance_reuse() -> u32 {
     1
+}
+fn default_stack_kib() -> usize {
+    crate::runtime::DEFAULT_STACK_BYTES >> 10
+}
+fn default_max_writes_per_call() -> usize {
+    crate::state::TxnLimits::default().max_writes
+}
+fn default_max_write_bytes_per_call() -> usize {
+    crate::state::TxnLimits::default().max_bytes
+}
+fn default_max_timers_per_call() -> usize {
+    crate::state::TxnLimits::default().max_timers
+}
+fn default_max_concurrent_queries() -> usize {
+    crate::runtime::DEFAULT_MAX_QUERIES
 }
 
 impl Manifest {
@@ -458,6 +492,22 @@ impl Manifest {
             }
             if !(1..=100_000).contains(&c.instance_reuse) {
                 return Err(invalid(key("instance_reuse"), "must be between 1 and 100000"));
+            }
+            let max_stack_kib = crate::runtime::MAX_STACK_BYTES >> 10;
+            if !(64..=max_stack_kib).contains(&c.stack_kib) {
+                return Err(invalid(key("stack_kib"), format!("must be between 64 and {max_stack_kib}")));
+            }
+            if !(1..=100_000).contains(&c.max_writes_per_call) {
+                return Err(invalid(key("max_writes_per_call"), "must be between 1 and 100000"));
+            }
+            if !(1024..=256 << 20).contains(&c.max_write_bytes_per_call) {
+                return Err(invalid(key("max_write_bytes_per_call"), "must be between 1024 and 268435456"));
+            }
+            if c.max_timers_per_call > 10_000 {
+                return Err(invalid(key("max_timers_per_call"), "must be at most 10000"));
+            }
+            if !(1..=64).contains(&c.max_concurrent_queries) {
+                return Err(invalid(key("max_concurrent_queries"), "must be between 1 and 64"));
             }
             if !(1..=100).contains(&c.max_attempts) {
                 return Err(invalid(key("max_attempts"), "must be between 1 and 100"));

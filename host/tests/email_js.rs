@@ -73,7 +73,7 @@ impl Email {
                 store: store.clone(),
                 config: config.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
                 clock,
-                limits: Limits { timeout: Duration::from_secs(5), memory_bytes: 64 << 20, instance_reuse: 1 },
+                limits: Limits { timeout: Duration::from_secs(5), ..Limits::default() },
                 canary: CanaryPolicy::default(),
             },
         );

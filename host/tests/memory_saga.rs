@@ -61,7 +61,7 @@ impl World {
                         store: Arc::new(MemoryStore::default()),
                         config,
                         clock: clock.clone(),
-                        limits: Limits { timeout: Duration::from_secs(1), memory_bytes: 64 << 20, instance_reuse: 1 },
+                        limits: Limits { timeout: Duration::from_secs(1), ..Limits::default() },
                         canary: CanaryPolicy::default(),
                     },
                 ));

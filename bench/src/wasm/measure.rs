@@ -168,6 +168,7 @@ fn service(
                 timeout: Duration::from_millis(settings.timeout_ms),
                 memory_bytes: settings.memory_mib << 20,
                 instance_reuse: reuse,
+                ..Limits::default()
             },
             canary: CanaryPolicy::default(),
         },

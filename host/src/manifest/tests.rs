@@ -149,3 +149,31 @@ fn load_resolves_paths_against_the_manifest() {
     let err = Manifest::load(&dir.path().join("missing.toml")).unwrap_err();
     assert!(err.to_string().contains("cannot read manifest"), "{err}");
 }
+
+#[test]
+fn guest_limits_have_defaults_and_bounds() {
+    let (_dir, wasm) = wasm_file();
+    let m = check(&manifest_with(&wasm, "", "")).unwrap();
+    let order = &m.components["order"];
+    let limits = (
+        order.stack_kib,
+        order.max_writes_per_call,
+        order.max_write_bytes_per_call,
+        order.max_timers_per_call,
+        order.max_concurrent_queries,
+    );
+    assert_eq!(limits, (512, 1000, 8 << 20, 100, 4));
+    let m = check(&manifest_with(&wasm, "stack_kib = 2048\nmax_timers_per_call = 0", "")).unwrap();
+    assert_eq!((m.components["order"].stack_kib, m.components["order"].max_timers_per_call), (2048, 0));
+    for (component, needle) in [
+        ("stack_kib = 8192", "components.order.stack_kib"),
+        ("stack_kib = 16", "components.order.stack_kib"),
+        ("max_writes_per_call = 0", "components.order.max_writes_per_call"),
+        ("max_write_bytes_per_call = 10", "components.order.max_write_bytes_per_call"),
+        ("max_timers_per_call = 100000", "components.order.max_timers_per_call"),
+        ("max_concurrent_queries = 0", "components.order.max_concurrent_queries"),
+    ] {
+        let err = check(&manifest_with(&wasm, component, "")).unwrap_err();
+        assert!(err.contains(needle), "expected {needle:?} in {err}");
+    }
+}

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use wasmtime::StoreLimits;
 use wasmtime::component::ResourceTable;
@@ -21,15 +22,21 @@ wasmtime::component::bindgen!({
 
 use shop::service::{clock, config, log, state, timers};
 
+/// WASI resources one instance may hold at once (wasmtime's default is a
+/// million).
+pub const MAX_RESOURCES: usize = 1_000;
+
 /// Everything one store (one call) owns: WASI with no capabilities, the
 /// state transaction, config, clock and resource limits.
 pub struct HostState {
     wasi: WasiCtx,
-    table: ResourceTable,
+    pub(super) table: ResourceTable,
     /// Memory and table limits of the instance.
     pub limits: StoreLimits,
     /// The call's view of the component's state.
     pub txn: Txn,
+    /// When the call in progress must end, waits in the host included.
+    pub deadline: Instant,
     component: Arc<str>,
     config: Arc<HashMap<String, String>>,
     clock: Arc<dyn Clock>,
@@ -45,13 +52,18 @@ impl HostState {
         clock: Arc<dyn Clock>,
         deadlines: Arc<dyn Clock>,
         limits: StoreLimits,
+        deadline: Instant,
     ) -> Self {
         // No preopened directory, no environment, no arguments, no stdin, no
         // sockets: Rust's std on wasip2 links these interfaces, but a service
         // gets no capability through them. Stderr carries guest panic messages.
         let wasi =
             WasiCtx::builder().inherit_stderr().allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false).build();
-        Self { wasi, table: ResourceTable::new(), limits, txn, component, config, clock, deadlines }
+        // Resources (pollables, streams) are host memory a guest can ask for
+        // in a loop: a few per call is all a service needs.
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(MAX_RESOURCES);
+        Self { wasi, table, limits, txn, deadline, component, config, clock, deadlines }
     }
 }
 

@@ -5,7 +5,9 @@
 mod bindings;
 mod cache;
 mod canary;
+mod deadline;
 mod engine;
+mod pool;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,14 +18,18 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Store, StoreLimitsBuilder, Trap};
 
+pub use bindings::MAX_RESOURCES;
 pub use bindings::{Event, HandleError, HostState, OutgoingEvent, Request, Response};
 pub use cache::ComponentCache;
 pub use canary::CanaryPolicy;
-pub use engine::{CALL_THREAD_STACK, EPOCH_TICK, Engine};
+pub use deadline::DeadlineExceeded;
+pub use engine::{CALL_THREAD_STACK, DEFAULT_STACK_BYTES, EPOCH_TICK, Engine, MAX_STACK_BYTES, MAX_TABLE_ELEMENTS};
 
 use crate::clock::Clock;
 use crate::stages::Stage;
-use crate::state::{Commit, OutboxRecord, StateRead, StateStore, StoreError, StoreReader, TimerChange, Txn, Write};
+use crate::state::{
+    Commit, OutboxRecord, StateRead, StateStore, StoreError, StoreReader, TimerChange, Txn, TxnLimits, Write,
+};
 
 /// A component that cannot be served.
 #[derive(Debug, thiserror::Error)]
@@ -129,17 +135,51 @@ pub struct Called {
     pub version: String,
 }
 
-/// Resource bounds of every call into a component.
+/// Resource bounds of every call into a component (its Wasm stack is its
+/// engine's: [`Engine::with_stack`]).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Wall-clock budget of one call.
+    /// Wall-clock budget of one call, waits in the host included.
     pub timeout: std::time::Duration,
     /// Linear memory limit of one instance.
     pub memory_bytes: usize,
     /// Events one instance handles before a fresh one replaces it (1: a
     /// fresh instance per event).
     pub instance_reuse: u32,
+    /// State writes and timers one `handle` call may make.
+    pub txn: TxnLimits,
+    /// Queries run at once; more wait their turn.
+    pub max_queries: usize,
 }
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            timeout: std::time::Duration::from_secs(1),
+            memory_bytes: 64 << 20,
+            instance_reuse: 1,
+            txn: TxnLimits::default(),
+            max_queries: DEFAULT_MAX_QUERIES,
+        }
+    }
+}
+
+/// Wasm instances one store may create: a component's core modules and
+/// the adapters between them.
+const MAX_INSTANCES: usize = 16;
+
+/// Linear memories one store may create.
+const MAX_MEMORIES: usize = 4;
+
+/// Wasm tables one store may create.
+const MAX_TABLES: usize = 16;
+
+/// Innermost guest frames named in a trap's message.
+const MAX_TRAP_FRAMES: usize = 4;
+
+/// How long past its deadline a query's caller waits for it before
+/// answering that it timed out (the query's thread ends it soon after).
+const QUERY_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// An instance kept between `handle` calls ([`Limits::instance_reuse`]).
 struct Warm {
@@ -186,16 +226,19 @@ pub struct ServiceRuntime {
     /// settling and version switches: each reads and writes the shared
     /// state, so two at once could interleave a read-modify-write.
     handle_lock: tokio::sync::Mutex<()>,
-    /// Queries running at once, at most [`MAX_QUERIES`].
-    queries: tokio::sync::Semaphore,
+    /// Queries running at once, at most [`Limits::max_queries`]; a permit
+    /// is held until the query's thread is done with it.
+    queries: Arc<tokio::sync::Semaphore>,
+    /// The threads queries run on, one per permit.
+    query_threads: pool::GuestPool,
     /// The instance kept for the next `handle` call, if reused.
     warm: std::sync::Mutex<Option<Warm>>,
     /// Time spent in each stage of the data path.
     stages: crate::stages::Stages,
 }
 
-/// Queries one service answers at once; more wait their turn.
-pub const MAX_QUERIES: usize = 4;
+/// Queries one service answers at once unless the manifest says otherwise.
+pub const DEFAULT_MAX_QUERIES: usize = 4;
 
 /// What a [`ServiceRuntime`] is built from.
 pub struct ServiceSpec {
@@ -211,6 +254,7 @@ pub struct ServiceSpec {
 impl ServiceRuntime {
     /// A runtime serving `spec.component`.
     pub fn new(engine: Engine, spec: ServiceSpec) -> Self {
+        let query_threads = pool::GuestPool::new(&spec.name, spec.limits.max_queries);
         Self {
             name: spec.name.into(),
             engine,
@@ -229,7 +273,8 @@ impl ServiceRuntime {
             clock: spec.clock,
             limits: spec.limits,
             handle_lock: tokio::sync::Mutex::new(()),
-            queries: tokio::sync::Semaphore::new(MAX_QUERIES),
+            queries: Arc::new(tokio::sync::Semaphore::new(spec.limits.max_queries)),
+            query_threads,
             warm: std::sync::Mutex::new(None),
             stages: crate::stages::Stages::default(),
         }
@@ -289,12 +334,24 @@ impl ServiceRuntime {
         let path = PathBuf::from(source);
         let engine = self.engine.clone();
         let trial = self.parts(Arc::new(StoreReader(self.store.clone())), true);
-        let checked = tokio::task::spawn_blocking(move || {
-            let component = LoadedComponent::from_bytes(&engine, &path, &bytes)?;
-            trial.instantiate(&engine, component)
-        })
-        .await
-        .unwrap_or_else(|err| Err(LoadError::Compile { path: source.into(), message: err.to_string() }));
+        // Compiled and tried on a thread of its own: the trial instantiation
+        // runs guest code (with the stack a guest gets), and compiling takes
+        // a core for a while.
+        let (reply, checked) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name(format!("reload-{}", self.name))
+            .stack_size(CALL_THREAD_STACK)
+            .spawn(move || {
+                let checked = LoadedComponent::from_bytes(&engine, &path, &bytes)
+                    .and_then(|component| trial.instantiate(&engine, component));
+                let _ = reply.send(checked);
+            });
+        let checked = match spawned {
+            Ok(_) => checked.await.unwrap_or_else(|_| {
+                Err(LoadError::Compile { path: source.into(), message: "the reload thread failed".into() })
+            }),
+            Err(err) => Err(LoadError::Compile { path: source.into(), message: format!("no reload thread: {err}") }),
+        };
         let component = match checked {
             Ok(component) => Arc::new(component),
             Err(err) => {
@@ -352,13 +409,31 @@ impl ServiceRuntime {
     }
 
     fn trap(&self, err: wasmtime::Error) -> CallError {
-        let message = match err.downcast_ref::<Trap>() {
-            Some(Trap::Interrupt) => {
-                format!("exceeded its time budget of {:?}", self.limits.timeout)
-            }
-            _ => format!("{err:#}"),
+        let timed_out = matches!(err.downcast_ref::<Trap>(), Some(Trap::Interrupt))
+            || err.downcast_ref::<DeadlineExceeded>().is_some();
+        if timed_out {
+            return self.timed_out();
+        }
+        let Some(trap) = err.downcast_ref::<Trap>() else {
+            return CallError::Trap(format!("{err:#}"));
         };
+        // The trap and the innermost frames, not the whole backtrace: a
+        // stack overflow has thousands, and the reason goes into logs and
+        // dead-letter headers.
+        let mut message = trap.to_string();
+        if let Some(backtrace) = err.downcast_ref::<wasmtime::WasmBacktrace>() {
+            let frames: Vec<&str> =
+                backtrace.frames().iter().take(MAX_TRAP_FRAMES).map(|f| f.func_name().unwrap_or("?")).collect();
+            if !frames.is_empty() {
+                let more = if backtrace.frames().len() > MAX_TRAP_FRAMES { " …" } else { "" };
+                message.push_str(&format!(" (in {}{more})", frames.join(" ← ")));
+            }
+        }
         CallError::Trap(message)
+    }
+
+    fn timed_out(&self) -> CallError {
+        CallError::Trap(format!("exceeded its time budget of {:?}", self.limits.timeout))
     }
 
     /// Calls the component's `handle` on a fresh instance, reading `view`,
@@ -383,7 +458,9 @@ impl ServiceRuntime {
         let kept = self.warm.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
         let mut warm = match kept.filter(|w| Arc::ptr_eq(&w.component, &component)) {
             Some(mut warm) => {
-                warm.store.data_mut().txn = Txn::new(view);
+                let state = warm.store.data_mut();
+                state.txn = Txn::with_limits(view, self.limits.txn);
+                state.deadline = Instant::now() + self.limits.timeout;
                 warm.store.set_epoch_deadline(self.engine.ticks_for(self.limits.timeout));
                 warm
             }
@@ -398,7 +475,15 @@ impl ServiceRuntime {
         };
         warm.calls += 1;
         let result = self.stages.time(Stage::Call, || warm.instance.call_handle(&mut warm.store, event));
-        let changes = warm.store.data_mut().txn.take_changes();
+        let txn = &mut warm.store.data_mut().txn;
+        // A guest that went on after a cap refused it must not commit the
+        // part it was allowed: the event fails for good, with the reason.
+        let exceeded = txn.exceeded().map(|reason| format!("the call went past a limit: {reason}"));
+        let changes = txn.take_changes();
+        let result = match (result, exceeded) {
+            (Ok(Ok(_)), Some(reason)) => Ok(Err(HandleError::Permanent(reason))),
+            (result, _) => result,
+        };
         let outcome = match result {
             Ok(Ok(outgoing)) => match wrap(&outgoing, &component.sha256) {
                 Ok(records) => {
@@ -527,23 +612,30 @@ impl ServiceRuntime {
     }
 
     /// Runs `query` on a fresh instance with a read-only view of the state,
-    /// on a blocking thread, at most [`MAX_QUERIES`] at once.
+    /// on one of the service's query threads, at most
+    /// [`Limits::max_queries`] at once.
     ///
     /// # Errors
-    /// [`CallError::Trap`] when the instance traps.
+    /// [`CallError::Trap`] when the instance traps or runs out of time.
     pub async fn query(&self, request: &Request) -> Result<Response, CallError> {
-        let _permit = self.queries.acquire().await.map_err(|e| CallError::Trap(e.to_string()))?;
+        let permit = self.queries.clone().acquire_owned().await.map_err(|e| CallError::Trap(e.to_string()))?;
         let component = self.current();
         let parts = self.parts(Arc::new(StoreReader(self.store.clone())), true);
         let engine = self.engine.clone();
         let request = request.clone();
-        let result = tokio::task::spawn_blocking(move || {
+        let result = self.query_threads.run(move || {
+            let _permit = permit;
             let mut store = parts.store(&engine);
             component.pre.instantiate(&mut store).and_then(|instance| instance.call_query(&mut store, &request))
-        })
-        .await
-        .map_err(|err| CallError::Trap(format!("query thread failed: {err}")))?;
-        result.map_err(|err| self.trap(err))
+        });
+        // The deadline ends the call on its thread; waiting a little longer
+        // only covers a host wait that overran it, so that the caller
+        // answers in bounded time whatever happens there.
+        match tokio::time::timeout(self.limits.timeout + QUERY_GRACE, result).await {
+            Ok(Ok(result)) => result.map_err(|err| self.trap(err)),
+            Ok(Err(_)) => Err(CallError::Trap("the query thread failed".into())),
+            Err(_) => Err(self.timed_out()),
+        }
     }
 }
 
@@ -560,9 +652,16 @@ struct StoreParts {
 
 impl StoreParts {
     fn store(self, engine: &Engine) -> Store<HostState> {
-        let limits = StoreLimitsBuilder::new().memory_size(self.limits.memory_bytes).instances(4).build();
-        let txn = if self.read_only { Txn::read_only(self.view) } else { Txn::new(self.view) };
-        let state = HostState::new(self.name, txn, self.config, self.clock, self.deadlines, limits);
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(self.limits.memory_bytes)
+            .table_elements(MAX_TABLE_ELEMENTS)
+            .instances(MAX_INSTANCES)
+            .memories(MAX_MEMORIES)
+            .tables(MAX_TABLES)
+            .build();
+        let txn = if self.read_only { Txn::read_only(self.view) } else { Txn::with_limits(self.view, self.limits.txn) };
+        let deadline = Instant::now() + self.limits.timeout;
+        let state = HostState::new(self.name, txn, self.config, self.clock, self.deadlines, limits, deadline);
         let mut store = Store::new(engine.wasmtime(), state);
         store.limiter(|s| &mut s.limits);
         store.set_epoch_deadline(engine.ticks_for(self.limits.timeout));
@@ -587,9 +686,12 @@ impl StoreParts {
 fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostState>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+    deadline::bound_waits(&mut linker)?;
     bindings::Service::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |state| state)?;
     Ok(linker)
 }
 
+#[cfg(test)]
+mod limits_tests;
 #[cfg(test)]
 pub(crate) mod tests;

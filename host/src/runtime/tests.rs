@@ -40,7 +40,7 @@ pub(crate) fn runtime_on(
             store,
             config: HashMap::new(),
             clock: Arc::new(ManualClock::at(42)),
-            limits: Limits { timeout: Duration::from_millis(timeout_ms), memory_bytes: 64 << 20, instance_reuse },
+            limits: Limits { timeout: Duration::from_millis(timeout_ms), instance_reuse, ..Limits::default() },
             canary: CanaryPolicy { events: 5, max_failures: 2 },
         },
     )
@@ -86,7 +86,10 @@ pub(crate) async fn handle(rt: &ServiceRuntime, event: &Event) -> Result<Handled
             .collect())
     };
     let view: Arc<dyn StateRead> = Arc::new(StoreReader(store.clone()));
-    let called = std::thread::scope(|s| s.spawn(|| rt.call(event, view, wrap)).join().unwrap())?;
+    let called = std::thread::scope(|s| {
+        let thread = std::thread::Builder::new().stack_size(CALL_THREAD_STACK);
+        thread.spawn_scoped(s, || rt.call(event, view, wrap)).unwrap().join().unwrap()
+    })?;
     let commit = Commit {
         writes: called.writes,
         timers: called.timers,

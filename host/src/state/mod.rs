@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 pub use durable::DurableStore;
 pub use memory::MemoryStore;
 pub use postgres::{PgStores, PostgresStore};
-pub use txn::{AccessError, Overlay, ReadSet, StateRead, StoreReader, Txn};
+pub use txn::{AccessError, Overlay, ReadSet, StateRead, StoreReader, Txn, TxnLimits};
 
 /// A commit's durability: what it queued in the outbox may be published only
 /// once [`Durable::wait`] resolved.

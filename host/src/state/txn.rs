@@ -198,24 +198,66 @@ impl From<StoreError> for AccessError {
     }
 }
 
+/// What one call may buffer: the host holds a call's changes in memory
+/// until the call returns, so a guest must not be able to make them grow
+/// without bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxnLimits {
+    /// Distinct keys written (set or deleted).
+    pub max_writes: usize,
+    /// Bytes of those keys and values, plus timer ids, keys and payloads.
+    pub max_bytes: usize,
+    /// Timer changes (set or cancel).
+    pub max_timers: usize,
+}
+
+impl Default for TxnLimits {
+    fn default() -> Self {
+        Self { max_writes: 1_000, max_bytes: 8 << 20, max_timers: 100 }
+    }
+}
+
 /// The view of the store one call gets: reads see the call's own writes,
-/// and nothing reaches the store until [`Txn::into_writes`] is committed.
+/// and nothing reaches the store until [`Txn::take_changes`] is committed.
 pub struct Txn {
     store: Arc<dyn StateRead>,
     writes: BTreeMap<String, Option<Vec<u8>>>,
     timers: Vec<TimerChange>,
     read_only: bool,
+    limits: TxnLimits,
+    /// Bytes buffered, as [`TxnLimits::max_bytes`] counts them.
+    bytes: usize,
+    /// The first cap the call ran into, if any.
+    exceeded: Option<String>,
 }
 
 impl Txn {
-    /// A transaction for a `handle` call.
+    /// A transaction for a `handle` call, with the default [`TxnLimits`].
     pub fn new(store: Arc<dyn StateRead>) -> Self {
-        Self { store, writes: BTreeMap::new(), timers: Vec::new(), read_only: false }
+        Self::with_limits(store, TxnLimits::default())
+    }
+
+    /// A transaction for a `handle` call buffering at most `limits`.
+    pub fn with_limits(store: Arc<dyn StateRead>, limits: TxnLimits) -> Self {
+        Self { store, writes: BTreeMap::new(), timers: Vec::new(), read_only: false, limits, bytes: 0, exceeded: None }
     }
 
     /// A read-only view for a `query` call.
     pub fn read_only(store: Arc<dyn StateRead>) -> Self {
-        Self { store, writes: BTreeMap::new(), timers: Vec::new(), read_only: true }
+        Self { read_only: true, ..Self::new(store) }
+    }
+
+    /// Why the call was refused a change for going past a cap (the first
+    /// such refusal), if it was. The call must then not commit: a guest
+    /// that ignored the refusal would commit part of what it meant to.
+    pub fn exceeded(&self) -> Option<&str> {
+        self.exceeded.as_deref()
+    }
+
+    /// Refuses a change that goes past a cap, remembering the first.
+    fn refuse(&mut self, message: String) -> AccessError {
+        self.exceeded.get_or_insert_with(|| message.clone());
+        AccessError::Invalid(message)
     }
 
     /// Reads through the pending writes.
@@ -243,6 +285,18 @@ impl Txn {
         if value.as_ref().is_some_and(|v| v.len() > MAX_VALUE_BYTES) {
             return Err(AccessError::Invalid(format!("value larger than {MAX_VALUE_BYTES} bytes")));
         }
+        let size = |value: &Option<Vec<u8>>| key.len() + value.as_ref().map_or(0, Vec::len);
+        let replaced = self.writes.get(key).map(size);
+        if replaced.is_none() && self.writes.len() >= self.limits.max_writes {
+            let max = self.limits.max_writes;
+            return Err(self.refuse(format!("more than {max} keys written in one call (max_writes_per_call)")));
+        }
+        let bytes = self.bytes - replaced.unwrap_or(0) + size(&value);
+        if bytes > self.limits.max_bytes {
+            let max = self.limits.max_bytes;
+            return Err(self.refuse(format!("more than {max} bytes written in one call (max_write_bytes_per_call)")));
+        }
+        self.bytes = bytes;
         self.writes.insert(key.to_owned(), value);
         Ok(())
     }
@@ -282,6 +336,19 @@ impl Txn {
                 return Err(AccessError::Invalid(format!("timer payload is not JSON: {err}")));
             }
         }
+        if self.timers.len() >= self.limits.max_timers {
+            let max = self.limits.max_timers;
+            return Err(self.refuse(format!("more than {max} timer changes in one call (max_timers_per_call)")));
+        }
+        let size = match &change {
+            TimerChange::Set(timer) => timer.id.len() + timer.key.len() + timer.event_type.len() + timer.payload.len(),
+            TimerChange::Cancel(id) => id.len(),
+        };
+        if self.bytes + size > self.limits.max_bytes {
+            let max = self.limits.max_bytes;
+            return Err(self.refuse(format!("more than {max} bytes written in one call (max_write_bytes_per_call)")));
+        }
+        self.bytes += size;
         self.timers.push(change);
         Ok(())
     }
@@ -289,6 +356,58 @@ impl Txn {
     /// The call's state writes (in key order) and timer changes (in call
     /// order), leaving the transaction empty.
     pub fn take_changes(&mut self) -> (Vec<Write>, Vec<TimerChange>) {
+        self.bytes = 0;
+        self.exceeded = None;
         (std::mem::take(&mut self.writes).into_iter().collect(), std::mem::take(&mut self.timers))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{MemoryStore, Timer};
+
+    fn txn(limits: TxnLimits) -> Txn {
+        Txn::with_limits(Arc::new(StoreReader(Arc::new(MemoryStore::default()))), limits)
+    }
+
+    fn timer(id: &str) -> TimerChange {
+        let payload = "{}".to_owned();
+        TimerChange::Set(Timer {
+            id: id.into(),
+            at_ms: 1,
+            event_type: "T".into(),
+            key: "k".into(),
+            payload,
+            set_by: String::new(),
+            correlation_id: None,
+        })
+    }
+
+    #[test]
+    fn a_call_buffers_at_most_its_limits() {
+        let mut t = txn(TxnLimits { max_writes: 2, max_bytes: 100, max_timers: 1 });
+        t.put("a", Some(vec![0; 40])).unwrap();
+        // Writing a key again replaces its bytes and is not another key.
+        t.put("a", Some(vec![0; 40])).unwrap();
+        t.put("b", None).unwrap();
+        assert_eq!(t.exceeded(), None);
+        let err = t.put("c", None).unwrap_err();
+        assert!(matches!(&err, AccessError::Invalid(m) if m.contains("max_writes_per_call")), "{err:?}");
+        let err = t.put("b", Some(vec![0; 80])).unwrap_err();
+        assert!(matches!(&err, AccessError::Invalid(m) if m.contains("max_write_bytes_per_call")), "{err:?}");
+        t.put("b", Some(vec![0; 50])).unwrap();
+        assert!(t.exceeded().unwrap().contains("max_writes_per_call"), "the first refusal is kept");
+        // 92 bytes so far; a timer's id, key, type and payload count too.
+        t.timer(timer("t1")).unwrap();
+        let err = t.timer(TimerChange::Cancel("t2".into())).unwrap_err();
+        assert!(matches!(&err, AccessError::Invalid(m) if m.contains("max_timers_per_call")), "{err:?}");
+        let (writes, timers) = t.take_changes();
+        assert_eq!((writes.len(), timers.len()), (2, 1));
+        assert_eq!(t.exceeded(), None, "the next call starts afresh");
+
+        t.put("a", Some(vec![0; 95])).unwrap();
+        let err = t.timer(timer("t3")).unwrap_err();
+        assert!(matches!(&err, AccessError::Invalid(m) if m.contains("max_write_bytes_per_call")), "{err:?}");
     }
 }

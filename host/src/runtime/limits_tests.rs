@@ -1,0 +1,167 @@
+//! Guest limits that always hold, proved with `misbehave`: a sleep and a
+//! spinning or sleeping query end at the deadline, a write or timer bomb is
+//! refused and fails for good, recursion stops at the component's stack,
+//! and queries run off the async runtime, a few at a time.
+
+use std::time::{Duration, Instant};
+
+use super::tests::{event, handle, runtime, wasm};
+use super::*;
+use crate::clock::ManualClock;
+use crate::state::MemoryStore;
+
+/// `misbehave` with `limits` on an engine with `stack_bytes` of Wasm stack.
+fn misbehave(limits: Limits, stack_bytes: usize) -> ServiceRuntime {
+    let engine = Engine::new().unwrap().with_stack(stack_bytes).unwrap();
+    let component = LoadedComponent::from_file(&engine, &wasm("misbehave")).unwrap();
+    ServiceRuntime::new(
+        engine,
+        ServiceSpec {
+            name: "misbehave".into(),
+            component,
+            store: Arc::new(MemoryStore::default()),
+            config: HashMap::new(),
+            clock: Arc::new(ManualClock::at(42)),
+            limits,
+            canary: CanaryPolicy { events: 5, max_failures: 2 },
+        },
+    )
+}
+
+fn get(path: &str) -> Request {
+    Request { method: "GET".into(), path: path.into(), query: String::new(), body: Vec::new() }
+}
+
+fn timed_out(err: &CallError) -> bool {
+    matches!(err, CallError::Trap(m) if m.contains("time budget"))
+}
+
+#[tokio::test]
+async fn a_sleeping_guest_is_ended_at_its_deadline() {
+    let rt = runtime("misbehave", 200);
+    let started = Instant::now();
+    let err = handle(&rt, &event("Sleep", "k")).await.unwrap_err();
+    let elapsed = started.elapsed();
+    assert!(timed_out(&err), "{err}");
+    assert!(err.is_retryable(), "a timeout is retried like any trap");
+    assert!(elapsed >= Duration::from_millis(200) && elapsed < Duration::from_secs(2), "{elapsed:?}");
+    assert!(handle(&rt, &event("Echo", "after")).await.is_ok(), "a fresh instance serves the next event");
+}
+
+#[tokio::test]
+async fn a_sleeping_or_spinning_query_is_ended_at_its_deadline() {
+    let rt = runtime("misbehave", 200);
+    for path in ["/sleep", "/spin"] {
+        let started = Instant::now();
+        let err = rt.query(&get(path)).await.unwrap_err();
+        assert!(timed_out(&err), "{path}: {err}");
+        assert!(started.elapsed() < Duration::from_secs(2), "{path}: {:?}", started.elapsed());
+    }
+    let response = rt.query(&get("/state/none")).await.unwrap();
+    assert_eq!(response.status, 404, "the service still answers");
+}
+
+/// The test runs on a single-threaded runtime: were queries run on it, its
+/// timers could not fire while they spin.
+#[tokio::test]
+async fn spinning_queries_take_turns_off_the_async_runtime() {
+    let limits = Limits { timeout: Duration::from_millis(300), max_queries: 2, ..Limits::default() };
+    let rt = Arc::new(misbehave(limits, DEFAULT_STACK_BYTES));
+    let started = Instant::now();
+    let queries: Vec<_> = (0..3)
+        .map(|_| {
+            let rt = rt.clone();
+            tokio::spawn(async move { rt.query(&get("/spin")).await })
+        })
+        .collect();
+    // Timers of the runtime fire while all of them spin.
+    for _ in 0..5 {
+        let tick = Instant::now();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(tick.elapsed() < Duration::from_millis(250), "the runtime was blocked for {:?}", tick.elapsed());
+    }
+    for query in queries {
+        assert!(timed_out(&query.await.unwrap().unwrap_err()));
+    }
+    // Two at a time: the third began when one of the first two ended.
+    let elapsed = started.elapsed();
+    assert!(elapsed >= Duration::from_millis(600) && elapsed < Duration::from_secs(4), "{elapsed:?}");
+}
+
+#[tokio::test]
+async fn a_write_bomb_is_refused_and_fails_for_good() {
+    let rt = runtime("misbehave", 5000);
+    let err = handle(&rt, &event("WriteBomb", "w")).await.unwrap_err();
+    assert!(
+        matches!(&err, CallError::Handle(HandleError::Permanent(m)) if m.contains("max_write_bytes_per_call")),
+        "{err}"
+    );
+    assert!(!err.is_retryable(), "dead-lettered, not retried");
+    assert_eq!(rt.state_store().get("w-0").unwrap(), None, "nothing of the call is committed");
+
+    let limits = Limits { txn: TxnLimits { max_writes: 3, ..TxnLimits::default() }, ..Limits::default() };
+    let rt = misbehave(limits, DEFAULT_STACK_BYTES);
+    let err = handle(&rt, &event("WriteBomb", "w")).await.unwrap_err();
+    assert!(matches!(&err, CallError::Handle(HandleError::Permanent(m)) if m.contains("max_writes_per_call")), "{err}");
+
+    let err = handle(&rt, &event("TimerBomb", "t")).await.unwrap_err();
+    assert!(matches!(&err, CallError::Handle(HandleError::Permanent(m)) if m.contains("max_timers_per_call")), "{err}");
+    assert!(rt.state_store().due_timers(u64::MAX, 10).unwrap().is_empty(), "no timer set");
+    assert!(handle(&rt, &event("Echo", "after")).await.is_ok());
+}
+
+#[tokio::test]
+async fn recursion_stops_at_the_components_stack() {
+    let shallow = misbehave(Limits::default(), DEFAULT_STACK_BYTES);
+    // A key per depth: the same event id would be dropped as a duplicate.
+    let recurse =
+        |depth: u32| Event { payload: depth.to_string().into_bytes(), ..event("Recurse", &depth.to_string()) };
+    assert!(handle(&shallow, &recurse(100)).await.is_ok());
+    // Some 30 bytes a frame: 50,000 frames need over 1 MiB.
+    let err = handle(&shallow, &recurse(50_000)).await.unwrap_err();
+    assert!(matches!(&err, CallError::Trap(m) if m.contains("call stack exhausted")), "{err}");
+    assert!(handle(&shallow, &Event { id: "again".into(), ..recurse(100) }).await.is_ok(), "the next call runs");
+
+    let deep = misbehave(Limits::default(), MAX_STACK_BYTES);
+    assert_eq!(deep.engine.stack_bytes(), MAX_STACK_BYTES);
+    let handled = handle(&deep, &recurse(50_000)).await.unwrap();
+    assert_eq!(super::tests::emitted(&handled), ["Recursed"], "a component granted 4 MiB goes deeper");
+}
+
+#[tokio::test]
+async fn the_pipeline_retries_a_sleeper_and_dead_letters_a_bomb() {
+    use crate::bus::Inbound;
+    use crate::envelope::Envelope;
+    use crate::pipeline::{Disposition, Pipeline, RetryPolicy, Topics};
+
+    let rt = Arc::new(runtime("misbehave", 200));
+    let retry = RetryPolicy { max_attempts: 2, first_backoff: Duration::from_millis(1), ..RetryPolicy::default() };
+    let pipeline = Pipeline::new(rt.clone(), Topics::default(), retry, Arc::new(ManualClock::at(5)));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let record = |event_type: &str, key: &str| {
+        let envelope = Envelope::originate(event_type, key, "test", 1, serde_json::json!("x"));
+        Inbound {
+            topic: "in".into(),
+            partition: 0,
+            offset: 1,
+            key: None,
+            value: Some(envelope.encode()),
+            headers: vec![],
+        }
+    };
+    let started = Instant::now();
+    let slept = pipeline.process(&record("Sleep", "s"), &shutdown).await;
+    let elapsed = started.elapsed();
+    let Some(Disposition::DeadLetter { reason, .. }) = slept else { panic!("{slept:?}") };
+    assert!(reason.contains("time budget"), "{reason}");
+    assert!(elapsed >= Duration::from_millis(400) && elapsed < Duration::from_secs(4), "two attempts: {elapsed:?}");
+
+    let started = Instant::now();
+    let bombed = pipeline.process(&record("WriteBomb", "b"), &shutdown).await;
+    let Some(Disposition::DeadLetter { reason, .. }) = bombed else { panic!("{bombed:?}") };
+    assert!(reason.contains("max_write_bytes_per_call"), "{reason}");
+    assert!(started.elapsed() < Duration::from_secs(2), "not retried: {:?}", started.elapsed());
+
+    let echoed = pipeline.process(&record("Echo", "e"), &shutdown).await;
+    assert!(matches!(echoed, Some(Disposition::Publish { .. })), "{echoed:?}");
+}
