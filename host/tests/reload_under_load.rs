@@ -78,7 +78,8 @@ async fn payment_is_swapped_five_times_under_a_stream_of_orders() {
                     ids.push(response.json::<Value>().await.unwrap()["order_id"].as_str().unwrap().to_owned());
                     placed.fetch_add(1, Ordering::SeqCst);
                 }
-                // Keep the stream going for the whole reload schedule.
+                // The point of this sleep: pacing, so that the stream goes on
+                // for the whole reload schedule.
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             ids
@@ -112,10 +113,11 @@ async fn payment_is_swapped_five_times_under_a_stream_of_orders() {
     let mut expected_sequence = vec![v1_sha.clone()];
     for step in 0..5 {
         // Let some orders through between switches.
-        let target = placed.load(Ordering::SeqCst) + 250;
-        while placed.load(Ordering::SeqCst) < target.min(ORDERS - 100) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let target = (placed.load(Ordering::SeqCst) + 250).min(ORDERS - 100);
+        eventually(Duration::from_secs(60), &format!("{target} orders placed"), || async {
+            (placed.load(Ordering::SeqCst) >= target).then_some(())
+        })
+        .await;
         let (next, next_sha) = if step % 2 == 0 { (&v2, &v2_sha) } else { (&v1, &v1_sha) };
         match step {
             0 | 3 => {

@@ -122,7 +122,8 @@ fn committed_state_survives_sigkill_whole() {
             }
             assert!(started.elapsed() < Duration::from_secs(60), "child too slow");
         }
-        // SIGKILL (not a polite stop), mid-commit most of the time.
+        // SIGKILL (not a polite stop), mid-commit most of the time. The
+        // point of this sleep: it varies where in a commit the kill lands.
         std::thread::sleep(Duration::from_micros(300 * u64::from(round as u32 % 5)));
         child.kill().unwrap();
         child.wait().unwrap();

@@ -344,8 +344,11 @@ async fn a_changed_file_is_reloaded_after_it_settles() {
     let rt = Arc::new(runtime("misbehave", 1000));
     let shutdown = tokio_util::sync::CancellationToken::new();
     let timing = WatchTiming { poll: Duration::from_millis(20), settle: Duration::from_millis(50) };
-    let watcher = tokio::spawn(watch(rt.clone(), path.clone(), timing, shutdown.clone()));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Polled once here, the watcher has taken its first look at the file
+    // (and is waiting for its next) before the file changes below.
+    let mut watcher = Box::pin(watch(rt.clone(), path.clone(), timing, shutdown.clone()));
+    assert!(futures::poll!(watcher.as_mut()).is_pending());
+    let watcher = tokio::spawn(watcher);
 
     let order = std::fs::read(wasm("order")).unwrap();
     let changed = Instant::now();
@@ -360,10 +363,17 @@ async fn a_changed_file_is_reloaded_after_it_settles() {
 
     // A broken file is rejected once and the serving version stays.
     std::fs::write(&path, b"broken").unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rejected = || rt.history().iter().filter(|h| h.outcome.starts_with("rejected")).count();
+    let broken = Instant::now();
+    while rejected() == 0 {
+        assert!(broken.elapsed() < Duration::from_secs(10), "the broken file not considered within 10 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Not offered again and again: nothing can be awaited to show that, so
+    // the watcher gets some 20 polls in which it must not try again.
+    tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(rt.current().sha256, expected);
-    let rejected = rt.history().iter().filter(|h| h.outcome.starts_with("rejected")).count();
-    assert_eq!(rejected, 1, "{:?}", rt.history());
+    assert_eq!(rejected(), 1, "{:?}", rt.history());
     shutdown.cancel();
     watcher.await.unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
