@@ -229,11 +229,19 @@ async fn place_order(
         // A retry of a recorded order is answered without sending it again
         // (even while the broker is unreachable); another order under a
         // bound key is refused without naming the order the key is bound to.
-        match backend.idempotency(&binding.key_digest).await.map_err(ApiError::Backend)? {
+        // If the order service's state cannot be read (its database is
+        // down), the order is sent all the same: taking orders needs Kafka
+        // only, and the order service still ignores another body under a
+        // bound key; just the early 409 is lost meanwhile.
+        let bound = backend.idempotency(&binding.key_digest).await.unwrap_or_else(|err| {
+            tracing::warn!("Idempotency-Key lookup failed, the order is sent anyway: {err}");
+            None
+        });
+        match bound {
             Some(hash) if hash == binding.request_hash => {
-                let status = match backend.order_status(&order_id).await.map_err(ApiError::Backend)? {
-                    Some(order) => order["status"].as_str().unwrap_or("PENDING").to_owned(),
-                    None => "PENDING".to_owned(),
+                let status = match backend.order_status(&order_id).await {
+                    Ok(Some(order)) => order["status"].as_str().unwrap_or("PENDING").to_owned(),
+                    _ => "PENDING".to_owned(),
                 };
                 return Ok(accepted(&order_id, &status, total_cents));
             }

@@ -24,6 +24,8 @@ struct TwinBackend {
     lagging: bool,
     /// The order service never answers.
     stuck: bool,
+    /// The order service's state cannot be read.
+    store_down: bool,
 }
 
 impl Backend for TwinBackend {
@@ -48,6 +50,9 @@ impl Backend for TwinBackend {
     fn idempotency(&self, key_digest: &str) -> BoxFuture<'_, Result<Option<String>, BackendError>> {
         if self.stuck {
             return Box::pin(std::future::pending());
+        }
+        if self.store_down {
+            return Box::pin(async { Err(BackendError("database down".into())) });
         }
         // Like the order service: the first order recorded under a key wins.
         let placed = self.placed.lock().unwrap();
@@ -412,4 +417,12 @@ async fn serve_stops_on_shutdown() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(refused, "the port is released after shutdown");
+}
+
+#[tokio::test]
+async fn orders_are_taken_while_the_order_services_state_cannot_be_read() {
+    let backend = Arc::new(TwinBackend { store_down: true, ..TwinBackend::default() });
+    let (status, body) = send(app(backend.clone()), post(&valid_order(), &[("idempotency-key", "k1")])).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "taking orders needs the broker, not the database: {body}");
+    assert_eq!(backend.placed.lock().unwrap().len(), 1);
 }
