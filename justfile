@@ -6,6 +6,11 @@ components := "payment order email analytics"
 default:
     @just --list
 
+# What this machine lacks for `just run` and `just test`, and how to get it
+# (exits non-zero when something `just test` needs is missing).
+doctor:
+    scripts/doctor.sh
+
 # Build the host (and gateway).
 build:
     cargo build -p host
@@ -73,10 +78,11 @@ postgres-stop:
 check-containers:
     scripts/validate-containers.sh
 
-# Everything: formatting, lints, unit tests, end-to-end on a real broker and PostgreSQL, browser test, gateway fuzzing.
+# Everything: formatting, lints, container files, unit tests, end-to-end on a real broker and PostgreSQL, browser test, gateway fuzzing.
 test: build-components build-test-components build
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
+    scripts/validate-containers.sh
     scripts/kafka.sh start
     scripts/postgres.sh start
     DATABASE_URL="$(scripts/postgres.sh url)" KAFKA_BROKERS=127.0.0.1:9092 cargo test --workspace

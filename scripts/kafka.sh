@@ -12,7 +12,10 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-KAFKA_VERSION="${KAFKA_VERSION:-4.1.0}"
+# The newest 4.x that Maven Central serves here; KAFKA_VERSION=4.1.0 (or any
+# 4.x) runs another. A data directory formatted by an older 4.x is served as
+# is: its metadata.version stays until `kafka-features.sh upgrade` raises it.
+KAFKA_VERSION="${KAFKA_VERSION:-4.4.0}"
 HOME_DIR="${KAFKA_HOME_DIR:-$ROOT/.kafka}"
 PORT="${KAFKA_PORT:-9092}"
 CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9093}"
@@ -27,7 +30,7 @@ log() { echo "kafka.sh: $*" >&2; }
 fetch() {
   if [ -f "$LIB/.complete" ]; then return; fi
   log "fetching org.apache.kafka:kafka_2.13:$KAFKA_VERSION and its dependencies from Maven Central"
-  mkdir -p "$LIB"
+  mkdir -p "$LIB" "$HOME_DIR"
   local pom="$HOME_DIR/pom.xml"
   cat >"$pom" <<EOF
 <project xmlns="http://maven.apache.org/POM/4.0.0">
@@ -119,7 +122,7 @@ auto.create.topics.enable=false
 log.retention.hours=168
 EOF
   local cp="$LIB/*"
-  # Kafka 4.1 logs through slf4j 1.x: log4j-slf4j-impl binds it to log4j2,
+  # Kafka 4.1 to 4.4 log through slf4j 1.x: log4j-slf4j-impl binds it to log4j2,
   # whose default configuration prints to the console at log4j2.level.
   local java_opts=(-Xms256m -Xmx1g -XX:+UseG1GC -Djava.awt.headless=true -Dlog4j2.level=INFO)
   if [ ! -f "$DATA/meta.properties" ]; then
