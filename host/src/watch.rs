@@ -34,9 +34,10 @@ fn stamp(path: &PathBuf) -> Option<(SystemTime, u64)> {
 /// Watches `path` until `shutdown`, reloading `service` when it changes.
 pub async fn watch(service: Arc<ServiceRuntime>, path: PathBuf, timing: WatchTiming, shutdown: CancellationToken) {
     let mut seen = stamp(&path);
-    // The last bytes offered, so a rejected file is not offered again and
-    // again until it changes.
-    let mut offered = service.current().sha256.clone();
+    // The last bytes refused, so a rejected file is not offered again and
+    // again until it changes. Bytes once accepted are offered again if
+    // another version (an admin upload) has replaced them meanwhile.
+    let mut rejected: Option<String> = None;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -62,12 +63,12 @@ pub async fn watch(service: Arc<ServiceRuntime>, path: PathBuf, timing: WatchTim
         seen = settled;
         let Ok(bytes) = tokio::fs::read(&path).await else { continue };
         let sha256 = hex::encode(Sha256::digest(&bytes));
-        if sha256 == offered || sha256 == service.current().sha256 {
+        if rejected.as_ref() == Some(&sha256) || sha256 == service.current().sha256 {
             continue;
         }
-        offered = sha256;
         tracing::info!(component = service.name(), ?path, "file changed: reloading");
         // Errors are logged and recorded in the history by `reload`.
-        let _ = service.reload(&path.display().to_string(), bytes).await;
+        let reloaded = service.reload(&path.display().to_string(), bytes).await;
+        rejected = reloaded.is_err().then_some(sha256);
     }
 }

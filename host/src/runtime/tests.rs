@@ -361,6 +361,17 @@ async fn a_changed_file_is_reloaded_after_it_settles() {
     }
     eprintln!("file change to new version serving: {:?}", changed.elapsed());
 
+    // Another version uploaded by hand (the admin API), then the file set
+    // back to bytes the watcher had offered before: offered again.
+    rt.reload("upload", std::fs::read(wasm("misbehave")).unwrap()).await.unwrap();
+    std::fs::write(dir.join("tmp"), &order).unwrap();
+    std::fs::rename(dir.join("tmp"), &path).unwrap();
+    let back = Instant::now();
+    while rt.current().sha256 != expected {
+        assert!(back.elapsed() < Duration::from_secs(10), "the earlier file not reloaded within 10 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
     // A broken file is rejected once and the serving version stays.
     std::fs::write(&path, b"broken").unwrap();
     let rejected = || rt.history().iter().filter(|h| h.outcome.starts_with("rejected")).count();
@@ -374,6 +385,7 @@ async fn a_changed_file_is_reloaded_after_it_settles() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(rt.current().sha256, expected);
     assert_eq!(rejected(), 1, "{:?}", rt.history());
+
     shutdown.cancel();
     watcher.await.unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
