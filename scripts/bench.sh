@@ -186,6 +186,10 @@ BENCH_ADMIN_TOKEN="$ADMIN_TOKEN" "$BENCH" email-js-e2e --host-pid "$HOST_PID" \
 stop_host
 "$BENCH" physical --manifest "$MANIFEST" --prefix "$RUN_ID." --out-dir "$OUT"
 "$BENCH" wasm --manifest "$MANIFEST" --out-dir "$OUT"
+# Payment's throughput while the test component `misbehave` sleeps, spins,
+# write-bombs, recurses or answers spinning queries beside it (no broker).
+cargo build -q --release --target wasm32-wasip2 -p misbehave --lib
+"$BENCH" isolation --manifest "$MANIFEST" --misbehave "$TARGET/wasm32-wasip2/release/misbehave.wasm" --out-dir "$OUT"
 "$BENCH" email-js --manifest "$MANIFEST" --rust "$TARGET/wasm32-wasip2/release/email.wasm" \
   --js "$TARGET/wasm32-wasip2/release/email-js.wasm" --out-dir "$OUT"
 # Hosts of its own, started from the host binary `cargo run` built above;

@@ -15,7 +15,7 @@ use crate::report;
 use crate::stages::Probe;
 use crate::suite::SuiteArgs;
 use crate::topic::TopicReader;
-use crate::{cleanup, email_js, health, physical, scale, suite, wasm};
+use crate::{cleanup, email_js, health, isolation, physical, scale, suite, wasm};
 
 /// Load driver for the shop: places orders through the gateway and measures
 /// them end to end, by polling and on the Kafka topic.
@@ -64,6 +64,10 @@ enum Command {
     /// Each component's logic per event: native, and through the host's
     /// runtime and pipeline (no broker).
     Wasm(wasm::WasmArgs),
+    /// One component's throughput while a misbehaving one (sleeping,
+    /// spinning, write-bombing, recursing, spinning queries) runs beside it
+    /// in the same host; no broker.
+    Isolation(isolation::IsolationArgs),
     /// The email service in JavaScript vs Rust: size, compile and cache-load
     /// time, instantiation and per-event cost through the host's runtime.
     EmailJs(email_js::EmailJsArgs),
@@ -217,6 +221,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Suite(args) => suite::run(args).await,
         Command::Physical(args) => physical::run(args).await,
         Command::Wasm(args) => wasm::run(args).await,
+        Command::Isolation(args) => isolation::run(args).await,
         Command::EmailJs(args) => email_js::run(args).await,
         Command::EmailJsE2e(args) => email_js::e2e(args).await,
         Command::Scale(args) => scale::run(args).await,

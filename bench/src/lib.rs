@@ -13,6 +13,7 @@ pub mod gateway;
 pub mod health;
 pub mod host;
 pub mod hotswap;
+pub mod isolation;
 pub mod load;
 pub mod manifest;
 pub mod order;

@@ -145,7 +145,7 @@ pub fn native(
     measured(&orders, samples)
 }
 
-fn service(
+pub(crate) fn service(
     engine: &Engine,
     name: &str,
     settings: &Component,

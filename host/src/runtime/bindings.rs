@@ -15,10 +15,34 @@ use crate::state::{AccessError, Timer, TimerChange, Txn};
 // Synchronous calls: guests run on the pipeline's executor threads (and
 // queries on blocking threads), never on the async runtime, so no fiber
 // stack is needed per call.
+// The calls that buffer changes can end the call: see [`LimitExceeded`].
 wasmtime::component::bindgen!({
     path: "../wit",
     world: "service",
+    imports: {
+        "shop:service/state.set": trappable,
+        "shop:service/state.delete": trappable,
+        "shop:service/timers.schedule": trappable,
+        "shop:service/timers.cancel": trappable,
+    },
 });
+
+/// A guest asked for another change after one was refused for going past a
+/// per-call cap: the call ends here (a permanent failure) instead of
+/// burning its time budget on changes that cannot be kept.
+#[derive(Debug, thiserror::Error)]
+#[error("the call went past a limit: {0}")]
+pub struct LimitExceeded(pub String);
+
+impl HostState {
+    /// Ends the call if a change was refused already ([`LimitExceeded`]).
+    fn refused_before(&self) -> wasmtime::Result<()> {
+        match self.txn.exceeded() {
+            Some(reason) => Err(wasmtime::Error::new(LimitExceeded(reason.to_owned()))),
+            None => Ok(()),
+        }
+    }
+}
 
 use shop::service::{clock, config, log, state, timers};
 
@@ -87,12 +111,14 @@ impl state::Host for HostState {
         self.txn.get(&key).map_err(to_wit)
     }
 
-    fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), state::StateError> {
-        self.txn.put(&key, Some(value)).map_err(to_wit)
+    fn set(&mut self, key: String, value: Vec<u8>) -> wasmtime::Result<Result<(), state::StateError>> {
+        self.refused_before()?;
+        Ok(self.txn.put(&key, Some(value)).map_err(to_wit))
     }
 
-    fn delete(&mut self, key: String) -> Result<(), state::StateError> {
-        self.txn.put(&key, None).map_err(to_wit)
+    fn delete(&mut self, key: String) -> wasmtime::Result<Result<(), state::StateError>> {
+        self.refused_before()?;
+        Ok(self.txn.put(&key, None).map_err(to_wit))
     }
 
     fn list_keys(&mut self, prefix: String, limit: u32) -> Result<Vec<String>, state::StateError> {
@@ -108,16 +134,19 @@ impl timers::Host for HostState {
         event_type: String,
         key: String,
         payload: Vec<u8>,
-    ) -> Result<(), state::StateError> {
-        let payload = String::from_utf8(payload)
-            .map_err(|_| state::StateError::Invalid("timer payload is not UTF-8 JSON".into()))?;
+    ) -> wasmtime::Result<Result<(), state::StateError>> {
+        self.refused_before()?;
+        let Ok(payload) = String::from_utf8(payload) else {
+            return Ok(Err(state::StateError::Invalid("timer payload is not UTF-8 JSON".into())));
+        };
         // `set_by` and `correlation_id` are filled in from the event at commit.
         let timer = Timer { id, at_ms, event_type, key, payload, set_by: String::new(), correlation_id: None };
-        self.txn.timer(TimerChange::Set(timer)).map_err(to_wit)
+        Ok(self.txn.timer(TimerChange::Set(timer)).map_err(to_wit))
     }
 
-    fn cancel(&mut self, id: String) -> Result<(), state::StateError> {
-        self.txn.timer(TimerChange::Cancel(id)).map_err(to_wit)
+    fn cancel(&mut self, id: String) -> wasmtime::Result<Result<(), state::StateError>> {
+        self.refused_before()?;
+        Ok(self.txn.timer(TimerChange::Cancel(id)).map_err(to_wit))
     }
 }
 

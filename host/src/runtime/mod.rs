@@ -479,6 +479,7 @@ impl ServiceRuntime {
         // A guest that went on after a cap refused it must not commit the
         // part it was allowed: the event fails for good, with the reason.
         let exceeded = txn.exceeded().map(|reason| format!("the call went past a limit: {reason}"));
+        let limited = exceeded.is_some();
         let changes = txn.take_changes();
         let result = match (result, exceeded) {
             (Ok(Ok(_)), Some(reason)) => Ok(Err(HandleError::Permanent(reason))),
@@ -493,11 +494,15 @@ impl ServiceRuntime {
                 Err(reason) => Err(CallError::Handle(HandleError::Permanent(reason))),
             },
             Ok(Err(err)) => Err(CallError::Handle(err)),
-            Err(err) => Err(self.trap(err)),
+            Err(err) => match err.downcast::<bindings::LimitExceeded>() {
+                Ok(limit) => Err(CallError::Handle(HandleError::Permanent(limit.to_string()))),
+                Err(err) => Err(self.trap(err)),
+            },
         };
         // A trapped instance cannot be entered again; one that returned,
         // ok or error, serves the next event if reuse allows.
-        let trapped = matches!(outcome, Err(CallError::Trap(_)));
+        // (Ended for a limit, it did not return either.)
+        let trapped = matches!(outcome, Err(CallError::Trap(_))) || limited;
         if !trapped && warm.calls < self.limits.instance_reuse {
             *self.warm.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(warm);
         }
