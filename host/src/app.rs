@@ -326,6 +326,8 @@ pub async fn run(
         });
         let settings = gateway::Settings { publish_timeout, ..gateway::Settings::default() };
         let router = gateway::app_with(backend, settings);
+        // A caller's trace context reaches the order it places.
+        let router = router.layer(axum::middleware::from_fn(crate::traces::from_request));
         // Timed by matched route, and `/metrics` beside the gateway's own routes.
         let router = Arc::new(crate::metrics::GatewayMetrics::new(link.clone())).instrument(router);
         // With a header read timeout, which axum::serve cannot set.

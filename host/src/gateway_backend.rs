@@ -11,6 +11,7 @@ use crate::clock::Clock;
 use crate::envelope::Envelope;
 use crate::kafka::BrokerLink;
 use crate::runtime::{Request, ServiceRuntime};
+use crate::traces;
 
 /// The gateway's backend: Kafka for publishing, the order component for status.
 pub struct GatewayBackend {
@@ -37,15 +38,23 @@ impl gateway::Backend for GatewayBackend {
                 self.clock.now_ms(),
                 data,
             );
+            // The order's trace starts here, or continues the caller's.
+            let span = traces::stage("place_order", "gateway", "", traces::request_parent());
+            let trace = traces::begin(&span, traces::request_parent());
             let record = Outbound {
                 topic: self.orders_topic.clone(),
                 key: order.order_id.clone(),
                 value: envelope.encode(),
-                headers: vec![("event-type".into(), shop_events::types::ORDER_PLACED.as_bytes().to_vec())],
+                headers: vec![
+                    ("event-type".into(), shop_events::types::ORDER_PLACED.as_bytes().to_vec()),
+                    (traces::HEADER.into(), trace.to_string().into_bytes()),
+                ],
             };
             let acked =
                 self.publisher.enqueue(vec![record]).await.map_err(|e| gateway::PlaceError::NotSent(e.to_string()))?;
-            acked.await.map_err(|e| gateway::PlaceError::Unconfirmed(e.to_string()))
+            let acked = acked.await.map_err(|e| gateway::PlaceError::Unconfirmed(e.to_string()));
+            drop(span);
+            acked
         })
     }
 

@@ -25,4 +25,5 @@ pub mod runtime;
 pub mod scheduler;
 pub mod stages;
 pub mod state;
+pub mod traces;
 pub mod watch;

@@ -176,6 +176,8 @@ async fn async_main() -> ExitCode {
         Command::Check { manifest } => check(manifest),
         Command::Dlq { command, target } => dlq(command, target).await,
     };
+    // Spans not yet exported go before the process ends.
+    shop_host::traces::shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

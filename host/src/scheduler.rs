@@ -169,6 +169,7 @@ mod tests {
             payload: "\"hi\"".into(),
             set_by: setter.into(),
             correlation_id: Some("c1".into()),
+            traceparent: None,
         };
         let commit = Commit { timers: vec![TimerChange::Set(timer)], ..Commit::default() };
         service.state_store().commit(commit).unwrap();

@@ -33,6 +33,7 @@ fn commit_number(n: u64) -> Commit {
             payload: n.to_string(),
             set_by: format!("event-{n}"),
             correlation_id: None,
+            traceparent: None,
         })],
         handled: Some(format!("event-{n}")),
         fired: None,

@@ -22,6 +22,7 @@ use crate::envelope::Envelope;
 use crate::runtime::{CALL_THREAD_STACK, CallError, Event};
 use crate::stages::Stage;
 use crate::state::{Commit, Durable, Overlay, StoreError, Timer, TimerChange};
+use crate::traces::{self, TraceParent};
 
 /// Most events committed in one store transaction. A batch is whatever
 /// was queued when the executor got to it, so under light load each event
@@ -132,6 +133,11 @@ struct Ready {
     envelope: Envelope,
     event: Event,
     fired: Option<(String, u64)>,
+    /// The trace context it arrived with (its record's header, or the one
+    /// its timer kept).
+    parent: Option<TraceParent>,
+    /// The context of its current attempt's span: what it emits carries it.
+    trace: TraceParent,
     attempt: u32,
     shutdown: CancellationToken,
     reply: oneshot::Sender<Option<Disposition>>,
@@ -242,20 +248,24 @@ impl<'a> Batch<'a> {
             },
             Input::Timer(timer) => {
                 let envelope = Envelope::timer(core.service.name(), &timer, core.clock.now_ms());
+                let mut headers = vec![("timer-id".to_owned(), timer.id.clone().into_bytes())];
+                headers.extend(timer.traceparent.map(|value| (traces::HEADER.to_owned(), value.into_bytes())));
                 let record = Inbound {
                     topic: TIMER_TOPIC.to_owned(),
                     partition: -1,
                     offset: -1,
                     key: Some(timer.key.clone().into_bytes()),
                     value: Some(envelope.encode()),
-                    headers: vec![("timer-id".to_owned(), timer.id.clone().into_bytes())],
+                    headers,
                 };
                 (record, envelope, Some((timer.id, timer.at_ms)))
             }
         };
         let event = core.event(&record, &envelope);
+        let parent = TraceParent::from_headers(&record.headers);
         core.service.stages().record(Stage::Decode, decoding.elapsed());
-        Some(Ready { record, envelope, event, fired, attempt: 0, shutdown, reply })
+        let trace = parent.unwrap_or_else(TraceParent::random);
+        Some(Ready { record, envelope, event, fired, parent, trace, attempt: 0, shutdown, reply })
     }
 
     /// Runs a lane's events in order until one must wait for a retry; the
@@ -284,9 +294,11 @@ impl<'a> Batch<'a> {
     /// failed in a way that may pass.
     fn run(&mut self, mut ready: Ready) -> Option<(Ready, Instant)> {
         let core = self.core;
-        let _span = core.span(&ready.envelope).entered();
+        let span = core.span(&ready.envelope);
+        ready.trace = traces::begin(&span, ready.parent);
+        let _span = span.entered();
         ready.attempt += 1;
-        let err = match self.attempt(&ready.event, &ready.envelope, ready.fired.as_ref()) {
+        let err = match self.attempt(&ready.event, &ready.envelope, ready.fired.as_ref(), ready.trace) {
             Ok(Outcome::Now(disposition)) => {
                 let _ = ready.reply.send(Some(disposition));
                 return None;
@@ -329,6 +341,7 @@ impl<'a> Batch<'a> {
         event: &Event,
         envelope: &Envelope,
         fired: Option<&(String, u64)>,
+        trace: TraceParent,
     ) -> Result<Outcome, CallError> {
         let core = self.core;
         let store = core.service.state_store().clone();
@@ -375,15 +388,18 @@ impl<'a> Batch<'a> {
             return Ok(Outcome::Now(Disposition::Publish { records, source, duplicate: true, durable }));
         }
         let name = core.service.name();
+        let handling = traces::stage("handle", name, &core.service.current().sha256, Some(trace)).entered();
         let called = core.service.call(event, self.overlay.clone(), |outgoing, version| {
-            core.wrap(envelope, outgoing, &format!("{name}@{version}"))
+            core.wrap(envelope, outgoing, &format!("{name}@{version}"), trace)
         })?;
+        drop(handling);
         let correlation = event.headers.iter().find(|(k, _)| k == "correlation-id").map(|(_, v)| v);
         let mut timers = called.timers;
         for change in &mut timers {
             if let TimerChange::Set(timer) = change {
                 timer.set_by.clone_from(&event.id);
                 timer.correlation_id = correlation.cloned();
+                timer.traceparent = Some(trace.to_string());
             }
         }
         Ok(Outcome::Commit(Commit {
@@ -435,6 +451,13 @@ impl<'a> Batch<'a> {
         let started = Instant::now();
         let reads = self.overlay.reads();
         let commits: Vec<Commit> = self.entries.iter().map(|(commit, _)| commit.clone()).collect();
+        // One commit for the batch, a `commit` span for each of its events.
+        let version = &self.core.service.current().sha256;
+        let _spans: Vec<tracing::Span> = self
+            .entries
+            .iter()
+            .map(|(_, ready)| traces::stage("commit", self.core.service.name(), version, Some(ready.trace)))
+            .collect();
         let mut attempt = 0;
         loop {
             let commit = Instant::now();

@@ -250,7 +250,14 @@ impl Core {
     }
 
     /// Wraps what the component emitted in envelopes caused by `cause`.
-    fn wrap(&self, cause: &Envelope, outgoing: &[OutgoingEvent], producer: &str) -> Result<Vec<OutboxRecord>, String> {
+    /// Each carries `trace`, the context of the span handling `cause`.
+    fn wrap(
+        &self,
+        cause: &Envelope,
+        outgoing: &[OutgoingEvent],
+        producer: &str,
+        trace: crate::traces::TraceParent,
+    ) -> Result<Vec<OutboxRecord>, String> {
         let now = self.clock.now_ms();
         outgoing
             .iter()
@@ -280,6 +287,7 @@ impl Core {
                     headers: vec![
                         ("event-type".to_owned(), out.event_type.clone()),
                         ("producer".to_owned(), producer.to_owned()),
+                        trace.header(),
                     ],
                 })
             })

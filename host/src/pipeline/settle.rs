@@ -78,6 +78,10 @@ pub async fn settle(
         return Ok(settled);
     }
     let publishing = Instant::now();
+    // A child of the span that emitted them, whose context they carry; it
+    // lasts until they are acknowledged (not entered: it would span awaits).
+    let caused_by = records.first().and_then(|record| crate::traces::TraceParent::from_headers(&record.headers));
+    let _span = crate::traces::stage("publish", service.name(), &service.current().sha256, caused_by);
     let kept = records.clone();
     let enqueued = publisher.enqueue(records).await;
     drop(turn.enqueued);

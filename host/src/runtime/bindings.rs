@@ -140,7 +140,7 @@ impl timers::Host for HostState {
             return Ok(Err(state::StateError::Invalid("timer payload is not UTF-8 JSON".into())));
         };
         // `set_by` and `correlation_id` are filled in from the event at commit.
-        let timer = Timer { id, at_ms, event_type, key, payload, set_by: String::new(), correlation_id: None };
+        let timer = Timer { id, at_ms, event_type, key, payload, set_by: String::new(), correlation_id: None, traceparent: None };
         Ok(self.txn.timer(TimerChange::Set(timer)).map_err(to_wit))
     }
 

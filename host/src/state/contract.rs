@@ -11,6 +11,7 @@ fn timer(id: &str, at_ms: u64) -> Timer {
         payload: "{}".into(),
         set_by: "e0".into(),
         correlation_id: None,
+        traceparent: None,
     }
 }
 

@@ -123,6 +123,10 @@ pub struct Timer {
     /// Correlation id of that event, carried on to the delivered one.
     #[serde(default)]
     pub correlation_id: Option<String>,
+    /// W3C trace context of that event's handling: the delivered event
+    /// continues its trace (see [`crate::traces`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// What kind of stored entry was quarantined.

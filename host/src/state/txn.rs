@@ -381,6 +381,7 @@ mod tests {
             payload,
             set_by: String::new(),
             correlation_id: None,
+            traceparent: None,
         })
     }
 

@@ -69,6 +69,9 @@ pub struct Topics {
     pub conflicts: Vec<String>,
     /// Records that are not an envelope.
     pub undecodable: Vec<String>,
+    /// Per order id, each record's event type and `traceparent` header,
+    /// copies included.
+    pub traceparents: BTreeMap<String, Vec<(String, Option<String>)>>,
 }
 
 impl Topics {
@@ -95,7 +98,7 @@ impl Topics {
         wrong
     }
 
-    fn add(&mut self, topic: &str, value: &[u8], reason: Option<&str>) {
+    fn add(&mut self, topic: &str, value: &[u8], reason: Option<&str>, traceparent: Option<String>) {
         self.records += 1;
         if topic.ends_with("dead-letters") {
             let value = String::from_utf8_lossy(&value[..value.len().min(500)]).into_owned();
@@ -113,6 +116,7 @@ impl Topics {
             return;
         };
         let (order, event_type, id) = (order.to_owned(), event_type.to_owned(), id.to_owned());
+        self.traceparents.entry(order.clone()).or_default().push((event_type.clone(), traceparent));
         let events = self.facts.entry(order).or_default().entry(event_type).or_default();
         match events.get(&id) {
             None => {
@@ -175,7 +179,11 @@ pub fn read_until(brokers: &str, marks: &[Watermark]) -> Topics {
         let reason = message.headers().and_then(|headers| {
             headers.iter().find(|h| h.key == "dlq-reason").and_then(|h| h.value).map(String::from_utf8_lossy)
         });
-        topics.add(message.topic(), message.payload().unwrap_or_default(), reason.as_deref());
+        let traceparent = message.headers().and_then(|headers| {
+            let header = headers.iter().find(|h| h.key == "traceparent")?;
+            header.value.map(|v| String::from_utf8_lossy(v).into_owned())
+        });
+        topics.add(message.topic(), message.payload().unwrap_or_default(), reason.as_deref(), traceparent);
         if message.offset() + 1 >= high {
             remaining.remove(&key);
         }
