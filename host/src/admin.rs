@@ -7,6 +7,8 @@
 //! - `GET /dlq?component=&since=`: the dead letters (see [`crate::dlq`]).
 //! - `POST /dlq/replay`: `{"ids": ["0/42"]}` or `{"all": true, "component":
 //!   "email"}`; answers what was replayed and what was refused, and why.
+//! - `GET /overview`, and `GET /console` (the one route without a token: a
+//!   page that asks for it and reads `/overview`): see [`console`].
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -20,7 +22,10 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
+pub use console::{ConsoleSettings, RecentOrders, Recording};
+
 use crate::dlq::{DeadLetters, Filter, Selection};
+use crate::kafka::ConsumerStatus;
 use crate::runtime::ServiceRuntime;
 
 /// Largest component accepted by upload.
@@ -31,6 +36,9 @@ const MAX_UPLOAD_BYTES: usize = 64 * 1024 * 1024;
 pub struct Managed {
     pub service: Arc<ServiceRuntime>,
     pub wasm: PathBuf,
+    /// Its consumer's status, if this host consumes for it (the console's
+    /// status, rate and lag); `None` when it only answers the gateway.
+    pub status: Option<ConsumerStatus>,
 }
 
 #[derive(Clone)]
@@ -38,20 +46,35 @@ struct Admin {
     services: Arc<BTreeMap<String, Managed>>,
     token: Arc<str>,
     dead_letters: Option<DeadLetters>,
+    console: Arc<console::Console>,
 }
 
 /// The admin router. Every route requires `Authorization: Bearer {token}`,
 /// checked before anything of the request's body is read. Without
 /// `dead_letters`, the `/dlq` routes answer 404.
 pub fn admin_app(services: BTreeMap<String, Managed>, token: &str, dead_letters: Option<DeadLetters>) -> Router {
-    let admin = Admin { services: Arc::new(services), token: token.into(), dead_letters };
+    admin_app_with_console(services, token, dead_letters, ConsoleSettings::default())
+}
+
+/// [`admin_app`] with what the console shows beyond the components.
+pub fn admin_app_with_console(
+    services: BTreeMap<String, Managed>,
+    token: &str,
+    dead_letters: Option<DeadLetters>,
+    console: ConsoleSettings,
+) -> Router {
+    let console = Arc::new(console::Console::new(console));
+    let admin = Admin { services: Arc::new(services), token: token.into(), dead_letters, console };
     Router::new()
         .route("/components", get(list))
+        .route("/overview", get(console::overview))
         .route("/components/{name}/reload", post(reload))
         .route("/dlq", get(dlq_list))
         .route("/dlq/replay", post(dlq_replay))
         .layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES))
         .route_layer(axum::middleware::from_fn_with_state(admin.clone(), require_token))
+        // After the token layer: the page is public, its data is not.
+        .route("/console", get(console::page))
         .with_state(admin)
 }
 
@@ -194,10 +217,14 @@ async fn dlq_replay(State(admin): State<Admin>, body: Bytes) -> Response {
         Err(message) => return error(StatusCode::BAD_REQUEST, "invalid_selection", &message),
     };
     match dead_letters.replay(&selection).await {
-        Ok(report) => Json(report).into_response(),
+        Ok(report) => {
+            console::forget_dead_letters(&admin.console).await;
+            Json(report).into_response()
+        }
         Err(err) => unavailable(&err),
     }
 }
 
+mod console;
 #[cfg(test)]
 mod tests;

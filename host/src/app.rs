@@ -270,10 +270,13 @@ pub async fn run(
     for service in services.values() {
         service.set_deadline_clock(outage.clone());
     }
+    let mut statuses = BTreeMap::new();
+    let recent_orders = crate::admin::RecentOrders::default();
     for (name, listener) in listeners {
         let settings = &manifest.components[&name];
         let service = services[&name].clone();
         let status = ConsumerStatus::default();
+        statuses.insert(name.clone(), status.clone());
         let retry = RetryPolicy { max_attempts: settings.max_attempts, ..RetryPolicy::default() };
         let pipeline = Arc::new(Pipeline::new(service.clone(), topics.clone(), retry, clock.clone()));
         pipeline.set_max_record_bytes(manifest.kafka.max_record_bytes);
@@ -317,13 +320,15 @@ pub async fn run(
         let publish_timeout = Duration::from_millis(manifest.gateway.publish_timeout_ms);
         let orders = Arc::new(KafkaPublisher::connect_with_timeout(&brokers, link.clone(), publish_timeout)?);
         gateway_publisher = Some(orders.clone());
-        let backend = Arc::new(crate::gateway_backend::GatewayBackend {
+        let backend = crate::gateway_backend::GatewayBackend {
             publisher: orders,
             orders_topic: topics.physical(shop_events::topics::ORDERS),
             orders: services[&manifest.gateway.order_component].clone(),
             clock,
             link: link.clone(),
-        });
+        };
+        // Remembers the orders it takes, for the admin console.
+        let backend = Arc::new(crate::admin::Recording::new(backend, recent_orders.clone()));
         let settings = gateway::Settings { publish_timeout, ..gateway::Settings::default() };
         let router = gateway::app_with(backend, settings);
         // A caller's trace context reaches the order it places.
@@ -338,12 +343,18 @@ pub async fn run(
             .iter()
             .map(|(name, service)| {
                 let wasm = manifest.components[name].wasm.clone();
-                (name.clone(), crate::admin::Managed { service: service.clone(), wasm })
+                let status = statuses.get(name).cloned();
+                (name.clone(), crate::admin::Managed { service: service.clone(), wasm, status })
             })
             .collect();
         let log = crate::dlq::KafkaLog::new(&brokers, &topics.physical(&topics.dead_letter));
         let dead_letters = crate::dlq::DeadLetters::new(Arc::new(log), publisher.clone());
-        let admin = crate::admin::admin_app(managed, token, Some(dead_letters));
+        let console = crate::admin::ConsoleSettings {
+            recent: recent_orders,
+            order_component: manifest.gateway.order_component.clone(),
+            link: link.clone(),
+        };
+        let admin = crate::admin::admin_app_with_console(managed, token, Some(dead_letters), console);
         tasks.spawn(serve(listener, admin, shutdown.clone(), "admin".into()));
     }
     let gateway_port = serving.gateway.then_some(manifest.gateway.port);

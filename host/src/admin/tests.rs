@@ -9,7 +9,7 @@ use crate::runtime::tests::{event, runtime, wasm};
 const TOKEN: &str = "0123456789abcdef-token";
 
 fn app_with(service: Arc<ServiceRuntime>) -> Router {
-    let managed = Managed { service, wasm: wasm("misbehave") };
+    let managed = Managed { service, wasm: wasm("misbehave"), status: None };
     admin_app(BTreeMap::from([("svc".to_owned(), managed)]), TOKEN, None)
 }
 
@@ -125,7 +125,7 @@ async fn dead_letters_are_listed_and_replayed_through_the_api() {
     };
     bus.push(dead_letter("email", 3));
     bus.push(dead_letter("payment", 4));
-    let managed = Managed { service: Arc::new(runtime("misbehave", 1000)), wasm: wasm("misbehave") };
+    let managed = Managed { service: Arc::new(runtime("misbehave", 1000)), wasm: wasm("misbehave"), status: None };
     let dead_letters = DeadLetters::new(Arc::new(MemoryLog::new(bus.clone(), "dlq")), bus.clone());
     let app = admin_app(BTreeMap::from([("svc".to_owned(), managed)]), TOKEN, Some(dead_letters));
 
@@ -153,4 +153,172 @@ async fn dead_letters_are_listed_and_replayed_through_the_api() {
 
     let without = app_with(Arc::new(runtime("misbehave", 1000)));
     assert_eq!(call(&without, "GET", "/dlq", Some(TOKEN), vec![]).await.0, StatusCode::NOT_FOUND);
+}
+
+/// An admin app over an order component holding one placed order, with the
+/// console remembering it and one id the order service never saw.
+async fn console_app() -> (Router, Arc<ServiceRuntime>, RecentOrders) {
+    let order = Arc::new(runtime("order", 5000));
+    let placed = shop_events::OrderPlaced {
+        order_id: "o-console".into(),
+        customer: shop_events::Customer { name: "Ada".into(), email: "ada@example.com".into() },
+        items: vec![shop_events::LineItem { sku: "<b>pen</b>".into(), quantity: 1, unit_price_cents: 199 }],
+        total_cents: 199,
+        card_number: "4242424242424242".into(),
+        idempotency: None,
+    };
+    let mut placed_event = event("OrderPlaced", "o-console");
+    placed_event.payload = serde_json::to_vec(&placed).unwrap();
+    crate::runtime::tests::handle(&order, &placed_event).await.unwrap();
+    let recent = RecentOrders::default();
+    recent.push("o-console");
+    recent.push("o-unseen");
+    let services = BTreeMap::from([
+        ("order".to_owned(), Managed { service: order.clone(), wasm: wasm("order"), status: None }),
+        (
+            "svc".to_owned(),
+            Managed {
+                service: Arc::new(runtime("misbehave", 1000)),
+                wasm: wasm("misbehave"),
+                status: Some(ConsumerStatus::default()),
+            },
+        ),
+    ]);
+    let settings = ConsoleSettings { recent: recent.clone(), ..ConsoleSettings::default() };
+    (admin_app_with_console(services, TOKEN, None, settings), order, recent)
+}
+
+#[tokio::test]
+async fn the_console_page_is_public_and_its_data_is_not() {
+    let (app, _, _) = console_app().await;
+    let response = app.clone().oneshot(Request::builder().uri("/console").body(Body::empty()).unwrap()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let csp = response.headers()["content-security-policy"].to_str().unwrap().to_owned();
+    assert!(csp.contains("connect-src 'self'"), "{csp}");
+    let page = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+    let page = String::from_utf8(page.to_vec()).unwrap();
+    assert!(page.contains("/overview") && !page.contains("innerHTML"), "the page reads /overview, never parses markup");
+    for token in [None, Some("wrong")] {
+        assert_eq!(call(&app, "GET", "/overview", token, vec![]).await.0, StatusCode::UNAUTHORIZED);
+    }
+}
+
+#[tokio::test]
+async fn the_overview_shows_components_orders_with_their_timeline_and_reloads() {
+    let (app, order, _) = console_app().await;
+    let (status, body) = call(&app, "GET", "/overview", Some(TOKEN), vec![]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let components = body["components"].as_object().unwrap();
+    assert_eq!(components.keys().collect::<Vec<_>>(), ["order", "svc"]);
+    assert_eq!(components["order"]["version"], order.current().sha256);
+    assert_eq!(components["order"]["status"], "not consuming here", "{body}");
+    // A consumer that is not running is not healthy.
+    let svc = &components["svc"];
+    assert_eq!((svc["status"].as_str(), svc["handled"].as_u64()), (Some("degraded"), Some(0)), "{svc}");
+    assert_eq!((svc["rate_per_s"].as_f64(), svc["lag"].is_null()), (Some(0.0), true), "{svc}");
+    assert_eq!((svc["timers_pending"].as_u64(), svc["outbox_pending"].as_u64()), (Some(0), Some(0)), "{svc}");
+    assert_eq!(svc["history"].as_array().map(Vec::len), Some(1));
+
+    // Newest first; the order service's status and timeline, the event text as it was.
+    let orders = body["orders"].as_array().unwrap();
+    assert_eq!((orders[0]["order_id"].as_str(), orders[0]["status"].as_str()), (Some("o-unseen"), Some("SENT")));
+    assert_eq!((orders[1]["order_id"].as_str(), orders[1]["status"].as_str()), (Some("o-console"), Some("PENDING")));
+    assert_eq!(orders[1]["history"][0]["status"], "PENDING", "{}", orders[1]);
+    assert!(body["dead_letters"]["error"].is_string(), "no dead-letter topic here: {body}");
+
+    let (status, _) = call(&app, "POST", "/components/svc/reload", Some(TOKEN), vec![]).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, body) = call(&app, "GET", "/overview", Some(TOKEN), vec![]).await;
+    let outcomes: Vec<&str> = body["components"]["svc"]["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["replaced", "serving"]);
+}
+
+#[test]
+fn rates_come_from_handled_deltas_over_at_least_a_second() {
+    let start = std::time::Instant::now();
+    let first = console::rate(None, start, 100);
+    assert_eq!(first.rate, 0.0);
+    // Too soon: the last rate again, and the old sample kept.
+    let soon = console::rate(Some(first), start + std::time::Duration::from_millis(300), 130);
+    assert_eq!((soon.rate, soon.handled), (0.0, 100));
+    let later = console::rate(Some(soon), start + std::time::Duration::from_secs(2), 150);
+    assert_eq!(later.rate, 25.0);
+    let restarted = console::rate(Some(later), start + std::time::Duration::from_secs(4), 3);
+    assert_eq!((restarted.rate, restarted.handled), (0.0, 3));
+}
+
+#[tokio::test]
+async fn recent_orders_are_the_last_acknowledged_newest_first() {
+    struct Fails(bool);
+    impl gateway::Backend for Fails {
+        fn place_order(&self, _: shop_events::OrderPlaced) -> gateway::BoxFuture<'_, Result<(), gateway::PlaceError>> {
+            let fails = self.0;
+            Box::pin(async move { if fails { Err(gateway::PlaceError::NotSent("down".into())) } else { Ok(()) } })
+        }
+        fn idempotency(&self, _: &str) -> gateway::BoxFuture<'_, Result<Option<String>, gateway::BackendError>> {
+            Box::pin(async { Ok(None) })
+        }
+        fn order_status(
+            &self,
+            _: &str,
+        ) -> gateway::BoxFuture<'_, Result<Option<serde_json::Value>, gateway::BackendError>> {
+            Box::pin(async { Ok(None) })
+        }
+    }
+    use gateway::Backend as _;
+    let order = |id: &str| shop_events::OrderPlaced {
+        order_id: id.into(),
+        customer: shop_events::Customer { name: "A".into(), email: "a@example.com".into() },
+        items: vec![],
+        total_cents: 0,
+        card_number: String::new(),
+        idempotency: None,
+    };
+    let recent = RecentOrders::default();
+    let (sent, refused) = (Recording::new(Fails(false), recent.clone()), Recording::new(Fails(true), recent.clone()));
+    for i in 0..20 {
+        sent.place_order(order(&format!("o{i}"))).await.unwrap();
+    }
+    assert!(refused.place_order(order("lost")).await.is_err());
+    sent.place_order(order("o10")).await.unwrap();
+    let ids = recent.newest_first();
+    assert_eq!(ids.len(), 12);
+    assert_eq!(&ids[..3], ["o10", "o19", "o18"], "not acknowledged: not shown; placed again: moved up");
+}
+
+#[tokio::test]
+async fn the_overview_lists_dead_letters_and_a_replay_shows_at_once() {
+    use crate::bus::{MemoryBus, Outbound};
+    use crate::dlq::{DeadLetters, MemoryLog};
+    let bus = Arc::new(MemoryBus::default());
+    let headers = [("dlq-reason", "permanent: <i>no</i>"), ("dlq-component", "email"), ("dlq-source", "emails/0/3")];
+    bus.push(Outbound {
+        topic: "dlq".into(),
+        key: "o1".into(),
+        value: b"{}".to_vec(),
+        headers: headers.iter().map(|(k, v)| ((*k).to_owned(), v.as_bytes().to_vec())).collect(),
+    });
+    let managed = Managed { service: Arc::new(runtime("misbehave", 1000)), wasm: wasm("misbehave"), status: None };
+    let dead_letters = DeadLetters::new(Arc::new(MemoryLog::new(bus.clone(), "dlq")), bus.clone());
+    let app = admin_app(BTreeMap::from([("svc".to_owned(), managed)]), TOKEN, Some(dead_letters));
+
+    let (_, body) = call(&app, "GET", "/overview", Some(TOKEN), vec![]).await;
+    let dlq = &body["dead_letters"];
+    assert_eq!((dlq["total"].as_u64(), dlq["not_replayed"].as_u64()), (Some(1), Some(1)), "{body}");
+    assert_eq!(
+        (dlq["items"][0]["id"].as_str(), dlq["items"][0]["reason"].as_str()),
+        (Some("0/0"), Some("permanent: <i>no</i>"))
+    );
+    let (status, _) = call(&app, "POST", "/dlq/replay", Some(TOKEN), br#"{"ids": ["0/0"]}"#.to_vec()).await;
+    assert_eq!(status, StatusCode::OK);
+    // Within the cache's lifetime, yet read again after the replay.
+    let (_, body) = call(&app, "GET", "/overview", Some(TOKEN), vec![]).await;
+    assert_eq!(body["dead_letters"]["not_replayed"].as_u64(), Some(0), "{body}");
+    assert!(body["dead_letters"]["items"][0]["replayed"].is_object(), "{body}");
 }

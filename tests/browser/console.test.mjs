@@ -1,0 +1,110 @@
+// The admin console in headless Chromium: an order placed through the
+// gateway shows with its saga timeline, the four components with their
+// versions, and a reload adds to a component's history. The host must be
+// running with an admin token; GATEWAY_URL, ADMIN_URL and ADMIN_TOKEN name
+// them (scripts/browser-test.sh starts one).
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { chromium } from "playwright-core";
+
+const GATEWAY = process.env.GATEWAY_URL ?? "http://127.0.0.1:3005";
+const ADMIN = process.env.ADMIN_URL ?? "http://127.0.0.1:3090";
+const TOKEN = process.env.ADMIN_TOKEN;
+let browser;
+
+before(async () => {
+  assert.ok(TOKEN, "ADMIN_TOKEN must be set");
+  browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
+    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run"],
+  });
+});
+
+after(async () => { await browser?.close(); });
+
+async function placeOrder(sku = "pen") {
+  const r = await fetch(`${GATEWAY}/order`, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({
+      customer: { name: "Margaret Hamilton", email: "margaret@example.com" },
+      items: [{ sku, quantity: 1, unit_price_cents: 199 }],
+      payment: { card_number: "4242424242424242" },
+    }),
+  });
+  assert.equal(r.status, 202);
+  return (await r.json()).order_id;
+}
+
+async function openConsole(page) {
+  const requests = [];
+  page.on("request", req => requests.push(req.url()));
+  await page.goto(`${ADMIN}/console`);
+  await page.fill("#token", TOKEN);
+  await page.click("#connect");
+  return requests;
+}
+
+test("the console shows components, an order's timeline, and a reload in the history", async () => {
+  const id = await placeOrder();
+  const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+  const requests = await openConsole(page);
+
+  // The four components, each with a version.
+  await page.waitForFunction(() => document.querySelectorAll("#components tr").length === 4, null, { timeout: 15_000 });
+  const components = await page.$$eval("#components tr", trs => trs.map(tr =>
+    [tr.dataset.component, tr.querySelector(".version").textContent, tr.querySelector(".status").textContent]));
+  assert.deepEqual(components.map(c => c[0]), ["analytics", "email", "order", "payment"]);
+  for (const [name, version, status] of components) {
+    assert.match(version, /^[0-9a-f]{12}$/, name);
+    assert.equal(status, "ok", name);
+  }
+
+  // The order, updated live to its end, with its timeline.
+  const row = `#orders tr[data-order="${id}"]`;
+  await page.waitForFunction(sel => document.querySelector(`${sel} .order-status`)?.textContent === "CONFIRMED",
+    row, { timeout: 30_000 });
+  const steps = await page.$$eval(`${row} .timeline li`, els => els.map(e => e.textContent));
+  assert.equal(steps.length, 4, steps.join(" | "));
+  assert.match(steps[0], /^PENDING/);
+  assert.match(steps[3], /^CONFIRMED/);
+
+  // A reload re-reads the file: the history grows by one.
+  const count = () => page.$eval('#components tr[data-component="payment"] .history summary', s => Number(s.textContent));
+  const before = await count();
+  await page.click('#components tr[data-component="payment"] button.reload');
+  await page.waitForFunction(n => Number(document.querySelector(
+    '#components tr[data-component="payment"] .history summary')?.textContent) === n + 1, before, { timeout: 15_000 });
+  assert.equal(await page.textContent("#action-error"), "");
+  await page.click('#components tr[data-component="payment"] .history summary');
+  const outcomes = await page.$$eval('#components tr[data-component="payment"] .history li', els => els.map(e => e.textContent));
+  assert.match(outcomes.at(-1), /serving/);
+  assert.match(outcomes.at(-2), /replaced/);
+
+  // The token travels in a header only.
+  assert.ok(requests.every(u => !u.includes(TOKEN)), "no URL carries the token");
+  await page.screenshot({ path: process.env.CONSOLE_SCREENSHOT ?? "/tmp/shop-console.png", fullPage: true });
+});
+
+test("event text with markup is shown as text in the timeline", async () => {
+  // scripts/browser-test.sh stocks 0 of "<b>bold</b>": cancelled with "out of stock: <b>bold</b>".
+  const id = await placeOrder("<b>bold</b>");
+  const page = await browser.newPage();
+  await openConsole(page);
+  const row = `#orders tr[data-order="${id}"]`;
+  await page.waitForFunction(sel => document.querySelector(`${sel} .order-status`)?.textContent === "CANCELLED",
+    row, { timeout: 30_000 });
+  const timeline = await page.textContent(`${row} .timeline`);
+  assert.ok(timeline.includes("out of stock: <b>bold</b>"), timeline);
+  assert.equal(await page.$$eval("#orders b", els => els.length), 0, "no element made from event text");
+});
+
+test("a wrong token is refused and the page asks again", async () => {
+  const page = await browser.newPage();
+  await page.goto(`${ADMIN}/console`);
+  await page.fill("#token", "not-the-token-at-all");
+  await page.click("#connect");
+  await page.getByText("The token was refused.").waitFor({ timeout: 10_000 });
+  assert.equal(await page.locator("#main").isHidden(), true);
+});
