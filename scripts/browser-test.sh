@@ -50,7 +50,7 @@ done
 
 cd tests/browser
 if ! GATEWAY_URL="$GATEWAY_URL" ADMIN_URL="$ADMIN_URL" ADMIN_TOKEN="$ADMIN_TOKEN" \
-  CONSOLE_SCREENSHOT="$CONSOLE_SCREENSHOT" node --test order.test.mjs console.test.mjs; then
+  CONSOLE_SCREENSHOT="$CONSOLE_SCREENSHOT" ORDERS_TOPIC="${PREFIX}orders" node --test order.test.mjs console.test.mjs; then
   echo "--- host log ---"; tail -n 50 "$WORK/host.log"
   exit 1
 fi

@@ -5,11 +5,15 @@
 // them (scripts/browser-test.sh starts one).
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
 import { chromium } from "playwright-core";
 
 const GATEWAY = process.env.GATEWAY_URL ?? "http://127.0.0.1:3005";
 const ADMIN = process.env.ADMIN_URL ?? "http://127.0.0.1:3090";
 const TOKEN = process.env.ADMIN_TOKEN;
+// Where an undecodable record is put to make a dead letter (needs kcat).
+const BROKERS = process.env.KAFKA_BROKERS;
+const ORDERS_TOPIC = process.env.ORDERS_TOPIC;
 let browser;
 
 before(async () => {
@@ -107,4 +111,28 @@ test("a wrong token is refused and the page asks again", async () => {
   await page.click("#connect");
   await page.getByText("The token was refused.").waitFor({ timeout: 10_000 });
   assert.equal(await page.locator("#main").isHidden(), true);
+});
+
+function hasKcat() {
+  try { execFileSync("kcat", ["-V"], { stdio: "ignore" }); return true; } catch { return false; }
+}
+
+test("a dead letter shows with its reason and is replayed from the page", {
+  skip: !(BROKERS && ORDERS_TOPIC && hasKcat()) && "needs KAFKA_BROKERS, ORDERS_TOPIC and kcat",
+}, async () => {
+  const key = `console-dlq-${Date.now()}`;
+  // Not an envelope: set aside at once by each consumer of the topic.
+  execFileSync("kcat", ["-P", "-b", BROKERS, "-t", ORDERS_TOPIC, "-k", key], { input: "<i>not an envelope</i>" });
+  const page = await browser.newPage();
+  await openConsole(page);
+  await page.waitForFunction(() => [...document.querySelectorAll("#dead-letters tr")]
+    .some(tr => tr.querySelector("button.replay")), null, { timeout: 30_000 });
+  const row = page.locator("#dead-letters tr", { has: page.locator("button.replay") }).first();
+  const id = await row.getAttribute("data-id");
+  assert.notEqual((await row.locator(".reason").textContent()).trim(), "", "a reason is shown");
+  await row.locator("button.replay").click();
+  await page.waitForFunction(i => document.querySelector(`#dead-letters tr[data-id="${i}"] td:last-child`)
+    ?.textContent === "replayed", id, { timeout: 15_000 });
+  assert.equal(await page.textContent("#action-error"), "");
+  assert.equal(await page.$$eval("#dead-letters i", els => els.length), 0, "no element made from record text");
 });
