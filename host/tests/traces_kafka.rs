@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -58,4 +59,61 @@ async fn every_record_of_an_order_carries_its_trace() {
     assert_eq!(trace_of(&continued), TraceParent::parse(CALLER).unwrap().trace_hex(), "the caller's trace");
     let started = trace_of(&fresh);
     assert_ne!(started, trace_of(&continued), "another order, another trace");
+}
+
+/// An OTLP/HTTP receiver on a free port: the bodies posted to `/v1/traces`.
+async fn otlp_receiver() -> (String, Arc<Mutex<Vec<Vec<u8>>>>) {
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let kept = bodies.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| async move {
+            kept.lock().unwrap().push(body.to_vec());
+            // An empty ExportTraceServiceResponse: everything accepted.
+            ([("content-type", "application/x-protobuf")], Vec::<u8>::new())
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (endpoint, bodies)
+}
+
+/// Whether `haystack` contains `needle`.
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|window| window == needle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_are_exported_over_otlp_when_an_endpoint_is_set() {
+    let (endpoint, bodies) = otlp_receiver().await;
+    let dir = temp_dir("traces-otlp");
+    let ports = Ports::free();
+    let (manifest, _) = write_manifest(&dir, ports);
+    let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "200")];
+    let host = HostProcess::start_env(&manifest, Some(&brokers()), &[], &env);
+    let client = reqwest::Client::new();
+    wait_healthy(&client, ports).await;
+
+    let body = json!({
+        "customer": { "name": "Ada", "email": "ada@example.com" },
+        "items": [ { "sku": "book", "quantity": 1, "unit_price_cents": 1250 } ],
+        "payment": { "card_number": "4242424242424242" }
+    });
+    let url = format!("http://127.0.0.1:{}/order", ports.gateway);
+    let placed = client.post(&url).header("traceparent", CALLER).json(&body).send().await.unwrap();
+    assert_eq!(placed.status(), 202);
+
+    // The protobuf carries the trace id as 16 raw bytes and names as
+    // plain strings: every stage of the saga's components, in the caller's
+    // trace.
+    let trace_id = TraceParent::parse(CALLER).unwrap().trace_id;
+    let wanted: [&[u8]; 8] =
+        [b"place_order", b"event", b"handle", b"commit", b"publish", b"payment", b"email", b"shop-host"];
+    eventually(Duration::from_secs(60), "the saga's spans exported", || async {
+        let all: Vec<u8> = bodies.lock().unwrap().concat();
+        (contains(&all, &trace_id) && wanted.iter().all(|w| contains(&all, w))).then_some(())
+    })
+    .await;
+    assert!(!host.output().contains("traces are not exported"), "{}", host.output());
 }

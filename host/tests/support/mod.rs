@@ -232,6 +232,11 @@ impl HostProcess {
 
     /// [`HostProcess::start`] with more arguments of `host run`.
     pub fn start_with(manifest: &Path, brokers: Option<&str>, args: &[&str]) -> Self {
+        Self::start_env(manifest, brokers, args, &[])
+    }
+
+    /// [`HostProcess::start_with`] with more environment variables.
+    pub fn start_env(manifest: &Path, brokers: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_host"));
         command
             .args(["run", "--manifest"])
@@ -242,6 +247,7 @@ impl HostProcess {
             .env_remove("HOST_INSTANCE_ID")
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         match brokers {
