@@ -49,7 +49,8 @@ struct Admin {
     console: Arc<console::Console>,
 }
 
-/// The admin router. Every route requires `Authorization: Bearer {token}`,
+/// The admin router. Every route but `/console` (a page without data)
+/// requires `Authorization: Bearer {token}`,
 /// checked before anything of the request's body is read. Without
 /// `dead_letters`, the `/dlq` routes answer 404.
 pub fn admin_app(services: BTreeMap<String, Managed>, token: &str, dead_letters: Option<DeadLetters>) -> Router {
