@@ -12,15 +12,16 @@
 
 FROM rust:1.95.0-bookworm AS builder
 
-# rdkafka (default features plus tokio, no `cmake-build`, so no cmake) builds
-# librdkafka and its C++ wrapper from the bundled source with ./configure and
-# make, and links the system zlib it finds through pkg-config. The rust image
-# has all of it; naming it makes a slimmer base fail here, not in a build script.
+# rdkafka (default features plus tokio and ssl, no `cmake-build`, so no cmake)
+# builds librdkafka and its C++ wrapper from the bundled source with
+# ./configure and make, and links the system zlib and OpenSSL it finds through
+# pkg-config. The rust image has all of it; naming it makes a slimmer base
+# fail here, not in a build script.
 # Debian's versions are not pinned: the pinned base image fixes the release,
 # and a security update within it is wanted.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends g++ make pkg-config zlib1g-dev \
+    && apt-get install -y --no-install-recommends g++ make pkg-config zlib1g-dev libssl-dev \
     && rm -rf /var/lib/apt/lists/*
 RUN rustup target add wasm32-wasip2
 
@@ -43,12 +44,13 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
 
 FROM debian:12.12-slim AS runtime
 
-# The host needs libc, libgcc_s and zlib, all in the slim image. ca-certificates
-# is for TLS, which the host does not speak yet (rdkafka is built without `ssl`,
-# PostgreSQL is reached without TLS): a managed Kafka or database will need it.
+# The host needs libc, libgcc_s and zlib, all in the slim image, and OpenSSL 3
+# (libssl3) for Kafka over TLS; ca-certificates are the trust store librdkafka
+# verifies a managed cluster's certificate against (`[kafka.properties]`,
+# HOST_KAFKA_PROPERTIES). PostgreSQL is still reached without TLS.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates \
+    && apt-get install -y --no-install-recommends ca-certificates libssl3 \
     && rm -rf /var/lib/apt/lists/*
 
 RUN groupadd --system --gid 10001 shop \
@@ -67,7 +69,8 @@ RUN install -d -o shop -g shop -m 0750 /app/var /app/var/state /app/var/componen
 USER 10001:10001
 ENV HOST_MANIFEST=/app/app.toml \
     RUST_LOG=info
-# payment, order, email, analytics, gateway (the admin API stays on loopback).
+# payment, order, email, analytics, gateway (the admin API stays on loopback
+# unless HOST_ADMIN_BIND says otherwise).
 EXPOSE 3001 3002 3003 3004 3005
 # The host finishes in-flight events and commits their offsets on SIGTERM.
 STOPSIGNAL SIGTERM

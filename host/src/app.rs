@@ -201,7 +201,7 @@ pub async fn run(
     };
     let admin_listener = match &manifest.admin.token {
         Some(_) => {
-            let addr = SocketAddr::from(([127, 0, 0, 1], manifest.admin.port));
+            let addr = SocketAddr::new(manifest.admin.bind, manifest.admin.port);
             Some(TcpListener::bind(addr).await.with_context(|| format!("cannot bind {addr} for the admin API"))?)
         }
         None => {

@@ -56,6 +56,16 @@ enum Command {
         /// PostgreSQL URL of the `postgres` backend; overrides `state.url`.
         #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
         database_url: Option<String>,
+        /// Address the gateway's and components' ports bind to; overrides
+        /// `http.bind` (`0.0.0.0` in a container).
+        #[arg(long, env = "HOST_BIND")]
+        bind: Option<std::net::IpAddr>,
+        /// Address the admin API binds to; overrides `admin.bind` (default
+        /// 127.0.0.1).
+        #[arg(long, env = "HOST_ADMIN_BIND")]
+        admin_bind: Option<std::net::IpAddr>,
+        #[command(flatten)]
+        kafka_properties: KafkaProperties,
     },
     /// Reload one component of a running host through its admin API.
     Reload {
@@ -85,6 +95,51 @@ enum Command {
     },
 }
 
+/// librdkafka properties from the command line and the environment.
+#[derive(Debug, clap::Args)]
+struct KafkaProperties {
+    /// A librdkafka property for every Kafka client, `KEY=VALUE` (repeat the
+    /// flag; in the variable, one per line), added to `[kafka.properties]`
+    /// and winning over it: `security.protocol=SASL_SSL`, `sasl.password=...`.
+    #[arg(
+        long = "kafka-property",
+        global = true,
+        env = "HOST_KAFKA_PROPERTIES",
+        hide_env_values = true,
+        value_delimiter = '\n',
+        value_parser = parse_property
+    )]
+    entries: Vec<Property>,
+}
+
+/// One `KEY=VALUE` entry; `None` for a blank line.
+#[derive(Debug, Clone)]
+struct Property(Option<(String, String)>);
+
+impl KafkaProperties {
+    /// Adds these entries to the manifest's `[kafka.properties]`.
+    fn apply(self, manifest: &mut Manifest) {
+        manifest.kafka.properties.extend(self.entries.into_iter().filter_map(|p| p.0));
+    }
+}
+
+/// `KEY=VALUE`; a blank line is skipped (the variable may end with a newline).
+/// Only the key is quoted back in an error: the value may be a secret.
+fn parse_property(entry: &str) -> Result<Property, String> {
+    let entry = entry.trim_end_matches('\r');
+    if entry.trim().is_empty() {
+        return Ok(Property(None));
+    }
+    let Some((key, value)) = entry.split_once('=') else {
+        return Err("a Kafka property is KEY=VALUE, and this entry has no '='".into());
+    };
+    let key = key.trim();
+    if key.is_empty() {
+        return Err("a Kafka property needs a key before '='".into());
+    }
+    Ok(Property(Some((key.to_owned(), value.to_owned()))))
+}
+
 /// Where the dead-letter topic is.
 #[derive(Debug, clap::Args)]
 struct DlqTarget {
@@ -97,6 +152,8 @@ struct DlqTarget {
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
+    #[command(flatten)]
+    kafka_properties: KafkaProperties,
 }
 
 #[derive(Debug, Subcommand)]
@@ -156,6 +213,9 @@ async fn async_main() -> ExitCode {
             port_offset,
             state_backend,
             database_url,
+            bind,
+            admin_bind,
+            kafka_properties,
         } => {
             let serving = shop_host::app::Serving {
                 components: components.map(|names| {
@@ -169,6 +229,9 @@ async fn async_main() -> ExitCode {
                 port_offset,
                 state_backend,
                 database_url: database_url.filter(|u| !u.is_empty()),
+                bind,
+                admin_bind,
+                kafka_properties,
             };
             run(manifest, kafka_brokers, overrides, serving).await
         }
@@ -193,6 +256,9 @@ struct Overrides {
     port_offset: u16,
     state_backend: Option<shop_host::manifest::StateBackend>,
     database_url: Option<String>,
+    bind: Option<std::net::IpAddr>,
+    admin_bind: Option<std::net::IpAddr>,
+    kafka_properties: KafkaProperties,
 }
 
 async fn run(
@@ -211,8 +277,16 @@ async fn run(
     if let Some(url) = overrides.database_url {
         manifest.state.url = Some(url);
     }
+    if let Some(bind) = overrides.bind {
+        manifest.http.bind = bind;
+    }
+    if let Some(bind) = overrides.admin_bind {
+        manifest.admin.bind = bind;
+    }
+    overrides.kafka_properties.apply(&mut manifest);
     manifest.offset_ports(overrides.port_offset)?;
     manifest.validate()?;
+    shop_host::kafka::set_properties(&manifest.kafka.properties);
     let shutdown = CancellationToken::new();
     tokio::spawn(shutdown_on_signal(shutdown.clone()));
     shop_host::app::run(manifest, brokers.filter(|b| !b.trim().is_empty()), serving, shutdown).await
@@ -238,7 +312,12 @@ async fn reload(name: &str, path: Option<PathBuf>, admin_url: &str, token: &str)
 
 async fn dlq(command: DlqCommand, target: DlqTarget) -> anyhow::Result<()> {
     use shop_host::dlq;
-    let manifest = Manifest::load(&target.manifest)?;
+    let mut manifest = Manifest::load(&target.manifest)?;
+    if !target.kafka_properties.entries.is_empty() {
+        target.kafka_properties.apply(&mut manifest);
+        manifest.validate()?;
+    }
+    shop_host::kafka::set_properties(&manifest.kafka.properties);
     let brokers = target.kafka_brokers.filter(|b| !b.trim().is_empty()).or(manifest.kafka.brokers.clone());
     let Some(brokers) = brokers else {
         anyhow::bail!(

@@ -78,6 +78,12 @@ pub struct KafkaSettings {
     /// is set aside on the dead-letter topic as too large.
     #[serde(default = "default_max_record_bytes")]
     pub max_record_bytes: usize,
+    /// librdkafka properties given to every client (producers, consumers,
+    /// admin): TLS (`security.protocol`, `ssl.*`), SASL (`sasl.*`) and the
+    /// like. `HOST_KAFKA_PROPERTIES` adds to them and wins. Keys the host
+    /// sets for its guarantees are refused (`crate::kafka::RESERVED_PROPERTIES`).
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
 }
 
 fn default_max_record_bytes() -> usize {
@@ -104,6 +110,7 @@ impl Default for KafkaSettings {
             dead_letter_topic: default_dead_letter_topic(),
             instance_id: None,
             max_record_bytes: default_max_record_bytes(),
+            properties: BTreeMap::new(),
         }
     }
 }
@@ -112,7 +119,8 @@ impl Default for KafkaSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSettings {
-    /// Address every port binds to.
+    /// Address every port but the admin API's binds to; `HOST_BIND`
+    /// overrides it.
     #[serde(default = "default_bind")]
     pub bind: IpAddr,
 }
@@ -234,11 +242,16 @@ impl Default for StateSettings {
     }
 }
 
-/// The admin API: always bound to 127.0.0.1, whatever `http.bind` says.
+/// The admin API: on 127.0.0.1 unless `admin.bind` says otherwise, whatever
+/// `http.bind` says (a container binds its ports on 0.0.0.0 and may still
+/// keep the admin API on its own loopback).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminSettings {
-    /// Port on 127.0.0.1.
+    /// Address the admin API binds to; `HOST_ADMIN_BIND` overrides it.
+    #[serde(default = "default_bind")]
+    pub bind: IpAddr,
+    /// Port on `bind`.
     #[serde(default = "default_admin_port")]
     pub port: u16,
     /// Bearer token (at least 16 characters); `HOST_ADMIN_TOKEN` overrides
@@ -252,7 +265,7 @@ fn default_admin_port() -> u16 {
 
 impl Default for AdminSettings {
     fn default() -> Self {
-        Self { port: default_admin_port(), token: None }
+        Self { bind: default_bind(), port: default_admin_port(), token: None }
     }
 }
 
@@ -429,6 +442,8 @@ impl Manifest {
         if let Some(id) = &k.instance_id {
             check_name("kafka.instance_id", id, false)?;
         }
+        crate::kafka::check_properties(&k.properties)
+            .map_err(|(key, message)| invalid(format!("kafka.properties.{key:?}"), message))?;
         if self.components.is_empty() {
             return Err(invalid("components", "at least one component is required"));
         }

@@ -91,7 +91,7 @@ async fn spans_are_exported_over_otlp_when_an_endpoint_is_set() {
     let ports = Ports::free();
     let (manifest, _) = write_manifest(&dir, ports);
     let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "200")];
-    let host = HostProcess::start_env(&manifest, Some(&brokers()), &[], &env);
+    let host = HostProcess::start_env(&manifest, Some(&brokers()), &["--log-format", "json"], &env);
     let client = reqwest::Client::new();
     wait_healthy(&client, ports).await;
 
@@ -115,5 +115,14 @@ async fn spans_are_exported_over_otlp_when_an_endpoint_is_set() {
         (contains(&all, &trace_id) && wanted.iter().all(|w| contains(&all, w))).then_some(())
     })
     .await;
-    assert!(!host.output().contains("traces are not exported"), "{}", host.output());
+    let output = host.output();
+    assert!(!output.contains("traces are not exported"), "{output}");
+    // Stage spans stay out of the logs: a line's span is still the event's.
+    let spans: Vec<serde_json::Value> = output
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter_map(|line| line.get("span").cloned())
+        .collect();
+    assert!(spans.iter().any(|span| span["name"] == "event"), "{output}");
+    assert!(spans.iter().all(|span| span["name"] == "event"), "{spans:?}");
 }

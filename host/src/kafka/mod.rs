@@ -6,6 +6,8 @@ mod embedded;
 mod link;
 mod producer;
 
+use std::collections::BTreeMap;
+use std::sync::RwLock;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -19,7 +21,66 @@ pub use embedded::EmbeddedBroker;
 pub use link::{BrokerLink, Down};
 pub use producer::KafkaPublisher;
 
-/// Base client configuration for `brokers`.
+/// The operator's librdkafka properties (`[kafka.properties]` and
+/// `HOST_KAFKA_PROPERTIES`), given to every client [`client_config`] builds.
+/// Process-wide rather than passed to every constructor: a host talks to one
+/// cluster, and its clients are built in many places (pipelines, gateway,
+/// dead letters, benches) that all start from [`client_config`].
+static PROPERTIES: RwLock<BTreeMap<String, String>> = RwLock::new(BTreeMap::new());
+
+/// Properties the host sets itself, because its guarantees depend on their
+/// values, with where to change what they control instead.
+pub const RESERVED_PROPERTIES: &[(&str, &str)] = &[
+    ("bootstrap.servers", "set kafka.brokers or KAFKA_BROKERS"),
+    ("metadata.broker.list", "set kafka.brokers or KAFKA_BROKERS"),
+    ("group.id", "each component's group is components.NAME.group"),
+    ("group.instance.id", "set kafka.instance_id or HOST_INSTANCE_ID"),
+    ("enable.auto.commit", "the host commits offsets of finished records only"),
+    ("enable.auto.offset.store", "the host stores an offset once its record is done (at-least-once)"),
+    ("auto.offset.reset", "a new group must read its topics from the start"),
+    ("enable.idempotence", "the producer must be idempotent (no duplicates, no reordering)"),
+    ("acks", "an acknowledgement must mean every in-sync replica has the record"),
+    ("request.required.acks", "an acknowledgement must mean every in-sync replica has the record"),
+    ("transactional.id", "the host does not use transactions"),
+    ("message.timeout.ms", "set gateway.publish_timeout_ms for the gateway's producer"),
+    ("statistics.interval.ms", "the host reads consumer lag from these statistics"),
+];
+
+/// Checks `properties` without connecting anywhere: none is reserved (see
+/// [`RESERVED_PROPERTIES`]), and librdkafka knows every key and accepts every
+/// value (so a TLS or SASL setting this build cannot honour is refused here).
+///
+/// # Errors
+/// The first key at fault and why.
+pub fn check_properties(properties: &BTreeMap<String, String>) -> Result<(), (String, String)> {
+    for (key, value) in properties {
+        if let Some((_, instead)) = RESERVED_PROPERTIES.iter().find(|(reserved, _)| reserved == key) {
+            return Err((key.clone(), format!("is set by the host and cannot be overridden: {instead}")));
+        }
+        let mut config = ClientConfig::new();
+        config.set(key, value);
+        match config.create_native_config() {
+            Ok(_) => {}
+            // librdkafka's own words only: rdkafka's Display of this error
+            // appends the value, which may be a password under a misspelt key.
+            Err(rdkafka::error::KafkaError::ClientConfig(_, description, _, _)) => {
+                return Err((key.clone(), description));
+            }
+            Err(_) => return Err((key.clone(), "refused by librdkafka".into())),
+        }
+    }
+    Ok(())
+}
+
+/// Sets the properties every client built from now on is given.
+pub fn set_properties(properties: &BTreeMap<String, String>) {
+    let mut current = PROPERTIES.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+    current.clone_from(properties);
+}
+
+/// Base client configuration for `brokers`: the host's settings, then the
+/// operator's properties (TLS, SASL, client.id, ...), which may change any
+/// of them but the reserved ones; producer and consumer settings come after.
 pub fn client_config(brokers: &str) -> ClientConfig {
     let mut config = ClientConfig::new();
     config
@@ -28,6 +89,14 @@ pub fn client_config(brokers: &str) -> ClientConfig {
         // Back within a second of the broker's return, not ten (the default
         // backoff doubles up to 10 s during an outage).
         .set("reconnect.backoff.max.ms", "1000");
+    let properties = PROPERTIES.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+    for (key, value) in properties.iter() {
+        // Checked at start (`Manifest::validate`); skipped here too, so that
+        // a reserved key can never undo a guarantee.
+        if !RESERVED_PROPERTIES.iter().any(|(reserved, _)| reserved == key) {
+            config.set(key, value);
+        }
+    }
     config
 }
 

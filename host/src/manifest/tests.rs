@@ -177,3 +177,91 @@ fn guest_limits_have_defaults_and_bounds() {
         assert!(err.contains(needle), "expected {needle:?} in {err}");
     }
 }
+
+#[test]
+fn kafka_properties_reach_librdkafka_with_tls_and_sasl() {
+    let (_dir, wasm) = wasm_file();
+    let top = r#"
+[kafka.properties]
+"security.protocol" = "SASL_SSL"
+"sasl.mechanism" = "SCRAM-SHA-512"
+"sasl.username" = "shop"
+"sasl.password" = "secret"
+"ssl.endpoint.identification.algorithm" = "https"
+"client.id" = "shop-eu-1"
+"#;
+    let m = check(&manifest_with(&wasm, "", top)).unwrap();
+    assert_eq!(m.kafka.properties.len(), 6);
+    assert_eq!(m.kafka.properties["security.protocol"], "SASL_SSL");
+    // Without TLS compiled in, librdkafka refuses these at once.
+    for protocol in ["SSL", "SASL_SSL", "SASL_PLAINTEXT"] {
+        let top = format!("[kafka.properties]\n\"security.protocol\" = \"{protocol}\"");
+        check(&manifest_with(&wasm, "", &top)).unwrap();
+    }
+    let top = "[kafka.properties]\n\"sasl.mechanism\" = \"OAUTHBEARER\"";
+    check(&manifest_with(&wasm, "", top)).unwrap();
+}
+
+#[test]
+fn kafka_properties_the_host_sets_are_refused() {
+    let (_dir, wasm) = wasm_file();
+    for (key, value, reason) in [
+        ("enable.auto.offset.store", "true", "at-least-once"),
+        ("enable.idempotence", "false", "idempotent"),
+        ("acks", "1", "in-sync replica"),
+        ("bootstrap.servers", "elsewhere:9092", "KAFKA_BROKERS"),
+        ("group.id", "mine", "components.NAME.group"),
+        ("message.timeout.ms", "100", "gateway.publish_timeout_ms"),
+    ] {
+        let top = format!("[kafka.properties]\n\"{key}\" = \"{value}\"");
+        let err = check(&manifest_with(&wasm, "", &top)).unwrap_err();
+        assert!(
+            err.contains(&format!("kafka.properties.\"{key}\""))
+                && err.contains("cannot be overridden")
+                && err.contains(reason),
+            "{key}: {err}"
+        );
+    }
+}
+
+#[test]
+fn kafka_properties_librdkafka_does_not_know_are_refused() {
+    let (_dir, wasm) = wasm_file();
+    let err = check(&manifest_with(&wasm, "", "[kafka.properties]\n\"sasl.pasword\" = \"hunter2\"")).unwrap_err();
+    assert!(
+        err.contains("kafka.properties.\"sasl.pasword\"") && err.contains("No such configuration property"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "a value under a misspelt key may be a secret: {err}");
+    let err = check(&manifest_with(&wasm, "", "[kafka.properties]\n\"security.protocol\" = \"pigeon\"")).unwrap_err();
+    assert!(err.contains("security.protocol") && err.contains("Invalid value"), "{err}");
+    let err = check(&manifest_with(&wasm, "", "[kafka.properties]\n\"linger.ms\" = 5")).unwrap_err();
+    assert!(err.contains("invalid type: integer"), "values are strings: {err}");
+}
+
+#[test]
+fn every_client_gets_the_properties_but_never_a_reserved_one() {
+    let properties: BTreeMap<String, String> = [("client.rack", "rack-under-test"), ("enable.idempotence", "false")]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    crate::kafka::set_properties(&properties);
+    let producer = crate::kafka::producer_config("127.0.0.1:1");
+    let consumer = crate::kafka::consumer_config("127.0.0.1:1", "g");
+    crate::kafka::set_properties(&BTreeMap::new());
+    for config in [&producer, &consumer] {
+        assert_eq!(config.get("client.rack"), Some("rack-under-test"));
+        assert_eq!(config.get("bootstrap.servers"), Some("127.0.0.1:1"));
+    }
+    assert_eq!(producer.get("enable.idempotence"), Some("true"));
+    assert_eq!(crate::kafka::client_config("b:1").get("client.rack"), None);
+}
+
+#[test]
+fn the_admin_api_binds_loopback_unless_told() {
+    let (_dir, wasm) = wasm_file();
+    let m = check(&manifest_with(&wasm, "", "")).unwrap();
+    assert_eq!(m.admin.bind.to_string(), "127.0.0.1");
+    let m = check(&manifest_with(&wasm, "", "[http]\nbind = \"0.0.0.0\"\n[admin]\nbind = \"::1\"")).unwrap();
+    assert_eq!((m.http.bind.to_string(), m.admin.bind.to_string()), ("0.0.0.0".into(), "::1".into()));
+}
