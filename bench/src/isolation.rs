@@ -201,6 +201,7 @@ fn start(
                 clock: clock(),
                 limits: Limits::default(),
                 canary: CanaryPolicy::default(),
+                grants: Default::default(),
             },
         ));
         match trouble {

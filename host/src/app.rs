@@ -17,7 +17,7 @@ use crate::deadlines::{DeadlineClock, OutageClock, Watermark};
 use crate::kafka::{self, BrokerLink, ConsumerSettings, ConsumerStatus, EmbeddedBroker, KafkaPublisher};
 use crate::manifest::{ComponentSettings, Manifest, StateBackend};
 use crate::pipeline::{Pipeline, RetryPolicy, Topics};
-use crate::runtime::{CanaryPolicy, Engine, Limits, LoadedComponent, ServiceRuntime, ServiceSpec};
+use crate::runtime::{CanaryPolicy, Engine, Grants, Limits, LoadedComponent, ServiceRuntime, ServiceSpec};
 use crate::state::{DurableStore, PgStores, StateStore, TxnLimits};
 
 /// What one host serves of the manifest: several hosts, each serving a
@@ -109,7 +109,9 @@ pub fn check(manifest: &Manifest) -> anyhow::Result<()> {
     let engine = Engine::with_cache(Some(manifest.runtime.cache_dir.clone()))?;
     for (name, settings) in &manifest.components {
         let engine = engine.with_stack(settings.stack_kib << 10)?;
-        LoadedComponent::from_file(&engine, &settings.wasm).with_context(|| format!("component {name:?}"))?;
+        let component =
+            LoadedComponent::from_file(&engine, &settings.wasm).with_context(|| format!("component {name:?}"))?;
+        component.check_grants(&engine, settings.grants(name)?.wasi).with_context(|| format!("component {name:?}"))?;
     }
     Ok(())
 }
@@ -132,6 +134,7 @@ fn service_spec(
     component: LoadedComponent,
     store: Arc<dyn StateStore>,
     clock: Arc<dyn Clock>,
+    grants: Grants,
 ) -> ServiceSpec {
     ServiceSpec {
         name: name.to_owned(),
@@ -151,6 +154,7 @@ fn service_spec(
             max_queries: settings.max_concurrent_queries,
         },
         canary: CanaryPolicy { events: settings.canary_events, max_failures: settings.canary_max_failures },
+        grants,
     }
 }
 
@@ -187,9 +191,11 @@ pub async fn run(
         let engine = engine.with_stack(settings.stack_kib << 10)?;
         let component =
             LoadedComponent::from_file(&engine, &settings.wasm).with_context(|| format!("component {name:?}"))?;
+        let grants = settings.grants(name)?;
+        component.check_grants(&engine, grants.wasi).with_context(|| format!("component {name:?}"))?;
         tracing::info!(component = %name, version = %component.sha256, wasm = ?settings.wasm, from_cache = component.from_cache, "loaded");
         let store = stores.remove(name).context("store opened for every loaded component")?;
-        let spec = service_spec(name, settings, component, store, clock.clone());
+        let spec = service_spec(name, settings, component, store, clock.clone(), grants);
         services.insert(name.clone(), Arc::new(ServiceRuntime::new(engine.clone(), spec)));
     }
     let instance = crate::instance::resolve(&manifest, serving.instance_id.as_deref())?;

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::runtime::{Grants, PublishGrants, WasiGrants};
+
 /// A manifest that cannot be used, with the key at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -351,6 +353,44 @@ pub struct ComponentSettings {
     /// Values the component reads through its `config` import.
     #[serde(default)]
     pub config: HashMap<String, String>,
+    /// What the component may publish: `"topic:EventType"` entries
+    /// (`"topic:*"` for every type on a topic). Anything else it emits fails
+    /// its event for good (dead-lettered with the reason). Absent: anything.
+    #[serde(default)]
+    pub publishes: Option<Vec<String>>,
+    /// WASI capabilities granted: `"clocks"`, `"random"`, `"stderr"`.
+    /// Absent: all three. A component importing an interface it is not
+    /// granted is refused at load; files, environment and sockets are not
+    /// grantable yet.
+    #[serde(default)]
+    pub wasi: Option<Vec<String>>,
+}
+
+impl ComponentSettings {
+    /// The component's grants, parsed from `publishes` and `wasi`.
+    ///
+    /// # Errors
+    /// [`ManifestError::Invalid`] naming `components.{name}.publishes` or
+    /// `.wasi` and the entry at fault.
+    pub fn grants(&self, name: &str) -> Result<Grants, ManifestError> {
+        let key = |field: &str| format!("components.{name}.{field}");
+        let publishes = match &self.publishes {
+            None => PublishGrants::any(),
+            Some(entries) => {
+                for entry in entries {
+                    if let Some((topic, _)) = entry.split_once(':') {
+                        check_name(&key("publishes"), topic, false)?;
+                    }
+                }
+                PublishGrants::parse(entries).map_err(|message| invalid(key("publishes"), message))?
+            }
+        };
+        let wasi = match &self.wasi {
+            None => WasiGrants::default(),
+            Some(names) => WasiGrants::parse(names).map_err(|message| invalid(key("wasi"), message))?,
+        };
+        Ok(Grants { publishes, wasi })
+    }
 }
 
 fn default_timeout_ms() -> u64 {
@@ -536,6 +576,7 @@ impl Manifest {
                     format!("must be between 1 and max_attempts ({})", c.max_attempts),
                 ));
             }
+            c.grants(name)?;
             if !c.wasm.is_file() {
                 return Err(invalid(
                     key("wasm"),

@@ -75,6 +75,7 @@ impl Email {
                 clock,
                 limits: Limits { timeout: Duration::from_secs(5), ..Limits::default() },
                 canary: CanaryPolicy::default(),
+                grants: Default::default(),
             },
         );
         // Queries and reloads run on its blocking threads, which call guests.

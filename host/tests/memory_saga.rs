@@ -63,6 +63,7 @@ impl World {
                         clock: clock.clone(),
                         limits: Limits { timeout: Duration::from_secs(1), ..Limits::default() },
                         canary: CanaryPolicy::default(),
+                        grants: Default::default(),
                     },
                 ));
                 let retry =

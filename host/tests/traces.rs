@@ -63,6 +63,7 @@ impl World {
                     clock: dyn_clock.clone(),
                     limits: Limits { timeout: Duration::from_secs(1), ..Limits::default() },
                     canary: CanaryPolicy::default(),
+                    grants: Default::default(),
                 };
                 let service = Arc::new(ServiceRuntime::new(engine.clone(), spec));
                 let pipeline = Pipeline::new(service, topics.clone(), RetryPolicy::default(), dyn_clock.clone());

@@ -171,6 +171,7 @@ pub(crate) fn service(
                 ..Limits::default()
             },
             canary: CanaryPolicy::default(),
+            grants: Default::default(),
         },
     )))
 }

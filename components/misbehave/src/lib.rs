@@ -48,6 +48,13 @@ impl Service for Misbehave {
                 let hog: Vec<u8> = vec![1; 512 * 1024 * 1024];
                 Ok(vec![Outgoing { topic: "out".into(), event_type: "Hogged".into(), key, payload: hog[..2].to_vec() }])
             }
+            // Emits the event the payload names, `topic:EventType`: the
+            // host publishes it only if the component's grant allows it.
+            "EmitAs" => {
+                let named = String::from_utf8_lossy(&event.payload).trim_matches('"').to_owned();
+                let (topic, event_type) = named.split_once(':').unwrap_or(("out", "Unnamed"));
+                Ok(vec![Outgoing { topic: topic.into(), event_type: event_type.into(), key, payload: b"{}".to_vec() }])
+            }
             "WriteThenFail" => {
                 host.set(&key, b"written")?;
                 Err(HandleError::Retryable("failing after a write".into()))

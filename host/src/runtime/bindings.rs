@@ -69,6 +69,7 @@ pub struct HostState {
 
 impl HostState {
     /// A fresh state for one call.
+    #[allow(clippy::too_many_arguments)] // one per part of the store, all distinct
     pub fn new(
         component: Arc<str>,
         txn: Txn,
@@ -77,12 +78,19 @@ impl HostState {
         deadlines: Arc<dyn Clock>,
         limits: StoreLimits,
         deadline: Instant,
+        grants: super::WasiGrants,
     ) -> Self {
         // No preopened directory, no environment, no arguments, no stdin, no
         // sockets: Rust's std on wasip2 links these interfaces, but a service
-        // gets no capability through them. Stderr carries guest panic messages.
-        let wasi =
-            WasiCtx::builder().inherit_stderr().allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false).build();
+        // gets no capability through them (a component importing sockets is
+        // refused at load, see `grants`). Stderr carries guest panic
+        // messages, if granted; otherwise it is discarded.
+        let mut builder = WasiCtx::builder();
+        builder.allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
+        if grants.stderr {
+            builder.inherit_stderr();
+        }
+        let wasi = builder.build();
         // Resources (pollables, streams) are host memory a guest can ask for
         // in a loop: a few per call is all a service needs.
         let mut table = ResourceTable::new();
@@ -140,7 +148,16 @@ impl timers::Host for HostState {
             return Ok(Err(state::StateError::Invalid("timer payload is not UTF-8 JSON".into())));
         };
         // `set_by` and `correlation_id` are filled in from the event at commit.
-        let timer = Timer { id, at_ms, event_type, key, payload, set_by: String::new(), correlation_id: None, traceparent: None };
+        let timer = Timer {
+            id,
+            at_ms,
+            event_type,
+            key,
+            payload,
+            set_by: String::new(),
+            correlation_id: None,
+            traceparent: None,
+        };
         Ok(self.txn.timer(TimerChange::Set(timer)).map_err(to_wit))
     }
 

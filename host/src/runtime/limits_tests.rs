@@ -24,6 +24,7 @@ fn misbehave(limits: Limits, stack_bytes: usize) -> ServiceRuntime {
             clock: Arc::new(ManualClock::at(42)),
             limits,
             canary: CanaryPolicy { events: 5, max_failures: 2 },
+            grants: Default::default(),
         },
     )
 }

@@ -7,6 +7,7 @@ mod cache;
 mod canary;
 mod deadline;
 mod engine;
+mod grants;
 mod pool;
 
 use std::collections::HashMap;
@@ -24,6 +25,7 @@ pub use cache::ComponentCache;
 pub use canary::CanaryPolicy;
 pub use deadline::DeadlineExceeded;
 pub use engine::{CALL_THREAD_STACK, DEFAULT_STACK_BYTES, EPOCH_TICK, Engine, MAX_STACK_BYTES, MAX_TABLE_ELEMENTS};
+pub use grants::{Grants, PublishGrants, WasiGrant, WasiGrants};
 
 use crate::clock::Clock;
 use crate::stages::Stage;
@@ -40,6 +42,8 @@ pub enum LoadError {
     Compile { path: PathBuf, message: String },
     #[error("{path:?} does not implement the world shop:service/service@0.2.0: {message}")]
     World { path: PathBuf, message: String },
+    #[error("{path:?} is refused by its grants: {message}")]
+    Ungranted { path: PathBuf, message: String },
 }
 
 /// A compiled, pre-instantiated version of a component.
@@ -80,6 +84,16 @@ impl LoadedComponent {
         let pre = engine.linker().instantiate_pre(&component).map_err(world)?;
         let pre = bindings::ServicePre::new(pre).map_err(world)?;
         Ok(Self { pre, sha256, path: path.to_owned(), loaded_at: SystemTime::now(), from_cache })
+    }
+
+    /// Checks the component's WASI imports against `wasi`.
+    ///
+    /// # Errors
+    /// [`LoadError::Ungranted`] naming the first import that needs a
+    /// capability not granted, or one the host does not offer.
+    pub fn check_grants(&self, engine: &Engine, wasi: WasiGrants) -> Result<(), LoadError> {
+        wasi.check_imports(self.pre.instance_pre().component(), engine.wasmtime())
+            .map_err(|message| LoadError::Ungranted { path: self.path.clone(), message })
     }
 
     /// Reads and loads a component file.
@@ -222,6 +236,8 @@ pub struct ServiceRuntime {
     /// What guests measure deadlines by (the wall clock until set).
     deadlines: RwLock<Arc<dyn Clock>>,
     limits: Limits,
+    /// What the component may publish and which WASI capabilities it gets.
+    grants: Grants,
     /// Serializes handling (a batch of the pipeline's executor), timer
     /// settling and version switches: each reads and writes the shared
     /// state, so two at once could interleave a read-modify-write.
@@ -249,6 +265,9 @@ pub struct ServiceSpec {
     pub clock: Arc<dyn Clock>,
     pub limits: Limits,
     pub canary: CanaryPolicy,
+    /// Checked by [`ServiceRuntime::reload`]; the caller checks the first
+    /// version ([`LoadedComponent::check_grants`]).
+    pub grants: Grants,
 }
 
 impl ServiceRuntime {
@@ -272,6 +291,7 @@ impl ServiceRuntime {
             deadlines: RwLock::new(spec.clock.clone()),
             clock: spec.clock,
             limits: spec.limits,
+            grants: spec.grants,
             handle_lock: tokio::sync::Mutex::new(()),
             queries: Arc::new(tokio::sync::Semaphore::new(spec.limits.max_queries)),
             query_threads,
@@ -334,6 +354,7 @@ impl ServiceRuntime {
         let path = PathBuf::from(source);
         let engine = self.engine.clone();
         let trial = self.parts(Arc::new(StoreReader(self.store.clone())), true);
+        let wasi = self.grants.wasi;
         // Compiled and tried on a thread of its own: the trial instantiation
         // runs guest code (with the stack a guest gets), and compiling takes
         // a core for a while.
@@ -343,6 +364,7 @@ impl ServiceRuntime {
             .stack_size(CALL_THREAD_STACK)
             .spawn(move || {
                 let checked = LoadedComponent::from_bytes(&engine, &path, &bytes)
+                    .and_then(|component| component.check_grants(&engine, wasi).map(|()| component))
                     .and_then(|component| trial.instantiate(&engine, component));
                 let _ = reply.send(checked);
             });
@@ -404,6 +426,7 @@ impl ServiceRuntime {
             clock: self.clock.clone(),
             deadlines: self.deadlines.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone(),
             limits: self.limits,
+            wasi: self.grants.wasi,
             read_only,
         }
     }
@@ -486,13 +509,16 @@ impl ServiceRuntime {
             (result, _) => result,
         };
         let outcome = match result {
-            Ok(Ok(outgoing)) => match wrap(&outgoing, &component.sha256) {
-                Ok(records) => {
-                    let (writes, timers) = changes;
-                    Ok(Called { records, writes, timers, version: component.sha256.clone() })
+            // An event the component may not publish fails it for good.
+            Ok(Ok(outgoing)) => {
+                match self.grants.publishes.check(&outgoing).and_then(|()| wrap(&outgoing, &component.sha256)) {
+                    Ok(records) => {
+                        let (writes, timers) = changes;
+                        Ok(Called { records, writes, timers, version: component.sha256.clone() })
+                    }
+                    Err(reason) => Err(CallError::Handle(HandleError::Permanent(reason))),
                 }
-                Err(reason) => Err(CallError::Handle(HandleError::Permanent(reason))),
-            },
+            }
             Ok(Err(err)) => Err(CallError::Handle(err)),
             Err(err) => match err.downcast::<bindings::LimitExceeded>() {
                 Ok(limit) => Err(CallError::Handle(HandleError::Permanent(limit.to_string()))),
@@ -652,6 +678,7 @@ struct StoreParts {
     clock: Arc<dyn Clock>,
     deadlines: Arc<dyn Clock>,
     limits: Limits,
+    wasi: WasiGrants,
     read_only: bool,
 }
 
@@ -666,7 +693,8 @@ impl StoreParts {
             .build();
         let txn = if self.read_only { Txn::read_only(self.view) } else { Txn::with_limits(self.view, self.limits.txn) };
         let deadline = Instant::now() + self.limits.timeout;
-        let state = HostState::new(self.name, txn, self.config, self.clock, self.deadlines, limits, deadline);
+        let state =
+            HostState::new(self.name, txn, self.config, self.clock, self.deadlines, limits, deadline, self.wasi);
         let mut store = Store::new(engine.wasmtime(), state);
         store.limiter(|s| &mut s.limits);
         store.set_epoch_deadline(engine.ticks_for(self.limits.timeout));
@@ -696,6 +724,8 @@ fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostState>> {
     Ok(linker)
 }
 
+#[cfg(test)]
+mod grants_tests;
 #[cfg(test)]
 mod limits_tests;
 #[cfg(test)]

@@ -42,6 +42,7 @@ pub(crate) fn runtime_on(
             clock: Arc::new(ManualClock::at(42)),
             limits: Limits { timeout: Duration::from_millis(timeout_ms), instance_reuse, ..Limits::default() },
             canary: CanaryPolicy { events: 5, max_failures: 2 },
+            grants: Default::default(),
         },
     )
 }
