@@ -86,5 +86,5 @@ test: build-components build-test-components build
     scripts/kafka.sh start
     scripts/postgres.sh start
     DATABASE_URL="$(scripts/postgres.sh url)" KAFKA_BROKERS=127.0.0.1:9092 cargo test --workspace
-    scripts/browser-test.sh
+    KAFKA_BROKERS=127.0.0.1:9092 scripts/browser-test.sh
     KAFKA_BROKERS=127.0.0.1:9092 scripts/fuzz-gateway.sh
