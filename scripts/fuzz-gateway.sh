@@ -23,39 +23,11 @@ if [ ! -f "$VENV/.installed-$SCHEMATHESIS_VERSION" ]; then
   touch "$VENV/.installed-$SCHEMATHESIS_VERSION"
 fi
 
-WORK="$(mktemp -d)"
-HOST_PID=""
-cleanup() {
-  if [ -n "$HOST_PID" ] && kill -0 "$HOST_PID" 2>/dev/null; then
-    kill -TERM "$HOST_PID" && wait "$HOST_PID" || true
-  fi
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-BASE=$((20000 + RANDOM % 20000))
-PREFIX="fuzz-$(date +%s)-$RANDOM-"
-sed -e "s|^port = 3005|port = $((BASE + 5))|" \
-    -e "s|^port = 3001|port = $((BASE + 1))|" \
-    -e "s|^port = 3002|port = $((BASE + 2))|" \
-    -e "s|^port = 3003|port = $((BASE + 3))|" \
-    -e "s|^port = 3004|port = $((BASE + 4))|" \
-    -e "s|^topic_prefix = \"\"|topic_prefix = \"$PREFIX\"|" \
-    -e "s|^wasm = \"target/|wasm = \"$ROOT/target/|" \
-    -e "s|^state_dir = .*|state_dir = \"$WORK/state\"|" \
-    app.toml >"$WORK/app.toml"
-
-KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}" \
-  "$ROOT/target/debug/host" run --manifest "$WORK/app.toml" >"$WORK/host.log" 2>&1 &
-HOST_PID=$!
-GATEWAY_URL="http://127.0.0.1:$((BASE + 5))"
-for _ in $(seq 1 120); do
-  if curl -fsS "$GATEWAY_URL/health" >/dev/null 2>&1 && curl -fsS "http://127.0.0.1:$((BASE + 2))/health" >/dev/null 2>&1; then
-    break
-  fi
-  if ! kill -0 "$HOST_PID" 2>/dev/null; then cat "$WORK/host.log"; exit 1; fi
-  sleep 0.5
-done
+# shellcheck source=scripts/test-host.sh
+. "$ROOT/scripts/test-host.sh"
+export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
+test_host_manifest fuzz
+test_host_start
 
 SEED="${FUZZ_SEED:-$RANDOM}"
 echo "fuzz-gateway: $GATEWAY_URL, seed $SEED, ${FUZZ_EXAMPLES:-300} examples per operation"
