@@ -4,7 +4,8 @@
 //! fast as it can (64 in flight), first alone, then beside `misbehave`
 //! handling a stream of sleeping, spinning, write-bombing or deeply
 //! recursing events (each retried and dead-lettered as the default policy
-//! says), or answering spinning queries as fast as its query cap allows.
+//! says), or answering spinning queries as fast as its query cap and its
+//! throttle allow (a refused query comes back after the time it was told).
 //! No broker, no fsync: the victim is CPU-bound, the harshest case.
 
 use std::path::PathBuf;
@@ -39,10 +40,10 @@ pub struct IsolationArgs {
     #[arg(long, default_value = "payment")]
     victim: String,
     /// Orders whose events the victim handles in each run.
-    #[arg(long, default_value_t = 8_000)]
+    #[arg(long, default_value_t = 20_000)]
     orders: usize,
     /// Runs of each scenario (taking turns); the median is reported.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 7)]
     runs: usize,
     /// Directory of the JSON results.
     #[arg(long, default_value = "target/bench")]
@@ -78,7 +79,11 @@ const SCENARIOS: &[(&str, Trouble)] = &[
 struct Row {
     scenario: &'static str,
     events_per_s: f64,
+    /// Median over rounds of the change from the run alone just before.
     change_percent: f64,
+    /// CPU of misbehave's threads (executor and query threads) during the
+    /// victim's run, in percent of one core (median).
+    misbehave_cpu_percent: f64,
     /// Misbehaving events dead-lettered, or queries ended at their
     /// deadline, in all runs (a sleeping or spinning event takes five
     /// attempts of 1 s: few or none end within a run).
@@ -99,30 +104,43 @@ pub async fn run(args: IsolationArgs) -> anyhow::Result<()> {
     LoadedComponent::from_file(&engine, &args.misbehave)
         .with_context(|| format!("{:?} (run `just build-test-components`)", args.misbehave))?;
     eprintln!("bench: isolation: {} events of {} beside misbehave ...", events.len(), args.victim);
-    // A first run warms the engine, the allocator and the cache; then the
-    // scenarios take turns, so that load from outside hits them alike.
+    // A first run warms the engine, the allocator and the cache. Then, in
+    // each round, every scenario runs right after a run alone: the change
+    // is the median over rounds of each pair's ratio, so that load from
+    // outside (a shared VM) drifting between rounds cancels out.
     victim(&engine, &manifest, &args.victim, &events).await?;
     let mut rates = vec![Vec::new(); SCENARIOS.len()];
+    let mut ratios = vec![Vec::new(); SCENARIOS.len()];
+    let mut shares = vec![Vec::new(); SCENARIOS.len()];
     let mut misbehaved = vec![0; SCENARIOS.len()];
     for _ in 0..args.runs {
-        for (i, &(_, trouble)) in SCENARIOS.iter().enumerate() {
+        for (i, &(_, trouble)) in SCENARIOS.iter().enumerate().skip(1) {
+            let alone = victim(&engine, &manifest, &args.victim, &events).await?;
+            rates[0].push(alone);
             let stop = CancellationToken::new();
             let troublemaker = start(&engine, &args.misbehave, trouble, &stop)?;
             // Let it get going (a spinning guest spins from its first event).
             tokio::time::sleep(Duration::from_millis(200)).await;
-            rates[i].push(victim(&engine, &manifest, &args.victim, &events).await?);
+            let (cpu_before, started) = (misbehave_cpu(), Instant::now());
+            let rate = victim(&engine, &manifest, &args.victim, &events).await?;
+            shares[i].push(misbehave_cpu().saturating_sub(cpu_before).as_secs_f64() / started.elapsed().as_secs_f64());
             stop.cancel();
             misbehaved[i] += troublemaker.await.unwrap_or(0);
+            rates[i].push(rate);
+            ratios[i].push(rate / alone);
         }
     }
-    let mut rows: Vec<Row> = Vec::new();
-    for (i, &(scenario, _)) in SCENARIOS.iter().enumerate() {
-        rates[i].sort_by(f64::total_cmp);
-        let events_per_s = rates[i][rates[i].len() / 2];
-        let alone = rows.first().map_or(events_per_s, |r| r.events_per_s);
-        let change_percent = (events_per_s / alone - 1.0) * 100.0;
-        rows.push(Row { scenario, events_per_s, change_percent, misbehaved: misbehaved[i] });
-    }
+    let rows: Vec<Row> = SCENARIOS
+        .iter()
+        .enumerate()
+        .map(|(i, &(scenario, _))| Row {
+            scenario,
+            events_per_s: median(&mut rates[i]),
+            change_percent: if i == 0 { 0.0 } else { (median(&mut ratios[i]) - 1.0) * 100.0 },
+            misbehave_cpu_percent: if i == 0 { 0.0 } else { median(&mut shares[i]) * 100.0 },
+            misbehaved: misbehaved[i],
+        })
+        .collect();
     report::write_json(&args.out_dir, "isolation", &rows)?;
     println!("{}", table(&args.victim, &rows));
     Ok(())
@@ -131,16 +149,42 @@ pub async fn run(args: IsolationArgs) -> anyhow::Result<()> {
 fn table(victim: &str, rows: &[Row]) -> String {
     let mut out = format!(
         "Isolation: {victim}'s throughput (pipeline, in-memory store) while misbehave runs in the same host\n\
-         {:<26} {:>10} {:>8} {:>12}\n",
-        "scenario", "events/s", "change", "dead/ended"
+         {:<26} {:>10} {:>8} {:>15} {:>12}\n",
+        "scenario", "events/s", "change", "misbehave CPU", "dead/ended"
     );
     for r in rows {
         out.push_str(&format!(
-            "{:<26} {:>10.0} {:>7.1}% {:>12}\n",
-            r.scenario, r.events_per_s, r.change_percent, r.misbehaved
+            "{:<26} {:>10.0} {:>7.1}% {:>14.1}% {:>12}\n",
+            r.scenario, r.events_per_s, r.change_percent, r.misbehave_cpu_percent, r.misbehaved
         ));
     }
     out
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// CPU time of this process's threads that run misbehave's guest code
+/// (`exec-misbehave`, `guest-misbehave-N`, names cut to 15 bytes), from
+/// the scheduler's statistics (Linux; zero elsewhere).
+fn misbehave_cpu() -> Duration {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return Duration::ZERO };
+    let mut total = Duration::ZERO;
+    for task in tasks.flatten() {
+        let path = task.path();
+        let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        if !(name.starts_with("exec-misbehave") || name.starts_with("guest-misbehave")) {
+            continue;
+        }
+        let ns = std::fs::read_to_string(path.join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()))
+            .unwrap_or(0);
+        total += Duration::from_nanos(ns);
+    }
+    total
 }
 
 /// The victim's events per second through its pipeline, on a fresh store.
@@ -252,7 +296,17 @@ async fn queries(rt: Arc<ServiceRuntime>, stop: &CancellationToken) -> u64 {
         tokio::spawn(async move {
             let mut timed_out = 0;
             while !stop.is_cancelled() {
-                timed_out += u64::from(rt.query(&request).await.is_err());
+                match rt.query(&request).await {
+                    // Refused at once while it pays for its last faults: a
+                    // client honouring Retry-After comes back then.
+                    Err(shop_host::runtime::CallError::Throttled(left)) => {
+                        tokio::select! {
+                            () = tokio::time::sleep(left) => {}
+                            () = stop.cancelled() => {}
+                        }
+                    }
+                    answer => timed_out += u64::from(answer.is_err()),
+                }
             }
             timed_out
         })

@@ -4,6 +4,8 @@
 //! - `GET /components`: current version, load time and history of each.
 //! - `POST /components/{name}/reload`: body = new component bytes, or empty
 //!   to reload the file named in the manifest.
+//! - `POST /components/{name}/rollback`: serve again the version the last
+//!   reload replaced (the host keeps the last four, compiled); 409 if none.
 //! - `GET /dlq?component=&since=`: the dead letters (see [`crate::dlq`]).
 //! - `POST /dlq/replay`: `{"ids": ["0/42"]}` or `{"all": true, "component":
 //!   "email"}`; answers what was replayed and what was refused, and why.
@@ -70,6 +72,7 @@ pub fn admin_app_with_console(
         .route("/components", get(list))
         .route("/overview", get(console::overview))
         .route("/components/{name}/reload", post(reload))
+        .route("/components/{name}/rollback", post(roll_back))
         .route("/dlq", get(dlq_list))
         .route("/dlq/replay", post(dlq_replay))
         .layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES))
@@ -153,6 +156,16 @@ async fn reload(State(admin): State<Admin>, Path(name): Path<String>, body: Byte
             Json(json!({ "component": name, "version": component.sha256, "source": source })).into_response()
         }
         Err(err) => error(StatusCode::UNPROCESSABLE_ENTITY, "rejected", &err.to_string()),
+    }
+}
+
+async fn roll_back(State(admin): State<Admin>, Path(name): Path<String>) -> Response {
+    let Some(managed) = admin.services.get(&name) else {
+        return error(StatusCode::NOT_FOUND, "unknown_component", &format!("no component named {name:?}"));
+    };
+    match managed.service.roll_back().await {
+        Ok(restored) => Json(json!({ "component": name, "version": restored.sha256 })).into_response(),
+        Err(err) => error(StatusCode::CONFLICT, "no_previous_version", &err.to_string()),
     }
 }
 

@@ -152,6 +152,8 @@ fn service_spec(
                 max_timers: settings.max_timers_per_call,
             },
             max_queries: settings.max_concurrent_queries,
+            burst: Duration::from_millis(settings.cpu_burst_ms),
+            cpu_percent: settings.cpu_percent,
         },
         canary: CanaryPolicy { events: settings.canary_events, max_failures: settings.canary_max_failures },
         grants,

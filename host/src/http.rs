@@ -13,7 +13,7 @@ use serde_json::json;
 
 use crate::kafka::{BrokerLink, ConsumerStatus};
 use crate::metrics::ComponentMetrics;
-use crate::runtime::{Request, ServiceRuntime};
+use crate::runtime::{CallError, Request, ServiceRuntime};
 
 /// Largest request body forwarded to a component.
 const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -108,6 +108,14 @@ async fn query(State(port): State<Port>, method: Method, uri: Uri, body: Bytes) 
             let content_type = HeaderValue::from_str(&response.content_type)
                 .unwrap_or(HeaderValue::from_static("application/octet-stream"));
             (status, [(header::CONTENT_TYPE, content_type)], response.body).into_response()
+        }
+        Err(CallError::Throttled(left)) => {
+            tracing::warn!(component = port.service.name(), path = %request.path, "query refused: throttled for {left:?}");
+            let retry_after = (left.as_secs_f64().ceil() as u64).max(1).to_string();
+            let body = json!({ "error": { "code": "throttled", "message": format!(
+                "the component's last queries failed; it answers again in {} s", retry_after
+            ) } });
+            (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, retry_after)], axum::Json(body)).into_response()
         }
         Err(err) => {
             port.metrics.trapped(&err);

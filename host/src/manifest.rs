@@ -350,6 +350,16 @@ pub struct ComponentSettings {
     /// component's own; more wait their turn.
     #[serde(default = "default_max_concurrent_queries")]
     pub max_concurrent_queries: usize,
+    /// How long one call runs at full speed, in milliseconds; past it the
+    /// call gets `cpu_percent` of a core until its deadline.
+    #[serde(default = "default_cpu_burst_ms")]
+    pub cpu_burst_ms: u64,
+    /// Share of one core, in percent, that the component's calls past their
+    /// burst get together, and that its faulty calls (traps, timeouts,
+    /// limits) may take: after one, its next call waits until the fault's
+    /// CPU is this share of the time since. 100 never slows it.
+    #[serde(default = "default_cpu_percent")]
+    pub cpu_percent: u32,
     /// Values the component reads through its `config` import.
     #[serde(default)]
     pub config: HashMap<String, String>,
@@ -422,6 +432,12 @@ fn default_max_write_bytes_per_call() -> usize {
 }
 fn default_max_timers_per_call() -> usize {
     crate::state::TxnLimits::default().max_timers
+}
+fn default_cpu_burst_ms() -> u64 {
+    crate::runtime::DEFAULT_BURST.as_millis() as u64
+}
+fn default_cpu_percent() -> u32 {
+    crate::runtime::DEFAULT_CPU_PERCENT
 }
 fn default_max_concurrent_queries() -> usize {
     crate::runtime::DEFAULT_MAX_QUERIES
@@ -563,6 +579,12 @@ impl Manifest {
             }
             if !(1..=64).contains(&c.max_concurrent_queries) {
                 return Err(invalid(key("max_concurrent_queries"), "must be between 1 and 64"));
+            }
+            if !(1..=60_000).contains(&c.cpu_burst_ms) {
+                return Err(invalid(key("cpu_burst_ms"), "must be between 1 and 60000"));
+            }
+            if !(1..=100).contains(&c.cpu_percent) {
+                return Err(invalid(key("cpu_percent"), "must be between 1 and 100"));
             }
             if !(1..=100).contains(&c.max_attempts) {
                 return Err(invalid(key("max_attempts"), "must be between 1 and 100"));

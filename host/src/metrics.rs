@@ -158,6 +158,7 @@ impl ComponentMetrics {
             CallError::Trap(_) => "trap",
             CallError::Canary(_) | CallError::RolledBack(_) => "canary",
             CallError::Store(_) => "store",
+            CallError::Throttled(_) => "throttled",
         };
         self.failed.get_or_create(&ErrorLabels { component: self.component.clone(), error }).inc();
         if matches!(err, CallError::RolledBack(_)) {
@@ -177,7 +178,7 @@ impl ComponentMetrics {
                 Some(at) => &message[at + TRAPPED.len()..],
                 None => return,
             },
-            CallError::Handle(_) | CallError::Store(_) => return,
+            CallError::Handle(_) | CallError::Store(_) | CallError::Throttled(_) => return,
         };
         let kind = trap_kind(message);
         self.traps.get_or_create(&TrapLabels { component: self.component.clone(), kind }).inc();
@@ -292,6 +293,22 @@ impl Collector for ComponentCollector {
         ];
         for (name, help, value) in counters {
             one(&mut encoder, (name, help), component, &ConstCounter::new(value))?;
+        }
+        let (slept, penalized) = self.service.throttle().totals();
+        let throttled = [
+            (
+                "shop_guest_throttled_seconds",
+                "Time calls past their burst were held back, to keep the component to its share of a core.",
+                slept,
+            ),
+            (
+                "shop_guest_fault_penalty_seconds",
+                "Time the component's calls were held back to pay for the CPU of its faulty calls.",
+                penalized,
+            ),
+        ];
+        for (name, help, value) in throttled {
+            one(&mut encoder, (name, help), component, &ConstCounter::new(value.as_secs_f64()))?;
         }
         let consuming = ("shop_consumer_up", "Whether the component's consumer is running (1) or not (0).");
         one(&mut encoder, consuming, component, &ConstGauge::new(i64::from(consumer.consuming)))?;

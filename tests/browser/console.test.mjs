@@ -86,6 +86,19 @@ test("the console shows components, an order's timeline, and a reload in the his
   assert.match(outcomes.at(-1), /serving/);
   assert.match(outcomes.at(-2), /replaced/);
 
+  // Roll back serves the replaced version again (the same bytes here): the
+  // history says so, and nothing is left to roll back to.
+  const rollback = '#components tr[data-component="payment"] button.rollback';
+  assert.equal(await page.$eval(rollback, b => b.disabled), false);
+  await page.click(rollback);
+  await page.waitForFunction(n => Number(document.querySelector(
+    '#components tr[data-component="payment"] .history summary')?.textContent) === n + 2, before, { timeout: 15_000 });
+  assert.equal(await page.textContent("#action-error"), "");
+  const rolled = await page.$$eval('#components tr[data-component="payment"] .history li', els => els.map(e => e.textContent));
+  assert.match(rolled.at(-1), /serving — rollback from/);
+  assert.match(rolled.at(-2), /rolled back by an operator/);
+  await page.waitForFunction(sel => document.querySelector(sel)?.disabled === true, rollback, { timeout: 15_000 });
+
   // The token travels in a header only.
   assert.ok(requests.every(u => !u.includes(TOKEN)), "no URL carries the token");
   await page.screenshot({ path: process.env.CONSOLE_SCREENSHOT ?? "/tmp/shop-console.png", fullPage: true });

@@ -204,6 +204,7 @@ async fn component(console: &Console, name: &str, managed: &Managed) -> Value {
         "source": current.path,
         "loaded_at_ms": crate::clock::unix_ms(current.loaded_at),
         "history": managed.service.history(),
+        "previous_version": managed.service.previous().map(|previous| previous.sha256.clone()),
     });
     let Some(status) = managed.status.as_ref() else {
         // Loaded only to answer the gateway's queries: no consumer here.

@@ -90,6 +90,41 @@ async fn a_reload_swaps_versions_and_keeps_state() {
 }
 
 #[tokio::test]
+async fn an_operator_rolls_back_to_the_version_a_reload_replaced() {
+    let service = Arc::new(runtime("misbehave", 1000));
+    let app = app_with(service.clone());
+    let misbehave = sha(&std::fs::read(wasm("misbehave")).unwrap());
+    let (status, body) = call(&app, "POST", "/components/svc/rollback", Some(TOKEN), vec![]).await;
+    assert_eq!(status, StatusCode::CONFLICT, "nothing replaced yet: {body}");
+    assert_eq!(body["error"]["code"], "no_previous_version");
+
+    let order = std::fs::read(wasm("order")).unwrap();
+    assert_eq!(call(&app, "POST", "/components/svc/reload", Some(TOKEN), order.clone()).await.0, StatusCode::OK);
+    assert_eq!(service.previous().map(|p| p.sha256.clone()), Some(misbehave.clone()));
+    let (status, body) = call(&app, "POST", "/components/svc/rollback", Some(TOKEN), vec![]).await;
+    assert_eq!((status, body["version"].as_str()), (StatusCode::OK, Some(misbehave.as_str())), "{body}");
+    assert_eq!(service.current().sha256, misbehave);
+    // misbehave echoes this event: the restored version is serving.
+    let handled = crate::runtime::tests::handle(&service, &event("Echo", "x")).await.unwrap();
+    assert_eq!(crate::runtime::tests::emitted(&handled), ["Echoed"]);
+    let outcomes: Vec<(String, String)> =
+        service.history().into_iter().map(|h| (h.sha256[..8].to_owned(), h.outcome)).collect();
+    assert_eq!(
+        outcomes,
+        [
+            (misbehave[..8].to_owned(), "replaced".to_owned()),
+            (sha(&order)[..8].to_owned(), "rolled back by an operator".to_owned()),
+            (misbehave[..8].to_owned(), "serving".to_owned()),
+        ]
+    );
+    // The one kept is used up; the version rolled back from is not kept.
+    assert!(service.previous().is_none());
+    assert_eq!(call(&app, "POST", "/components/svc/rollback", Some(TOKEN), vec![]).await.0, StatusCode::CONFLICT);
+    assert_eq!(call(&app, "POST", "/components/nope/rollback", Some(TOKEN), vec![]).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(call(&app, "POST", "/components/svc/rollback", None, vec![]).await.0, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
 async fn bad_components_are_rejected_and_the_old_version_keeps_serving() {
     let service = Arc::new(runtime("misbehave", 1000));
     let app = app_with(service.clone());

@@ -61,6 +61,13 @@ pub struct HostState {
     pub txn: Txn,
     /// When the call in progress must end, waits in the host included.
     pub deadline: Instant,
+    /// The component's throttle (set by the runtime for its calls).
+    pub(super) throttle: Option<Arc<super::throttle::Throttle>>,
+    /// Held while the call in progress is past its burst.
+    pub(super) over_burst: Option<super::throttle::OverBurst>,
+    /// Time of the call in progress not spent running guest code: waits in
+    /// the host and throttle sleeps.
+    pub(super) idle: std::time::Duration,
     component: Arc<str>,
     config: Arc<HashMap<String, String>>,
     clock: Arc<dyn Clock>,
@@ -95,7 +102,20 @@ impl HostState {
         // in a loop: a few per call is all a service needs.
         let mut table = ResourceTable::new();
         table.set_max_capacity(MAX_RESOURCES);
-        Self { wasi, table, limits, txn, deadline, component, config, clock, deadlines }
+        Self {
+            wasi,
+            table,
+            limits,
+            txn,
+            deadline,
+            throttle: None,
+            over_burst: None,
+            idle: std::time::Duration::ZERO,
+            component,
+            config,
+            clock,
+            deadlines,
+        }
     }
 }
 
@@ -116,7 +136,11 @@ fn to_wit(err: AccessError) -> state::StateError {
 
 impl state::Host for HostState {
     fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, state::StateError> {
-        self.txn.get(&key).map_err(to_wit)
+        let (txn, reading) = (&self.txn, Instant::now());
+        let value = crate::state::read_until(self.deadline, || txn.get(&key));
+        // A wait for the store, not the guest's CPU (see `throttle`).
+        self.idle += reading.elapsed();
+        value.map_err(to_wit)
     }
 
     fn set(&mut self, key: String, value: Vec<u8>) -> wasmtime::Result<Result<(), state::StateError>> {
@@ -130,7 +154,10 @@ impl state::Host for HostState {
     }
 
     fn list_keys(&mut self, prefix: String, limit: u32) -> Result<Vec<String>, state::StateError> {
-        self.txn.keys(&prefix, limit.min(10_000) as usize).map_err(to_wit)
+        let (txn, reading) = (&self.txn, Instant::now());
+        let keys = crate::state::read_until(self.deadline, || txn.keys(&prefix, limit.min(10_000) as usize));
+        self.idle += reading.elapsed();
+        keys.map_err(to_wit)
     }
 }
 

@@ -70,6 +70,11 @@ impl Canary {
         *self.watch.lock().unwrap_or_else(PoisonError::into_inner) = Some(watch);
     }
 
+    /// Ends the watch, if any (an operator chose the version to serve).
+    pub fn stop(&self) {
+        *self.watch.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+
     /// The version `version` replaced, if `version` is under watch.
     pub fn previous_of(&self, version: &str) -> Option<Arc<LoadedComponent>> {
         let guard = self.watch.lock().unwrap_or_else(PoisonError::into_inner);

@@ -39,17 +39,21 @@ pub fn bound_waits(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     poll.func_wrap(
         "poll",
         |mut store: StoreContextMut<'_, HostState>, (pollables,): (Vec<Resource<DynPollable>>,)| {
-            let deadline = store.data().deadline;
-            let table = &mut store.data_mut().table;
-            Ok((until(deadline, table.poll(pollables))??,))
+            let (deadline, waiting) = (store.data().deadline, Instant::now());
+            let state = store.data_mut();
+            let ready = until(deadline, state.table.poll(pollables));
+            state.idle += waiting.elapsed();
+            Ok((ready??,))
         },
     )?;
     poll.func_wrap(
         "[method]pollable.block",
         |mut store: StoreContextMut<'_, HostState>, (pollable,): (Resource<DynPollable>,)| {
-            let deadline = store.data().deadline;
-            let table = &mut store.data_mut().table;
-            until(deadline, table.block(pollable))?
+            let (deadline, waiting) = (store.data().deadline, Instant::now());
+            let state = store.data_mut();
+            let ready = until(deadline, state.table.block(pollable));
+            state.idle += waiting.elapsed();
+            ready?
         },
     )?;
     linker.allow_shadowing(false);

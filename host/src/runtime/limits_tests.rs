@@ -58,6 +58,10 @@ async fn a_sleeping_or_spinning_query_is_ended_at_its_deadline() {
         assert!(timed_out(&err), "{path}: {err}");
         assert!(started.elapsed() < Duration::from_secs(2), "{path}: {:?}", started.elapsed());
     }
+    // Once the spin's CPU is paid for (see the throttle's tests below).
+    if let Some(left) = rt.throttle().wait_left(CallKind::Query) {
+        tokio::time::sleep(left).await;
+    }
     let response = rt.query(&get("/state/none")).await.unwrap();
     assert_eq!(response.status, 404, "the service still answers");
 }
@@ -66,7 +70,8 @@ async fn a_sleeping_or_spinning_query_is_ended_at_its_deadline() {
 /// timers could not fire while they spin.
 #[tokio::test]
 async fn spinning_queries_take_turns_off_the_async_runtime() {
-    let limits = Limits { timeout: Duration::from_millis(300), max_queries: 2, ..Limits::default() };
+    // Unthrottled: their faults would hold the third back (tested below).
+    let limits = Limits { timeout: Duration::from_millis(300), max_queries: 2, cpu_percent: 100, ..Limits::default() };
     let rt = Arc::new(misbehave(limits, DEFAULT_STACK_BYTES));
     let started = Instant::now();
     let queries: Vec<_> = (0..3)
@@ -165,4 +170,57 @@ async fn the_pipeline_retries_a_sleeper_and_dead_letters_a_bomb() {
 
     let echoed = pipeline.process(&record("Echo", "e"), &shutdown).await;
     assert!(matches!(echoed, Some(Disposition::Publish { .. })), "{echoed:?}");
+}
+
+/// A guest spinning past its burst runs one tick in ten: most of its
+/// deadline is spent asleep, not on a core another component needs.
+#[tokio::test]
+async fn a_spinning_guest_gets_its_share_of_a_core_past_its_burst() {
+    let limits = Limits { timeout: Duration::from_millis(1000), burst: Duration::from_millis(50), ..Limits::default() };
+    let rt = misbehave(limits, DEFAULT_STACK_BYTES);
+    let err = handle(&rt, &event("Spin", "s")).await.unwrap_err();
+    assert!(timed_out(&err), "{err}");
+    let (slept, _) = rt.throttle().totals();
+    // 90 % of the 950 ms past the burst, less what a loaded machine takes
+    // from the ticks; unthrottled it is 0.
+    assert!(slept >= Duration::from_millis(600), "slept {slept:?} of 1 s");
+    // Its CPU (some 50 + 95 ms) is paid for before it handles again.
+    let left = rt.throttle().wait_left(CallKind::Handle).expect("a penalty");
+    assert!(left > Duration::from_millis(300), "{left:?}");
+    assert_eq!(rt.throttle().wait_left(CallKind::Query), None);
+
+    let unthrottled = Limits { cpu_percent: 100, ..limits };
+    let rt = misbehave(unthrottled, DEFAULT_STACK_BYTES);
+    assert!(timed_out(&handle(&rt, &event("Spin", "s")).await.unwrap_err()));
+    assert_eq!(rt.throttle().totals(), (Duration::ZERO, Duration::ZERO));
+    assert_eq!(rt.throttle().wait_left(CallKind::Handle), None);
+}
+
+/// Cheap failures and successes cost nothing; a write bomb pays for its CPU.
+#[tokio::test]
+async fn only_faults_are_charged() {
+    let rt = misbehave(Limits::default(), DEFAULT_STACK_BYTES);
+    assert!(handle(&rt, &event("Echo", "e")).await.is_ok());
+    assert!(handle(&rt, &event("WriteThenFail", "f")).await.is_err());
+    assert_eq!(rt.throttle().wait_left(CallKind::Handle), None, "an answer, even an error, is no fault");
+    assert!(handle(&rt, &event("WriteBomb", "w")).await.is_err());
+    assert!(rt.throttle().wait_left(CallKind::Handle).is_some(), "a call ended at a limit is");
+}
+
+/// After a spinning query, the next ones wait for the penalty, or are
+/// refused at once with the time left when it is longer than their timeout.
+#[tokio::test]
+async fn a_failing_query_holds_the_next_ones_back() {
+    let limits = Limits { timeout: Duration::from_millis(300), burst: Duration::from_millis(100), ..Limits::default() };
+    let rt = misbehave(limits, DEFAULT_STACK_BYTES);
+    assert!(timed_out(&rt.query(&get("/spin")).await.unwrap_err()));
+    let started = Instant::now();
+    let err = rt.query(&get("/state/none")).await.unwrap_err();
+    let CallError::Throttled(left) = err else { panic!("{err}") };
+    // Some 100 + 20 ms of CPU: nine times that to wait, well over 300 ms.
+    assert!(left > limits.timeout, "{left:?}");
+    assert!(started.elapsed() < Duration::from_millis(100), "refused at once");
+    assert_eq!(rt.throttle().wait_left(CallKind::Handle), None, "events are not held back by queries");
+    tokio::time::sleep(left).await;
+    assert_eq!(rt.query(&get("/state/none")).await.unwrap().status, 404, "it answers once paid for");
 }

@@ -9,6 +9,7 @@ mod deadline;
 mod engine;
 mod grants;
 mod pool;
+mod throttle;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -17,7 +18,7 @@ use std::time::{Instant, SystemTime};
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
-use wasmtime::{Store, StoreLimitsBuilder, Trap};
+use wasmtime::{Store, StoreContextMut, StoreLimitsBuilder, Trap, UpdateDeadline};
 
 pub use bindings::MAX_RESOURCES;
 pub use bindings::{Event, HandleError, HostState, OutgoingEvent, Request, Response};
@@ -26,6 +27,7 @@ pub use canary::CanaryPolicy;
 pub use deadline::DeadlineExceeded;
 pub use engine::{CALL_THREAD_STACK, DEFAULT_STACK_BYTES, EPOCH_TICK, Engine, MAX_STACK_BYTES, MAX_TABLE_ELEMENTS};
 pub use grants::{Grants, PublishGrants, WasiGrant, WasiGrants};
+pub use throttle::{CallKind, MAX_PENALTY, Throttle};
 
 use crate::clock::Clock;
 use crate::stages::Stage;
@@ -127,6 +129,10 @@ pub enum CallError {
     /// Committing the call's state writes failed; nothing was applied.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The component's earlier faults hold its queries back for this long
+    /// (see [`Throttle`]); nothing ran.
+    #[error("throttled for {0:?} after its faults")]
+    Throttled(std::time::Duration),
 }
 
 impl CallError {
@@ -164,6 +170,12 @@ pub struct Limits {
     pub txn: TxnLimits,
     /// Queries run at once; more wait their turn.
     pub max_queries: usize,
+    /// How long a call runs at full speed before [`Limits::cpu_percent`]
+    /// applies to it.
+    pub burst: std::time::Duration,
+    /// Share of one core (percent) that the component's calls past their
+    /// burst, and its faulty calls, get ([`Throttle`]); 100: unthrottled.
+    pub cpu_percent: u32,
 }
 
 impl Default for Limits {
@@ -174,9 +186,21 @@ impl Default for Limits {
             instance_reuse: 1,
             txn: TxnLimits::default(),
             max_queries: DEFAULT_MAX_QUERIES,
+            burst: DEFAULT_BURST,
+            cpu_percent: DEFAULT_CPU_PERCENT,
         }
     }
 }
+
+/// How long a call runs at full speed unless the manifest says otherwise:
+/// a thousand times what one of the shop's events takes (about 0.1 ms),
+/// short enough that a spinning guest is slowed within a tenth of a second.
+/// A component whose calls compute longer on purpose raises it.
+pub const DEFAULT_BURST: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Share of a core a component gets past its burst, or while it keeps
+/// failing, unless the manifest says otherwise.
+pub const DEFAULT_CPU_PERCENT: u32 = 10;
 
 /// Wasm instances one store may create: a component's core modules and
 /// the adapters between them.
@@ -223,11 +247,22 @@ pub struct VersionRecord {
 /// Most entries kept in a service's version history.
 const MAX_HISTORY: usize = 32;
 
+/// Versions kept, compiled, to roll back to (the ones the last reloads
+/// replaced, newest last).
+const MAX_PREVIOUS: usize = 4;
+
+/// No earlier version is kept to roll back to.
+#[derive(Debug, thiserror::Error)]
+#[error("no earlier version of {0} is kept to roll back to (only the versions replaced by reloads since start are)")]
+pub struct NoPrevious(pub String);
+
 /// One service: its current component version, its state and its bounds.
 pub struct ServiceRuntime {
     name: Arc<str>,
     engine: Engine,
     current: RwLock<Arc<LoadedComponent>>,
+    /// The versions reloads replaced, newest last, at most [`MAX_PREVIOUS`].
+    previous: std::sync::Mutex<Vec<Arc<LoadedComponent>>>,
     history: std::sync::Mutex<Vec<VersionRecord>>,
     canary: canary::Canary,
     store: Arc<dyn StateStore>,
@@ -247,6 +282,8 @@ pub struct ServiceRuntime {
     queries: Arc<tokio::sync::Semaphore>,
     /// The threads queries run on, one per permit.
     query_threads: pool::GuestPool,
+    /// The share of a core the component gets past its burst or failing.
+    throttle: Arc<Throttle>,
     /// The instance kept for the next `handle` call, if reused.
     warm: std::sync::Mutex<Option<Warm>>,
     /// Time spent in each stage of the data path.
@@ -285,6 +322,7 @@ impl ServiceRuntime {
                 pause_ms: None,
             }]),
             current: RwLock::new(Arc::new(spec.component)),
+            previous: std::sync::Mutex::new(Vec::new()),
             canary: canary::Canary::new(spec.canary),
             store: spec.store,
             config: Arc::new(spec.config),
@@ -295,6 +333,7 @@ impl ServiceRuntime {
             handle_lock: tokio::sync::Mutex::new(()),
             queries: Arc::new(tokio::sync::Semaphore::new(spec.limits.max_queries)),
             query_threads,
+            throttle: Arc::new(Throttle::new(spec.limits.cpu_percent)),
             warm: std::sync::Mutex::new(None),
             stages: crate::stages::Stages::default(),
         }
@@ -303,6 +342,11 @@ impl ServiceRuntime {
     /// Time spent in each stage of this service's data path.
     pub fn stages(&self) -> &crate::stages::Stages {
         &self.stages
+    }
+
+    /// What holds the component back while it misbehaves.
+    pub fn throttle(&self) -> &Throttle {
+        &self.throttle
     }
 
     /// Takes the handling lock from a thread outside the async runtime (the
@@ -394,7 +438,12 @@ impl ServiceRuntime {
             &mut *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner),
             component.clone(),
         );
-        self.canary.start(&sha256, previous);
+        self.canary.start(&sha256, previous.clone());
+        let mut kept = self.previous.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        kept.push(previous);
+        let excess = kept.len().saturating_sub(MAX_PREVIOUS);
+        kept.drain(..excess);
+        drop(kept);
         let pause_ms = Some(pause.elapsed().as_secs_f64() * 1000.0);
         self.record(VersionRecord {
             sha256: sha256.clone(),
@@ -405,6 +454,52 @@ impl ServiceRuntime {
         });
         tracing::info!(component = %self.name, version = %sha256, "reloaded");
         Ok(component)
+    }
+
+    /// The version a rollback would restore, if one is kept.
+    pub fn previous(&self) -> Option<Arc<LoadedComponent>> {
+        self.previous.lock().unwrap_or_else(std::sync::PoisonError::into_inner).last().cloned()
+    }
+
+    /// Serves again the version the last reload replaced (an operator's
+    /// rollback), once the event in flight is done; the version serving
+    /// until then is dropped, and a canary watch ends. State carries over.
+    ///
+    /// # Errors
+    /// [`NoPrevious`] when no reload replaced a version since start (or
+    /// every version kept was rolled back to already).
+    pub async fn roll_back(&self) -> Result<Arc<LoadedComponent>, NoPrevious> {
+        let at_ms = self.clock.now_ms();
+        let pause = Instant::now();
+        let _serial = self.handle_lock.lock().await;
+        let restored = self
+            .previous
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop()
+            .ok_or_else(|| NoPrevious(self.name.to_string()))?;
+        let replaced = std::mem::replace(
+            &mut *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner),
+            restored.clone(),
+        );
+        self.canary.stop();
+        {
+            let mut history = self.history.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(entry) =
+                history.iter_mut().rev().find(|e| e.sha256 == replaced.sha256 && e.outcome == "serving")
+            {
+                entry.outcome = "rolled back by an operator".into();
+            }
+        }
+        self.record(VersionRecord {
+            sha256: restored.sha256.clone(),
+            source: format!("rollback from {}", replaced.sha256),
+            at_ms,
+            outcome: "serving".into(),
+            pause_ms: Some(pause.elapsed().as_secs_f64() * 1000.0),
+        });
+        tracing::warn!(component = %self.name, version = %restored.sha256, replaced = %replaced.sha256, "rolled back by an operator");
+        Ok(restored)
     }
 
     /// The service's state store (read by tests and tools).
@@ -427,6 +522,7 @@ impl ServiceRuntime {
             deadlines: self.deadlines.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone(),
             limits: self.limits,
             wasi: self.grants.wasi,
+            throttle: self.throttle.clone(),
             read_only,
         }
     }
@@ -478,13 +574,14 @@ impl ServiceRuntime {
     ) -> Result<Called, CallError> {
         let component = self.current();
         let trial_view = view.clone();
+        let started = Instant::now();
         let kept = self.warm.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
         let mut warm = match kept.filter(|w| Arc::ptr_eq(&w.component, &component)) {
             Some(mut warm) => {
                 let state = warm.store.data_mut();
                 state.txn = Txn::with_limits(view, self.limits.txn);
                 state.deadline = Instant::now() + self.limits.timeout;
-                warm.store.set_epoch_deadline(self.engine.ticks_for(self.limits.timeout));
+                warm.store.set_epoch_deadline(self.engine.ticks_for(self.limits.burst.min(self.limits.timeout)));
                 warm
             }
             None => {
@@ -492,13 +589,19 @@ impl ServiceRuntime {
                 let instance = self.stages.time(Stage::Instantiate, || component.pre.instantiate(&mut store));
                 match instance {
                     Ok(instance) => Warm { component: component.clone(), store, instance, calls: 0 },
-                    Err(err) => return self.judge(&component, canary::Observation::Failed, Err(self.trap(err))),
+                    Err(err) => {
+                        self.throttle.charge(CallKind::Handle, busy(started, store.data()));
+                        return self.judge(&component, canary::Observation::Failed, Err(self.trap(err)));
+                    }
                 }
             }
         };
         warm.calls += 1;
         let result = self.stages.time(Stage::Call, || warm.instance.call_handle(&mut warm.store, event));
-        let txn = &mut warm.store.data_mut().txn;
+        let state = warm.store.data_mut();
+        let idle = std::mem::take(&mut state.idle);
+        state.over_burst = None;
+        let txn = &mut state.txn;
         // A guest that went on after a cap refused it must not commit the
         // part it was allowed: the event fails for good, with the reason.
         let exceeded = txn.exceeded().map(|reason| format!("the call went past a limit: {reason}"));
@@ -531,6 +634,11 @@ impl ServiceRuntime {
         let trapped = matches!(outcome, Err(CallError::Trap(_))) || limited;
         if !trapped && warm.calls < self.limits.instance_reuse {
             *self.warm.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(warm);
+        } else if trapped {
+            // Freeing what the call made (its memory, its refused writes)
+            // is part of what it cost.
+            drop(warm);
+            self.throttle.charge(CallKind::Handle, started.elapsed().saturating_sub(idle));
         }
         let observation = self.observe(&component, &outcome, event, &trial_view);
         self.judge(&component, observation, outcome)
@@ -628,6 +736,12 @@ impl ServiceRuntime {
                 let reason = format!("rolled back after {failures} failures in its first {seen} events; last: {err}");
                 tracing::warn!(component = %self.name, version = %component.sha256, restored = %previous.sha256, "{reason}");
                 *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = previous.clone();
+                // The restored version is no longer one to roll back to.
+                let mut kept = self.previous.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if kept.last().is_some_and(|last| Arc::ptr_eq(last, &previous)) {
+                    kept.pop();
+                }
+                drop(kept);
                 let mut history = self.history.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 for entry in history.iter_mut().rev() {
                     if entry.sha256 == component.sha256 && entry.outcome == "serving" {
@@ -650,14 +764,27 @@ impl ServiceRuntime {
     /// [`CallError::Trap`] when the instance traps or runs out of time.
     pub async fn query(&self, request: &Request) -> Result<Response, CallError> {
         let permit = self.queries.clone().acquire_owned().await.map_err(|e| CallError::Trap(e.to_string()))?;
+        if let Some(left) = self.throttle.wait_left(CallKind::Query) {
+            if left > self.limits.timeout {
+                return Err(CallError::Throttled(left));
+            }
+            tokio::time::sleep(left).await;
+        }
         let component = self.current();
         let parts = self.parts(Arc::new(StoreReader(self.store.clone())), true);
         let engine = self.engine.clone();
         let request = request.clone();
+        let throttle = self.throttle.clone();
         let result = self.query_threads.run(move || {
             let _permit = permit;
+            let started = Instant::now();
             let mut store = parts.store(&engine);
-            component.pre.instantiate(&mut store).and_then(|instance| instance.call_query(&mut store, &request))
+            let result =
+                component.pre.instantiate(&mut store).and_then(|instance| instance.call_query(&mut store, &request));
+            if result.is_err() {
+                throttle.charge(CallKind::Query, busy(started, store.data()));
+            }
+            result
         });
         // The deadline ends the call on its thread; waiting a little longer
         // only covers a host wait that overran it, so that the caller
@@ -679,6 +806,7 @@ struct StoreParts {
     deadlines: Arc<dyn Clock>,
     limits: Limits,
     wasi: WasiGrants,
+    throttle: Arc<Throttle>,
     read_only: bool,
 }
 
@@ -693,12 +821,15 @@ impl StoreParts {
             .build();
         let txn = if self.read_only { Txn::read_only(self.view) } else { Txn::with_limits(self.view, self.limits.txn) };
         let deadline = Instant::now() + self.limits.timeout;
-        let state =
+        let mut state =
             HostState::new(self.name, txn, self.config, self.clock, self.deadlines, limits, deadline, self.wasi);
+        state.throttle = Some(self.throttle);
         let mut store = Store::new(engine.wasmtime(), state);
         store.limiter(|s| &mut s.limits);
-        store.set_epoch_deadline(engine.ticks_for(self.limits.timeout));
-        store.epoch_deadline_trap();
+        // The first epoch check comes at the end of the burst; from then on,
+        // one every tick ends the call at its deadline and throttles it.
+        store.set_epoch_deadline(engine.ticks_for(self.limits.burst.min(self.limits.timeout)));
+        store.epoch_deadline_callback(past_burst);
         store
     }
 
@@ -713,6 +844,34 @@ impl StoreParts {
             }),
         }
     }
+}
+
+/// The epoch check of a call past its burst: ends it at its deadline, and
+/// until then lets it run one tick in every few (see [`Throttle`]).
+fn past_burst(mut ctx: StoreContextMut<'_, HostState>) -> wasmtime::Result<UpdateDeadline> {
+    let state = ctx.data_mut();
+    let now = Instant::now();
+    if now >= state.deadline {
+        return Ok(UpdateDeadline::Interrupt);
+    }
+    if let Some(throttle) = &state.throttle {
+        if state.over_burst.is_none() {
+            state.over_burst = Some(throttle.over_burst());
+        }
+        let pause = throttle.pause_per_tick().min(state.deadline - now);
+        if !pause.is_zero() {
+            std::thread::sleep(pause);
+            throttle.slept(pause);
+            state.idle += pause;
+        }
+    }
+    Ok(UpdateDeadline::Continue(1))
+}
+
+/// How long a call begun at `started` kept a core busy (in guest code, or
+/// in the host for it): its time less its waits and throttle sleeps.
+fn busy(started: Instant, state: &HostState) -> std::time::Duration {
+    started.elapsed().saturating_sub(state.idle)
 }
 
 /// Builds the linker every component is checked against.

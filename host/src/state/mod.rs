@@ -27,6 +27,26 @@ pub use memory::MemoryStore;
 pub use postgres::{PgStores, PostgresStore};
 pub use txn::{AccessError, Overlay, ReadSet, StateRead, StoreReader, Txn, TxnLimits};
 
+thread_local! {
+    /// The deadline of the guest call reading on this thread, if any.
+    static READ_DEADLINE: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `read` (a guest call's read of its state) so that a store that
+/// waits, a database that does not answer, gives up at `deadline` with
+/// [`StoreError::Unavailable`] instead of holding the call past it.
+pub fn read_until<T>(deadline: std::time::Instant, read: impl FnOnce() -> T) -> T {
+    let outer = READ_DEADLINE.replace(Some(deadline));
+    let result = read();
+    READ_DEADLINE.set(outer);
+    result
+}
+
+/// The deadline [`read_until`] set on this thread.
+fn read_deadline() -> Option<std::time::Instant> {
+    READ_DEADLINE.get()
+}
+
 /// A commit's durability: what it queued in the outbox may be published only
 /// once [`Durable::wait`] resolved.
 ///

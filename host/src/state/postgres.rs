@@ -143,8 +143,17 @@ impl Backend {
     ) -> Result<T, StoreError> {
         let runtime = self.runtime.as_ref().ok_or_else(|| StoreError::Unavailable("store closed".into()))?;
         let task = runtime.spawn(work);
-        futures::executor::block_on(task)
-            .map_err(|err| StoreError::Unavailable(format!("PostgreSQL task failed: {err}")))?
+        let joined = match super::read_deadline() {
+            None => futures::executor::block_on(task),
+            // A guest call's read: it gives up at the call's deadline (the
+            // task finishes on its own; it only reads).
+            Some(deadline) => {
+                runtime.handle().block_on(async move { tokio::time::timeout_at(deadline.into(), task).await }).map_err(
+                    |_| StoreError::Unavailable(format!("{} did not answer before the call's deadline", self.target)),
+                )?
+            }
+        };
+        joined.map_err(|err| StoreError::Unavailable(format!("PostgreSQL task failed: {err}")))?
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
