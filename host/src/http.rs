@@ -125,3 +125,35 @@ async fn query(State(port): State<Port>, method: Method, uri: Uri, body: Bytes) 
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use tower::ServiceExt as _;
+
+    use super::*;
+    use crate::runtime::CallKind;
+
+    /// A component paying for its failed queries answers 503 with
+    /// Retry-After, in JSON, without running the guest.
+    #[tokio::test]
+    async fn a_throttled_query_is_answered_503_with_retry_after() {
+        let service = Arc::new(crate::runtime::tests::runtime("misbehave", 300));
+        let metrics =
+            Arc::new(ComponentMetrics::new(service.clone(), ConsumerStatus::default(), BrokerLink::default()));
+        let app = component_app(service.clone(), ConsumerStatus::default(), BrokerLink::default(), metrics);
+        let get = |path: &str| axum::http::Request::get(path).body(Body::empty()).unwrap();
+        let spun = app.clone().oneshot(get("/spin")).await.unwrap();
+        assert_eq!(spun.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let left = service.throttle().wait_left(CallKind::Query).expect("the spin was charged");
+        assert!(left > std::time::Duration::from_millis(300), "{left:?}");
+
+        let refused = app.oneshot(get("/state/k")).await.unwrap();
+        assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let retry_after: u64 = refused.headers()[header::RETRY_AFTER].to_str().unwrap().parse().unwrap();
+        assert!((1..=3).contains(&retry_after), "{retry_after}");
+        let body = axum::body::to_bytes(refused.into_body(), 1 << 16).await.unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["code"], "throttled", "{body}");
+    }
+}

@@ -161,8 +161,10 @@ fn guest_limits_have_defaults_and_bounds() {
         order.max_write_bytes_per_call,
         order.max_timers_per_call,
         order.max_concurrent_queries,
+        order.cpu_burst_ms,
+        order.cpu_percent,
     );
-    assert_eq!(limits, (512, 1000, 8 << 20, 100, 4));
+    assert_eq!(limits, (512, 1000, 8 << 20, 100, 4, 100, 10));
     let m = check(&manifest_with(&wasm, "stack_kib = 2048\nmax_timers_per_call = 0", "")).unwrap();
     assert_eq!((m.components["order"].stack_kib, m.components["order"].max_timers_per_call), (2048, 0));
     for (component, needle) in [
@@ -172,6 +174,9 @@ fn guest_limits_have_defaults_and_bounds() {
         ("max_write_bytes_per_call = 10", "components.order.max_write_bytes_per_call"),
         ("max_timers_per_call = 100000", "components.order.max_timers_per_call"),
         ("max_concurrent_queries = 0", "components.order.max_concurrent_queries"),
+        ("cpu_burst_ms = 0", "components.order.cpu_burst_ms"),
+        ("cpu_percent = 0", "components.order.cpu_percent"),
+        ("cpu_percent = 101", "components.order.cpu_percent"),
     ] {
         let err = check(&manifest_with(&wasm, component, "")).unwrap_err();
         assert!(err.contains(needle), "expected {needle:?} in {err}");

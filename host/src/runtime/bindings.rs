@@ -63,6 +63,8 @@ pub struct HostState {
     pub deadline: Instant,
     /// The component's throttle (set by the runtime for its calls).
     pub(super) throttle: Option<Arc<super::throttle::Throttle>>,
+    /// The guest's stderr, if granted (else it is discarded).
+    pub(super) stderr: Option<super::stderr::GuestStderr>,
     /// Held while the call in progress is past its burst.
     pub(super) over_burst: Option<super::throttle::OverBurst>,
     /// Time of the call in progress not spent running guest code: waits in
@@ -94,8 +96,9 @@ impl HostState {
         // messages, if granted; otherwise it is discarded.
         let mut builder = WasiCtx::builder();
         builder.allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
-        if grants.stderr {
-            builder.inherit_stderr();
+        let stderr = grants.stderr.then(super::stderr::GuestStderr::default);
+        if let Some(stderr) = &stderr {
+            builder.stderr(stderr.clone());
         }
         let wasi = builder.build();
         // Resources (pollables, streams) are host memory a guest can ask for
@@ -109,6 +112,7 @@ impl HostState {
             txn,
             deadline,
             throttle: None,
+            stderr,
             over_burst: None,
             idle: std::time::Duration::ZERO,
             component,

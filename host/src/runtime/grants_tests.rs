@@ -184,3 +184,20 @@ async fn a_fired_timer_emitting_outside_the_grant_is_dead_lettered() {
     let Disposition::DeadLetter { reason, .. } = disposition else { panic!("{disposition:?}") };
     assert!(reason.contains("orders:OrderCancelled") && reason.contains("out:Echoed"), "{reason}");
 }
+
+/// Granted, a guest's stderr goes to the host's log and names a trap's
+/// cause (a Rust guest's panic message); not granted, it goes nowhere.
+#[tokio::test]
+async fn stderr_reaches_the_trap_only_when_granted() {
+    let granted = misbehave(Grants::default());
+    let err = super::tests::handle(&granted, &super::tests::event("Panic", "p")).await.unwrap_err();
+    assert!(
+        matches!(&err, CallError::Trap(m) if m.contains("its stderr: ") && m.contains(" / asked to panic / ")),
+        "{err}"
+    );
+
+    let wasi = WasiGrants::parse(&["clocks".to_owned(), "random".to_owned()]).unwrap();
+    let silent = misbehave(Grants { wasi, ..Grants::default() });
+    let err = super::tests::handle(&silent, &super::tests::event("Panic", "p")).await.unwrap_err();
+    assert!(matches!(&err, CallError::Trap(m) if !m.contains("stderr") && !m.contains("asked to panic")), "{err}");
+}

@@ -168,8 +168,12 @@ async fn the_pipeline_retries_a_sleeper_and_dead_letters_a_bomb() {
     assert!(reason.contains("max_write_bytes_per_call"), "{reason}");
     assert!(started.elapsed() < Duration::from_secs(2), "not retried: {:?}", started.elapsed());
 
+    // The bomb's CPU is paid for before the next event runs.
+    let penalty = rt.throttle().wait_left(CallKind::Handle).expect("the bomb was charged");
+    let started = Instant::now();
     let echoed = pipeline.process(&record("Echo", "e"), &shutdown).await;
     assert!(matches!(echoed, Some(Disposition::Publish { .. })), "{echoed:?}");
+    assert!(started.elapsed() >= penalty, "handled after {:?}, before its penalty of {penalty:?}", started.elapsed());
 }
 
 /// A guest spinning past its burst runs one tick in ten: most of its

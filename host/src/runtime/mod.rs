@@ -9,6 +9,7 @@ mod deadline;
 mod engine;
 mod grants;
 mod pool;
+mod stderr;
 mod throttle;
 
 use std::collections::HashMap;
@@ -600,6 +601,7 @@ impl ServiceRuntime {
         let result = self.stages.time(Stage::Call, || warm.instance.call_handle(&mut warm.store, event));
         let state = warm.store.data_mut();
         let idle = std::mem::take(&mut state.idle);
+        let last_stderr = state.stderr.as_ref().and_then(|stderr| stderr.drain_to_log(&self.name));
         state.over_burst = None;
         let txn = &mut state.txn;
         // A guest that went on after a cap refused it must not commit the
@@ -611,7 +613,7 @@ impl ServiceRuntime {
             (Ok(Ok(_)), Some(reason)) => Ok(Err(HandleError::Permanent(reason))),
             (result, _) => result,
         };
-        let outcome = match result {
+        let mut outcome = match result {
             // An event the component may not publish fails it for good.
             Ok(Ok(outgoing)) => {
                 match self.grants.publishes.check(&outgoing).and_then(|()| wrap(&outgoing, &component.sha256)) {
@@ -632,6 +634,10 @@ impl ServiceRuntime {
         // ok or error, serves the next event if reuse allows.
         // (Ended for a limit, it did not return either.)
         let trapped = matches!(outcome, Err(CallError::Trap(_))) || limited;
+        if let (Err(CallError::Trap(message)), Some(line)) = (&mut outcome, &last_stderr) {
+            // A Rust guest's panic message: what the trap alone does not say.
+            message.push_str(&format!("; its stderr: {line}"));
+        }
         if !trapped && warm.calls < self.limits.instance_reuse {
             *self.warm.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(warm);
         } else if trapped {
@@ -774,7 +780,7 @@ impl ServiceRuntime {
         let parts = self.parts(Arc::new(StoreReader(self.store.clone())), true);
         let engine = self.engine.clone();
         let request = request.clone();
-        let throttle = self.throttle.clone();
+        let (throttle, name) = (self.throttle.clone(), self.name.clone());
         let result = self.query_threads.run(move || {
             let _permit = permit;
             let started = Instant::now();
@@ -784,13 +790,17 @@ impl ServiceRuntime {
             if result.is_err() {
                 throttle.charge(CallKind::Query, busy(started, store.data()));
             }
-            result
+            let last_stderr = store.data().stderr.as_ref().and_then(|stderr| stderr.drain_to_log(&name));
+            (result, last_stderr)
         });
         // The deadline ends the call on its thread; waiting a little longer
         // only covers a host wait that overran it, so that the caller
         // answers in bounded time whatever happens there.
         match tokio::time::timeout(self.limits.timeout + QUERY_GRACE, result).await {
-            Ok(Ok(result)) => result.map_err(|err| self.trap(err)),
+            Ok(Ok((result, last_stderr))) => result.map_err(|err| match (self.trap(err), last_stderr) {
+                (CallError::Trap(message), Some(line)) => CallError::Trap(format!("{message}; its stderr: {line}")),
+                (err, _) => err,
+            }),
             Ok(Err(_)) => Err(CallError::Trap("the query thread failed".into())),
             Err(_) => Err(self.timed_out()),
         }
