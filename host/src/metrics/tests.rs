@@ -61,6 +61,7 @@ async fn failures_traps_and_stage_latencies_are_counted() {
     assert_eq!(before.get(r#"shop_stage_duration_seconds_count{component="misbehave",stage="call"}"#), Some(&0.0));
     assert_eq!(before.get(r#"shop_timers_pending{component="misbehave"}"#), Some(&0.0));
     assert_eq!(before.get(r#"shop_broker_up"#), Some(&1.0));
+    assert_eq!(before.get(r#"shop_guest_throttled_seconds_total{component="misbehave"}"#), Some(&0.0));
     assert_eq!(before.get(r#"shop_reloads_total{component="misbehave",result="accepted"}"#), Some(&0.0));
 
     for (offset, event_type) in [(1, "Echo"), (2, "Panic"), (3, "Spin")] {
@@ -71,6 +72,9 @@ async fn failures_traps_and_stage_latencies_are_counted() {
     assert_eq!(get(r#"shop_events_failed_total{component="misbehave",error="trap"}"#), 4.0, "two tries each");
     assert_eq!(get(r#"shop_guest_traps_total{component="misbehave",kind="unreachable"}"#), 2.0, "the panics");
     assert_eq!(get(r#"shop_guest_traps_total{component="misbehave",kind="timeout"}"#), 2.0, "the spins");
+    // Past their burst the spins were held back, and their CPU charged.
+    assert!(get(r#"shop_guest_throttled_seconds_total{component="misbehave"}"#) > 0.0);
+    assert!(get(r#"shop_guest_fault_penalty_seconds_total{component="misbehave"}"#) > 0.5);
     assert!(get(r#"shop_stage_duration_seconds_count{component="misbehave",stage="call"}"#) >= 5.0);
     assert_eq!(get(r#"shop_stage_duration_seconds_count{component="misbehave",stage="commit"}"#), 1.0, "the echo");
     let slow = get(r#"shop_stage_duration_seconds_bucket{component="misbehave",stage="call",le="0.1"}"#);
