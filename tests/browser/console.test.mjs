@@ -95,7 +95,7 @@ test("the console shows components, an order's timeline, and a reload in the his
     '#components tr[data-component="payment"] .history summary')?.textContent) === n + 2, before, { timeout: 15_000 });
   assert.equal(await page.textContent("#action-error"), "");
   const rolled = await page.$$eval('#components tr[data-component="payment"] .history li', els => els.map(e => e.textContent));
-  assert.match(rolled.at(-1), /serving — rollback from/);
+  assert.match(rolled.at(-1), /serving .*— rollback from [0-9a-f]{64}$/);
   assert.match(rolled.at(-2), /rolled back by an operator/);
   await page.waitForFunction(sel => document.querySelector(sel)?.disabled === true, rollback, { timeout: 15_000 });
 
