@@ -185,9 +185,9 @@ async fn a_spinning_guest_gets_its_share_of_a_core_past_its_burst() {
     let err = handle(&rt, &event("Spin", "s")).await.unwrap_err();
     assert!(timed_out(&err), "{err}");
     let (slept, _) = rt.throttle().totals();
-    // 90 % of the 950 ms past the burst, less what a loaded machine takes
-    // from the ticks; unthrottled it is 0.
-    assert!(slept >= Duration::from_millis(600), "slept {slept:?} of 1 s");
+    // Some 90 % of the 950 ms past the burst; a loaded machine delays the
+    // ticks after which it sleeps, hence the margin. Unthrottled it is 0.
+    assert!(slept >= Duration::from_millis(400), "slept {slept:?} of 1 s");
     // Its CPU (some 50 + 95 ms) is paid for before it handles again.
     let left = rt.throttle().wait_left(CallKind::Handle).expect("a penalty");
     assert!(left > Duration::from_millis(300), "{left:?}");
