@@ -39,7 +39,8 @@ async fn a_read_of_locked_state_ends_at_the_calls_deadline() {
             clock: Arc::new(ManualClock::at(42)),
             // One query thread: were it held by the read, the second query
             // below could not run.
-            limits: Limits { timeout, max_queries: 1, ..Limits::default() },
+            // (Unthrottled: the first attempt's charge is not the point.)
+            limits: Limits { timeout, max_queries: 1, cpu_percent: 100, ..Limits::default() },
             canary: CanaryPolicy::default(),
             grants: Default::default(),
         },

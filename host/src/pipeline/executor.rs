@@ -317,6 +317,18 @@ impl<'a> Batch<'a> {
         let span = core.span(&ready.envelope);
         ready.trace = traces::begin(&span, ready.parent);
         let _span = span.entered();
+        // A fault earlier in this batch is paid for before the next call:
+        // what is handled so far is committed, then the wait (without the
+        // handling lock).
+        if let Some(left) = core.service.throttle().wait_left(crate::runtime::CallKind::Handle) {
+            self.flush();
+            if !self.pause(left, &ready.shutdown) {
+                // Shutdown: parked as tried, so that it and the events of
+                // its key behind it are answered "not handled" in order.
+                ready.attempt += 1;
+                return Some((ready, Instant::now()));
+            }
+        }
         ready.attempt += 1;
         let err = match self.attempt(&ready.event, &ready.envelope, ready.fired.as_ref(), ready.trace) {
             Ok(Outcome::Now(disposition)) => {

@@ -440,6 +440,8 @@ impl ServiceRuntime {
             component.clone(),
         );
         self.canary.start(&sha256, previous.clone());
+        // The new version does not pay for the old one's faults.
+        self.throttle.forgive();
         let mut kept = self.previous.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         kept.push(previous);
         let excess = kept.len().saturating_sub(MAX_PREVIOUS);
@@ -484,6 +486,7 @@ impl ServiceRuntime {
             restored.clone(),
         );
         self.canary.stop();
+        self.throttle.forgive();
         {
             let mut history = self.history.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             if let Some(entry) =
@@ -591,7 +594,9 @@ impl ServiceRuntime {
                 match instance {
                     Ok(instance) => Warm { component: component.clone(), store, instance, calls: 0 },
                     Err(err) => {
-                        self.throttle.charge(CallKind::Handle, busy(started, store.data()));
+                        let busy = started.elapsed().saturating_sub(store.data().idle);
+                        drop(store);
+                        self.throttle.charge(CallKind::Handle, started, busy);
                         return self.judge(&component, canary::Observation::Failed, Err(self.trap(err)));
                     }
                 }
@@ -644,7 +649,7 @@ impl ServiceRuntime {
             // Freeing what the call made (its memory, its refused writes)
             // is part of what it cost.
             drop(warm);
-            self.throttle.charge(CallKind::Handle, started.elapsed().saturating_sub(idle));
+            self.throttle.charge(CallKind::Handle, started, started.elapsed().saturating_sub(idle));
         }
         let observation = self.observe(&component, &outcome, event, &trial_view);
         self.judge(&component, observation, outcome)
@@ -742,6 +747,7 @@ impl ServiceRuntime {
                 let reason = format!("rolled back after {failures} failures in its first {seen} events; last: {err}");
                 tracing::warn!(component = %self.name, version = %component.sha256, restored = %previous.sha256, "{reason}");
                 *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = previous.clone();
+                self.throttle.forgive();
                 // The restored version is no longer one to roll back to.
                 let mut kept = self.previous.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 if kept.last().is_some_and(|last| Arc::ptr_eq(last, &previous)) {
@@ -787,10 +793,13 @@ impl ServiceRuntime {
             let mut store = parts.store(&engine);
             let result =
                 component.pre.instantiate(&mut store).and_then(|instance| instance.call_query(&mut store, &request));
-            if result.is_err() {
-                throttle.charge(CallKind::Query, busy(started, store.data()));
-            }
+            let idle = store.data().idle;
             let last_stderr = store.data().stderr.as_ref().and_then(|stderr| stderr.drain_to_log(&name));
+            // Freeing the instance is part of what the query cost.
+            drop(store);
+            if result.is_err() {
+                throttle.charge(CallKind::Query, started, started.elapsed().saturating_sub(idle));
+            }
             (result, last_stderr)
         });
         // The deadline ends the call on its thread; waiting a little longer
@@ -876,12 +885,6 @@ fn past_burst(mut ctx: StoreContextMut<'_, HostState>) -> wasmtime::Result<Updat
         }
     }
     Ok(UpdateDeadline::Continue(1))
-}
-
-/// How long a call begun at `started` kept a core busy (in guest code, or
-/// in the host for it): its time less its waits and throttle sleeps.
-fn busy(started: Instant, state: &HostState) -> std::time::Duration {
-    started.elapsed().saturating_sub(state.idle)
 }
 
 /// Builds the linker every component is checked against.

@@ -23,10 +23,16 @@ const TAIL_LINES: usize = 3;
 /// Lines of one call's stderr written to the log; the rest are counted.
 const MAX_LOGGED_LINES: usize = 32;
 
+/// Bytes kept from the end of a call's stderr once past the cap, so that
+/// a trap still quotes its last lines.
+const TAIL_BYTES: usize = 1024;
+
 #[derive(Debug, Default)]
 struct Captured {
     bytes: Vec<u8>,
     dropped: usize,
+    /// The last bytes dropped (at most [`TAIL_BYTES`]).
+    tail: Vec<u8>,
 }
 
 /// One store's stderr: every stream the guest opens on it writes here.
@@ -38,14 +44,21 @@ impl GuestStderr {
         let mut captured = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         let room = MAX_STDERR_BYTES.saturating_sub(captured.bytes.len()).min(bytes.len());
         captured.bytes.extend_from_slice(&bytes[..room]);
-        captured.dropped += bytes.len() - room;
+        let rest = &bytes[room..];
+        if !rest.is_empty() {
+            captured.dropped += rest.len();
+            captured.tail.extend_from_slice(&rest[rest.len().saturating_sub(TAIL_BYTES)..]);
+            let excess = captured.tail.len().saturating_sub(TAIL_BYTES);
+            captured.tail.drain(..excess);
+        }
     }
 
     /// Writes what the call wrote to the log, as `component`'s lines, and
     /// empties the capture; answers its last lines (up to three, escaped,
     /// joined by " / "): where a Rust guest panicked, the message, a note.
     pub fn drain_to_log(&self, component: &str) -> Option<String> {
-        let Captured { bytes, dropped } = std::mem::take(&mut *self.0.lock().unwrap_or_else(PoisonError::into_inner));
+        let Captured { bytes, dropped, tail } =
+            std::mem::take(&mut *self.0.lock().unwrap_or_else(PoisonError::into_inner));
         if bytes.is_empty() {
             return None;
         }
@@ -59,8 +72,18 @@ impl GuestStderr {
         if unlogged > 0 || dropped > 0 {
             tracing::warn!(target: "component", component, stream = "stderr", unlogged_lines = unlogged, dropped_bytes = dropped, "stderr cut");
         }
-        let tail = lines.len().saturating_sub(TAIL_LINES);
-        Some(crate::logs::guest_message(&lines[tail..].join(" / ")))
+        // Past the cap, the last lines are the dropped part's (its first
+        // line may be cut).
+        let last: Vec<String> = match dropped {
+            0 => lines,
+            _ => String::from_utf8_lossy(&tail)
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(crate::logs::guest_message)
+                .collect(),
+        };
+        let from = last.len().saturating_sub(TAIL_LINES);
+        Some(crate::logs::guest_message(&last[from..].join(" / ")))
     }
 }
 
@@ -129,7 +152,13 @@ mod tests {
         );
         assert_eq!(stderr.drain_to_log("c"), None, "drained");
         stderr.append(&vec![b'x'; MAX_STDERR_BYTES + 10]);
-        let captured = stderr.0.lock().unwrap();
-        assert_eq!((captured.bytes.len(), captured.dropped), (MAX_STDERR_BYTES, 10));
+        {
+            let captured = stderr.0.lock().unwrap();
+            assert_eq!((captured.bytes.len(), captured.dropped), (MAX_STDERR_BYTES, 10));
+        }
+        // Past the cap, a panic at the end is still what the trap quotes.
+        stderr.append(b"\npanicked at the end\n");
+        let last = stderr.drain_to_log("c").unwrap();
+        assert!(last.ends_with("panicked at the end"), "{last}");
     }
 }

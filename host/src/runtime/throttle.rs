@@ -90,19 +90,28 @@ impl Throttle {
         self.slept_us.fetch_add(pause.as_micros() as u64, Ordering::Relaxed);
     }
 
-    /// Charges a faulty call that kept a core busy for `busy`: the next call
-    /// of `kind` waits until that is `percent` of the time since.
-    pub fn charge(&self, kind: CallKind, busy: Duration) {
+    /// Charges a faulty call begun at `started` that kept a core busy for
+    /// `busy`: the next call of `kind` waits until that is `percent` of the
+    /// time since the call began (after an earlier penalty still running,
+    /// when calls overlapped).
+    pub fn charge(&self, kind: CallKind, started: Instant, busy: Duration) {
         if !self.enabled() || busy.is_zero() {
             return;
         }
-        let penalty = (busy * (100 - self.percent) / self.percent).min(MAX_PENALTY);
         let now = Instant::now();
         let mut free_at = self.free_at(kind).lock().unwrap_or_else(PoisonError::into_inner);
-        let from = free_at.filter(|at| *at > now).unwrap_or(now);
-        let until = (from + penalty).min(now + MAX_PENALTY);
-        self.penalized_us.fetch_add(until.saturating_duration_since(from).as_micros() as u64, Ordering::Relaxed);
-        *free_at = Some(until);
+        let from = free_at.filter(|at| *at > started).unwrap_or(started);
+        let until = (from + busy * 100 / self.percent).min(now + MAX_PENALTY);
+        let added = until.saturating_duration_since(free_at.unwrap_or(now).max(now));
+        self.penalized_us.fetch_add(added.as_micros() as u64, Ordering::Relaxed);
+        *free_at = Some(until.max(free_at.unwrap_or(until)));
+    }
+
+    /// Forgets the penalties of earlier faults: another version serves now.
+    pub fn forgive(&self) {
+        for kind in [CallKind::Handle, CallKind::Query] {
+            *self.free_at(kind).lock().unwrap_or_else(PoisonError::into_inner) = None;
+        }
     }
 
     /// How long calls of `kind` must still wait for earlier faults.
@@ -159,16 +168,23 @@ mod tests {
     fn a_fault_delays_the_next_call_of_its_kind_until_it_is_paid_for() {
         let throttle = Throttle::new(10);
         assert_eq!(throttle.wait_left(CallKind::Handle), None);
-        throttle.charge(CallKind::Handle, Duration::from_millis(100));
+        // 100 ms of CPU in a call that began 100 ms ago: free 1 s after it began.
+        let started = Instant::now() - Duration::from_millis(100);
+        throttle.charge(CallKind::Handle, started, Duration::from_millis(100));
         let left = throttle.wait_left(CallKind::Handle).unwrap();
         assert!(left > Duration::from_millis(800) && left <= Duration::from_millis(900), "{left:?}");
         assert_eq!(throttle.wait_left(CallKind::Query), None, "queries are not delayed by handling's faults");
         // Faults add up, to at most MAX_PENALTY.
-        throttle.charge(CallKind::Handle, Duration::from_secs(60));
+        throttle.charge(CallKind::Handle, Instant::now(), Duration::from_secs(60));
         let left = throttle.wait_left(CallKind::Handle).unwrap();
         assert!(left > MAX_PENALTY - Duration::from_secs(1) && left <= MAX_PENALTY, "{left:?}");
+        let (_, penalized) = throttle.totals();
+        assert!(penalized > MAX_PENALTY - Duration::from_secs(1) && penalized <= MAX_PENALTY, "{penalized:?}");
+        // A new version does not pay for the old one's faults.
+        throttle.forgive();
+        assert_eq!(throttle.wait_left(CallKind::Handle), None);
         let never = Throttle::new(100);
-        never.charge(CallKind::Query, Duration::from_secs(1));
+        never.charge(CallKind::Query, Instant::now(), Duration::from_secs(1));
         assert_eq!(never.wait_left(CallKind::Query), None);
     }
 }

@@ -36,10 +36,15 @@ thread_local! {
 /// waits, a database that does not answer, gives up at `deadline` with
 /// [`StoreError::Unavailable`] instead of holding the call past it.
 pub fn read_until<T>(deadline: std::time::Instant, read: impl FnOnce() -> T) -> T {
-    let outer = READ_DEADLINE.replace(Some(deadline));
-    let result = read();
-    READ_DEADLINE.set(outer);
-    result
+    /// Puts the outer deadline back, also if `read` panics.
+    struct Restore(Option<std::time::Instant>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            READ_DEADLINE.set(self.0);
+        }
+    }
+    let _restore = Restore(READ_DEADLINE.replace(Some(deadline)));
+    read()
 }
 
 /// The deadline [`read_until`] set on this thread.

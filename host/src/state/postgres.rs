@@ -44,7 +44,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Timeouts};
 use tokio_postgres::error::SqlState;
@@ -142,8 +142,14 @@ impl Backend {
         work: impl Future<Output = Result<T, StoreError>> + Send + 'static,
     ) -> Result<T, StoreError> {
         let runtime = self.runtime.as_ref().ok_or_else(|| StoreError::Unavailable("store closed".into()))?;
+        let deadline = super::read_deadline();
+        if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+            // Nothing is started for a guest reading past its deadline: at
+            // most one read per call outlives it.
+            return Err(StoreError::Unavailable("the call's deadline passed".into()));
+        }
         let task = runtime.spawn(work);
-        let joined = match super::read_deadline() {
+        let joined = match deadline {
             None => futures::executor::block_on(task),
             // A guest call's read: it gives up at the call's deadline (the
             // task finishes on its own; it only reads).
