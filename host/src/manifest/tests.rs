@@ -164,7 +164,7 @@ fn guest_limits_have_defaults_and_bounds() {
         order.cpu_burst_ms,
         order.cpu_percent,
     );
-    assert_eq!(limits, (512, 1000, 8 << 20, 100, 4, 100, 10));
+    assert_eq!(limits, (512, 1000, 8 << 20, 100, 4, 100, 5));
     let m = check(&manifest_with(&wasm, "stack_kib = 2048\nmax_timers_per_call = 0", "")).unwrap();
     assert_eq!((m.components["order"].stack_kib, m.components["order"].max_timers_per_call), (2048, 0));
     for (component, needle) in [

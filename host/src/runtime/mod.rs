@@ -200,8 +200,10 @@ impl Default for Limits {
 pub const DEFAULT_BURST: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Share of a core a component gets past its burst, or while it keeps
-/// failing, unless the manifest says otherwise.
-pub const DEFAULT_CPU_PERCENT: u32 = 10;
+/// failing, unless the manifest says otherwise. At 10, a write bomb still
+/// took 10–15 % of another component's throughput in `bench isolation`:
+/// its copies and freed memory cost the others more than its CPU.
+pub const DEFAULT_CPU_PERCENT: u32 = 5;
 
 /// Wasm instances one store may create: a component's core modules and
 /// the adapters between them.
