@@ -87,7 +87,6 @@ fn run(core: &Core, queue: &Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        wait_for_throttle(core, &jobs, &parked);
         let mut batch = Batch::new(core);
         // Parked lanes first: their retries come due, or shutdown ends them.
         let now = Instant::now();
@@ -112,25 +111,6 @@ fn run(core: &Core, queue: &Receiver<Job>) {
             }
         }
         batch.flush();
-    }
-}
-
-/// Waits, without the handling lock, while the component pays for the CPU
-/// of its faulty calls ([`crate::runtime::Throttle`]); shutdown of any
-/// waiting event ends the wait, so that it is answered.
-fn wait_for_throttle(core: &Core, jobs: &[Job], parked: &HashMap<String, Lane>) {
-    let throttle = core.service.throttle();
-    let shutdown = || {
-        jobs.iter()
-            .map(|j| &j.shutdown)
-            .chain(parked.values().flat_map(|l| l.jobs.iter().map(|r| &r.shutdown)))
-            .any(CancellationToken::is_cancelled)
-    };
-    while let Some(left) = throttle.wait_left(crate::runtime::CallKind::Handle) {
-        if shutdown() {
-            return;
-        }
-        std::thread::sleep(PAUSE_SLICE.min(left));
     }
 }
 
@@ -317,9 +297,9 @@ impl<'a> Batch<'a> {
         let span = core.span(&ready.envelope);
         ready.trace = traces::begin(&span, ready.parent);
         let _span = span.entered();
-        // A fault earlier in this batch is paid for before the next call:
-        // what is handled so far is committed, then the wait (without the
-        // handling lock).
+        // A fault (in this batch or before) is paid for before the next
+        // call ([`crate::runtime::Throttle`]): what the batch handled so far
+        // is committed, then the wait, without the handling lock.
         if let Some(left) = core.service.throttle().wait_left(crate::runtime::CallKind::Handle) {
             self.flush();
             if !self.pause(left, &ready.shutdown) {

@@ -138,13 +138,20 @@ fn to_wit(err: AccessError) -> state::StateError {
     }
 }
 
-impl state::Host for HostState {
-    fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, state::StateError> {
+impl HostState {
+    /// A guest's read of its state: bounded by the call's deadline, and
+    /// counted as a wait for the store, not the guest's CPU (see `throttle`).
+    fn read<T>(&mut self, read: impl FnOnce(&Txn) -> Result<T, AccessError>) -> Result<T, state::StateError> {
         let (txn, reading) = (&self.txn, Instant::now());
-        let value = crate::state::read_until(self.deadline, || txn.get(&key));
-        // A wait for the store, not the guest's CPU (see `throttle`).
+        let value = crate::state::read_until(self.deadline, || read(txn));
         self.idle += reading.elapsed();
         value.map_err(to_wit)
+    }
+}
+
+impl state::Host for HostState {
+    fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, state::StateError> {
+        self.read(|txn| txn.get(&key))
     }
 
     fn set(&mut self, key: String, value: Vec<u8>) -> wasmtime::Result<Result<(), state::StateError>> {
@@ -158,10 +165,7 @@ impl state::Host for HostState {
     }
 
     fn list_keys(&mut self, prefix: String, limit: u32) -> Result<Vec<String>, state::StateError> {
-        let (txn, reading) = (&self.txn, Instant::now());
-        let keys = crate::state::read_until(self.deadline, || txn.keys(&prefix, limit.min(10_000) as usize));
-        self.idle += reading.elapsed();
-        keys.map_err(to_wit)
+        self.read(|txn| txn.keys(&prefix, limit.min(10_000) as usize))
     }
 }
 

@@ -39,32 +39,34 @@ pub fn bound_waits(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     poll.func_wrap(
         "poll",
         |mut store: StoreContextMut<'_, HostState>, (pollables,): (Vec<Resource<DynPollable>>,)| {
-            let (deadline, waiting) = (store.data().deadline, Instant::now());
             let state = store.data_mut();
-            let ready = until(deadline, state.table.poll(pollables));
-            state.idle += waiting.elapsed();
-            Ok((ready??,))
+            Ok((until(state.deadline, &mut state.idle, state.table.poll(pollables))??,))
         },
     )?;
     poll.func_wrap(
         "[method]pollable.block",
         |mut store: StoreContextMut<'_, HostState>, (pollable,): (Resource<DynPollable>,)| {
-            let (deadline, waiting) = (store.data().deadline, Instant::now());
             let state = store.data_mut();
-            let ready = until(deadline, state.table.block(pollable));
-            state.idle += waiting.elapsed();
-            ready?
+            until(state.deadline, &mut state.idle, state.table.block(pollable))?
         },
     )?;
     linker.allow_shadowing(false);
     Ok(())
 }
 
-/// Runs `wait` until it ends or `deadline` passes.
-fn until<T>(deadline: Instant, wait: impl Future<Output = T>) -> Result<T, DeadlineExceeded> {
-    if Instant::now() >= deadline {
+/// Runs `wait` until it ends or `deadline` passes, adding the time it took
+/// to `idle` (a wait, not the guest's CPU: see `throttle`).
+fn until<T>(
+    deadline: Instant,
+    idle: &mut std::time::Duration,
+    wait: impl Future<Output = T>,
+) -> Result<T, DeadlineExceeded> {
+    let waiting = Instant::now();
+    if waiting >= deadline {
         return Err(DeadlineExceeded);
     }
     // The timer is made inside the runtime `in_tokio` enters.
-    in_tokio(async move { tokio::time::timeout_at(deadline.into(), wait).await }).map_err(|_| DeadlineExceeded)
+    let ready = in_tokio(async move { tokio::time::timeout_at(deadline.into(), wait).await });
+    *idle += waiting.elapsed();
+    ready.map_err(|_| DeadlineExceeded)
 }

@@ -16,20 +16,7 @@ use crate::state::MemoryStore;
 
 fn misbehave(grants: Grants) -> ServiceRuntime {
     let engine = Engine::new().unwrap();
-    let component = LoadedComponent::from_file(&engine, &wasm("misbehave")).unwrap();
-    ServiceRuntime::new(
-        engine,
-        ServiceSpec {
-            name: "misbehave".into(),
-            component,
-            store: Arc::new(MemoryStore::default()),
-            config: HashMap::new(),
-            clock: Arc::new(ManualClock::at(42)),
-            limits: Limits::default(),
-            canary: CanaryPolicy::default(),
-            grants,
-        },
-    )
+    super::tests::service("misbehave", engine, Limits::default(), grants, Arc::new(MemoryStore::default()))
 }
 
 /// Has `misbehave` emit `named` ("topic:EventType") through the pipeline.

@@ -13,20 +13,7 @@ use crate::state::MemoryStore;
 /// `misbehave` with `limits` on an engine with `stack_bytes` of Wasm stack.
 fn misbehave(limits: Limits, stack_bytes: usize) -> ServiceRuntime {
     let engine = Engine::new().unwrap().with_stack(stack_bytes).unwrap();
-    let component = LoadedComponent::from_file(&engine, &wasm("misbehave")).unwrap();
-    ServiceRuntime::new(
-        engine,
-        ServiceSpec {
-            name: "misbehave".into(),
-            component,
-            store: Arc::new(MemoryStore::default()),
-            config: HashMap::new(),
-            clock: Arc::new(ManualClock::at(42)),
-            limits,
-            canary: CanaryPolicy { events: 5, max_failures: 2 },
-            grants: Default::default(),
-        },
-    )
+    super::tests::service("misbehave", engine, limits, Grants::default(), Arc::new(MemoryStore::default()))
 }
 
 fn get(path: &str) -> Request {

@@ -620,7 +620,7 @@ impl ServiceRuntime {
             (Ok(Ok(_)), Some(reason)) => Ok(Err(HandleError::Permanent(reason))),
             (result, _) => result,
         };
-        let mut outcome = match result {
+        let outcome = match result {
             // An event the component may not publish fails it for good.
             Ok(Ok(outgoing)) => {
                 match self.grants.publishes.check(&outgoing).and_then(|()| wrap(&outgoing, &component.sha256)) {
@@ -641,10 +641,7 @@ impl ServiceRuntime {
         // ok or error, serves the next event if reuse allows.
         // (Ended for a limit, it did not return either.)
         let trapped = matches!(outcome, Err(CallError::Trap(_))) || limited;
-        if let (Err(CallError::Trap(message)), Some(line)) = (&mut outcome, &last_stderr) {
-            // A Rust guest's panic message: what the trap alone does not say.
-            message.push_str(&format!("; its stderr: {line}"));
-        }
+        let outcome = outcome.map_err(|err| with_stderr(err, last_stderr));
         if !trapped && warm.calls < self.limits.instance_reuse {
             *self.warm.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(warm);
         } else if trapped {
@@ -808,10 +805,7 @@ impl ServiceRuntime {
         // only covers a host wait that overran it, so that the caller
         // answers in bounded time whatever happens there.
         match tokio::time::timeout(self.limits.timeout + QUERY_GRACE, result).await {
-            Ok(Ok((result, last_stderr))) => result.map_err(|err| match (self.trap(err), last_stderr) {
-                (CallError::Trap(message), Some(line)) => CallError::Trap(format!("{message}; its stderr: {line}")),
-                (err, _) => err,
-            }),
+            Ok(Ok((result, last_stderr))) => result.map_err(|err| with_stderr(self.trap(err), last_stderr)),
             Ok(Err(_)) => Err(CallError::Trap("the query thread failed".into())),
             Err(_) => Err(self.timed_out()),
         }
@@ -864,6 +858,15 @@ impl StoreParts {
                 message: format!("instantiation failed: {err:#}"),
             }),
         }
+    }
+}
+
+/// A trap's message with the last lines of the call's stderr: a Rust
+/// guest's panic message, what the trap alone does not say.
+fn with_stderr(err: CallError, last_stderr: Option<String>) -> CallError {
+    match (err, last_stderr) {
+        (CallError::Trap(message), Some(lines)) => CallError::Trap(format!("{message}; its stderr: {lines}")),
+        (err, _) => err,
     }
 }
 

@@ -30,7 +30,19 @@ pub(crate) fn runtime_on(
     instance_reuse: u32,
     store: Arc<dyn StateStore>,
 ) -> ServiceRuntime {
-    let engine = Engine::new().unwrap();
+    let limits = Limits { timeout: Duration::from_millis(timeout_ms), instance_reuse, ..Limits::default() };
+    service(name, Engine::new().unwrap(), limits, Grants::default(), store)
+}
+
+/// The component `name` on `engine`, with `limits` and `grants`, its state
+/// in `store`, its clock at 42 and a canary of 5 events and 2 failures.
+pub(crate) fn service(
+    name: &str,
+    engine: Engine,
+    limits: Limits,
+    grants: Grants,
+    store: Arc<dyn StateStore>,
+) -> ServiceRuntime {
     let component = LoadedComponent::from_file(&engine, &wasm(name)).unwrap();
     ServiceRuntime::new(
         engine,
@@ -40,9 +52,9 @@ pub(crate) fn runtime_on(
             store,
             config: HashMap::new(),
             clock: Arc::new(ManualClock::at(42)),
-            limits: Limits { timeout: Duration::from_millis(timeout_ms), instance_reuse, ..Limits::default() },
+            limits,
             canary: CanaryPolicy { events: 5, max_failures: 2 },
-            grants: Default::default(),
+            grants,
         },
     )
 }
