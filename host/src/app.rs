@@ -355,8 +355,8 @@ pub async fn run(
                 (name.clone(), crate::admin::Managed { service: service.clone(), wasm, status })
             })
             .collect();
-        let log = crate::dlq::KafkaLog::new(&brokers, &topics.physical(&topics.dead_letter));
-        let dead_letters = crate::dlq::DeadLetters::new(Arc::new(log), publisher.clone());
+        let log = crate::kafka::dlq::KafkaLog::new(&brokers, &topics.physical(&topics.dead_letter));
+        let dead_letters = crate::kafka::dlq::DeadLetters::new(Arc::new(log), publisher.clone());
         let console = crate::admin::ConsoleSettings {
             recent: recent_orders,
             order_component: manifest.gateway.order_component.clone(),

@@ -11,7 +11,6 @@ pub mod app;
 pub mod bus;
 pub mod clock;
 pub mod deadlines;
-pub mod dlq;
 pub mod envelope;
 pub mod gateway_backend;
 pub mod http;

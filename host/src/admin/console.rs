@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use shop_events::OrderPlaced;
 
 use super::{Admin, Managed};
-use crate::dlq::{DeadLetters, Filter};
+use crate::kafka::dlq::{DeadLetters, Filter};
 use crate::kafka::BrokerLink;
 use crate::runtime::Request;
 

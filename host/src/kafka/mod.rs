@@ -1,7 +1,9 @@
 //! The Kafka adapter: topic setup, the publisher (idempotent producer,
-//! acks=all) and one consumer group per component.
+//! acks=all), one consumer group per component, and the dead-letter list
+//! and replay ([`dlq`]).
 
 mod consumer;
+pub mod dlq;
 mod embedded;
 mod link;
 mod producer;
