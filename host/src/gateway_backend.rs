@@ -9,7 +9,7 @@ use shop_events::OrderPlaced;
 use crate::bus::{Outbound, Publisher};
 use crate::clock::Clock;
 use crate::envelope::Envelope;
-use crate::kafka::BrokerLink;
+use crate::status::BrokerLink;
 use crate::runtime::{Request, ServiceRuntime};
 use crate::traces;
 

@@ -11,7 +11,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::json;
 
-use crate::kafka::{BrokerLink, ConsumerStatus};
+use crate::kafka::ConsumerStatus;
+use crate::status::BrokerLink;
 use crate::metrics::ComponentMetrics;
 use crate::runtime::{CallError, Request, ServiceRuntime};
 

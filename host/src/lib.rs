@@ -24,5 +24,6 @@ pub mod runtime;
 pub mod scheduler;
 pub mod stages;
 pub mod state;
+pub mod status;
 pub mod traces;
 pub mod watch;

@@ -16,7 +16,7 @@ use shop_events::OrderPlaced;
 
 use super::{Admin, Managed};
 use crate::kafka::dlq::{DeadLetters, Filter};
-use crate::kafka::BrokerLink;
+use crate::status::BrokerLink;
 use crate::runtime::Request;
 
 /// The page. It holds no data: everything comes from `/overview` with the token.

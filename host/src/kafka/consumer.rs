@@ -22,7 +22,7 @@ use rdkafka::statistics::Statistics;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::BrokerLink;
+use crate::status::BrokerLink;
 use crate::bus::{Inbound, Publisher};
 use crate::deadlines::Watermark;
 use crate::pipeline::{Pipeline, Settled, Turn, settle};

@@ -20,7 +20,6 @@ use rdkafka::types::RDKafkaErrorCode;
 
 pub use consumer::{Abandoned, ConsumerSettings, ConsumerStatus, StatusSnapshot, run_supervised};
 pub use embedded::EmbeddedBroker;
-pub use link::{BrokerLink, Down};
 pub use producer::KafkaPublisher;
 
 /// The operator's librdkafka properties (`[kafka.properties]` and

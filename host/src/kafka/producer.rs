@@ -19,7 +19,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
 
-use super::BrokerLink;
+use crate::status::BrokerLink;
 use crate::bus::{Acked, Outbound, PublishError, Publisher};
 
 /// The producer's librdkafka context: reports the link, and notes a fatal
