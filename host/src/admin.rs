@@ -27,7 +27,7 @@ use serde_json::json;
 pub use console::{ConsoleSettings, RecentOrders, Recording};
 
 use crate::kafka::dlq::{DeadLetters, Filter, Selection};
-use crate::kafka::ConsumerStatus;
+use crate::status::ConsumerStatus;
 use crate::runtime::ServiceRuntime;
 
 /// Largest component accepted by upload.

@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::{Clock, SystemClock};
 use crate::deadlines::{DeadlineClock, OutageClock, Watermark};
-use crate::kafka::{self, ConsumerSettings, ConsumerStatus, EmbeddedBroker, KafkaPublisher};
-use crate::status::BrokerLink;
+use crate::kafka::{self, ConsumerSettings, EmbeddedBroker, KafkaPublisher};
+use crate::status::{BrokerLink, ConsumerStatus};
 use crate::manifest::{ComponentSettings, Manifest, StateBackend};
 use crate::pipeline::{Pipeline, RetryPolicy, Topics};
 use crate::runtime::{CanaryPolicy, Engine, Grants, Limits, LoadedComponent, ServiceRuntime, ServiceSpec};

@@ -11,8 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::json;
 
-use crate::kafka::ConsumerStatus;
-use crate::status::BrokerLink;
+use crate::status::{BrokerLink, ConsumerStatus};
 use crate::metrics::ComponentMetrics;
 use crate::runtime::{CallError, Request, ServiceRuntime};
 

@@ -25,8 +25,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::kafka::ConsumerStatus;
-use crate::status::BrokerLink;
+use crate::status::{BrokerLink, ConsumerStatus};
 use crate::runtime::{CallError, HandleError, ServiceRuntime};
 use crate::stages::Stage;
 

@@ -1,8 +1,10 @@
 //! The status floor: what the adapters observe and the others read, below
 //! every other module and importing none of them. The Kafka adapter reports
-//! the broker link; `/health`, `/metrics`, the admin API and the deadline
-//! clocks read it.
+//! the broker link and each consumer's status; `/health`, `/metrics`, the
+//! admin API and the deadline clocks read them.
 
+mod consumer;
 mod link;
 
+pub use consumer::{ConsumerStatus, StatusSnapshot};
 pub use link::{BrokerLink, Down};

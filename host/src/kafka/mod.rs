@@ -18,7 +18,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 
-pub use consumer::{Abandoned, ConsumerSettings, ConsumerStatus, StatusSnapshot, run_supervised};
+pub use consumer::{Abandoned, ConsumerSettings, run_supervised};
 pub use embedded::EmbeddedBroker;
 pub use producer::KafkaPublisher;
 
