@@ -22,7 +22,6 @@ pub mod metrics;
 pub mod pipeline;
 pub mod runtime;
 pub mod scheduler;
-pub mod stages;
 pub mod state;
 pub mod status;
 pub mod traces;

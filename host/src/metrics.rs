@@ -27,7 +27,7 @@ use prometheus_client::registry::Registry;
 
 use crate::status::{BrokerLink, ConsumerStatus};
 use crate::runtime::{CallError, HandleError, ServiceRuntime};
-use crate::stages::Stage;
+use crate::status::{Stage, StageHistograms};
 
 /// Bucket bounds of stage latencies, in seconds: stages take from
 /// microseconds (decode) to tens of milliseconds (an fsync, a publish).
@@ -78,17 +78,6 @@ struct RequestLabels {
     route: String,
     method: &'static str,
     status: u16,
-}
-
-/// One histogram per stage of one component, fed by [`crate::stages::Stages`].
-#[derive(Debug, Clone)]
-pub struct StageHistograms([Histogram; 7]);
-
-impl StageHistograms {
-    /// Adds one run of `stage` that took `elapsed`.
-    pub fn observe(&self, stage: Stage, elapsed: Duration) {
-        self.0[stage as usize].observe(elapsed.as_secs_f64());
-    }
 }
 
 /// The metrics of one component's port.
@@ -145,7 +134,7 @@ impl ComponentMetrics {
         Self { registry, component, failed, traps, rollbacks, stages }
     }
 
-    /// The histograms [`crate::stages::Stages`] feeds.
+    /// The histograms [`crate::status::Stages`] feeds.
     pub fn stage_histograms(&self) -> StageHistograms {
         self.stages.clone()
     }

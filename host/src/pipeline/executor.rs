@@ -20,7 +20,7 @@ use super::{Core, Disposition, TIMER_TOPIC};
 use crate::bus::{Inbound, Outbound};
 use crate::envelope::Envelope;
 use crate::runtime::{CALL_THREAD_STACK, CallError, Event};
-use crate::stages::Stage;
+use crate::status::Stage;
 use crate::state::{Commit, Durable, Overlay, StoreError, Timer, TimerChange};
 use crate::traces::{self, TraceParent};
 

@@ -31,7 +31,7 @@ pub use grants::{Grants, PublishGrants, WasiGrant, WasiGrants};
 pub use throttle::{CallKind, MAX_PENALTY, Throttle};
 
 use crate::clock::Clock;
-use crate::stages::Stage;
+use crate::status::Stage;
 use crate::state::{
     Commit, OutboxRecord, StateRead, StateStore, StoreError, StoreReader, TimerChange, Txn, TxnLimits, Write,
 };
@@ -290,7 +290,7 @@ pub struct ServiceRuntime {
     /// The instance kept for the next `handle` call, if reused.
     warm: std::sync::Mutex<Option<Warm>>,
     /// Time spent in each stage of the data path.
-    stages: crate::stages::Stages,
+    stages: crate::status::Stages,
 }
 
 /// Queries one service answers at once unless the manifest says otherwise.
@@ -338,12 +338,12 @@ impl ServiceRuntime {
             query_threads,
             throttle: Arc::new(Throttle::new(spec.limits.cpu_percent)),
             warm: std::sync::Mutex::new(None),
-            stages: crate::stages::Stages::default(),
+            stages: crate::status::Stages::default(),
         }
     }
 
     /// Time spent in each stage of this service's data path.
-    pub fn stages(&self) -> &crate::stages::Stages {
+    pub fn stages(&self) -> &crate::status::Stages {
         &self.stages
     }
 
