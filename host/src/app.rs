@@ -290,7 +290,7 @@ pub async fn run(
         let pipeline = Arc::new(Pipeline::new(service.clone(), topics.clone(), retry, clock.clone()));
         pipeline.set_max_record_bytes(manifest.kafka.max_record_bytes);
         let metrics = Arc::new(crate::metrics::ComponentMetrics::new(service.clone(), status.clone(), link.clone()));
-        pipeline.set_metrics(metrics.clone());
+        pipeline.set_metrics(metrics.faults().clone());
         service.stages().attach(metrics.stage_histograms());
         let consumer = ConsumerSettings {
             brokers: brokers.clone(),

@@ -120,7 +120,7 @@ struct Core {
     /// Largest record value handled; a larger one is dead-lettered as such.
     max_record_bytes: std::sync::atomic::AtomicUsize,
     /// Where failed attempts are counted, once set.
-    metrics: std::sync::OnceLock<Arc<crate::metrics::ComponentMetrics>>,
+    metrics: std::sync::OnceLock<crate::status::Faults>,
 }
 
 /// Default of [`Pipeline::set_max_record_bytes`].
@@ -147,7 +147,7 @@ impl Pipeline {
 
     /// Counts failed attempts (errors, traps, rollbacks) in `metrics`; the
     /// first call wins.
-    pub fn set_metrics(&self, metrics: Arc<crate::metrics::ComponentMetrics>) {
+    pub fn set_metrics(&self, metrics: crate::status::Faults) {
         let _ = self.core.metrics.set(metrics);
     }
 
