@@ -8,6 +8,7 @@ mod canary;
 mod deadline;
 mod engine;
 mod grants;
+mod guest_text;
 mod pool;
 mod stderr;
 mod throttle;
