@@ -16,6 +16,7 @@ pub mod gateway_backend;
 pub mod http;
 pub mod instance;
 pub mod kafka;
+pub mod limits;
 pub mod logs;
 pub mod manifest;
 pub mod metrics;

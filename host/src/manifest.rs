@@ -89,7 +89,7 @@ pub struct KafkaSettings {
 }
 
 fn default_max_record_bytes() -> usize {
-    crate::pipeline::DEFAULT_MAX_RECORD_BYTES
+    crate::limits::DEFAULT_MAX_RECORD_BYTES
 }
 
 fn default_partitions() -> i32 {
@@ -422,25 +422,25 @@ fn default_instance_reuse() -> u32 {
     1
 }
 fn default_stack_kib() -> usize {
-    crate::runtime::DEFAULT_STACK_BYTES >> 10
+    crate::limits::DEFAULT_STACK_BYTES >> 10
 }
 fn default_max_writes_per_call() -> usize {
-    crate::state::TxnLimits::default().max_writes
+    crate::limits::DEFAULT_MAX_WRITES
 }
 fn default_max_write_bytes_per_call() -> usize {
-    crate::state::TxnLimits::default().max_bytes
+    crate::limits::DEFAULT_MAX_WRITE_BYTES
 }
 fn default_max_timers_per_call() -> usize {
-    crate::state::TxnLimits::default().max_timers
+    crate::limits::DEFAULT_MAX_TIMERS
 }
 fn default_cpu_burst_ms() -> u64 {
-    crate::runtime::DEFAULT_BURST.as_millis() as u64
+    crate::limits::DEFAULT_BURST.as_millis() as u64
 }
 fn default_cpu_percent() -> u32 {
-    crate::runtime::DEFAULT_CPU_PERCENT
+    crate::limits::DEFAULT_CPU_PERCENT
 }
 fn default_max_concurrent_queries() -> usize {
-    crate::runtime::DEFAULT_MAX_QUERIES
+    crate::limits::DEFAULT_MAX_QUERIES
 }
 
 impl Manifest {
@@ -564,7 +564,7 @@ impl Manifest {
             if !(1..=100_000).contains(&c.instance_reuse) {
                 return Err(invalid(key("instance_reuse"), "must be between 1 and 100000"));
             }
-            let max_stack_kib = crate::runtime::MAX_STACK_BYTES >> 10;
+            let max_stack_kib = crate::limits::MAX_STACK_BYTES >> 10;
             if !(64..=max_stack_kib).contains(&c.stack_kib) {
                 return Err(invalid(key("stack_kib"), format!("must be between 64 and {max_stack_kib}")));
             }

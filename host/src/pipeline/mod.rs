@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::{Inbound, Outbound};
 use crate::clock::Clock;
 use crate::envelope::Envelope;
+use crate::limits::DEFAULT_MAX_RECORD_BYTES;
 use crate::runtime::{Event, OutgoingEvent, ServiceRuntime};
 use crate::state::{OutboxRecord, Timer};
 
@@ -122,9 +123,6 @@ struct Core {
     /// Where failed attempts are counted, once set.
     metrics: std::sync::OnceLock<crate::status::Faults>,
 }
-
-/// Default of [`Pipeline::set_max_record_bytes`].
-pub const DEFAULT_MAX_RECORD_BYTES: usize = 512 * 1024;
 
 impl Pipeline {
     /// A pipeline feeding `service`, with its executor thread.

@@ -31,6 +31,8 @@ pub use engine::{CALL_THREAD_STACK, DEFAULT_STACK_BYTES, EPOCH_TICK, Engine, MAX
 pub use grants::{Grants, PublishGrants, WasiGrant, WasiGrants};
 pub use throttle::{CallKind, MAX_PENALTY, Throttle};
 
+pub use crate::limits::{DEFAULT_BURST, DEFAULT_CPU_PERCENT, DEFAULT_MAX_QUERIES};
+
 use crate::clock::Clock;
 use crate::status::Stage;
 use crate::state::{
@@ -194,18 +196,6 @@ impl Default for Limits {
     }
 }
 
-/// How long a call runs at full speed unless the manifest says otherwise:
-/// a thousand times what one of the shop's events takes (about 0.1 ms),
-/// short enough that a spinning guest is slowed within a tenth of a second.
-/// A component whose calls compute longer on purpose raises it.
-pub const DEFAULT_BURST: std::time::Duration = std::time::Duration::from_millis(100);
-
-/// Share of a core a component gets past its burst, or while it keeps
-/// failing, unless the manifest says otherwise. At 10, a write bomb still
-/// took 10–15 % of another component's throughput in `bench isolation`:
-/// its copies and freed memory cost the others more than its CPU.
-pub const DEFAULT_CPU_PERCENT: u32 = 5;
-
 /// Wasm instances one store may create: a component's core modules and
 /// the adapters between them.
 const MAX_INSTANCES: usize = 16;
@@ -293,9 +283,6 @@ pub struct ServiceRuntime {
     /// Time spent in each stage of the data path.
     stages: crate::status::Stages,
 }
-
-/// Queries one service answers at once unless the manifest says otherwise.
-pub const DEFAULT_MAX_QUERIES: usize = 4;
 
 /// What a [`ServiceRuntime`] is built from.
 pub struct ServiceSpec {
