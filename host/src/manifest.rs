@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::runtime::{Grants, PublishGrants, WasiGrants};
+mod grants;
+
+pub use grants::{Grants, PublishGrants, WasiGrant, WasiGrants};
 
 /// A manifest that cannot be used, with the key at fault.
 #[derive(Debug, thiserror::Error)]

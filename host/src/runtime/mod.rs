@@ -28,7 +28,7 @@ pub use cache::ComponentCache;
 pub use canary::CanaryPolicy;
 pub use deadline::DeadlineExceeded;
 pub use engine::{CALL_THREAD_STACK, DEFAULT_STACK_BYTES, EPOCH_TICK, Engine, MAX_STACK_BYTES, MAX_TABLE_ELEMENTS};
-pub use grants::{Grants, PublishGrants, WasiGrant, WasiGrants};
+pub use crate::manifest::{Grants, PublishGrants, WasiGrant, WasiGrants};
 pub use throttle::{CallKind, MAX_PENALTY, Throttle};
 
 pub use crate::limits::{DEFAULT_BURST, DEFAULT_CPU_PERCENT, DEFAULT_MAX_QUERIES};
