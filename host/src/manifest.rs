@@ -9,8 +9,10 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 mod grants;
+mod properties;
 
 pub use grants::{Grants, PublishGrants, WasiGrant, WasiGrants};
+pub use properties::{RESERVED_PROPERTIES, check_properties};
 
 /// A manifest that cannot be used, with the key at fault.
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +87,7 @@ pub struct KafkaSettings {
     /// librdkafka properties given to every client (producers, consumers,
     /// admin): TLS (`security.protocol`, `ssl.*`), SASL (`sasl.*`) and the
     /// like. `HOST_KAFKA_PROPERTIES` adds to them and wins. Keys the host
-    /// sets for its guarantees are refused (`crate::kafka::RESERVED_PROPERTIES`).
+    /// sets for its guarantees are refused ([`RESERVED_PROPERTIES`]).
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
 }
@@ -500,7 +502,7 @@ impl Manifest {
         if let Some(id) = &k.instance_id {
             check_name("kafka.instance_id", id, false)?;
         }
-        crate::kafka::check_properties(&k.properties)
+        check_properties(&k.properties)
             .map_err(|(key, message)| invalid(format!("kafka.properties.{key:?}"), message))?;
         if self.components.is_empty() {
             return Err(invalid("components", "at least one component is required"));
