@@ -1,10 +1,15 @@
 //! The shop host: runs service components (Wasm) on Kafka, each on its own
 //! HTTP port, behind the API gateway.
 //!
-//! Ports and adapters: the WIT world (`wit/`) is the set of ports;
-//! [`kafka`], [`http`], [`state`] and [`clock`] are adapters, each with an
-//! in-memory twin ([`bus::MemoryBus`], [`state::MemoryStore`],
-//! [`clock::ManualClock`]) for fast tests. [`app`] wires them together.
+//! The modules stand on floors, each importing only those below it (see
+//! docs/architecture.md; a unit test holds them): [`limits`]; the leaves
+//! [`clock`], [`manifest`] and [`status`]; the ports [`bus`] and [`state`]
+//! (with in-memory twins, [`bus::MemoryBus`] and [`state::MemoryStore`],
+//! beside [`clock::ManualClock`]); the [`runtime`]; the delivery core
+//! ([`pipeline`], [`scheduler`], [`envelope`], [`deadlines`], [`traces`]);
+//! the adapters ([`kafka`], [`http`], [`admin`], [`metrics`], [`logs`],
+//! [`gateway_backend`], [`watch`], [`instance`]); and [`app`], which wires
+//! them together.
 
 pub mod admin;
 pub mod app;
@@ -27,3 +32,6 @@ pub mod state;
 pub mod status;
 pub mod traces;
 pub mod watch;
+
+#[cfg(test)]
+mod floors_tests;
