@@ -15,11 +15,11 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::{Clock, SystemClock};
 use crate::deadlines::{DeadlineClock, OutageClock, Watermark};
 use crate::kafka::{self, ConsumerSettings, EmbeddedBroker, KafkaPublisher};
-use crate::status::{BrokerLink, ConsumerStatus};
 use crate::manifest::{ComponentSettings, Manifest, StateBackend};
 use crate::pipeline::{Pipeline, RetryPolicy, Topics};
 use crate::runtime::{CanaryPolicy, Engine, Grants, Limits, LoadedComponent, ServiceRuntime, ServiceSpec};
 use crate::state::{DurableStore, PgStores, StateStore, TxnLimits};
+use crate::status::{BrokerLink, ConsumerStatus};
 
 /// What one host serves of the manifest: several hosts, each serving a
 /// subset, share the work of one app through Kafka's consumer groups and

@@ -75,7 +75,8 @@ fn test_modules(path: &Path, text: &str) -> Vec<std::path::PathBuf> {
     let mut files = Vec::new();
     let mut previous = "";
     for line in text.lines() {
-        let declared = line.trim().split_once("mod ").filter(|(before, _)| before.is_empty() || before.starts_with("pub"));
+        let declared =
+            line.trim().split_once("mod ").filter(|(before, _)| before.is_empty() || before.starts_with("pub"));
         let declared = declared.map(|(_, name)| name);
         if let Some(name) = declared.and_then(|d| d.strip_suffix(';')).filter(|_| previous.trim() == "#[cfg(test)]") {
             files.push(base.join(format!("{name}.rs")));

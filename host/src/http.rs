@@ -11,9 +11,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::json;
 
-use crate::status::{BrokerLink, ConsumerStatus};
 use crate::metrics::ComponentMetrics;
 use crate::runtime::{CallError, Request, ServiceRuntime};
+use crate::status::{BrokerLink, ConsumerStatus};
 
 /// Largest request body forwarded to a component.
 const MAX_BODY_BYTES: usize = 64 * 1024;

@@ -25,9 +25,8 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::status::{BrokerLink, ConsumerStatus};
 use crate::runtime::{CallError, HandleError, ServiceRuntime};
-use crate::status::{Fault, Faults, Stage, StageHistograms};
+use crate::status::{BrokerLink, ConsumerStatus, Fault, Faults, Stage, StageHistograms};
 
 /// Bucket bounds of stage latencies, in seconds: stages take from
 /// microseconds (decode) to tens of milliseconds (an fsync, a publish).

@@ -16,8 +16,8 @@ use shop_events::OrderPlaced;
 
 use super::{Admin, Managed};
 use crate::kafka::dlq::{DeadLetters, Filter};
-use crate::status::BrokerLink;
 use crate::runtime::Request;
+use crate::status::BrokerLink;
 
 /// The page. It holds no data: everything comes from `/overview` with the token.
 const PAGE: &str = include_str!("../../static/console.html");

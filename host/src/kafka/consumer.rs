@@ -21,10 +21,10 @@ use rdkafka::message::{Headers as _, Message as _};
 use rdkafka::statistics::Statistics;
 use tokio_util::sync::CancellationToken;
 
-use crate::status::{BrokerLink, ConsumerStatus};
 use crate::bus::{Inbound, Publisher};
 use crate::deadlines::Watermark;
 use crate::pipeline::{Pipeline, Settled, Turn, settle};
+use crate::status::{BrokerLink, ConsumerStatus};
 use tokio::sync::oneshot;
 
 /// Records handled but not yet acknowledged, at most.

@@ -22,22 +22,22 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Store, StoreContextMut, StoreLimitsBuilder, Trap, UpdateDeadline};
 
+pub use crate::manifest::{Grants, PublishGrants, WasiGrant, WasiGrants};
 pub use bindings::MAX_RESOURCES;
 pub use bindings::{Event, HandleError, HostState, OutgoingEvent, Request, Response};
 pub use cache::ComponentCache;
 pub use canary::CanaryPolicy;
 pub use deadline::DeadlineExceeded;
 pub use engine::{CALL_THREAD_STACK, DEFAULT_STACK_BYTES, EPOCH_TICK, Engine, MAX_STACK_BYTES, MAX_TABLE_ELEMENTS};
-pub use crate::manifest::{Grants, PublishGrants, WasiGrant, WasiGrants};
 pub use throttle::{CallKind, MAX_PENALTY, Throttle};
 
 pub use crate::limits::{DEFAULT_BURST, DEFAULT_CPU_PERCENT, DEFAULT_MAX_QUERIES};
 
 use crate::clock::Clock;
-use crate::status::Stage;
 use crate::state::{
     Commit, OutboxRecord, StateRead, StateStore, StoreError, StoreReader, TimerChange, Txn, TxnLimits, Write,
 };
+use crate::status::Stage;
 
 /// A component that cannot be served.
 #[derive(Debug, thiserror::Error)]
