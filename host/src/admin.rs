@@ -6,7 +6,7 @@
 //!   to reload the file named in the manifest.
 //! - `POST /components/{name}/rollback`: serve again the version the last
 //!   reload replaced (the host keeps the last four, compiled); 409 if none.
-//! - `GET /dlq?component=&since=`: the dead letters (see [`crate::dlq`]).
+//! - `GET /dlq?component=&since=`: the dead letters (see [`crate::kafka::dlq`]).
 //! - `POST /dlq/replay`: `{"ids": ["0/42"]}` or `{"all": true, "component":
 //!   "email"}`; answers what was replayed and what was refused, and why.
 //! - `GET /overview`, and `GET /console` (the one route without a token: a
@@ -26,9 +26,9 @@ use serde_json::json;
 
 pub use console::{ConsoleSettings, RecentOrders, Recording};
 
-use crate::dlq::{DeadLetters, Filter, Selection};
-use crate::kafka::ConsumerStatus;
+use crate::kafka::dlq::{DeadLetters, Filter, Selection};
 use crate::runtime::ServiceRuntime;
+use crate::status::ConsumerStatus;
 
 /// Largest component accepted by upload.
 const MAX_UPLOAD_BYTES: usize = 64 * 1024 * 1024;
@@ -205,11 +205,12 @@ fn unavailable(err: &anyhow::Error) -> Response {
 async fn dlq_list(State(admin): State<Admin>, Query(query): Query<DlqQuery>) -> Response {
     let Some(dead_letters) = admin.dead_letters.as_ref() else { return no_dead_letters() };
     let now_ms = i64::try_from(crate::clock::unix_ms(std::time::SystemTime::now())).unwrap_or(i64::MAX);
-    let since_ms = match query.since.as_deref().filter(|s| !s.is_empty()).map(|s| crate::dlq::parse_since(s, now_ms)) {
-        Some(Err(message)) => return error(StatusCode::BAD_REQUEST, "invalid_since", &message),
-        Some(Ok(ms)) => Some(ms),
-        None => None,
-    };
+    let since_ms =
+        match query.since.as_deref().filter(|s| !s.is_empty()).map(|s| crate::kafka::dlq::parse_since(s, now_ms)) {
+            Some(Err(message)) => return error(StatusCode::BAD_REQUEST, "invalid_since", &message),
+            Some(Ok(ms)) => Some(ms),
+            None => None,
+        };
     let filter = Filter { component: query.component.filter(|c| !c.is_empty()), since_ms };
     match dead_letters.list(&filter).await {
         Ok(letters) => Json(json!({ "topic": dead_letters.topic(), "dead_letters": letters })).into_response(),

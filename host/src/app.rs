@@ -14,65 +14,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::{Clock, SystemClock};
 use crate::deadlines::{DeadlineClock, OutageClock, Watermark};
-use crate::kafka::{self, BrokerLink, ConsumerSettings, ConsumerStatus, EmbeddedBroker, KafkaPublisher};
+use crate::kafka::{self, ConsumerSettings, EmbeddedBroker, KafkaPublisher};
 use crate::manifest::{ComponentSettings, Manifest, StateBackend};
 use crate::pipeline::{Pipeline, RetryPolicy, Topics};
 use crate::runtime::{CanaryPolicy, Engine, Grants, Limits, LoadedComponent, ServiceRuntime, ServiceSpec};
 use crate::state::{HostStore, PgStores, StateStore, TxnLimits};
+use crate::status::{BrokerLink, ConsumerStatus};
 
-/// What one host serves of the manifest: several hosts, each serving a
-/// subset, share the work of one app through Kafka's consumer groups and
-/// one PostgreSQL.
-#[derive(Debug, Clone)]
-pub struct Serving {
-    /// Components this host runs (consumes for, serves the port of);
-    /// `None`: all of the manifest's.
-    pub components: Option<std::collections::BTreeSet<String>>,
-    /// Whether this host serves the gateway.
-    pub gateway: bool,
-    /// Static group member id of this host; `None`: `kafka.instance_id`,
-    /// else one of its own (see [`crate::instance`]).
-    pub instance_id: Option<String>,
-}
+mod serving;
 
-impl Default for Serving {
-    fn default() -> Self {
-        Self { components: None, gateway: true, instance_id: None }
-    }
-}
-
-impl Serving {
-    /// Whether this host runs component `name`.
-    pub fn runs(&self, name: &str) -> bool {
-        self.components.as_ref().is_none_or(|c| c.contains(name))
-    }
-
-    /// Checks the selection against the manifest.
-    ///
-    /// # Errors
-    /// An unknown component, nothing to serve, or a gateway that could not
-    /// read the order component's state.
-    pub fn validate(&self, manifest: &Manifest) -> anyhow::Result<()> {
-        if let Some(components) = &self.components {
-            if let Some(unknown) = components.iter().find(|c| !manifest.components.contains_key(*c)) {
-                let known: Vec<&String> = manifest.components.keys().collect();
-                anyhow::bail!("--components: no component named {unknown:?} in the manifest (it has {known:?})");
-            }
-            anyhow::ensure!(
-                self.gateway || !components.is_empty(),
-                "nothing to serve: --no-gateway and no --components"
-            );
-        }
-        let order = &manifest.gateway.order_component;
-        anyhow::ensure!(
-            !self.gateway || self.runs(order) || manifest.state.backend == StateBackend::Postgres,
-            "the gateway answers GET /order/{{id}} from the state of component {order:?}, which this host does not run: \
-             with the redb backend that state is local to the host running {order:?}; serve it here (--components) or \
-             use the postgres backend ([state] backend = \"postgres\")"
-        );
-        Ok(())
-    }
-}
+pub use serving::Serving;
 
 /// Opens the store of each component in `names`.
 fn open_stores(manifest: &Manifest, names: &[String]) -> anyhow::Result<BTreeMap<String, Arc<dyn StateStore>>> {
@@ -178,6 +129,115 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     serving.validate(&manifest)?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let services = load_services(&manifest, &serving, &clock).await?;
+    let instance = crate::instance::resolve(&manifest, serving.instance_id.as_deref())?;
+    tracing::info!(instance = %instance.id(), components = ?services.keys().filter(|n| serving.runs(n)).collect::<Vec<_>>(), gateway = serving.gateway, state = ?manifest.state.backend, "serving");
+    let listeners = bind_listeners(&manifest, &serving).await?;
+
+    let topics =
+        Topics { prefix: manifest.kafka.topic_prefix.clone(), dead_letter: manifest.kafka.dead_letter_topic.clone() };
+    let (_embedded, brokers) = connect(&manifest, brokers, &topics).await?;
+    let link = BrokerLink::default();
+    let publisher = Arc::new(KafkaPublisher::connect(&brokers, link.clone())?);
+    relay_left_over(&manifest, &serving, &services, &topics, &publisher, &clock).await;
+
+    let drain_timeout = Duration::from_millis(manifest.runtime.drain_timeout_ms);
+    let abandoned = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(probe_while_down(publisher.clone(), link.clone(), shutdown.clone()));
+    let names = listeners.components.iter().map(|(name, _)| name.clone());
+    let (watermarks, deadlines) = deadline_clocks(&manifest, &services, names, &clock, &link);
+    let host = Host {
+        brokers,
+        topics,
+        link,
+        publisher,
+        clock,
+        deadlines,
+        drain_timeout,
+        instance_id: instance.id().to_owned(),
+        abandoned,
+        shutdown,
+    };
+    let mut statuses = BTreeMap::new();
+    let recent_orders = crate::admin::RecentOrders::default();
+    for (name, listener) in listeners.components {
+        let watermark = watermarks[&name].clone();
+        let status =
+            spawn_component(&host, &mut tasks, &manifest, services[&name].clone(), (name.clone(), listener), watermark);
+        statuses.insert(name, status);
+    }
+    let gateway_publisher = match listeners.gateway {
+        Some(listener) => Some(spawn_gateway(&host, &mut tasks, &manifest, &services, listener, &recent_orders)?),
+        None => None,
+    };
+    if let (Some(listener), Some(token)) = (listeners.admin, &manifest.admin.token) {
+        let admin = admin_app(&host, &manifest, &services, &statuses, token, recent_orders);
+        tasks.spawn(serve(listener, admin, host.shutdown.clone(), "admin".into()));
+    }
+    let gateway_port = serving.gateway.then_some(manifest.gateway.port);
+    tracing::info!(gateway = ?gateway_port, brokers = %host.brokers, "host ready");
+
+    wait_for_tasks(tasks, &host).await;
+    host.publisher.flush(CLOSE_GRACE);
+    if let Some(orders) = gateway_publisher {
+        orders.flush(CLOSE_GRACE);
+    }
+    drop(instance);
+    let abandoned = host.abandoned.load(std::sync::atomic::Ordering::SeqCst);
+    anyhow::ensure!(
+        abandoned == 0,
+        "stopped, abandoning {abandoned} records or tasks in flight (they will be delivered again)"
+    );
+    tracing::info!("host stopped");
+    Ok(())
+}
+
+/// Timers are due once every consumer here has caught up, not counting
+/// the broker's outages: one watermark per component consuming here, and
+/// the clock timers are due by. Guests compare deadlines with the outage
+/// clock.
+fn deadline_clocks(
+    manifest: &Manifest,
+    services: &BTreeMap<String, Arc<ServiceRuntime>>,
+    consuming: impl Iterator<Item = String>,
+    clock: &Arc<dyn Clock>,
+    link: &BrokerLink,
+) -> (BTreeMap<String, Watermark>, Arc<dyn Clock>) {
+    let watermarks: BTreeMap<String, Watermark> = consuming.map(|name| (name, Watermark::default())).collect();
+    let outage_window = Duration::from_millis(manifest.runtime.deadline_outage_window_ms);
+    let outage = Arc::new(OutageClock::new(clock.clone(), link.clone(), outage_window));
+    let deadlines: Arc<dyn Clock> =
+        Arc::new(DeadlineClock::new(outage.clone(), watermarks.values().cloned().collect()));
+    for service in services.values() {
+        service.set_deadline_clock(outage.clone());
+    }
+    (watermarks, deadlines)
+}
+
+/// What every part the host starts shares.
+struct Host {
+    brokers: String,
+    topics: Topics,
+    link: BrokerLink,
+    publisher: Arc<KafkaPublisher>,
+    clock: Arc<dyn Clock>,
+    /// The clock timers are due by.
+    deadlines: Arc<dyn Clock>,
+    drain_timeout: Duration,
+    instance_id: String,
+    /// Records or tasks abandoned at shutdown.
+    abandoned: Arc<std::sync::atomic::AtomicUsize>,
+    shutdown: CancellationToken,
+}
+
+/// Compiles and loads the components this host runs, and the gateway's
+/// order component, which it may only query, each on its own store.
+async fn load_services(
+    manifest: &Manifest,
+    serving: &Serving,
+    clock: &Arc<dyn Clock>,
+) -> anyhow::Result<BTreeMap<String, Arc<ServiceRuntime>>> {
     let engine = Engine::with_cache(Some(manifest.runtime.cache_dir.clone()))?;
     // The components this host runs, and the gateway's order component,
     // which it may only query.
@@ -204,11 +264,21 @@ pub async fn run(
         let spec = service_spec(name, settings, component, store, clock.clone(), grants);
         services.insert(name.clone(), Arc::new(ServiceRuntime::new(engine.clone(), spec)));
     }
-    let instance = crate::instance::resolve(&manifest, serving.instance_id.as_deref())?;
-    tracing::info!(instance = %instance.id(), components = ?services.keys().filter(|n| serving.runs(n)).collect::<Vec<_>>(), gateway = serving.gateway, state = ?manifest.state.backend, "serving");
+    Ok(services)
+}
 
+/// The ports this host serves, bound before anything touches Kafka.
+struct Listeners {
+    gateway: Option<TcpListener>,
+    admin: Option<TcpListener>,
+    /// Each component's port, by name.
+    components: Vec<(String, TcpListener)>,
+}
+
+/// Binds every port this host serves.
+async fn bind_listeners(manifest: &Manifest, serving: &Serving) -> anyhow::Result<Listeners> {
     let gateway_listener = match serving.gateway {
-        true => Some(bind(&manifest, manifest.gateway.port, "the gateway").await?),
+        true => Some(bind(manifest, manifest.gateway.port, "the gateway").await?),
         false => None,
     };
     let admin_listener = match &manifest.admin.token {
@@ -223,14 +293,22 @@ pub async fn run(
     };
     let mut listeners = Vec::new();
     for (name, settings) in manifest.components.iter().filter(|(name, _)| serving.runs(name)) {
-        listeners.push((name.clone(), bind(&manifest, settings.port, &format!("component {name:?}")).await?));
+        listeners.push((name.clone(), bind(manifest, settings.port, &format!("component {name:?}")).await?));
     }
+    Ok(Listeners { gateway: gateway_listener, admin: admin_listener, components: listeners })
+}
 
-    let topics =
-        Topics { prefix: manifest.kafka.topic_prefix.clone(), dead_letter: manifest.kafka.dead_letter_topic.clone() };
+/// The brokers to use, with every topic of the app created: `brokers`, else
+/// the manifest's, else an embedded broker (returned: it lives as long as
+/// it is held).
+async fn connect(
+    manifest: &Manifest,
+    brokers: Option<String>,
+    topics: &Topics,
+) -> anyhow::Result<(Option<EmbeddedBroker>, String)> {
     let physical: Vec<String> = manifest.logical_topics().iter().map(|t| topics.physical(t)).collect();
     let brokers = brokers.or_else(|| manifest.kafka.brokers.clone());
-    let (_embedded, brokers) = match brokers {
+    Ok(match brokers {
         Some(brokers) => {
             kafka::ensure_topics(&brokers, &physical, manifest.kafka.partitions, manifest.kafka.replication_factor)
                 .await?;
@@ -245,12 +323,19 @@ pub async fn run(
             );
             (Some(embedded), address)
         }
-    };
-    let link = BrokerLink::default();
-    let publisher = Arc::new(KafkaPublisher::connect(&brokers, link.clone())?);
+    })
+}
 
-    // What was committed but not acknowledged before the last stop goes out
-    // first, before anything new is handled.
+/// Publishes what was committed but not acknowledged before the last stop,
+/// before anything new is handled.
+async fn relay_left_over(
+    manifest: &Manifest,
+    serving: &Serving,
+    services: &BTreeMap<String, Arc<ServiceRuntime>>,
+    topics: &Topics,
+    publisher: &Arc<KafkaPublisher>,
+    clock: &Arc<dyn Clock>,
+) {
     // On a shared store, younger entries may be another live host's, being
     // published right now: the periodic relay takes them if they stay.
     let started_ms = match manifest.state.backend {
@@ -259,122 +344,135 @@ pub async fn run(
     };
     for (name, service) in services.iter().filter(|(name, _)| serving.runs(name)) {
         let dead_letters = topics.physical(&topics.dead_letter);
-        match crate::scheduler::relay(service, &*publisher, started_ms, &dead_letters).await {
+        match crate::scheduler::relay(service, &**publisher, started_ms, &dead_letters).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(component = %name, entries = n, "published the outbox left by the last run"),
             // Kept: the periodic relay tries again.
             Err(err) => tracing::error!(component = %name, "cannot publish the outbox left by the last run: {err:#}"),
         }
     }
+}
 
-    let drain_timeout = Duration::from_millis(manifest.runtime.drain_timeout_ms);
-    let abandoned = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(probe_while_down(publisher.clone(), link.clone(), shutdown.clone()));
-    // Timers are due once every consumer here has caught up, not counting
-    // the broker's outages.
-    let watermarks: BTreeMap<String, Watermark> =
-        listeners.iter().map(|(name, _)| (name.clone(), Watermark::default())).collect();
-    let outage_window = Duration::from_millis(manifest.runtime.deadline_outage_window_ms);
-    let outage = Arc::new(OutageClock::new(clock.clone(), link.clone(), outage_window));
-    let deadlines: Arc<dyn Clock> =
-        Arc::new(DeadlineClock::new(outage.clone(), watermarks.values().cloned().collect()));
-    for service in services.values() {
-        service.set_deadline_clock(outage.clone());
-    }
-    let mut statuses = BTreeMap::new();
-    let recent_orders = crate::admin::RecentOrders::default();
-    for (name, listener) in listeners {
-        let settings = &manifest.components[&name];
-        let service = services[&name].clone();
-        let status = ConsumerStatus::default();
-        statuses.insert(name.clone(), status.clone());
-        let retry = RetryPolicy { max_attempts: settings.max_attempts, ..RetryPolicy::default() };
-        let pipeline = Arc::new(Pipeline::new(service.clone(), topics.clone(), retry, clock.clone()));
-        pipeline.set_max_record_bytes(manifest.kafka.max_record_bytes);
-        let metrics = Arc::new(crate::metrics::ComponentMetrics::new(service.clone(), status.clone(), link.clone()));
-        pipeline.set_metrics(metrics.clone());
-        service.stages().attach(metrics.stage_histograms());
-        let consumer = ConsumerSettings {
-            brokers: brokers.clone(),
-            group: format!("{}{}", topics.prefix, settings.group),
-            topics: settings.topics.iter().map(|t| topics.physical(t)).collect(),
-            instance_id: Some(format!("{}-{name}", instance.id())),
-            drain_timeout,
-            link: link.clone(),
-            watermark: watermarks[&name].clone(),
-        };
-        tasks.spawn(crate::scheduler::run(
-            pipeline.clone(),
-            publisher.clone(),
-            clock.clone(),
-            deadlines.clone(),
-            shutdown.clone(),
-        ));
-        let consuming = kafka::run_supervised(pipeline, publisher.clone(), consumer, status.clone(), shutdown.clone());
-        let abandoned = abandoned.clone();
-        tasks.spawn(async move {
-            if let Err(kafka::Abandoned(n)) = consuming.await {
-                abandoned.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
-            }
-        });
-        if manifest.runtime.watch {
-            let timing = crate::watch::WatchTiming::default();
-            tasks.spawn(crate::watch::watch(service.clone(), settings.wasm.clone(), timing, shutdown.clone()));
+/// Starts one component: its pipeline, timers and relay, consumer, file
+/// watch and port. Returns the status its consumer reports to.
+fn spawn_component(
+    host: &Host,
+    tasks: &mut tokio::task::JoinSet<()>,
+    manifest: &Manifest,
+    service: Arc<ServiceRuntime>,
+    (name, listener): (String, TcpListener),
+    watermark: Watermark,
+) -> ConsumerStatus {
+    let (topics, link, shutdown) = (&host.topics, &host.link, &host.shutdown);
+    let settings = &manifest.components[&name];
+    let status = ConsumerStatus::default();
+    let retry = RetryPolicy { max_attempts: settings.max_attempts, ..RetryPolicy::default() };
+    let pipeline = Arc::new(Pipeline::new(service.clone(), topics.clone(), retry, host.clock.clone()));
+    pipeline.set_max_record_bytes(manifest.kafka.max_record_bytes);
+    let metrics = Arc::new(crate::metrics::ComponentMetrics::new(service.clone(), status.clone(), link.clone()));
+    pipeline.set_metrics(metrics.faults().clone());
+    service.stages().attach(metrics.stage_histograms());
+    let consumer = ConsumerSettings {
+        brokers: host.brokers.clone(),
+        group: format!("{}{}", topics.prefix, settings.group),
+        topics: settings.topics.iter().map(|t| topics.physical(t)).collect(),
+        instance_id: Some(format!("{}-{name}", host.instance_id)),
+        drain_timeout: host.drain_timeout,
+        link: link.clone(),
+        watermark,
+    };
+    tasks.spawn(crate::scheduler::run(
+        pipeline.clone(),
+        host.publisher.clone(),
+        host.clock.clone(),
+        host.deadlines.clone(),
+        shutdown.clone(),
+    ));
+    let consuming = kafka::run_supervised(pipeline, host.publisher.clone(), consumer, status.clone(), shutdown.clone());
+    let abandoned = host.abandoned.clone();
+    tasks.spawn(async move {
+        if let Err(kafka::Abandoned(n)) = consuming.await {
+            abandoned.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
         }
-        let router = crate::http::component_app(service, status, link.clone(), metrics);
-        tasks.spawn(serve(listener, router, shutdown.clone(), name));
+    });
+    if manifest.runtime.watch {
+        let timing = crate::watch::WatchTiming::default();
+        tasks.spawn(crate::watch::watch(service.clone(), settings.wasm.clone(), timing, shutdown.clone()));
     }
-    let mut gateway_publisher = None;
-    if let Some(listener) = gateway_listener {
-        // Its own producer: an order not acknowledged in time is answered
-        // 503 and dropped, not sent later behind the client's back.
-        let publish_timeout = Duration::from_millis(manifest.gateway.publish_timeout_ms);
-        let orders = Arc::new(KafkaPublisher::connect_with_timeout(&brokers, link.clone(), publish_timeout)?);
-        gateway_publisher = Some(orders.clone());
-        let backend = crate::gateway_backend::GatewayBackend {
-            publisher: orders,
-            orders_topic: topics.physical(shop_events::topics::ORDERS),
-            orders: services[&manifest.gateway.order_component].clone(),
-            clock,
-            link: link.clone(),
-        };
-        // Remembers the orders it takes, for the admin console.
-        let backend = Arc::new(crate::admin::Recording::new(backend, recent_orders.clone()));
-        let settings = gateway::Settings { publish_timeout, ..gateway::Settings::default() };
-        let router = gateway::app_with(backend, settings);
-        // A caller's trace context reaches the order it places.
-        let router = router.layer(axum::middleware::from_fn(crate::traces::from_request));
-        // Timed by matched route, and `/metrics` beside the gateway's own routes.
-        let router = Arc::new(crate::metrics::GatewayMetrics::new(link.clone())).instrument(router);
-        // With a header read timeout, which axum::serve cannot set.
-        tasks.spawn(gateway::serve(listener, router, settings, shutdown.clone().cancelled_owned()));
-    }
-    if let (Some(listener), Some(token)) = (admin_listener, &manifest.admin.token) {
-        let managed = services
-            .iter()
-            .map(|(name, service)| {
-                let wasm = manifest.components[name].wasm.clone();
-                let status = statuses.get(name).cloned();
-                (name.clone(), crate::admin::Managed { service: service.clone(), wasm, status })
-            })
-            .collect();
-        let log = crate::dlq::KafkaLog::new(&brokers, &topics.physical(&topics.dead_letter));
-        let dead_letters = crate::dlq::DeadLetters::new(Arc::new(log), publisher.clone());
-        let console = crate::admin::ConsoleSettings {
-            recent: recent_orders,
-            order_component: manifest.gateway.order_component.clone(),
-            link: link.clone(),
-        };
-        let admin = crate::admin::admin_app_with_console(managed, token, Some(dead_letters), console);
-        tasks.spawn(serve(listener, admin, shutdown.clone(), "admin".into()));
-    }
-    let gateway_port = serving.gateway.then_some(manifest.gateway.port);
-    tracing::info!(gateway = ?gateway_port, brokers = %brokers, "host ready");
+    let router = crate::http::component_app(service, status.clone(), link.clone(), metrics);
+    tasks.spawn(serve(listener, router, shutdown.clone(), name));
+    status
+}
 
-    // Until shutdown, a task that fails stops the host. From shutdown on,
-    // every task has the drain timeout (and a few seconds to close) to end;
-    // whatever is left then is abandoned.
+/// Starts the gateway on `listener`. Returns its producer, to flush at the end.
+fn spawn_gateway(
+    host: &Host,
+    tasks: &mut tokio::task::JoinSet<()>,
+    manifest: &Manifest,
+    services: &BTreeMap<String, Arc<ServiceRuntime>>,
+    listener: TcpListener,
+    recent_orders: &crate::admin::RecentOrders,
+) -> anyhow::Result<Arc<KafkaPublisher>> {
+    let (topics, link) = (&host.topics, &host.link);
+    // Its own producer: an order not acknowledged in time is answered
+    // 503 and dropped, not sent later behind the client's back.
+    let publish_timeout = Duration::from_millis(manifest.gateway.publish_timeout_ms);
+    let orders = Arc::new(KafkaPublisher::connect_with_timeout(&host.brokers, link.clone(), publish_timeout)?);
+    let gateway_publisher = orders.clone();
+    let backend = crate::gateway_backend::GatewayBackend {
+        publisher: orders,
+        orders_topic: topics.physical(shop_events::topics::ORDERS),
+        orders: services[&manifest.gateway.order_component].clone(),
+        clock: host.clock.clone(),
+        link: link.clone(),
+    };
+    // Remembers the orders it takes, for the admin console.
+    let backend = Arc::new(crate::admin::Recording::new(backend, recent_orders.clone()));
+    let settings = gateway::Settings { publish_timeout, ..gateway::Settings::default() };
+    let router = gateway::app_with(backend, settings);
+    // A caller's trace context reaches the order it places.
+    let router = router.layer(axum::middleware::from_fn(crate::traces::from_request));
+    // Timed by matched route, and `/metrics` beside the gateway's own routes.
+    let router = Arc::new(crate::metrics::GatewayMetrics::new(link.clone())).instrument(router);
+    // With a header read timeout, which axum::serve cannot set.
+    tasks.spawn(gateway::serve(listener, router, settings, host.shutdown.clone().cancelled_owned()));
+    Ok(gateway_publisher)
+}
+
+/// The admin API over every service loaded here, the dead letters and the
+/// console.
+fn admin_app(
+    host: &Host,
+    manifest: &Manifest,
+    services: &BTreeMap<String, Arc<ServiceRuntime>>,
+    statuses: &BTreeMap<String, ConsumerStatus>,
+    token: &str,
+    recent_orders: crate::admin::RecentOrders,
+) -> axum::Router {
+    let (brokers, topics, publisher) = (&host.brokers, &host.topics, &host.publisher);
+    let managed = services
+        .iter()
+        .map(|(name, service)| {
+            let wasm = manifest.components[name].wasm.clone();
+            let status = statuses.get(name).cloned();
+            (name.clone(), crate::admin::Managed { service: service.clone(), wasm, status })
+        })
+        .collect();
+    let log = crate::kafka::dlq::KafkaLog::new(brokers, &topics.physical(&topics.dead_letter));
+    let dead_letters = crate::kafka::dlq::DeadLetters::new(Arc::new(log), publisher.clone());
+    let console = crate::admin::ConsoleSettings {
+        recent: recent_orders,
+        order_component: manifest.gateway.order_component.clone(),
+        link: host.link.clone(),
+    };
+    crate::admin::admin_app_with_console(managed, token, Some(dead_letters), console)
+}
+
+/// Until shutdown, a task that fails stops the host. From shutdown on,
+/// every task has the drain timeout (and a few seconds to close) to end;
+/// whatever is left then is abandoned.
+async fn wait_for_tasks(mut tasks: tokio::task::JoinSet<()>, host: &Host) {
+    let (shutdown, drain_timeout, abandoned) = (&host.shutdown, host.drain_timeout, &host.abandoned);
     let mut deadline = None;
     loop {
         let stop_by = deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86_400));
@@ -399,18 +497,6 @@ pub async fn run(
             }
         }
     }
-    publisher.flush(CLOSE_GRACE);
-    if let Some(orders) = gateway_publisher {
-        orders.flush(CLOSE_GRACE);
-    }
-    drop(instance);
-    let abandoned = abandoned.load(std::sync::atomic::Ordering::SeqCst);
-    anyhow::ensure!(
-        abandoned == 0,
-        "stopped, abandoning {abandoned} records or tasks in flight (they will be delivered again)"
-    );
-    tracing::info!("host stopped");
-    Ok(())
 }
 
 /// After the drain timeout, how long consumers and the producer get to
@@ -437,46 +523,5 @@ async fn serve(listener: TcpListener, router: axum::Router, shutdown: Cancellati
     tracing::info!(%name, %addr, "listening");
     if let Err(err) = axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await {
         tracing::error!(%name, "HTTP server failed: {err}");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn manifest(backend: &str) -> Manifest {
-        let component = |name: &str, port: u16| {
-            format!(
-                "[components.{name}]\nwasm = \"{name}.wasm\"\nport = {port}\ntopics = [\"t\"]\ngroup = \"{name}\"\n"
-            )
-        };
-        let text = format!(
-            "[gateway]\nport = 1\n[state]\nbackend = \"{backend}\"\n{}{}",
-            component("order", 2),
-            component("payment", 3)
-        );
-        Manifest::parse(&text).unwrap()
-    }
-
-    fn serving(components: Option<&[&str]>, gateway: bool) -> Serving {
-        let components = components.map(|c| c.iter().map(|n| (*n).to_owned()).collect());
-        Serving { components, gateway, instance_id: None }
-    }
-
-    #[test]
-    fn a_host_serves_a_subset_it_can_serve() {
-        let redb = manifest("redb");
-        assert!(serving(None, true).validate(&redb).is_ok());
-        assert!(serving(Some(&["order"]), true).validate(&redb).is_ok());
-        assert!(serving(Some(&["payment"]), false).validate(&redb).is_ok());
-        let err = serving(Some(&["paymnet"]), true).validate(&redb).unwrap_err().to_string();
-        assert!(err.contains("no component named \"paymnet\""), "{err}");
-        let err = serving(Some(&[]), false).validate(&redb).unwrap_err().to_string();
-        assert!(err.contains("nothing to serve"), "{err}");
-        // A gateway without the order component needs the shared store.
-        let err = serving(Some(&["payment"]), true).validate(&redb).unwrap_err().to_string();
-        assert!(err.contains("postgres"), "{err}");
-        assert!(serving(Some(&[]), true).validate(&manifest("postgres")).is_ok(), "a gateway-only host");
-        assert!(serving(Some(&["payment"]), true).runs("payment") && !serving(Some(&["payment"]), true).runs("order"));
     }
 }

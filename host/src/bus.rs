@@ -28,17 +28,6 @@ pub struct Outbound {
     pub headers: Vec<(String, Vec<u8>)>,
 }
 
-impl From<crate::state::OutboxRecord> for Outbound {
-    fn from(record: crate::state::OutboxRecord) -> Self {
-        Self {
-            topic: record.topic,
-            key: record.key,
-            value: record.value.into_bytes(),
-            headers: record.headers.into_iter().map(|(k, v)| (k, v.into_bytes())).collect(),
-        }
-    }
-}
-
 /// Publishing failed; nothing may be assumed delivered.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("publishing to {topic:?} failed: {message}")]

@@ -25,7 +25,7 @@ use std::time::Duration;
 use rdkafka::statistics::Statistics;
 
 use crate::clock::Clock;
-use crate::kafka::BrokerLink;
+use crate::status::BrokerLink;
 
 /// Snapshots kept waiting to be passed, at most (one a second: ten
 /// minutes of backlog; older ones are dropped, which only holds the

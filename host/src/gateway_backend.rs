@@ -9,8 +9,8 @@ use shop_events::OrderPlaced;
 use crate::bus::{Outbound, Publisher};
 use crate::clock::Clock;
 use crate::envelope::Envelope;
-use crate::kafka::BrokerLink;
 use crate::runtime::{Request, ServiceRuntime};
+use crate::status::BrokerLink;
 use crate::traces;
 
 /// The gateway's backend: Kafka for publishing, the order component for status.

@@ -11,9 +11,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::json;
 
-use crate::kafka::{BrokerLink, ConsumerStatus};
 use crate::metrics::ComponentMetrics;
 use crate::runtime::{CallError, Request, ServiceRuntime};
+use crate::status::{BrokerLink, ConsumerStatus};
 
 /// Largest request body forwarded to a component.
 const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -118,7 +118,7 @@ async fn query(State(port): State<Port>, method: Method, uri: Uri, body: Bytes) 
             (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, retry_after)], axum::Json(body)).into_response()
         }
         Err(err) => {
-            port.metrics.trapped(&err);
+            port.metrics.faults().trapped(&err);
             tracing::error!(component = port.service.name(), path = %request.path, "query failed: {err}");
             let body = json!({ "error": { "code": "component_failed", "message": "the component could not answer" } });
             (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(body)).into_response()

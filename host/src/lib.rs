@@ -1,29 +1,37 @@
 //! The shop host: runs service components (Wasm) on Kafka, each on its own
 //! HTTP port, behind the API gateway.
 //!
-//! Ports and adapters: the WIT world (`wit/`) is the set of ports;
-//! [`kafka`], [`http`], [`state`] and [`clock`] are adapters, each with an
-//! in-memory twin ([`bus::MemoryBus`], [`state::MemoryStore`],
-//! [`clock::ManualClock`]) for fast tests. [`app`] wires them together.
+//! The modules stand on floors, each importing only those below it (see
+//! docs/architecture.md; a unit test holds them): [`limits`]; the leaves
+//! [`clock`], [`manifest`] and [`status`]; the ports [`bus`] and [`state`]
+//! (with in-memory twins, [`bus::MemoryBus`] and [`state::MemoryStore`],
+//! beside [`clock::ManualClock`]); the [`runtime`]; the delivery core
+//! ([`pipeline`], [`scheduler`], [`envelope`], [`deadlines`], [`traces`]);
+//! the adapters ([`kafka`], [`http`], [`admin`], [`metrics`], [`logs`],
+//! [`gateway_backend`], [`watch`], [`instance`]); and [`app`], which wires
+//! them together.
 
 pub mod admin;
 pub mod app;
 pub mod bus;
 pub mod clock;
 pub mod deadlines;
-pub mod dlq;
 pub mod envelope;
 pub mod gateway_backend;
 pub mod http;
 pub mod instance;
 pub mod kafka;
+pub mod limits;
 pub mod logs;
 pub mod manifest;
 pub mod metrics;
 pub mod pipeline;
 pub mod runtime;
 pub mod scheduler;
-pub mod stages;
 pub mod state;
+pub mod status;
 pub mod traces;
 pub mod watch;
+
+#[cfg(test)]
+mod floors_tests;

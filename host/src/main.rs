@@ -311,7 +311,7 @@ async fn reload(name: &str, path: Option<PathBuf>, admin_url: &str, token: &str)
 }
 
 async fn dlq(command: DlqCommand, target: DlqTarget) -> anyhow::Result<()> {
-    use shop_host::dlq;
+    use shop_host::kafka::dlq;
     let mut manifest = Manifest::load(&target.manifest)?;
     if !target.kafka_properties.entries.is_empty() {
         target.kafka_properties.apply(&mut manifest);

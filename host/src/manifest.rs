@@ -8,7 +8,13 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::runtime::{Grants, PublishGrants, WasiGrants};
+mod grants;
+mod properties;
+mod validate;
+
+pub use grants::{Grants, PublishGrants, WasiGrant, WasiGrants};
+pub use properties::{RESERVED_PROPERTIES, check_properties};
+use validate::check_name;
 
 /// A manifest that cannot be used, with the key at fault.
 #[derive(Debug, thiserror::Error)]
@@ -83,13 +89,13 @@ pub struct KafkaSettings {
     /// librdkafka properties given to every client (producers, consumers,
     /// admin): TLS (`security.protocol`, `ssl.*`), SASL (`sasl.*`) and the
     /// like. `HOST_KAFKA_PROPERTIES` adds to them and wins. Keys the host
-    /// sets for its guarantees are refused (`crate::kafka::RESERVED_PROPERTIES`).
+    /// sets for its guarantees are refused ([`RESERVED_PROPERTIES`]).
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
 }
 
 fn default_max_record_bytes() -> usize {
-    crate::pipeline::DEFAULT_MAX_RECORD_BYTES
+    crate::limits::DEFAULT_MAX_RECORD_BYTES
 }
 
 fn default_partitions() -> i32 {
@@ -424,25 +430,25 @@ fn default_instance_reuse() -> u32 {
     1
 }
 fn default_stack_kib() -> usize {
-    crate::runtime::DEFAULT_STACK_BYTES >> 10
+    crate::limits::DEFAULT_STACK_BYTES >> 10
 }
 fn default_max_writes_per_call() -> usize {
-    crate::state::TxnLimits::default().max_writes
+    crate::limits::DEFAULT_MAX_WRITES
 }
 fn default_max_write_bytes_per_call() -> usize {
-    crate::state::TxnLimits::default().max_bytes
+    crate::limits::DEFAULT_MAX_WRITE_BYTES
 }
 fn default_max_timers_per_call() -> usize {
-    crate::state::TxnLimits::default().max_timers
+    crate::limits::DEFAULT_MAX_TIMERS
 }
 fn default_cpu_burst_ms() -> u64 {
-    crate::runtime::DEFAULT_BURST.as_millis() as u64
+    crate::limits::DEFAULT_BURST.as_millis() as u64
 }
 fn default_cpu_percent() -> u32 {
-    crate::runtime::DEFAULT_CPU_PERCENT
+    crate::limits::DEFAULT_CPU_PERCENT
 }
 fn default_max_concurrent_queries() -> usize {
-    crate::runtime::DEFAULT_MAX_QUERIES
+    crate::limits::DEFAULT_MAX_QUERIES
 }
 
 impl Manifest {
@@ -480,137 +486,6 @@ impl Manifest {
         toml::from_str(text).map_err(|err| err.to_string())
     }
 
-    /// Checks every cross-field rule; the first violation names its key.
-    ///
-    /// # Errors
-    /// [`ManifestError::Invalid`].
-    pub fn validate(&self) -> Result<(), ManifestError> {
-        let k = &self.kafka;
-        if !(1..=1000).contains(&k.partitions) {
-            return Err(invalid("kafka.partitions", format!("must be between 1 and 1000, got {}", k.partitions)));
-        }
-        if !(1..=32).contains(&k.replication_factor) {
-            return Err(invalid("kafka.replication_factor", "must be between 1 and 32"));
-        }
-        check_name("kafka.topic_prefix", &k.topic_prefix, true)?;
-        if !(1024..=16 << 20).contains(&k.max_record_bytes) {
-            return Err(invalid("kafka.max_record_bytes", "must be between 1024 and 16777216"));
-        }
-        check_name("kafka.dead_letter_topic", &k.dead_letter_topic, false)?;
-        if let Some(id) = &k.instance_id {
-            check_name("kafka.instance_id", id, false)?;
-        }
-        crate::kafka::check_properties(&k.properties)
-            .map_err(|(key, message)| invalid(format!("kafka.properties.{key:?}"), message))?;
-        if self.components.is_empty() {
-            return Err(invalid("components", "at least one component is required"));
-        }
-        if !(100..=300_000).contains(&self.runtime.drain_timeout_ms) {
-            return Err(invalid("runtime.drain_timeout_ms", "must be between 100 and 300000"));
-        }
-        if !(1_000..=86_400_000).contains(&self.runtime.deadline_outage_window_ms) {
-            return Err(invalid("runtime.deadline_outage_window_ms", "must be between 1000 and 86400000"));
-        }
-        if !(100..=60_000).contains(&self.gateway.publish_timeout_ms) {
-            return Err(invalid("gateway.publish_timeout_ms", "must be between 100 and 60000"));
-        }
-        let schema = &self.state.schema;
-        if schema.is_empty()
-            || schema.len() > 63
-            || schema.starts_with(|c: char| c.is_ascii_digit())
-            || !schema.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        {
-            return Err(invalid("state.schema", format!("{schema:?}: use 1 to 63 lowercase letters, digits or '_'")));
-        }
-
-        let mut ports: HashMap<u16, String> = HashMap::new();
-        let mut claim = |port: u16, owner: String, key: String| {
-            if port == 0 {
-                return Err(invalid(key, "port 0 is not allowed: name the port to serve on"));
-            }
-            match ports.insert(port, owner.clone()) {
-                Some(other) => Err(invalid(key, format!("port {port} is already used by {other}"))),
-                None => Ok(()),
-            }
-        };
-        claim(self.gateway.port, "the gateway".into(), "gateway.port".into())?;
-        if let Some(token) = &self.admin.token {
-            if token.chars().count() < 16 {
-                return Err(invalid("admin.token", "must be at least 16 characters"));
-            }
-            claim(self.admin.port, "the admin API".into(), "admin.port".into())?;
-        }
-        if !self.components.contains_key(&self.gateway.order_component) {
-            return Err(invalid(
-                "gateway.order_component",
-                format!("no component named {:?}", self.gateway.order_component),
-            ));
-        }
-        for (name, c) in &self.components {
-            let key = |field: &str| format!("components.{name}.{field}");
-            check_name(&format!("components.{name}"), name, false)?;
-            claim(c.port, format!("component {name:?}"), key("port"))?;
-            if c.topics.is_empty() {
-                return Err(invalid(key("topics"), "at least one topic is required"));
-            }
-            for topic in &c.topics {
-                check_name(&key("topics"), topic, false)?;
-            }
-            check_name(&key("group"), &c.group, false)?;
-            if !(1..=60_000).contains(&c.timeout_ms) {
-                return Err(invalid(key("timeout_ms"), "must be between 1 and 60000"));
-            }
-            if !(1..=4096).contains(&c.memory_mib) {
-                return Err(invalid(key("memory_mib"), "must be between 1 and 4096"));
-            }
-            if !(1..=100_000).contains(&c.instance_reuse) {
-                return Err(invalid(key("instance_reuse"), "must be between 1 and 100000"));
-            }
-            let max_stack_kib = crate::runtime::MAX_STACK_BYTES >> 10;
-            if !(64..=max_stack_kib).contains(&c.stack_kib) {
-                return Err(invalid(key("stack_kib"), format!("must be between 64 and {max_stack_kib}")));
-            }
-            if !(1..=100_000).contains(&c.max_writes_per_call) {
-                return Err(invalid(key("max_writes_per_call"), "must be between 1 and 100000"));
-            }
-            if !(1024..=256 << 20).contains(&c.max_write_bytes_per_call) {
-                return Err(invalid(key("max_write_bytes_per_call"), "must be between 1024 and 268435456"));
-            }
-            if c.max_timers_per_call > 10_000 {
-                return Err(invalid(key("max_timers_per_call"), "must be at most 10000"));
-            }
-            if !(1..=64).contains(&c.max_concurrent_queries) {
-                return Err(invalid(key("max_concurrent_queries"), "must be between 1 and 64"));
-            }
-            if !(1..=60_000).contains(&c.cpu_burst_ms) {
-                return Err(invalid(key("cpu_burst_ms"), "must be between 1 and 60000"));
-            }
-            if !(1..=100).contains(&c.cpu_percent) {
-                return Err(invalid(key("cpu_percent"), "must be between 1 and 100"));
-            }
-            if !(1..=100).contains(&c.max_attempts) {
-                return Err(invalid(key("max_attempts"), "must be between 1 and 100"));
-            }
-            if !(1..=100_000).contains(&c.canary_events) {
-                return Err(invalid(key("canary_events"), "must be between 1 and 100000"));
-            }
-            if c.canary_max_failures == 0 || c.canary_max_failures > c.max_attempts {
-                return Err(invalid(
-                    key("canary_max_failures"),
-                    format!("must be between 1 and max_attempts ({})", c.max_attempts),
-                ));
-            }
-            c.grants(name)?;
-            if !c.wasm.is_file() {
-                return Err(invalid(
-                    key("wasm"),
-                    format!("{:?} is not a file (run `just build-components` first)", c.wasm),
-                ));
-            }
-        }
-        Ok(())
-    }
-
     /// Adds `offset` to every port (gateway, admin, components), so that
     /// several hosts of one app can run on one machine.
     ///
@@ -640,20 +515,6 @@ impl Manifest {
         topics.dedup();
         topics
     }
-}
-
-/// Kafka topic and group names: letters, digits, `.`, `_`, `-`.
-fn check_name(key: &str, value: &str, allow_empty: bool) -> Result<(), ManifestError> {
-    if value.is_empty() && !allow_empty {
-        return Err(invalid(key, "must not be empty"));
-    }
-    if value.len() > 200 {
-        return Err(invalid(key, "must be at most 200 characters"));
-    }
-    if let Some(bad) = value.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
-        return Err(invalid(key, format!("{value:?} contains {bad:?}; use letters, digits, '.', '_' or '-'")));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

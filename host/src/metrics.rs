@@ -19,15 +19,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _};
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::kafka::{BrokerLink, ConsumerStatus};
 use crate::runtime::{CallError, HandleError, ServiceRuntime};
-use crate::stages::Stage;
+use crate::status::{BrokerLink, ConsumerStatus, Fault, Faults, Stage, StageHistograms};
 
 /// Bucket bounds of stage latencies, in seconds: stages take from
 /// microseconds (decode) to tens of milliseconds (an fsync, a publish).
@@ -57,47 +56,17 @@ struct StageLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ErrorLabels {
-    component: String,
-    error: &'static str,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct TrapLabels {
-    component: String,
-    kind: &'static str,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ComponentLabel {
-    component: String,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     route: String,
     method: &'static str,
     status: u16,
 }
 
-/// One histogram per stage of one component, fed by [`crate::stages::Stages`].
-#[derive(Debug, Clone)]
-pub struct StageHistograms([Histogram; 7]);
-
-impl StageHistograms {
-    /// Adds one run of `stage` that took `elapsed`.
-    pub fn observe(&self, stage: Stage, elapsed: Duration) {
-        self.0[stage as usize].observe(elapsed.as_secs_f64());
-    }
-}
-
 /// The metrics of one component's port.
 pub struct ComponentMetrics {
     registry: Registry,
     component: String,
-    failed: Family<ErrorLabels, Counter>,
-    traps: Family<TrapLabels, Counter>,
-    rollbacks: Counter,
+    faults: Faults,
     stages: StageHistograms,
 }
 
@@ -112,21 +81,22 @@ impl ComponentMetrics {
     pub fn new(service: Arc<ServiceRuntime>, status: ConsumerStatus, link: BrokerLink) -> Self {
         let component = service.name().to_owned();
         let mut registry = Registry::default();
-        let failed = Family::<ErrorLabels, Counter>::default();
+        let faults = Faults::new(&component);
         registry.register(
             "shop_events_failed",
             "Failed attempts at handling an event (each retry counts), by error",
-            failed.clone(),
+            faults.failed.clone(),
         );
-        let traps = Family::<TrapLabels, Counter>::default();
         registry.register(
             "shop_guest_traps",
             "Guest instances that trapped (handle and query), by kind",
-            traps.clone(),
+            faults.traps.clone(),
         );
-        let rollbacks = Family::<ComponentLabel, Counter>::default();
-        registry.register("shop_canary_rollbacks", "New versions rolled back by their canary watch", rollbacks.clone());
-        let rollbacks = rollbacks.get_or_create_owned(&ComponentLabel { component: component.clone() });
+        registry.register(
+            "shop_canary_rollbacks",
+            "New versions rolled back by their canary watch",
+            faults.rollbacks.clone(),
+        );
         let latencies = Family::<StageLabels, Histogram>::new_with_constructor(
             (|| Histogram::new(STAGE_BUCKETS)) as fn() -> Histogram,
         );
@@ -142,46 +112,18 @@ impl ComponentMetrics {
         let tally = ReloadTally::new(&service);
         registry.register_collector(Box::new(ComponentCollector { service, status, tally: Mutex::new(tally) }));
         registry.register_collector(Box::new(BrokerCollector(link)));
-        Self { registry, component, failed, traps, rollbacks, stages }
+        Self { registry, component, faults, stages }
     }
 
-    /// The histograms [`crate::stages::Stages`] feeds.
+    /// The histograms [`crate::status::Stages`] feeds.
     pub fn stage_histograms(&self) -> StageHistograms {
         self.stages.clone()
     }
 
-    /// Counts one failed attempt at an event (and the trap or rollback in it).
-    pub fn failed(&self, err: &CallError) {
-        let error = match err {
-            CallError::Handle(HandleError::Retryable(_)) => "retryable",
-            CallError::Handle(HandleError::Permanent(_)) => "permanent",
-            CallError::Trap(_) => "trap",
-            CallError::Canary(_) | CallError::RolledBack(_) => "canary",
-            CallError::Store(_) => "store",
-            CallError::Throttled(_) => "throttled",
-        };
-        self.failed.get_or_create(&ErrorLabels { component: self.component.clone(), error }).inc();
-        if matches!(err, CallError::RolledBack(_)) {
-            self.rollbacks.inc();
-        }
-        self.trapped(err);
-    }
-
-    /// Counts the trap in `err`, if it is one (or a canary failure or
-    /// rollback caused by one).
-    pub fn trapped(&self, err: &CallError) {
-        const TRAPPED: &str = "component trapped: ";
-        let message = match err {
-            CallError::Trap(message) => message.as_str(),
-            // The watch keeps the failure's text only.
-            CallError::Canary(message) | CallError::RolledBack(message) => match message.find(TRAPPED) {
-                Some(at) => &message[at + TRAPPED.len()..],
-                None => return,
-            },
-            CallError::Handle(_) | CallError::Store(_) | CallError::Throttled(_) => return,
-        };
-        let kind = trap_kind(message);
-        self.traps.get_or_create(&TrapLabels { component: self.component.clone(), kind }).inc();
+    /// The fault counters served here: the pipeline and the port count
+    /// into them.
+    pub fn faults(&self) -> &Faults {
+        &self.faults
     }
 
     /// The Prometheus text of this port. Reads the store: call it off the
@@ -199,6 +141,39 @@ impl ComponentMetrics {
     pub fn router(self: &Arc<Self>) -> Router {
         let metrics = self.clone();
         Router::new().route("/metrics", get(move || scrape(metrics.clone(), ComponentMetrics::encode)))
+    }
+}
+
+/// A failed call as `shop_events_failed` (its `error`), `shop_guest_traps`
+/// (its `kind`) and `shop_canary_rollbacks` count it.
+impl Fault for CallError {
+    fn error(&self) -> &'static str {
+        match self {
+            CallError::Handle(HandleError::Retryable(_)) => "retryable",
+            CallError::Handle(HandleError::Permanent(_)) => "permanent",
+            CallError::Trap(_) => "trap",
+            CallError::Canary(_) | CallError::RolledBack(_) => "canary",
+            CallError::Store(_) => "store",
+            CallError::Throttled(_) => "throttled",
+        }
+    }
+
+    fn trap(&self) -> Option<&'static str> {
+        const TRAPPED: &str = "component trapped: ";
+        let message = match self {
+            CallError::Trap(message) => message.as_str(),
+            // The watch keeps the failure's text only.
+            CallError::Canary(message) | CallError::RolledBack(message) => match message.find(TRAPPED) {
+                Some(at) => &message[at + TRAPPED.len()..],
+                None => return None,
+            },
+            CallError::Handle(_) | CallError::Store(_) | CallError::Throttled(_) => return None,
+        };
+        Some(trap_kind(message))
+    }
+
+    fn rolled_back(&self) -> bool {
+        matches!(self, CallError::RolledBack(_))
     }
 }
 

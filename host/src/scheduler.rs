@@ -34,6 +34,19 @@ pub const CLAIM_LEASE: Duration = Duration::from_secs(30);
 /// How often the periodic relay runs.
 const RELAY_EVERY: Duration = Duration::from_secs(5);
 
+/// An outbox record goes out as it was committed. Here, in the core, rather
+/// than in the bus or the store: neither port knows the other.
+impl From<crate::state::OutboxRecord> for Outbound {
+    fn from(record: crate::state::OutboxRecord) -> Self {
+        Self {
+            topic: record.topic,
+            key: record.key,
+            value: record.value.into_bytes(),
+            headers: record.headers.into_iter().map(|(k, v)| (k, v.into_bytes())).collect(),
+        }
+    }
+}
+
 /// Publishes every outbox entry committed at or before `committed_before_ms`
 /// and clears each once acknowledged. Returns how many entries were relayed.
 ///

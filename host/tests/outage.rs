@@ -344,7 +344,8 @@ async fn a_broker_outage_under_load_answers_503_fast_and_loses_or_cancels_nothin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_producer_that_failed_for_good_is_replaced() {
     use shop_host::bus::{Outbound, Publisher as _};
-    use shop_host::kafka::{BrokerLink, KafkaPublisher};
+    use shop_host::kafka::KafkaPublisher;
+    use shop_host::status::BrokerLink;
 
     let brokers = brokers();
     let topic = format!("t{}-fatal", uuid::Uuid::new_v4().simple());

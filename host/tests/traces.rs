@@ -131,7 +131,7 @@ impl World {
             orders_topic: self.topics.physical("orders"),
             orders: self.service("order"),
             clock: self.clock.clone(),
-            link: shop_host::kafka::BrokerLink::default(),
+            link: shop_host::status::BrokerLink::default(),
         };
         gateway::app(Arc::new(backend)).layer(axum::middleware::from_fn(shop_host::traces::from_request))
     }

@@ -15,9 +15,9 @@ use serde_json::{Value, json};
 use shop_events::OrderPlaced;
 
 use super::{Admin, Managed};
-use crate::dlq::{DeadLetters, Filter};
-use crate::kafka::BrokerLink;
+use crate::kafka::dlq::{DeadLetters, Filter};
 use crate::runtime::Request;
+use crate::status::BrokerLink;
 
 /// The page. It holds no data: everything comes from `/overview` with the token.
 const PAGE: &str = include_str!("../../static/console.html");

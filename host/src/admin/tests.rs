@@ -143,7 +143,7 @@ async fn bad_components_are_rejected_and_the_old_version_keeps_serving() {
 #[tokio::test]
 async fn dead_letters_are_listed_and_replayed_through_the_api() {
     use crate::bus::{MemoryBus, Outbound};
-    use crate::dlq::{DeadLetters, MemoryLog};
+    use crate::kafka::dlq::{DeadLetters, MemoryLog};
     let bus = Arc::new(MemoryBus::default());
     let dead_letter = |component: &str, offset: u32| Outbound {
         topic: "dlq".into(),
@@ -330,7 +330,7 @@ async fn recent_orders_are_the_last_acknowledged_newest_first() {
 #[tokio::test]
 async fn the_overview_lists_dead_letters_and_a_replay_shows_at_once() {
     use crate::bus::{MemoryBus, Outbound};
-    use crate::dlq::{DeadLetters, MemoryLog};
+    use crate::kafka::dlq::{DeadLetters, MemoryLog};
     let bus = Arc::new(MemoryBus::default());
     let headers = [("dlq-reason", "permanent: <i>no</i>"), ("dlq-component", "email"), ("dlq-source", "emails/0/3")];
     bus.push(Outbound {

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -19,13 +19,12 @@ use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{Headers as _, Message as _};
 use rdkafka::statistics::Statistics;
-use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::BrokerLink;
 use crate::bus::{Inbound, Publisher};
 use crate::deadlines::Watermark;
 use crate::pipeline::{Pipeline, Settled, Turn, settle};
+use crate::status::{BrokerLink, ConsumerStatus};
 use tokio::sync::oneshot;
 
 /// Records handled but not yet acknowledged, at most.
@@ -50,43 +49,6 @@ pub struct ConsumerSettings {
     pub link: BrokerLink,
     /// Where it reports how far it has caught up.
     pub watermark: Watermark,
-}
-
-/// What `/health` shows about a component's consumer.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct StatusSnapshot {
-    /// Whether the consumer loop is running.
-    pub consuming: bool,
-    /// `topic/partition` currently assigned.
-    pub assigned_partitions: Vec<String>,
-    /// Last offset whose processing completed, per `topic/partition`.
-    pub last_processed_offsets: BTreeMap<String, i64>,
-    /// Records behind the end of each assigned partition (from librdkafka
-    /// statistics, refreshed every second; -1 when unknown).
-    pub lag: BTreeMap<String, i64>,
-    /// Records handled successfully since start.
-    pub handled: u64,
-    /// Records set aside on the dead-letter topic since start.
-    pub dead_lettered: u64,
-    /// Records dropped since start because their event id was handled before.
-    pub duplicates_dropped: u64,
-    /// The last consumer error, if any.
-    pub last_error: Option<String>,
-}
-
-/// Shared, live status of one consumer.
-#[derive(Debug, Clone, Default)]
-pub struct ConsumerStatus(Arc<Mutex<StatusSnapshot>>);
-
-impl ConsumerStatus {
-    fn update(&self, f: impl FnOnce(&mut StatusSnapshot)) {
-        f(&mut self.0.lock().unwrap_or_else(PoisonError::into_inner));
-    }
-
-    /// A copy of the current status.
-    pub fn snapshot(&self) -> StatusSnapshot {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).clone()
-    }
 }
 
 fn tp(topic: &str, partition: i32) -> String {

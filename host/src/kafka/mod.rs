@@ -1,7 +1,9 @@
 //! The Kafka adapter: topic setup, the publisher (idempotent producer,
-//! acks=all) and one consumer group per component.
+//! acks=all), one consumer group per component, and the dead-letter list
+//! and replay ([`dlq`]).
 
 mod consumer;
+pub mod dlq;
 mod embedded;
 mod link;
 mod producer;
@@ -16,9 +18,10 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 
-pub use consumer::{Abandoned, ConsumerSettings, ConsumerStatus, StatusSnapshot, run_supervised};
+use crate::manifest::RESERVED_PROPERTIES;
+
+pub use consumer::{Abandoned, ConsumerSettings, run_supervised};
 pub use embedded::EmbeddedBroker;
-pub use link::{BrokerLink, Down};
 pub use producer::KafkaPublisher;
 
 /// The operator's librdkafka properties (`[kafka.properties]` and
@@ -27,50 +30,6 @@ pub use producer::KafkaPublisher;
 /// cluster, and its clients are built in many places (pipelines, gateway,
 /// dead letters, benches) that all start from [`client_config`].
 static PROPERTIES: RwLock<BTreeMap<String, String>> = RwLock::new(BTreeMap::new());
-
-/// Properties the host sets itself, because its guarantees depend on their
-/// values, with where to change what they control instead.
-pub const RESERVED_PROPERTIES: &[(&str, &str)] = &[
-    ("bootstrap.servers", "set kafka.brokers or KAFKA_BROKERS"),
-    ("metadata.broker.list", "set kafka.brokers or KAFKA_BROKERS"),
-    ("group.id", "each component's group is components.NAME.group"),
-    ("group.instance.id", "set kafka.instance_id or HOST_INSTANCE_ID"),
-    ("enable.auto.commit", "the host commits offsets of finished records only"),
-    ("enable.auto.offset.store", "the host stores an offset once its record is done (at-least-once)"),
-    ("auto.offset.reset", "a new group must read its topics from the start"),
-    ("enable.idempotence", "the producer must be idempotent (no duplicates, no reordering)"),
-    ("acks", "an acknowledgement must mean every in-sync replica has the record"),
-    ("request.required.acks", "an acknowledgement must mean every in-sync replica has the record"),
-    ("transactional.id", "the host does not use transactions"),
-    ("message.timeout.ms", "set gateway.publish_timeout_ms for the gateway's producer"),
-    ("statistics.interval.ms", "the host reads consumer lag from these statistics"),
-];
-
-/// Checks `properties` without connecting anywhere: none is reserved (see
-/// [`RESERVED_PROPERTIES`]), and librdkafka knows every key and accepts every
-/// value (so a TLS or SASL setting this build cannot honour is refused here).
-///
-/// # Errors
-/// The first key at fault and why.
-pub fn check_properties(properties: &BTreeMap<String, String>) -> Result<(), (String, String)> {
-    for (key, value) in properties {
-        if let Some((_, instead)) = RESERVED_PROPERTIES.iter().find(|(reserved, _)| reserved == key) {
-            return Err((key.clone(), format!("is set by the host and cannot be overridden: {instead}")));
-        }
-        let mut config = ClientConfig::new();
-        config.set(key, value);
-        match config.create_native_config() {
-            Ok(_) => {}
-            // librdkafka's own words only: rdkafka's Display of this error
-            // appends the value, which may be a password under a misspelt key.
-            Err(rdkafka::error::KafkaError::ClientConfig(_, description, _, _)) => {
-                return Err((key.clone(), description));
-            }
-            Err(_) => return Err((key.clone(), "refused by librdkafka".into())),
-        }
-    }
-    Ok(())
-}
 
 /// Sets the properties every client built from now on is given.
 pub fn set_properties(properties: &BTreeMap<String, String>) {

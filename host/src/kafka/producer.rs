@@ -19,8 +19,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
 
-use super::BrokerLink;
 use crate::bus::{Acked, Outbound, PublishError, Publisher};
+use crate::status::BrokerLink;
 
 /// The producer's librdkafka context: reports the link, and notes a fatal
 /// error so that the producer is rebuilt.

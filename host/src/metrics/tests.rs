@@ -55,7 +55,7 @@ async fn failures_traps_and_stage_latencies_are_counted() {
     service.stages().attach(metrics.stage_histograms());
     let retry = RetryPolicy { max_attempts: 2, first_backoff: Duration::from_millis(1), ..RetryPolicy::default() };
     let pipeline = Pipeline::new(service.clone(), Topics::default(), retry, Arc::new(ManualClock::at(5)));
-    pipeline.set_metrics(metrics.clone());
+    pipeline.set_metrics(metrics.faults().clone());
     let shutdown = CancellationToken::new();
     let before = parse(&metrics.encode().unwrap());
     assert_eq!(before.get(r#"shop_stage_duration_seconds_count{component="misbehave",stage="call"}"#), Some(&0.0));

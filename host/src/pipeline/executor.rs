@@ -20,8 +20,8 @@ use super::{Core, Disposition, TIMER_TOPIC};
 use crate::bus::{Inbound, Outbound};
 use crate::envelope::Envelope;
 use crate::runtime::{CALL_THREAD_STACK, CallError, Event};
-use crate::stages::Stage;
 use crate::state::{Commit, Durable, Overlay, StoreError, Timer, TimerChange};
+use crate::status::Stage;
 use crate::traces::{self, TraceParent};
 
 /// Most events committed in one store transaction. A batch is whatever

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::{Inbound, Outbound};
 use crate::clock::Clock;
 use crate::envelope::Envelope;
+use crate::limits::DEFAULT_MAX_RECORD_BYTES;
 use crate::runtime::{Event, OutgoingEvent, ServiceRuntime};
 use crate::state::{OutboxRecord, Timer};
 
@@ -120,11 +121,8 @@ struct Core {
     /// Largest record value handled; a larger one is dead-lettered as such.
     max_record_bytes: std::sync::atomic::AtomicUsize,
     /// Where failed attempts are counted, once set.
-    metrics: std::sync::OnceLock<Arc<crate::metrics::ComponentMetrics>>,
+    metrics: std::sync::OnceLock<crate::status::Faults>,
 }
-
-/// Default of [`Pipeline::set_max_record_bytes`].
-pub const DEFAULT_MAX_RECORD_BYTES: usize = 512 * 1024;
 
 impl Pipeline {
     /// A pipeline feeding `service`, with its executor thread.
@@ -147,7 +145,7 @@ impl Pipeline {
 
     /// Counts failed attempts (errors, traps, rollbacks) in `metrics`; the
     /// first call wins.
-    pub fn set_metrics(&self, metrics: Arc<crate::metrics::ComponentMetrics>) {
+    pub fn set_metrics(&self, metrics: crate::status::Faults) {
         let _ = self.core.metrics.set(metrics);
     }
 

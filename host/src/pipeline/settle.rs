@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 use super::Disposition;
 use crate::bus::{Outbound, Publisher};
 use crate::runtime::ServiceRuntime;
-use crate::stages::Stage;
+use crate::status::Stage;
 
 /// What a settled record was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

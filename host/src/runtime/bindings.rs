@@ -205,7 +205,7 @@ impl timers::Host for HostState {
 impl log::Host for HostState {
     fn log(&mut self, level: log::Level, message: String, fields: Vec<(String, String)>) {
         // Escaped and bounded: a guest cannot forge or flood log lines.
-        let (message, fields) = (crate::logs::guest_message(&message), crate::logs::guest_fields(&fields));
+        let (message, fields) = (super::guest_text::guest_message(&message), super::guest_text::guest_fields(&fields));
         let component = &*self.component;
         match level {
             log::Level::Trace => {

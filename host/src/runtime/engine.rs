@@ -21,11 +21,7 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// Largest linear memory a component may be granted (`memory_mib` ≤ 4096).
 pub const MAX_MEMORY_BYTES: usize = 4096 << 20;
 
-/// Wasm stack of a call unless the manifest says otherwise (`stack_kib`).
-pub const DEFAULT_STACK_BYTES: usize = 512 << 10;
-
-/// Deepest Wasm stack a component may be granted (`stack_kib` ≤ 4096).
-pub const MAX_STACK_BYTES: usize = 4 << 20;
+pub use crate::limits::{DEFAULT_STACK_BYTES, MAX_STACK_BYTES};
 
 /// Native stack of a thread that calls guests: guests run on the caller's
 /// native stack, so it holds the deepest Wasm stack plus room for the host

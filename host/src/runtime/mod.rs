@@ -8,6 +8,7 @@ mod canary;
 mod deadline;
 mod engine;
 mod grants;
+mod guest_text;
 mod pool;
 mod stderr;
 mod throttle;
@@ -21,20 +22,22 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Store, StoreContextMut, StoreLimitsBuilder, Trap, UpdateDeadline};
 
+pub use crate::manifest::{Grants, PublishGrants, WasiGrant, WasiGrants};
 pub use bindings::MAX_RESOURCES;
 pub use bindings::{Event, HandleError, HostState, OutgoingEvent, Request, Response};
 pub use cache::ComponentCache;
 pub use canary::CanaryPolicy;
 pub use deadline::DeadlineExceeded;
 pub use engine::{CALL_THREAD_STACK, DEFAULT_STACK_BYTES, EPOCH_TICK, Engine, MAX_STACK_BYTES, MAX_TABLE_ELEMENTS};
-pub use grants::{Grants, PublishGrants, WasiGrant, WasiGrants};
 pub use throttle::{CallKind, MAX_PENALTY, Throttle};
 
+pub use crate::limits::{DEFAULT_BURST, DEFAULT_CPU_PERCENT, DEFAULT_MAX_QUERIES};
+
 use crate::clock::Clock;
-use crate::stages::Stage;
 use crate::state::{
     Commit, OutboxRecord, StateRead, StateStore, StoreError, StoreReader, TimerChange, Txn, TxnLimits, Write,
 };
+use crate::status::Stage;
 
 /// A component that cannot be served.
 #[derive(Debug, thiserror::Error)]
@@ -193,18 +196,6 @@ impl Default for Limits {
     }
 }
 
-/// How long a call runs at full speed unless the manifest says otherwise:
-/// a thousand times what one of the shop's events takes (about 0.1 ms),
-/// short enough that a spinning guest is slowed within a tenth of a second.
-/// A component whose calls compute longer on purpose raises it.
-pub const DEFAULT_BURST: std::time::Duration = std::time::Duration::from_millis(100);
-
-/// Share of a core a component gets past its burst, or while it keeps
-/// failing, unless the manifest says otherwise. At 10, a write bomb still
-/// took 10–15 % of another component's throughput in `bench isolation`:
-/// its copies and freed memory cost the others more than its CPU.
-pub const DEFAULT_CPU_PERCENT: u32 = 5;
-
 /// Wasm instances one store may create: a component's core modules and
 /// the adapters between them.
 const MAX_INSTANCES: usize = 16;
@@ -299,11 +290,8 @@ pub struct ServiceRuntime {
     /// thread at most (each query takes one out while it runs).
     warm_queries: std::sync::Mutex<Vec<Warm>>,
     /// Time spent in each stage of the data path.
-    stages: crate::stages::Stages,
+    stages: crate::status::Stages,
 }
-
-/// Queries one service answers at once unless the manifest says otherwise.
-pub const DEFAULT_MAX_QUERIES: usize = 4;
 
 /// What a [`ServiceRuntime`] is built from.
 pub struct ServiceSpec {
@@ -348,12 +336,12 @@ impl ServiceRuntime {
             throttle: Arc::new(Throttle::new(spec.limits.cpu_percent)),
             warm: std::sync::Mutex::new(None),
             warm_queries: std::sync::Mutex::new(Vec::new()),
-            stages: crate::stages::Stages::default(),
+            stages: crate::status::Stages::default(),
         }
     }
 
     /// Time spent in each stage of this service's data path.
-    pub fn stages(&self) -> &crate::stages::Stages {
+    pub fn stages(&self) -> &crate::status::Stages {
         &self.stages
     }
 

@@ -64,7 +64,7 @@ impl GuestStderr {
         }
         let text = String::from_utf8_lossy(&bytes);
         let lines: Vec<String> =
-            text.lines().filter(|l| !l.trim().is_empty()).map(crate::logs::guest_message).collect();
+            text.lines().filter(|l| !l.trim().is_empty()).map(super::guest_text::guest_message).collect();
         for line in lines.iter().take(MAX_LOGGED_LINES) {
             tracing::warn!(target: "component", component, stream = "stderr", "{line}");
         }
@@ -79,11 +79,11 @@ impl GuestStderr {
             _ => String::from_utf8_lossy(&tail)
                 .lines()
                 .filter(|l| !l.trim().is_empty())
-                .map(crate::logs::guest_message)
+                .map(super::guest_text::guest_message)
                 .collect(),
         };
         let from = last.len().saturating_sub(TAIL_LINES);
-        Some(crate::logs::guest_message(&last[from..].join(" / ")))
+        Some(super::guest_text::guest_message(&last[from..].join(" / ")))
     }
 }
 

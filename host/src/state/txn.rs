@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use std::sync::{Mutex, PoisonError};
 
 use super::{Commit, MAX_KEY_BYTES, MAX_VALUE_BYTES, StateStore, StoreError, TimerChange, Write};
+use crate::limits::{DEFAULT_MAX_TIMERS, DEFAULT_MAX_WRITE_BYTES, DEFAULT_MAX_WRITES};
 
 /// What a guest call may read: a store, or a store under a batch's
 /// uncommitted writes ([`Overlay`]).
@@ -213,7 +214,7 @@ pub struct TxnLimits {
 
 impl Default for TxnLimits {
     fn default() -> Self {
-        Self { max_writes: 1_000, max_bytes: 8 << 20, max_timers: 100 }
+        Self { max_writes: DEFAULT_MAX_WRITES, max_bytes: DEFAULT_MAX_WRITE_BYTES, max_timers: DEFAULT_MAX_TIMERS }
     }
 }
 

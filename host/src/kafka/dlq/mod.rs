@@ -409,7 +409,7 @@ impl DeadLetters {
     /// # Errors
     /// When librdkafka rejects the configuration.
     pub fn connect(brokers: &str, topic: &str) -> anyhow::Result<Self> {
-        let publisher = crate::kafka::KafkaPublisher::connect(brokers, crate::kafka::BrokerLink::default())?;
+        let publisher = crate::kafka::KafkaPublisher::connect(brokers, crate::status::BrokerLink::default())?;
         Ok(Self::new(Arc::new(KafkaLog::new(brokers, topic)), Arc::new(publisher)))
     }
 

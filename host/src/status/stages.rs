@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 
 /// A stage of the data path.
@@ -34,7 +35,7 @@ pub struct Stages {
     counts: [AtomicU64; STAGES],
     nanos: [AtomicU64; STAGES],
     /// The latency histograms of `/metrics`, once attached.
-    histograms: std::sync::OnceLock<crate::metrics::StageHistograms>,
+    histograms: std::sync::OnceLock<StageHistograms>,
 }
 
 /// One stage's totals.
@@ -70,7 +71,7 @@ impl Stages {
     }
 
     /// Also observes every later run in `histograms`; the first call wins.
-    pub fn attach(&self, histograms: crate::metrics::StageHistograms) {
+    pub fn attach(&self, histograms: StageHistograms) {
         let _ = self.histograms.set(histograms);
     }
 
@@ -100,6 +101,18 @@ impl Stages {
             durable_wait: total(Stage::DurableWait),
             publish: total(Stage::Publish),
         }
+    }
+}
+
+/// One histogram per stage of one component, in [`Stage`]'s order, fed by
+/// [`Stages`]; `crate::metrics` makes them and serves them on `/metrics`.
+#[derive(Debug, Clone)]
+pub struct StageHistograms(pub [Histogram; 7]);
+
+impl StageHistograms {
+    /// Adds one run of `stage` that took `elapsed`.
+    pub fn observe(&self, stage: Stage, elapsed: Duration) {
+        self.0[stage as usize].observe(elapsed.as_secs_f64());
     }
 }
 

@@ -1,0 +1,41 @@
+//! Defaults and bounds that the manifest names and other parts enforce
+//! (the runtime, the pipeline, the store): a leaf importing nothing of the
+//! host, so that the manifest need not import what it configures.
+
+/// Wasm stack of a call unless the manifest says otherwise (`stack_kib`).
+pub const DEFAULT_STACK_BYTES: usize = 512 << 10;
+
+/// Deepest Wasm stack a component may be granted (`stack_kib` ≤ 4096).
+pub const MAX_STACK_BYTES: usize = 4 << 20;
+
+/// How long a call runs at full speed unless the manifest says otherwise:
+/// a thousand times what one of the shop's events takes (about 0.1 ms),
+/// short enough that a spinning guest is slowed within a tenth of a second.
+/// A component whose calls compute longer on purpose raises it.
+pub const DEFAULT_BURST: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Share of a core a component gets past its burst, or while it keeps
+/// failing, unless the manifest says otherwise. At 10, a write bomb still
+/// took 10–15 % of another component's throughput in `bench isolation`:
+/// its copies and freed memory cost the others more than its CPU.
+pub const DEFAULT_CPU_PERCENT: u32 = 5;
+
+/// Queries one service answers at once unless the manifest says otherwise.
+pub const DEFAULT_MAX_QUERIES: usize = 4;
+
+/// Largest record value a component is given unless the manifest says
+/// otherwise (`kafka.max_record_bytes`); a larger one is dead-lettered as
+/// too large (see `Pipeline::set_max_record_bytes`).
+pub const DEFAULT_MAX_RECORD_BYTES: usize = 512 * 1024;
+
+/// Distinct keys one call may write unless the manifest says otherwise
+/// (`max_writes_per_call`).
+pub const DEFAULT_MAX_WRITES: usize = 1_000;
+
+/// Bytes one call may write unless the manifest says otherwise
+/// (`max_write_bytes_per_call`).
+pub const DEFAULT_MAX_WRITE_BYTES: usize = 8 << 20;
+
+/// Timers one call may set or cancel unless the manifest says otherwise
+/// (`max_timers_per_call`).
+pub const DEFAULT_MAX_TIMERS: usize = 100;
