@@ -1,0 +1,403 @@
+//! The shared state adapter: every component's state in one PostgreSQL
+//! database, so that any number of hosts can serve a component.
+//!
+//! Tables (in the configured schema) hold all components' rows, each keyed
+//! by the component's name: `state`, `handled`, `outbox`, `timers`, and
+//! `quarantine` for timers and outbox entries found undecodable. One
+//! batch of events is one transaction, committed at `READ COMMITTED` with
+//! optimistic concurrency control checked under locks:
+//!
+//! 1. The batch takes a transaction-scoped advisory lock on every key it
+//!    read or writes, in ascending order of their 64-bit hashes (so two
+//!    batches never wait for each other in a cycle). A batch that listed
+//!    keys takes the component's key-space lock exclusively; any batch that
+//!    writes takes it shared, so a listing never misses a key inserted
+//!    concurrently.
+//! 2. Holding them, it re-reads what it read and compares (SHA-256 of each
+//!    value, absent included; the keys of each listing). Any difference is
+//!    a [`StoreError::Conflict`]: the transaction is rolled back and the
+//!    executor handles the events again on fresh state.
+//! 3. It inserts the handled ids (`ON CONFLICT DO NOTHING`): an id another
+//!    host committed meanwhile inserts nothing, which is also a conflict (a
+//!    concurrent insert of the same id waits for the other transaction and
+//!    then sees it).
+//! 4. It writes state, timers and outbox, forgets published outbox entries
+//!    and commits.
+//!
+//! Two batches that touch a common key thus commit one after the other,
+//! the second validating against what the first committed: the commits are
+//! serializable with respect to the keys they share, and the others commute.
+//! `SERIALIZABLE` would give the same guarantee, but its predicate locks on
+//! index pages make concurrent hosts abort each other for unrelated keys
+//! (every batch inserts into `handled`).
+//!
+//! Reads outside a commit (guest reads, dedup checks, queries) are single
+//! statements on a pooled connection. Timers and stale outbox entries are
+//! claimed with `FOR UPDATE SKIP LOCKED` and a lease, so each is delivered
+//! by one live host and a dead host's are picked up once its lease expires.
+//!
+//! The state port is synchronous (it is called from executor threads and
+//! blocking tasks): the adapter runs its own small tokio runtime for the
+//! driver and the pool, and blocks the caller on a channel, never on the
+//! caller's runtime.
+
+mod commit;
+mod reads;
+mod schema;
+
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Timeouts};
+use tokio_postgres::error::SqlState;
+
+use super::{EntryKind, Quarantined, StoreError};
+use schema::{Sql, migrate};
+
+/// Connections per host, shared by its components.
+const POOL_SIZE: usize = 16;
+/// Longest wait for a connection (also bounds connecting): past it, the
+/// store is reported unavailable and the caller retries.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often published outbox entries no commit carried are deleted.
+const FORGET_EVERY: Duration = Duration::from_secs(1);
+
+/// The connection shared by every component of a host: a pool on a
+/// runtime of its own.
+pub struct PgStores {
+    backend: Arc<Backend>,
+}
+
+struct Backend {
+    pool: Pool,
+    runtime: Option<tokio::runtime::Runtime>,
+    /// The schema's name, checked to be a plain identifier.
+    schema: String,
+    /// Where the database is, without the password: for error messages.
+    target: String,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which is refused on an async worker.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Backend {
+    /// Runs `work` on the adapter's runtime and waits for it here.
+    fn block<T: Send + 'static>(
+        &self,
+        work: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let runtime = self.runtime.as_ref().ok_or_else(|| StoreError::Unavailable("store closed".into()))?;
+        let deadline = super::read_deadline();
+        if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+            // Nothing is started for a guest reading past its deadline: at
+            // most one read per call outlives it.
+            return Err(StoreError::Unavailable("the call's deadline passed".into()));
+        }
+        let task = runtime.spawn(work);
+        let joined = match deadline {
+            None => futures::executor::block_on(task),
+            // A guest call's read: it gives up at the call's deadline (the
+            // task finishes on its own; it only reads).
+            Some(deadline) => {
+                runtime.handle().block_on(async move { tokio::time::timeout_at(deadline.into(), task).await }).map_err(
+                    |_| StoreError::Unavailable(format!("{} did not answer before the call's deadline", self.target)),
+                )?
+            }
+        };
+        joined.map_err(|err| StoreError::Unavailable(format!("PostgreSQL task failed: {err}")))?
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool.get().await.map_err(|err| {
+            StoreError::Unavailable(format!("cannot reach PostgreSQL at {}: {}", self.target, pool_error(&err)))
+        })
+    }
+
+    fn table(&self, name: &str) -> String {
+        format!("{}.{name}", self.schema)
+    }
+}
+
+fn pool_error(err: &deadpool_postgres::PoolError) -> String {
+    match err {
+        deadpool_postgres::PoolError::Backend(err) => db_error(err),
+        deadpool_postgres::PoolError::Timeout(_) => "timed out waiting for a connection".into(),
+        err => err.to_string(),
+    }
+}
+
+/// The server's own message when there is one (the driver's display is
+/// only "db error").
+fn db_error(err: &tokio_postgres::Error) -> String {
+    match err.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => {
+            let mut text = err.to_string();
+            let mut source = std::error::Error::source(err);
+            while let Some(cause) = source {
+                text.push_str(": ");
+                text.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            text
+        }
+    }
+}
+
+/// Maps a driver error: lost races are conflicts, the rest unavailability.
+fn classify(err: &tokio_postgres::Error) -> StoreError {
+    let conflict =
+        [&SqlState::T_R_SERIALIZATION_FAILURE, &SqlState::T_R_DEADLOCK_DETECTED, &SqlState::UNIQUE_VIOLATION];
+    match err.code() {
+        Some(code) if conflict.contains(&code) => StoreError::Conflict(db_error(err)),
+        _ => StoreError::Unavailable(format!("PostgreSQL: {}", db_error(err))),
+    }
+}
+
+/// `url` without its password.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl PgStores {
+    /// Connects to the database at `url`, creates `schema` and applies the
+    /// migrations it lacks (hosts starting together take turns).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] naming the database: an invalid URL or
+    /// schema name, a server that cannot be reached, or a failed migration.
+    pub fn connect(url: &str, schema: &str) -> Result<Self, StoreError> {
+        let target = redact(url);
+        if schema.is_empty()
+            || schema.len() > 63
+            || !schema.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+            || !schema.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        {
+            return Err(StoreError::Unavailable(format!(
+                "invalid schema name {schema:?}: lowercase letters, digits and _ only"
+            )));
+        }
+        let config: tokio_postgres::Config =
+            url.parse().map_err(|err| StoreError::Unavailable(format!("invalid PostgreSQL URL {target}: {err}")))?;
+        let mut config = config;
+        config.connect_timeout(CONNECT_TIMEOUT);
+        config.application_name("shop-host");
+        let manager = Manager::from_config(
+            config,
+            tokio_postgres::NoTls,
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("postgres")
+            .enable_all()
+            .build()
+            .map_err(|err| StoreError::Unavailable(format!("cannot start the PostgreSQL runtime: {err}")))?;
+        let timeouts =
+            Timeouts { wait: Some(CONNECT_TIMEOUT), create: Some(CONNECT_TIMEOUT), recycle: Some(CONNECT_TIMEOUT) };
+        let pool = {
+            let _entered = runtime.enter();
+            Pool::builder(manager)
+                .max_size(POOL_SIZE)
+                .timeouts(timeouts)
+                .runtime(deadpool_postgres::Runtime::Tokio1)
+                .build()
+                .map_err(|err| StoreError::Unavailable(format!("cannot build the PostgreSQL pool: {err}")))?
+        };
+        let backend = Arc::new(Backend { pool, runtime: Some(runtime), schema: schema.to_owned(), target });
+        let migrating = backend.clone();
+        backend.block(async move { migrate(&migrating).await })?;
+        Ok(Self { backend })
+    }
+
+    /// The store of `component`.
+    pub fn store(&self, component: &str) -> PostgresStore {
+        let store = PostgresStore {
+            backend: self.backend.clone(),
+            component: component.to_owned(),
+            cleared: Arc::new(Mutex::new(Vec::new())),
+            sql: Arc::new(Sql::new(&self.backend)),
+        };
+        store.start_forgetting();
+        store
+    }
+}
+
+/// A component's store in the shared database.
+pub struct PostgresStore {
+    backend: Arc<Backend>,
+    component: String,
+    /// Outbox entries published since the last commit, deleted by the next
+    /// (or by the forgetter within a second); hidden from readers meanwhile.
+    cleared: Arc<Mutex<Vec<String>>>,
+    sql: Arc<Sql>,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore").field("component", &self.component).finish_non_exhaustive()
+    }
+}
+
+/// Milliseconds as PostgreSQL's `bigint`.
+fn ms(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// Hash of a lock name as PostgreSQL's advisory lock key. FNV-1a: stable
+/// across hosts and versions, which the std hasher does not promise.
+fn lock_key(component: &str, kind: &str, name: &str) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in component.bytes().chain([0]).chain(kind.bytes()).chain([0]).chain(name.bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    i64::from_ne_bytes(hash.to_ne_bytes())
+}
+
+/// The exclusive upper bound of keys starting with `prefix` (in byte order).
+fn prefix_end(prefix: &str) -> String {
+    format!("{prefix}\u{10FFFF}")
+}
+
+impl PostgresStore {
+    /// Runs `work` with a pooled connection, on the adapter's runtime.
+    fn with<T, F, Fut>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(deadpool_postgres::Object, Arc<Sql>, String) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, tokio_postgres::Error>> + Send,
+    {
+        let (backend, sql, component) = (self.backend.clone(), self.sql.clone(), self.component.clone());
+        self.backend.block(async move {
+            let client = backend.client().await?;
+            work(client, sql, component).await.map_err(|err| classify(&err))
+        })
+    }
+
+    /// Moves the undecodable entries `found` (`(id, body, reason)`) of `kind`
+    /// to the quarantine; logs those this host moved.
+    fn quarantine(&self, kind: EntryKind, found: Vec<(String, String, String)>) -> Result<(), StoreError> {
+        if found.is_empty() {
+            return Ok(());
+        }
+        let moved = self.with(move |client, sql, component| async move {
+            let statement = match kind {
+                EntryKind::Timer => &sql.quarantine_timer,
+                EntryKind::Outbox => &sql.quarantine_outbox,
+            };
+            let statement = client.prepare_cached(statement).await?;
+            let mut moved = Vec::new();
+            for (id, body, reason) in found {
+                let row = client.query_opt(&statement, &[&component, &id, &body, &kind.as_str(), &reason]).await?;
+                if let Some(row) = row {
+                    let at_ms = u64::try_from(row.get::<_, i64>(0)).unwrap_or(0);
+                    moved.push(Quarantined { kind, id, raw: body.into_bytes(), reason, at_ms });
+                }
+            }
+            Ok(moved)
+        })?;
+        for entry in &moved {
+            super::report(self, entry);
+        }
+        Ok(())
+    }
+
+    /// Writes `raw` as the stored body of a timer due at `at_ms` or of the
+    /// outbox records of event `id` (committed at `at_ms`), as a corrupt entry
+    /// would be found (tests).
+    #[cfg(test)]
+    pub(super) fn write_raw(&self, kind: EntryKind, id: &str, at_ms: u64, raw: &[u8]) {
+        let (id, body) = (id.to_owned(), String::from_utf8(raw.to_vec()).unwrap());
+        let (timers, outbox) = (self.backend.table("timers"), self.backend.table("outbox"));
+        self.with(move |client, _, component| async move {
+            let statement = match kind {
+                EntryKind::Timer => {
+                    format!("INSERT INTO {timers} (component, id, at_ms, timer) VALUES ($1, $2, $3, $4)")
+                }
+                EntryKind::Outbox => {
+                    format!("INSERT INTO {outbox} (component, source, created_ms, records) VALUES ($1, $2, $3, $4)")
+                }
+            };
+            client.execute(&statement, &[&component, &id, &ms(at_ms), &body]).await
+        })
+        .unwrap();
+    }
+
+    fn cleared(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+        self.cleared.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Deletes published outbox entries no commit carried, every second,
+    /// until the store is dropped.
+    fn start_forgetting(&self) {
+        let Some(runtime) = self.backend.runtime.as_ref() else { return };
+        let cleared = Arc::downgrade(&self.cleared);
+        let (backend, sql, component) = (Arc::downgrade(&self.backend), self.sql.clone(), self.component.clone());
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(FORGET_EVERY).await;
+                let (Some(cleared), Some(backend)) = (cleared.upgrade(), backend.upgrade()) else { return };
+                let sources = cleared.lock().unwrap_or_else(PoisonError::into_inner).clone();
+                if sources.is_empty() {
+                    continue;
+                }
+                let forgotten = async {
+                    let client = backend.client().await?;
+                    async {
+                        let forget = client.prepare_cached(&sql.forget).await?;
+                        client.execute(&forget, &[&component, &sources]).await
+                    }
+                    .await
+                    .map_err(|err| classify(&err))
+                };
+                match forgotten.await {
+                    Ok(_) => cleared.lock().unwrap_or_else(PoisonError::into_inner).retain(|s| !sources.contains(s)),
+                    // Harmless: hidden meanwhile, tried again.
+                    Err(err) => tracing::debug!(%component, "cannot forget published outbox entries yet: {err}"),
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_stay_out_of_messages() {
+        assert_eq!(redact("postgres://app:s3cret@db:5432/shop"), "postgres://app:***@db:5432/shop");
+        assert_eq!(redact("postgres://app@db/shop"), "postgres://app@db/shop");
+        assert_eq!(redact("host=db user=app"), "host=db user=app");
+    }
+
+    #[test]
+    fn lock_keys_are_stable_and_distinct() {
+        assert_eq!(lock_key("order", "key", "stock/lamp"), lock_key("order", "key", "stock/lamp"));
+        assert_ne!(lock_key("order", "key", "stock/lamp"), lock_key("payment", "key", "stock/lamp"));
+        assert_ne!(lock_key("a", "key", "bc"), lock_key("ab", "key", "c"));
+    }
+
+    #[test]
+    fn a_bad_schema_name_is_refused_before_connecting() {
+        let err = PgStores::connect("postgres://nobody@127.0.0.1:1/x", "drop table;").err().unwrap().to_string();
+        assert!(err.contains("invalid schema name"), "{err}");
+    }
+}
