@@ -91,7 +91,7 @@ fn open_stores(manifest: &Manifest, names: &[String]) -> anyhow::Result<BTreeMap
                     "state.backend = \"postgres\" needs a database URL: set state.url or DATABASE_URL (`just postgres` starts one)"
                 );
             };
-            let shared = PgStores::connect(url, &manifest.state.schema)
+            let shared = PgStores::connect_with(url, &manifest.state.schema, manifest.state.pg_timeouts())
                 .context("state.backend = \"postgres\" (state.url or DATABASE_URL)")?;
             for name in names {
                 stores.insert(name.clone(), Arc::new(shared.store(name)));
@@ -305,6 +305,7 @@ pub async fn run(
             publisher.clone(),
             clock.clone(),
             deadlines.clone(),
+            Duration::from_millis(manifest.state.handled_horizon_ms),
             shutdown.clone(),
         ));
         let consuming = kafka::run_supervised(pipeline, publisher.clone(), consumer, status.clone(), shutdown.clone());

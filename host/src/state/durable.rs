@@ -30,10 +30,11 @@ use redb::{
 use super::EntryKind;
 use super::{
     Commit, CorruptEntries, Durable, OutboxEntry, Quarantined, ReadSet, StateStore, StoreError, Timer, TimerChange,
-    decode_entry,
+    check_commits, check_id, check_key, check_prefix, decode_entry,
 };
 use quarantine::{Found, Place, QUARANTINE};
 
+mod prune;
 mod quarantine;
 
 /// The component's own key-value state.
@@ -60,6 +61,7 @@ pub struct DurableStore {
     /// What the store and its flusher share.
     shared: Arc<Shared>,
     flusher: Option<std::thread::JoinHandle<()>>,
+    pruner: prune::Pruner,
 }
 
 impl std::fmt::Debug for DurableStore {
@@ -106,7 +108,8 @@ impl DurableStore {
                 .spawn(move || flush_loop(&db, &shared))
                 .map_err(|e| unavailable("cannot start the flusher of", path)(&e))?
         };
-        let store = Self { db, path: path.to_owned(), shared, flusher: Some(flusher) };
+        let store =
+            Self { db, path: path.to_owned(), shared, flusher: Some(flusher), pruner: prune::Pruner::default() };
         let write = store.db.begin_write().map_err(|e| store.err("cannot write")(&e))?;
         {
             let e = store.err("cannot create tables in");
@@ -230,6 +233,13 @@ fn check(write: &redb::WriteTransaction, commits: &[Commit], reads: &ReadSet) ->
             }
         }
     }
+    if let Some((id, nonce)) = commits.iter().find_map(|c| c.fired.as_ref()) {
+        let timer = write.open_table(TIMERS)?.get(id.as_str())?.and_then(|t| decode_entry::<Timer>(t.value()).ok());
+        if timer.is_none_or(|t| t.nonce != *nonce) {
+            let conflict = format!("timer {id:?} was cancelled or set again since it fired");
+            return Err(Checked::Conflict(StoreError::Conflict(conflict)));
+        }
+    }
     if reads.is_empty() {
         return Ok(());
     }
@@ -285,8 +295,8 @@ fn apply_one(write: &redb::WriteTransaction, commit: &Commit) -> Result<(), redb
     if commit.fired.is_some() || !commit.timers.is_empty() {
         let mut timers = write.open_table(TIMERS)?;
         let mut due = write.open_table(TIMERS_DUE)?;
-        if let Some((id, at_ms)) = &commit.fired {
-            remove_timer(&mut timers, &mut due, id, Some(*at_ms))?;
+        if let Some((id, nonce)) = &commit.fired {
+            remove_timer(&mut timers, &mut due, id, Some(*nonce))?;
         }
         for change in &commit.timers {
             match change {
@@ -408,22 +418,22 @@ fn forget(write: &redb::WriteTransaction, cleared: &[String]) -> Result<(), redb
     Ok(())
 }
 
-/// Removes timer `id` (only if due at `only_at`, when given) and its index
-/// entry. A corrupt body is removed the same way: setting or cancelling a
+/// Removes timer `id` (only the instance `only_nonce`, when given) and its
+/// index entry. A corrupt body is removed the same way: setting or cancelling a
 /// timer replaces whatever was stored.
 fn remove_timer(
     timers: &mut redb::Table<'_, &'static str, &'static [u8]>,
     due: &mut redb::Table<'_, (u64, &'static str), ()>,
     id: &str,
-    only_at: Option<u64>,
+    only_nonce: Option<u64>,
 ) -> Result<(), redb::Error> {
     let old = timers.get(id)?.map(|v| v.value().to_vec());
     let Some(old) = old else { return Ok(()) };
-    let at_ms = match decode_entry::<Timer>(&old) {
-        Ok(old) => Some(old.at_ms),
-        Err(_) => due_time(due, id)?,
+    let (at_ms, nonce) = match decode_entry::<Timer>(&old) {
+        Ok(old) => (Some(old.at_ms), Some(old.nonce)),
+        Err(_) => (due_time(due, id)?, None),
     };
-    if only_at.is_none_or(|at| Some(at) == at_ms) {
+    if only_nonce.is_none_or(|n| Some(n) == nonce) {
         timers.remove(id)?;
         if let Some(at_ms) = at_ms {
             due.remove((at_ms, id))?;
@@ -447,12 +457,14 @@ fn due_time(due: &impl redb::ReadableTable<(u64, &'static str), ()>, id: &str) -
 
 impl StateStore for DurableStore {
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        check_key(key)?;
         let e = self.err("cannot read");
         let table = self.read()?.open_table(STATE).map_err(|x| e(&x))?;
         Ok(table.get(key).map_err(|x| e(&x))?.map(|v| v.value().to_vec()))
     }
 
     fn keys(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+        check_prefix(prefix)?;
         let e = self.err("cannot read");
         let table = self.read()?.open_table(STATE).map_err(|x| e(&x))?;
         list(&table, prefix, limit).map_err(|x| e(&x))
@@ -461,6 +473,7 @@ impl StateStore for DurableStore {
     fn commit_batch(&self, commits: &[Commit], reads: &ReadSet) -> Result<Durable, StoreError> {
         // The batch is the group: one fsync covers all its events, and the
         // outbox entries published since the last write ride along.
+        check_commits(commits)?;
         let cleared = self.shared.work().cleared.clone();
         self.apply(commits, reads, &cleared)?;
         self.shared.work().cleared.retain(|s| !cleared.contains(s));
@@ -472,13 +485,19 @@ impl StateStore for DurableStore {
         Durable::done()
     }
 
+    fn prune_handled(&self, before_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        self.pruner.prune(&self.db, HANDLED, before_ms, limit).map_err(|e| self.err("cannot prune handled ids in")(&e))
+    }
+
     fn was_handled(&self, id: &str) -> Result<bool, StoreError> {
+        check_id(id)?;
         let e = self.err("cannot read");
         let table = self.read()?.open_table(HANDLED).map_err(|x| e(&x))?;
         Ok(table.get(id).map_err(|x| e(&x))?.is_some())
     }
 
     fn outbox(&self, source: &str) -> Result<Option<OutboxEntry>, StoreError> {
+        check_id(source)?;
         if self.shared.is_cleared(source) {
             return Ok(None);
         }
@@ -529,6 +548,7 @@ impl StateStore for DurableStore {
     }
 
     fn timer(&self, id: &str) -> Result<Option<Timer>, StoreError> {
+        check_id(id)?;
         let e = self.err("cannot read");
         let timers = self.read()?.open_table(TIMERS).map_err(|x| e(&x))?;
         let Some(raw) = timers.get(id).map_err(|x| e(&x))?.map(|v| v.value().to_vec()) else { return Ok(None) };

@@ -16,6 +16,8 @@ pub(super) struct Changes {
     outbox: (Vec<String>, Vec<i64>, Vec<String>),
     /// Timer statements in commit order: fired removals, sets, cancels.
     timers: Vec<TimerStep>,
+    /// The fired timer `(id, nonce)` that must still be set.
+    fired: Option<(String, u64)>,
     /// Advisory locks to take, ascending; and whether a listing was read.
     locks: Vec<i64>,
     writes: bool,
@@ -23,7 +25,7 @@ pub(super) struct Changes {
 }
 
 enum TimerStep {
-    Fired(String, i64),
+    Fired(String),
     Set(Timer),
     Cancel(String),
 }
@@ -38,8 +40,8 @@ impl Changes {
             for (key, value) in &commit.writes {
                 final_writes.insert(key, value.as_deref());
             }
-            if let Some((id, at_ms)) = &commit.fired {
-                timers.push(TimerStep::Fired(id.clone(), ms(*at_ms)));
+            if let Some((id, _)) = &commit.fired {
+                timers.push(TimerStep::Fired(id.clone()));
             }
             for change in &commit.timers {
                 timers.push(match change {
@@ -78,7 +80,8 @@ impl Changes {
             }
         }
         let writes = !upserts.0.is_empty() || !deletes.is_empty();
-        Self { upserts, deletes, handled, outbox, timers, locks, writes, listed: !reads.listings.is_empty() }
+        let fired = commits.iter().find_map(|commit| commit.fired.clone());
+        Self { upserts, deletes, handled, outbox, timers, fired, locks, writes, listed: !reads.listings.is_empty() }
     }
 }
 
@@ -101,6 +104,15 @@ pub(super) async fn commit(
     }
     if !changes.locks.is_empty() {
         tx.execute(&tx.prepare_cached(&sql.lock).await?, &[&changes.locks]).await?;
+    }
+    // The fired timer must still be the instance that fired: its row locked
+    // until the commit, so a concurrent cancel or re-set waits, then applies.
+    if let Some((id, nonce)) = &changes.fired {
+        let row = tx.query_opt(&tx.prepare_cached(&sql.timer_for_update).await?, &[&component, id]).await?;
+        let still = row.and_then(|row| crate::state::decode_entry::<Timer>(row.get::<_, String>(0).as_bytes()).ok());
+        if still.is_none_or(|timer| timer.nonce != *nonce) {
+            return Ok(Err(StoreError::Conflict(format!("timer {id:?} was cancelled or set again since it fired"))));
+        }
     }
     // What was read must be what is there now: the keys in one query, each
     // listing again, then compared as every adapter does.
@@ -147,9 +159,7 @@ pub(super) async fn commit(
     }
     for step in &changes.timers {
         match step {
-            TimerStep::Fired(id, at_ms) => {
-                tx.execute(&tx.prepare_cached(&sql.delete_fired).await?, &[&component, id, at_ms]).await?
-            }
+            TimerStep::Fired(id) => tx.execute(&tx.prepare_cached(&sql.cancel_timer).await?, &[&component, id]).await?,
             TimerStep::Set(timer) => {
                 let body = serde_json::to_string(timer).unwrap_or_default();
                 tx.execute(&tx.prepare_cached(&sql.set_timer).await?, &[&component, &timer.id, &ms(timer.at_ms), &body])

@@ -63,6 +63,51 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often published outbox entries no commit carried are deleted.
 const FORGET_EVERY: Duration = Duration::from_secs(1);
 
+/// How long a session may wait, so that a host frozen or cut off mid-commit
+/// (holding its advisory locks) holds the other hosts up for no longer than
+/// these: the server cancels a lock wait past `lock`, a statement past
+/// `statement`, and ends a session idle inside a transaction past
+/// `idle_in_transaction` (rolling it back and releasing its locks); the host
+/// gives up a commit past `commit` and closes its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PgTimeouts {
+    /// `lock_timeout`: longest wait for a lock (a key's, the key space's).
+    pub lock: Duration,
+    /// `statement_timeout`: longest statement.
+    pub statement: Duration,
+    /// `idle_in_transaction_session_timeout`: longest pause inside a transaction.
+    pub idle_in_transaction: Duration,
+    /// The deadline of a whole commit, waiting for a connection included.
+    pub commit: Duration,
+}
+
+impl Default for PgTimeouts {
+    /// 2 s for a lock, 5 s for a statement or a pause in a transaction,
+    /// 10 s for a commit: a commit takes milliseconds; these only end waits
+    /// that would otherwise last until TCP keepalive notices (~2 h).
+    fn default() -> Self {
+        Self {
+            lock: Duration::from_secs(2),
+            statement: Duration::from_secs(5),
+            idle_in_transaction: Duration::from_secs(5),
+            commit: Duration::from_secs(10),
+        }
+    }
+}
+
+impl PgTimeouts {
+    /// The session settings, as startup options.
+    fn options(&self) -> String {
+        let ms = |d: Duration| d.as_millis().max(1);
+        format!(
+            "-c lock_timeout={} -c statement_timeout={} -c idle_in_transaction_session_timeout={}",
+            ms(self.lock),
+            ms(self.statement),
+            ms(self.idle_in_transaction)
+        )
+    }
+}
+
 /// The connection shared by every component of a host: a pool on a
 /// runtime of its own.
 pub struct PgStores {
@@ -71,6 +116,8 @@ pub struct PgStores {
 
 struct Backend {
     pool: Pool,
+    /// The sessions' timeouts and the commit's deadline.
+    timeouts: PgTimeouts,
     runtime: Option<tokio::runtime::Runtime>,
     /// The schema's name, checked to be a plain identifier.
     schema: String,
@@ -151,14 +198,27 @@ fn db_error(err: &tokio_postgres::Error) -> String {
     }
 }
 
-/// Maps a driver error: lost races are conflicts, the rest unavailability.
+/// Maps a driver error: lost races are conflicts; what no retry can pass
+/// (a data exception, SQLSTATE class 22: NUL in text 22021, an
+/// untranslatable character 22P05, a value too long 22001; or a program
+/// limit, class 54: an index entry over ~2.7 KB 54000) is refused for good;
+/// the rest (timeouts, lost connections, a server shutting down) is
+/// unavailability, retried.
 fn classify(err: &tokio_postgres::Error) -> StoreError {
     let conflict =
         [&SqlState::T_R_SERIALIZATION_FAILURE, &SqlState::T_R_DEADLOCK_DETECTED, &SqlState::UNIQUE_VIOLATION];
     match err.code() {
         Some(code) if conflict.contains(&code) => StoreError::Conflict(db_error(err)),
+        Some(code) if is_permanent(code) => StoreError::Refused(format!("PostgreSQL: {}", db_error(err))),
         _ => StoreError::Unavailable(format!("PostgreSQL: {}", db_error(err))),
     }
+}
+
+/// Whether an error of SQLSTATE `code` comes again however often the same
+/// statement is retried.
+fn is_permanent(code: &SqlState) -> bool {
+    let code = code.code();
+    code.starts_with("22") || code.starts_with("54")
 }
 
 /// `url` without its password.
@@ -183,6 +243,14 @@ impl PgStores {
     /// [`StoreError::Unavailable`] naming the database: an invalid URL or
     /// schema name, a server that cannot be reached, or a failed migration.
     pub fn connect(url: &str, schema: &str) -> Result<Self, StoreError> {
+        Self::connect_with(url, schema, PgTimeouts::default())
+    }
+
+    /// [`PgStores::connect`] with the sessions' `timeouts`.
+    ///
+    /// # Errors
+    /// As [`PgStores::connect`].
+    pub fn connect_with(url: &str, schema: &str, timeouts: PgTimeouts) -> Result<Self, StoreError> {
         let target = redact(url);
         if schema.is_empty()
             || schema.len() > 63
@@ -198,6 +266,7 @@ impl PgStores {
         let mut config = config;
         config.connect_timeout(CONNECT_TIMEOUT);
         config.application_name("shop-host");
+        config.options(&timeouts.options());
         let manager = Manager::from_config(
             config,
             tokio_postgres::NoTls,
@@ -209,18 +278,18 @@ impl PgStores {
             .enable_all()
             .build()
             .map_err(|err| StoreError::Unavailable(format!("cannot start the PostgreSQL runtime: {err}")))?;
-        let timeouts =
+        let pool_timeouts =
             Timeouts { wait: Some(CONNECT_TIMEOUT), create: Some(CONNECT_TIMEOUT), recycle: Some(CONNECT_TIMEOUT) };
         let pool = {
             let _entered = runtime.enter();
             Pool::builder(manager)
                 .max_size(POOL_SIZE)
-                .timeouts(timeouts)
+                .timeouts(pool_timeouts)
                 .runtime(deadpool_postgres::Runtime::Tokio1)
                 .build()
                 .map_err(|err| StoreError::Unavailable(format!("cannot build the PostgreSQL pool: {err}")))?
         };
-        let backend = Arc::new(Backend { pool, runtime: Some(runtime), schema: schema.to_owned(), target });
+        let backend = Arc::new(Backend { pool, timeouts, runtime: Some(runtime), schema: schema.to_owned(), target });
         let migrating = backend.clone();
         backend.block(async move { migrate(&migrating).await })?;
         Ok(Self { backend })
@@ -271,9 +340,25 @@ fn lock_key(component: &str, kind: &str, name: &str) -> i64 {
     i64::from_ne_bytes(hash.to_ne_bytes())
 }
 
-/// The exclusive upper bound of keys starting with `prefix` (in byte order).
+/// The exclusive upper bound of keys starting with `prefix` in byte order
+/// (the `"C"` collation's, which is UTF-8's code point order): the prefix
+/// with its last character that has a successor moved to it, the
+/// characters after it (U+10FFFF) dropped. (`prefix` followed by U+10FFFF
+/// would leave out keys with U+10FFFF right after the prefix.) A prefix of
+/// U+10FFFF only, or none, is bounded by a text above every storable key.
 fn prefix_end(prefix: &str) -> String {
-    format!("{prefix}\u{10FFFF}")
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        let next = match last {
+            '\u{D7FF}' => Some('\u{E000}'),
+            last => char::from_u32(u32::from(last) + 1),
+        };
+        if let Some(next) = next {
+            chars.push(next);
+            return chars.into_iter().collect();
+        }
+    }
+    "\u{10FFFF}".repeat(super::MAX_KEY_BYTES / 4 + 1)
 }
 
 impl PostgresStore {
@@ -377,6 +462,42 @@ impl PostgresStore {
     }
 }
 
+impl PostgresStore {
+    /// Takes the advisory lock of `key`, as a commit does, in a transaction
+    /// left open: a host frozen mid-commit, as the other hosts meet it
+    /// (tests). The transaction lasts until the returned session is dropped
+    /// or the server ends it.
+    #[cfg(test)]
+    pub(super) fn freeze_holding(&self, key: &str) -> deadpool_postgres::Object {
+        let lock = lock_key(&self.component, "key", key);
+        let backend = self.backend.clone();
+        self.backend
+            .block(async move {
+                let client = backend.client().await?;
+                client.batch_execute("BEGIN").await.map_err(|err| classify(&err))?;
+                client.execute("SELECT pg_advisory_xact_lock($1)", &[&lock]).await.map_err(|err| classify(&err))?;
+                Ok(client)
+            })
+            .unwrap()
+    }
+
+    /// The value of a session setting on a pooled connection (tests).
+    #[cfg(test)]
+    pub(super) fn setting(&self, name: &str) -> String {
+        let statement = format!("SELECT current_setting('{name}')");
+        self.with(move |client, _, _| async move { Ok(client.query_one(&statement, &[]).await?.get(0)) }).unwrap()
+    }
+
+    /// Runs `statement` with `text` bound as its one parameter (tests).
+    #[cfg(test)]
+    pub(super) fn run_with(&self, statement: &'static str, text: String) -> Result<(), StoreError> {
+        self.with(move |client, _, _| async move { client.execute(statement, &[&text]).await.map(|_| ()) })
+    }
+}
+
+#[cfg(test)]
+mod timeouts_tests;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -393,6 +514,18 @@ mod tests {
         assert_eq!(lock_key("order", "key", "stock/lamp"), lock_key("order", "key", "stock/lamp"));
         assert_ne!(lock_key("order", "key", "stock/lamp"), lock_key("payment", "key", "stock/lamp"));
         assert_ne!(lock_key("a", "key", "bc"), lock_key("ab", "key", "c"));
+    }
+
+    #[test]
+    fn prefix_ends_bound_exactly_the_keys_with_the_prefix() {
+        assert_eq!(prefix_end("ab"), "ac");
+        assert_eq!(prefix_end("a\u{10FFFF}"), "b");
+        assert_eq!(prefix_end("a\u{D7FF}"), "a\u{E000}");
+        assert_eq!(prefix_end(""), "\u{10FFFF}".repeat(257));
+        for key in ["a\u{10FFFF}", "a\u{10FFFF}x", "a\u{10FFFF}\u{10FFFF}"] {
+            assert!(key.as_bytes() < prefix_end("a").as_bytes(), "{key:?}");
+        }
+        assert!("\u{10FFFF}".repeat(256).as_bytes() < prefix_end("").as_bytes());
     }
 
     #[test]

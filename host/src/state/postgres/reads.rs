@@ -7,7 +7,7 @@ use super::commit::{Changes, commit};
 use super::{PostgresStore, classify, ms, prefix_end};
 use crate::state::{
     Commit, CorruptEntries, Durable, EntryKind, OutboxEntry, OutboxRecord, Quarantined, ReadSet, StateStore,
-    StoreError, Timer, decode_entry,
+    StoreError, Timer, check_commits, check_id, check_key, check_prefix, decode_entry,
 };
 
 /// Timers stored as `(id, body)`, decoded: the good ones, and the
@@ -40,6 +40,7 @@ fn entries(rows: Vec<(String, i64, String)>) -> (Vec<OutboxEntry>, Vec<(String, 
 
 impl StateStore for PostgresStore {
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        check_key(key)?;
         let key = key.to_owned();
         self.with(move |client, sql, component| async move {
             Ok(client
@@ -50,6 +51,7 @@ impl StateStore for PostgresStore {
     }
 
     fn keys(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+        check_prefix(prefix)?;
         let prefix = prefix.to_owned();
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.with(move |client, sql, component| async move {
@@ -61,20 +63,44 @@ impl StateStore for PostgresStore {
     }
 
     fn commit_batch(&self, commits: &[Commit], reads: &ReadSet) -> Result<Durable, StoreError> {
+        check_commits(commits)?;
         let changes = Changes::of(&self.component, commits, reads);
         let reads = reads.clone();
         let cleared = self.cleared().clone();
         let (backend, sql, component) = (self.backend.clone(), self.sql.clone(), self.component.clone());
         let forgotten = cleared.clone();
         self.backend.block(async move {
-            let mut client = backend.client().await?;
-            match commit(&mut client, &sql, &component, &changes, &reads, &cleared).await {
-                Ok(outcome) => outcome,
-                Err(err) => Err(classify(&err)),
+            let deadline = tokio::time::Instant::now() + backend.timeouts.commit;
+            let late = || {
+                StoreError::Unavailable(format!("commit not done within its deadline of {:?}", backend.timeouts.commit))
+            };
+            let mut client = tokio::time::timeout_at(deadline, backend.client()).await.map_err(|_| late())??;
+            let outcome =
+                tokio::time::timeout_at(deadline, commit(&mut client, &sql, &component, &changes, &reads, &cleared))
+                    .await;
+            match outcome {
+                Ok(Ok(outcome)) => outcome,
+                Ok(Err(err)) => Err(classify(&err)),
+                Err(_) => {
+                    // Closed, not pooled: the server rolls the transaction
+                    // back and releases its locks at once.
+                    drop(deadpool_postgres::Object::take(client));
+                    Err(late())
+                }
             }
         })?;
         self.cleared().retain(|s| !forgotten.contains(s));
         Ok(Durable::done())
+    }
+
+    fn prune_handled(&self, before_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with(move |client, sql, component| async move {
+            let pruned = client
+                .execute(&client.prepare_cached(&sql.prune_handled).await?, &[&component, &ms(before_ms), &limit])
+                .await?;
+            Ok(usize::try_from(pruned).unwrap_or(usize::MAX))
+        })
     }
 
     fn sync_point(&self) -> Durable {
@@ -83,6 +109,7 @@ impl StateStore for PostgresStore {
     }
 
     fn was_handled(&self, id: &str) -> Result<bool, StoreError> {
+        check_id(id)?;
         let id = id.to_owned();
         self.with(move |client, sql, component| async move {
             Ok(client.query_opt(&client.prepare_cached(&sql.was_handled).await?, &[&component, &id]).await?.is_some())
@@ -90,6 +117,7 @@ impl StateStore for PostgresStore {
     }
 
     fn handled_among(&self, ids: &[&str]) -> Result<std::collections::HashSet<String>, StoreError> {
+        ids.iter().try_for_each(|id| check_id(id))?;
         let ids: Vec<String> = ids.iter().map(|id| (*id).to_owned()).collect();
         self.with(move |client, sql, component| async move {
             let rows = client.query(&client.prepare_cached(&sql.handled_among).await?, &[&component, &ids]).await?;
@@ -98,6 +126,7 @@ impl StateStore for PostgresStore {
     }
 
     fn outbox(&self, source: &str) -> Result<Option<OutboxEntry>, StoreError> {
+        check_id(source)?;
         if self.cleared().iter().any(|s| s == source) {
             return Ok(None);
         }
@@ -130,6 +159,7 @@ impl StateStore for PostgresStore {
     }
 
     fn timer(&self, id: &str) -> Result<Option<Timer>, StoreError> {
+        check_id(id)?;
         let id = id.to_owned();
         let row = self.with(move |client, sql, component| async move {
             Ok(client

@@ -50,6 +50,10 @@ CREATE TABLE {s}.quarantine (
 );
 CREATE INDEX quarantine_by_component ON {s}.quarantine (component, seq);
 "#,
+    // Pruning old handled ids finds them by time.
+    r#"
+CREATE INDEX handled_by_time ON {s}.handled (component, handled_ms);
+"#,
 ];
 
 pub(super) async fn migrate(backend: &Backend) -> Result<(), StoreError> {
@@ -108,7 +112,8 @@ pub(super) struct Sql {
     pub(super) insert_handled: String,
     pub(super) upsert: String,
     pub(super) delete: String,
-    pub(super) delete_fired: String,
+    pub(super) timer_for_update: String,
+    pub(super) prune_handled: String,
     pub(super) set_timer: String,
     pub(super) cancel_timer: String,
     pub(super) insert_outbox: String,
@@ -190,7 +195,11 @@ impl Sql {
                  ON CONFLICT (component, key) DO UPDATE SET value = EXCLUDED.value"
             ),
             delete: format!("DELETE FROM {state} WHERE component = $1 AND key = ANY($2)"),
-            delete_fired: format!("DELETE FROM {timers} WHERE component = $1 AND id = $2 AND at_ms = $3"),
+            prune_handled: format!(
+                "DELETE FROM {handled} WHERE component = $1 AND event_id IN
+                 (SELECT event_id FROM {handled} WHERE component = $1 AND handled_ms < $2 ORDER BY handled_ms LIMIT $3)"
+            ),
+            timer_for_update: format!("SELECT timer FROM {timers} WHERE component = $1 AND id = $2 FOR UPDATE"),
             set_timer: format!(
                 "INSERT INTO {timers} (component, id, at_ms, timer) VALUES ($1, $2, $3, $4)
                  ON CONFLICT (component, id) DO UPDATE SET at_ms = EXCLUDED.at_ms, timer = EXCLUDED.timer, lease_until = '-infinity'"
