@@ -108,7 +108,7 @@ pub(super) fn hostile_keys_and_ids_are_refused_alike(store: &dyn StateStore) {
     refused("keys", store.keys("a\0", 10));
     refused("keys", store.keys(&long, 10));
     let mut keyed = timer("t", 5);
-    keyed.key = "o\01".into();
+    keyed.key = "o\0-1".into();
     refused("timer key", store.commit(handled("e1", &[], &[], vec![TimerChange::Set(keyed)])));
     // A read in a batch: the whole batch is refused, nothing applied.
     let reads = ReadSet { keys: [("a\0".to_owned(), None)].into(), listings: vec![] };

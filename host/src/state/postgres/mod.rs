@@ -266,7 +266,7 @@ impl PgStores {
         let mut config = config;
         config.connect_timeout(CONNECT_TIMEOUT);
         config.application_name("shop-host");
-        config.options(&timeouts.options());
+        config.options(timeouts.options());
         let manager = Manager::from_config(
             config,
             tokio_postgres::NoTls,
