@@ -60,6 +60,9 @@ const POOL_SIZE: usize = 16;
 /// Longest wait for a connection (also bounds connecting): past it, the
 /// store is reported unavailable and the caller retries.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How much longer than its timeouts a call waits for a database that does
+/// not answer at all before giving up.
+const UNANSWERED_SLACK: Duration = Duration::from_secs(1);
 /// How often published outbox entries no commit carried are deleted.
 const FORGET_EVERY: Duration = Duration::from_secs(1);
 
@@ -147,12 +150,25 @@ impl Backend {
             // most one read per call outlives it.
             return Err(StoreError::Unavailable("the call's deadline passed".into()));
         }
-        let task = runtime.spawn(work);
         let joined = match deadline {
-            None => futures::executor::block_on(task),
+            // Any other call gives up too, when the database does not
+            // answer within the timeouts (a network partition: the server's
+            // own timeouts cannot reach us), so that the caller says so
+            // (a failed commit is logged and retried, `/health` reports the
+            // store) instead of hanging until TCP keepalive notices.
+            None => {
+                let limit = self.timeouts.statement.max(self.timeouts.commit) + UNANSWERED_SLACK;
+                let target = self.target.clone();
+                futures::executor::block_on(runtime.spawn(async move {
+                    tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
+                        Err(StoreError::Unavailable(format!("{target} did not answer within {limit:?}")))
+                    })
+                }))
+            }
             // A guest call's read: it gives up at the call's deadline (the
             // task finishes on its own; it only reads).
             Some(deadline) => {
+                let task = runtime.spawn(work);
                 runtime.handle().block_on(async move { tokio::time::timeout_at(deadline.into(), task).await }).map_err(
                     |_| StoreError::Unavailable(format!("{} did not answer before the call's deadline", self.target)),
                 )?
