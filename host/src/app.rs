@@ -46,7 +46,7 @@ fn open_stores(manifest: &Manifest, names: &[String]) -> anyhow::Result<BTreeMap
                     "state.backend = \"postgres\" needs a database URL: set state.url or DATABASE_URL (`just postgres` starts one)"
                 );
             };
-            let shared = PgStores::connect(url, &manifest.state.schema)
+            let shared = PgStores::connect_with(url, &manifest.state.schema, (&manifest.state).into())
                 .context("state.backend = \"postgres\" (state.url or DATABASE_URL)")?;
             for name in names {
                 stores.insert(name.clone(), Arc::new(shared.store(name)));
@@ -386,6 +386,7 @@ fn spawn_component(
         host.publisher.clone(),
         host.clock.clone(),
         host.deadlines.clone(),
+        Duration::from_millis(manifest.state.handled_horizon_ms),
         shutdown.clone(),
     ));
     let consuming = kafka::run_supervised(pipeline, host.publisher.clone(), consumer, status.clone(), shutdown.clone());

@@ -28,6 +28,25 @@ pub enum EnvelopeError {
     EmptyField(&'static str),
     #[error("unsupported schema_version {0} (this host understands {SCHEMA_VERSION})")]
     Version(u32),
+    #[error("envelope field `{field}` {problem}")]
+    BadField { field: &'static str, problem: String },
+}
+
+/// Longest id an envelope may carry (`id`, `type`, `order_id`,
+/// `correlation_id`, `causation_id`), in bytes. Ids are keys of the store
+/// (a handled id, a timer's key, an outbox entry's source): a bound well
+/// inside every adapter's limits (PostgreSQL refuses an index entry over
+/// ~2.7 KB) means an id that decodes can always be stored. The ids this host
+/// makes are 36-byte UUIDs.
+pub const MAX_ID_BYTES: usize = 256;
+
+/// Why `text` cannot be an id: too long, or holding a control character
+/// (NUL above all: PostgreSQL's text cannot hold it).
+pub fn id_problem(text: &str) -> Option<String> {
+    if text.len() > MAX_ID_BYTES {
+        return Some(format!("is {} bytes long, over the limit of {MAX_ID_BYTES}", text.len()));
+    }
+    text.chars().find(|c| c.is_control()).map(|c| format!("contains the control character {c:?}"))
 }
 
 /// The envelope around every event.
@@ -92,6 +111,18 @@ impl Envelope {
         ] {
             if text.is_empty() {
                 return Err(EnvelopeError::EmptyField(field));
+            }
+        }
+        let ids = [
+            ("id", Some(&envelope.id)),
+            ("type", Some(&envelope.event_type)),
+            ("order_id", Some(&envelope.order_id)),
+            ("correlation_id", Some(&envelope.correlation_id)),
+            ("causation_id", envelope.causation_id.as_ref()),
+        ];
+        for (field, text) in ids {
+            if let Some(problem) = text.and_then(|text| id_problem(text)) {
+                return Err(EnvelopeError::BadField { field, problem });
             }
         }
         if envelope.schema_version != SCHEMA_VERSION {
@@ -223,5 +254,30 @@ mod tests {
             let err = Envelope::decode(Some(value)).unwrap_err().to_string();
             assert!(err.contains(needle), "{err:?} should mention {needle:?}");
         }
+    }
+
+    #[test]
+    fn ids_that_no_store_can_keep_are_refused() {
+        let with = |field: &str, value: &str| {
+            let mut envelope = serde_json::to_value(Envelope::originate("T", "o1", "p", 1, json!({}))).unwrap();
+            envelope[field] = json!(value);
+            Envelope::decode(Some(&serde_json::to_vec(&envelope).unwrap()))
+        };
+        let long = "x".repeat(MAX_ID_BYTES + 1);
+        let cases = [
+            ("id", "a\u{0}b", "`id` contains the control character '\\0'"),
+            ("id", long.as_str(), "`id` is 257 bytes long, over the limit of 256"),
+            ("order_id", "o\n1", "`order_id` contains the control character '\\n'"),
+            ("correlation_id", long.as_str(), "`correlation_id` is 257 bytes"),
+            ("causation_id", "c\u{7f}", "`causation_id` contains"),
+            ("type", "T\u{1b}", "`type` contains"),
+        ];
+        for (field, value, needle) in cases {
+            let err = with(field, value).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err:?} should mention {needle:?}");
+        }
+        let longest = "x".repeat(MAX_ID_BYTES);
+        assert!(with("id", &longest).is_ok(), "the bound itself is allowed");
+        assert!(with("order_id", "ordre-é-✓").is_ok(), "any printable text is an id");
     }
 }

@@ -39,3 +39,19 @@ pub const DEFAULT_MAX_WRITE_BYTES: usize = 8 << 20;
 /// Timers one call may set or cancel unless the manifest says otherwise
 /// (`max_timers_per_call`).
 pub const DEFAULT_MAX_TIMERS: usize = 100;
+
+/// PostgreSQL sessions' `lock_timeout` unless the manifest says otherwise
+/// (`state.lock_timeout_ms`): a commit takes milliseconds; these timeouts
+/// only end waits that would otherwise last until TCP keepalive notices
+/// (~2 h).
+pub const DEFAULT_PG_LOCK_TIMEOUT_MS: u64 = 2_000;
+
+/// PostgreSQL sessions' `statement_timeout` (`state.statement_timeout_ms`).
+pub const DEFAULT_PG_STATEMENT_TIMEOUT_MS: u64 = 5_000;
+
+/// PostgreSQL sessions' `idle_in_transaction_session_timeout`
+/// (`state.idle_in_transaction_timeout_ms`).
+pub const DEFAULT_PG_IDLE_IN_TRANSACTION_TIMEOUT_MS: u64 = 5_000;
+
+/// Deadline of a whole PostgreSQL commit (`state.commit_timeout_ms`).
+pub const DEFAULT_PG_COMMIT_TIMEOUT_MS: u64 = 10_000;

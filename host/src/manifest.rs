@@ -217,6 +217,49 @@ pub struct StateSettings {
     /// Schema of the tables in that database (created if missing).
     #[serde(default = "default_schema")]
     pub schema: String,
+    /// PostgreSQL `lock_timeout` of every session, ms (default 2,000).
+    #[serde(default = "default_lock_timeout_ms")]
+    pub lock_timeout_ms: u64,
+    /// PostgreSQL `statement_timeout` of every session, ms (default 5,000).
+    #[serde(default = "default_statement_timeout_ms")]
+    pub statement_timeout_ms: u64,
+    /// PostgreSQL `idle_in_transaction_session_timeout`, ms (default 5,000):
+    /// a host frozen mid-commit holds its locks no longer.
+    #[serde(default = "default_idle_in_transaction_timeout_ms")]
+    pub idle_in_transaction_timeout_ms: u64,
+    /// Deadline of one PostgreSQL commit, ms (default 10,000).
+    #[serde(default = "default_commit_timeout_ms")]
+    pub commit_timeout_ms: u64,
+    /// How long the ids of handled events are kept to drop redeliveries,
+    /// ms; older ones are pruned in the background. Default 8 days: Kafka's
+    /// default topic retention (7 days: no record older is delivered) plus
+    /// a day for the longest redelivery (a dead letter replayed, a host
+    /// restored from a backup). Raise it with the topics' `retention.ms`.
+    #[serde(default = "default_handled_horizon_ms")]
+    pub handled_horizon_ms: u64,
+}
+
+/// Default of [`StateSettings::handled_horizon_ms`].
+pub const DEFAULT_HANDLED_HORIZON_MS: u64 = (7 + 1) * 24 * 60 * 60 * 1000;
+
+fn default_handled_horizon_ms() -> u64 {
+    DEFAULT_HANDLED_HORIZON_MS
+}
+
+fn default_lock_timeout_ms() -> u64 {
+    crate::limits::DEFAULT_PG_LOCK_TIMEOUT_MS
+}
+
+fn default_statement_timeout_ms() -> u64 {
+    crate::limits::DEFAULT_PG_STATEMENT_TIMEOUT_MS
+}
+
+fn default_idle_in_transaction_timeout_ms() -> u64 {
+    crate::limits::DEFAULT_PG_IDLE_IN_TRANSACTION_TIMEOUT_MS
+}
+
+fn default_commit_timeout_ms() -> u64 {
+    crate::limits::DEFAULT_PG_COMMIT_TIMEOUT_MS
 }
 
 /// A state backend.
@@ -246,7 +289,16 @@ fn default_schema() -> String {
 
 impl Default for StateSettings {
     fn default() -> Self {
-        Self { backend: StateBackend::default(), url: None, schema: default_schema() }
+        Self {
+            backend: StateBackend::default(),
+            url: None,
+            schema: default_schema(),
+            lock_timeout_ms: default_lock_timeout_ms(),
+            statement_timeout_ms: default_statement_timeout_ms(),
+            idle_in_transaction_timeout_ms: default_idle_in_transaction_timeout_ms(),
+            commit_timeout_ms: default_commit_timeout_ms(),
+            handled_horizon_ms: default_handled_horizon_ms(),
+        }
     }
 }
 

@@ -33,6 +33,35 @@ pub const FAILED_TIMER_RETRY_MS: u64 = 60_000;
 pub const CLAIM_LEASE: Duration = Duration::from_secs(30);
 /// How often the periodic relay runs.
 const RELAY_EVERY: Duration = Duration::from_secs(5);
+/// How often old handled ids are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(10);
+/// Handled ids forgotten per store transaction: small, so that commits
+/// never wait long behind a prune.
+const PRUNE_BATCH: usize = 500;
+/// Batches per pruning round, at most (the rest waits for the next round).
+const PRUNE_ROUND: usize = 20;
+
+/// Forgets the ids of events `service` handled more than `horizon` before
+/// `now_ms`, in batches of [`PRUNE_BATCH`] (at most [`PRUNE_ROUND`] of
+/// them, each its own short transaction run off the async workers). Returns
+/// how many were forgotten. An id younger than the horizon stays: a
+/// redelivery within it is still dropped.
+///
+/// # Errors
+/// The store's; what was forgotten before it stays forgotten.
+pub async fn prune_handled(service: &ServiceRuntime, now_ms: u64, horizon: Duration) -> anyhow::Result<usize> {
+    let before_ms = now_ms.saturating_sub(u64::try_from(horizon.as_millis()).unwrap_or(u64::MAX));
+    let mut pruned = 0;
+    for _ in 0..PRUNE_ROUND {
+        let store = service.state_store().clone();
+        let batch = blocking(move || store.prune_handled(before_ms, PRUNE_BATCH)).await?;
+        pruned += batch;
+        if batch < PRUNE_BATCH {
+            break;
+        }
+    }
+    Ok(pruned)
+}
 
 /// An outbox record goes out as it was committed. Here, in the core, rather
 /// than in the bus or the store: neither port knows the other.
@@ -104,10 +133,12 @@ pub async fn run(
     publisher: Arc<dyn Publisher>,
     clock: Arc<dyn Clock>,
     deadlines: Arc<dyn Clock>,
+    horizon: Duration,
     shutdown: CancellationToken,
 ) {
     let service = pipeline.service().clone();
     let mut last_relay = tokio::time::Instant::now();
+    let mut last_prune = tokio::time::Instant::now();
     loop {
         if let Err(err) = fire_due(&pipeline, &*publisher, &*deadlines, &shutdown).await {
             tracing::warn!(component = service.name(), "timer delivery failed, will retry: {err:#}");
@@ -119,6 +150,16 @@ pub async fn run(
                 Ok(0) => {}
                 Ok(n) => tracing::info!(component = service.name(), entries = n, "relayed stale outbox entries"),
                 Err(err) => tracing::warn!(component = service.name(), "outbox relay failed, will retry: {err:#}"),
+            }
+        }
+        if last_prune.elapsed() >= PRUNE_EVERY {
+            last_prune = tokio::time::Instant::now();
+            match prune_handled(&service, clock.now_ms(), horizon).await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(component = service.name(), ids = n, "pruned handled ids past the horizon"),
+                Err(err) => {
+                    tracing::warn!(component = service.name(), "pruning handled ids failed, will retry: {err:#}")
+                }
             }
         }
         tokio::select! {
@@ -188,6 +229,7 @@ mod tests {
             set_by: setter.into(),
             correlation_id: Some("c1".into()),
             traceparent: None,
+            nonce: crate::state::new_nonce(),
         };
         let commit = Commit { timers: vec![TimerChange::Set(timer)], ..Commit::default() };
         service.state_store().commit(commit).unwrap();
@@ -232,6 +274,33 @@ mod tests {
         set_by(&service, "echo", 1_500, "Echo", "another setter");
         fire_due(&pipeline, &bus, &*clock, &shutdown).await.unwrap();
         assert_eq!(bus.records("p-out").len(), 2);
+    }
+
+    #[tokio::test]
+    async fn handled_ids_are_kept_within_the_horizon_and_pruned_past_it() {
+        let service = Arc::new(runtime("misbehave", 1000));
+        let clock = Arc::new(ManualClock::at(1_000));
+        let pipeline = Pipeline::new(service.clone(), Topics::default(), RetryPolicy::default(), clock.clone());
+        let shutdown = CancellationToken::new();
+        let envelope = Envelope::originate("Echo", "k", "test", 1, serde_json::json!("x"));
+        let record = crate::bus::Inbound {
+            topic: "in".into(),
+            partition: 0,
+            offset: 1,
+            key: Some(b"k".to_vec()),
+            value: Some(envelope.encode()),
+            headers: vec![],
+        };
+        let first = pipeline.process(&record, &shutdown).await.unwrap();
+        assert!(matches!(first, Disposition::Publish { duplicate: false, .. }), "{first:?}");
+        let horizon = Duration::from_secs(60);
+        clock.set(1_000 + 59_000);
+        assert_eq!(prune_handled(&service, clock.now_ms(), horizon).await.unwrap(), 0);
+        let again = pipeline.process(&record, &shutdown).await.unwrap();
+        assert!(matches!(again, Disposition::Publish { duplicate: true, .. }), "within the horizon: dropped");
+        clock.set(1_000 + 61_000);
+        assert_eq!(prune_handled(&service, clock.now_ms(), horizon).await.unwrap(), 1);
+        assert!(!service.state_store().was_handled(&envelope.id).unwrap(), "past the horizon: pruned");
     }
 
     #[tokio::test]

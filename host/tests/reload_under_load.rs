@@ -3,6 +3,13 @@
 //! versions with different decline rules, once through each trigger (file
 //! change, admin endpoint, `host reload`), then offered a version that does
 //! not compile, one with the wrong world and one that traps on every event.
+//!
+//! The stream is paced by the test's steps, never by the machine's speed:
+//! it places orders only as the test lets it ([`STEP`] at a time), and each
+//! switch waits until the orders let through so far were placed and half of
+//! the step was paid, so every version serves a share of them on every
+//! partition, however fast or loaded the machine is. The trapping version
+//! is offered once nothing is in flight, and meets the rest of the stream.
 
 mod support;
 
@@ -18,6 +25,8 @@ use sha2::Digest as _;
 use support::*;
 
 const ORDERS: usize = 2_000;
+/// Orders let through before each switch (a multiple of the stream's chunk of 8).
+const STEP: usize = 256;
 /// Authorized by v1, declined by v2 (`card_not_supported`).
 const CARD: &str = "5555555555554444";
 
@@ -34,6 +43,12 @@ fn replace_file(path: &Path, from: &Path) {
 async fn payment_version(client: &reqwest::Client, port: u16) -> Option<String> {
     let health: Value = client.get(format!("http://127.0.0.1:{port}/health")).send().await.ok()?.json().await.ok()?;
     health["version"].as_str().map(str::to_owned)
+}
+
+/// Orders analytics counts as confirmed or rejected.
+async fn settled(client: &reqwest::Client, stats_url: &str) -> Option<u64> {
+    let s: Value = client.get(stats_url).send().await.ok()?.json().await.ok()?;
+    Some(s["orders_confirmed"].as_u64()? + s["orders_rejected"].as_u64()?)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -59,10 +74,12 @@ async fn payment_is_swapped_five_times_under_a_stream_of_orders() {
     let admin = format!("http://127.0.0.1:{}", ports.admin);
     wait_healthy(&client, ports).await;
 
-    // A steady stream of orders in the background.
+    // A stream of orders in the background, placing as many as it is let.
     let placed = Arc::new(AtomicUsize::new(0));
+    let allowed = Arc::new(tokio::sync::Semaphore::new(0));
+    let stats_url = format!("http://127.0.0.1:{}/stats", ports.analytics);
     let stream = {
-        let (client, gateway, placed) = (client.clone(), gateway.clone(), placed.clone());
+        let (client, gateway, placed, allowed) = (client.clone(), gateway.clone(), placed.clone(), allowed.clone());
         tokio::spawn(async move {
             let mut ids = Vec::with_capacity(ORDERS);
             let body = json!({
@@ -71,16 +88,15 @@ async fn payment_is_swapped_five_times_under_a_stream_of_orders() {
                 "payment": { "card_number": CARD }
             });
             for chunk in 0..ORDERS / 8 {
-                let batch = (0..8).map(|_| client.post(format!("{gateway}/order")).json(&body).send());
-                for response in futures::future::join_all(batch).await {
-                    let response = response.unwrap();
-                    assert_eq!(response.status(), 202, "chunk {chunk}");
-                    ids.push(response.json::<Value>().await.unwrap()["order_id"].as_str().unwrap().to_owned());
+                allowed.acquire_many(8).await.unwrap().forget();
+                // A gateway that cannot confirm an order in time under load
+                // answers 503: placed again with the same key, the same order.
+                let keys: Vec<String> = (0..8).map(|i| format!("load-{chunk}-{i}")).collect();
+                let batch = keys.iter().map(|key| place_until_accepted(&client, &gateway, key, &body));
+                for answer in futures::future::join_all(batch).await {
+                    ids.push(answer["order_id"].as_str().unwrap().to_owned());
                     placed.fetch_add(1, Ordering::SeqCst);
                 }
-                // The point of this sleep: pacing, so that the stream goes on
-                // for the whole reload schedule.
-                tokio::time::sleep(Duration::from_millis(20)).await;
             }
             ids
         })
@@ -111,11 +127,16 @@ async fn payment_is_swapped_five_times_under_a_stream_of_orders() {
     };
     let mut file_to_serving = Vec::new();
     let mut expected_sequence = vec![v1_sha.clone()];
+    let mut released = 0;
     for step in 0..5 {
-        // Let some orders through between switches.
-        let target = (placed.load(Ordering::SeqCst) + 250).min(ORDERS - 100);
-        eventually(Duration::from_secs(60), &format!("{target} orders placed"), || async {
-            (placed.load(Ordering::SeqCst) >= target).then_some(())
+        // Let a step of orders through, placed and half paid, then switch
+        // while the rest of the step is in flight.
+        allowed.add_permits(STEP);
+        released += STEP;
+        let target = released;
+        eventually(Duration::from_secs(120), &format!("{target} orders placed, half the last step paid"), || async {
+            let paid = settled(&client, &stats_url).await? as usize;
+            (placed.load(Ordering::SeqCst) >= target && paid >= target - STEP / 2).then_some(())
         })
         .await;
         let (next, next_sha) = if step % 2 == 0 { (&v2, &v2_sha) } else { (&v1, &v1_sha) };
@@ -139,26 +160,53 @@ async fn payment_is_swapped_five_times_under_a_stream_of_orders() {
         expected_sequence.push(next_sha.clone());
     }
 
+    // Nothing in flight before the bad versions: the first events the
+    // trapping one meets are new payment requests (payment answers, which it
+    // handles fine, would pass its canary before any request failed it).
+    let payment_health = format!("http://127.0.0.1:{}/health", ports.payment);
+    eventually(Duration::from_secs(120), "the orders so far settled and payment caught up", || async {
+        let paid = settled(&client, &stats_url).await? as usize;
+        let lag: u64 =
+            get_json(&client, &payment_health).await?["lag"].as_object()?.values().filter_map(Value::as_u64).sum();
+        (paid >= released && lag == 0).then_some(())
+    })
+    .await;
     // Bad versions, still under load: refused, or rolled back by the canary.
     let (status, body) = upload(b"\0asm garbage".to_vec()).await;
     assert_eq!(status, 422, "{body}");
     let (status, body) = upload(std::fs::read(component("not-a-service")).unwrap()).await;
     assert_eq!(status, 422, "{body}");
     assert!(body.contains("does not implement the world"), "{body}");
-    assert!(placed.load(Ordering::SeqCst) < ORDERS - 50, "the stream ended before the trapping version was offered");
+    assert_eq!(placed.load(Ordering::SeqCst), released, "the stream waits for the test");
     let (status, body) = upload(std::fs::read(&trap).unwrap()).await;
     assert_eq!(status, 200, "a trapping version compiles and instantiates: {body}");
+    // The rest of the stream meets the trapping version, then its rollback.
+    allowed.add_permits(ORDERS - released);
     let serving_before_trap = expected_sequence.last().unwrap().clone();
-    eventually(Duration::from_secs(60), "the trapping version to be rolled back", || async {
-        (payment_version(&client, ports.payment).await? == serving_before_trap).then_some(())
-    })
-    .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while payment_version(&client, ports.payment).await.as_ref() != Some(&serving_before_trap) {
+        assert!(!stream.is_finished() || placed.load(Ordering::SeqCst) == ORDERS, "the stream stopped early");
+        if Instant::now() > deadline {
+            let health = client.get(format!("http://127.0.0.1:{}/health", ports.payment)).send().await;
+            let health = match health {
+                Ok(answer) => answer.text().await.unwrap_or_default(),
+                Err(err) => err.to_string(),
+            };
+            let output = host.output();
+            let tail: Vec<&str> = output.lines().rev().take(80).collect();
+            panic!(
+                "the trapping version was not rolled back within 60 s ({} orders placed); payment health {health}; host log, latest first:\n{}",
+                placed.load(Ordering::SeqCst),
+                tail.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let ids = stream.await.unwrap();
     assert_eq!(ids.len(), ORDERS);
 
     // Every order reaches a final state, matching the version that paid it.
-    let stats_url = format!("http://127.0.0.1:{}/stats", ports.analytics);
     let stats = eventually(Duration::from_secs(120), "every order to settle", || async {
         let s: Value = client.get(&stats_url).send().await.ok()?.json().await.ok()?;
         // Settled, and the last email reported back to analytics.

@@ -34,6 +34,7 @@ fn commit_number(n: u64) -> Commit {
             set_by: format!("event-{n}"),
             correlation_id: None,
             traceparent: None,
+            nonce: 0,
         })],
         handled: Some(format!("event-{n}")),
         fired: None,

@@ -205,20 +205,23 @@ impl Publisher for KafkaPublisher {
                     FutureRecord::to(&record.topic).key(&record.key).payload(&record.value).headers(headers);
                 let delivery = loop {
                     match producer.send_result(pending) {
-                        Ok(delivery) => break delivery,
+                        Ok(delivery) => break Ok(delivery),
                         // Backpressure: wait for librdkafka's queue to drain.
                         // Later calls wait behind this one, so order holds.
                         Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                             pending = back;
                             tokio::time::sleep(Duration::from_millis(20)).await;
                         }
-                        Err((err, _)) => return Err(failed(&record.topic, &err)),
+                        // Refused at once (too large, say): the records after
+                        // it are still sent, and its failure is the answer.
+                        Err((err, _)) => break Err(failed(&record.topic, &err)),
                     }
                 };
                 deliveries.push((record.topic.clone(), delivery));
             }
             let acked = async move {
                 try_join_all(deliveries.into_iter().map(|(topic, delivery)| async move {
+                    let delivery = delivery?;
                     match delivery.await {
                         Ok(Ok(_)) => Ok(()),
                         Ok(Err((err, _))) => Err(failed(&topic, &err)),

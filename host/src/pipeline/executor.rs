@@ -163,6 +163,8 @@ enum Committed {
     Abandoned,
     /// Lost a race: nothing was applied.
     Conflict(String),
+    /// The store refuses it for good: nothing was applied.
+    Refused(String),
 }
 
 /// An open batch: the events handled so far, committed by [`Batch::flush`].
@@ -258,7 +260,7 @@ impl<'a> Batch<'a> {
                     value: Some(envelope.encode()),
                     headers,
                 };
-                (record, envelope, Some((timer.id, timer.at_ms)))
+                (record, envelope, Some((timer.id, timer.nonce)))
             }
         };
         let event = core.event(&record, &envelope);
@@ -357,10 +359,10 @@ impl<'a> Batch<'a> {
     ) -> Result<Outcome, CallError> {
         let core = self.core;
         let store = core.service.state_store().clone();
-        if let Some((id, at_ms)) = fired {
+        if let Some((id, nonce)) = fired {
             // Timers are not in the overlay: the check must see the batch.
             self.flush();
-            if store.timer(id)?.is_none_or(|t| t.at_ms != *at_ms) {
+            if store.timer(id)?.is_none_or(|t| t.nonce != *nonce) {
                 // Cancelled or moved since it was found due: nothing to deliver.
                 tracing::debug!(component = core.service.name(), timer = %id, "timer no longer due, skipped");
                 let skipped = Disposition::Publish {
@@ -440,6 +442,10 @@ impl<'a> Batch<'a> {
                     self.answer(None);
                     return;
                 }
+                Committed::Refused(reason) => {
+                    self.refused(&reason);
+                    return;
+                }
                 Committed::Conflict(reason) => {
                     let entries = std::mem::take(&mut self.entries);
                     self.seen = None;
@@ -450,9 +456,7 @@ impl<'a> Batch<'a> {
                     );
                     self.overlay.clear();
                     self.shutdown = None;
-                    for (_, ready) in entries {
-                        self.again(ready);
-                    }
+                    self.all_again(entries, false);
                 }
             }
         }
@@ -481,6 +485,7 @@ impl<'a> Batch<'a> {
                     return Committed::Done(durable);
                 }
                 Err(StoreError::Conflict(reason)) => return Committed::Conflict(reason),
+                Err(StoreError::Refused(reason)) => return Committed::Refused(reason),
                 Err(StoreError::Unavailable(reason)) => {
                     attempt += 1;
                     let backoff = self.core.backoff(attempt);
@@ -495,6 +500,46 @@ impl<'a> Batch<'a> {
                         return Committed::Abandoned;
                     }
                 }
+            }
+        }
+    }
+
+    /// A batch the store refuses for good (a key or id it cannot hold): its
+    /// one event is dead-lettered with the reason; several are each handled
+    /// again and committed alone, so that only the one at fault is set aside
+    /// and no input stalls its partition.
+    fn refused(&mut self, reason: &str) {
+        let mut entries = std::mem::take(&mut self.entries);
+        self.overlay.clear();
+        self.shutdown = None;
+        if entries.len() == 1
+            && let Some((_, ready)) = entries.pop()
+        {
+            let reason = format!("the state store refuses its commit: {reason}");
+            let _ = ready.reply.send(Some(self.core.dead_letter(&ready.record, reason, ready.attempt)));
+            return;
+        }
+        self.seen = None;
+        self.all_again(entries, true);
+    }
+
+    /// Handles a batch's events again, in order (each committed on its own
+    /// if `alone`). An event interrupted by shutdown is answered "not
+    /// handled", and so is every later event of its key: none of them may
+    /// commit before it, or a redelivery would see its key out of order.
+    fn all_again(&mut self, entries: Vec<(Commit, Ready)>, alone: bool) {
+        let mut interrupted: HashSet<String> = HashSet::new();
+        for (_, ready) in entries {
+            let key = lane_key(&ready.event);
+            if interrupted.contains(&key) {
+                let _ = ready.reply.send(None);
+                continue;
+            }
+            if !self.again(ready) {
+                interrupted.insert(key);
+            }
+            if alone {
+                self.flush();
             }
         }
     }
@@ -519,17 +564,18 @@ impl<'a> Batch<'a> {
     /// Handles an event of a conflicting batch again. Its first try did not
     /// count; if this one fails in a way that may pass, it waits here for
     /// its retry (it cannot be parked: the events after it in the batch
-    /// come next).
-    fn again(&mut self, mut ready: Ready) {
+    /// come next). `false` if shutdown interrupted it (answered "not handled").
+    fn again(&mut self, mut ready: Ready) -> bool {
         ready.attempt = ready.attempt.saturating_sub(1);
         while let Some((waiting, retry_at)) = self.run(ready) {
             let shutdown = waiting.shutdown.clone();
             if !self.pause(retry_at.saturating_duration_since(Instant::now()), &shutdown) {
                 let _ = waiting.reply.send(None);
-                return;
+                return false;
             }
             ready = waiting;
         }
+        true
     }
 
     /// Waits `duration` without holding the handling lock, so that a reload

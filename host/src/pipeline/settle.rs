@@ -42,8 +42,9 @@ pub struct Turn {
 ///
 /// Records the broker refuses for good (unknown topic, too large, not
 /// authorised) never stall the stream: they are set aside on
-/// `dead_letter_topic` with the reason, the outbox entry is forgotten, and
-/// the record counts as dead-lettered.
+/// `dead_letter_topic` with the reason, the entry's other records are
+/// published all the same (never dropped with them), the outbox entry is
+/// forgotten, and the record counts as dead-lettered.
 ///
 /// # Errors
 /// The commit did not become durable, or publishing failed in a way that
@@ -82,36 +83,49 @@ pub async fn settle(
     // lasts until they are acknowledged (not entered: it would span awaits).
     let caused_by = records.first().and_then(|record| crate::traces::TraceParent::from_headers(&record.headers));
     let _span = crate::traces::stage("publish", service.name(), &service.current().sha256, caused_by);
-    let kept = records.clone();
-    let enqueued = publisher.enqueue(records).await;
-    drop(turn.enqueued);
-    let acked = match enqueued {
-        Ok(acked) => acked.await,
-        Err(err) => Err(err),
-    };
-    match acked {
-        Ok(()) => {}
-        Err(err) if err.permanent && err.topic != dead_letter_topic => {
-            let reason = format!("the broker refuses it for good: {err}");
-            let aside: Vec<Outbound> = kept
-                .iter()
-                .filter(|record| record.topic == err.topic)
-                .map(|record| set_aside(record, &reason, service, source.as_deref(), dead_letter_topic))
-                .collect();
-            tracing::error!(component = service.name(), source = ?source, records = aside.len(), "output set aside: {reason}");
-            publisher.enqueue(aside).await?.await.context("set-aside output not acknowledged")?;
-            if let Some(source) = &source {
-                service.published(source);
+    let mut enqueued_turn = turn.enqueued;
+    let (mut pending, mut set_aside_any) = (records, false);
+    // The entry is published whole: a record the broker refuses for good is
+    // replaced by its dead-letter copy and the entry sent again (its other
+    // records, possibly a second time: consumers drop copies by event id),
+    // until every record is acknowledged or set aside. Each round sets aside
+    // one more topic, so this ends.
+    loop {
+        let enqueued = publisher.enqueue(pending.clone()).await;
+        drop(enqueued_turn.take());
+        let acked = match enqueued {
+            Ok(acked) => acked.await,
+            Err(err) => Err(err),
+        };
+        match acked {
+            Ok(()) => break,
+            Err(err)
+                if err.permanent && err.topic != dead_letter_topic && pending.iter().any(|r| r.topic == err.topic) =>
+            {
+                let reason = format!("the broker refuses it for good: {err}");
+                let aside = pending.iter().filter(|record| record.topic == err.topic).count();
+                tracing::error!(component = service.name(), source = ?source, records = aside, "output set aside: {reason}");
+                pending = pending
+                    .iter()
+                    .map(|record| {
+                        if record.topic == err.topic {
+                            set_aside(record, &reason, service, source.as_deref(), dead_letter_topic)
+                        } else {
+                            record.clone()
+                        }
+                    })
+                    .collect();
+                set_aside_any = true;
             }
-            return Ok(Settled::DeadLettered);
+            Err(err) if set_aside_any => return Err(err).context("set-aside output not acknowledged"),
+            Err(err) => return Err(err).context("output not acknowledged"),
         }
-        Err(err) => return Err(err).context("output not acknowledged"),
     }
     service.stages().record(Stage::Publish, publishing.elapsed());
     if let Some(source) = &source {
         service.published(source);
     }
-    Ok(settled)
+    Ok(if set_aside_any { Settled::DeadLettered } else { settled })
 }
 
 /// The dead-letter copy of an output the broker refused: its key, headers
@@ -131,4 +145,75 @@ fn set_aside(record: &Outbound, reason: &str, service: &ServiceRuntime, source: 
     }
     headers.extend(truncated);
     Outbound { topic: topic.to_owned(), key: record.key.clone(), value, headers }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rdkafka::Message as _;
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+
+    use super::*;
+    use crate::kafka::{KafkaPublisher, ensure_topics};
+    use crate::runtime::tests::runtime;
+    use crate::state::Durable;
+    use crate::status::BrokerLink;
+
+    /// The values of `topic`'s partition 0, read until `count` came (or 30 s).
+    fn values(brokers: &str, topic: &str, count: usize) -> Vec<(Vec<u8>, Vec<String>)> {
+        let consumer: BaseConsumer = crate::kafka::client_config(brokers)
+            .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut assignment = rdkafka::TopicPartitionList::new();
+        assignment.add_partition_offset(topic, 0, rdkafka::Offset::Beginning).unwrap();
+        consumer.assign(&assignment).unwrap();
+        let (mut found, deadline) = (Vec::new(), std::time::Instant::now() + Duration::from_secs(30));
+        while found.len() < count && std::time::Instant::now() < deadline {
+            let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) else { continue };
+            let headers = message.headers().map_or_else(Vec::new, |headers| {
+                rdkafka::message::Headers::iter(headers)
+                    .map(|h| format!("{}={}", h.key, String::from_utf8_lossy(h.value.unwrap_or_default())))
+                    .collect()
+            });
+            found.push((message.payload().unwrap_or_default().to_vec(), headers));
+        }
+        found
+    }
+
+    /// An outbox entry [r1 the broker refuses at once (too large), r2 to a
+    /// good topic]: r1 is dead-lettered and r2 published, never dropped
+    /// with it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_record_does_not_drop_its_siblings() {
+        let brokers = std::env::var("KAFKA_BROKERS").expect("this test needs a real broker: set KAFKA_BROKERS");
+        let prefix = format!("t{}-", uuid::Uuid::new_v4().simple());
+        let (big, good, dead) = (format!("{prefix}big"), format!("{prefix}good"), format!("{prefix}dead-letters"));
+        ensure_topics(&brokers, &[big.clone(), good.clone(), dead.clone()], 1, 1).await.unwrap();
+        let publisher = KafkaPublisher::connect(&brokers, BrokerLink::default()).unwrap();
+        let service = runtime("misbehave", 1000);
+        let record =
+            |topic: &str, value: Vec<u8>| Outbound { topic: topic.to_owned(), key: "k".into(), value, headers: vec![] };
+        let disposition = Disposition::Publish {
+            records: vec![record(&big, vec![b'x'; 2 << 20]), record(&good, b"r2".to_vec())],
+            source: Some("e1".into()),
+            duplicate: false,
+            durable: Durable::done(),
+        };
+        let settled = settle(&service, &publisher, disposition, Turn::default(), &dead).await.unwrap();
+        assert_eq!(settled, Settled::DeadLettered);
+        let published = tokio::task::spawn_blocking({
+            let brokers = brokers.clone();
+            move || values(&brokers, &good, 1)
+        })
+        .await
+        .unwrap();
+        assert_eq!(published.first().map(|(v, _)| v.as_slice()), Some(b"r2".as_slice()), "the sibling is published");
+        let aside = tokio::task::spawn_blocking(move || values(&brokers, &dead, 1)).await.unwrap();
+        assert_eq!(aside.len(), 1);
+        assert!(aside[0].1.contains(&format!("dlq-target-topic={big}")), "{:?}", aside[0].1);
+        assert_eq!(aside[0].0.len(), crate::pipeline::MAX_DEAD_LETTER_VALUE, "cut to the dead-letter bound");
+    }
 }

@@ -88,3 +88,104 @@ async fn an_event_another_host_committed_first_is_a_duplicate_not_a_second_effec
     assert_eq!(values, [b"theirs".as_slice()], "the other host's outputs are published, not a second set");
     assert_eq!(store.get("k").unwrap(), Some(b"theirs".to_vec()), "this host's effect is not applied");
 }
+
+/// A store whose first batch commit conflicts, and which then cannot tell
+/// whether event `failing` was handled, asking for shutdown as it says so:
+/// shutdown comes while the conflicting batch is being handled again.
+struct ConflictThenShutdown {
+    inner: MemoryStore,
+    conflicted: AtomicBool,
+    failing: String,
+    shutdown: CancellationToken,
+}
+
+impl StateStore for ConflictThenShutdown {
+    fn commit_batch(&self, commits: &[Commit], reads: &ReadSet) -> Result<Durable, StoreError> {
+        if !self.conflicted.swap(true, Ordering::SeqCst) {
+            return Err(StoreError::Conflict("injected".into()));
+        }
+        self.inner.commit_batch(commits, reads)
+    }
+    fn was_handled(&self, id: &str) -> Result<bool, StoreError> {
+        if self.conflicted.load(Ordering::SeqCst) && id == self.failing {
+            self.shutdown.cancel();
+            return Err(StoreError::Unavailable("injected".into()));
+        }
+        self.inner.was_handled(id)
+    }
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(key)
+    }
+    fn keys(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.inner.keys(prefix, limit)
+    }
+    fn sync_point(&self) -> Durable {
+        self.inner.sync_point()
+    }
+    fn outbox(&self, source: &str) -> Result<Option<OutboxEntry>, StoreError> {
+        self.inner.outbox(source)
+    }
+    fn pending_outbox(&self, limit: usize) -> Result<Vec<OutboxEntry>, StoreError> {
+        self.inner.pending_outbox(limit)
+    }
+    fn clear_outbox(&self, source: &str) -> Result<(), StoreError> {
+        self.inner.clear_outbox(source)
+    }
+    fn timer(&self, id: &str) -> Result<Option<Timer>, StoreError> {
+        self.inner.timer(id)
+    }
+    fn due_timers(&self, now_ms: u64, limit: usize) -> Result<Vec<Timer>, StoreError> {
+        self.inner.due_timers(now_ms, limit)
+    }
+    fn timer_count(&self) -> Result<u64, StoreError> {
+        self.inner.timer_count()
+    }
+    fn outbox_count(&self) -> Result<u64, StoreError> {
+        self.inner.outbox_count()
+    }
+}
+
+fn record(envelope: &Envelope, offset: i64) -> Inbound {
+    Inbound {
+        topic: "in".into(),
+        partition: 0,
+        offset,
+        key: Some(envelope.order_id.clone().into_bytes()),
+        value: Some(envelope.encode()),
+        headers: vec![],
+    }
+}
+
+/// Shutdown while a conflicting batch is handled again: the interrupted
+/// event is not handled, and neither is any later event of its key (they
+/// would otherwise commit before it, out of order on redelivery); another
+/// key's event is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_during_a_conflict_rerun_keeps_each_key_in_order() {
+    let e1 = Envelope::originate("Echo", "k", "test", 1, serde_json::json!("first"));
+    let e2 = Envelope::caused(&e1, 0, "Echo", "k", "test", 2, crate::envelope::raw(&serde_json::json!("second")));
+    let other = Envelope::originate("Echo", "other", "test", 3, serde_json::json!("x"));
+    let shutdown = CancellationToken::new();
+    let store = Arc::new(ConflictThenShutdown {
+        inner: MemoryStore::default(),
+        conflicted: AtomicBool::new(false),
+        failing: e1.id.clone(),
+        shutdown: shutdown.clone(),
+    });
+    let service = Arc::new(runtime_on("misbehave", 300, 1, store.clone()));
+    let pipeline = Pipeline::new(service, Topics::default(), RetryPolicy::default(), Arc::new(ManualClock::at(5)));
+    // A spinning event of its own key keeps the executor busy (until its
+    // call times out) while the three queue up: they make one batch.
+    let spin = Envelope::originate("Spin", "spin", "test", 1, serde_json::json!({}));
+    let spinning = pipeline.submit(record(&spin, 0), &CancellationToken::new());
+    let first = pipeline.submit(record(&e1, 1), &shutdown);
+    let second = pipeline.submit(record(&e2, 2), &shutdown);
+    let third = pipeline.submit(record(&other, 3), &shutdown);
+    let (first, second, third) = tokio::join!(first, second, third);
+    assert!(first.is_none(), "interrupted: not handled");
+    assert!(second.is_none(), "a later event of its key must not commit before it: {second:?}");
+    assert!(matches!(third, Some(Disposition::Publish { duplicate: false, .. })), "{third:?}");
+    assert_eq!(store.get("k").unwrap(), None, "nothing of key k committed");
+    assert_eq!(store.get("other").unwrap(), Some(b"\"x\"".to_vec()));
+    drop(spinning);
+}

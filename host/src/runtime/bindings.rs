@@ -192,6 +192,7 @@ impl timers::Host for HostState {
             set_by: String::new(),
             correlation_id: None,
             traceparent: None,
+            nonce: 0,
         };
         Ok(self.txn.timer(TimerChange::Set(timer)).map_err(to_wit))
     }

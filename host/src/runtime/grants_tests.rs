@@ -164,6 +164,7 @@ async fn a_fired_timer_emitting_outside_the_grant_is_dead_lettered() {
         set_by: "e0".into(),
         correlation_id: None,
         traceparent: None,
+        nonce: 0,
     };
     let set = crate::state::Commit { timers: vec![TimerChange::Set(timer.clone())], ..Default::default() };
     store.commit_batch(&[set], &crate::state::ReadSet::default()).unwrap();

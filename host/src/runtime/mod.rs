@@ -142,7 +142,7 @@ pub enum CallError {
 impl CallError {
     /// Whether retrying the same event may succeed.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, CallError::Handle(HandleError::Permanent(_)))
+        !matches!(self, CallError::Handle(HandleError::Permanent(_)) | CallError::Store(StoreError::Refused(_)))
     }
 }
 
@@ -685,29 +685,31 @@ impl ServiceRuntime {
     }
 
     /// Removes a timer that fired, or moves it to `retry_at_ms`, unless it
-    /// was cancelled or set again meanwhile. Serialized with `handle`.
+    /// was cancelled or set again meanwhile. Serialized with `handle`; one
+    /// commit, conditional on that very instance still being set (checked by
+    /// the store at commit, so a cancel on another host in between wins).
     ///
     /// # Errors
     /// The store's.
     pub async fn settle_timer(&self, timer: &crate::state::Timer, retry_at_ms: Option<u64>) -> Result<(), StoreError> {
         let _serial = self.handle_lock.lock().await;
         let now_ms = self.clock.now_ms();
-        let commit = match retry_at_ms {
-            Some(at_ms) => Commit {
-                timers: vec![crate::state::TimerChange::Set(crate::state::Timer { at_ms, ..timer.clone() })],
-                now_ms,
-                ..Commit::default()
-            },
-            None => Commit { fired: Some((timer.id.clone(), timer.at_ms)), now_ms, ..Commit::default() },
+        let fired = Some((timer.id.clone(), timer.nonce));
+        let timers = match retry_at_ms {
+            Some(at_ms) => {
+                let moved = crate::state::Timer { at_ms, nonce: crate::state::new_nonce(), ..timer.clone() };
+                vec![crate::state::TimerChange::Set(moved)]
+            }
+            None => Vec::new(),
         };
+        let commit = Commit { fired, timers, now_ms, ..Commit::default() };
         // The store's calls block (a durable commit waits for its fsync, a
         // database for its round trips): not on an async worker.
-        let (store, timer) = (self.store.clone(), timer.clone());
-        tokio::task::spawn_blocking(move || {
-            if store.timer(&timer.id)?.as_ref() != Some(&timer) {
-                return Ok(crate::state::Durable::done());
-            }
-            store.commit(commit)
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || match store.commit(commit) {
+            // Cancelled or set again meanwhile: nothing left to settle.
+            Err(StoreError::Conflict(_)) => Ok(crate::state::Durable::done()),
+            committed => committed,
         })
         .await
         .map_err(|err| StoreError::Unavailable(format!("commit thread failed: {err}")))??

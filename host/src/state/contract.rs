@@ -1,6 +1,9 @@
 use std::sync::Arc;
 
 use super::*;
+use races::*;
+
+mod races;
 
 fn timer(id: &str, at_ms: u64) -> Timer {
     Timer {
@@ -12,6 +15,7 @@ fn timer(id: &str, at_ms: u64) -> Timer {
         set_by: "e0".into(),
         correlation_id: None,
         traceparent: None,
+        nonce: at_ms,
     }
 }
 
@@ -67,10 +71,17 @@ fn timers_fire_in_order_and_are_replaced_cancelled_and_removed(store: &dyn State
     store
         .commit(Commit { fired: Some(("early".into(), 100)), handled: Some("t1".into()), ..Commit::default() })
         .unwrap();
-    // ...unless that commit set it again, or it was moved meanwhile.
-    store
-        .commit(Commit { fired: Some(("moved".into(), 10)), handled: Some("t2".into()), ..Commit::default() })
-        .unwrap();
+    // A firing of an instance set again since (here: moved) is refused
+    // whole: the delivery is void.
+    let stale = Commit {
+        fired: Some(("moved".into(), 10)),
+        handled: Some("t2".into()),
+        writes: vec![("w".into(), Some(b"1".to_vec()))],
+        ..Commit::default()
+    };
+    assert!(matches!(store.commit(stale), Err(StoreError::Conflict(m)) if m.contains("moved")));
+    assert_eq!((store.was_handled("t2").unwrap(), store.get("w").unwrap()), (false, None));
+    // A fired timer the commit sets again stays, as set.
     store
         .commit(Commit {
             fired: Some(("late".into(), 300)),
@@ -246,6 +257,13 @@ fn contract(mut open: impl FnMut() -> Arc<dyn StateStore>) {
     timers_fire_in_order_and_are_replaced_cancelled_and_removed(&*open());
     conflicting_commits_are_refused_whole(&*open());
     concurrent_increments_are_never_lost(open());
+    let store = open();
+    a_batch_rereading_what_changed_and_changed_back_loses_nothing(&store, &store);
+    hostile_keys_and_ids_are_refused_alike(&*open());
+    edge_cases_answer_alike(&*open());
+    let store = open();
+    timer_races_across_two_handles(&store, &store);
+    handled_ids_are_pruned_in_small_batches(&*open());
 }
 
 #[test]
@@ -306,6 +324,12 @@ fn postgres_store() {
     let other =
         TestSchema { stores: PgStores::connect(&database_url(), &schema.name).unwrap(), name: schema.name.clone() };
     let b = other.stores.store("shared");
+    let (a2, b2): (Arc<dyn StateStore>, Arc<dyn StateStore>) =
+        (Arc::new(schema.stores.store("aba")), Arc::new(other.stores.store("aba")));
+    a_batch_rereading_what_changed_and_changed_back_loses_nothing(&a2, &b2);
+    let (a3, b3): (Arc<dyn StateStore>, Arc<dyn StateStore>) =
+        (Arc::new(schema.stores.store("timers")), Arc::new(other.stores.store("timers")));
+    timer_races_across_two_handles(&a3, &b3);
     a.commit(handled("e1", &[("k", "v")], &["r"], vec![TimerChange::Set(timer("t", 5))])).unwrap();
     assert!(b.was_handled("e1").unwrap());
     assert_eq!(b.get("k").unwrap(), Some(b"v".to_vec()));

@@ -35,13 +35,15 @@ use redb::{
 #[cfg(test)]
 use super::EntryKind;
 use super::{
-    Commit, CorruptEntries, Durable, OutboxEntry, Quarantined, ReadSet, StateStore, StoreError, Timer, decode_entry,
+    Commit, CorruptEntries, Durable, OutboxEntry, Quarantined, ReadSet, StateStore, StoreError, Timer, check_commits,
+    check_id, check_key, check_prefix, decode_entry,
 };
 use group::{Applied, Group};
 use quarantine::{Found, Place};
 use tables::{Checked, Tables};
 
 mod group;
+mod prune;
 mod quarantine;
 mod tables;
 #[cfg(test)]
@@ -127,7 +129,8 @@ impl HostStore {
         let write = self.db.begin_write().map_err(|x| e(&x))?;
         tables.create(&write).map_err(|x| e(&x))?;
         write.commit().map_err(|x| e(&x))?;
-        let component = Arc::new(Component { tables, cleared: Mutex::new(Vec::new()) });
+        let component =
+            Arc::new(Component { tables, cleared: Mutex::new(Vec::new()), pruner: prune::Pruner::default() });
         self.flush.lock().components.push(Arc::downgrade(&component));
         Ok(DurableStore { host: self.clone(), component })
     }
@@ -207,6 +210,8 @@ struct Component {
     /// Outbox entries published since the component's last write, to forget
     /// in the next (hidden from readers until then).
     cleared: Mutex<Vec<String>>,
+    /// Where pruning its handled ids stands.
+    pruner: prune::Pruner,
 }
 
 /// A component's store: its tables in the host's file.
@@ -384,12 +389,14 @@ fn forget_now(db: &Database, tables: &Tables, cleared: &[String]) -> Result<(), 
 
 impl StateStore for DurableStore {
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        check_key(key)?;
         let e = self.err("cannot read");
         let table = self.read()?.open_table(self.t().state()).map_err(|x| e(&x))?;
         Ok(table.get(key).map_err(|x| e(&x))?.map(|v| v.value().to_vec()))
     }
 
     fn keys(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+        check_prefix(prefix)?;
         let e = self.err("cannot read");
         let table = self.read()?.open_table(self.t().state()).map_err(|x| e(&x))?;
         tables::list(&table, prefix, limit).map_err(|x| e(&x))
@@ -399,6 +406,7 @@ impl StateStore for DurableStore {
         // The batch joins the host's group commit: one fsync covers it and
         // whatever the other components committed meanwhile; the outbox
         // entries published since this component's last write ride along.
+        check_commits(commits)?;
         let cleared = self.cleared().clone();
         let t = self.t();
         let err = self.err("cannot commit to");
@@ -427,13 +435,20 @@ impl StateStore for DurableStore {
         Durable::done()
     }
 
+    fn prune_handled(&self, before_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        let pruned = self.component.pruner.prune(&self.host.db, self.t().handled(), before_ms, limit);
+        pruned.map_err(|e| self.err("cannot prune handled ids in")(&e))
+    }
+
     fn was_handled(&self, id: &str) -> Result<bool, StoreError> {
+        check_id(id)?;
         let e = self.err("cannot read");
         let table = self.read()?.open_table(self.t().handled()).map_err(|x| e(&x))?;
         Ok(table.get(id).map_err(|x| e(&x))?.is_some())
     }
 
     fn outbox(&self, source: &str) -> Result<Option<OutboxEntry>, StoreError> {
+        check_id(source)?;
         if self.cleared().iter().any(|s| s == source) {
             return Ok(None);
         }
@@ -484,6 +499,7 @@ impl StateStore for DurableStore {
     }
 
     fn timer(&self, id: &str) -> Result<Option<Timer>, StoreError> {
+        check_id(id)?;
         let e = self.err("cannot read");
         let timers = self.read()?.open_table(self.t().timers()).map_err(|x| e(&x))?;
         let Some(raw) = timers.get(id).map_err(|x| e(&x))?.map(|v| v.value().to_vec()) else { return Ok(None) };

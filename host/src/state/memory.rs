@@ -5,7 +5,7 @@ use std::sync::{Mutex, PoisonError};
 
 use super::{
     Commit, CorruptEntries, Durable, EntryKind, OutboxEntry, Quarantined, ReadSet, StateStore, StoreError, Timer,
-    TimerChange, decode_entry,
+    TimerChange, check_commits, check_id, check_key, check_prefix, decode_entry,
 };
 
 /// A timer or outbox entry as kept: decoded, or bytes written past the
@@ -56,6 +56,11 @@ impl Maps {
     /// Refuses a batch that read something changed since, or whose event
     /// was handled already.
     fn check(&self, commits: &[Commit], reads: &ReadSet) -> Result<(), StoreError> {
+        if let Some((id, nonce)) = commits.iter().find_map(|c| c.fired.as_ref())
+            && self.timers.get(id).and_then(|(_, t)| t.decode().ok()).is_none_or(|t| t.nonce != *nonce)
+        {
+            return Err(StoreError::Conflict(format!("timer {id:?} was cancelled or set again since it fired")));
+        }
         if let Some(id) = commits.iter().filter_map(|c| c.handled.as_ref()).find(|id| self.handled.contains_key(*id)) {
             return Err(StoreError::Conflict(format!("event {id} was handled meanwhile")));
         }
@@ -87,8 +92,8 @@ impl Maps {
                 None => self.state.remove(&key),
             };
         }
-        if let Some((id, at_ms)) = &commit.fired
-            && self.timers.get(id).is_some_and(|(at, _)| at == at_ms)
+        if let Some((id, nonce)) = &commit.fired
+            && self.timers.get(id).and_then(|(_, t)| t.decode().ok()).is_some_and(|t| t.nonce == *nonce)
         {
             self.remove_timer(id);
         }
@@ -207,14 +212,17 @@ impl MemoryStore {
 
 impl StateStore for MemoryStore {
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        check_key(key)?;
         Ok(self.maps().state.get(key).cloned())
     }
 
     fn keys(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+        check_prefix(prefix)?;
         Ok(self.maps().keys(prefix, limit))
     }
 
     fn commit_batch(&self, commits: &[Commit], reads: &ReadSet) -> Result<Durable, StoreError> {
+        check_commits(commits)?;
         let mut maps = self.maps();
         maps.check(commits, reads)?;
         for commit in commits {
@@ -227,11 +235,23 @@ impl StateStore for MemoryStore {
         Durable::done()
     }
 
+    fn prune_handled(&self, before_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        let mut maps = self.maps();
+        let old: Vec<String> =
+            maps.handled.iter().filter(|(_, at)| **at < before_ms).take(limit).map(|(id, _)| id.clone()).collect();
+        for id in &old {
+            maps.handled.remove(id);
+        }
+        Ok(old.len())
+    }
+
     fn was_handled(&self, id: &str) -> Result<bool, StoreError> {
+        check_id(id)?;
         Ok(self.maps().handled.contains_key(id))
     }
 
     fn outbox(&self, source: &str) -> Result<Option<OutboxEntry>, StoreError> {
+        check_id(source)?;
         let mut maps = self.maps();
         let Some(seq) = maps.outbox_by_source.get(source).copied() else { return Ok(None) };
         Ok(maps.entry(seq))
@@ -252,6 +272,7 @@ impl StateStore for MemoryStore {
     }
 
     fn timer(&self, id: &str) -> Result<Option<Timer>, StoreError> {
+        check_id(id)?;
         Ok(self.maps().timer(id))
     }
 

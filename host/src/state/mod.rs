@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 pub use durable::{DurableStore, HostStore};
 pub use memory::MemoryStore;
-pub use postgres::{PgStores, PostgresStore};
+pub use postgres::{PgStores, PgTimeouts, PostgresStore};
 pub use txn::{AccessError, Overlay, ReadSet, StateRead, StoreReader, Txn, TxnLimits};
 
 thread_local! {
@@ -103,6 +103,95 @@ pub enum StoreError {
     /// events must be handled again on fresh state.
     #[error("commit conflict: {0}")]
     Conflict(String),
+    /// The store can never take this request, however often it is tried:
+    /// a key or id it cannot hold (see [`hostile`]), or a database error
+    /// that no retry passes. Nothing was applied; the event is dead-lettered.
+    #[error("refused by the state store: {0}")]
+    Refused(String),
+}
+
+/// Longest id the store keeps (a handled event id, a timer id), in bytes.
+pub const MAX_ID_BYTES: usize = MAX_KEY_BYTES;
+
+/// Why `text` (a key, of at most `max` bytes, or an id) can be stored by no
+/// adapter: empty, too long, or holding NUL (PostgreSQL's text cannot).
+/// Every adapter refuses the same texts, so a component behaves the same
+/// on all three.
+pub fn hostile(what: &str, text: &str, max: usize) -> Option<String> {
+    if text.is_empty() || text.len() > max {
+        return Some(format!("{what} length must be 1..={max} bytes, not {}", text.len()));
+    }
+    text.contains('\0').then(|| format!("{what} {text:?} contains NUL"))
+}
+
+/// [`hostile`] as the store's answer.
+fn refuse(what: &str, text: &str, max: usize) -> Result<(), StoreError> {
+    hostile(what, text, max).map_or(Ok(()), |problem| Err(StoreError::Refused(problem)))
+}
+
+/// Refuses a read of `key` no adapter could hold (every adapter's first
+/// step, so that all answer alike).
+///
+/// # Errors
+/// [`StoreError::Refused`] naming the problem.
+pub fn check_key(key: &str) -> Result<(), StoreError> {
+    refuse("key", key, MAX_KEY_BYTES)
+}
+
+/// Refuses a listing prefix holding NUL (an empty prefix lists all).
+///
+/// # Errors
+/// [`StoreError::Refused`] naming the problem.
+pub fn check_prefix(prefix: &str) -> Result<(), StoreError> {
+    if prefix.is_empty() { Ok(()) } else { refuse("key prefix", prefix, MAX_KEY_BYTES) }
+}
+
+/// Refuses an id (event or timer) no adapter could hold.
+///
+/// # Errors
+/// [`StoreError::Refused`] naming the problem.
+pub fn check_id(id: &str) -> Result<(), StoreError> {
+    refuse("id", id, MAX_ID_BYTES)
+}
+
+/// Refuses a batch holding a key or id no adapter could store, before
+/// anything of it is applied: every adapter's first step of a commit.
+///
+/// # Errors
+/// [`StoreError::Refused`] naming the first such text;
+/// [`StoreError::Conflict`] for an event id twice in the batch.
+pub fn check_commits(commits: &[Commit]) -> Result<(), StoreError> {
+    let mut ids = std::collections::HashSet::new();
+    for commit in commits {
+        // The second copy of an event is a duplicate of the first, as if
+        // handled meanwhile: on every adapter (PostgreSQL's insert of the
+        // handled ids finds it so), a conflict.
+        if let Some(id) = &commit.handled
+            && !ids.insert(id.as_str())
+        {
+            return Err(StoreError::Conflict(format!("event {id:?} appears twice in the batch")));
+        }
+        for (key, _) in &commit.writes {
+            check_key(key)?;
+        }
+        for change in &commit.timers {
+            match change {
+                TimerChange::Set(timer) => {
+                    check_id(&timer.id)?;
+                    refuse("timer key", &timer.key, MAX_KEY_BYTES)?;
+                    refuse("timer event type", &timer.event_type, MAX_KEY_BYTES)?;
+                }
+                TimerChange::Cancel(id) => check_id(id)?,
+            }
+        }
+        if let Some(id) = &commit.handled {
+            check_id(id)?;
+        }
+        if let Some((id, _)) = &commit.fired {
+            check_id(id)?;
+        }
+    }
+    Ok(())
 }
 
 /// A write: `Some(value)` sets, `None` deletes.
@@ -152,6 +241,17 @@ pub struct Timer {
     /// continues its trace (see [`crate::traces`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// This setting of the timer: a fresh number ([`new_nonce`]) each time
+    /// it is set, so that a fired timer's removal removes that instance
+    /// only, never a re-set of the same id (even for the same millisecond).
+    /// Timers stored before it existed read as 0.
+    #[serde(default)]
+    pub nonce: u64,
+}
+
+/// A fresh [`Timer::nonce`].
+pub fn new_nonce() -> u64 {
+    uuid::Uuid::new_v4().as_u64_pair().0
 }
 
 /// What kind of stored entry was quarantined.
@@ -236,7 +336,10 @@ pub struct Commit {
     pub timers: Vec<TimerChange>,
     /// The id of the handled event, recorded so a redelivery is recognised.
     pub handled: Option<String>,
-    /// A fired timer `(id, at_ms)` to remove, unless this commit set it again.
+    /// A fired timer `(id, nonce)`: the commit applies only if that very
+    /// instance ([`Timer::nonce`]) is still set, else it is a
+    /// [`StoreError::Conflict`] (cancelled or set again meanwhile, on any
+    /// host); it is removed, unless this commit set it again.
     pub fired: Option<(String, u64)>,
     /// What the event emitted, queued under [`Commit::handled`] until
     /// published. Ignored when `handled` is `None`.
@@ -289,6 +392,20 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Resolves once everything committed so far is on disk.
     fn sync_point(&self) -> Durable;
+
+    /// Forgets the ids of events handled before `before_ms`, at most `limit`
+    /// of them (a small batch, so that commits are not held up), and says
+    /// how many it forgot. An event redelivered after its id is forgotten
+    /// is handled again: callers pass a horizon no redelivery can reach
+    /// (see [`crate::scheduler::prune_handled`]). (The default, for test
+    /// doubles, forgets nothing.)
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the store cannot be written.
+    fn prune_handled(&self, before_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        let _ = (before_ms, limit);
+        Ok(0)
+    }
 
     /// Whether the event `id` was handled (committed) before.
     ///
@@ -415,5 +532,7 @@ pub trait StateStore: Send + Sync + 'static {
 
 #[cfg(test)]
 mod contract;
+#[cfg(test)]
+mod interleavings;
 #[cfg(test)]
 mod tests;

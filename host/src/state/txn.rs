@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::collections::HashSet;
 use std::sync::{Mutex, PoisonError};
 
-use super::{Commit, MAX_KEY_BYTES, MAX_VALUE_BYTES, StateStore, StoreError, TimerChange, Write};
+use super::{
+    Commit, MAX_ID_BYTES, MAX_KEY_BYTES, MAX_VALUE_BYTES, StateStore, StoreError, TimerChange, Write, hostile,
+};
 use crate::limits::{DEFAULT_MAX_TIMERS, DEFAULT_MAX_WRITE_BYTES, DEFAULT_MAX_WRITES};
 
 /// What a guest call may read: a store, or a store under a batch's
@@ -120,6 +122,10 @@ struct Pending {
     handled: HashSet<String>,
     /// What was read from the store itself (not from `writes`).
     reads: ReadSet,
+    /// The values read, served again to every later read of the batch.
+    values: BTreeMap<String, Option<Vec<u8>>>,
+    /// The listings read, `(prefix, limit)` → keys, served again likewise.
+    listed: BTreeMap<(String, usize), Vec<String>>,
 }
 
 impl Overlay {
@@ -162,25 +168,38 @@ impl Overlay {
 
 impl StateRead for Overlay {
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        if let Some(value) = self.pending().writes.get(key) {
-            return Ok(value.clone());
+        {
+            let pending = self.pending();
+            // The batch sees what it saw: a key read again is served from
+            // what was read first, never from the store, so the one digest
+            // checked at commit is the value every event of the batch used.
+            // (Read again from the store, a key changed and changed back by
+            // another host meanwhile, A→B→A, would pass the check while an
+            // event acted on B: a lost update.)
+            if let Some(value) = pending.writes.get(key).or_else(|| pending.values.get(key)) {
+                return Ok(value.clone());
+            }
         }
         let value = self.store.get(key)?;
-        // The first read is the one the batch's outcome depends on.
-        self.pending().reads.keys.entry(key.to_owned()).or_insert_with(|| ReadSet::digest(value.as_deref()));
+        let mut pending = self.pending();
+        pending.reads.keys.insert(key.to_owned(), ReadSet::digest(value.as_deref()));
+        pending.values.insert(key.to_owned(), value.clone());
         Ok(value)
     }
 
     fn keys(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StoreError> {
         let mut pending = self.pending();
-        let mut listed = None;
-        let keys = merge_keys(&pending.writes, prefix, limit, |n| {
+        let Pending { writes, reads, listed, .. } = &mut *pending;
+        merge_keys(writes, prefix, limit, |n| {
+            // A listing asked again is served as first read, as keys are.
+            if let Some(keys) = listed.get(&(prefix.to_owned(), n)) {
+                return Ok(keys.clone());
+            }
             let keys = self.store.keys(prefix, n)?;
-            listed = Some((prefix.to_owned(), n, keys.clone()));
+            reads.listings.push((prefix.to_owned(), n, keys.clone()));
+            listed.insert((prefix.to_owned(), n), keys.clone());
             Ok(keys)
-        })?;
-        pending.reads.listings.extend(listed);
-        Ok(keys)
+        })
     }
 }
 
@@ -264,8 +283,12 @@ impl Txn {
     /// Reads through the pending writes.
     ///
     /// # Errors
-    /// [`AccessError::Unavailable`] when the store fails.
+    /// [`AccessError::Unavailable`] when the store fails;
+    /// [`AccessError::Invalid`] for a key no store can hold (see [`hostile`]).
     pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, AccessError> {
+        if let Some(problem) = hostile("key", key, MAX_KEY_BYTES) {
+            return Err(AccessError::Invalid(problem));
+        }
         match self.writes.get(key) {
             Some(pending) => Ok(pending.clone()),
             None => Ok(self.store.get(key)?),
@@ -275,13 +298,14 @@ impl Txn {
     /// Records a write (`None` deletes).
     ///
     /// # Errors
-    /// [`AccessError::Invalid`] in a read-only view or for oversized entries.
+    /// [`AccessError::Invalid`] in a read-only view, for oversized entries
+    /// or a key no store can hold (empty, over [`MAX_KEY_BYTES`], NUL).
     pub fn put(&mut self, key: &str, value: Option<Vec<u8>>) -> Result<(), AccessError> {
         if self.read_only {
             return Err(AccessError::Invalid("state is read-only during a query".into()));
         }
-        if key.is_empty() || key.len() > MAX_KEY_BYTES {
-            return Err(AccessError::Invalid(format!("key length must be 1..={MAX_KEY_BYTES} bytes")));
+        if let Some(problem) = hostile("key", key, MAX_KEY_BYTES) {
+            return Err(AccessError::Invalid(problem));
         }
         if value.as_ref().is_some_and(|v| v.len() > MAX_VALUE_BYTES) {
             return Err(AccessError::Invalid(format!("value larger than {MAX_VALUE_BYTES} bytes")));
@@ -305,8 +329,12 @@ impl Txn {
     /// Keys with `prefix`, merging pending writes and deletes.
     ///
     /// # Errors
-    /// [`AccessError::Unavailable`] when the store fails.
+    /// [`AccessError::Unavailable`] when the store fails;
+    /// [`AccessError::Invalid`] for a prefix holding NUL or over [`MAX_KEY_BYTES`].
     pub fn keys(&self, prefix: &str, limit: usize) -> Result<Vec<String>, AccessError> {
+        if let Some(problem) = hostile("key prefix", prefix, MAX_KEY_BYTES).filter(|_| !prefix.is_empty()) {
+            return Err(AccessError::Invalid(problem));
+        }
         Ok(merge_keys(&self.writes, prefix, limit, |n| self.store.keys(prefix, n))?)
     }
 
@@ -315,7 +343,7 @@ impl Txn {
     /// # Errors
     /// [`AccessError::Invalid`] in a read-only view, for an empty or
     /// oversized id, or a payload that is not JSON.
-    pub fn timer(&mut self, change: TimerChange) -> Result<(), AccessError> {
+    pub fn timer(&mut self, mut change: TimerChange) -> Result<(), AccessError> {
         if self.read_only {
             return Err(AccessError::Invalid("timers cannot be changed during a query".into()));
         }
@@ -323,12 +351,17 @@ impl Txn {
             TimerChange::Set(timer) => &timer.id,
             TimerChange::Cancel(id) => id,
         };
-        if id.is_empty() || id.len() > MAX_KEY_BYTES {
-            return Err(AccessError::Invalid(format!("timer id length must be 1..={MAX_KEY_BYTES} bytes")));
+        if let Some(problem) = hostile("timer id", id, MAX_ID_BYTES) {
+            return Err(AccessError::Invalid(problem));
         }
         if let TimerChange::Set(timer) = &change {
             if timer.key.is_empty() || timer.event_type.is_empty() {
                 return Err(AccessError::Invalid("a timer needs an event type and a key".into()));
+            }
+            let problem = hostile("timer key", &timer.key, MAX_KEY_BYTES)
+                .or_else(|| hostile("timer event type", &timer.event_type, MAX_KEY_BYTES));
+            if let Some(problem) = problem {
+                return Err(AccessError::Invalid(problem));
             }
             if timer.payload.len() > MAX_VALUE_BYTES {
                 return Err(AccessError::Invalid(format!("timer payload larger than {MAX_VALUE_BYTES} bytes")));
@@ -350,6 +383,9 @@ impl Txn {
             return Err(self.refuse(format!("more than {max} bytes written in one call (max_write_bytes_per_call)")));
         }
         self.bytes += size;
+        if let TimerChange::Set(timer) = &mut change {
+            timer.nonce = super::new_nonce();
+        }
         self.timers.push(change);
         Ok(())
     }
@@ -383,6 +419,7 @@ mod tests {
             set_by: String::new(),
             correlation_id: None,
             traceparent: None,
+            nonce: 0,
         })
     }
 

@@ -157,6 +157,13 @@ pub(super) fn check(
             }
         }
     }
+    if let Some((id, nonce)) = commits.iter().find_map(|c| c.fired.as_ref()) {
+        let timer = write.open_table(t.timers())?.get(id.as_str())?.and_then(|t| decode_entry::<Timer>(t.value()).ok());
+        if timer.is_none_or(|t| t.nonce != *nonce) {
+            let conflict = format!("timer {id:?} was cancelled or set again since it fired");
+            return Err(Checked::Conflict(StoreError::Conflict(conflict)));
+        }
+    }
     if reads.is_empty() {
         return Ok(());
     }
@@ -217,8 +224,8 @@ pub(super) fn apply_one(t: &Tables, write: &redb::WriteTransaction, commit: &Com
     if commit.fired.is_some() || !commit.timers.is_empty() {
         let mut timers = write.open_table(t.timers())?;
         let mut due = write.open_table(t.timers_due())?;
-        if let Some((id, at_ms)) = &commit.fired {
-            remove_timer(&mut timers, &mut due, id, Some(*at_ms))?;
+        if let Some((id, nonce)) = &commit.fired {
+            remove_timer(&mut timers, &mut due, id, Some(*nonce))?;
         }
         for change in &commit.timers {
             match change {
@@ -260,22 +267,22 @@ pub(super) fn forget(t: &Tables, write: &redb::WriteTransaction, cleared: &[Stri
     Ok(())
 }
 
-/// Removes timer `id` (only if due at `only_at`, when given) and its index
-/// entry. A corrupt body is removed the same way: setting or cancelling a
+/// Removes timer `id` (only the instance `only_nonce`, when given) and its
+/// index entry. A corrupt body is removed the same way: setting or cancelling a
 /// timer replaces whatever was stored.
 fn remove_timer(
     timers: &mut redb::Table<'_, &'static str, &'static [u8]>,
     due: &mut redb::Table<'_, (u64, &'static str), ()>,
     id: &str,
-    only_at: Option<u64>,
+    only_nonce: Option<u64>,
 ) -> Result<(), redb::Error> {
     let old = timers.get(id)?.map(|v| v.value().to_vec());
     let Some(old) = old else { return Ok(()) };
-    let at_ms = match decode_entry::<Timer>(&old) {
-        Ok(old) => Some(old.at_ms),
-        Err(_) => due_time(due, id)?,
+    let (at_ms, nonce) = match decode_entry::<Timer>(&old) {
+        Ok(old) => (Some(old.at_ms), Some(old.nonce)),
+        Err(_) => (due_time(due, id)?, None),
     };
-    if only_at.is_none_or(|at| Some(at) == at_ms) {
+    if only_nonce.is_none_or(|n| Some(n) == nonce) {
         timers.remove(id)?;
         if let Some(at_ms) = at_ms {
             due.remove((at_ms, id))?;

@@ -93,6 +93,7 @@ fn legacy_file(path: &std::path::Path) {
         set_by: "e1".into(),
         correlation_id: None,
         traceparent: None,
+        nonce: 0,
     };
     commit.timers = vec![TimerChange::Set(timer)];
     tables::apply_one(&t, &write, &commit).unwrap();
