@@ -20,6 +20,7 @@ pub mod kafka;
 pub mod logs;
 pub mod manifest;
 pub mod metrics;
+pub mod perms;
 pub mod pipeline;
 pub mod runtime;
 pub mod scheduler;

@@ -148,14 +148,23 @@ fn import_needs(name: &str) -> Needs {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PublishGrants {
     /// `(topic, event type)` pairs, `"*"` as the event type for any; `None`
-    /// allows everything (a manifest entry without `publishes`).
+    /// allows everything (tests and benches, never a manifest).
     allowed: Option<BTreeSet<(String, String)>>,
+    /// The manifest key that is missing (`components.NAME.publishes`), when
+    /// it gave none: nothing is granted, and the refusal names it.
+    missing: Option<String>,
 }
 
 impl PublishGrants {
     /// Everything may be published.
     pub fn any() -> Self {
-        Self { allowed: None }
+        Self { allowed: None, missing: None }
+    }
+
+    /// Nothing may be published, because the manifest has no `key`: an
+    /// absent grant grants nothing.
+    pub fn missing(key: &str) -> Self {
+        Self { allowed: Some(BTreeSet::new()), missing: Some(key.to_owned()) }
     }
 
     /// Parses the manifest's `"topic:EventType"` entries (`"topic:*"` for
@@ -174,7 +183,7 @@ impl PublishGrants {
                 _ => return Err(format!("{entry:?}: write \"topic:EventType\" (or \"topic:*\")")),
             }
         }
-        Ok(Self { allowed: Some(allowed) })
+        Ok(Self { allowed: Some(allowed), missing: None })
     }
 
     /// Checks what a call emitted.
@@ -183,6 +192,13 @@ impl PublishGrants {
     /// The reason, naming the first event not granted and the grant.
     pub fn check(&self, outgoing: &[OutgoingEvent]) -> Result<(), String> {
         let Some(allowed) = &self.allowed else { return Ok(()) };
+        if let (Some(key), Some(out)) = (&self.missing, outgoing.first()) {
+            return Err(format!(
+                "component emitted {}:{}, but it has no publishes grant ({key} is missing, and an absent grant \
+                 grants nothing): list what it may publish, {key} = [\"{}:{}\", ...]",
+                out.topic, out.event_type, out.topic, out.event_type
+            ));
+        }
         for out in outgoing {
             let granted = |event_type: &str| allowed.contains(&(out.topic.clone(), event_type.to_owned()));
             if !granted(&out.event_type) && !granted("*") {
@@ -221,6 +237,10 @@ mod tests {
         assert!(grants.check(&[out("payments", "PaymentRefunded")]).is_err(), "another type on a granted topic");
         assert!(PublishGrants::parse::<&str>(&[]).unwrap().check(&[out("a", "B")]).is_err(), "empty: nothing");
         assert!(PublishGrants::any().check(&[out("a", "B")]).is_ok());
+        let missing = PublishGrants::missing("components.x.publishes");
+        assert!(missing.check(&[]).is_ok(), "emitting nothing needs no grant");
+        let err = missing.check(&[out("a", "B")]).unwrap_err();
+        assert!(err.contains("no publishes grant") && err.contains("components.x.publishes is missing"), "{err}");
         assert!(PublishGrants::parse(&["payments"]).unwrap_err().contains("topic:EventType"));
     }
 

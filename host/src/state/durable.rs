@@ -87,7 +87,8 @@ impl DurableStore {
     /// serving the same component from the same state directory).
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| unavailable("cannot create the directory of", path)(&e))?;
+            crate::perms::create_private_dir(dir)
+                .map_err(|e| unavailable("cannot create the directory of", path)(&e))?;
         }
         let db = Database::builder().set_cache_size(CACHE_BYTES).create(path).map_err(|err| match err {
             redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Unavailable(format!(

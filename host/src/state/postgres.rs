@@ -335,6 +335,7 @@ struct Sql {
     claim_timers: String,
     claim_outbox: String,
     timer_count: String,
+    data_usage: String,
     outbox_count: String,
     lock: String,
     lock_keyspace_shared: String,
@@ -407,6 +408,9 @@ impl Sql {
                  WHERE o.seq = stale.seq RETURNING o.seq, o.source, o.created_ms, o.records"
             ),
             timer_count: format!("SELECT count(*) FROM {timers} WHERE component = $1"),
+            data_usage: format!(
+                "SELECT count(*), coalesce(sum(octet_length(key) + octet_length(value)), 0)::bigint FROM {state} WHERE component = $1"
+            ),
             outbox_count: format!(
                 "SELECT count(*) FROM {outbox} WHERE component = $1 AND NOT (source = ANY($2))"
             ),
@@ -940,6 +944,14 @@ impl StateStore for PostgresStore {
             let count: i64 =
                 client.query_one(&client.prepare_cached(&sql.timer_count).await?, &[&component]).await?.get(0);
             Ok(u64::try_from(count).unwrap_or(0))
+        })
+    }
+
+    fn data_usage(&self) -> Result<(u64, u64), StoreError> {
+        self.with(move |client, sql, component| async move {
+            let row = client.query_one(&client.prepare_cached(&sql.data_usage).await?, &[&component]).await?;
+            let (keys, bytes): (i64, i64) = (row.get(0), row.get(1));
+            Ok((u64::try_from(keys).unwrap_or(0), u64::try_from(bytes).unwrap_or(0)))
         })
     }
 
