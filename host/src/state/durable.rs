@@ -567,6 +567,19 @@ impl StateStore for DurableStore {
         Ok(fired)
     }
 
+    fn data_usage(&self) -> Result<(u64, u64), StoreError> {
+        // One read transaction over the state table, no copies.
+        let e = self.err("cannot read");
+        let table = self.read()?.open_table(STATE).map_err(|x| e(&x))?;
+        let (mut keys, mut bytes) = (0u64, 0u64);
+        for entry in table.iter().map_err(|x| e(&x))? {
+            let (key, value) = entry.map_err(|x| e(&x))?;
+            keys += 1;
+            bytes += (key.value().len() + value.value().len()) as u64;
+        }
+        Ok((keys, bytes))
+    }
+
     fn timer_count(&self) -> Result<u64, StoreError> {
         let e = self.err("cannot read");
         self.read()?.open_table(TIMERS).map_err(|x| e(&x))?.len().map_err(|x| e(&x))
