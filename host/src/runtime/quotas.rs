@@ -122,6 +122,14 @@ mod tests {
         }
     }
 
+    /// The component's `/metrics` text.
+    fn metrics(rt: ServiceRuntime) -> String {
+        use crate::kafka::{BrokerLink, ConsumerStatus};
+        let metrics =
+            crate::metrics::ComponentMetrics::new(Arc::new(rt), ConsumerStatus::default(), BrokerLink::default());
+        metrics.encode().unwrap()
+    }
+
     fn refusals(rt: &ServiceRuntime, quota: crate::state::Quota) -> u64 {
         let at = crate::state::Quota::ALL.iter().position(|q| *q == quota).unwrap();
         rt.quotas().state.refusals()[at]
@@ -157,6 +165,15 @@ mod tests {
         let reason = run(&rt, &numbered("o3", "Echo", "o3", "{}")).await.unwrap_err();
         assert!(reason.contains("quota max_outbox_entries") && reason.contains("keeps 2"), "{reason}");
         assert_eq!(refusals(&rt, crate::state::Quota::Outbox), 1);
+        let scraped = metrics(rt);
+        assert!(
+            scraped.contains(r#"shop_guest_quota_refusals_total{component="misbehave",quota="max_outbox_entries"} 1"#),
+            "{scraped}"
+        );
+        assert!(
+            scraped.contains(r#"shop_guest_quota_refusals_total{component="misbehave",quota="max_state_keys"} 0"#),
+            "{scraped}"
+        );
     }
 
     #[tokio::test]
@@ -166,6 +183,8 @@ mod tests {
         assert_eq!(rt.quotas().log_lines_dropped(), 990, "ten lines a call");
         run(&rt, &numbered("l2", "LogBomb", "l", "10")).await.unwrap();
         assert_eq!(rt.quotas().log_lines_dropped(), 990, "a new call, ten more");
+        let scraped = metrics(rt);
+        assert!(scraped.contains(r#"shop_guest_log_lines_dropped_total{component="misbehave"} 990"#), "{scraped}");
 
         let rt = misbehave(LogLimits { per_call: 1_000, per_second: 20 }, StateLimits::default());
         run(&rt, &numbered("l3", "LogBomb", "l", "100")).await.unwrap();
