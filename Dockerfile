@@ -61,10 +61,11 @@ WORKDIR /app
 COPY --from=builder /out/host /usr/local/bin/host
 COPY --from=builder /out/components/ /app/components/
 COPY deploy/app.container.toml /app/app.toml
-# The manifest's state_dir (instance slot files) and cache_dir (compiled
-# components) are the only places the host writes; everything else in /app
-# stays root's and read-only to it.
-RUN install -d -o shop -g shop -m 0750 /app/var /app/var/state /app/var/component-cache
+# The manifest's state_dir (instance slot files, the compile cache's seal key)
+# and cache_dir (compiled components) are the only places the host writes;
+# everything else in /app stays root's and read-only to it. 0700: the host
+# refuses a cache directory others may write.
+RUN install -d -o shop -g shop -m 0700 /app/var /app/var/state /app/var/component-cache
 
 USER 10001:10001
 ENV HOST_MANIFEST=/app/app.toml \

@@ -98,7 +98,10 @@ start() {
     return
   fi
   fetch
-  mkdir -p "$DATA"
+  # 0700: the broker's log segments hold every event (customers' names and
+  # addresses among them); a data directory from before is closed too.
+  mkdir -p -m 0700 "$DATA"
+  chmod 0700 "$DATA"
   local props="$HOME_DIR/server.properties"
   cat >"$props" <<EOF
 process.roles=broker,controller

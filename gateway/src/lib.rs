@@ -3,10 +3,12 @@
 //!
 //! Routes: `GET /` (frontend), `GET /health`, `POST /order`, `GET /order/{id}`,
 //! `GET /openapi.json` (the document of them all). Every error is JSON:
-//! `{"error": {"code", "message"}}`. [`serve`] adds a header read timeout.
+//! `{"error": {"code", "message"}}`. [`serve`] bounds every connection;
+//! each client has a rate for orders and one for everything else.
 
 mod error;
 mod idempotency;
+mod limits;
 mod request;
 mod server;
 
@@ -26,8 +28,9 @@ use shop_events::OrderPlaced;
 
 pub use error::ApiError;
 pub use idempotency::{IdempotencyKey, InvalidKey, MAX_KEY_LEN};
+pub use limits::RateLimits;
 pub use request::{FieldError, OrderRequest};
-pub use server::serve;
+pub use server::{ConnectionLimits, serve, serve_with};
 
 /// A boxed future, as the [`Backend`] methods return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -91,9 +94,17 @@ pub struct Settings {
     /// body included) before answering `408 request_timeout`. Above
     /// `publish_timeout`, so that an order's own `503` comes first.
     pub request_timeout: Duration,
-    /// Longest time a connection may take to send a request's headers
-    /// (and stay idle between requests) before it is closed; see [`serve`].
-    pub header_read_timeout: Duration,
+    /// Connections open at once, how long one may stay idle (no request in
+    /// flight, before its first byte included) and take to send a
+    /// request's headers; see [`serve`].
+    pub connections: ConnectionLimits,
+    /// Requests per second per client, orders apart from the rest.
+    pub rates: RateLimits,
+    /// `GET /order/{id}` queries in flight at once; one more waits up to a
+    /// second, then is answered `503 busy`. Below the order component's
+    /// query slots, so that `POST /order`'s idempotency check always finds
+    /// one free.
+    pub status_concurrency: usize,
 }
 
 impl Default for Settings {
@@ -101,7 +112,9 @@ impl Default for Settings {
         Self {
             publish_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(10),
-            header_read_timeout: Duration::from_secs(5),
+            connections: ConnectionLimits::default(),
+            rates: RateLimits::default(),
+            status_concurrency: 3,
         }
     }
 }
@@ -111,6 +124,7 @@ struct Gateway {
     backend: Arc<dyn Backend>,
     settings: Settings,
     claims: Arc<idempotency::Claims>,
+    status_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// The gateway's router with the default [`Settings`].
@@ -130,8 +144,17 @@ pub fn app_with(backend: Arc<dyn Backend>, settings: Settings) -> Router {
         .fallback(no_route)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(settings.request_timeout, time_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(limits::RateLimiter::new(settings.rates)),
+            limits::rate_limit,
+        ))
         .layer(axum::middleware::map_response(json_errors))
-        .with_state(Gateway { backend, settings, claims: Arc::default() })
+        .with_state(Gateway {
+            backend,
+            settings,
+            claims: Arc::default(),
+            status_slots: Arc::new(tokio::sync::Semaphore::new(settings.status_concurrency.max(1))),
+        })
 }
 
 /// Answers `408` when a request (its body included) is not answered within
@@ -207,7 +230,7 @@ async fn health(State(gateway): State<Gateway>) -> Response {
 }
 
 async fn place_order(
-    State(Gateway { backend, settings, claims }): State<Gateway>,
+    State(Gateway { backend, settings, claims, .. }): State<Gateway>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
@@ -281,14 +304,19 @@ fn accepted(order_id: &str, status: &str, total_cents: u64) -> Response {
 }
 
 async fn order_status(
-    State(Gateway { backend, .. }): State<Gateway>,
+    State(Gateway { backend, status_slots, .. }): State<Gateway>,
     Path(id): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Response, ApiError> {
     if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
         return Err(ApiError::NotFound(format!("no order {id:?}")));
     }
+    // Bounded apart from orders: a flood of these never takes the order
+    // service's last query slot, which `POST /order` needs.
+    let Ok(Ok(_slot)) = tokio::time::timeout(Duration::from_secs(1), status_slots.acquire()).await else {
+        return Ok(limits::busy());
+    };
     match backend.order_status(&id).await.map_err(ApiError::Backend)? {
-        Some(order) => Ok(Json(order)),
+        Some(order) => Ok(Json(order).into_response()),
         None => Err(ApiError::NotFound(format!("no order {id}"))),
     }
 }

@@ -9,6 +9,7 @@ use tower::ServiceExt as _;
 use super::*;
 
 mod openapi;
+mod ports;
 
 /// In-memory twin of the host: records what was published and answers
 /// status queries from it.
@@ -384,7 +385,8 @@ async fn serve_on_a_port(settings: Settings) -> (std::net::SocketAddr, tokio::sy
 #[tokio::test]
 async fn a_client_trickling_its_headers_is_cut_off() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let settings = Settings { header_read_timeout: Duration::from_millis(300), ..Settings::default() };
+    let connections = ConnectionLimits { idle_timeout: Duration::from_millis(300), ..ConnectionLimits::default() };
+    let settings = Settings { connections, ..Settings::default() };
     let (addr, _stop) = serve_on_a_port(settings).await;
     // A whole request is answered.
     let mut whole = tokio::net::TcpStream::connect(addr).await.unwrap();

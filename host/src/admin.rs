@@ -100,9 +100,40 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response {
     (status, Json(json!({ "error": { "code": code, "message": message } }))).into_response()
 }
 
-/// Compares in time independent of where the first difference is.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Whether `presented` is the token, in time independent of both its
+/// length and where the first difference is: both are hashed to 32 bytes
+/// first, and the digests are compared without an early exit. (Comparing
+/// the raw bytes would answer a wrong length at once, and so tell a
+/// caller timing the answers how long the token is.)
+fn same(presented: &[u8], token: &[u8]) -> bool {
+    use sha2::Digest as _;
+    let (a, b) = (sha2::Sha256::digest(presented), sha2::Sha256::digest(token));
+    // black_box: the optimizer must not turn the fold into an early exit.
+    std::hint::black_box(a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y))) == 0
+}
+
+/// The admin token for the command line: from `file` if given (its first
+/// line, without the line end), else from the variable `HOST_ADMIN_TOKEN`;
+/// `None` if neither gives one. `given_as_argument`: a token was passed as
+/// `--token`/`--admin-token`, which is refused, since every user of the
+/// machine sees a process's arguments (`ps`, `/proc/PID/cmdline`).
+///
+/// # Errors
+/// A token given as an argument, or a file that cannot be read or is empty.
+pub fn read_token(given_as_argument: bool, file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    anyhow::ensure!(
+        !given_as_argument,
+        "the admin token is not accepted as an argument (every user sees arguments in `ps`): \
+         set HOST_ADMIN_TOKEN, or HOST_ADMIN_TOKEN_FILE (--token-file / --admin-token-file) to a file holding it"
+    );
+    let Some(file) = file else {
+        return Ok(std::env::var("HOST_ADMIN_TOKEN").ok().filter(|t| !t.is_empty()));
+    };
+    let text = std::fs::read_to_string(file)
+        .map_err(|err| anyhow::anyhow!("cannot read the admin token file {file:?}: {err}"))?;
+    let token = text.lines().next().unwrap_or_default().trim_end_matches('\r');
+    anyhow::ensure!(!token.is_empty(), "the admin token file {file:?} is empty");
+    Ok(Some(token.to_owned()))
 }
 
 /// The refusal of a request without the right token.

@@ -56,12 +56,16 @@ fn open_stores(manifest: &Manifest, names: &[String]) -> anyhow::Result<BTreeMap
     Ok(stores)
 }
 
-/// Compiles every component of the manifest against the world, serving nothing.
+/// Compiles every component of the manifest against the world, serving
+/// nothing, without the manifest's compile cache (neither read nor
+/// written) and without any Kafka client.
 ///
 /// # Errors
 /// The first component that does not load, by name.
 pub fn check(manifest: &Manifest) -> anyhow::Result<()> {
-    let engine = Engine::with_cache(Some(manifest.runtime.cache_dir.clone()))?;
+    // No cache: the manifest checked may be anyone's, and its cache_dir
+    // could hold native code (and a key) of their making.
+    let engine = Engine::new()?;
     for (name, settings) in &manifest.components {
         let engine = engine.with_stack(settings.stack_kib << 10)?;
         let component =
@@ -69,6 +73,14 @@ pub fn check(manifest: &Manifest) -> anyhow::Result<()> {
         component.check_grants(&engine, settings.grants(name)?.wasi).with_context(|| format!("component {name:?}"))?;
     }
     Ok(())
+}
+
+/// The compile cache of `manifest`: entries in `runtime.cache_dir`, the
+/// seal key in `runtime.state_dir` (0700), out of reach of whoever can
+/// write the cache.
+pub fn cache_location(manifest: &Manifest) -> crate::runtime::CacheLocation {
+    let key = manifest.runtime.state_dir.join("component-cache.key");
+    crate::runtime::CacheLocation::new(manifest.runtime.cache_dir.clone(), key)
 }
 
 /// Binds `port`, naming its owner if it is taken.
@@ -109,6 +121,16 @@ fn service_spec(
             max_queries: settings.max_concurrent_queries,
             burst: Duration::from_millis(settings.cpu_burst_ms),
             cpu_percent: settings.cpu_percent,
+            log: crate::runtime::LogLimits {
+                per_call: settings.max_log_lines_per_call,
+                per_second: settings.max_log_lines_per_second,
+            },
+            state: crate::state::StateLimits {
+                max_keys: settings.max_state_keys,
+                max_bytes: settings.max_state_bytes,
+                max_timers: settings.max_timers,
+                max_outbox: settings.max_outbox_entries,
+            },
         },
         canary: CanaryPolicy { events: settings.canary_events, max_failures: settings.canary_max_failures },
         grants,
@@ -173,7 +195,8 @@ pub async fn run(
     };
     if let (Some(listener), Some(token)) = (listeners.admin, &manifest.admin.token) {
         let admin = admin_app(&host, &manifest, &services, &statuses, token, recent_orders);
-        tasks.spawn(serve(listener, admin, host.shutdown.clone(), "admin".into()));
+        let (connections, timeout) = (manifest.http.connection_limits(), crate::http::REQUEST_TIMEOUT);
+        tasks.spawn(crate::http::serve("admin".into(), listener, admin, connections, timeout, host.shutdown.clone()));
     }
     let gateway_port = serving.gateway.then_some(manifest.gateway.port);
     tracing::info!(gateway = ?gateway_port, brokers = %host.brokers, "host ready");
@@ -238,7 +261,7 @@ async fn load_services(
     serving: &Serving,
     clock: &Arc<dyn Clock>,
 ) -> anyhow::Result<BTreeMap<String, Arc<ServiceRuntime>>> {
-    let engine = Engine::with_cache(Some(manifest.runtime.cache_dir.clone()))?;
+    let engine = Engine::with_cache_at(Some(cache_location(manifest)))?;
     // The components this host runs, and the gateway's order component,
     // which it may only query.
     let order = &manifest.gateway.order_component;
@@ -401,7 +424,9 @@ fn spawn_component(
         tasks.spawn(crate::watch::watch(service.clone(), settings.wasm.clone(), timing, shutdown.clone()));
     }
     let router = crate::http::component_app(service, status.clone(), link.clone(), metrics);
-    tasks.spawn(serve(listener, router, shutdown.clone(), name));
+    let (connections, timeout) = (manifest.http.connection_limits(), crate::http::REQUEST_TIMEOUT);
+    let port = format!("component {name}");
+    tasks.spawn(crate::http::serve(port, listener, router, connections, timeout, shutdown.clone()));
     status
 }
 
@@ -429,7 +454,20 @@ fn spawn_gateway(
     };
     // Remembers the orders it takes, for the admin console.
     let backend = Arc::new(crate::admin::Recording::new(backend, recent_orders.clone()));
-    let settings = gateway::Settings { publish_timeout, ..gateway::Settings::default() };
+    let rates = gateway::RateLimits {
+        orders_per_second: f64::from(manifest.gateway.orders_per_second_per_client),
+        queries_per_second: f64::from(manifest.gateway.queries_per_second_per_client),
+    };
+    // One of the order component's query slots stays free for the
+    // Idempotency-Key check of POST /order, whatever GET /order/{id} does.
+    let order_slots = manifest.components[&manifest.gateway.order_component].max_concurrent_queries;
+    let settings = gateway::Settings {
+        publish_timeout,
+        connections: manifest.http.connection_limits(),
+        rates,
+        status_concurrency: order_slots.saturating_sub(1).max(1),
+        ..gateway::Settings::default()
+    };
     let router = gateway::app_with(backend, settings);
     // A caller's trace context reaches the order it places.
     let router = router.layer(axum::middleware::from_fn(crate::traces::from_request));
@@ -460,7 +498,8 @@ fn admin_app(
         })
         .collect();
     let log = crate::kafka::dlq::KafkaLog::new(brokers, &topics.physical(&topics.dead_letter));
-    let dead_letters = crate::kafka::dlq::DeadLetters::new(Arc::new(log), publisher.clone());
+    let allowed = crate::kafka::dlq::replay_topics(manifest);
+    let dead_letters = crate::kafka::dlq::DeadLetters::new(Arc::new(log), publisher.clone(), allowed);
     let console = crate::admin::ConsoleSettings {
         recent: recent_orders,
         order_component: manifest.gateway.order_component.clone(),
@@ -519,10 +558,24 @@ async fn probe_while_down(publisher: Arc<KafkaPublisher>, link: BrokerLink, shut
     }
 }
 
-async fn serve(listener: TcpListener, router: axum::Router, shutdown: CancellationToken, name: String) {
-    let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    tracing::info!(%name, %addr, "listening");
-    if let Err(err) = axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await {
-        tracing::error!(%name, "HTTP server failed: {err}");
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `host check` compiles without the manifest's cache: a cache_dir
+    /// named by a manifest being checked is neither read nor created.
+    #[test]
+    fn check_never_touches_the_manifests_cache() {
+        let root = std::env::temp_dir().join(format!("check-cache-{}", uuid::Uuid::new_v4().simple()));
+        let wasm = crate::runtime::tests::wasm("payment");
+        let text = format!(
+            "[runtime]\ncache_dir = {cache:?}\nstate_dir = {state:?}\n[gateway]\nport = 1\norder_component = \"payment\"\n\
+             [components.payment]\nwasm = {wasm:?}\nport = 2\ntopics = [\"t\"]\ngroup = \"g\"\n",
+            cache = root.join("cache"),
+            state = root.join("state"),
+        );
+        let manifest = Manifest::parse(&text).unwrap();
+        check(&manifest).unwrap();
+        assert!(!root.exists(), "check wrote {root:?}");
     }
 }

@@ -1,5 +1,7 @@
 //! Each component's HTTP port: `GET /health` and `GET /metrics` from the
-//! host, every other route answered by the component's `query` export.
+//! host, every other route answered by the component's `query` export; and
+//! [`serve`], which serves it and the admin API with every connection
+//! bounded (see [`gateway::serve_with`]) and every request timed.
 
 use std::sync::Arc;
 
@@ -17,6 +19,39 @@ use crate::status::{BrokerLink, ConsumerStatus};
 
 /// Largest request body forwarded to a component.
 const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Longest time a request to a component's or the admin port may take,
+/// its body (an admin upload of up to 64 MiB) included: past it, `408`.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Serves `router` on `listener` until `shutdown`, within `limits`, each
+/// request answered `408` after `request_timeout`.
+pub async fn serve(
+    name: String,
+    listener: tokio::net::TcpListener,
+    router: Router,
+    limits: gateway::ConnectionLimits,
+    request_timeout: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let router = router.layer(axum::middleware::from_fn_with_state(request_timeout, time_limit));
+    gateway::serve_with(name, listener, router, limits, shutdown.cancelled_owned()).await;
+}
+
+async fn time_limit(
+    State(limit): State<std::time::Duration>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            let message = format!("not answered within {limit:?}");
+            let body = json!({ "error": { "code": "request_timeout", "message": message } });
+            (StatusCode::REQUEST_TIMEOUT, axum::Json(body)).into_response()
+        }
+    }
+}
 
 #[derive(Clone)]
 struct Port {
@@ -128,11 +163,72 @@ async fn query(State(port): State<Port>, method: Method, uri: Uri, body: Bytes) 
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, Instant};
+
     use axum::body::Body;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tower::ServiceExt as _;
 
     use super::*;
     use crate::runtime::CallKind;
+
+    /// A component's port and the admin port close a client that sends
+    /// nothing (they had no timer at all), and answer one that asks.
+    #[tokio::test]
+    async fn component_and_admin_ports_close_silent_clients() {
+        let service = Arc::new(crate::runtime::tests::runtime("misbehave", 300));
+        let metrics =
+            Arc::new(ComponentMetrics::new(service.clone(), ConsumerStatus::default(), BrokerLink::default()));
+        let component = component_app(service.clone(), ConsumerStatus::default(), BrokerLink::default(), metrics);
+        let managed = crate::admin::Managed { service, wasm: crate::runtime::tests::wasm("misbehave"), status: None };
+        let admin = crate::admin::admin_app(
+            std::collections::BTreeMap::from([("svc".to_owned(), managed)]),
+            "0123456789abcdef-token",
+            None,
+        );
+        let limits = gateway::ConnectionLimits { idle_timeout: Duration::from_millis(300), max_connections: 16 };
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        for (name, router) in [("component", component), ("admin", admin)] {
+            let name = name.to_owned();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(serve(name.clone(), listener, router, limits, REQUEST_TIMEOUT, shutdown.clone()));
+            let mut asking = tokio::net::TcpStream::connect(addr).await.unwrap();
+            asking.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.unwrap();
+            let mut answer = String::new();
+            asking.read_to_string(&mut answer).await.unwrap();
+            assert!(answer.starts_with("HTTP/1.1 "), "{name}: {answer}");
+
+            let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let started = Instant::now();
+            let read = tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut Vec::new())).await;
+            assert!(read.is_ok(), "{name}: a silent client still connected after 5 s");
+            assert!(started.elapsed() < Duration::from_secs(2), "{name}: closed after {:?}", started.elapsed());
+        }
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_request_past_the_time_limit_is_408() {
+        let slow = Router::new().route(
+            "/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                "late"
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let limits = gateway::ConnectionLimits::default();
+        tokio::spawn(serve("slow".into(), listener, slow, limits, Duration::from_millis(200), shutdown.clone()));
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.write_all(b"GET /slow HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        shutdown.cancel();
+    }
 
     /// A component paying for its failed queries answers 503 with
     /// Retry-After, in JSON, without running the guest.

@@ -47,7 +47,8 @@ pub fn resolve(manifest: &Manifest, explicit: Option<&str>) -> anyhow::Result<In
         return Ok(Instance { id: id.to_owned(), _slot: None });
     }
     let dir = manifest.runtime.state_dir.join("instances");
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    // 0700: the state directory also holds the compile cache's seal key.
+    crate::perms::create_private_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     for n in 0..SLOTS {
         let path = dir.join(format!("slot-{n}"));
         let mut file = OpenOptions::new()

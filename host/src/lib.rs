@@ -25,6 +25,7 @@ pub mod limits;
 pub mod logs;
 pub mod manifest;
 pub mod metrics;
+pub mod perms;
 pub mod pipeline;
 pub mod runtime;
 pub mod scheduler;

@@ -55,3 +55,24 @@ pub const DEFAULT_PG_IDLE_IN_TRANSACTION_TIMEOUT_MS: u64 = 5_000;
 
 /// Deadline of a whole PostgreSQL commit (`state.commit_timeout_ms`).
 pub const DEFAULT_PG_COMMIT_TIMEOUT_MS: u64 = 10_000;
+
+/// Log lines one call may write unless the manifest says otherwise
+/// (`max_log_lines_per_call`): far above what the shop's components write
+/// (one or two lines an event).
+pub const DEFAULT_MAX_LOG_LINES_PER_CALL: u32 = 100;
+
+/// Log lines one component may write a second (`max_log_lines_per_second`):
+/// far above the shop's (at most ~800 events a second on this machine).
+pub const DEFAULT_MAX_LOG_LINES_PER_SECOND: u32 = 10_000;
+
+/// Keys of one component's state (`max_state_keys`).
+pub const DEFAULT_MAX_STATE_KEYS: u64 = 1_000_000;
+
+/// Bytes of one component's state, keys and values (`max_state_bytes`).
+pub const DEFAULT_MAX_STATE_BYTES: u64 = 1 << 30;
+
+/// Timers one component may have set (`max_timers`).
+pub const DEFAULT_MAX_TIMERS_SET: u64 = 100_000;
+
+/// Outbox entries one component may have waiting (`max_outbox_entries`).
+pub const DEFAULT_MAX_OUTBOX_ENTRIES: u64 = 100_000;

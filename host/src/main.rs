@@ -31,8 +31,13 @@ enum Command {
         /// places: an embedded in-process broker that keeps nothing.
         #[arg(long, env = "KAFKA_BROKERS")]
         kafka_brokers: Option<String>,
-        /// Token of the admin API (loopback only); overrides `admin.token`.
-        #[arg(long, env = "HOST_ADMIN_TOKEN", hide_env_values = true)]
+        /// File holding the admin API's token (loopback only); overrides
+        /// `admin.token`. Without it, the variable HOST_ADMIN_TOKEN is read.
+        /// Never an argument: every user sees arguments in `ps`.
+        #[arg(long, env = "HOST_ADMIN_TOKEN_FILE")]
+        admin_token_file: Option<PathBuf>,
+        /// Refused with an error saying where the token goes instead.
+        #[arg(long, hide = true)]
         admin_token: Option<String>,
         /// Components this host runs, comma-separated (`order,payment`);
         /// `none` for a gateway-only host. Default: all of the manifest's.
@@ -76,9 +81,14 @@ enum Command {
         /// Admin API of the running host.
         #[arg(long, env = "HOST_ADMIN_URL", default_value = "http://127.0.0.1:3090")]
         admin_url: String,
-        /// Admin token.
-        #[arg(long, env = "HOST_ADMIN_TOKEN", hide_env_values = true)]
-        token: String,
+        /// File holding the admin token; without it, the variable
+        /// HOST_ADMIN_TOKEN is read. Never an argument: every user sees
+        /// arguments in `ps`.
+        #[arg(long, env = "HOST_ADMIN_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
+        /// Refused with an error saying where the token goes instead.
+        #[arg(long, hide = true)]
+        token: Option<String>,
     },
     /// Validate a manifest and its components without serving anything.
     Check {
@@ -206,6 +216,7 @@ async fn async_main() -> ExitCode {
         Command::Run {
             manifest,
             kafka_brokers,
+            admin_token_file,
             admin_token,
             components,
             no_gateway,
@@ -224,8 +235,8 @@ async fn async_main() -> ExitCode {
                 gateway: !no_gateway,
                 instance_id,
             };
-            let overrides = Overrides {
-                admin_token: admin_token.filter(|t| !t.is_empty()),
+            let overrides = |admin_token| Overrides {
+                admin_token,
                 port_offset,
                 state_backend,
                 database_url: database_url.filter(|u| !u.is_empty()),
@@ -233,9 +244,20 @@ async fn async_main() -> ExitCode {
                 admin_bind,
                 kafka_properties,
             };
-            run(manifest, kafka_brokers, overrides, serving).await
+            match shop_host::admin::read_token(admin_token.is_some(), admin_token_file.as_deref()) {
+                Ok(token) => run(manifest, kafka_brokers, overrides(token), serving).await,
+                Err(err) => Err(err),
+            }
         }
-        Command::Reload { name, path, admin_url, token } => reload(&name, path, &admin_url, &token).await,
+        Command::Reload { name, path, admin_url, token_file, token } => {
+            match shop_host::admin::read_token(token.is_some(), token_file.as_deref()) {
+                Ok(Some(token)) => reload(&name, path, &admin_url, &token).await,
+                Ok(None) => Err(anyhow::anyhow!(
+                    "no admin token: set HOST_ADMIN_TOKEN, or HOST_ADMIN_TOKEN_FILE (--token-file) to a file holding it"
+                )),
+                Err(err) => Err(err),
+            }
+        }
         Command::Check { manifest } => check(manifest),
         Command::Dlq { command, target } => dlq(command, target).await,
     };
@@ -325,7 +347,7 @@ async fn dlq(command: DlqCommand, target: DlqTarget) -> anyhow::Result<()> {
         );
     };
     let topic = format!("{}{}", manifest.kafka.topic_prefix, manifest.kafka.dead_letter_topic);
-    let dead_letters = dlq::DeadLetters::connect(&brokers, &topic)?;
+    let dead_letters = dlq::DeadLetters::connect(&brokers, &topic, dlq::replay_topics(&manifest))?;
     match command {
         DlqCommand::List { component, since } => {
             let now_ms = i64::try_from(shop_host::clock::unix_ms(std::time::SystemTime::now())).unwrap_or(i64::MAX);

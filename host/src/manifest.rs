@@ -13,7 +13,7 @@ mod properties;
 mod validate;
 
 pub use grants::{Grants, PublishGrants, WasiGrant, WasiGrants};
-pub use properties::{RESERVED_PROPERTIES, check_properties};
+pub use properties::{FORBIDDEN_PROPERTIES, RESERVED_PROPERTIES, check_properties};
 use validate::check_name;
 
 /// A manifest that cannot be used, with the key at fault.
@@ -131,15 +131,45 @@ pub struct HttpSettings {
     /// overrides it.
     #[serde(default = "default_bind")]
     pub bind: IpAddr,
+    /// Connections each port (gateway, components, admin) keeps open at
+    /// once; at the cap a new one replaces the longest idle.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Longest time a connection may stay open with no request in flight
+    /// (its first byte included), and take to send a request's headers.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
 }
 
 fn default_bind() -> IpAddr {
     IpAddr::from([127, 0, 0, 1])
 }
 
+fn default_max_connections() -> usize {
+    gateway::ConnectionLimits::default().max_connections
+}
+
+fn default_idle_timeout_ms() -> u64 {
+    gateway::ConnectionLimits::default().idle_timeout.as_millis() as u64
+}
+
 impl Default for HttpSettings {
     fn default() -> Self {
-        Self { bind: default_bind() }
+        Self {
+            bind: default_bind(),
+            max_connections: default_max_connections(),
+            idle_timeout_ms: default_idle_timeout_ms(),
+        }
+    }
+}
+
+impl HttpSettings {
+    /// The connection limits of every port.
+    pub fn connection_limits(&self) -> gateway::ConnectionLimits {
+        gateway::ConnectionLimits {
+            idle_timeout: std::time::Duration::from_millis(self.idle_timeout_ms),
+            max_connections: self.max_connections,
+        }
     }
 }
 
@@ -342,6 +372,21 @@ pub struct GatewaySettings {
     /// before answering `503` (and dropping it: it is not sent later).
     #[serde(default = "default_publish_timeout_ms")]
     pub publish_timeout_ms: u64,
+    /// `POST /order` requests per second per client address (IPv6: per
+    /// /64), with a burst of one second's worth; past it, `429`.
+    #[serde(default = "default_orders_per_second")]
+    pub orders_per_second_per_client: u32,
+    /// Every other request per second per client, counted apart from orders.
+    #[serde(default = "default_queries_per_second")]
+    pub queries_per_second_per_client: u32,
+}
+
+fn default_orders_per_second() -> u32 {
+    gateway::RateLimits::default().orders_per_second as u32
+}
+
+fn default_queries_per_second() -> u32 {
+    gateway::RateLimits::default().queries_per_second as u32
 }
 
 fn default_publish_timeout_ms() -> u64 {
@@ -420,12 +465,34 @@ pub struct ComponentSettings {
     /// CPU is this share of the time since. 100 never slows it.
     #[serde(default = "default_cpu_percent")]
     pub cpu_percent: u32,
+    /// Log lines one call may write; past it they are dropped (counted in
+    /// `shop_guest_log_lines_dropped_total`, one summary line a second).
+    #[serde(default = "default_log_lines_per_call")]
+    pub max_log_lines_per_call: u32,
+    /// Log lines all the component's calls may write in one second.
+    #[serde(default = "default_log_lines_per_second")]
+    pub max_log_lines_per_second: u32,
+    /// Keys its state may hold in total; a call setting one more fails for
+    /// good, the reason naming the quota (deletes are always allowed).
+    #[serde(default = "default_max_state_keys")]
+    pub max_state_keys: u64,
+    /// Bytes (keys and values) its state may hold in total; as `max_state_keys`.
+    #[serde(default = "default_max_state_bytes")]
+    pub max_state_bytes: u64,
+    /// Timers it may have pending; a call setting one more fails for good.
+    #[serde(default = "default_max_timers")]
+    pub max_timers: u64,
+    /// Outbox entries (outputs not yet acknowledged by the broker) it may
+    /// have; an event emitting more fails for good.
+    #[serde(default = "default_max_outbox_entries")]
+    pub max_outbox_entries: u64,
     /// Values the component reads through its `config` import.
     #[serde(default)]
     pub config: HashMap<String, String>,
     /// What the component may publish: `"topic:EventType"` entries
     /// (`"topic:*"` for every type on a topic). Anything else it emits fails
-    /// its event for good (dead-lettered with the reason). Absent: anything.
+    /// its event for good (dead-lettered with the reason). Absent: nothing
+    /// (the reason names the missing grant).
     #[serde(default)]
     pub publishes: Option<Vec<String>>,
     /// WASI capabilities granted: `"clocks"`, `"random"`, `"stderr"`.
@@ -445,7 +512,7 @@ impl ComponentSettings {
     pub fn grants(&self, name: &str) -> Result<Grants, ManifestError> {
         let key = |field: &str| format!("components.{name}.{field}");
         let publishes = match &self.publishes {
-            None => PublishGrants::any(),
+            None => PublishGrants::missing(&key("publishes")),
             Some(entries) => {
                 for entry in entries {
                     if let Some((topic, _)) = entry.split_once(':') {
@@ -461,6 +528,25 @@ impl ComponentSettings {
         };
         Ok(Grants { publishes, wasi })
     }
+}
+
+fn default_log_lines_per_call() -> u32 {
+    crate::limits::DEFAULT_MAX_LOG_LINES_PER_CALL
+}
+fn default_log_lines_per_second() -> u32 {
+    crate::limits::DEFAULT_MAX_LOG_LINES_PER_SECOND
+}
+fn default_max_state_keys() -> u64 {
+    crate::limits::DEFAULT_MAX_STATE_KEYS
+}
+fn default_max_state_bytes() -> u64 {
+    crate::limits::DEFAULT_MAX_STATE_BYTES
+}
+fn default_max_timers() -> u64 {
+    crate::limits::DEFAULT_MAX_TIMERS_SET
+}
+fn default_max_outbox_entries() -> u64 {
+    crate::limits::DEFAULT_MAX_OUTBOX_ENTRIES
 }
 
 fn default_timeout_ms() -> u64 {

@@ -285,6 +285,22 @@ impl Collector for ComponentCollector {
         for (name, help, value) in throttled {
             one(&mut encoder, (name, help), component, &ConstCounter::new(value.as_secs_f64()))?;
         }
+        let quotas = self.service.quotas();
+        let (name, help) = ("shop_guest_log_lines_dropped", "Log lines of the component dropped past its log quotas.");
+        one(&mut encoder, (name, help), component, &ConstCounter::new(quotas.log_lines_dropped()))?;
+        {
+            let help = "Changes and events refused for going past one of the component's state quotas.";
+            let mut family = encoder.encode_descriptor(
+                "shop_guest_quota_refusals",
+                help,
+                None,
+                ConstCounter::new(0u64).metric_type(),
+            )?;
+            for (quota, refused) in crate::state::Quota::ALL.iter().zip(quotas.state.refusals()) {
+                let labels = [("component", component), ("quota", quota.setting())];
+                ConstCounter::new(refused).encode(family.encode_family(&labels)?)?;
+            }
+        }
         let consuming = ("shop_consumer_up", "Whether the component's consumer is running (1) or not (0).");
         one(&mut encoder, consuming, component, &ConstGauge::new(i64::from(consumer.consuming)))?;
         {

@@ -52,7 +52,7 @@ async fn refused_outputs_and_oversized_records_are_set_aside_and_the_stream_goes
     let ports = Ports::free();
     let (manifest, prefix) = write_manifest(&dir, ports);
     // A component whose every output goes to `out`, a topic that does not exist.
-    let misbehave_port = add_component(&manifest, "misbehave", "");
+    let misbehave_port = add_component(&manifest, "misbehave", "publishes = [\"out:*\"]");
     let _host = HostProcess::start(&manifest, Some(&brokers));
     let client = reqwest::Client::new();
     wait_healthy(&client, ports).await;

@@ -55,6 +55,25 @@ impl Service for Misbehave {
                 let (topic, event_type) = named.split_once(':').unwrap_or(("out", "Unnamed"));
                 Ok(vec![Outgoing { topic: topic.into(), event_type: event_type.into(), key, payload: b"{}".to_vec() }])
             }
+            // Logs as many lines as the payload says (default a million).
+            "LogBomb" => {
+                let lines: u32 =
+                    std::str::from_utf8(&event.payload).ok().and_then(|p| p.trim().parse().ok()).unwrap_or(1_000_000);
+                for i in 0..lines {
+                    host.log(shop_sdk::Level::Info, "flood", &[("line", &i.to_string())]);
+                }
+                Ok(Vec::new())
+            }
+            // Writes as many small new keys as the payload says, stopping at
+            // the first refusal, which it returns as the call's error.
+            "FillKeys" => {
+                let count: u32 =
+                    std::str::from_utf8(&event.payload).ok().and_then(|p| p.trim().parse().ok()).unwrap_or(1);
+                for i in 0..count {
+                    host.set(&format!("{key}-{i}"), b"x")?;
+                }
+                Ok(Vec::new())
+            }
             "WriteThenFail" => {
                 host.set(&key, b"written")?;
                 Err(HandleError::Retryable("failing after a write".into()))

@@ -161,7 +161,11 @@ async fn dead_letters_are_listed_and_replayed_through_the_api() {
     bus.push(dead_letter("email", 3));
     bus.push(dead_letter("payment", 4));
     let managed = Managed { service: Arc::new(runtime("misbehave", 1000)), wasm: wasm("misbehave"), status: None };
-    let dead_letters = DeadLetters::new(Arc::new(MemoryLog::new(bus.clone(), "dlq")), bus.clone());
+    let dead_letters = DeadLetters::new(
+        Arc::new(MemoryLog::new(bus.clone(), "dlq")),
+        bus.clone(),
+        std::collections::BTreeSet::from(["emails".to_owned()]),
+    );
     let app = admin_app(BTreeMap::from([("svc".to_owned(), managed)]), TOKEN, Some(dead_letters));
 
     assert_eq!(call(&app, "GET", "/dlq", None, vec![]).await.0, StatusCode::UNAUTHORIZED);
@@ -340,7 +344,11 @@ async fn the_overview_lists_dead_letters_and_a_replay_shows_at_once() {
         headers: headers.iter().map(|(k, v)| ((*k).to_owned(), v.as_bytes().to_vec())).collect(),
     });
     let managed = Managed { service: Arc::new(runtime("misbehave", 1000)), wasm: wasm("misbehave"), status: None };
-    let dead_letters = DeadLetters::new(Arc::new(MemoryLog::new(bus.clone(), "dlq")), bus.clone());
+    let dead_letters = DeadLetters::new(
+        Arc::new(MemoryLog::new(bus.clone(), "dlq")),
+        bus.clone(),
+        std::collections::BTreeSet::from(["emails".to_owned()]),
+    );
     let app = admin_app(BTreeMap::from([("svc".to_owned(), managed)]), TOKEN, Some(dead_letters));
 
     let (_, body) = call(&app, "GET", "/overview", Some(TOKEN), vec![]).await;
@@ -356,4 +364,36 @@ async fn the_overview_lists_dead_letters_and_a_replay_shows_at_once() {
     let (_, body) = call(&app, "GET", "/overview", Some(TOKEN), vec![]).await;
     assert_eq!(body["dead_letters"]["not_replayed"].as_u64(), Some(0), "{body}");
     assert!(body["dead_letters"]["items"][0]["replayed"].is_object(), "{body}");
+}
+
+/// The token check compares digests, so a wrong length is refused by the
+/// same 32-byte comparison as a wrong byte (no early answer by length).
+#[test]
+fn the_token_comparison_accepts_only_the_token() {
+    assert!(same(TOKEN.as_bytes(), TOKEN.as_bytes()));
+    let mut flipped = TOKEN.as_bytes().to_vec();
+    flipped[TOKEN.len() - 1] ^= 1;
+    let longer = format!("{TOKEN}x");
+    for wrong in [&b""[..], &TOKEN.as_bytes()[..TOKEN.len() - 1], longer.as_bytes(), &flipped, &[0u8; 4096]] {
+        assert!(!same(wrong, TOKEN.as_bytes()), "{wrong:?}");
+    }
+}
+
+/// The command line takes the token from a file (or the environment),
+/// never from an argument, which every user sees in `ps`.
+#[test]
+fn the_cli_token_comes_from_a_file_never_an_argument() {
+    let err = read_token(true, None).unwrap_err().to_string();
+    assert!(err.contains("not accepted as an argument") && err.contains("HOST_ADMIN_TOKEN"), "{err}");
+    let dir = std::env::temp_dir().join(format!("admin-token-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("token");
+    std::fs::write(&file, format!("{TOKEN}\n")).unwrap();
+    assert_eq!(read_token(false, Some(&file)).unwrap().as_deref(), Some(TOKEN));
+    assert!(read_token(true, Some(&file)).is_err(), "an argument is refused even beside a file");
+    std::fs::write(&file, "\n").unwrap();
+    assert!(read_token(false, Some(&file)).unwrap_err().to_string().contains("is empty"));
+    let missing = read_token(false, Some(&dir.join("missing"))).unwrap_err().to_string();
+    assert!(missing.contains("cannot read the admin token file"), "{missing}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

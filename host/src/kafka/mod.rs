@@ -18,7 +18,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 
-use crate::manifest::RESERVED_PROPERTIES;
+use crate::manifest::{FORBIDDEN_PROPERTIES, RESERVED_PROPERTIES};
 
 pub use consumer::{Abandoned, ConsumerSettings, run_supervised};
 pub use embedded::EmbeddedBroker;
@@ -52,7 +52,9 @@ pub fn client_config(brokers: &str) -> ClientConfig {
     for (key, value) in properties.iter() {
         // Checked at start (`Manifest::validate`); skipped here too, so that
         // a reserved key can never undo a guarantee.
-        if !RESERVED_PROPERTIES.iter().any(|(reserved, _)| reserved == key) {
+        if !RESERVED_PROPERTIES.iter().any(|(reserved, _)| reserved == key)
+            && !FORBIDDEN_PROPERTIES.contains(&key.as_str())
+        {
             config.set(key, value);
         }
     }

@@ -86,14 +86,23 @@ impl WasiGrants {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PublishGrants {
     /// `(topic, event type)` pairs, `"*"` as the event type for any; `None`
-    /// allows everything (a manifest entry without `publishes`).
+    /// allows everything (tests and benches, never a manifest).
     pub(crate) allowed: Option<BTreeSet<(String, String)>>,
+    /// The manifest key that is missing (`components.NAME.publishes`), when
+    /// it gave none: nothing is granted, and the refusal names it.
+    pub(crate) missing: Option<String>,
 }
 
 impl PublishGrants {
     /// Everything may be published.
     pub fn any() -> Self {
-        Self { allowed: None }
+        Self { allowed: None, missing: None }
+    }
+
+    /// Nothing may be published, because the manifest has no `key`: an
+    /// absent grant grants nothing.
+    pub fn missing(key: &str) -> Self {
+        Self { allowed: Some(BTreeSet::new()), missing: Some(key.to_owned()) }
     }
 
     /// Parses the manifest's `"topic:EventType"` entries (`"topic:*"` for
@@ -112,7 +121,7 @@ impl PublishGrants {
                 _ => return Err(format!("{entry:?}: write \"topic:EventType\" (or \"topic:*\")")),
             }
         }
-        Ok(Self { allowed: Some(allowed) })
+        Ok(Self { allowed: Some(allowed), missing: None })
     }
 }
 

@@ -25,6 +25,16 @@ pub const RESERVED_PROPERTIES: &[(&str, &str)] = &[
     ("statistics.interval.ms", "the host reads consumer lag from these statistics"),
 ];
 
+/// Properties that make librdkafka load native code or run a program: a
+/// plugin (`dlopen` of any path), an OpenSSL engine or provider, the
+/// Kerberos `kinit` command. Refused wherever they come from, before
+/// librdkafka sees them (it acts on them as soon as they are set): `host
+/// check` on a manifest someone else wrote must not run their code, and a
+/// host needs none of them (an OpenSSL provider is configured system-wide,
+/// with `OPENSSL_CONF`).
+pub const FORBIDDEN_PROPERTIES: &[&str] =
+    &["plugin.library.paths", "ssl.engine.location", "ssl.providers", "sasl.kerberos.kinit.cmd"];
+
 /// Checks `properties` without connecting anywhere: none is reserved (see
 /// [`RESERVED_PROPERTIES`]), and librdkafka knows every key and accepts every
 /// value (so a TLS or SASL setting this build cannot honour is refused here).
@@ -33,6 +43,9 @@ pub const RESERVED_PROPERTIES: &[(&str, &str)] = &[
 /// The first key at fault and why.
 pub fn check_properties(properties: &BTreeMap<String, String>) -> Result<(), (String, String)> {
     for (key, value) in properties {
+        if FORBIDDEN_PROPERTIES.contains(&key.trim()) {
+            return Err((key.clone(), "loads native code or runs a program: never accepted by the host".into()));
+        }
         if let Some((_, instead)) = RESERVED_PROPERTIES.iter().find(|(reserved, _)| reserved == key) {
             return Err((key.clone(), format!("is set by the host and cannot be overridden: {instead}")));
         }

@@ -229,6 +229,18 @@ fn kafka_properties_the_host_sets_are_refused() {
     }
 }
 
+/// librdkafka dlopens a plugin as soon as the property is set: refused
+/// before it gets there, so `host check` never runs a manifest's code.
+#[test]
+fn kafka_properties_that_load_native_code_are_refused() {
+    let (_dir, wasm) = wasm_file();
+    for key in crate::manifest::FORBIDDEN_PROPERTIES {
+        let top = format!("[kafka.properties]\n\"{key}\" = \"/tmp/planted.so\"");
+        let err = check(&manifest_with(&wasm, "", &top)).unwrap_err();
+        assert!(err.contains(&format!("kafka.properties.\"{key}\"")) && err.contains("loads native code"), "{err}");
+    }
+}
+
 #[test]
 fn kafka_properties_librdkafka_does_not_know_are_refused() {
     let (_dir, wasm) = wasm_file();

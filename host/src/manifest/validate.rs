@@ -16,6 +16,7 @@ impl Manifest {
             return Err(invalid("components", "at least one component is required"));
         }
         self.check_timeouts_and_schema()?;
+        self.check_connections_and_rates()?;
         let mut ports: HashMap<u16, String> = HashMap::new();
         let mut claim = |port: u16, owner: String, key: String| {
             if port == 0 {
@@ -41,6 +42,25 @@ impl Manifest {
         }
         for (name, c) in &self.components {
             check_component(name, c, &mut claim)?;
+        }
+        Ok(())
+    }
+
+    /// The ports' connection bounds and the gateway's per-client rates.
+    fn check_connections_and_rates(&self) -> Result<(), ManifestError> {
+        for (key, rate) in [
+            ("gateway.orders_per_second_per_client", self.gateway.orders_per_second_per_client),
+            ("gateway.queries_per_second_per_client", self.gateway.queries_per_second_per_client),
+        ] {
+            if !(1..=1_000_000).contains(&rate) {
+                return Err(invalid(key, "must be between 1 and 1000000"));
+            }
+        }
+        if !(1..=100_000).contains(&self.http.max_connections) {
+            return Err(invalid("http.max_connections", "must be between 1 and 100000"));
+        }
+        if !(100..=300_000).contains(&self.http.idle_timeout_ms) {
+            return Err(invalid("http.idle_timeout_ms", "must be between 100 and 300000"));
         }
         Ok(())
     }
@@ -128,6 +148,18 @@ fn check_component(
     }
     if !(1..=64).contains(&c.max_concurrent_queries) {
         return Err(invalid(key("max_concurrent_queries"), "must be between 1 and 64"));
+    }
+    for (field, value) in [
+        ("max_log_lines_per_call", u64::from(c.max_log_lines_per_call)),
+        ("max_log_lines_per_second", u64::from(c.max_log_lines_per_second)),
+        ("max_state_keys", c.max_state_keys),
+        ("max_state_bytes", c.max_state_bytes),
+        ("max_timers", c.max_timers),
+        ("max_outbox_entries", c.max_outbox_entries),
+    ] {
+        if value == 0 {
+            return Err(invalid(key(field), "must be at least 1"));
+        }
     }
     if !(1..=60_000).contains(&c.cpu_burst_ms) {
         return Err(invalid(key("cpu_burst_ms"), "must be between 1 and 60000"));

@@ -63,6 +63,10 @@ pub struct HostState {
     pub deadline: Instant,
     /// The component's throttle (set by the runtime for its calls).
     pub(super) throttle: Option<Arc<super::throttle::Throttle>>,
+    /// The component's quotas (set by the runtime for its calls), and the
+    /// lines logged by the call in progress (known by its deadline).
+    pub(super) quotas: Option<Arc<super::Quotas>>,
+    log_lines: (Instant, u32),
     /// The guest's stderr, if granted (else it is discarded).
     pub(super) stderr: Option<super::stderr::GuestStderr>,
     /// Held while the call in progress is past its burst.
@@ -112,6 +116,8 @@ impl HostState {
             txn,
             deadline,
             throttle: None,
+            quotas: None,
+            log_lines: (deadline, 0),
             stderr,
             over_burst: None,
             idle: std::time::Duration::ZERO,
@@ -206,6 +212,9 @@ impl timers::Host for HostState {
 impl log::Host for HostState {
     fn log(&mut self, level: log::Level, message: String, fields: Vec<(String, String)>) {
         // Escaped and bounded: a guest cannot forge or flood log lines.
+        if !self.log_admitted() {
+            return;
+        }
         let (message, fields) = (super::guest_text::guest_message(&message), super::guest_text::guest_fields(&fields));
         let component = &*self.component;
         match level {
@@ -225,6 +234,19 @@ impl log::Host for HostState {
                 tracing::error!(target: "component", component, %fields, "{message}")
             }
         }
+    }
+}
+
+impl HostState {
+    /// Whether a line is written: not past the component's log quotas
+    /// (counted, see [`super::Quotas`]), whatever its level.
+    fn log_admitted(&mut self) -> bool {
+        // A new deadline is a new call (a reused instance keeps its state).
+        if self.log_lines.0 != self.deadline {
+            self.log_lines = (self.deadline, 0);
+        }
+        self.log_lines.1 += 1;
+        self.quotas.as_ref().is_none_or(|quotas| quotas.admit_log(&self.component, self.log_lines.1))
     }
 }
 

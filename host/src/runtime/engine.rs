@@ -56,7 +56,7 @@ struct Inner {
 /// The engines of one host: the ticker that advances their epochs, and the
 /// one engine per stack size.
 struct Family {
-    cache_dir: Option<std::path::PathBuf>,
+    cache: Option<super::CacheLocation>,
     ticking: Arc<Ticking>,
     ticker: Mutex<Option<std::thread::JoinHandle<()>>>,
     by_stack: Mutex<HashMap<usize, Weak<Inner>>>,
@@ -130,11 +130,25 @@ impl Engine {
     }
 
     /// Creates the engine (with the default stack) with compiled components
-    /// cached in `cache_dir`.
+    /// cached in `cache_dir`, sealed by a key beside it (`{cache_dir}.key`;
+    /// the host keeps it in its state directory, [`Engine::with_cache_at`]).
     ///
     /// # Errors
-    /// As [`Engine::new`].
+    /// As [`Engine::with_cache_at`].
     pub fn with_cache(cache_dir: Option<std::path::PathBuf>) -> anyhow::Result<Self> {
+        Self::with_cache_at(cache_dir.map(super::CacheLocation::beside))
+    }
+
+    /// Creates the engine (with the default stack) with compiled components
+    /// cached at `cache`.
+    ///
+    /// # Errors
+    /// As [`Engine::new`], or a cache directory or key that others could
+    /// write or read ([`super::CacheLocation::check`]).
+    pub fn with_cache_at(cache: Option<super::CacheLocation>) -> anyhow::Result<Self> {
+        if let Some(location) = &cache {
+            location.check()?;
+        }
         let ticking = Arc::new(Ticking::default());
         // A plain thread rather than a tokio task: the ticker must keep
         // running even when every runtime worker is busy.
@@ -142,12 +156,8 @@ impl Engine {
             let ticking = ticking.clone();
             std::thread::Builder::new().name("epoch-ticker".into()).spawn(move || ticking.run())?
         };
-        let family = Arc::new(Family {
-            cache_dir,
-            ticking,
-            ticker: Mutex::new(Some(ticker)),
-            by_stack: Mutex::new(HashMap::new()),
-        });
+        let family =
+            Arc::new(Family { cache, ticking, ticker: Mutex::new(Some(ticker)), by_stack: Mutex::new(HashMap::new()) });
         Self::build(family, DEFAULT_STACK_BYTES)
     }
 
@@ -195,7 +205,7 @@ impl Engine {
         config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
         let engine = wasmtime::Engine::new(&config).map_err(anyhow::Error::from)?;
         let linker = super::linker(&engine).map_err(anyhow::Error::from)?;
-        let cache = family.cache_dir.clone().map(|dir| super::ComponentCache::new(dir, &engine));
+        let cache = family.cache.clone().map(|location| super::ComponentCache::new(location, &engine));
         family.ticking.engines.lock().unwrap_or_else(PoisonError::into_inner).push(engine.weak());
         let inner = Arc::new(Inner { engine, linker, cache, stack_bytes, family: family.clone() });
         family.by_stack.lock().unwrap_or_else(PoisonError::into_inner).insert(stack_bytes, Arc::downgrade(&inner));

@@ -75,6 +75,13 @@ impl PublishGrants {
     /// The reason, naming the first event not granted and the grant.
     pub fn check(&self, outgoing: &[OutgoingEvent]) -> Result<(), String> {
         let Some(allowed) = &self.allowed else { return Ok(()) };
+        if let (Some(key), Some(out)) = (&self.missing, outgoing.first()) {
+            return Err(format!(
+                "component emitted {}:{}, but it has no publishes grant ({key} is missing, and an absent grant \
+                 grants nothing): list what it may publish, {key} = [\"{}:{}\", ...]",
+                out.topic, out.event_type, out.topic, out.event_type
+            ));
+        }
         for out in outgoing {
             let granted = |event_type: &str| allowed.contains(&(out.topic.clone(), event_type.to_owned()));
             if !granted(&out.event_type) && !granted("*") {
@@ -106,6 +113,10 @@ mod tests {
         assert!(grants.check(&[out("payments", "PaymentRefunded")]).is_err(), "another type on a granted topic");
         assert!(PublishGrants::parse::<&str>(&[]).unwrap().check(&[out("a", "B")]).is_err(), "empty: nothing");
         assert!(PublishGrants::any().check(&[out("a", "B")]).is_ok());
+        let missing = PublishGrants::missing("components.x.publishes");
+        assert!(missing.check(&[]).is_ok(), "emitting nothing needs no grant");
+        let err = missing.check(&[out("a", "B")]).unwrap_err();
+        assert!(err.contains("no publishes grant") && err.contains("components.x.publishes is missing"), "{err}");
         assert!(PublishGrants::parse(&["payments"]).unwrap_err().contains("topic:EventType"));
     }
 

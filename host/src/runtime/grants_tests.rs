@@ -56,11 +56,20 @@ async fn an_event_outside_the_grant_is_dead_lettered_with_the_reason() {
     }
 }
 
+/// A manifest block without `publishes` grants nothing: what the
+/// component emits fails its event for good, the reason naming the key.
 #[tokio::test]
-async fn without_publishes_anything_may_be_published() {
-    let service = Arc::new(misbehave(Grants::default()));
+async fn without_a_publishes_grant_nothing_may_be_published() {
+    let publishes = PublishGrants::missing("components.misbehave.publishes");
+    let service = Arc::new(misbehave(Grants { publishes, ..Grants::default() }));
     let pipeline = Pipeline::new(service, Topics::default(), RetryPolicy::default(), Arc::new(ManualClock::at(5)));
     let disposition = emit(&pipeline, 1, "orders:OrderConfirmed").await;
+    let Disposition::DeadLetter { reason, .. } = disposition else { panic!("{disposition:?}") };
+    assert!(reason.contains("no publishes grant") && reason.contains("components.misbehave.publishes"), "{reason}");
+    // Tests and benches may still grant everything, explicitly.
+    let service = Arc::new(misbehave(Grants { publishes: PublishGrants::any(), ..Grants::default() }));
+    let pipeline = Pipeline::new(service, Topics::default(), RetryPolicy::default(), Arc::new(ManualClock::at(5)));
+    let disposition = emit(&pipeline, 2, "orders:OrderConfirmed").await;
     assert!(matches!(disposition, Disposition::Publish { ref records, .. } if records.len() == 1), "{disposition:?}");
 }
 
@@ -133,7 +142,8 @@ fn grant_names_in_the_manifest_are_checked() {
         manifest.validate().map(|()| manifest).map_err(|err| err.to_string())
     };
     let defaults = component("").unwrap().components["order"].grants("order").unwrap();
-    assert_eq!(defaults, Grants::default(), "absent: publishes anything, clocks, random and stderr");
+    let absent = Grants { publishes: PublishGrants::missing("components.order.publishes"), ..Grants::default() };
+    assert_eq!(defaults, absent, "absent: publishes nothing; clocks, random and stderr");
     let m = component("publishes = [\"orders:OrderConfirmed\"]\nwasi = []").unwrap();
     assert_eq!(m.components["order"].grants("order").unwrap().wasi, WasiGrants::NONE);
     for (extra, needle) in [

@@ -10,6 +10,7 @@ mod engine;
 mod grants;
 mod guest_text;
 mod pool;
+mod quotas;
 mod stderr;
 mod throttle;
 
@@ -25,10 +26,11 @@ use wasmtime::{Store, StoreContextMut, StoreLimitsBuilder, Trap, UpdateDeadline}
 pub use crate::manifest::{Grants, PublishGrants, WasiGrant, WasiGrants};
 pub use bindings::MAX_RESOURCES;
 pub use bindings::{Event, HandleError, HostState, OutgoingEvent, Request, Response};
-pub use cache::ComponentCache;
+pub use cache::{CacheLocation, ComponentCache};
 pub use canary::CanaryPolicy;
 pub use deadline::DeadlineExceeded;
 pub use engine::{CALL_THREAD_STACK, DEFAULT_STACK_BYTES, EPOCH_TICK, Engine, MAX_STACK_BYTES, MAX_TABLE_ELEMENTS};
+pub use quotas::{LogLimits, Quotas};
 pub use throttle::{CallKind, MAX_PENALTY, Throttle};
 
 pub use crate::limits::{DEFAULT_BURST, DEFAULT_CPU_PERCENT, DEFAULT_MAX_QUERIES};
@@ -180,6 +182,10 @@ pub struct Limits {
     /// Share of one core (percent) that the component's calls past their
     /// burst, and its faulty calls, get ([`Throttle`]); 100: unthrottled.
     pub cpu_percent: u32,
+    /// Log lines its calls may write ([`Quotas`]).
+    pub log: LogLimits,
+    /// What it may keep in total: state keys and bytes, timers, outbox.
+    pub state: crate::state::StateLimits,
 }
 
 impl Default for Limits {
@@ -192,6 +198,8 @@ impl Default for Limits {
             max_queries: DEFAULT_MAX_QUERIES,
             burst: DEFAULT_BURST,
             cpu_percent: DEFAULT_CPU_PERCENT,
+            log: LogLimits::default(),
+            state: crate::state::StateLimits::default(),
         }
     }
 }
@@ -284,6 +292,8 @@ pub struct ServiceRuntime {
     query_threads: pool::GuestPool,
     /// The share of a core the component gets past its burst or failing.
     throttle: Arc<Throttle>,
+    /// Its log and state quotas.
+    quotas: Arc<Quotas>,
     /// The instance kept for the next `handle` call, if reused.
     warm: std::sync::Mutex<Option<Warm>>,
     /// Instances kept for the next queries, if reused: one per query
@@ -324,7 +334,7 @@ impl ServiceRuntime {
             current: RwLock::new(Arc::new(spec.component)),
             previous: std::sync::Mutex::new(Vec::new()),
             canary: canary::Canary::new(spec.canary),
-            store: spec.store,
+            store: spec.store.clone(),
             config: Arc::new(spec.config),
             deadlines: RwLock::new(spec.clock.clone()),
             clock: spec.clock,
@@ -334,6 +344,7 @@ impl ServiceRuntime {
             queries: Arc::new(tokio::sync::Semaphore::new(spec.limits.max_queries)),
             query_threads,
             throttle: Arc::new(Throttle::new(spec.limits.cpu_percent)),
+            quotas: Arc::new(Quotas::new(spec.store.clone(), spec.limits.log, spec.limits.state)),
             warm: std::sync::Mutex::new(None),
             warm_queries: std::sync::Mutex::new(Vec::new()),
             stages: crate::status::Stages::default(),
@@ -348,6 +359,11 @@ impl ServiceRuntime {
     /// What holds the component back while it misbehaves.
     pub fn throttle(&self) -> &Throttle {
         &self.throttle
+    }
+
+    /// The component's log and state quotas.
+    pub fn quotas(&self) -> &Quotas {
+        &self.quotas
     }
 
     /// Takes the handling lock from a thread outside the async runtime (the
@@ -527,7 +543,17 @@ impl ServiceRuntime {
             limits: self.limits,
             wasi: self.grants.wasi,
             throttle: self.throttle.clone(),
+            quotas: self.quotas.clone(),
             read_only,
+        }
+    }
+
+    /// Refuses an event whose outputs would go past the component's
+    /// outbox quota (its entries wait there until the broker has them).
+    fn outbox_room(&self, outgoing: &[OutgoingEvent]) -> Result<(), String> {
+        match (outgoing.is_empty(), self.quotas.state.usage()) {
+            (false, Some(usage)) => self.quotas.state.check(crate::state::Quota::Outbox, usage.outbox, 1),
+            _ => Ok(()),
         }
     }
 
@@ -584,7 +610,7 @@ impl ServiceRuntime {
         let mut warm = match kept.filter(|w| Arc::ptr_eq(&w.component, &component)) {
             Some(mut warm) => {
                 let state = warm.store.data_mut();
-                state.txn = Txn::with_limits(view, self.limits.txn);
+                state.txn = Txn::with_limits(view, self.limits.txn).with_quota(self.quotas.state.clone());
                 state.deadline = Instant::now() + self.limits.timeout;
                 warm.store.set_epoch_deadline(self.engine.ticks_for(self.limits.burst.min(self.limits.timeout)));
                 warm
@@ -622,7 +648,8 @@ impl ServiceRuntime {
         let outcome = match result {
             // An event the component may not publish fails it for good.
             Ok(Ok(outgoing)) => {
-                match self.grants.publishes.check(&outgoing).and_then(|()| wrap(&outgoing, &component.sha256)) {
+                let checked = self.grants.publishes.check(&outgoing).and_then(|()| self.outbox_room(&outgoing));
+                match checked.and_then(|()| wrap(&outgoing, &component.sha256)) {
                     Ok(records) => {
                         let (writes, timers) = changes;
                         Ok(Called { records, writes, timers, version: component.sha256.clone() })
@@ -867,6 +894,7 @@ struct StoreParts {
     limits: Limits,
     wasi: WasiGrants,
     throttle: Arc<Throttle>,
+    quotas: Arc<Quotas>,
     read_only: bool,
 }
 
@@ -879,11 +907,15 @@ impl StoreParts {
             .memories(MAX_MEMORIES)
             .tables(MAX_TABLES)
             .build();
-        let txn = if self.read_only { Txn::read_only(self.view) } else { Txn::with_limits(self.view, self.limits.txn) };
+        let txn = match self.read_only {
+            true => Txn::read_only(self.view),
+            false => Txn::with_limits(self.view, self.limits.txn).with_quota(self.quotas.state.clone()),
+        };
         let deadline = Instant::now() + self.limits.timeout;
         let mut state =
             HostState::new(self.name, txn, self.config, self.clock, self.deadlines, limits, deadline, self.wasi);
         state.throttle = Some(self.throttle);
+        state.quotas = Some(self.quotas);
         let mut store = Store::new(engine.wasmtime(), state);
         store.limiter(|s| &mut s.limits);
         // The first epoch check comes at the end of the burst; from then on,

@@ -191,7 +191,8 @@ impl Drop for HostStore {
 
 fn open_db(path: &Path) -> Result<Database, StoreError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| unavailable("cannot create the directory of", path)(&e))?;
+        // 0700: the state directory also holds the compile cache's seal key.
+        crate::perms::create_private_dir(dir).map_err(|e| unavailable("cannot create the directory of", path)(&e))?;
     }
     Database::builder().set_cache_size(CACHE_BYTES).create(path).map_err(|err| match err {
         redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Unavailable(format!(
@@ -535,6 +536,19 @@ impl StateStore for DurableStore {
         drop((due, timers));
         self.quarantine(corrupt)?;
         Ok(fired)
+    }
+
+    fn data_usage(&self) -> Result<(u64, u64), StoreError> {
+        // One read transaction over the state table, no copies.
+        let e = self.err("cannot read");
+        let table = self.read()?.open_table(self.t().state()).map_err(|x| e(&x))?;
+        let (mut keys, mut bytes) = (0u64, 0u64);
+        for entry in table.iter().map_err(|x| e(&x))? {
+            let (key, value) = entry.map_err(|x| e(&x))?;
+            keys += 1;
+            bytes += (key.value().len() + value.value().len()) as u64;
+        }
+        Ok((keys, bytes))
     }
 
     fn timer_count(&self) -> Result<u64, StoreError> {

@@ -16,6 +16,7 @@
 pub mod durable;
 mod memory;
 pub mod postgres;
+mod quota;
 mod txn;
 
 use std::time::Duration;
@@ -25,6 +26,7 @@ use serde::{Deserialize, Serialize};
 pub use durable::{DurableStore, HostStore};
 pub use memory::MemoryStore;
 pub use postgres::{PgStores, PgTimeouts, PostgresStore};
+pub use quota::{Quota, StateLimits, StateQuota, Usage};
 pub use txn::{AccessError, Overlay, ReadSet, StateRead, StoreReader, Txn, TxnLimits};
 
 thread_local! {
@@ -489,6 +491,20 @@ pub trait StateStore: Send + Sync + 'static {
         let mut entries = self.pending_outbox(limit)?;
         entries.retain(|e| e.created_ms <= committed_before_ms);
         Ok(entries)
+    }
+
+    /// How many keys the component's state holds, and their bytes (keys
+    /// plus values), for its quotas. The default reads every entry.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the store cannot be read.
+    fn data_usage(&self) -> Result<(u64, u64), StoreError> {
+        let keys = self.keys("", usize::MAX)?;
+        let mut bytes = 0u64;
+        for key in &keys {
+            bytes += (key.len() + self.get(key)?.map_or(0, |v| v.len())) as u64;
+        }
+        Ok((keys.len() as u64, bytes))
     }
 
     /// How many timers are pending.

@@ -249,6 +249,9 @@ pub struct Txn {
     bytes: usize,
     /// The first cap the call ran into, if any.
     exceeded: Option<String>,
+    /// The component's totals, and what this call adds to them (keys and
+    /// bytes set, timers set).
+    quota: Option<(Arc<super::StateQuota>, [u64; 3])>,
 }
 
 impl Txn {
@@ -259,7 +262,44 @@ impl Txn {
 
     /// A transaction for a `handle` call buffering at most `limits`.
     pub fn with_limits(store: Arc<dyn StateRead>, limits: TxnLimits) -> Self {
-        Self { store, writes: BTreeMap::new(), timers: Vec::new(), read_only: false, limits, bytes: 0, exceeded: None }
+        let (writes, timers) = (BTreeMap::new(), Vec::new());
+        Self { store, writes, timers, read_only: false, limits, bytes: 0, exceeded: None, quota: None }
+    }
+
+    /// Checks the call's changes against `quota` too, as they are made.
+    pub fn with_quota(mut self, quota: Arc<super::StateQuota>) -> Self {
+        self.quota = Some((quota, [0; 3]));
+        self
+    }
+
+    /// Refuses a set past the component's key, byte or timer quota. Near
+    /// the key quota only, whether the key is new is read from the store.
+    fn within_quota(&mut self, key: Option<(&str, usize, bool)>) -> Result<(), AccessError> {
+        use super::Quota;
+        let Some((quota, added)) = &self.quota else { return Ok(()) };
+        let Some(usage) = quota.usage() else { return Ok(()) };
+        let (quota, mut added) = (quota.clone(), *added);
+        let checked = match key {
+            Some((key, size, pending)) => {
+                added[0] += u64::from(!pending);
+                added[1] += size as u64;
+                let near = usage.keys + added[0] > quota.limits().max_keys;
+                let new = near && !pending && self.store.get(key)?.is_none();
+                (if new { quota.check(Quota::Keys, usage.keys, added[0]) } else { Ok(()) })
+                    .and_then(|()| quota.check(Quota::Bytes, usage.bytes, added[1]))
+            }
+            None => {
+                added[2] += 1;
+                quota.check(Quota::Timers, usage.timers, added[2])
+            }
+        };
+        match checked {
+            Ok(()) => {
+                self.quota = Some((quota, added));
+                Ok(())
+            }
+            Err(reason) => Err(self.refuse(reason)),
+        }
     }
 
     /// A read-only view for a `query` call.
@@ -320,6 +360,9 @@ impl Txn {
         if bytes > self.limits.max_bytes {
             let max = self.limits.max_bytes;
             return Err(self.refuse(format!("more than {max} bytes written in one call (max_write_bytes_per_call)")));
+        }
+        if let Some(set) = &value {
+            self.within_quota(Some((key, key.len() + set.len(), replaced.is_some())))?;
         }
         self.bytes = bytes;
         self.writes.insert(key.to_owned(), value);
@@ -382,6 +425,9 @@ impl Txn {
             let max = self.limits.max_bytes;
             return Err(self.refuse(format!("more than {max} bytes written in one call (max_write_bytes_per_call)")));
         }
+        if matches!(change, TimerChange::Set(_)) {
+            self.within_quota(None)?;
+        }
         self.bytes += size;
         if let TimerChange::Set(timer) = &mut change {
             timer.nonce = super::new_nonce();
@@ -395,6 +441,9 @@ impl Txn {
     pub fn take_changes(&mut self) -> (Vec<Write>, Vec<TimerChange>) {
         self.bytes = 0;
         self.exceeded = None;
+        if let Some((_, added)) = &mut self.quota {
+            *added = [0; 3];
+        }
         (std::mem::take(&mut self.writes).into_iter().collect(), std::mem::take(&mut self.timers))
     }
 }

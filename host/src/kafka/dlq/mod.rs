@@ -9,11 +9,16 @@
 //! topic (header `dlq-replay-of: ID`, no `dlq-reason`), written once the
 //! replayed record is acknowledged: `list` shows it, and `replay --all`
 //! skips it.
+//!
+//! A replay goes only to a topic of the app (one a component consumes or
+//! is granted to publish to): the `dlq-source` and `dlq-target-topic`
+//! headers are data anyone able to write the dead-letter topic controls,
+//! so they cannot send a record anywhere else.
 
 mod log;
 mod time;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -389,28 +394,48 @@ pub fn plan<'a>(letters: &'a [DeadLetter], selection: &Selection) -> (Vec<&'a De
     (chosen, refused)
 }
 
+/// The physical topics a replay may go to: those the manifest's components
+/// consume or are granted to publish to (`publishes`), never the
+/// dead-letter topic itself.
+pub fn replay_topics(manifest: &crate::manifest::Manifest) -> BTreeSet<String> {
+    let prefix = &manifest.kafka.topic_prefix;
+    let consumed = manifest.components.values().flat_map(|c| c.topics.iter().map(String::as_str));
+    let published = manifest
+        .components
+        .values()
+        .flat_map(|c| c.publishes.iter().flatten())
+        .filter_map(|entry| entry.split_once(':').map(|(topic, _)| topic));
+    consumed
+        .chain(published)
+        .filter(|topic| *topic != manifest.kafka.dead_letter_topic)
+        .map(|topic| format!("{prefix}{topic}"))
+        .collect()
+}
+
 /// Lists and replays the dead letters of one dead-letter topic.
 #[derive(Clone)]
 pub struct DeadLetters {
     log: Arc<dyn DeadLetterLog>,
     publisher: Arc<dyn Publisher>,
+    allowed: Arc<BTreeSet<String>>,
 }
 
 impl DeadLetters {
     /// Reads from `log`; replays through `publisher` (the host's
-    /// idempotent producer).
-    pub fn new(log: Arc<dyn DeadLetterLog>, publisher: Arc<dyn Publisher>) -> Self {
-        Self { log, publisher }
+    /// idempotent producer) to the physical topics in `allowed` only (see
+    /// [`replay_topics`]).
+    pub fn new(log: Arc<dyn DeadLetterLog>, publisher: Arc<dyn Publisher>, allowed: BTreeSet<String>) -> Self {
+        Self { log, publisher, allowed: Arc::new(allowed) }
     }
 
     /// Reads physical `topic` on `brokers` and replays through an
-    /// idempotent producer of the host's configuration.
+    /// idempotent producer of the host's configuration, to `allowed` only.
     ///
     /// # Errors
     /// When librdkafka rejects the configuration.
-    pub fn connect(brokers: &str, topic: &str) -> anyhow::Result<Self> {
+    pub fn connect(brokers: &str, topic: &str, allowed: BTreeSet<String>) -> anyhow::Result<Self> {
         let publisher = crate::kafka::KafkaPublisher::connect(brokers, crate::status::BrokerLink::default())?;
-        Ok(Self::new(Arc::new(KafkaLog::new(brokers, topic)), Arc::new(publisher)))
+        Ok(Self::new(Arc::new(KafkaLog::new(brokers, topic)), Arc::new(publisher), allowed))
     }
 
     /// The physical dead-letter topic.
@@ -445,7 +470,20 @@ impl DeadLetters {
     pub async fn replay(&self, selection: &Selection) -> anyhow::Result<ReplayReport> {
         use anyhow::Context as _;
         let letters = self.read().await?;
-        let (chosen, refused) = plan(&letters, selection);
+        let (chosen, mut refused) = plan(&letters, selection);
+        let (chosen, foreign): (Vec<_>, Vec<_>) =
+            chosen.into_iter().partition(|letter| letter.destination().is_ok_and(|topic| self.allowed.contains(topic)));
+        for letter in foreign {
+            let topic = letter.destination().unwrap_or_default();
+            refused.push(Refusal {
+                id: letter.id,
+                reason: format!(
+                    "its headers name topic {topic:?}, which no component of this app consumes or publishes to: \
+                     a replay goes only to the app's topics"
+                ),
+            });
+        }
+        refused.sort_by_key(|r| r.id);
         let topic = self.topic();
         let mut records = Vec::with_capacity(chosen.len());
         let mut markers = Vec::with_capacity(chosen.len());

@@ -165,7 +165,8 @@ async fn a_replay_publishes_the_original_record_once_and_remembers_it() {
         bus.push(record);
     }
     bus.push(consumed("payment", "p-payments/0/1", "pay1"));
-    let dead_letters = DeadLetters::new(Arc::new(MemoryLog::new(bus.clone(), DLQ)), bus.clone());
+    let allowed = BTreeSet::from(["p-emails".to_owned(), "p-payments".to_owned()]);
+    let dead_letters = DeadLetters::new(Arc::new(MemoryLog::new(bus.clone(), DLQ)), bus.clone(), allowed);
     let all = Selection::All { component: "email".into() };
 
     let report = dead_letters.replay(&all).await.unwrap();
@@ -216,4 +217,51 @@ async fn the_pipeline_writes_what_the_list_reads() {
     let replay = letter.replay_record("p-in", DLQ);
     assert_eq!((replay.key.as_str(), replay.value.as_slice()), ("k", b"not an envelope".as_slice()));
     assert_eq!(replay.headers[0], ("trace".to_owned(), b"1".to_vec()));
+}
+
+/// Headers are data: a dead letter naming a topic outside the app (the
+/// orders topic of another app, a topic that makes a payment authorized)
+/// is refused, whether as a consumed record or as an output.
+#[tokio::test]
+async fn a_replay_goes_only_to_the_apps_topics() {
+    let bus = Arc::new(MemoryBus::default());
+    bus.push(consumed("email", "p-emails/0/1", "e1"));
+    bus.push(consumed("email", "elsewhere/0/1", "e2"));
+    let mut output = consumed("email", "", "e3");
+    output.headers.retain(|(k, _)| k != "dlq-source");
+    output.headers.extend(headers(&[("dlq-target-topic", "p-payment-authorized-forged")]));
+    bus.push(output);
+    bus.push(consumed("email", &format!("{DLQ}/0/0"), "e4"));
+    let allowed = BTreeSet::from(["p-emails".to_owned()]);
+    let dead_letters = DeadLetters::new(Arc::new(MemoryLog::new(bus.clone(), DLQ)), bus.clone(), allowed);
+
+    let report = dead_letters.replay(&Selection::All { component: "email".into() }).await.unwrap();
+    let replayed: Vec<String> = report.replayed.iter().map(|r| r.id.to_string()).collect();
+    assert_eq!(replayed, ["0/0"]);
+    let refused: Vec<String> = report.refused.iter().map(|r| r.id.to_string()).collect();
+    assert_eq!(refused, ["0/1", "0/2", "0/3"], "{report:?}");
+    assert!(report.refused.iter().all(|r| r.reason.contains("no component of this app")), "{report:?}");
+    assert!(bus.records("elsewhere").is_empty() && bus.records("p-payment-authorized-forged").is_empty());
+    assert_eq!(bus.records(DLQ).len(), 5, "four dead letters and one marker, nothing replayed onto itself");
+}
+
+#[test]
+fn the_replay_topics_are_the_consumed_and_granted_ones() {
+    let text = r#"
+[kafka]
+topic_prefix = "p-"
+dead_letter_topic = "dead"
+[gateway]
+port = 1
+order_component = "a"
+[components.a]
+wasm = "a.wasm"
+port = 2
+topics = ["in", "dead"]
+group = "a"
+publishes = ["out:Thing", "other:*"]
+"#;
+    let manifest = crate::manifest::Manifest::parse(text).unwrap();
+    let topics: Vec<String> = replay_topics(&manifest).into_iter().collect();
+    assert_eq!(topics, ["p-in", "p-other", "p-out"]);
 }

@@ -234,6 +234,14 @@ impl StateStore for PostgresStore {
         Ok(good)
     }
 
+    fn data_usage(&self) -> Result<(u64, u64), StoreError> {
+        self.with(move |client, sql, component| async move {
+            let row = client.query_one(&client.prepare_cached(&sql.data_usage).await?, &[&component]).await?;
+            let (keys, bytes): (i64, i64) = (row.get(0), row.get(1));
+            Ok((u64::try_from(keys).unwrap_or(0), u64::try_from(bytes).unwrap_or(0)))
+        })
+    }
+
     fn timer_count(&self) -> Result<u64, StoreError> {
         self.with(move |client, sql, component| async move {
             let count: i64 =

@@ -104,6 +104,7 @@ pub(super) struct Sql {
     pub(super) claim_timers: String,
     pub(super) claim_outbox: String,
     pub(super) timer_count: String,
+    pub(super) data_usage: String,
     pub(super) outbox_count: String,
     pub(super) lock: String,
     pub(super) lock_keyspace_shared: String,
@@ -177,6 +178,9 @@ impl Sql {
                  WHERE o.seq = stale.seq RETURNING o.seq, o.source, o.created_ms, o.records"
             ),
             timer_count: format!("SELECT count(*) FROM {timers} WHERE component = $1"),
+            data_usage: format!(
+                "SELECT count(*), coalesce(sum(octet_length(key) + octet_length(value)), 0)::bigint FROM {state} WHERE component = $1"
+            ),
             outbox_count: format!(
                 "SELECT count(*) FROM {outbox} WHERE component = $1 AND NOT (source = ANY($2))"
             ),
