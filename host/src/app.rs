@@ -70,6 +70,16 @@ impl Serving {
              with the redb backend that state is local to the host running {order:?}; serve it here (--components) or \
              use the postgres backend ([state] backend = \"postgres\")"
         );
+        if manifest.state.backend == StateBackend::Redb {
+            for (name, _) in manifest.components.iter().filter(|(_, settings)| settings.vault) {
+                anyhow::ensure!(
+                    self.gateway == self.runs(name),
+                    "with the redb backend the card vault is in this host's state_dir: the gateway (which deposits \
+                     cards) and component {name:?} (which redeems them) must be served by the same host; or use the \
+                     postgres backend ([state] backend = \"postgres\")"
+                );
+            }
+        }
         Ok(())
     }
 }
@@ -101,6 +111,19 @@ fn open_stores(manifest: &Manifest, names: &[String]) -> anyhow::Result<BTreeMap
     Ok(stores)
 }
 
+/// The host's card vault, in its store from `stores` (taken out of it).
+fn open_vault(
+    manifest: &Manifest,
+    stores: &mut BTreeMap<String, Arc<dyn StateStore>>,
+    clock: Arc<dyn Clock>,
+) -> anyhow::Result<Arc<crate::vault::Vault>> {
+    let store = stores.remove(crate::vault::VAULT_STORE).context("the vault's store is opened with the others")?;
+    let key = crate::vault::VaultKey::load(&manifest.runtime.state_dir).context("the card vault's key")?;
+    let vault = crate::vault::Vault::open(store, &key, clock, crate::vault::DEFAULT_TTL).context("the card vault")?;
+    tracing::info!(key = %key.fingerprint(), backend = ?manifest.state.backend, "card vault open");
+    Ok(Arc::new(vault))
+}
+
 /// Compiles every component of the manifest against the world, serving nothing.
 ///
 /// # Errors
@@ -111,7 +134,7 @@ pub fn check(manifest: &Manifest) -> anyhow::Result<()> {
         let engine = engine.with_stack(settings.stack_kib << 10)?;
         let component =
             LoadedComponent::from_file(&engine, &settings.wasm).with_context(|| format!("component {name:?}"))?;
-        component.check_grants(&engine, settings.grants(name)?.wasi).with_context(|| format!("component {name:?}"))?;
+        component.check_grants(&engine, settings.grants(name)?).with_context(|| format!("component {name:?}"))?;
     }
     Ok(())
 }
@@ -180,11 +203,23 @@ pub async fn run(
     let order = &manifest.gateway.order_component;
     let loaded: Vec<&String> =
         manifest.components.keys().filter(|name| serving.runs(name) || (serving.gateway && *name == order)).collect();
-    let mut stores = {
+    // The card vault, where the gateway deposits and a granted component
+    // redeems; a host doing neither has none.
+    let needs_vault = serving.gateway || manifest.components.iter().any(|(n, s)| s.vault && serving.runs(n));
+    let (mut stores, vault) = {
         let manifest = manifest.clone();
-        let names: Vec<String> = loaded.iter().map(|n| (*n).clone()).collect();
+        let mut names: Vec<String> = loaded.iter().map(|n| (*n).clone()).collect();
+        if needs_vault {
+            names.push(crate::vault::VAULT_STORE.to_owned());
+        }
+        let clock = clock.clone();
         // Connecting blocks (a database may take seconds to answer).
-        tokio::task::spawn_blocking(move || open_stores(&manifest, &names)).await??
+        tokio::task::spawn_blocking(move || {
+            let mut stores = open_stores(&manifest, &names)?;
+            let vault = needs_vault.then(|| open_vault(&manifest, &mut stores, clock)).transpose()?;
+            anyhow::Ok((stores, vault))
+        })
+        .await??
     };
     let mut services = BTreeMap::new();
     for name in loaded {
@@ -194,11 +229,16 @@ pub async fn run(
         let component =
             LoadedComponent::from_file(&engine, &settings.wasm).with_context(|| format!("component {name:?}"))?;
         let grants = settings.grants(name)?;
-        component.check_grants(&engine, grants.wasi).with_context(|| format!("component {name:?}"))?;
+        component.check_grants(&engine, grants.clone()).with_context(|| format!("component {name:?}"))?;
         tracing::info!(component = %name, version = %component.sha256, wasm = ?settings.wasm, from_cache = component.from_cache, "loaded");
         let store = stores.remove(name).context("store opened for every loaded component")?;
+        let vault_granted = grants.vault;
         let spec = service_spec(name, settings, component, store, clock.clone(), grants);
-        services.insert(name.clone(), Arc::new(ServiceRuntime::new(engine.clone(), spec)));
+        let service = Arc::new(ServiceRuntime::new(engine.clone(), spec));
+        if let Some(vault) = vault.as_ref().filter(|_| vault_granted) {
+            service.set_vault(vault.clone());
+        }
+        services.insert(name.clone(), service);
     }
     let instance = crate::instance::resolve(&manifest, serving.instance_id.as_deref())?;
     tracing::info!(instance = %instance.id(), components = ?services.keys().filter(|n| serving.runs(n)).collect::<Vec<_>>(), gateway = serving.gateway, state = ?manifest.state.backend, "serving");
@@ -334,6 +374,7 @@ pub async fn run(
             orders: services[&manifest.gateway.order_component].clone(),
             clock,
             link: link.clone(),
+            vault: vault.clone().context("a host serving the gateway opens the card vault")?,
         };
         // Remembers the orders it takes, for the admin console.
         let backend = Arc::new(crate::admin::Recording::new(backend, recent_orders.clone()));
@@ -474,5 +515,15 @@ mod tests {
         assert!(err.contains("postgres"), "{err}");
         assert!(serving(Some(&[]), true).validate(&manifest("postgres")).is_ok(), "a gateway-only host");
         assert!(serving(Some(&["payment"]), true).runs("payment") && !serving(Some(&["payment"]), true).runs("order"));
+        // With redb the vault is local: who deposits and who redeems share a host.
+        let mut vaulted = manifest("redb");
+        vaulted.components.get_mut("payment").unwrap().vault = true;
+        assert!(serving(None, true).validate(&vaulted).is_ok());
+        let err = serving(Some(&["payment"]), false).validate(&vaulted).unwrap_err().to_string();
+        assert!(err.contains("card vault") && err.contains("\"payment\""), "{err}");
+        assert!(serving(Some(&["order"]), true).validate(&vaulted).is_err(), "a gateway whose cards no one redeems");
+        let mut shared = manifest("postgres");
+        shared.components.get_mut("payment").unwrap().vault = true;
+        assert!(serving(Some(&["payment"]), false).validate(&shared).is_ok());
     }
 }

@@ -26,4 +26,5 @@ pub mod scheduler;
 pub mod stages;
 pub mod state;
 pub mod traces;
+pub mod vault;
 pub mod watch;

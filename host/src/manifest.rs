@@ -374,6 +374,10 @@ pub struct ComponentSettings {
     /// grantable yet.
     #[serde(default)]
     pub wasi: Option<Vec<String>>,
+    /// May redeem card tokens from the host's vault (the `vault` import).
+    /// Absent: not granted, and a component importing it is refused at load.
+    #[serde(default)]
+    pub vault: bool,
 }
 
 impl ComponentSettings {
@@ -399,7 +403,7 @@ impl ComponentSettings {
             None => WasiGrants::default(),
             Some(names) => WasiGrants::parse(names).map_err(|message| invalid(key("wasi"), message))?,
         };
-        Ok(Grants { publishes, wasi })
+        Ok(Grants { publishes, wasi, vault: self.vault })
     }
 }
 
