@@ -332,7 +332,12 @@ async fn events_of_one_order_arriving_out_of_order_converge() {
         (s["orders_confirmed"] == 2).then_some(s)
     })
     .await;
-    send("orders", &Envelope::originate("OrderPlaced", &late, "test", 3, placed(&late)));
+    // Its card token was never deposited (the order bypasses the gateway),
+    // so its payment's authorization is injected, and handled, first.
+    let authorized = json!({ "order_id": late, "payment_id": "p", "amount_cents": 1250, "card_last4": "4242" });
+    send("payments", &Envelope::originate("PaymentAuthorized", &late, "test", 3, authorized));
+    wait_caught_up(&brokers, &manifest).await;
+    send("orders", &Envelope::originate("OrderPlaced", &late, "test", 4, placed(&late)));
     // The late OrderPlaced starts its own saga (the analytics facts above
     // were injected, not produced by it); once it settles, each fact counts once.
     settled(&client, ports, &late, "CONFIRMED").await;

@@ -14,6 +14,11 @@ use rdkafka::message::Headers as _;
 use serde_json::{Value, json};
 use support::*;
 
+/// Three lamps in stock, as app.toml has them.
+fn lamps() -> Options {
+    Options { order_config: r#"stock = "lamp=3""#.into(), ..Options::default() }
+}
+
 /// The cards paid with, as typed, and the outcome each gets.
 const CARDS: [(&str, &str); 5] = [
     ("4242 4242 4242 4242", "CONFIRMED"),
@@ -154,7 +159,7 @@ fn assert_no_card(what: &str, bytes: &[u8]) {
 async fn prices_are_the_shops_and_no_card_number_rests_anywhere_redb() {
     let dir = temp_dir("trust");
     let ports = Ports::free();
-    let (manifest, prefix) = write_manifest(&dir, ports);
+    let (manifest, prefix) = write_manifest_with(&dir, ports, &lamps());
     // The key from the state directory (created 0600 at first start), as on
     // one host; debug logs, so that more of what the host does is logged.
     let env = [("HOST_VAULT_KEY", ""), ("RUST_LOG", "info,shop_host=debug,gateway=debug,component=trace")];
@@ -165,7 +170,10 @@ async fn prices_are_the_shops_and_no_card_number_rests_anywhere_redb() {
     wait_caught_up(&brokers(), &manifest).await;
 
     // Every order: OrderPlaced, a payment request and answer, outcome, email...
-    for record in every_record(&prefix, ids.len() * 5) {
+    let records = every_record(&prefix, ids.len() * 5);
+    let tokens = records.iter().filter(|r| r.windows(8).any(|w| w == b"\"token\"")).count();
+    assert!(tokens >= ids.len() * 2, "OrderPlaced and PaymentRequested carry tokens: {tokens}");
+    for record in records {
         assert_no_card("a record", &record);
     }
     let output = host.output();
@@ -189,7 +197,7 @@ async fn no_card_number_rests_in_the_postgres_tables() {
     let schema = fresh_schema();
     let dir = temp_dir("trust-pg");
     let ports = Ports::free();
-    let options = Options { postgres_schema: Some(schema.clone()), ..Options::default() };
+    let options = Options { postgres_schema: Some(schema.clone()), ..lamps() };
     let (manifest, prefix) = write_manifest_with(&dir, ports, &options);
     let host = HostProcess::start_env(&manifest, Some(&brokers()), &[], &[]);
     let client = reqwest::Client::new();
