@@ -232,7 +232,13 @@ impl OrderRequest {
 /// Validates line `i` and prices it by the catalog: `None` if invalid
 /// (recorded in `errors`); a price the client sent that is not the
 /// catalog's goes to `mismatches`.
-fn line(i: usize, item: &ItemRequest, catalog: &Catalog, errors: &mut Errors, mismatches: &mut Errors) -> Option<LineItem> {
+fn line(
+    i: usize,
+    item: &ItemRequest,
+    catalog: &Catalog,
+    errors: &mut Errors,
+    mismatches: &mut Errors,
+) -> Option<LineItem> {
     let field = format!("items[{i}].sku");
     let sku = errors.text(&field, item.sku.as_ref(), 64);
     let product = catalog.get(&sku);
@@ -249,5 +255,5 @@ fn line(i: usize, item: &ItemRequest, catalog: &Catalog, errors: &mut Errors, mi
             format!("the price of {sku} is {} cents, not {sent}", product.unit_price_cents),
         );
     }
-    (quantity > 0).then(|| LineItem { sku, quantity: quantity as u32, unit_price_cents: product.unit_price_cents })
+    (quantity > 0).then_some(LineItem { sku, quantity: quantity as u32, unit_price_cents: product.unit_price_cents })
 }

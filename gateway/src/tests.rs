@@ -194,13 +194,7 @@ async fn every_bad_field_is_named_and_nothing_is_published() {
         .iter()
         .map(|f| (f["field"].as_str().unwrap().to_owned(), f["message"].as_str().unwrap().to_owned()))
         .collect();
-    for field in [
-        "customer.name",
-        "customer.email",
-        "items[0].quantity",
-        "items[1].sku",
-        "payment.card_number",
-    ] {
+    for field in ["customer.name", "customer.email", "items[0].quantity", "items[1].sku", "payment.card_number"] {
         assert!(fields.contains_key(field), "{field} missing from {fields:?}");
     }
     assert_eq!(fields.len(), 5, "{fields:?}");

@@ -164,7 +164,7 @@ pub(crate) fn service(
             component,
             store,
             config: settings.config.clone().into_iter().collect::<HashMap<_, _>>(),
-            clock,
+            clock: clock.clone(),
             limits: Limits {
                 timeout: Duration::from_millis(settings.timeout_ms),
                 memory_bytes: settings.memory_mib << 20,

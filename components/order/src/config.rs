@@ -44,9 +44,8 @@ impl Config {
         };
         let catalog = match host.config("catalog") {
             None => BTreeMap::new(),
-            Some(raw) => catalog::parse(&raw).map_err(|why| {
-                HandleError::Permanent(format!("config \"catalog\" has an invalid value: {why}"))
-            })?,
+            Some(raw) => catalog::parse(&raw)
+                .map_err(|why| HandleError::Permanent(format!("config \"catalog\" has an invalid value: {why}")))?,
         };
         Ok(Self {
             catalog,

@@ -3,9 +3,9 @@
 
 use super::*;
 use shop_events::{
-    CardToken, Customer, EmailKind, EmailRequested, IdempotencyBinding, LineItem, OrderCancelled, OrderPlaced, OrderRejected, PaymentAuthorized,
-    PaymentDeclined, PaymentRefundRequested, PaymentRefunded, PaymentRequested, PaymentVoidRequested, PaymentVoided,
-    topics,
+    CardToken, Customer, EmailKind, EmailRequested, IdempotencyBinding, LineItem, OrderCancelled, OrderPlaced,
+    OrderRejected, PaymentAuthorized, PaymentDeclined, PaymentRefundRequested, PaymentRefunded, PaymentRequested,
+    PaymentVoidRequested, PaymentVoided, topics,
 };
 use shop_sdk::{Level, MemoryHost};
 

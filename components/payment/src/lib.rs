@@ -91,9 +91,11 @@ fn authorize(host: &mut impl Host, req: &PaymentRequested) -> Result<Vec<Outgoin
                     reason: "the payment request arrived after its deadline".to_owned(),
                 },
                 _ => match host.redeem_card(&req.card.token) {
-                    Ok(card) => {
-                        decide(&card.number, req.amount_cents, host.config_or("max_amount_cents", DEFAULT_MAX_AMOUNT_CENTS)?)
-                    }
+                    Ok(card) => decide(
+                        &card.number,
+                        req.amount_cents,
+                        host.config_or("max_amount_cents", DEFAULT_MAX_AMOUNT_CENTS)?,
+                    ),
                     Err(VaultError::Unknown | VaultError::Expired) => Decision::Declined {
                         code: CARD_UNAVAILABLE.to_owned(),
                         reason: "the card details are no longer held; please enter the card again".to_owned(),

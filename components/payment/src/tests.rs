@@ -13,9 +13,9 @@ fn token_of(card: &str) -> String {
 
 /// A host at `now_ms` whose vault holds [`CARDS`].
 fn at(now_ms: u64) -> MemoryHost {
-    CARDS.iter().fold(MemoryHost::at(now_ms), |host, card| {
-        host.with_card(&token_of(card), &shop_events::card::normalize(card))
-    })
+    CARDS
+        .iter()
+        .fold(MemoryHost::at(now_ms), |host, card| host.with_card(&token_of(card), &shop_events::card::normalize(card)))
 }
 
 fn request(order_id: &str, card: &str, amount: u64) -> Event {

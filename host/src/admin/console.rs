@@ -102,7 +102,10 @@ impl<B: gateway::Backend> gateway::Backend for Recording<B> {
         self.inner.catalog()
     }
 
-    fn vault_card(&self, number: String) -> gateway::BoxFuture<'_, Result<shop_events::CardToken, gateway::BackendError>> {
+    fn vault_card(
+        &self,
+        number: String,
+    ) -> gateway::BoxFuture<'_, Result<shop_events::CardToken, gateway::BackendError>> {
         self.inner.vault_card(number)
     }
 }

@@ -309,7 +309,10 @@ async fn recent_orders_are_the_last_acknowledged_newest_first() {
         fn catalog(&self) -> gateway::BoxFuture<'_, Result<Vec<shop_events::CatalogItem>, gateway::BackendError>> {
             Box::pin(async { Ok(Vec::new()) })
         }
-        fn vault_card(&self, _: String) -> gateway::BoxFuture<'_, Result<shop_events::CardToken, gateway::BackendError>> {
+        fn vault_card(
+            &self,
+            _: String,
+        ) -> gateway::BoxFuture<'_, Result<shop_events::CardToken, gateway::BackendError>> {
             Box::pin(async { Err(gateway::BackendError("no vault".into())) })
         }
     }

@@ -105,7 +105,12 @@ impl WasiGrants {
 }
 
 /// Checks every import of `component` against `wasi` and the `vault` grant.
-fn check_imports(wasi: WasiGrants, vault: bool, component: &Component, engine: &wasmtime::Engine) -> Result<(), String> {
+fn check_imports(
+    wasi: WasiGrants,
+    vault: bool,
+    component: &Component,
+    engine: &wasmtime::Engine,
+) -> Result<(), String> {
     for (name, _) in component.component_type().imports(engine) {
         match import_needs(name) {
             Needs::Nothing => {}

@@ -216,10 +216,8 @@ impl Vault {
             return Err(VaultError::Expired);
         }
         let aad = associated(token, expires_ms);
-        let number = self
-            .cipher
-            .decrypt(Nonce::from_slice(nonce), Payload { msg: sealed, aad: &aad })
-            .map_err(|_| corrupt())?;
+        let number =
+            self.cipher.decrypt(Nonce::from_slice(nonce), Payload { msg: sealed, aad: &aad }).map_err(|_| corrupt())?;
         let number = String::from_utf8(number).map_err(|_| corrupt())?;
         Ok(Card {
             brand: shop_events::card::brand(&number).to_owned(),
