@@ -6,7 +6,7 @@
 //! Entries are encrypted at rest with ChaCha20-Poly1305 under the host's
 //! vault key ([`key`]), bound to their token and expiry (the associated
 //! data), and live in the host's state adapter under a store of their own
-//! ([`VAULT_STORE`]): a redb file for one host, the shared PostgreSQL for
+//! ([`VAULT_STORE`]): the host's redb file for one host, the shared PostgreSQL for
 //! several, so that whichever host serves payment redeems what any gateway
 //! deposited. Entries expire after [`DEFAULT_TTL`] and are swept.
 //!
@@ -28,9 +28,9 @@ use crate::clock::Clock;
 use crate::state::{Commit, StateStore, StoreError, Write};
 pub use key::{KEY_ENV, KEY_FILE, VaultKey};
 
-/// The name of the vault's store in the state adapter (`@vault.redb`, or
-/// component `@vault` in PostgreSQL): `@` is not allowed in component names,
-/// so no component's store can be it.
+/// The name of the vault's store in the state adapter (tables `@vault/...`
+/// in `state_dir/host.redb`, or component `@vault` in PostgreSQL): `@` is not
+/// allowed in component names, so no component's store can be it.
 pub const VAULT_STORE: &str = "@vault";
 /// How long a deposited card can be redeemed: far beyond a payment's
 /// deadline (a request past it is declined without redeeming), short
@@ -137,7 +137,7 @@ impl Vault {
                 return Err(VaultError::Unavailable(format!(
                     "the card vault was created with another key (fingerprint {}, this host's is {fingerprint}): \
                      every host sharing the state store needs the same vault key ({KEY_ENV}, or the same \
-                     {KEY_FILE} in each state_dir); with redb, deleting {VAULT_STORE}.redb starts an empty vault",
+                     {KEY_FILE} in each state_dir); with redb, a new state_dir starts an empty vault",
                     String::from_utf8_lossy(&stored)
                 )));
             }
