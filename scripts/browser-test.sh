@@ -13,7 +13,8 @@ fi
 
 # shellcheck source=scripts/test-host.sh
 . "$ROOT/scripts/test-host.sh"
-test_host_manifest browser -e "s|^stock = \"\\(.*\\)\"|stock = \"\\1,<b>bold</b>=0\"|"
+test_host_manifest browser -e "s|^stock = \"\\(.*\\)\"|stock = \"\\1,<b>bold</b>=0\"|" \
+  -e "s#^catalog = \"\\(.*\\)\"#catalog = \"\\1; <b>bold</b> | <i>Bold</i> | 100\"#"
 ADMIN_TOKEN="browser-$RANDOM-$RANDOM-$(date +%s%N)"
 printf '\n[admin]\nport = %d\ntoken = "%s"\n' "$((BASE + 90))" "$ADMIN_TOKEN" >>"$WORK/app.toml"
 

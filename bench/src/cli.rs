@@ -148,11 +148,12 @@ pub(crate) struct Common {
     /// After a phase, wait up to this long for final events still on their way, in seconds.
     #[arg(long, default_value_t = 10)]
     pub(crate) topic_grace_s: u64,
-    /// SKU ordered; one the shop does not stock never runs out.
-    #[arg(long, default_value = "bench-widget")]
+    /// SKU ordered, from the shop's catalog; one it does not limit (app.toml
+    /// stocks no `pen` limit) never runs out.
+    #[arg(long, default_value = "pen")]
     pub(crate) sku: String,
-    /// Unit price in cents.
-    #[arg(long, default_value_t = 1250)]
+    /// Unit price in cents: the catalog's (another is refused with 422).
+    #[arg(long, default_value_t = 199)]
     pub(crate) unit_price_cents: u64,
     /// Card number (the accepted test card by default).
     #[arg(long, default_value = "4242 4242 4242 4242")]

@@ -60,8 +60,8 @@ impl From<reqwest::Error> for CallError {
     }
 }
 
-/// What the driver orders: one line of a SKU the shop does not stock, so
-/// stock never runs out however many orders a run places.
+/// What the driver orders: one line of a SKU whose stock the shop does not
+/// limit, so it never runs out however many orders a run places.
 #[derive(Debug, Clone)]
 pub struct OrderTemplate {
     body: Vec<u8>,

@@ -16,6 +16,8 @@ pub enum ApiError {
     UnsupportedMediaType,
     /// Fields failed validation.
     Validation(Vec<FieldError>),
+    /// Valid, but prices the client sent are not the catalog's.
+    PriceMismatch(Vec<FieldError>),
     /// The `Idempotency-Key` header is empty, too long, not visible ASCII,
     /// or sent more than once.
     InvalidIdempotencyKey(String),
@@ -73,6 +75,17 @@ impl IntoResponse for ApiError {
             ApiError::Validation(fields) => {
                 (StatusCode::BAD_REQUEST, "invalid_order", "some fields are invalid".to_owned(), Some(fields))
             }
+            // Refused rather than charged at the catalog's price: the client
+            // showed its customer another price, which they agreed to; they
+            // must see the real one (GET /catalog) and order again.
+            ApiError::PriceMismatch(fields) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "price_mismatch",
+                "the order's prices are not the shop's: read GET /catalog and order again at its prices \
+                 (or send no unit_price_cents)"
+                    .to_owned(),
+                Some(fields),
+            ),
             ApiError::InvalidIdempotencyKey(message) => {
                 (StatusCode::BAD_REQUEST, "invalid_idempotency_key", message, None)
             }

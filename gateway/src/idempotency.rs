@@ -3,11 +3,14 @@
 //! keeps, and the claims that stop two bodies racing under one key through
 //! this gateway.
 //!
-//! The order id is derived from the key *and* the order, so it cannot be
-//! computed from a guessed key: only someone who sends the identical order
-//! (card number included) under that key gets its id, and they learn nothing
-//! new. A key reused with another order is refused with `409`, which names no
-//! order.
+//! The order id is derived from the key *and* the order (customer and
+//! lines), so it cannot be computed from a guessed key: only someone who
+//! sends the identical order under that key gets its id, and they learn
+//! nothing new. The card is not part of either hash: no digest of a card
+//! number travels or rests anywhere (a card number has too few unknown digits
+//! for a hash to hide it), so a retry under the same key with another card
+//! is the same request, answered with the order already placed. A key reused
+//! with another order is refused with `409`, which names no order.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -64,13 +67,12 @@ pub fn key_of(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, InvalidKey>
 }
 
 /// The fields that make "the same order": validated and normalized (trimmed
-/// text, card digits only), so JSON whitespace, key order or card spacing do
-/// not change it. Serialized by serde_json in this field order.
+/// text, catalog prices), so JSON whitespace or key order do not change it.
+/// Serialized by serde_json in this field order.
 #[derive(Serialize)]
 struct Canonical<'a> {
     customer: &'a Customer,
     items: &'a [LineItem],
-    card_number: &'a str,
 }
 
 fn sha256(parts: &[&[u8]]) -> [u8; 32] {
@@ -82,17 +84,12 @@ fn sha256(parts: &[&[u8]]) -> [u8; 32] {
 }
 
 /// The order id and the binding of `key` to this order.
-pub fn bind(
-    key: &IdempotencyKey,
-    customer: &Customer,
-    items: &[LineItem],
-    card_number: &str,
-) -> (Uuid, IdempotencyBinding) {
-    let canonical = serde_json::to_vec(&Canonical { customer, items, card_number }).unwrap_or_default();
+pub fn bind(key: &IdempotencyKey, customer: &Customer, items: &[LineItem]) -> (Uuid, IdempotencyBinding) {
+    let canonical = serde_json::to_vec(&Canonical { customer, items }).unwrap_or_default();
     // A key is visible ASCII, so the NUL after it separates it from the order.
     let key = key.0.as_bytes();
-    let id_seed = sha256(&[b"shop/order-id/v1\0", key, b"\0", &canonical]);
-    let request_hash = sha256(&[b"shop/request/v1\0", key, b"\0", &canonical]);
+    let id_seed = sha256(&[b"shop/order-id/v2\0", key, b"\0", &canonical]);
+    let request_hash = sha256(&[b"shop/request/v2\0", key, b"\0", &canonical]);
     let key_digest = sha256(&[b"shop/idempotency-key/v1\0", key]);
     let binding = IdempotencyBinding { key_digest: hex::encode(key_digest), request_hash: hex::encode(request_hash) };
     (Uuid::new_v5(&ORDER_ID_NAMESPACE, &id_seed), binding)

@@ -1,11 +1,18 @@
 //! The API gateway and web frontend: validates orders, publishes them
 //! through a [`Backend`] and serves their status and the order page.
 //!
-//! Routes: `GET /` (frontend), `GET /health`, `POST /order`, `GET /order/{id}`,
-//! `GET /openapi.json` (the document of them all). Every error is JSON:
-//! `{"error": {"code", "message"}}`. [`serve`] bounds every connection;
-//! each client has a rate for orders and one for everything else.
+//! Routes: `GET /` (frontend), `GET /health`, `GET /catalog`, `POST /order`,
+//! `GET /order/{id}`, `GET /openapi.json` (the document of them all). Every
+//! error is JSON: `{"error": {"code", "message"}}`. [`serve`] bounds every
+//! connection; each client has a rate for orders and one for everything
+//! else.
+//!
+//! Trust: prices come from the order service's catalog, never from the
+//! client; the card number goes to the host's vault and only its token
+//! leaves the gateway; `GET /order/{id}` answers an allowlist of the order's
+//! fields (no customer, no request hash).
 
+mod catalog;
 mod error;
 mod idempotency;
 mod limits;
@@ -24,12 +31,13 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
-use shop_events::OrderPlaced;
+use shop_events::{CardToken, CatalogItem, OrderPlaced};
 
+pub use catalog::{CATALOG_TTL, Catalog, CatalogCache};
 pub use error::ApiError;
 pub use idempotency::{IdempotencyKey, InvalidKey, MAX_KEY_LEN};
 pub use limits::RateLimits;
-pub use request::{FieldError, OrderRequest};
+pub use request::{FieldError, OrderRequest, Refusal, ValidOrder};
 pub use server::{ConnectionLimits, serve, serve_with};
 
 /// A boxed future, as the [`Backend`] methods return.
@@ -79,6 +87,20 @@ pub trait Backend: Send + Sync + 'static {
     /// # Errors
     /// [`BackendError`] when the order service cannot answer.
     fn order_status(&self, order_id: &str) -> BoxFuture<'_, Result<Option<serde_json::Value>, BackendError>>;
+
+    /// What the shop sells: the order service's catalog.
+    ///
+    /// # Errors
+    /// [`BackendError`] when the order service cannot answer.
+    fn catalog(&self) -> BoxFuture<'_, Result<Vec<CatalogItem>, BackendError>>;
+
+    /// Deposits a card number (digits only) in the host's vault and returns
+    /// the token events carry instead; the number goes nowhere else.
+    ///
+    /// # Errors
+    /// [`BackendError`] when the vault cannot store it (the order is then
+    /// not sent).
+    fn vault_card(&self, number: String) -> BoxFuture<'_, Result<CardToken, BackendError>>;
 }
 
 /// Largest request body accepted (an order is a few KiB).
@@ -125,6 +147,7 @@ struct Gateway {
     settings: Settings,
     claims: Arc<idempotency::Claims>,
     status_slots: Arc<tokio::sync::Semaphore>,
+    catalog: Arc<CatalogCache>,
 }
 
 /// The gateway's router with the default [`Settings`].
@@ -138,6 +161,7 @@ pub fn app_with(backend: Arc<dyn Backend>, settings: Settings) -> Router {
     Router::new()
         .route("/", get(index))
         .route("/health", get(health))
+        .route("/catalog", get(catalog))
         .route("/order", post(place_order))
         .route("/order/{id}", get(order_status))
         .route("/openapi.json", get(openapi))
@@ -154,6 +178,7 @@ pub fn app_with(backend: Arc<dyn Backend>, settings: Settings) -> Router {
             settings,
             claims: Arc::default(),
             status_slots: Arc::new(tokio::sync::Semaphore::new(settings.status_concurrency.max(1))),
+            catalog: Arc::default(),
         })
 }
 
@@ -229,8 +254,15 @@ async fn health(State(gateway): State<Gateway>) -> Response {
     (code, Json(body)).into_response()
 }
 
+/// `GET /catalog`: what the shop sells, at its prices, with what is left
+/// (read from the order service at most once per [`CATALOG_TTL`]).
+async fn catalog(State(gateway): State<Gateway>) -> Result<Response, ApiError> {
+    let catalog = gateway.catalog.get(&*gateway.backend).await.map_err(ApiError::Backend)?;
+    Ok(Json(json!({ "items": catalog.items() })).into_response())
+}
+
 async fn place_order(
-    State(Gateway { backend, settings, claims, .. }): State<Gateway>,
+    State(Gateway { backend, settings, claims, catalog, .. }): State<Gateway>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
@@ -244,7 +276,11 @@ async fn place_order(
     let key = idempotency::key_of(&headers).map_err(|err| ApiError::InvalidIdempotencyKey(err.0.to_owned()))?;
     let request: OrderRequest =
         serde_json::from_slice(&body).map_err(|err| ApiError::MalformedJson(err.to_string()))?;
-    let placed = request.validate(key.as_ref()).map_err(ApiError::Validation)?;
+    let catalog = catalog.get(&*backend).await.map_err(ApiError::Backend)?;
+    let placed = request.validate(key.as_ref(), &catalog).map_err(|refusal| match refusal {
+        Refusal::Invalid(fields) => ApiError::Validation(fields),
+        Refusal::PriceMismatch(fields) => ApiError::PriceMismatch(fields),
+    })?;
     let order_id = placed.order_id.clone();
     let total_cents = placed.total_cents;
     let binding = placed.idempotency.clone();
@@ -278,6 +314,15 @@ async fn place_order(
         binding.iter().for_each(|binding| claims.release(binding));
         return Err(ApiError::Unavailable(reason));
     }
+    // The number goes to the vault; the event carries its token.
+    let card = match backend.vault_card(placed.card_number.clone()).await {
+        Ok(card) => card,
+        Err(err) => {
+            binding.iter().for_each(|binding| claims.release(binding));
+            return Err(ApiError::Backend(BackendError(format!("the vault did not take the card: {err}"))));
+        }
+    };
+    let placed = placed.placed(card);
     let unconfirmed = |reason: String| ApiError::Unconfirmed { order_id: order_id.clone(), reason };
     match tokio::time::timeout(settings.publish_timeout, backend.place_order(placed)).await {
         Ok(Ok(())) => {}
@@ -316,9 +361,44 @@ async fn order_status(
         return Ok(limits::busy());
     };
     match backend.order_status(&id).await.map_err(ApiError::Backend)? {
-        Some(order) => Ok(Json(order).into_response()),
+        Some(order) => Ok(Json(public_view(order)).into_response()),
         None => Err(ApiError::NotFound(format!("no order {id}"))),
     }
+}
+
+/// The fields of an order `GET /order/{id}` answers: its progress, lines,
+/// money and card brand and last four digits. Not the customer's name or
+/// email (whoever placed it knows them; anyone else holding the id should
+/// not learn them), nor the idempotency request hash, nor anything the
+/// order service adds later until it is listed here.
+pub const PUBLIC_ORDER_FIELDS: [&str; 11] = [
+    "order_id",
+    "status",
+    "items",
+    "total_cents",
+    "card",
+    "payment_id",
+    "reason",
+    "deadline_ms",
+    "reserved",
+    "compensation",
+    "history",
+];
+
+/// The fields of a history step answered (not the internal event id).
+const PUBLIC_STEP_FIELDS: [&str; 3] = ["status", "at_ms", "note"];
+
+fn public_view(order: serde_json::Value) -> serde_json::Value {
+    let keep = |value: &serde_json::Value, fields: &[&str]| -> serde_json::Map<String, serde_json::Value> {
+        fields.iter().filter_map(|f| value.get(*f).map(|v| ((*f).to_owned(), v.clone()))).collect()
+    };
+    let mut view = keep(&order, &PUBLIC_ORDER_FIELDS);
+    if let Some(history) = view.get_mut("history").and_then(|h| h.as_array_mut()) {
+        for step in history.iter_mut() {
+            *step = serde_json::Value::Object(keep(step, &PUBLIC_STEP_FIELDS));
+        }
+    }
+    serde_json::Value::Object(view)
 }
 
 #[cfg(test)]

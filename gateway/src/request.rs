@@ -1,18 +1,18 @@
-//! The `POST /order` body and its validation. Every bad field is reported,
-//! not just the first.
+//! The `POST /order` body and its validation against the catalog. Every bad
+//! field is reported, not just the first. Prices are the catalog's: a client
+//! may repeat the price it showed, and is refused if it is not the price.
 
 use serde::{Deserialize, Serialize};
-use shop_events::{Customer, LineItem, OrderPlaced, card, total_cents};
+use shop_events::{CardToken, Customer, IdempotencyBinding, LineItem, OrderPlaced, card, total_cents};
 use uuid::Uuid;
 
+use crate::catalog::Catalog;
 use crate::idempotency::{self, IdempotencyKey};
 
 /// Most lines in one order.
 pub const MAX_ITEMS: usize = 50;
 /// Most units of one line.
 pub const MAX_QUANTITY: u32 = 1_000;
-/// Highest unit price: 100,000.00.
-pub const MAX_UNIT_PRICE_CENTS: u64 = 10_000_000;
 
 /// The order as a client sends it. Every field is optional here so that a
 /// missing one is reported with the others instead of failing the parse.
@@ -36,13 +36,69 @@ pub struct CustomerRequest {
 pub struct ItemRequest {
     pub sku: Option<String>,
     pub quantity: Option<i64>,
+    /// The price the client showed, if it says: it must be the catalog's.
     pub unit_price_cents: Option<i64>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PaymentRequest {
     pub card_number: Option<String>,
+}
+
+impl std::fmt::Debug for PaymentRequest {
+    /// Never prints the number.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PaymentRequest").finish_non_exhaustive()
+    }
+}
+
+/// Why an order was refused before anything was sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Fields are missing or malformed, or name SKUs the shop does not sell.
+    Invalid(Vec<FieldError>),
+    /// Every field is valid, but prices the client sent are not the
+    /// catalog's (each field error gives the real price).
+    PriceMismatch(Vec<FieldError>),
+}
+
+/// A validated order, priced by the catalog, whose card is not yet in the
+/// vault: [`ValidOrder::placed`] makes the event once it is.
+#[derive(Clone)]
+pub struct ValidOrder {
+    pub order_id: String,
+    pub customer: Customer,
+    pub items: Vec<LineItem>,
+    pub total_cents: u64,
+    pub idempotency: Option<IdempotencyBinding>,
+    /// Digits only; goes to the vault, never into an event.
+    pub card_number: String,
+}
+
+impl std::fmt::Debug for ValidOrder {
+    /// Never prints the card number.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ValidOrder")
+            .field("order_id", &self.order_id)
+            .field("items", &self.items)
+            .field("total_cents", &self.total_cents)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ValidOrder {
+    /// The `OrderPlaced` event, with the vault's token for the card.
+    pub fn placed(self, card: CardToken) -> OrderPlaced {
+        OrderPlaced {
+            order_id: self.order_id,
+            customer: self.customer,
+            items: self.items,
+            total_cents: self.total_cents,
+            card,
+            idempotency: self.idempotency,
+        }
+    }
 }
 
 /// One invalid field: its path (e.g. `items[1].quantity`) and why.
@@ -106,16 +162,18 @@ fn plausible_email(email: &str) -> bool {
 }
 
 impl OrderRequest {
-    /// Validates every field and builds the `OrderPlaced` event.
+    /// Validates every field against `catalog` and prices the lines at its
+    /// prices.
     ///
     /// The order id is random, or derived from `idempotency_key` and the
-    /// validated order, which the key is then bound to (see
-    /// [`idempotency::bind`]): a client retrying the same request places the
-    /// same order.
+    /// validated order (customer and lines, not the card), which the key is
+    /// then bound to (see [`idempotency::bind`]): a client retrying the same
+    /// request places the same order.
     ///
     /// # Errors
-    /// Every invalid field, with its path.
-    pub fn validate(self, idempotency_key: Option<&IdempotencyKey>) -> Result<OrderPlaced, Vec<FieldError>> {
+    /// [`Refusal::Invalid`] with every invalid field and its path, else
+    /// [`Refusal::PriceMismatch`] with every price that is not the catalog's.
+    pub fn validate(self, idempotency_key: Option<&IdempotencyKey>, catalog: &Catalog) -> Result<ValidOrder, Refusal> {
         let mut errors = Errors::default();
         if self.customer.is_none() {
             errors.add("customer", "is required");
@@ -126,22 +184,14 @@ impl OrderRequest {
         if !email.is_empty() && !plausible_email(&email) {
             errors.add("customer.email", "must be an email address like name@example.com");
         }
+        let mut mismatches = Errors::default();
         let mut items = Vec::new();
         match self.items.as_deref() {
             None | Some([]) => errors.add("items", "at least one item is required"),
             Some(list) if list.len() > MAX_ITEMS => errors.add("items", format!("at most {MAX_ITEMS} items")),
             Some(list) => {
                 for (i, item) in list.iter().enumerate() {
-                    let sku = errors.text(&format!("items[{i}].sku"), item.sku.as_ref(), 64);
-                    let quantity =
-                        errors.number(&format!("items[{i}].quantity"), item.quantity, 1, i64::from(MAX_QUANTITY));
-                    let price = errors.number(
-                        &format!("items[{i}].unit_price_cents"),
-                        item.unit_price_cents,
-                        1,
-                        MAX_UNIT_PRICE_CENTS as i64,
-                    );
-                    items.push(LineItem { sku, quantity: quantity as u32, unit_price_cents: price as u64 });
+                    items.extend(line(i, item, catalog, &mut errors, &mut mismatches));
                 }
             }
         }
@@ -155,17 +205,20 @@ impl OrderRequest {
             errors.add("payment.card_number", "is not a valid card number (checksum)");
         }
         if !errors.0.is_empty() {
-            return Err(errors.0);
+            return Err(Refusal::Invalid(errors.0));
+        }
+        if !mismatches.0.is_empty() {
+            return Err(Refusal::PriceMismatch(mismatches.0));
         }
         let customer = Customer { name, email };
         let (order_id, binding) = match idempotency_key {
             Some(key) => {
-                let (order_id, binding) = idempotency::bind(key, &customer, &items, &digits);
+                let (order_id, binding) = idempotency::bind(key, &customer, &items);
                 (order_id, Some(binding))
             }
             None => (Uuid::new_v4(), None),
         };
-        Ok(OrderPlaced {
+        Ok(ValidOrder {
             order_id: order_id.to_string(),
             total_cents: total_cents(&items),
             customer,
@@ -174,4 +227,33 @@ impl OrderRequest {
             idempotency: binding,
         })
     }
+}
+
+/// Validates line `i` and prices it by the catalog: `None` if invalid
+/// (recorded in `errors`); a price the client sent that is not the
+/// catalog's goes to `mismatches`.
+fn line(
+    i: usize,
+    item: &ItemRequest,
+    catalog: &Catalog,
+    errors: &mut Errors,
+    mismatches: &mut Errors,
+) -> Option<LineItem> {
+    let field = format!("items[{i}].sku");
+    let sku = errors.text(&field, item.sku.as_ref(), 64);
+    let product = catalog.get(&sku);
+    if !sku.is_empty() && product.is_none() {
+        errors.add(&field, format!("{sku:?} is not sold here (see GET /catalog)"));
+    }
+    let quantity = errors.number(&format!("items[{i}].quantity"), item.quantity, 1, i64::from(MAX_QUANTITY));
+    let product = product?;
+    if let Some(sent) = item.unit_price_cents
+        && u64::try_from(sent).ok() != Some(product.unit_price_cents)
+    {
+        mismatches.add(
+            format!("items[{i}].unit_price_cents"),
+            format!("the price of {sku} is {} cents, not {sent}", product.unit_price_cents),
+        );
+    }
+    (quantity > 0).then_some(LineItem { sku, quantity: quantity as u32, unit_price_cents: product.unit_price_cents })
 }

@@ -27,6 +27,25 @@ struct TwinBackend {
     stuck: bool,
     /// The order service's state cannot be read.
     store_down: bool,
+    /// The order service cannot answer its catalog.
+    catalog_down: bool,
+    /// Catalog reads answered.
+    catalog_reads: std::sync::atomic::AtomicUsize,
+    /// The vault cannot store a card.
+    vault_down: bool,
+    /// The card numbers deposited, by token.
+    vault: Mutex<HashMap<String, String>>,
+}
+
+/// What the twin's order service sells.
+fn twin_catalog() -> Vec<CatalogItem> {
+    let item = |sku: &str, name: &str, price, remaining| CatalogItem {
+        sku: sku.into(),
+        name: name.into(),
+        unit_price_cents: price,
+        remaining,
+    };
+    vec![item("book", "Book", 1250, None), item("pen", "Pen", 199, None), item("lamp", "Lamp", 3400, Some(3))]
 }
 
 impl Backend for TwinBackend {
@@ -73,11 +92,12 @@ impl Backend for TwinBackend {
             return Box::pin(async { Err(BackendError("order service down".into())) });
         }
         let found = self.placed.lock().unwrap().iter().find(|o| o.order_id == order_id).cloned();
-        // What the order service answers: the order without its card number.
+        // What the order service answers: the order with its customer and
+        // the card's brand and last four digits.
         let order = found.map(|o| {
             let mut order = json!({
                 "order_id": o.order_id, "status": "PENDING", "customer": o.customer, "items": o.items,
-                "total_cents": o.total_cents,
+                "total_cents": o.total_cents, "card": { "brand": o.card.brand, "last4": o.card.last4 },
                 "history": [{ "status": "PENDING", "at_ms": 1, "event_id": "e1", "note": "order placed" }],
             });
             if let Some(binding) = o.idempotency {
@@ -86,6 +106,33 @@ impl Backend for TwinBackend {
             order
         });
         Box::pin(async move { Ok(order) })
+    }
+
+    fn catalog(&self) -> BoxFuture<'_, Result<Vec<CatalogItem>, BackendError>> {
+        Box::pin(async move {
+            if self.catalog_down {
+                return Err(BackendError("order service down".into()));
+            }
+            self.catalog_reads.fetch_add(1, Ordering::SeqCst);
+            Ok(twin_catalog())
+        })
+    }
+
+    fn vault_card(&self, number: String) -> BoxFuture<'_, Result<CardToken, BackendError>> {
+        Box::pin(async move {
+            if self.vault_down {
+                return Err(BackendError("vault store down".into()));
+            }
+            let mut vault = self.vault.lock().unwrap();
+            let token = format!("tok_{}", vault.len() + 1);
+            let card = CardToken {
+                token: token.clone(),
+                brand: shop_events::card::brand(&number).into(),
+                last4: shop_events::card::last4(&number).into(),
+            };
+            vault.insert(token, number);
+            Ok(card)
+        })
     }
 }
 
@@ -120,11 +167,16 @@ async fn valid_order_is_published_then_accepted() {
     let placed = backend.placed.lock().unwrap().clone();
     assert_eq!(placed.len(), 1);
     assert_eq!(body["order_id"], placed[0].order_id.as_str());
-    assert_eq!((placed[0].total_cents, placed[0].card_number.as_str()), (2500, "4242424242424242"));
+    assert_eq!((placed[0].total_cents, placed[0].card.last4.as_str()), (2500, "4242"));
+    // Only the token travels; the vault holds the number under it.
+    let published = serde_json::to_string(&placed[0]).unwrap();
+    assert!(!published.contains("4242424242424242"), "{published}");
+    assert_eq!(backend.vault.lock().unwrap()[&placed[0].card.token], "4242424242424242");
     let (status, body) =
         send(app(backend.clone()), Request::get(format!("/order/{}", placed[0].order_id)).body(Body::empty()).unwrap())
             .await;
     assert_eq!((status, body["status"].as_str()), (StatusCode::OK, Some("PENDING")));
+    assert_eq!(body["card"], json!({ "brand": "visa", "last4": "4242" }));
 }
 
 #[tokio::test]
@@ -143,17 +195,10 @@ async fn every_bad_field_is_named_and_nothing_is_published() {
         .iter()
         .map(|f| (f["field"].as_str().unwrap().to_owned(), f["message"].as_str().unwrap().to_owned()))
         .collect();
-    for field in [
-        "customer.name",
-        "customer.email",
-        "items[0].quantity",
-        "items[1].sku",
-        "items[1].unit_price_cents",
-        "payment.card_number",
-    ] {
+    for field in ["customer.name", "customer.email", "items[0].quantity", "items[1].sku", "payment.card_number"] {
         assert!(fields.contains_key(field), "{field} missing from {fields:?}");
     }
-    assert_eq!(fields.len(), 6, "{fields:?}");
+    assert_eq!(fields.len(), 5, "{fields:?}");
     assert!(backend.placed.lock().unwrap().is_empty());
 }
 
@@ -268,7 +313,7 @@ async fn a_second_order_racing_the_first_under_one_key_is_refused_by_this_gatewa
     let key = [("idempotency-key", "race")];
     assert_eq!(send(gateway.clone(), post(&valid_order(), &key)).await.0, StatusCode::ACCEPTED);
     let mut other = valid_order();
-    other["items"][0]["sku"] = json!("lamp");
+    other["items"][0] = json!({ "sku": "lamp", "quantity": 1 });
     assert_eq!(send(gateway.clone(), post(&other, &key)).await.0, StatusCode::CONFLICT);
     assert_eq!(send(gateway.clone(), post(&valid_order(), &key)).await.0, StatusCode::ACCEPTED, "a retry");
     let placed = backend.placed.lock().unwrap().clone();
@@ -427,4 +472,106 @@ async fn orders_are_taken_while_the_order_services_state_cannot_be_read() {
     let (status, body) = send(app(backend.clone()), post(&valid_order(), &[("idempotency-key", "k1")])).await;
     assert_eq!(status, StatusCode::ACCEPTED, "taking orders needs the broker, not the database: {body}");
     assert_eq!(backend.placed.lock().unwrap().len(), 1);
+}
+
+fn line(sku: &str, quantity: u32, price: Option<u64>) -> serde_json::Value {
+    let mut order = valid_order();
+    order["items"] = json!([{ "sku": sku, "quantity": quantity }]);
+    if let Some(price) = price {
+        order["items"][0]["unit_price_cents"] = json!(price);
+    }
+    order
+}
+
+#[tokio::test]
+async fn a_price_that_is_not_the_catalogs_is_422_and_nothing_is_published() {
+    let backend = Arc::new(TwinBackend::default());
+    // The order: a lamp at one cent.
+    let (status, body) = send(app(backend.clone()), post(&line("lamp", 3, Some(1)), &[])).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("price_mismatch")));
+    assert_eq!(
+        body["error"]["fields"],
+        json!([{ "field": "items[0].unit_price_cents", "message": "the price of lamp is 3400 cents, not 1" }])
+    );
+    assert!(backend.placed.lock().unwrap().is_empty() && backend.vault.lock().unwrap().is_empty());
+    // Without a price, or at the catalog's, the shop prices it.
+    for order in [line("lamp", 2, None), line("lamp", 2, Some(3400))] {
+        let (status, body) = send(app(backend.clone()), post(&order, &[])).await;
+        assert_eq!((status, body["total_cents"].as_u64()), (StatusCode::ACCEPTED, Some(6800)));
+    }
+    let placed = backend.placed.lock().unwrap().clone();
+    assert!(placed.iter().all(|o| o.items[0].unit_price_cents == 3400 && o.total_cents == 6800));
+}
+
+#[tokio::test]
+async fn unknown_skus_are_invalid_fields_and_a_catalog_that_cannot_be_read_is_503() {
+    let backend = Arc::new(TwinBackend::default());
+    let (status, body) = send(app(backend.clone()), post(&line("unicorn", 1, Some(1250)), &[])).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_order")));
+    assert_eq!(body["error"]["fields"][0]["field"], "items[0].sku");
+    let down = Arc::new(TwinBackend { catalog_down: true, ..TwinBackend::default() });
+    let (status, body) = send(app(down.clone()), post(&valid_order(), &[])).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("unavailable")));
+    assert!(down.placed.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn the_catalog_is_the_order_services_read_once_per_ttl() {
+    let backend = Arc::new(TwinBackend::default());
+    let gateway = app(backend.clone());
+    let (status, body) = send(gateway.clone(), Request::get("/catalog").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["items"].as_array().unwrap().len(), 3);
+    let lamp = body["items"].as_array().unwrap().iter().find(|i| i["sku"] == "lamp").unwrap().clone();
+    assert_eq!(lamp, json!({ "sku": "lamp", "name": "Lamp", "unit_price_cents": 3400, "remaining": 3 }));
+    for _ in 0..5 {
+        send(gateway.clone(), post(&valid_order(), &[])).await;
+    }
+    assert_eq!(backend.catalog_reads.load(Ordering::SeqCst), 1, "one read for the page and five orders");
+}
+
+#[tokio::test]
+async fn a_vault_that_cannot_take_the_card_is_503_and_nothing_is_published() {
+    let backend = Arc::new(TwinBackend { vault_down: true, ..TwinBackend::default() });
+    let key = [("idempotency-key", "k1")];
+    let (status, body) = send(app(backend.clone()), post(&valid_order(), &key)).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("unavailable")));
+    assert!(!body.to_string().contains("vault store down"), "no internals: {body}");
+    assert!(backend.placed.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn the_card_is_not_part_of_the_request_hash_nor_the_order_id() {
+    let backend = Arc::new(TwinBackend::default());
+    let key = [("idempotency-key", "k1")];
+    let (_, first) = send(app(backend.clone()), post(&valid_order(), &key)).await;
+    let mut other_card = valid_order();
+    other_card["payment"]["card_number"] = json!("4000 0000 0000 0002");
+    let (status, again) = send(app(backend.clone()), post(&other_card, &key)).await;
+    assert_eq!((status, &again["order_id"]), (StatusCode::ACCEPTED, &first["order_id"]), "the same request");
+    assert_eq!(backend.placed.lock().unwrap().len(), 1);
+    let binding = backend.placed.lock().unwrap()[0].idempotency.clone().unwrap();
+    let mut headers = HeaderMap::new();
+    headers.insert("idempotency-key", "k1".parse().unwrap());
+    let (expected_id, expected) = idempotency::bind(
+        &idempotency::key_of(&headers).unwrap().unwrap(),
+        &shop_events::Customer { name: "Ada Lovelace".into(), email: "ada@example.com".into() },
+        &[shop_events::LineItem { sku: "book".into(), quantity: 2, unit_price_cents: 1250 }],
+    );
+    assert_eq!((first["order_id"].as_str(), &binding), (Some(expected_id.to_string().as_str()), &expected));
+}
+
+#[tokio::test]
+async fn order_status_answers_no_customer_and_no_request_hash() {
+    let backend = Arc::new(TwinBackend::default());
+    let (_, accepted) = send(app(backend.clone()), post(&valid_order(), &[("idempotency-key", "k1")])).await;
+    let uri = format!("/order/{}", accepted["order_id"].as_str().unwrap());
+    let (status, body) = send(app(backend.clone()), Request::get(uri).body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    let text = body.to_string();
+    for hidden in ["customer", "Ada", "ada@example.com", "request_hash", "event_id", "tok_"] {
+        assert!(!text.contains(hidden), "{hidden} in {text}");
+    }
+    assert_eq!(body["history"][0], json!({ "status": "PENDING", "at_ms": 1, "note": "order placed" }));
+    assert_eq!(body["total_cents"], 2500);
 }

@@ -56,6 +56,19 @@ fn open_stores(manifest: &Manifest, names: &[String]) -> anyhow::Result<BTreeMap
     Ok(stores)
 }
 
+/// The host's card vault, in its store from `stores` (taken out of it).
+fn open_vault(
+    manifest: &Manifest,
+    stores: &mut BTreeMap<String, Arc<dyn StateStore>>,
+    clock: Arc<dyn Clock>,
+) -> anyhow::Result<Arc<crate::vault::Vault>> {
+    let store = stores.remove(crate::vault::VAULT_STORE).context("the vault's store is opened with the others")?;
+    let key = crate::vault::VaultKey::load(&manifest.runtime.state_dir).context("the card vault's key")?;
+    let vault = crate::vault::Vault::open(store, &key, clock, crate::vault::DEFAULT_TTL).context("the card vault")?;
+    tracing::info!(key = %key.fingerprint(), backend = ?manifest.state.backend, "card vault open");
+    Ok(Arc::new(vault))
+}
+
 /// Compiles every component of the manifest against the world, serving
 /// nothing, without the manifest's compile cache (neither read nor
 /// written) and without any Kafka client.
@@ -70,7 +83,7 @@ pub fn check(manifest: &Manifest) -> anyhow::Result<()> {
         let engine = engine.with_stack(settings.stack_kib << 10)?;
         let component =
             LoadedComponent::from_file(&engine, &settings.wasm).with_context(|| format!("component {name:?}"))?;
-        component.check_grants(&engine, settings.grants(name)?.wasi).with_context(|| format!("component {name:?}"))?;
+        component.check_grants(&engine, settings.grants(name)?).with_context(|| format!("component {name:?}"))?;
     }
     Ok(())
 }
@@ -151,7 +164,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     serving.validate(&manifest)?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let services = load_services(&manifest, &serving, &clock).await?;
+    let (services, vault) = load_services(&manifest, &serving, &clock).await?;
     let instance = crate::instance::resolve(&manifest, serving.instance_id.as_deref())?;
     tracing::info!(instance = %instance.id(), components = ?services.keys().filter(|n| serving.runs(n)).collect::<Vec<_>>(), gateway = serving.gateway, state = ?manifest.state.backend, "serving");
     let listeners = bind_listeners(&manifest, &serving).await?;
@@ -178,6 +191,7 @@ pub async fn run(
         deadlines,
         drain_timeout,
         instance_id: instance.id().to_owned(),
+        vault,
         abandoned,
         shutdown,
     };
@@ -249,6 +263,8 @@ struct Host {
     deadlines: Arc<dyn Clock>,
     drain_timeout: Duration,
     instance_id: String,
+    /// The card vault, if this host deposits or redeems cards.
+    vault: Option<Arc<crate::vault::Vault>>,
     /// Records or tasks abandoned at shutdown.
     abandoned: Arc<std::sync::atomic::AtomicUsize>,
     shutdown: CancellationToken,
@@ -260,18 +276,30 @@ async fn load_services(
     manifest: &Manifest,
     serving: &Serving,
     clock: &Arc<dyn Clock>,
-) -> anyhow::Result<BTreeMap<String, Arc<ServiceRuntime>>> {
+) -> anyhow::Result<(BTreeMap<String, Arc<ServiceRuntime>>, Option<Arc<crate::vault::Vault>>)> {
     let engine = Engine::with_cache_at(Some(cache_location(manifest)))?;
     // The components this host runs, and the gateway's order component,
     // which it may only query.
     let order = &manifest.gateway.order_component;
     let loaded: Vec<&String> =
         manifest.components.keys().filter(|name| serving.runs(name) || (serving.gateway && *name == order)).collect();
-    let mut stores = {
+    // The card vault, where the gateway deposits and a granted component
+    // redeems; a host doing neither has none.
+    let needs_vault = serving.gateway || manifest.components.iter().any(|(n, s)| s.vault && serving.runs(n));
+    let (mut stores, vault) = {
         let manifest = manifest.clone();
-        let names: Vec<String> = loaded.iter().map(|n| (*n).clone()).collect();
+        let mut names: Vec<String> = loaded.iter().map(|n| (*n).clone()).collect();
+        if needs_vault {
+            names.push(crate::vault::VAULT_STORE.to_owned());
+        }
+        let clock = clock.clone();
         // Connecting blocks (a database may take seconds to answer).
-        tokio::task::spawn_blocking(move || open_stores(&manifest, &names)).await??
+        tokio::task::spawn_blocking(move || {
+            let mut stores = open_stores(&manifest, &names)?;
+            let vault = needs_vault.then(|| open_vault(&manifest, &mut stores, clock)).transpose()?;
+            anyhow::Ok((stores, vault))
+        })
+        .await??
     };
     let mut services = BTreeMap::new();
     for name in loaded {
@@ -281,13 +309,18 @@ async fn load_services(
         let component =
             LoadedComponent::from_file(&engine, &settings.wasm).with_context(|| format!("component {name:?}"))?;
         let grants = settings.grants(name)?;
-        component.check_grants(&engine, grants.wasi).with_context(|| format!("component {name:?}"))?;
+        component.check_grants(&engine, grants.clone()).with_context(|| format!("component {name:?}"))?;
         tracing::info!(component = %name, version = %component.sha256, wasm = ?settings.wasm, from_cache = component.from_cache, "loaded");
         let store = stores.remove(name).context("store opened for every loaded component")?;
+        let vault_granted = grants.vault;
         let spec = service_spec(name, settings, component, store, clock.clone(), grants);
-        services.insert(name.clone(), Arc::new(ServiceRuntime::new(engine.clone(), spec)));
+        let service = Arc::new(ServiceRuntime::new(engine.clone(), spec));
+        if let Some(vault) = vault.as_ref().filter(|_| vault_granted) {
+            service.set_vault(vault.clone());
+        }
+        services.insert(name.clone(), service);
     }
-    Ok(services)
+    Ok((services, vault))
 }
 
 /// The ports this host serves, bound before anything touches Kafka.
@@ -451,6 +484,7 @@ fn spawn_gateway(
         orders: services[&manifest.gateway.order_component].clone(),
         clock: host.clock.clone(),
         link: link.clone(),
+        vault: host.vault.clone().context("a host serving the gateway opens the card vault")?,
     };
     // Remembers the orders it takes, for the admin console.
     let backend = Arc::new(crate::admin::Recording::new(backend, recent_orders.clone()));
@@ -570,7 +604,7 @@ mod tests {
         let wasm = crate::runtime::tests::wasm("payment");
         let text = format!(
             "[runtime]\ncache_dir = {cache:?}\nstate_dir = {state:?}\n[gateway]\nport = 1\norder_component = \"payment\"\n\
-             [components.payment]\nwasm = {wasm:?}\nport = 2\ntopics = [\"t\"]\ngroup = \"g\"\n",
+             [components.payment]\nwasm = {wasm:?}\nport = 2\ntopics = [\"t\"]\ngroup = \"g\"\nvault = true\n",
             cache = root.join("cache"),
             state = root.join("state"),
         );

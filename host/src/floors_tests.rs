@@ -12,6 +12,7 @@ const FLOORS: &[(&str, bool, &[&str])] = &[
     ("limits", false, &["limits"]),
     ("leaves", false, &["clock", "manifest", "perms", "status"]),
     ("ports", false, &["bus", "state"]),
+    ("services", false, &["vault"]),
     ("runtime", false, &["runtime"]),
     ("core", true, &["deadlines", "envelope", "pipeline", "scheduler", "traces"]),
     ("adapters", false, &["admin", "gateway_backend", "http", "instance", "kafka", "logs", "metrics", "watch"]),

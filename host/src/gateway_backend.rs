@@ -1,10 +1,11 @@
-//! The gateway's adapter to the rest of the host: `POST /order` publishes
-//! `OrderPlaced` through the publisher; `GET /order/{id}` and the
+//! The gateway's adapter to the rest of the host: `POST /order` deposits the
+//! card in the vault and publishes `OrderPlaced` (with the card's token)
+//! through the publisher; `GET /order/{id}`, `GET /catalog` and the
 //! `Idempotency-Key` check ask the order component.
 
 use std::sync::Arc;
 
-use shop_events::OrderPlaced;
+use shop_events::{CardToken, CatalogItem, OrderPlaced};
 
 use crate::bus::{Outbound, Publisher};
 use crate::clock::Clock;
@@ -25,6 +26,8 @@ pub struct GatewayBackend {
     pub clock: Arc<dyn Clock>,
     /// Whether the broker can be reached: if not, orders are refused at once.
     pub link: BrokerLink,
+    /// Where card numbers go.
+    pub vault: Arc<crate::vault::Vault>,
 }
 
 impl gateway::Backend for GatewayBackend {
@@ -75,6 +78,18 @@ impl gateway::Backend for GatewayBackend {
         order_id: &str,
     ) -> gateway::BoxFuture<'_, Result<Option<serde_json::Value>, gateway::BackendError>> {
         Box::pin(self.ask_orders(format!("/orders/{order_id}")))
+    }
+
+    fn catalog(&self) -> gateway::BoxFuture<'_, Result<Vec<CatalogItem>, gateway::BackendError>> {
+        Box::pin(async move {
+            let answer = self.ask_orders("/catalog".into()).await?.unwrap_or_default();
+            serde_json::from_value(answer["items"].clone())
+                .map_err(|e| gateway::BackendError(format!("order service answered an invalid catalog: {e}")))
+        })
+    }
+
+    fn vault_card(&self, number: String) -> gateway::BoxFuture<'_, Result<CardToken, gateway::BackendError>> {
+        Box::pin(async move { self.vault.deposit(&number).await.map_err(|e| gateway::BackendError(e.to_string())) })
     }
 }
 

@@ -32,6 +32,7 @@ pub mod scheduler;
 pub mod state;
 pub mod status;
 pub mod traces;
+pub mod vault;
 pub mod watch;
 
 #[cfg(test)]

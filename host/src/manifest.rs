@@ -501,6 +501,10 @@ pub struct ComponentSettings {
     /// grantable yet.
     #[serde(default)]
     pub wasi: Option<Vec<String>>,
+    /// May redeem card tokens from the host's vault (the `vault` import).
+    /// Absent: not granted, and a component importing it is refused at load.
+    #[serde(default)]
+    pub vault: bool,
 }
 
 impl ComponentSettings {
@@ -526,7 +530,7 @@ impl ComponentSettings {
             None => WasiGrants::default(),
             Some(names) => WasiGrants::parse(names).map_err(|message| invalid(key("wasi"), message))?,
         };
-        Ok(Grants { publishes, wasi })
+        Ok(Grants { publishes, wasi, vault: self.vault })
     }
 }
 

@@ -392,7 +392,7 @@ fn order_body(i: usize) -> (Value, &'static str) {
     };
     let body = json!({
         "customer": { "name": format!("Swap {i}"), "email": "swap@example.com" },
-        "items": [ { "sku": sku, "quantity": 1, "unit_price_cents": 199 } ],
+        "items": [ { "sku": sku, "quantity": 1 } ],
         "payment": { "card_number": card }
     });
     (body, kind)

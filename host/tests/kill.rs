@@ -50,7 +50,7 @@ fn kind(i: usize) -> Kind {
 fn order_body(kind: Kind) -> Value {
     let (sku, price) = match kind {
         Kind::Lamp => ("lamp", 3400),
-        Kind::SoldOut => ("sold-out", 999),
+        Kind::SoldOut => ("sold-out", 1250),
         _ => ("book", 1250),
     };
     let card = if kind == Kind::Declined { "4000000000000002" } else { "4242424242424242" };

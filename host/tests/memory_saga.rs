@@ -13,8 +13,9 @@ use shop_host::bus::{Inbound, MemoryBus, Outbound, Publisher};
 use shop_host::clock::{Clock, ManualClock};
 use shop_host::envelope::Envelope;
 use shop_host::pipeline::{Disposition, Pipeline, RetryPolicy, Topics, Turn, settle};
-use shop_host::runtime::{CanaryPolicy, Engine, Limits, LoadedComponent, Request, ServiceRuntime, ServiceSpec};
+use shop_host::runtime::{CanaryPolicy, Engine, Grants, Limits, LoadedComponent, Request, ServiceRuntime, ServiceSpec};
 use shop_host::state::MemoryStore;
+use shop_host::vault::{DEFAULT_TTL, Vault, VaultKey};
 use tokio_util::sync::CancellationToken;
 
 struct World {
@@ -27,6 +28,8 @@ struct World {
     /// How far each pipeline has read each physical topic.
     cursors: HashMap<(usize, String), usize>,
     topics: Topics,
+    /// The card vault the payment service redeems from.
+    vault: Arc<Vault>,
 }
 
 impl World {
@@ -39,6 +42,8 @@ impl World {
         let manual = Arc::new(ManualClock::at(1_000));
         let clock: Arc<dyn Clock> = manual.clone();
         let topics = Topics { prefix: "mem-".into(), dead_letter: "dead-letters".into() };
+        let key = VaultKey::from_bytes([7; 32]);
+        let vault = Arc::new(Vault::open(Arc::new(MemoryStore::default()), &key, clock.clone(), DEFAULT_TTL).unwrap());
         let specs: [(&str, Vec<&str>); 4] = [
             ("payment", vec!["payments"]),
             ("order", vec!["orders", "payments"]),
@@ -51,6 +56,7 @@ impl World {
                 let component = LoadedComponent::from_file(&engine, &support::component(name)).unwrap();
                 let mut config = HashMap::from([("max_amount_cents".to_owned(), "10000".to_owned())]);
                 if name == "order" {
+                    config.insert("catalog".into(), "book | Book | 1250".into());
                     config.extend(order_config.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
                 }
                 let service = Arc::new(ServiceRuntime::new(
@@ -63,9 +69,10 @@ impl World {
                         clock: clock.clone(),
                         limits: Limits { timeout: Duration::from_secs(1), ..Limits::default() },
                         canary: CanaryPolicy::default(),
-                        grants: Default::default(),
+                        grants: Grants { vault: name == "payment", ..Grants::default() },
                     },
                 ));
+                service.set_vault(vault.clone());
                 let retry =
                     RetryPolicy { max_attempts: 2, first_backoff: Duration::from_millis(1), ..RetryPolicy::default() };
                 (Arc::new(Pipeline::new(service, topics.clone(), retry, clock.clone())), consumes)
@@ -78,6 +85,7 @@ impl World {
             pipelines,
             cursors: HashMap::new(),
             topics,
+            vault,
         }
     }
 
@@ -91,7 +99,7 @@ impl World {
             "customer": { "name": "Ada", "email": "ada@example.com" },
             "items": [ { "sku": "book", "quantity": quantity, "unit_price_cents": 1250 } ],
             "total_cents": 1250 * quantity,
-            "card_number": card,
+            "card": futures::executor::block_on(self.vault.deposit(card)).unwrap(),
         });
         let envelope = Envelope::originate("OrderPlaced", order_id, "test", 1, data);
         self.bus.push(Outbound {

@@ -283,7 +283,7 @@ async fn events_of_one_order_arriving_out_of_order_converge() {
         json!({
             "order_id": id, "customer": { "name": "Ada", "email": "ada@example.com" },
             "items": [ { "sku": "book", "quantity": 1, "unit_price_cents": 1250 } ],
-            "total_cents": 1250, "card_number": "4242424242424242",
+            "total_cents": 1250, "card": { "token": "tok_never_deposited", "brand": "visa", "last4": "4242" },
         })
     };
 
@@ -309,7 +309,8 @@ async fn events_of_one_order_arriving_out_of_order_converge() {
     let voided = format!("voided-{}", uuid::Uuid::new_v4().simple());
     let void = json!({ "order_id": voided, "reason": "deadline passed" });
     send("payments", &Envelope::originate("PaymentVoidRequested", &voided, "test", 1, void));
-    let request = json!({ "order_id": voided, "amount_cents": 1250, "card_number": "4242424242424242" });
+    let card = json!({ "token": "tok_never_deposited", "brand": "visa", "last4": "4242" });
+    let request = json!({ "order_id": voided, "amount_cents": 1250, "card": card });
     send("payments", &Envelope::originate("PaymentRequested", &voided, "test", 2, request));
     let url = format!("http://127.0.0.1:{}/payments/{voided}", ports.payment);
     let entry = eventually(Duration::from_secs(30), "the request to be refused", || async {
@@ -331,7 +332,12 @@ async fn events_of_one_order_arriving_out_of_order_converge() {
         (s["orders_confirmed"] == 2).then_some(s)
     })
     .await;
-    send("orders", &Envelope::originate("OrderPlaced", &late, "test", 3, placed(&late)));
+    // Its card token was never deposited (the order bypasses the gateway),
+    // so its payment's authorization is injected, and handled, first.
+    let authorized = json!({ "order_id": late, "payment_id": "p", "amount_cents": 1250, "card_last4": "4242" });
+    send("payments", &Envelope::originate("PaymentAuthorized", &late, "test", 3, authorized));
+    wait_caught_up(&brokers, &manifest).await;
+    send("orders", &Envelope::originate("OrderPlaced", &late, "test", 4, placed(&late)));
     // The late OrderPlaced starts its own saga (the analytics facts above
     // were injected, not produced by it); once it settles, each fact counts once.
     settled(&client, ports, &late, "CONFIRMED").await;

@@ -37,6 +37,8 @@ struct World {
     topics: Topics,
     /// Services that receive nothing (as if down).
     paused: Vec<&'static str>,
+    /// Where the gateway deposits cards and payment redeems them.
+    vault: Arc<shop_host::vault::Vault>,
 }
 
 impl World {
@@ -45,6 +47,10 @@ impl World {
         let clock = Arc::new(ManualClock::at(1_000));
         let dyn_clock: Arc<dyn Clock> = clock.clone();
         let topics = Topics { prefix: "mem-".into(), dead_letter: "dead-letters".into() };
+        let key = shop_host::vault::VaultKey::from_bytes([7; 32]);
+        let store = Arc::new(MemoryStore::default());
+        let vault = shop_host::vault::Vault::open(store, &key, dyn_clock.clone(), shop_host::vault::DEFAULT_TTL);
+        let vault = Arc::new(vault.unwrap());
         let specs: [(&str, Vec<&str>); 3] =
             [("payment", vec!["payments"]), ("order", vec!["orders", "payments"]), ("email", vec!["emails"])];
         let pipelines = specs
@@ -54,6 +60,7 @@ impl World {
                 let mut config = HashMap::from([("max_amount_cents".to_owned(), "10000".to_owned())]);
                 if name == "order" {
                     config.insert("payment_deadline_ms".into(), "5000".into());
+                    config.insert("catalog".into(), "book | Book | 1250".into());
                 }
                 let spec = ServiceSpec {
                     name: name.into(),
@@ -63,14 +70,16 @@ impl World {
                     clock: dyn_clock.clone(),
                     limits: Limits { timeout: Duration::from_secs(1), ..Limits::default() },
                     canary: CanaryPolicy::default(),
-                    grants: Default::default(),
+                    grants: shop_host::runtime::Grants { vault: name == "payment", ..Default::default() },
                 };
                 let service = Arc::new(ServiceRuntime::new(engine.clone(), spec));
+                service.set_vault(vault.clone());
                 let pipeline = Pipeline::new(service, topics.clone(), RetryPolicy::default(), dyn_clock.clone());
                 (Arc::new(pipeline), consumes)
             })
             .collect();
-        Self { bus: Arc::new(MemoryBus::default()), clock, pipelines, cursors: HashMap::new(), topics, paused: vec![] }
+        let bus = Arc::new(MemoryBus::default());
+        Self { bus, clock, pipelines, cursors: HashMap::new(), topics, paused: vec![], vault }
     }
 
     fn service(&self, name: &str) -> Arc<ServiceRuntime> {
@@ -132,6 +141,7 @@ impl World {
             orders: self.service("order"),
             clock: self.clock.clone(),
             link: shop_host::status::BrokerLink::default(),
+            vault: self.vault.clone(),
         };
         gateway::app(Arc::new(backend)).layer(axum::middleware::from_fn(shop_host::traces::from_request))
     }

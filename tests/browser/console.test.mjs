@@ -33,7 +33,7 @@ async function placeOrder(sku = "pen") {
     headers: { "content-type": "application/json" },
     body: JSON.stringify({
       customer: { name: "Margaret Hamilton", email: "margaret@example.com" },
-      items: [{ sku, quantity: 1, unit_price_cents: 199 }],
+      items: [{ sku, quantity: 1 }], // priced by the shop's catalog
       payment: { card_number: "4242424242424242" },
     }),
   });

@@ -67,6 +67,8 @@ test("more lamps than in stock: paid, refunded, CANCELLED", async () => {
   const page = await browser.newPage();
   await page.goto(GATEWAY);
   await page.selectOption("#items .item:first-child .sku", "lamp");
+  // The products, prices and stock come from GET /catalog (the order service's).
+  assert.equal(await page.textContent("#items .item:first-child option[value=lamp]"), "Lamp — 34.00 (3 left)");
   await page.fill("#items .item:first-child .quantity", "4"); // app.toml stocks 3
   await page.click("#submit");
   await page.waitForFunction(() => document.querySelector("#order-status")?.textContent === "CANCELLED",
@@ -124,4 +126,8 @@ test("event text with markup in the history is shown as text, never parsed", asy
   const history = await page.textContent("#history");
   assert.ok(history.includes("out of stock: <b>bold</b>"), history);
   assert.equal(await page.$$eval("#history b", els => els.length), 0, "no element made from event text");
+  // Catalog names are text too (scripts/browser-test.sh names it "<i>Bold</i>").
+  const names = await page.$$eval("#items option", els => els.map(e => e.textContent));
+  assert.ok(names.some(n => n.startsWith("<i>Bold</i> — 1.00")), names.join(" | "));
+  assert.equal(await page.$$eval("#items i", els => els.length), 0, "no element made from catalog text");
 });

@@ -156,14 +156,15 @@ pub(crate) fn service(
     let component = LoadedComponent::from_file(engine, &settings.wasm)
         .with_context(|| format!("failed to load {:?}", settings.wasm))?;
     let clock: Arc<dyn Clock> = Arc::new(ManualClock::at(now_ms));
-    Ok(Arc::new(ServiceRuntime::new(
+    let vault = name == "payment";
+    let service = Arc::new(ServiceRuntime::new(
         engine.clone(),
         ServiceSpec {
             name: name.to_owned(),
             component,
             store,
             config: settings.config.clone().into_iter().collect::<HashMap<_, _>>(),
-            clock,
+            clock: clock.clone(),
             limits: Limits {
                 timeout: Duration::from_millis(settings.timeout_ms),
                 memory_bytes: settings.memory_mib << 20,
@@ -171,9 +172,22 @@ pub(crate) fn service(
                 ..Limits::default()
             },
             canary: CanaryPolicy::default(),
-            grants: Default::default(),
+            grants: shop_host::runtime::Grants { vault, ..Default::default() },
         },
-    )))
+    ));
+    if vault {
+        // The vault the host gives payment, holding the benchmark's card.
+        let key = shop_host::vault::VaultKey::random()?;
+        let vault = shop_host::vault::Vault::open(
+            Arc::new(shop_host::state::MemoryStore::default()),
+            &key,
+            clock,
+            shop_host::vault::DEFAULT_TTL,
+        )?;
+        futures::executor::block_on(vault.deposit_as(saga::BENCH_TOKEN, saga::BENCH_CARD))?;
+        service.set_vault(Arc::new(vault));
+    }
+    Ok(service)
 }
 
 fn wit_event(event: &shop_sdk::Event) -> Event {

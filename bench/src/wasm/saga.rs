@@ -104,23 +104,30 @@ pub fn handle(component: &str, host: &mut MemoryHost, event: &Event) -> Result<V
 
 /// A fresh native host for `component`, configured as the manifest says.
 pub fn host(manifest: &Manifest, component: &str, now_ms: u64) -> MemoryHost {
-    let mut host = MemoryHost::at(now_ms);
+    let mut host = MemoryHost::at(now_ms).with_card(BENCH_TOKEN, BENCH_CARD);
     if let Some(settings) = manifest.components.get(component) {
         host.config = settings.config.clone();
     }
     host
 }
 
+/// The card token of the benchmark's orders; whatever vault the payment
+/// service redeems from holds [`BENCH_CARD`] under it.
+pub const BENCH_TOKEN: &str = "tok_bench";
+/// The accepted test card.
+pub const BENCH_CARD: &str = "4242424242424242";
+
 /// The first record of an order, as the gateway publishes it for the
-/// benchmark's standard order (one unstocked item, the accepted card).
+/// benchmark's standard order (one pen, which the shop does not limit, at
+/// its catalog price; the accepted card).
 fn placed(order_id: &str, now_ms: u64) -> Delivered {
-    let item = LineItem { sku: "bench-widget".into(), quantity: 1, unit_price_cents: 1250 };
+    let item = LineItem { sku: "pen".into(), quantity: 1, unit_price_cents: 199 };
     let payload = OrderPlaced {
         order_id: order_id.to_owned(),
         customer: Customer { name: "Bench".into(), email: "bench@example.com".into() },
         total_cents: item.subtotal_cents(),
         items: vec![item],
-        card_number: "4242424242424242".into(),
+        card: shop_events::CardToken { token: BENCH_TOKEN.into(), brand: "visa".into(), last4: "4242".into() },
         idempotency: None,
     };
     let payload = serde_json::to_vec(&payload).unwrap_or_default();

@@ -72,6 +72,24 @@ pub mod card {
         (12..=19).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()) && luhn_valid(digits)
     }
 
+    /// The card network named by the number's prefix (`visa`,
+    /// `mastercard`, `amex`, `discover`), or `unknown`.
+    pub fn brand(digits: &str) -> &'static str {
+        let prefix = |n: usize| digits.get(..n).and_then(|p| p.parse::<u32>().ok()).unwrap_or(0);
+        match () {
+            _ if digits.starts_with('4') => "visa",
+            _ if (51..=55).contains(&prefix(2)) || (2221..=2720).contains(&prefix(4)) => "mastercard",
+            _ if matches!(prefix(2), 34 | 37) => "amex",
+            _ if prefix(4) == 6011 || prefix(2) == 65 || (644..=649).contains(&prefix(3)) => "discover",
+            _ => "unknown",
+        }
+    }
+
+    /// The last four digits (all of them if fewer).
+    pub fn last4(digits: &str) -> &str {
+        digits.get(digits.len().saturating_sub(4)..).unwrap_or("")
+    }
+
     /// The Luhn checksum over ASCII digits.
     pub fn luhn_valid(digits: &str) -> bool {
         let sum: u32 = digits
@@ -114,6 +132,31 @@ pub fn total_cents(items: &[LineItem]) -> u64 {
     items.iter().map(LineItem::subtotal_cents).fold(0, u64::saturating_add)
 }
 
+/// A card as events carry it: a vault token and what may be shown. The
+/// number itself stays in the host's vault; only a component granted the
+/// vault (payment) can redeem the token, until it expires.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CardToken {
+    /// Opaque, random; redeemable through the `vault` import.
+    pub token: String,
+    /// Card network, e.g. `visa` (see [`card::brand`]).
+    pub brand: String,
+    /// The number's last four digits.
+    pub last4: String,
+}
+
+/// One product of the shop's catalog, as the order service owns it and
+/// answers it on `GET /catalog` (the gateway and the page read it there).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogItem {
+    pub sku: String,
+    pub name: String,
+    /// The price the shop charges per unit.
+    pub unit_price_cents: u64,
+    /// Units left; `None` when the SKU is not limited.
+    pub remaining: Option<u64>,
+}
+
 /// A customer placed an order; published by the gateway once validated.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderPlaced {
@@ -121,8 +164,8 @@ pub struct OrderPlaced {
     pub customer: Customer,
     pub items: Vec<LineItem>,
     pub total_cents: u64,
-    /// Test card number only: this demo shop never sees real cards.
-    pub card_number: String,
+    /// The card, deposited in the host's vault by the gateway.
+    pub card: CardToken,
     /// The `Idempotency-Key` the order was placed with, bound to its body;
     /// absent for an order placed without a key (and in older events).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -136,8 +179,9 @@ pub struct OrderPlaced {
 pub struct IdempotencyBinding {
     /// SHA-256 (hex) of the key, under the gateway's own prefix.
     pub key_digest: String,
-    /// SHA-256 (hex) of the key and the validated order (whitespace and card
-    /// formatting do not change it): "the same request".
+    /// SHA-256 (hex) of the key and the validated order (customer and
+    /// items; whitespace does not change it, the card is not part of it):
+    /// "the same request".
     pub request_hash: String,
 }
 
@@ -146,7 +190,8 @@ pub struct IdempotencyBinding {
 pub struct PaymentRequested {
     pub order_id: String,
     pub amount_cents: u64,
-    pub card_number: String,
+    /// The order's card: the payment service redeems the token.
+    pub card: CardToken,
     /// Milliseconds since the Unix epoch after which the payment service must
     /// not charge: by then the order service has given up on the answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -280,11 +325,22 @@ mod tests {
         assert!(!card::is_valid("4242424242424241"), "checksum");
         assert!(!card::is_valid("42"), "length");
         assert!(!card::is_valid("4242x42424242424"), "digits only");
+        assert_eq!(card::brand("4242424242424242"), "visa");
+        assert_eq!(card::brand("5555555555554444"), "mastercard");
+        assert_eq!(card::brand("2223003122003222"), "mastercard");
+        assert_eq!(card::brand("378282246310005"), "amex");
+        assert_eq!(card::brand("6011111111111117"), "discover");
+        assert_eq!(card::brand("3056930009020004"), "unknown");
+        assert_eq!((card::last4("4242424242424242"), card::last4("12")), ("4242", "12"));
+    }
+
+    fn token() -> CardToken {
+        CardToken { token: "tok_1".into(), brand: "visa".into(), last4: "4242".into() }
     }
 
     #[test]
     fn payment_request_deadline_is_optional_on_the_wire() {
-        let old = r#"{"order_id":"o1","amount_cents":5,"card_number":"4242"}"#;
+        let old = r#"{"order_id":"o1","amount_cents":5,"card":{"token":"tok_1","brand":"visa","last4":"4242"}}"#;
         let req: PaymentRequested = serde_json::from_str(old).unwrap();
         assert_eq!(req.deadline_ms, None);
         assert_eq!(serde_json::to_string(&req).unwrap(), old, "no deadline field when absent");
@@ -295,9 +351,9 @@ mod tests {
 
     #[test]
     fn order_placed_idempotency_is_optional_on_the_wire() {
-        let old = r#"{"order_id":"o1","customer":{"name":"A","email":"a@b.c"},"items":[],"total_cents":0,"card_number":"4242"}"#;
+        let old = r#"{"order_id":"o1","customer":{"name":"A","email":"a@b.c"},"items":[],"total_cents":0,"card":{"token":"tok_1","brand":"visa","last4":"4242"}}"#;
         let placed: OrderPlaced = serde_json::from_str(old).unwrap();
-        assert_eq!(placed.idempotency, None);
+        assert_eq!((&placed.idempotency, &placed.card), (&None, &token()));
         assert_eq!(serde_json::to_string(&placed).unwrap(), old, "no idempotency field when absent");
         let binding = IdempotencyBinding { key_digest: "k".into(), request_hash: "h".into() };
         let placed = OrderPlaced { idempotency: Some(binding.clone()), ..placed };

@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 
 use shop_sdk::{HandleError, Host};
 
+use crate::catalog::{self, Product};
+
 /// Default for `payment_deadline_ms`: how long to wait for the payment answer.
 pub const DEFAULT_PAYMENT_DEADLINE_MS: u64 = 30_000;
 /// Default for `compensation_retry_ms`: the first delay before a refund or
@@ -16,6 +18,9 @@ pub const MAX_COMPENSATION_RETRY_MS: u64 = 60_000;
 /// Typed configuration; every value is a string in the manifest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
+    /// What the shop sells, by SKU (`catalog`, see [`catalog::parse`]);
+    /// without it nothing is sold.
+    pub catalog: BTreeMap<String, Product>,
     /// Initial stock of the limited SKUs (`stock = "sku-a=10,sold-out=0"`);
     /// SKUs not listed are unlimited.
     pub stock: BTreeMap<String, u64>,
@@ -37,7 +42,13 @@ impl Config {
                 HandleError::Permanent(format!("config \"stock\" has an invalid value {raw:?}: {why}"))
             })?,
         };
+        let catalog = match host.config("catalog") {
+            None => BTreeMap::new(),
+            Some(raw) => catalog::parse(&raw)
+                .map_err(|why| HandleError::Permanent(format!("config \"catalog\" has an invalid value: {why}")))?,
+        };
         Ok(Self {
+            catalog,
             stock,
             payment_deadline_ms: positive(host, "payment_deadline_ms", DEFAULT_PAYMENT_DEADLINE_MS)?,
             compensation_retry_ms: positive(host, "compensation_retry_ms", DEFAULT_COMPENSATION_RETRY_MS)?,
@@ -86,6 +97,7 @@ mod tests {
     #[test]
     fn defaults_and_values() {
         let config = Config::load(&MemoryHost::default()).unwrap();
+        assert!(config.catalog.is_empty(), "nothing is sold without a catalog");
         assert_eq!((config.stock.len(), config.payment_deadline_ms, config.compensation_retry_ms), (0, 30_000, 2_000));
         let host = MemoryHost::default()
             .with_config("stock", " sku-a = 10, sold-out=0 ,")
@@ -109,6 +121,7 @@ mod tests {
             ("stock", "a=-1"),
             ("payment_deadline_ms", "soon"),
             ("compensation_retry_ms", "-5"),
+            ("catalog", "book|Book|free"),
         ] {
             let err = Config::load(&MemoryHost::default().with_config(key, value)).unwrap_err();
             assert!(matches!(&err, HandleError::Permanent(msg) if msg.contains(key)), "{key}={value}: {err}");

@@ -6,10 +6,13 @@
 //!
 //! Consumes `orders` (`OrderPlaced`), `payments` (`PaymentAuthorized`,
 //! `PaymentDeclined`, `PaymentRefunded`, `PaymentVoided`) and its own timers.
-//! Routes: `GET /orders/{id}`, `GET /stock/{sku}`, `GET /idempotency/{key_digest}`
-//! (the request hash an `Idempotency-Key` is bound to, for the gateway).
+//! Routes: `GET /catalog` (what is sold, at what price, how many are left:
+//! the gateway and the page read it there), `GET /orders/{id}`,
+//! `GET /stock/{sku}`, `GET /idempotency/{key_digest}` (the request hash an
+//! `Idempotency-Key` is bound to, for the gateway).
 
 mod answer;
+pub mod catalog;
 mod config;
 mod idempotency;
 mod order;
@@ -19,7 +22,7 @@ mod stock;
 pub use answer::{Answer, EarlyAnswer, early_key};
 pub use config::{Config, DEFAULT_COMPENSATION_RETRY_MS, DEFAULT_PAYMENT_DEADLINE_MS, MAX_COMPENSATION_RETRY_MS};
 pub use idempotency::{Bound, binding_key};
-pub use order::{Compensation, CompensationKind, Order, Reservation, Status, Step};
+pub use order::{CardShown, Compensation, CompensationKind, Order, Reservation, Status, Step};
 pub use saga::{COMPENSATION_RETRY, OrderTimer, PAYMENT_DEADLINE, compensation_timer, deadline_timer};
 use shop_events::types;
 use shop_sdk::{Event, HandleError, Host, Outgoing, Request, Response, Service, TIMER_TOPIC};
@@ -57,10 +60,7 @@ impl Service for OrderService {
     fn query(host: &impl Host, request: &Request) -> Response {
         match (request.method.as_str(), request.segments().as_slice()) {
             ("GET", ["orders", id]) => match host.get_json::<Order>(&order_key(id)) {
-                Ok(Some(mut order)) => {
-                    order.card_number.clear();
-                    Response::json(200, &order)
-                }
+                Ok(Some(order)) => Response::json(200, &order),
                 Ok(None) => Response::not_found(&format!("no order {id}")),
                 Err(err) => Response::error(500, "state_error", &err.to_string()),
             },
@@ -68,6 +68,10 @@ impl Service for OrderService {
                 Ok(Some(bound)) => Response::json(200, &bound),
                 Ok(None) => Response::not_found("no order with this key"),
                 Err(err) => Response::error(500, "state_error", &err.to_string()),
+            },
+            ("GET", ["catalog"]) => match Config::load(host).and_then(|config| catalog::listing(host, &config)) {
+                Ok(items) => Response::json(200, &serde_json::json!({ "items": items })),
+                Err(err) => Response::error(500, "catalog_unavailable", &err.to_string()),
             },
             ("GET", ["stock", sku]) => {
                 let remaining = Config::load(host).and_then(|config| stock::remaining(host, &config.stock, sku));
@@ -77,7 +81,7 @@ impl Service for OrderService {
                 }
             }
             _ => Response::not_found(
-                "unknown route; try GET /orders/{id}, GET /stock/{sku} or GET /idempotency/{key_digest}",
+                "unknown route; try GET /catalog, GET /orders/{id}, GET /stock/{sku} or GET /idempotency/{key_digest}",
             ),
         }
     }

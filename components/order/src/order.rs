@@ -64,6 +64,14 @@ pub struct Reservation {
     pub quantity: u64,
 }
 
+/// The card of an order as it is recorded and shown: never the number,
+/// nor the vault token (only the payment service needs that).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CardShown {
+    pub brand: String,
+    pub last4: String,
+}
+
 /// An order as the order service records it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Order {
@@ -72,9 +80,9 @@ pub struct Order {
     pub customer: Customer,
     pub items: Vec<LineItem>,
     pub total_cents: u64,
-    /// Needed to request the payment; never shown by the query route.
-    #[serde(skip_serializing_if = "String::is_empty", default)]
-    pub card_number: String,
+    /// Brand and last four digits of the card it is paid with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub card: Option<CardShown>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payment_id: Option<String>,
     /// Why the order was rejected or cancelled.
@@ -89,7 +97,8 @@ pub struct Order {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compensation: Option<Compensation>,
     /// The hash of the request its `Idempotency-Key` is bound to, if it was
-    /// placed with one (a digest of the key and the order, never the card).
+    /// placed with one: a digest of the key, the customer and the items; the
+    /// card is not part of it (the gateway's `idempotency::bind`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_hash: Option<String>,
     pub history: Vec<Step>,
@@ -104,7 +113,7 @@ impl Order {
             customer: placed.customer,
             items: placed.items,
             total_cents: placed.total_cents,
-            card_number: placed.card_number,
+            card: Some(CardShown { brand: placed.card.brand, last4: placed.card.last4 }),
             payment_id: None,
             reason: None,
             deadline_ms: Some(deadline_ms),
@@ -120,14 +129,10 @@ impl Order {
         }
     }
 
-    /// Moves to `status` and records the step. Reaching a final state drops
-    /// the card number: it is no longer needed.
+    /// Moves to `status` and records the step.
     pub fn advance(&mut self, status: Status, event_id: &str, now_ms: u64, note: impl Into<String>) {
         self.status = status;
         self.history.push(Step { status, at_ms: now_ms, event_id: event_id.to_owned(), note: note.into() });
-        if status.is_final() {
-            self.card_number.clear();
-        }
     }
 
     /// Records a notable event without changing the status.

@@ -15,7 +15,7 @@ use shop_sdk::{HandleError, Host, Level, Outgoing};
 
 use crate::answer::{ANSWER_TYPES, Answer, EarlyAnswer, early_key};
 use crate::order::{Compensation, CompensationKind, Order, Status};
-use crate::{Config, idempotency, order_key, stock};
+use crate::{Config, catalog, idempotency, order_key, stock};
 
 /// Timer event type: the payment answer is overdue.
 pub const PAYMENT_DEADLINE: &str = "PaymentDeadline";
@@ -52,10 +52,12 @@ pub struct Saga<'h, H> {
 type Outputs = Result<Vec<Outgoing>, HandleError>;
 
 impl<H: Host> Saga<'_, H> {
-    /// A new order: record it, request its payment with a deadline, then
-    /// apply any answers that arrived before it. A known order is a duplicate;
-    /// an order whose `Idempotency-Key` is bound to another request is ignored.
-    pub fn place(&mut self, event_id: &str, placed: OrderPlaced) -> Outputs {
+    /// A new order: price it by the catalog, record it, request its payment
+    /// with a deadline, then apply any answers that arrived before it. A
+    /// known order is a duplicate; an order whose `Idempotency-Key` is bound
+    /// to another request is ignored; one the catalog does not price as
+    /// placed is rejected without a payment request.
+    pub fn place(&mut self, event_id: &str, mut placed: OrderPlaced) -> Outputs {
         let key = order_key(&placed.order_id);
         if let Some(binding) = &placed.idempotency
             && !idempotency::admits(self.host, &placed.order_id, binding)?
@@ -69,12 +71,20 @@ impl<H: Host> Saga<'_, H> {
         if let Some(binding) = &placed.idempotency {
             idempotency::bind(self.host, binding)?;
         }
+        let priced = catalog::price(&self.config.catalog, &placed.items);
         let deadline_ms = self.now_ms.saturating_add(self.config.payment_deadline_ms);
+        let card = placed.card.clone();
+        let items = match priced {
+            Ok(items) => items,
+            Err(reason) => return self.refuse(event_id, placed, deadline_ms, reason),
+        };
+        placed.total_cents = shop_events::total_cents(&items);
+        placed.items = items;
         let mut order = Order::place(placed, event_id, self.now_ms, deadline_ms);
         let request = PaymentRequested {
             order_id: order.order_id.clone(),
             amount_cents: order.total_cents,
-            card_number: order.card_number.clone(),
+            card,
             deadline_ms: Some(deadline_ms),
         };
         let mut out = vec![Outgoing::json(topics::PAYMENTS, types::PAYMENT_REQUESTED, &order.order_id, &request)?];
@@ -89,6 +99,28 @@ impl<H: Host> Saga<'_, H> {
             self.set_timer(&deadline_timer(&order.order_id), deadline_ms, PAYMENT_DEADLINE, &order.order_id)?;
         }
         self.host.put_json(&key, &order)?;
+        Ok(out)
+    }
+
+    /// An order the catalog does not price as placed: recorded REJECTED with
+    /// the reason, its outcome and email sent; no payment is requested.
+    fn refuse(&mut self, event_id: &str, placed: OrderPlaced, deadline_ms: u64, reason: String) -> Outputs {
+        let mut order = Order::place(placed, event_id, self.now_ms, deadline_ms);
+        order.deadline_ms = None;
+        if let Some(placed_step) = order.history.first_mut() {
+            placed_step.note = "order placed".to_owned();
+        }
+        order.advance(Status::Rejected, event_id, self.now_ms, format!("not priced as placed: {reason}"));
+        order.reason = Some(reason.clone());
+        let fields = [("order_id", order.order_id.as_str()), ("reason", reason.as_str())];
+        self.host.log(Level::Warn, "OrderPlaced rejected by the catalog", &fields);
+        let rejected =
+            OrderRejected { order_id: order.order_id.clone(), total_cents: order.total_cents, reason: reason.clone() };
+        let out = vec![
+            Outgoing::json(topics::ORDERS, types::ORDER_REJECTED, &order.order_id, &rejected)?,
+            email(&order, EmailKind::OrderRejected, Some(reason))?,
+        ];
+        self.host.put_json(&order_key(&order.order_id), &order)?;
         Ok(out)
     }
 

@@ -3,9 +3,9 @@
 
 use super::*;
 use shop_events::{
-    Customer, EmailKind, EmailRequested, IdempotencyBinding, LineItem, OrderCancelled, OrderPlaced, PaymentAuthorized,
-    PaymentDeclined, PaymentRefundRequested, PaymentRefunded, PaymentRequested, PaymentVoidRequested, PaymentVoided,
-    topics,
+    CardToken, Customer, EmailKind, EmailRequested, IdempotencyBinding, LineItem, OrderCancelled, OrderPlaced,
+    OrderRejected, PaymentAuthorized, PaymentDeclined, PaymentRefundRequested, PaymentRefunded, PaymentRequested,
+    PaymentVoidRequested, PaymentVoided, topics,
 };
 use shop_sdk::{Level, MemoryHost};
 
@@ -17,7 +17,7 @@ struct Shop {
 
 impl Shop {
     fn new(config: &[(&str, &str)]) -> Self {
-        let mut host = MemoryHost::at(1_000);
+        let mut host = MemoryHost::at(1_000).with_config("catalog", CATALOG);
         for (key, value) in config {
             host = host.with_config(key, value);
         }
@@ -59,6 +59,13 @@ impl Shop {
     }
 }
 
+/// What the tests' shop sells.
+const CATALOG: &str = "book | Book | 1250; sold-out | Sold out | 1250; mug | Mug | 1250; lamp | Lamp | 3400";
+
+fn card() -> CardToken {
+    CardToken { token: "tok_1".into(), brand: "visa".into(), last4: "4242".into() }
+}
+
 fn placed(order_id: &str, items: &[(&str, u32)]) -> Event {
     let items: Vec<LineItem> = items
         .iter()
@@ -69,7 +76,7 @@ fn placed(order_id: &str, items: &[(&str, u32)]) -> Event {
         customer: Customer { name: "Ada".into(), email: "ada@example.com".into() },
         total_cents: shop_events::total_cents(&items),
         items,
-        card_number: "4242424242424242".into(),
+        card: card(),
         idempotency: None,
     };
     Event::json(&format!("placed-{order_id}"), topics::ORDERS, types::ORDER_PLACED, order_id, &placed)
@@ -144,7 +151,7 @@ fn placed_order_is_pending_requests_payment_and_sets_its_deadline() {
     let out = shop.send(book("o1"));
     assert_eq!((out[0].topic.as_str(), kinds(&out)), (topics::PAYMENTS, vec![types::PAYMENT_REQUESTED]));
     let req: PaymentRequested = out[0].payload_json().unwrap();
-    assert_eq!((req.amount_cents, req.card_number.as_str(), req.deadline_ms), (2500, "4242424242424242", Some(6_000)));
+    assert_eq!((req.amount_cents, &req.card, req.deadline_ms), (2500, &card(), Some(6_000)));
     let order = shop.order("o1");
     assert_eq!((order.status, order.deadline_ms), (Status::Pending, Some(6_000)));
     let timer = &shop.host.timers[&deadline_timer("o1")];
@@ -166,7 +173,7 @@ fn authorization_reserves_stock_confirms_and_requests_one_email() {
     assert_eq!(notes(&order)[1], "payment pay_o1 authorized");
     assert_eq!(order.history[3].at_ms, 2_000);
     assert_eq!(order.reserved, [Reservation { sku: "book".into(), quantity: 2 }]);
-    assert!(order.card_number.is_empty(), "card number dropped once final");
+    assert_eq!(order.card, Some(CardShown { brand: "visa".into(), last4: "4242".into() }), "never the token");
     assert_eq!(shop.host.get_json::<u64>(&stock_key("book")).unwrap(), Some(3));
     assert!(shop.host.timers.is_empty(), "deadline cancelled");
     assert_eq!(shop.tick(100_000), vec![]);
@@ -429,11 +436,12 @@ fn malformed_config_and_payloads_are_permanent() {
 }
 
 #[test]
-fn query_shows_order_without_card_number() {
+fn query_shows_order_without_card_token() {
     let mut shop = Shop::new(&[("stock", "book=0")]);
     shop.send(book("o1"));
     let pending: serde_json::Value = OrderService::query(&shop.host, &Request::get("/orders/o1")).body_json().unwrap();
-    assert!(pending.get("card_number").is_none());
+    assert_eq!(pending["card"], serde_json::json!({"brand": "visa", "last4": "4242"}));
+    assert!(!pending.to_string().contains("tok_1"), "{pending}");
     shop.send(authorized("o1"));
     let resp = OrderService::query(&shop.host, &Request::get("/orders/o1"));
     assert_eq!(resp.status, 200);
@@ -442,7 +450,7 @@ fn query_shows_order_without_card_number() {
     assert_eq!(body["compensation"], serde_json::json!({"kind": "refund", "done": false, "attempts": 1}));
     assert_eq!(body["reason"], "out of stock: book");
     assert_eq!(body["history"][0]["at_ms"], 1_000);
-    assert!(body.get("card_number").is_none());
+    assert!(!body.to_string().contains("tok_1"), "{body}");
     assert_eq!(OrderService::query(&shop.host, &Request::get("/orders/zzz")).status, 404);
     assert_eq!(OrderService::query(&shop.host, &Request::get("/nope")).status, 404);
 }
@@ -479,4 +487,70 @@ fn a_key_is_bound_to_its_first_request_and_another_body_is_ignored() {
     // An order placed without a key binds nothing.
     shop.send(book("o3"));
     assert_eq!(shop.order("o3").request_hash, None);
+}
+
+fn priced(order_id: &str, sku: &str, quantity: u32, unit_price_cents: u64) -> Event {
+    let items = vec![LineItem { sku: sku.into(), quantity, unit_price_cents }];
+    let placed = OrderPlaced {
+        order_id: order_id.into(),
+        customer: Customer { name: "Ada".into(), email: "ada@example.com".into() },
+        total_cents: shop_events::total_cents(&items),
+        items,
+        card: card(),
+        idempotency: None,
+    };
+    Event::json(&format!("placed-{order_id}"), topics::ORDERS, types::ORDER_PLACED, order_id, &placed)
+}
+
+#[test]
+fn an_order_not_at_the_catalog_price_is_rejected_without_payment_or_stock() {
+    let mut shop = Shop::new(&[("stock", "lamp=3")]);
+    // The order: a lamp at one cent.
+    let out = shop.send(priced("o1", "lamp", 3, 1));
+    assert_eq!(kinds(&out), [types::ORDER_REJECTED, types::EMAIL_REQUESTED], "no PaymentRequested");
+    let rejected: OrderRejected = out[0].payload_json().unwrap();
+    assert_eq!(rejected.reason, "the price of lamp is 34.00, not the 0.01 the order was placed at");
+    let order = shop.order("o1");
+    assert_eq!((order.status, order.deadline_ms), (Status::Rejected, None));
+    assert!(shop.host.timers.is_empty(), "no payment deadline");
+    let lamp: serde_json::Value = OrderService::query(&shop.host, &Request::get("/stock/lamp")).body_json().unwrap();
+    assert_eq!(lamp["remaining"], 3, "stock untouched");
+    // A SKU the catalog does not list is rejected the same way.
+    let out = shop.send(priced("o2", "unicorn", 1, 1250));
+    let rejected: OrderRejected = out[0].payload_json().unwrap();
+    assert_eq!(rejected.reason, "unicorn is not sold here");
+    // At the catalog's price it sells, charged what the catalog says.
+    let out = shop.send(priced("o3", "lamp", 2, 3400));
+    let request: PaymentRequested = out[0].payload_json().unwrap();
+    assert_eq!(request.amount_cents, 6800);
+    assert_duplicates_change_nothing(&mut shop);
+    assert_eq!(shop.emails("o1").len(), 1);
+}
+
+#[test]
+fn the_event_total_is_not_trusted() {
+    let mut shop = Shop::new(&[]);
+    let mut event = priced("o1", "book", 2, 1250);
+    let mut placed: OrderPlaced = event.payload_json().unwrap();
+    placed.total_cents = 1;
+    event.payload = serde_json::to_vec(&placed).unwrap();
+    let request: PaymentRequested = shop.send(event)[0].payload_json().unwrap();
+    assert_eq!(request.amount_cents, 2500);
+    assert_eq!(shop.order("o1").total_cents, 2500);
+}
+
+#[test]
+fn catalog_route_lists_prices_and_what_is_left() {
+    let mut shop = Shop::new(&[("stock", "book=5")]);
+    shop.send(book("o1"));
+    shop.send(authorized("o1"));
+    let resp = OrderService::query(&shop.host, &Request::get("/catalog"));
+    assert_eq!(resp.status, 200);
+    let body: serde_json::Value = resp.body_json().unwrap();
+    let book = body["items"].as_array().unwrap().iter().find(|i| i["sku"] == "book").unwrap().clone();
+    assert_eq!(book, serde_json::json!({"sku": "book", "name": "Book", "unit_price_cents": 1250, "remaining": 3}));
+    let lamp = body["items"].as_array().unwrap().iter().find(|i| i["sku"] == "lamp").unwrap().clone();
+    assert_eq!(lamp["remaining"], serde_json::Value::Null, "unlimited");
+    let broken = MemoryHost::default().with_config("catalog", "book");
+    assert_eq!(OrderService::query(&broken, &Request::get("/catalog")).status, 500);
 }

@@ -2,6 +2,10 @@
 //! of an order with deterministic rules on test card numbers and amount
 //! limits, refunds and voids on request, and keeps a ledger of all of it.
 //!
+//! The card number comes from the host's vault: requests carry a token,
+//! redeemed through the `vault` import (this component's grant); the number
+//! is used for the decision and never stored, logged or sent on.
+//!
 //! Consumes `payments` (`PaymentRequested`, `PaymentRefundRequested`,
 //! `PaymentVoidRequested`); answers on `payments` (`PaymentAuthorized` or
 //! `PaymentDeclined`, `PaymentRefunded`, `PaymentVoided`). Every command is
@@ -17,7 +21,11 @@ use shop_events::{
     PaymentAuthorized, PaymentDeclined, PaymentRefundRequested, PaymentRefunded, PaymentRequested,
     PaymentVoidRequested, PaymentVoided, topics, types,
 };
-use shop_sdk::{Event, HandleError, Host, Level, Outgoing, Request, Response, Service};
+use shop_sdk::{Event, HandleError, Host, Level, Outgoing, Request, Response, Service, VaultError};
+
+/// Decline code of a request whose card token the vault no longer holds
+/// (expired, or never issued): nothing was charged.
+pub const CARD_UNAVAILABLE: &str = "card_unavailable";
 
 /// Default for the `max_amount_cents` config value: 5,000.00.
 pub const DEFAULT_MAX_AMOUNT_CENTS: u64 = 500_000;
@@ -82,11 +90,20 @@ fn authorize(host: &mut impl Host, req: &PaymentRequested) -> Result<Vec<Outgoin
                     code: DEADLINE_PASSED.to_owned(),
                     reason: "the payment request arrived after its deadline".to_owned(),
                 },
-                _ => decide(
-                    &req.card_number,
-                    req.amount_cents,
-                    host.config_or("max_amount_cents", DEFAULT_MAX_AMOUNT_CENTS)?,
-                ),
+                _ => match host.redeem_card(&req.card.token) {
+                    Ok(card) => decide(
+                        &card.number,
+                        req.amount_cents,
+                        host.config_or("max_amount_cents", DEFAULT_MAX_AMOUNT_CENTS)?,
+                    ),
+                    Err(VaultError::Unknown | VaultError::Expired) => Decision::Declined {
+                        code: CARD_UNAVAILABLE.to_owned(),
+                        reason: "the card details are no longer held; please enter the card again".to_owned(),
+                    },
+                    Err(VaultError::Unavailable(why)) => {
+                        return Err(HandleError::Retryable(format!("the vault cannot be read: {why}")));
+                    }
+                },
             };
             let entry = LedgerEntry::decided(&req.order_id, req.amount_cents, decision, now);
             store(host, &entry)?;

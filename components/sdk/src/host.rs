@@ -34,6 +34,33 @@ impl From<StateError> for HandleError {
     }
 }
 
+/// A card redeemed from the host's vault (WIT `vault.card`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Card {
+    /// The full number, digits only.
+    pub number: String,
+    pub brand: String,
+    pub last4: String,
+}
+
+impl std::fmt::Debug for Card {
+    /// Never prints the number.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Card").field("brand", &self.brand).field("last4", &self.last4).finish_non_exhaustive()
+    }
+}
+
+/// Why a vault token could not be redeemed (WIT `vault.vault-error`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VaultError {
+    /// No such token (never issued, or expired and removed).
+    Unknown,
+    /// The token expired.
+    Expired,
+    /// The vault cannot be read now (or is not granted): retrying may help.
+    Unavailable(String),
+}
+
 /// What the host offers a service. Implemented by the WIT imports in a
 /// component and by [`crate::MemoryHost`] in native tests.
 pub trait Host {
@@ -95,6 +122,18 @@ pub trait Host {
 
     /// Emits a structured log line through the host's logger.
     fn log(&self, level: Level, message: &str, fields: &[(&str, &str)]);
+
+    /// The card a vault token stands for. Only a component granted the
+    /// vault may call it (the host refuses to load any other that does).
+    ///
+    /// # Errors
+    /// [`VaultError::Unknown`] or [`VaultError::Expired`] for a token that
+    /// cannot be redeemed; [`VaultError::Unavailable`] when the vault cannot
+    /// be read now.
+    fn redeem_card(&self, token: &str) -> Result<Card, VaultError> {
+        let _ = token;
+        Err(VaultError::Unavailable("this host offers no vault".into()))
+    }
 
     /// Reads and decodes a JSON value.
     ///

@@ -9,7 +9,7 @@ mod host;
 mod memory;
 mod types;
 
-pub use host::{Host, Level, StateError};
+pub use host::{Card, Host, Level, StateError, VaultError};
 pub use memory::{MemoryHost, ScheduledTimer};
 pub use types::{Event, HandleError, Outgoing, Request, Response};
 

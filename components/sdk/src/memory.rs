@@ -3,7 +3,7 @@
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 
-use crate::{Event, Host, Level, StateError, TIMER_TOPIC};
+use crate::{Card, Event, Host, Level, StateError, TIMER_TOPIC, VaultError};
 
 /// A pending timer of a [`MemoryHost`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +31,10 @@ pub struct MemoryHost {
     pub logs: RefCell<Vec<(Level, String)>>,
     /// Pending timers by id.
     pub timers: BTreeMap<String, ScheduledTimer>,
+    /// The vault's twin: card numbers by token, with when they expire.
+    pub vault: BTreeMap<String, (Card, u64)>,
+    /// The vault cannot be read: every redeem is unavailable.
+    pub vault_down: bool,
 }
 
 impl MemoryHost {
@@ -43,6 +47,28 @@ impl MemoryHost {
     pub fn with_config(mut self, key: &str, value: &str) -> Self {
         self.config.insert(key.to_owned(), value.to_owned());
         self
+    }
+
+    /// Puts a card number in the vault twin under `token`, never expiring.
+    pub fn with_card(mut self, token: &str, number: &str) -> Self {
+        let card = Card {
+            number: number.to_owned(),
+            brand: shop_events::card::brand(number).to_owned(),
+            last4: shop_events::card::last4(number).to_owned(),
+        };
+        self.vault.insert(token.to_owned(), (card, u64::MAX));
+        self
+    }
+
+    /// Deposits a card number in the vault twin until `expires_ms`, as the
+    /// gateway does; returns the token events carry.
+    pub fn deposit_card(&mut self, number: &str, expires_ms: u64) -> shop_events::CardToken {
+        let token = format!("tok_{}", self.vault.len() + 1);
+        let brand = shop_events::card::brand(number).to_owned();
+        let last4 = shop_events::card::last4(number).to_owned();
+        let card = Card { number: number.to_owned(), brand: brand.clone(), last4: last4.clone() };
+        self.vault.insert(token.clone(), (card, expires_ms));
+        shop_events::CardToken { token, brand, last4 }
     }
 
     /// Removes the timers due at [`MemoryHost::now_ms`] and returns the events
@@ -132,6 +158,17 @@ impl Host for MemoryHost {
         let fields: Vec<String> = fields.iter().map(|(k, v)| format!("{k}={v}")).collect();
         self.logs.borrow_mut().push((level, format!("{message} {}", fields.join(" "))));
     }
+
+    fn redeem_card(&self, token: &str) -> Result<Card, VaultError> {
+        if self.vault_down {
+            return Err(VaultError::Unavailable("the vault twin is down".into()));
+        }
+        match self.vault.get(token) {
+            None => Err(VaultError::Unknown),
+            Some((_, expires_ms)) if *expires_ms <= self.now_ms => Err(VaultError::Expired),
+            Some((card, _)) => Ok(card.clone()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -158,5 +195,17 @@ mod tests {
         host.schedule("a", 90, "A", "k", b"{}").unwrap();
         assert_eq!(host.take_due().len(), 1, "a fired id can be scheduled again");
         assert_eq!(host.timers.keys().collect::<Vec<_>>(), ["later"]);
+    }
+
+    #[test]
+    fn vault_twin_redeems_until_expiry() {
+        let mut host = MemoryHost::at(100);
+        let token = host.deposit_card("4242424242424242", 200);
+        assert_eq!((token.brand.as_str(), token.last4.as_str()), ("visa", "4242"));
+        assert_eq!(host.redeem_card(&token.token).unwrap().number, "4242424242424242");
+        assert!(!format!("{:?}", host.redeem_card(&token.token).unwrap()).contains("4242424242"), "Debug hides it");
+        assert_eq!(host.redeem_card("tok_nope"), Err(VaultError::Unknown));
+        host.now_ms = 200;
+        assert_eq!(host.redeem_card(&token.token), Err(VaultError::Expired));
     }
 }

@@ -1,19 +1,21 @@
 //! Glue between the generated WIT bindings and [`crate::Service`].
 
-use crate::{Event, HandleError, Host, Level, Request, Service, StateError};
+use crate::{Card, Event, HandleError, Host, Level, Request, Service, StateError, VaultError};
 
 #[allow(missing_docs, clippy::all)]
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../../wit",
-        world: "service",
+        // `service` and the vault: only a component that redeems cards
+        // imports it (unused imports are not linked).
+        world: "vault-service",
         pub_export_macro: true,
         export_macro_name: "export_service_bindings",
         default_bindings_module: "shop_sdk::wasm::bindings",
     });
 }
 
-use bindings::shop::service::{clock, config, log, state, timers};
+use bindings::shop::service::{clock, config, log, state, timers, vault};
 
 /// The component's view of the host: every call is a WIT import.
 pub struct WasmHost;
@@ -81,6 +83,17 @@ impl Host for WasmHost {
         };
         let fields: Vec<(String, String)> = fields.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
         log::log(level, message, &fields);
+    }
+
+    fn redeem_card(&self, token: &str) -> Result<Card, VaultError> {
+        // Only a component that calls this imports `vault` (unused imports
+        // are not linked), so only those need the grant.
+        match vault::redeem(token) {
+            Ok(card) => Ok(Card { number: card.number, brand: card.brand, last4: card.last4 }),
+            Err(vault::VaultError::Unknown) => Err(VaultError::Unknown),
+            Err(vault::VaultError::Expired) => Err(VaultError::Expired),
+            Err(vault::VaultError::Unavailable(why)) => Err(VaultError::Unavailable(why)),
+        }
     }
 }
 

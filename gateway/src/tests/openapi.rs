@@ -106,6 +106,9 @@ async fn every_documented_answer_is_real_and_matches_its_schema() {
         (backend(|_| {}), get("/health")),
         (backend(|b| b.down = AtomicBool::new(true)), get("/health")),
         (backend(|_| {}), get("/openapi.json")),
+        (backend(|_| {}), get("/catalog")),
+        (backend(|b| b.catalog_down = true), get("/catalog")),
+        (backend(|_| {}), post(&line("lamp", 1, Some(1)), &[])),
         (backend(|_| {}), post(&valid_order(), &[])),
         (placed.clone(), post(&valid_order(), &key("k1"))),
         (

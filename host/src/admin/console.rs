@@ -97,6 +97,17 @@ impl<B: gateway::Backend> gateway::Backend for Recording<B> {
     ) -> gateway::BoxFuture<'_, Result<Option<serde_json::Value>, gateway::BackendError>> {
         self.inner.order_status(order_id)
     }
+
+    fn catalog(&self) -> gateway::BoxFuture<'_, Result<Vec<shop_events::CatalogItem>, gateway::BackendError>> {
+        self.inner.catalog()
+    }
+
+    fn vault_card(
+        &self,
+        number: String,
+    ) -> gateway::BoxFuture<'_, Result<shop_events::CardToken, gateway::BackendError>> {
+        self.inner.vault_card(number)
+    }
 }
 
 /// What the console is given by the host.

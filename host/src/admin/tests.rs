@@ -203,7 +203,7 @@ async fn console_app() -> (Router, Arc<ServiceRuntime>, RecentOrders) {
         customer: shop_events::Customer { name: "Ada".into(), email: "ada@example.com".into() },
         items: vec![shop_events::LineItem { sku: "<b>pen</b>".into(), quantity: 1, unit_price_cents: 199 }],
         total_cents: 199,
-        card_number: "4242424242424242".into(),
+        card: shop_events::CardToken { token: "tok_1".into(), brand: "visa".into(), last4: "4242".into() },
         idempotency: None,
     };
     let mut placed_event = event("OrderPlaced", "o-console");
@@ -262,7 +262,8 @@ async fn the_overview_shows_components_orders_with_their_timeline_and_reloads() 
     // Newest first; the order service's status and timeline, the event text as it was.
     let orders = body["orders"].as_array().unwrap();
     assert_eq!((orders[0]["order_id"].as_str(), orders[0]["status"].as_str()), (Some("o-unseen"), Some("SENT")));
-    assert_eq!((orders[1]["order_id"].as_str(), orders[1]["status"].as_str()), (Some("o-console"), Some("PENDING")));
+    // The order service here has no catalog: it sells nothing.
+    assert_eq!((orders[1]["order_id"].as_str(), orders[1]["status"].as_str()), (Some("o-console"), Some("REJECTED")));
     assert_eq!(orders[1]["history"][0]["status"], "PENDING", "{}", orders[1]);
     assert!(body["dead_letters"]["error"].is_string(), "no dead-letter topic here: {body}");
 
@@ -309,6 +310,15 @@ async fn recent_orders_are_the_last_acknowledged_newest_first() {
         ) -> gateway::BoxFuture<'_, Result<Option<serde_json::Value>, gateway::BackendError>> {
             Box::pin(async { Ok(None) })
         }
+        fn catalog(&self) -> gateway::BoxFuture<'_, Result<Vec<shop_events::CatalogItem>, gateway::BackendError>> {
+            Box::pin(async { Ok(Vec::new()) })
+        }
+        fn vault_card(
+            &self,
+            _: String,
+        ) -> gateway::BoxFuture<'_, Result<shop_events::CardToken, gateway::BackendError>> {
+            Box::pin(async { Err(gateway::BackendError("no vault".into())) })
+        }
     }
     use gateway::Backend as _;
     let order = |id: &str| shop_events::OrderPlaced {
@@ -316,7 +326,7 @@ async fn recent_orders_are_the_last_acknowledged_newest_first() {
         customer: shop_events::Customer { name: "A".into(), email: "a@example.com".into() },
         items: vec![],
         total_cents: 0,
-        card_number: String::new(),
+        card: shop_events::CardToken { token: "tok_1".into(), brand: "visa".into(), last4: "4242".into() },
         idempotency: None,
     };
     let recent = RecentOrders::default();

@@ -52,6 +52,16 @@ impl Serving {
              with the redb backend that state is local to the host running {order:?}; serve it here (--components) or \
              use the postgres backend ([state] backend = \"postgres\")"
         );
+        if manifest.state.backend == StateBackend::Redb {
+            for (name, _) in manifest.components.iter().filter(|(_, settings)| settings.vault) {
+                anyhow::ensure!(
+                    self.gateway == self.runs(name),
+                    "with the redb backend the card vault is in this host's state_dir: the gateway (which deposits \
+                     cards) and component {name:?} (which redeems them) must be served by the same host; or use the \
+                     postgres backend ([state] backend = \"postgres\")"
+                );
+            }
+        }
         Ok(())
     }
 }
@@ -94,5 +104,15 @@ mod tests {
         assert!(err.contains("postgres"), "{err}");
         assert!(serving(Some(&[]), true).validate(&manifest("postgres")).is_ok(), "a gateway-only host");
         assert!(serving(Some(&["payment"]), true).runs("payment") && !serving(Some(&["payment"]), true).runs("order"));
+        // With redb the vault is local: who deposits and who redeems share a host.
+        let mut vaulted = manifest("redb");
+        vaulted.components.get_mut("payment").unwrap().vault = true;
+        assert!(serving(None, true).validate(&vaulted).is_ok());
+        let err = serving(Some(&["payment"]), false).validate(&vaulted).unwrap_err().to_string();
+        assert!(err.contains("card vault") && err.contains("\"payment\""), "{err}");
+        assert!(serving(Some(&["order"]), true).validate(&vaulted).is_err(), "a gateway whose cards no one redeems");
+        let mut shared = manifest("postgres");
+        shared.components.get_mut("payment").unwrap().vault = true;
+        assert!(serving(Some(&["payment"]), false).validate(&shared).is_ok());
     }
 }

@@ -130,6 +130,16 @@ impl PublishGrants {
 pub struct Grants {
     pub publishes: PublishGrants,
     pub wasi: WasiGrants,
+    /// May import `shop:service/vault` and redeem card tokens. Never by
+    /// default: the manifest says `vault = true`.
+    pub vault: bool,
+}
+
+impl From<WasiGrants> for Grants {
+    /// Those WASI capabilities; publishing anything; no vault.
+    fn from(wasi: WasiGrants) -> Self {
+        Self { wasi, ..Self::default() }
+    }
 }
 
 #[cfg(test)]

@@ -16,9 +16,11 @@ use crate::state::{AccessError, Timer, TimerChange, Txn};
 // queries on blocking threads), never on the async runtime, so no fiber
 // stack is needed per call.
 // The calls that buffer changes can end the call: see [`LimitExceeded`].
+// The world with the vault: components of `service` (without it) load too,
+// since the linker offers more than they import.
 wasmtime::component::bindgen!({
     path: "../wit",
-    world: "service",
+    world: "vault-service",
     imports: {
         "shop:service/state.set": trappable,
         "shop:service/state.delete": trappable,
@@ -44,7 +46,11 @@ impl HostState {
     }
 }
 
-use shop::service::{clock, config, log, state, timers};
+use shop::service::{clock, config, log, state, timers, vault};
+
+/// The world's instance and pre-instance, by the name of the world every
+/// component implements.
+pub use {VaultService as Service, VaultServicePre as ServicePre};
 
 /// WASI resources one instance may hold at once (wasmtime's default is a
 /// million).
@@ -74,6 +80,8 @@ pub struct HostState {
     /// Time of the call in progress not spent running guest code: waits in
     /// the host and throttle sleeps.
     pub(super) idle: std::time::Duration,
+    /// The card vault, for a component granted it.
+    pub(super) vault: Option<Arc<crate::vault::Vault>>,
     component: Arc<str>,
     config: Arc<HashMap<String, String>>,
     clock: Arc<dyn Clock>,
@@ -121,6 +129,7 @@ impl HostState {
             stderr,
             over_burst: None,
             idle: std::time::Duration::ZERO,
+            vault: None,
             component,
             config,
             clock,
@@ -263,5 +272,25 @@ impl clock::Host for HostState {
 impl config::Host for HostState {
     fn get(&mut self, key: String) -> Option<String> {
         self.config.get(&key).cloned()
+    }
+}
+
+impl vault::Host for HostState {
+    /// Only a component granted the vault imports this (the others are
+    /// refused at load); the read is bounded by the call's deadline and
+    /// counted as a wait, like a state read.
+    fn redeem(&mut self, token: String) -> Result<vault::Card, vault::VaultError> {
+        let Some(vault) = self.vault.clone() else {
+            return Err(vault::VaultError::Unavailable("this host has no vault for this component".into()));
+        };
+        let reading = Instant::now();
+        let card = crate::state::read_until(self.deadline, || vault.redeem(&token));
+        self.idle += reading.elapsed();
+        match card {
+            Ok(card) => Ok(vault::Card { number: card.number, brand: card.brand, last4: card.last4 }),
+            Err(crate::vault::VaultError::Unknown) => Err(vault::VaultError::Unknown),
+            Err(crate::vault::VaultError::Expired) => Err(vault::VaultError::Expired),
+            Err(crate::vault::VaultError::Unavailable(why)) => Err(vault::VaultError::Unavailable(why)),
+        }
     }
 }

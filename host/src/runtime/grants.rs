@@ -1,12 +1,12 @@
 //! Grants enforced: the manifest spells what a component is granted
-//! beyond its world (`publishes`, `wasi`: `crate::manifest`'s grant types);
-//! the runtime enforces it when a component is loaded (its WASI imports)
+//! beyond its world (`publishes`, `wasi`, `vault`: `crate::manifest`'s grant
+//! types); the runtime enforces it when a component is loaded (its imports)
 //! and when a call returns (its outgoing events).
 
 use wasmtime::component::Component;
 
 use super::bindings::OutgoingEvent;
-use crate::manifest::{PublishGrants, WasiGrant, WasiGrants};
+use crate::manifest::{Grants, PublishGrants, WasiGrant, WasiGrants};
 
 impl WasiGrants {
     fn has(self, grant: WasiGrant) -> bool {
@@ -23,24 +23,41 @@ impl WasiGrants {
     /// A message naming the first import that needs a capability not
     /// granted, or that the host does not offer at all.
     pub fn check_imports(self, component: &Component, engine: &wasmtime::Engine) -> Result<(), String> {
-        for (name, _) in component.component_type().imports(engine) {
-            match import_needs(name) {
-                Needs::Nothing => {}
-                Needs::Grant(grant) if self.has(grant) => {}
-                Needs::Grant(grant) => {
-                    return Err(format!(
-                        "imports {name}, which needs the WASI grant {:?} (add it to the component's `wasi` list)",
-                        grant.name()
-                    ));
-                }
-                Needs::NotGrantable(what) => {
-                    return Err(format!("imports {name}: {what} are not grantable yet (no component gets them)"));
-                }
-                Needs::Unknown => return Err(format!("imports {name}, which the host does not offer")),
-            }
-        }
-        Ok(())
+        check_imports(self, false, component, engine)
     }
+}
+
+/// Checks every import of `component` against `wasi` and the `vault` grant.
+fn check_imports(
+    wasi: WasiGrants,
+    vault: bool,
+    component: &Component,
+    engine: &wasmtime::Engine,
+) -> Result<(), String> {
+    for (name, _) in component.component_type().imports(engine) {
+        match import_needs(name) {
+            Needs::Nothing => {}
+            Needs::Vault if vault => {}
+            Needs::Vault => {
+                return Err(format!(
+                    "imports {name}, which needs the vault grant (`vault = true` in its manifest block): \
+                     only the component that charges cards may redeem card tokens"
+                ));
+            }
+            Needs::Grant(grant) if wasi.has(grant) => {}
+            Needs::Grant(grant) => {
+                return Err(format!(
+                    "imports {name}, which needs the WASI grant {:?} (add it to the component's `wasi` list)",
+                    grant.name()
+                ));
+            }
+            Needs::NotGrantable(what) => {
+                return Err(format!("imports {name}: {what} are not grantable yet (no component gets them)"));
+            }
+            Needs::Unknown => return Err(format!("imports {name}, which the host does not offer")),
+        }
+    }
+    Ok(())
 }
 
 /// What an import of a component needs from its grants.
@@ -52,12 +69,17 @@ enum Needs {
     /// these in every component.
     Nothing,
     Grant(WasiGrant),
+    /// `shop:service/vault`: card numbers, for the `vault` grant only.
+    Vault,
     NotGrantable(&'static str),
     Unknown,
 }
 
 fn import_needs(name: &str) -> Needs {
     let interface = name.split('@').next().unwrap_or(name);
+    if interface == "shop:service/vault" {
+        return Needs::Vault;
+    }
     let (package, _) = interface.split_once('/').unwrap_or((interface, ""));
     match package {
         "shop:service" | "wasi:io" | "wasi:cli" | "wasi:filesystem" => Needs::Nothing,
@@ -96,6 +118,17 @@ impl PublishGrants {
     }
 }
 
+impl Grants {
+    /// Checks every import of `component`: its WASI capabilities and the vault.
+    ///
+    /// # Errors
+    /// As [`WasiGrants::check_imports`], and for a component importing the
+    /// vault without the grant.
+    pub fn check_imports(&self, component: &Component, engine: &wasmtime::Engine) -> Result<(), String> {
+        check_imports(self.wasi, self.vault, component, engine)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,5 +161,6 @@ mod tests {
         assert!(matches!(import_needs("wasi:http/outgoing-handler@0.2.6"), Needs::Unknown));
         assert!(matches!(import_needs("wasi:cli/stderr@0.2.6"), Needs::Nothing));
         assert!(matches!(import_needs("shop:service/state@0.2.0"), Needs::Nothing));
+        assert!(matches!(import_needs("shop:service/vault@0.2.0"), Needs::Vault));
     }
 }

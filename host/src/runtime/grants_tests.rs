@@ -88,11 +88,17 @@ fn a_component_importing_what_it_is_not_granted_is_refused_at_load() {
     assert!(err.contains("wasi:clocks/monotonic-clock") && err.contains("\"clocks\""), "{err}");
     misbehave.check_grants(&engine, WasiGrants { clocks: true, ..stderr_only }).unwrap();
 
-    // The shop's services use no WASI capability at all.
+    // The shop's services use no WASI capability at all; payment alone
+    // imports the vault (wit-bindgen links only the imports a component calls).
     for name in ["order", "payment", "email", "analytics"] {
         let component = LoadedComponent::from_file(&engine, &wasm(name)).unwrap();
-        component.check_grants(&engine, WasiGrants::NONE).unwrap_or_else(|err| panic!("{name}: {err}"));
+        let grants = Grants { vault: name == "payment", ..Grants::from(WasiGrants::NONE) };
+        component.check_grants(&engine, grants).unwrap_or_else(|err| panic!("{name}: {err}"));
     }
+    // Without the vault grant, payment is refused.
+    let payment = LoadedComponent::from_file(&engine, &wasm("payment")).unwrap();
+    let err = payment.check_grants(&engine, WasiGrants::default()).unwrap_err().to_string();
+    assert!(err.contains("shop:service/vault") && err.contains("vault grant"), "{err}");
 }
 
 #[tokio::test]
@@ -113,7 +119,8 @@ fn app_toml_grants_each_service_what_it_uses() {
     for (name, settings) in &manifest.components {
         let grants = settings.grants(name).unwrap();
         let component = LoadedComponent::from_file(&engine, &settings.wasm).unwrap();
-        component.check_grants(&engine, grants.wasi).unwrap_or_else(|err| panic!("{name}: {err}"));
+        assert_eq!(grants.vault, name == "payment", "{name}: only payment may redeem cards");
+        component.check_grants(&engine, grants).unwrap_or_else(|err| panic!("{name}: {err}"));
     }
     let granted = |name: &str, event: &str| {
         let (topic, event_type) = event.split_once(':').unwrap();
@@ -128,7 +135,7 @@ fn app_toml_grants_each_service_what_it_uses() {
     assert!(!granted("analytics", "analytics:EmailSent"), "analytics publishes nothing");
     // The JavaScript email service may replace the Rust one while running.
     let email_js = LoadedComponent::from_file(&engine, &wasm("email-js")).unwrap();
-    email_js.check_grants(&engine, manifest.components["email"].grants("email").unwrap().wasi).unwrap();
+    email_js.check_grants(&engine, manifest.components["email"].grants("email").unwrap()).unwrap();
 }
 
 #[test]

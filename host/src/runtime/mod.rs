@@ -94,13 +94,16 @@ impl LoadedComponent {
         Ok(Self { pre, sha256, path: path.to_owned(), loaded_at: SystemTime::now(), from_cache })
     }
 
-    /// Checks the component's WASI imports against `wasi`.
+    /// Checks the component's imports against `grants` (its WASI
+    /// capabilities and the vault).
     ///
     /// # Errors
     /// [`LoadError::Ungranted`] naming the first import that needs a
     /// capability not granted, or one the host does not offer.
-    pub fn check_grants(&self, engine: &Engine, wasi: WasiGrants) -> Result<(), LoadError> {
-        wasi.check_imports(self.pre.instance_pre().component(), engine.wasmtime())
+    pub fn check_grants(&self, engine: &Engine, grants: impl Into<Grants>) -> Result<(), LoadError> {
+        let grants: Grants = grants.into();
+        grants
+            .check_imports(self.pre.instance_pre().component(), engine.wasmtime())
             .map_err(|message| LoadError::Ungranted { path: self.path.clone(), message })
     }
 
@@ -301,6 +304,8 @@ pub struct ServiceRuntime {
     warm_queries: std::sync::Mutex<Vec<Warm>>,
     /// Time spent in each stage of the data path.
     stages: crate::status::Stages,
+    /// The card vault, for a component granted it.
+    vault: std::sync::OnceLock<Arc<crate::vault::Vault>>,
 }
 
 /// What a [`ServiceRuntime`] is built from.
@@ -348,6 +353,7 @@ impl ServiceRuntime {
             warm: std::sync::Mutex::new(None),
             warm_queries: std::sync::Mutex::new(Vec::new()),
             stages: crate::status::Stages::default(),
+            vault: std::sync::OnceLock::new(),
         }
     }
 
@@ -415,7 +421,7 @@ impl ServiceRuntime {
         let path = PathBuf::from(source);
         let engine = self.engine.clone();
         let trial = self.parts(Arc::new(StoreReader(self.store.clone())), true);
-        let wasi = self.grants.wasi;
+        let grants = self.grants.clone();
         // Compiled and tried on a thread of its own: the trial instantiation
         // runs guest code (with the stack a guest gets), and compiling takes
         // a core for a while.
@@ -425,7 +431,7 @@ impl ServiceRuntime {
             .stack_size(CALL_THREAD_STACK)
             .spawn(move || {
                 let checked = LoadedComponent::from_bytes(&engine, &path, &bytes)
-                    .and_then(|component| component.check_grants(&engine, wasi).map(|()| component))
+                    .and_then(|component| component.check_grants(&engine, grants).map(|()| component))
                     .and_then(|component| trial.instantiate(&engine, component));
                 let _ = reply.send(checked);
             });
@@ -527,6 +533,13 @@ impl ServiceRuntime {
         &self.store
     }
 
+    /// Gives the component the host's card vault, if it is granted it (see
+    /// [`Grants::vault`]); a granted component without one finds the vault
+    /// unavailable. Set once, before it serves.
+    pub fn set_vault(&self, vault: Arc<crate::vault::Vault>) {
+        let _ = self.vault.set(vault);
+    }
+
     /// Gives guests `deadlines` as the clock their deadlines are measured
     /// by (see [`crate::deadlines`]).
     pub fn set_deadline_clock(&self, deadlines: Arc<dyn Clock>) {
@@ -542,6 +555,7 @@ impl ServiceRuntime {
             deadlines: self.deadlines.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone(),
             limits: self.limits,
             wasi: self.grants.wasi,
+            vault: if self.grants.vault { self.vault.get().cloned() } else { None },
             throttle: self.throttle.clone(),
             quotas: self.quotas.clone(),
             read_only,
@@ -893,6 +907,8 @@ struct StoreParts {
     deadlines: Arc<dyn Clock>,
     limits: Limits,
     wasi: WasiGrants,
+    /// The vault, for a component granted it.
+    vault: Option<Arc<crate::vault::Vault>>,
     throttle: Arc<Throttle>,
     quotas: Arc<Quotas>,
     read_only: bool,
@@ -916,6 +932,7 @@ impl StoreParts {
             HostState::new(self.name, txn, self.config, self.clock, self.deadlines, limits, deadline, self.wasi);
         state.throttle = Some(self.throttle);
         state.quotas = Some(self.quotas);
+        state.vault = self.vault;
         let mut store = Store::new(engine.wasmtime(), state);
         store.limiter(|s| &mut s.limits);
         // The first epoch check comes at the end of the burst; from then on,

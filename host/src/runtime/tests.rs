@@ -31,7 +31,9 @@ pub(crate) fn runtime_on(
     store: Arc<dyn StateStore>,
 ) -> ServiceRuntime {
     let limits = Limits { timeout: Duration::from_millis(timeout_ms), instance_reuse, ..Limits::default() };
-    service(name, Engine::new().unwrap(), limits, Grants::default(), store)
+    // Payment (and its test builds) redeems card tokens: granted, as in app.toml.
+    let grants = Grants { vault: name.starts_with("payment"), ..Grants::default() };
+    service(name, Engine::new().unwrap(), limits, grants, store)
 }
 
 /// The component `name` on `engine`, with `limits` and `grants`, its state

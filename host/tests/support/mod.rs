@@ -193,7 +193,13 @@ pub fn write_manifest_with(dir: &Path, ports: Ports, options: &Options) -> (Path
         settings.insert("wasm".into(), Value::String(component(name).display().to_string()));
         if name == "order" {
             let wrapped: Table = format!("config = {{ {} }}", options.order_config).parse().unwrap();
-            settings.insert("config".into(), wrapped["config"].clone());
+            let mut config = wrapped["config"].as_table().cloned().unwrap();
+            // The shipped catalog, and `sold-out`, which the tests stock 0 of.
+            if !config.contains_key("catalog") {
+                let shipped = settings["config"]["catalog"].as_str().unwrap();
+                config.insert("catalog".into(), Value::String(format!("{shipped}; sold-out | Sold out | 1250")));
+            }
+            settings.insert("config".into(), Value::Table(config));
         }
     }
     let mut state = section(&mut app, "state");
@@ -217,6 +223,9 @@ pub fn write_manifest_with(dir: &Path, ports: Ports, options: &Options) -> (Path
     std::fs::write(&path, toml::to_string(&app).unwrap()).unwrap();
     (path, prefix)
 }
+
+/// The card vault key of every test host (`HOST_VAULT_KEY`).
+pub const TEST_VAULT_KEY: &str = "5e57c0de5e57c0de5e57c0de5e57c0de5e57c0de5e57c0de5e57c0de5e57c0de";
 
 /// A running `host` process; killed on drop if still running.
 pub struct HostProcess {
@@ -247,6 +256,9 @@ impl HostProcess {
             .env_remove("HOST_INSTANCE_ID")
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
+            // Hosts sharing a PostgreSQL schema share the vault key, as
+            // operators must (docs/guarantees.md, "Trust").
+            .env("HOST_VAULT_KEY", TEST_VAULT_KEY)
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
