@@ -2,9 +2,10 @@
 //! HTTP port, behind the API gateway.
 //!
 //! Ports and adapters: the WIT world (`wit/`) is the set of ports;
-//! [`kafka`], [`http`], [`state`] and [`clock`] are adapters, each with an
-//! in-memory twin ([`bus::MemoryBus`], [`state::MemoryStore`],
-//! [`clock::ManualClock`]) for fast tests. [`app`] wires them together.
+//! [`kafka`], [`http`], [`state`] and [`clock`] are adapters. The messaging,
+//! state and clock ports have in-memory twins ([`bus::MemoryBus`],
+//! [`state::MemoryStore`], [`clock::ManualClock`]) for fast tests; HTTP has
+//! none: its routers are driven directly. [`app`] wires them together.
 
 pub mod admin;
 pub mod app;
