@@ -18,7 +18,7 @@ use crate::kafka::{self, BrokerLink, ConsumerSettings, ConsumerStatus, EmbeddedB
 use crate::manifest::{ComponentSettings, Manifest, StateBackend};
 use crate::pipeline::{Pipeline, RetryPolicy, Topics};
 use crate::runtime::{CanaryPolicy, Engine, Grants, Limits, LoadedComponent, ServiceRuntime, ServiceSpec};
-use crate::state::{DurableStore, PgStores, StateStore, TxnLimits};
+use crate::state::{HostStore, PgStores, StateStore, TxnLimits};
 
 /// What one host serves of the manifest: several hosts, each serving a
 /// subset, share the work of one app through Kafka's consumer groups and
@@ -79,9 +79,13 @@ fn open_stores(manifest: &Manifest, names: &[String]) -> anyhow::Result<BTreeMap
     let mut stores: BTreeMap<String, Arc<dyn StateStore>> = BTreeMap::new();
     match manifest.state.backend {
         StateBackend::Redb => {
+            // One file for every component of the host: their commits share
+            // its fsyncs. A component's file of an earlier version is taken over.
+            let dir = &manifest.runtime.state_dir;
+            let host = HostStore::open(&dir.join("host.redb")).context("state_dir")?;
             for name in names {
-                let path = manifest.runtime.state_dir.join(format!("{name}.redb"));
-                let store = DurableStore::open(&path).with_context(|| format!("component {name:?}"))?;
+                host.adopt(name, &dir.join(format!("{name}.redb"))).with_context(|| format!("component {name:?}"))?;
+                let store = host.component(name).with_context(|| format!("component {name:?}"))?;
                 stores.insert(name.clone(), Arc::new(store));
             }
         }

@@ -322,13 +322,15 @@ pub struct ComponentSettings {
     /// `max_attempts`, so a failing event is retried on the restored version).
     #[serde(default = "default_canary_max_failures")]
     pub canary_max_failures: u32,
-    /// Events one instance handles before it is replaced by a fresh one.
-    /// 1 (the default) gives every event a fresh instance. More is for
-    /// components that keep nothing in memory between calls (all their state
-    /// goes through the `state` import): the instance's memory then carries
-    /// nothing from one event to the next that the component could see, and
-    /// instantiation stops dominating the cost of an event. A trap always
-    /// discards the instance; queries always get a fresh one.
+    /// Events one instance handles (and queries one instance answers)
+    /// before it is replaced by a fresh one. 1 (the default) gives every
+    /// event and query a fresh instance. More is for components that keep
+    /// nothing in memory between calls (all their state goes through the
+    /// `state` import): the instance's memory then carries nothing from one
+    /// call to the next that the component could see, and instantiation
+    /// stops dominating the cost of a call. A trap always discards the
+    /// instance. Queries run on instances of their own, never on the one
+    /// handling events.
     #[serde(default = "default_instance_reuse")]
     pub instance_reuse: u32,
     /// Wasm stack of a call, in KiB: how deep the component may recurse

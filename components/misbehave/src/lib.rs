@@ -80,6 +80,12 @@ impl Service for Misbehave {
                 Ok(None) => Response::not_found("no such key"),
                 Err(err) => Response::error(500, "state", &format!("{err:?}")),
             },
+            // How many queries this instance has answered, this one included.
+            ["calls"] => {
+                static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let calls = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                Response { status: 200, content_type: "text/plain".into(), body: calls.to_string().into_bytes() }
+            }
             ["spin"] => loop {
                 std::hint::black_box(());
             },

@@ -139,6 +139,34 @@ async fn handle_commits_state_and_reports_the_version() {
     assert_eq!((response.status, response.body.as_slice()), (200, b"\"hello\"".as_slice()));
 }
 
+fn get(path: &str) -> Request {
+    Request { method: "GET".into(), path: path.into(), query: String::new(), body: Vec::new() }
+}
+
+/// The `calls` count each of `n` queries in a row answered.
+async fn query_counts(rt: &ServiceRuntime, n: usize) -> Vec<String> {
+    let mut counts = Vec::new();
+    for _ in 0..n {
+        let response = rt.query(&get("/calls")).await.unwrap();
+        counts.push(String::from_utf8(response.body).unwrap());
+    }
+    counts
+}
+
+#[tokio::test]
+async fn queries_reuse_an_instance_as_often_as_events_do() {
+    assert_eq!(query_counts(&runtime_reusing("misbehave", 1000, 1), 3).await, ["1", "1", "1"], "a fresh instance each");
+    // Unthrottled: a trapping query would otherwise hold back the next.
+    let limits =
+        Limits { timeout: Duration::from_millis(200), instance_reuse: 3, cpu_percent: 100, ..Limits::default() };
+    let rt = service("misbehave", Engine::new().unwrap(), limits, Grants::default(), Arc::new(MemoryStore::default()));
+    assert_eq!(query_counts(&rt, 4).await, ["1", "2", "3", "1"], "three queries an instance, then a new one");
+    // A query that traps (here: past its deadline) takes the kept instance
+    // down with it: the next query starts on a new one.
+    assert!(rt.query(&get("/spin")).await.is_err());
+    assert_eq!(query_counts(&rt, 2).await, ["1", "2"], "the trapped instance was dropped");
+}
+
 #[tokio::test]
 async fn an_error_discards_the_calls_writes() {
     let rt = runtime("misbehave", 1000);

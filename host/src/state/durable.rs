@@ -1,26 +1,32 @@
-//! The durable state adapter: one redb database file per component.
+//! The durable state adapter: one redb database file per host, holding the
+//! tables of every component the host serves ([`HostStore`]), and a
+//! [`DurableStore`] view of it per component.
 //!
 //! redb is a copy-on-write B-tree with checksummed pages: a write
 //! transaction becomes visible, and after `commit` returns durable (fsync),
 //! as a whole or not at all, and a crash mid-commit leaves the previous
 //! committed version. The component's writes, the handled id, the outbox
-//! entry and the timer changes of an event go into one redb write
-//! transaction over six tables, so they are atomic together. A seventh holds
-//! the timers and outbox entries found undecodable, moved there (in a
-//! transaction of their own) by the read that found them.
+//! entry and the timer changes of an event go into one write transaction
+//! over the component's tables, so they are atomic together. A seventh
+//! table holds the timers and outbox entries found undecodable, moved there
+//! (in a transaction of their own) by the read that found them.
 //!
-//! Group commit: the pipeline hands over a batch of events' commits, which go
-//! to disk in one fsynced transaction (under load a batch holds dozens of
-//! events, so they share one fsync); when `commit_batch` returns they are
-//! durable. Outbox entries published meanwhile are forgotten by the next
-//! commit, or by a flusher thread when none comes within a second. (Handing
-//! the fsync to a separate flusher thread, as before, cost an extra thread
-//! hop per batch: 5.5–6.0 instead of 4.7–5.2 ms of host CPU per order at 100
-//! orders/s in four runs each, and no more throughput under load.)
+//! Group commit: the pipeline hands over a batch of events' commits, and
+//! the batches of all the host's components share write transactions
+//! ([`group`]): one fsync carries every batch that arrived while the one
+//! before was being written. When `commit_batch` returns the batch is
+//! durable. Outbox entries published meanwhile are forgotten by the
+//! component's next commit, or by the host's flusher thread when none comes
+//! within a second.
+//!
+//! A state directory written by earlier versions (one file per component,
+//! `payment.redb`, ...) is taken over at start ([`HostStore::adopt`]): each
+//! file's tables are copied into the host's file, then the old file is
+//! renamed `*.redb.migrated`.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::{Duration, Instant};
 
 use redb::{
     Database, Durability, ReadableDatabase as _, ReadableTable as _, ReadableTableMetadata as _, TableDefinition,
@@ -29,97 +35,76 @@ use redb::{
 #[cfg(test)]
 use super::EntryKind;
 use super::{
-    Commit, CorruptEntries, Durable, OutboxEntry, Quarantined, ReadSet, StateStore, StoreError, Timer, TimerChange,
-    decode_entry,
+    Commit, CorruptEntries, Durable, OutboxEntry, Quarantined, ReadSet, StateStore, StoreError, Timer, decode_entry,
 };
-use quarantine::{Found, Place, QUARANTINE};
+use group::{Applied, Group};
+use quarantine::{Found, Place};
+use tables::{Checked, Tables};
 
+mod group;
 mod quarantine;
+mod tables;
+#[cfg(test)]
+mod tests;
 
-/// The component's own key-value state.
-const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
-/// Handled event id → when it was handled.
-const HANDLED: TableDefinition<&str, u64> = TableDefinition::new("handled");
-/// Commit sequence → JSON [`OutboxEntry`].
-const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
-/// Source event id → its outbox sequence.
-const OUTBOX_BY_SOURCE: TableDefinition<&str, u64> = TableDefinition::new("outbox_by_source");
-/// Timer id → JSON [`Timer`].
-const TIMERS: TableDefinition<&str, &[u8]> = TableDefinition::new("timers");
-/// (due time, timer id): the timers in firing order.
-const TIMERS_DUE: TableDefinition<(u64, &str), ()> = TableDefinition::new("timers_due");
+/// redb's page cache per host (its default is 1 GiB): what is read often,
+/// the handled ids of recent events and the components' hot keys, fits.
+const CACHE_BYTES: usize = 48 << 20;
 
-/// redb's page cache per store (its default is 1 GiB): what is read often,
-/// the handled ids of recent events and the component's hot keys, fits.
-const CACHE_BYTES: usize = 32 << 20;
+/// How long published outbox entries may wait for a commit to carry them.
+const FLUSH_IDLE: Duration = Duration::from_secs(1);
 
-/// A component's store in a redb file.
-pub struct DurableStore {
+/// Components whose files were taken over: name → (old file, when).
+const MIGRATIONS: TableDefinition<&str, (&str, u64)> = TableDefinition::new("migrations");
+
+/// The redb file of one host, shared by its components' stores.
+pub struct HostStore {
     db: Arc<Database>,
     path: PathBuf,
-    /// What the store and its flusher share.
-    shared: Arc<Shared>,
-    flusher: Option<std::thread::JoinHandle<()>>,
+    group: Group,
+    flush: Arc<Flush>,
+    flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
-impl std::fmt::Debug for DurableStore {
+impl std::fmt::Debug for HostStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DurableStore").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("HostStore").field("path", &self.path).finish_non_exhaustive()
     }
 }
 
-fn unavailable(what: &str, path: &Path) -> impl Fn(&dyn std::fmt::Display) -> StoreError {
+fn unavailable(what: &str, path: &Path) -> impl Fn(&dyn std::fmt::Display) -> StoreError + use<> {
     let context = format!("{what} {}", path.display());
     move |err| StoreError::Unavailable(format!("{context}: {err}"))
 }
 
-fn json<T: serde::Serialize>(value: &T) -> Vec<u8> {
-    // Structs of strings and integers always serialize.
-    serde_json::to_vec(value).unwrap_or_default()
-}
-
-impl DurableStore {
-    /// Opens (or creates) the store at `path`, creating its directory.
+impl HostStore {
+    /// Opens (or creates) the host's store at `path`, creating its directory.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] naming the file: it cannot be created,
     /// is not a redb database, or is open in another process (another host
-    /// serving the same component from the same state directory).
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| unavailable("cannot create the directory of", path)(&e))?;
-        }
-        let db = Database::builder().set_cache_size(CACHE_BYTES).create(path).map_err(|err| match err {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Unavailable(format!(
-                "state file {} is already open in another process: is another host running with the same state_dir?",
-                path.display()
-            )),
-            err => unavailable("cannot open state file", path)(&err),
-        })?;
+    /// running from the same state directory).
+    pub fn open(path: &Path) -> Result<Arc<Self>, StoreError> {
+        let db = open_db(path)?;
+        let write = db.begin_write().map_err(|e| unavailable("cannot write", path)(&e))?;
+        write.open_table(MIGRATIONS).map_err(|e| unavailable("cannot create tables in", path)(&e))?;
+        write.commit().map_err(|e| unavailable("cannot commit", path)(&e))?;
         let db = Arc::new(db);
-        let shared = Arc::new(Shared::default());
+        let flush = Arc::new(Flush::default());
         let flusher = {
-            let (db, shared) = (db.clone(), shared.clone());
-            let name = format!("flush {}", path.file_name().unwrap_or_default().to_string_lossy());
+            let (db, flush) = (db.clone(), flush.clone());
             std::thread::Builder::new()
-                .name(name)
-                .spawn(move || flush_loop(&db, &shared))
+                .name("flush-state".into())
+                .spawn(move || flush_loop(&db, &flush))
                 .map_err(|e| unavailable("cannot start the flusher of", path)(&e))?
         };
-        let store = Self { db, path: path.to_owned(), shared, flusher: Some(flusher) };
-        let write = store.db.begin_write().map_err(|e| store.err("cannot write")(&e))?;
-        {
-            let e = store.err("cannot create tables in");
-            write.open_table(STATE).map_err(|x| e(&x))?;
-            write.open_table(HANDLED).map_err(|x| e(&x))?;
-            write.open_table(OUTBOX).map_err(|x| e(&x))?;
-            write.open_table(OUTBOX_BY_SOURCE).map_err(|x| e(&x))?;
-            write.open_table(TIMERS).map_err(|x| e(&x))?;
-            write.open_table(TIMERS_DUE).map_err(|x| e(&x))?;
-            write.open_table(QUARANTINE).map_err(|x| e(&x))?;
-        }
-        write.commit().map_err(|e| store.err("cannot commit")(&e))?;
-        Ok(store)
+        Ok(Arc::new(Self {
+            db,
+            path: path.to_owned(),
+            group: Group::default(),
+            flush,
+            flusher: Mutex::new(Some(flusher)),
+        }))
     }
 
     /// The database file.
@@ -127,25 +112,150 @@ impl DurableStore {
         &self.path
     }
 
-    fn err(&self, what: &str) -> impl Fn(&dyn std::fmt::Display) -> StoreError {
-        unavailable(what, &self.path)
+    /// Write transactions committed, and the batches they carried, since start.
+    pub fn group_commits(&self) -> (u64, u64) {
+        self.group.counts()
+    }
+
+    /// The store of `component`, its tables created if missing.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when its tables cannot be created.
+    pub fn component(self: &Arc<Self>, component: &str) -> Result<DurableStore, StoreError> {
+        let tables = Tables::of(component);
+        let e = unavailable("cannot create tables in", &self.path);
+        let write = self.db.begin_write().map_err(|x| e(&x))?;
+        tables.create(&write).map_err(|x| e(&x))?;
+        write.commit().map_err(|x| e(&x))?;
+        let component = Arc::new(Component { tables, cleared: Mutex::new(Vec::new()) });
+        self.flush.lock().components.push(Arc::downgrade(&component));
+        Ok(DurableStore { host: self.clone(), component })
+    }
+
+    /// Takes over `legacy`, the file in which an earlier version kept
+    /// `component`'s state alone, if it exists: its tables are copied into
+    /// this file (durably, once: a copy already made is not made again),
+    /// then it is renamed `*.migrated`. Whether there was one.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] naming the file that cannot be read,
+    /// written or renamed.
+    pub fn adopt(&self, component: &str, legacy: &Path) -> Result<bool, StoreError> {
+        if !legacy.exists() {
+            return Ok(false);
+        }
+        let e = unavailable("cannot take over", legacy);
+        let write = self.db.begin_write().map_err(|x| e(&x))?;
+        let copied = {
+            let mut migrations = write.open_table(MIGRATIONS).map_err(|x| e(&x))?;
+            if migrations.get(component).map_err(|x| e(&x))?.is_some() {
+                None
+            } else {
+                let old = open_db(legacy)?;
+                let read = old.begin_read().map_err(|x| e(&x))?;
+                let entries = Tables::of(component).copy_from(&Tables::of(""), &read, &write).map_err(|x| e(&x))?;
+                let from = legacy.display().to_string();
+                let now = crate::clock::unix_ms(std::time::SystemTime::now());
+                migrations.insert(component, (from.as_str(), now)).map_err(|x| e(&x))?;
+                Some(entries)
+            }
+        };
+        write.commit().map_err(|x| e(&x))?;
+        let mut renamed = legacy.as_os_str().to_owned();
+        renamed.push(".migrated");
+        std::fs::rename(legacy, &renamed).map_err(|x| e(&x))?;
+        match copied {
+            Some(entries) => {
+                tracing::info!(%component, from = %legacy.display(), to = %self.path.display(), entries, "state taken over from the file of an earlier version (kept as *.migrated)")
+            }
+            None => {
+                tracing::info!(%component, from = %legacy.display(), "state was taken over before; the old file is now renamed *.migrated")
+            }
+        }
+        Ok(true)
+    }
+}
+
+impl Drop for HostStore {
+    fn drop(&mut self) {
+        self.group.close();
+        self.flush.wake(|work| work.stop = true);
+        if let Some(flusher) = self.flusher.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            let _ = flusher.join();
+        }
+    }
+}
+
+fn open_db(path: &Path) -> Result<Database, StoreError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| unavailable("cannot create the directory of", path)(&e))?;
+    }
+    Database::builder().set_cache_size(CACHE_BYTES).create(path).map_err(|err| match err {
+        redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Unavailable(format!(
+            "state file {} is already open in another process: is another host running with the same state_dir?",
+            path.display()
+        )),
+        err => unavailable("cannot open state file", path)(&err),
+    })
+}
+
+/// One component's tables, and its published outbox entries not yet
+/// forgotten.
+#[derive(Debug)]
+struct Component {
+    tables: Tables,
+    /// Outbox entries published since the component's last write, to forget
+    /// in the next (hidden from readers until then).
+    cleared: Mutex<Vec<String>>,
+}
+
+/// A component's store: its tables in the host's file.
+pub struct DurableStore {
+    host: Arc<HostStore>,
+    component: Arc<Component>,
+}
+
+impl std::fmt::Debug for DurableStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DurableStore").field("path", &self.host.path).field("tables", &self.component.tables).finish()
+    }
+}
+
+impl DurableStore {
+    /// Opens (or creates) a host store at `path` holding this one store.
+    ///
+    /// # Errors
+    /// As [`HostStore::open`].
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        HostStore::open(path)?.component("state")
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.host.path
+    }
+
+    fn t(&self) -> &Tables {
+        &self.component.tables
+    }
+
+    fn err(&self, what: &str) -> impl Fn(&dyn std::fmt::Display) -> StoreError + use<> {
+        unavailable(what, &self.host.path)
     }
 
     fn read(&self) -> Result<redb::ReadTransaction, StoreError> {
-        self.db.begin_read().map_err(|e| self.err("cannot read")(&e))
+        self.host.db.begin_read().map_err(|e| self.err("cannot read")(&e))
     }
 
-    /// One durable transaction: `commits` in order if `reads` still hold,
-    /// and forgetting the `cleared` outbox entries.
-    fn apply(&self, commits: &[Commit], reads: &ReadSet, cleared: &[String]) -> Result<(), StoreError> {
-        let e = self.err("cannot commit to");
-        let mut write = self.db.begin_write().map_err(|x| e(&x))?;
-        write.set_durability(Durability::Immediate).map_err(|x| e(&x))?;
-        check(&write, commits, reads).map_err(|x| match x {
-            Checked::Conflict(err) => err,
-            Checked::Db(x) => e(&x),
-        })?;
-        self.apply_checked(write, commits, cleared).map_err(|x| e(&x))
+    fn cleared(&self) -> MutexGuard<'_, Vec<String>> {
+        self.component.cleared.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Forgets `source`'s outbox entry with the next commit, or the
+    /// flusher's next round when no commit comes within [`FLUSH_IDLE`].
+    fn clear_later(&self, source: &str) {
+        self.cleared().push(source.to_owned());
+        self.host.flush.wake(|work| work.pending = true);
     }
 
     /// Moves `found` to the quarantine, each only if it still holds the
@@ -156,11 +266,11 @@ impl DurableStore {
             return Ok(());
         }
         let e = self.err("cannot quarantine a corrupt entry in");
-        let mut write = self.db.begin_write().map_err(|x| e(&x))?;
+        let mut write = self.host.db.begin_write().map_err(|x| e(&x))?;
         write.set_durability(Durability::Immediate).map_err(|x| e(&x))?;
         let mut moved = Vec::new();
         for found in found {
-            if let Some(entry) = quarantine::move_to(&write, found).map_err(|x| e(&x))? {
+            if let Some(entry) = quarantine::move_to(self.t(), &write, found).map_err(|x| e(&x))? {
                 moved.push(entry);
             }
         }
@@ -175,200 +285,83 @@ impl DurableStore {
     /// outbox entry of event `id`, as a corrupt entry would be found (tests).
     #[cfg(test)]
     pub(super) fn write_raw(&self, kind: EntryKind, id: &str, at_ms: u64, raw: &[u8]) {
-        let write = self.db.begin_write().unwrap();
+        let write = self.host.db.begin_write().unwrap();
         match kind {
             EntryKind::Timer => {
-                write.open_table(TIMERS).unwrap().insert(id, raw).unwrap();
-                write.open_table(TIMERS_DUE).unwrap().insert((at_ms, id), ()).unwrap();
+                write.open_table(self.t().timers()).unwrap().insert(id, raw).unwrap();
+                write.open_table(self.t().timers_due()).unwrap().insert((at_ms, id), ()).unwrap();
             }
             EntryKind::Outbox => {
-                let mut outbox = write.open_table(OUTBOX).unwrap();
+                let mut outbox = write.open_table(self.t().outbox()).unwrap();
                 let seq = outbox.last().unwrap().map_or(0, |(k, _)| k.value() + 1);
                 outbox.insert(seq, raw).unwrap();
-                write.open_table(OUTBOX_BY_SOURCE).unwrap().insert(id, seq).unwrap();
+                write.open_table(self.t().outbox_by_source()).unwrap().insert(id, seq).unwrap();
             }
         }
         write.commit().unwrap();
     }
-
-    fn apply_checked(
-        &self,
-        write: redb::WriteTransaction,
-        commits: &[Commit],
-        cleared: &[String],
-    ) -> Result<(), redb::Error> {
-        for commit in commits {
-            apply_one(&write, commit)?;
-        }
-        forget(&write, cleared)?;
-        write.commit()?;
-        Ok(())
-    }
 }
 
-/// Why a batch's check failed.
-enum Checked {
-    Conflict(StoreError),
-    Db(redb::Error),
-}
-
-impl<E: Into<redb::Error>> From<E> for Checked {
-    fn from(err: E) -> Self {
-        Checked::Db(err.into())
-    }
-}
-
-/// Refuses a batch that read something changed since, or whose event was
-/// handled already. (One host writes a redb file, through one executor, so
-/// this holds unless the store is shared in-process, as the contract tests do.)
-fn check(write: &redb::WriteTransaction, commits: &[Commit], reads: &ReadSet) -> Result<(), Checked> {
-    if commits.iter().any(|c| c.handled.is_some()) {
-        let handled = write.open_table(HANDLED)?;
-        for id in commits.iter().filter_map(|c| c.handled.as_deref()) {
-            if handled.get(id)?.is_some() {
-                return Err(Checked::Conflict(StoreError::Conflict(format!("event {id} was handled meanwhile"))));
-            }
-        }
-    }
-    if reads.is_empty() {
-        return Ok(());
-    }
-    let state = write.open_table(STATE)?;
-    let changed = reads.changed(
-        |key| Ok::<_, redb::Error>(ReadSet::digest(state.get(key)?.as_ref().map(|v| v.value()))),
-        |prefix, limit| list(&state, prefix, limit),
-    )?;
-    match changed {
-        Some(conflict) => Err(Checked::Conflict(conflict)),
-        None => Ok(()),
-    }
-}
-
-/// Keys of `table` starting with `prefix`, ascending, at most `limit`.
-fn list(
-    table: &impl redb::ReadableTable<&'static str, &'static [u8]>,
-    prefix: &str,
-    limit: usize,
-) -> Result<Vec<String>, redb::Error> {
-    let mut keys = Vec::new();
-    for entry in table.range(prefix..)? {
-        let (key, _) = entry?;
-        let key = key.value();
-        if !key.starts_with(prefix) || keys.len() >= limit {
-            break;
-        }
-        keys.push(key.to_owned());
-    }
-    Ok(keys)
-}
-
-/// An [`OutboxEntry`] serialized without copying its records.
-#[derive(serde::Serialize)]
-struct EntryRef<'a> {
-    source: &'a str,
-    created_ms: u64,
-    records: &'a [super::OutboxRecord],
-}
-
-/// Adds one event's changes to the write transaction `write`.
-fn apply_one(write: &redb::WriteTransaction, commit: &Commit) -> Result<(), redb::Error> {
-    // Tables are opened only when touched: each costs pages to rewrite.
-    if !commit.writes.is_empty() {
-        let mut state = write.open_table(STATE)?;
-        for (key, value) in &commit.writes {
-            match value {
-                Some(value) => state.insert(key.as_str(), value.as_slice())?,
-                None => state.remove(key.as_str())?,
-            };
-        }
-    }
-    if commit.fired.is_some() || !commit.timers.is_empty() {
-        let mut timers = write.open_table(TIMERS)?;
-        let mut due = write.open_table(TIMERS_DUE)?;
-        if let Some((id, at_ms)) = &commit.fired {
-            remove_timer(&mut timers, &mut due, id, Some(*at_ms))?;
-        }
-        for change in &commit.timers {
-            match change {
-                TimerChange::Set(timer) => {
-                    remove_timer(&mut timers, &mut due, &timer.id, None)?;
-                    timers.insert(timer.id.as_str(), json(timer).as_slice())?;
-                    due.insert((timer.at_ms, timer.id.as_str()), ())?;
-                }
-                TimerChange::Cancel(id) => remove_timer(&mut timers, &mut due, id, None)?,
-            }
-        }
-    }
-    if let Some(source) = &commit.handled {
-        write.open_table(HANDLED)?.insert(source.as_str(), commit.now_ms)?;
-        if !commit.outbox.is_empty() {
-            let mut outbox = write.open_table(OUTBOX)?;
-            let seq = outbox.last()?.map_or(0, |(k, _)| k.value() + 1);
-            let entry = EntryRef { source, created_ms: commit.now_ms, records: &commit.outbox };
-            outbox.insert(seq, json(&entry).as_slice())?;
-            write.open_table(OUTBOX_BY_SOURCE)?.insert(source.as_str(), seq)?;
-        }
-    }
-    Ok(())
-}
-
-impl Drop for DurableStore {
-    fn drop(&mut self) {
-        self.shared.wake(|work| work.stop = true);
-        if let Some(flusher) = self.flusher.take() {
-            let _ = flusher.join();
-        }
-    }
-}
-
-/// State shared by a store and its flusher.
+/// What the flusher is asked to do, and the components it looks after.
 #[derive(Default)]
-struct Shared {
-    work: Mutex<Work>,
+struct Flush {
+    work: Mutex<FlushWork>,
     wake: Condvar,
 }
 
-/// What the flusher is asked to do.
 #[derive(Default)]
-struct Work {
-    /// Outbox entries published since the last write, to forget in the next.
-    cleared: Vec<String>,
+struct FlushWork {
+    components: Vec<Weak<Component>>,
+    /// Some component has published outbox entries to forget.
+    pending: bool,
     /// Flush what is left and stop.
     stop: bool,
 }
 
-impl Shared {
-    fn work(&self) -> std::sync::MutexGuard<'_, Work> {
+impl Flush {
+    fn lock(&self) -> MutexGuard<'_, FlushWork> {
         self.work.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Changes the work under the lock (ordering it with the flusher's
-    /// check) and wakes the flusher.
-    fn wake(&self, change: impl FnOnce(&mut Work)) {
-        change(&mut self.work());
-        self.wake.notify_one();
-    }
-
-    fn is_cleared(&self, source: &str) -> bool {
-        self.work().cleared.iter().any(|s| s == source)
+    /// Changes the work under the lock and wakes the flusher if that made
+    /// it pending or stopping (it sleeps until then: nothing to do, no
+    /// wake-ups).
+    fn wake(&self, change: impl FnOnce(&mut FlushWork)) {
+        let mut work = self.lock();
+        let before = (work.pending, work.stop);
+        change(&mut work);
+        if (work.pending, work.stop) != before {
+            self.wake.notify_one();
+        }
     }
 }
 
-/// The flusher: forgets outbox entries published while no commit came to
-/// carry them (a commit takes them along), checking every [`FLUSH_IDLE`],
-/// and flushes what is left when the store closes.
-fn flush_loop(db: &Database, shared: &Shared) {
+/// The flusher: once outbox entries are published, gives commits
+/// [`FLUSH_IDLE`] to carry them, then forgets what is left in a transaction
+/// of its own; flushes what is left when the store closes.
+fn flush_loop(db: &Database, flush: &Flush) {
     loop {
-        let (stopping, cleared) = {
-            let mut work = shared.work();
-            if !work.stop {
-                work = shared.wake.wait_timeout(work, FLUSH_IDLE).unwrap_or_else(PoisonError::into_inner).0;
+        let mut work = flush.lock();
+        while !work.pending && !work.stop {
+            work = flush.wake.wait(work).unwrap_or_else(PoisonError::into_inner);
+        }
+        let until = Instant::now() + FLUSH_IDLE;
+        while !work.stop && Instant::now() < until {
+            work = flush.wake.wait_timeout(work, until - Instant::now()).unwrap_or_else(PoisonError::into_inner).0;
+        }
+        work.pending = false;
+        work.components.retain(|c| c.strong_count() > 0);
+        let (stopping, components) = (work.stop, work.components.clone());
+        drop(work);
+        for component in components.iter().filter_map(Weak::upgrade) {
+            let cleared = component.cleared.lock().unwrap_or_else(PoisonError::into_inner).clone();
+            if cleared.is_empty() {
+                continue;
             }
-            (work.stop, work.cleared.clone())
-        };
-        if !cleared.is_empty() {
-            match forget_now(db, &cleared) {
-                Ok(()) => shared.work().cleared.retain(|s| !cleared.contains(s)),
+            match forget_now(db, &component.tables, &cleared) {
+                Ok(()) => {
+                    component.cleared.lock().unwrap_or_else(PoisonError::into_inner).retain(|s| !cleared.contains(s))
+                }
                 // Harmless: the entries stay hidden and are tried again.
                 Err(err) => tracing::warn!("cannot forget published outbox entries: {err}"),
             }
@@ -379,91 +372,53 @@ fn flush_loop(db: &Database, shared: &Shared) {
     }
 }
 
-/// How long published outbox entries may wait for a commit to carry them.
-const FLUSH_IDLE: Duration = Duration::from_secs(1);
-
 /// Forgets `cleared` in a transaction of its own, without an fsync: losing it
 /// in a crash only publishes those entries again.
-fn forget_now(db: &Database, cleared: &[String]) -> Result<(), redb::Error> {
+fn forget_now(db: &Database, tables: &Tables, cleared: &[String]) -> Result<(), redb::Error> {
     let mut write = db.begin_write()?;
     write.set_durability(Durability::None).map_err(|e| redb::Error::Corrupted(e.to_string()))?;
-    forget(&write, cleared)?;
+    tables::forget(tables, &write, cleared)?;
     write.commit()?;
     Ok(())
-}
-
-/// Forgets the outbox entries of `cleared` sources in `write`.
-fn forget(write: &redb::WriteTransaction, cleared: &[String]) -> Result<(), redb::Error> {
-    if cleared.is_empty() {
-        return Ok(());
-    }
-    let mut by_source = write.open_table(OUTBOX_BY_SOURCE)?;
-    let mut outbox = write.open_table(OUTBOX)?;
-    for source in cleared {
-        let seq = by_source.remove(source.as_str())?.map(|v| v.value());
-        if let Some(seq) = seq {
-            outbox.remove(seq)?;
-        }
-    }
-    Ok(())
-}
-
-/// Removes timer `id` (only if due at `only_at`, when given) and its index
-/// entry. A corrupt body is removed the same way: setting or cancelling a
-/// timer replaces whatever was stored.
-fn remove_timer(
-    timers: &mut redb::Table<'_, &'static str, &'static [u8]>,
-    due: &mut redb::Table<'_, (u64, &'static str), ()>,
-    id: &str,
-    only_at: Option<u64>,
-) -> Result<(), redb::Error> {
-    let old = timers.get(id)?.map(|v| v.value().to_vec());
-    let Some(old) = old else { return Ok(()) };
-    let at_ms = match decode_entry::<Timer>(&old) {
-        Ok(old) => Some(old.at_ms),
-        Err(_) => due_time(due, id)?,
-    };
-    if only_at.is_none_or(|at| Some(at) == at_ms) {
-        timers.remove(id)?;
-        if let Some(at_ms) = at_ms {
-            due.remove((at_ms, id))?;
-        }
-    }
-    Ok(())
-}
-
-/// The due time of timer `id` as indexed: the only record of it when its
-/// body is corrupt. A scan, taken only then.
-fn due_time(due: &impl redb::ReadableTable<(u64, &'static str), ()>, id: &str) -> Result<Option<u64>, redb::Error> {
-    for entry in due.iter()? {
-        let (key, _) = entry?;
-        let (at_ms, indexed) = key.value();
-        if indexed == id {
-            return Ok(Some(at_ms));
-        }
-    }
-    Ok(None)
 }
 
 impl StateStore for DurableStore {
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let e = self.err("cannot read");
-        let table = self.read()?.open_table(STATE).map_err(|x| e(&x))?;
+        let table = self.read()?.open_table(self.t().state()).map_err(|x| e(&x))?;
         Ok(table.get(key).map_err(|x| e(&x))?.map(|v| v.value().to_vec()))
     }
 
     fn keys(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StoreError> {
         let e = self.err("cannot read");
-        let table = self.read()?.open_table(STATE).map_err(|x| e(&x))?;
-        list(&table, prefix, limit).map_err(|x| e(&x))
+        let table = self.read()?.open_table(self.t().state()).map_err(|x| e(&x))?;
+        tables::list(&table, prefix, limit).map_err(|x| e(&x))
     }
 
     fn commit_batch(&self, commits: &[Commit], reads: &ReadSet) -> Result<Durable, StoreError> {
-        // The batch is the group: one fsync covers all its events, and the
-        // outbox entries published since the last write ride along.
-        let cleared = self.shared.work().cleared.clone();
-        self.apply(commits, reads, &cleared)?;
-        self.shared.work().cleared.retain(|s| !cleared.contains(s));
+        // The batch joins the host's group commit: one fsync covers it and
+        // whatever the other components committed meanwhile; the outbox
+        // entries published since this component's last write ride along.
+        let cleared = self.cleared().clone();
+        let t = self.t();
+        let err = self.err("cannot commit to");
+        let apply = |write: &redb::WriteTransaction| {
+            match tables::check(t, write, commits, reads) {
+                Ok(()) => {}
+                Err(Checked::Conflict(conflict)) => return Applied::Refused(conflict),
+                Err(Checked::Db(x)) => return Applied::Refused(err(&x)),
+            }
+            let applied = commits
+                .iter()
+                .try_for_each(|commit| tables::apply_one(t, write, commit))
+                .and_then(|()| tables::forget(t, write, &cleared));
+            match applied {
+                Ok(()) => Applied::Joined,
+                Err(x) => Applied::Broken(err(&x)),
+            }
+        };
+        self.host.group.commit(&self.host.db, apply, self.err("cannot commit to"))?;
+        self.cleared().retain(|s| !cleared.contains(s));
         Ok(Durable::done())
     }
 
@@ -474,19 +429,19 @@ impl StateStore for DurableStore {
 
     fn was_handled(&self, id: &str) -> Result<bool, StoreError> {
         let e = self.err("cannot read");
-        let table = self.read()?.open_table(HANDLED).map_err(|x| e(&x))?;
+        let table = self.read()?.open_table(self.t().handled()).map_err(|x| e(&x))?;
         Ok(table.get(id).map_err(|x| e(&x))?.is_some())
     }
 
     fn outbox(&self, source: &str) -> Result<Option<OutboxEntry>, StoreError> {
-        if self.shared.is_cleared(source) {
+        if self.cleared().iter().any(|s| s == source) {
             return Ok(None);
         }
         let e = self.err("cannot read");
         let read = self.read()?;
-        let by_source = read.open_table(OUTBOX_BY_SOURCE).map_err(|x| e(&x))?;
+        let by_source = read.open_table(self.t().outbox_by_source()).map_err(|x| e(&x))?;
         let Some(seq) = by_source.get(source).map_err(|x| e(&x))?.map(|v| v.value()) else { return Ok(None) };
-        let outbox = read.open_table(OUTBOX).map_err(|x| e(&x))?;
+        let outbox = read.open_table(self.t().outbox()).map_err(|x| e(&x))?;
         let Some(raw) = outbox.get(seq).map_err(|x| e(&x))?.map(|v| v.value().to_vec()) else { return Ok(None) };
         match decode_entry(&raw) {
             Ok(entry) => Ok(Some(entry)),
@@ -499,8 +454,8 @@ impl StateStore for DurableStore {
 
     fn pending_outbox(&self, limit: usize) -> Result<Vec<OutboxEntry>, StoreError> {
         let e = self.err("cannot read");
-        let outbox = self.read()?.open_table(OUTBOX).map_err(|x| e(&x))?;
-        let cleared = self.shared.work().cleared.clone();
+        let outbox = self.read()?.open_table(self.t().outbox()).map_err(|x| e(&x))?;
+        let cleared = self.cleared().clone();
         let (mut entries, mut corrupt) = (Vec::new(), Vec::new());
         for entry in outbox.iter().map_err(|x| e(&x))? {
             if entries.len() >= limit {
@@ -524,13 +479,13 @@ impl StateStore for DurableStore {
         // Forgotten by the next commit (or the flusher's next round when no
         // commit comes); until then hidden from readers. Lost in a crash, it
         // is only published again.
-        self.shared.work().cleared.push(source.to_owned());
+        self.clear_later(source);
         Ok(())
     }
 
     fn timer(&self, id: &str) -> Result<Option<Timer>, StoreError> {
         let e = self.err("cannot read");
-        let timers = self.read()?.open_table(TIMERS).map_err(|x| e(&x))?;
+        let timers = self.read()?.open_table(self.t().timers()).map_err(|x| e(&x))?;
         let Some(raw) = timers.get(id).map_err(|x| e(&x))?.map(|v| v.value().to_vec()) else { return Ok(None) };
         match decode_entry(&raw) {
             Ok(timer) => Ok(Some(timer)),
@@ -544,8 +499,8 @@ impl StateStore for DurableStore {
     fn due_timers(&self, now_ms: u64, limit: usize) -> Result<Vec<Timer>, StoreError> {
         let e = self.err("cannot read");
         let read = self.read()?;
-        let due = read.open_table(TIMERS_DUE).map_err(|x| e(&x))?;
-        let timers = read.open_table(TIMERS).map_err(|x| e(&x))?;
+        let due = read.open_table(self.t().timers_due()).map_err(|x| e(&x))?;
+        let timers = read.open_table(self.t().timers()).map_err(|x| e(&x))?;
         let (mut fired, mut corrupt) = (Vec::new(), Vec::new());
         for entry in due.range((0, "")..(now_ms.saturating_add(1), "")).map_err(|x| e(&x))?.take(limit) {
             let (key, _) = entry.map_err(|x| e(&x))?;
@@ -568,15 +523,15 @@ impl StateStore for DurableStore {
 
     fn timer_count(&self) -> Result<u64, StoreError> {
         let e = self.err("cannot read");
-        self.read()?.open_table(TIMERS).map_err(|x| e(&x))?.len().map_err(|x| e(&x))
+        self.read()?.open_table(self.t().timers()).map_err(|x| e(&x))?.len().map_err(|x| e(&x))
     }
 
     fn outbox_count(&self) -> Result<u64, StoreError> {
         // The outbox is short (entries leave it once published): counting
         // the ones not cleared since the last flush is cheap.
         let e = self.err("cannot read");
-        let cleared = self.shared.work().cleared.clone();
-        let by_source = self.read()?.open_table(OUTBOX_BY_SOURCE).map_err(|x| e(&x))?;
+        let cleared = self.cleared().clone();
+        let by_source = self.read()?.open_table(self.t().outbox_by_source()).map_err(|x| e(&x))?;
         let mut count = 0;
         for entry in by_source.iter().map_err(|x| e(&x))? {
             let (source, _) = entry.map_err(|x| e(&x))?;
@@ -587,13 +542,13 @@ impl StateStore for DurableStore {
 
     fn quarantined(&self, limit: usize) -> Result<Vec<Quarantined>, StoreError> {
         let e = self.err("cannot read");
-        let table = self.read()?.open_table(QUARANTINE).map_err(|x| e(&x))?;
+        let table = self.read()?.open_table(self.t().quarantine()).map_err(|x| e(&x))?;
         quarantine::latest(&table, limit).map_err(|x| e(&x))
     }
 
     fn corrupt_entries(&self) -> Result<CorruptEntries, StoreError> {
         let e = self.err("cannot read");
-        let count = self.read()?.open_table(QUARANTINE).map_err(|x| e(&x))?.len().map_err(|x| e(&x))?;
+        let count = self.read()?.open_table(self.t().quarantine()).map_err(|x| e(&x))?.len().map_err(|x| e(&x))?;
         let last = if count == 0 { None } else { self.quarantined(1)?.first().map(Quarantined::describe) };
         Ok(CorruptEntries { count, last_reason: last })
     }

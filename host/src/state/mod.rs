@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use durable::DurableStore;
+pub use durable::{DurableStore, HostStore};
 pub use memory::MemoryStore;
 pub use postgres::{PgStores, PostgresStore};
 pub use txn::{AccessError, Overlay, ReadSet, StateRead, StoreReader, Txn, TxnLimits};

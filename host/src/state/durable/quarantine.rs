@@ -1,14 +1,14 @@
 //! The redb adapter's quarantine: timers and outbox entries that could not
 //! be decoded, moved out of their tables by the read that found them.
 
-use redb::{ReadableTable as _, TableDefinition};
+use redb::ReadableTable as _;
 
-use super::{OUTBOX, OUTBOX_BY_SOURCE, TIMERS, TIMERS_DUE, due_time};
+use super::tables::{Tables, due_time};
 use crate::state::{EntryKind, Quarantined};
 
-/// Quarantine sequence → (kind, id, raw bytes, reason, when): entries that
-/// could not be decoded. Plain columns, so that nothing in it needs decoding.
-pub(super) const QUARANTINE: TableDefinition<u64, (&str, &str, &[u8], &str, u64)> = TableDefinition::new("quarantine");
+// The quarantine table ([`Tables::quarantine`]): sequence → (kind, id, raw
+// bytes, reason, when) of entries that could not be decoded. Plain columns,
+// so that nothing in it needs decoding.
 
 /// An undecodable entry a read found, to be quarantined.
 pub(super) struct Found {
@@ -27,14 +27,18 @@ pub(super) enum Place {
 
 /// Moves one found entry to the quarantine in `write`, if it still holds
 /// the bytes found; the entry quarantined, if any.
-pub(super) fn move_to(write: &redb::WriteTransaction, found: Found) -> Result<Option<Quarantined>, redb::Error> {
+pub(super) fn move_to(
+    t: &Tables,
+    write: &redb::WriteTransaction,
+    found: Found,
+) -> Result<Option<Quarantined>, redb::Error> {
     let (kind, id) = match found.place {
         Place::Timer(id, at_ms) => {
-            let mut timers = write.open_table(TIMERS)?;
+            let mut timers = write.open_table(t.timers())?;
             if timers.get(id.as_str())?.is_none_or(|v| v.value() != found.raw.as_slice()) {
                 return Ok(None);
             }
-            let mut due = write.open_table(TIMERS_DUE)?;
+            let mut due = write.open_table(t.timers_due())?;
             timers.remove(id.as_str())?;
             if let Some(at_ms) = at_ms.map_or_else(|| due_time(&due, &id), |at| Ok(Some(at)))? {
                 due.remove((at_ms, id.as_str()))?;
@@ -42,14 +46,14 @@ pub(super) fn move_to(write: &redb::WriteTransaction, found: Found) -> Result<Op
             (EntryKind::Timer, id)
         }
         Place::Outbox(seq) => {
-            let mut outbox = write.open_table(OUTBOX)?;
+            let mut outbox = write.open_table(t.outbox())?;
             if outbox.get(seq)?.is_none_or(|v| v.value() != found.raw.as_slice()) {
                 return Ok(None);
             }
             outbox.remove(seq)?;
             // The outbox is short (entries leave it once published): its
             // source is found by a scan, taken only here.
-            let mut by_source = write.open_table(OUTBOX_BY_SOURCE)?;
+            let mut by_source = write.open_table(t.outbox_by_source())?;
             let mut source = None;
             for entry in by_source.iter()? {
                 let (key, value) = entry?;
@@ -75,7 +79,7 @@ pub(super) fn move_to(write: &redb::WriteTransaction, found: Found) -> Result<Op
         reason: found.reason,
         at_ms: crate::clock::unix_ms(std::time::SystemTime::now()),
     };
-    let mut quarantine = write.open_table(QUARANTINE)?;
+    let mut quarantine = write.open_table(t.quarantine())?;
     let seq = quarantine.last()?.map_or(0, |(k, _)| k.value() + 1);
     quarantine.insert(
         seq,

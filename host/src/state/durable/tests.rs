@@ -1,0 +1,126 @@
+//! The host's file: components' commits sharing transactions, and the
+//! take-over of the files of earlier versions.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::*;
+use crate::state::{OutboxRecord, TimerChange};
+
+fn temp_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("host-store-{}", uuid::Uuid::new_v4().simple()))
+}
+
+fn handled(id: &str, key: &str, value: &str) -> Commit {
+    Commit {
+        writes: vec![(key.to_owned(), Some(value.as_bytes().to_vec()))],
+        handled: Some(id.to_owned()),
+        outbox: vec![OutboxRecord { topic: "t".into(), key: key.into(), value: value.into(), headers: Vec::new() }],
+        now_ms: 7,
+        ..Commit::default()
+    }
+}
+
+#[test]
+fn components_committing_at_once_share_fsyncs_and_every_batch_is_durable() {
+    let dir = temp_dir();
+    let path = dir.join("host.redb");
+    let host = HostStore::open(&path).unwrap();
+    let names = ["payment", "order", "email", "analytics"];
+    let stores: Vec<Arc<DurableStore>> = names.iter().map(|n| Arc::new(host.component(n).unwrap())).collect();
+    let threads: Vec<_> = stores
+        .iter()
+        .enumerate()
+        .map(|(i, store)| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                for n in 0..100 {
+                    let commit = handled(&format!("e{i}-{n}"), &format!("k{n}"), &format!("{i}:{n}"));
+                    store.commit_batch(&[commit], &ReadSet::default()).unwrap();
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    let (commits, batches) = host.group_commits();
+    assert_eq!(batches, 400, "every batch was committed once");
+    assert!(commits < batches, "batches arriving during a commit share the next one ({commits} commits)");
+    drop(stores);
+    drop(host);
+    // Each component sees its own tables only, all of them durable.
+    let host = HostStore::open(&path).unwrap();
+    for (i, name) in names.iter().enumerate() {
+        let store = host.component(name).unwrap();
+        assert_eq!(store.get("k99").unwrap(), Some(format!("{i}:99").into_bytes()));
+        assert!(store.was_handled(&format!("e{i}-0")).unwrap());
+        assert!(!store.was_handled(&format!("e{}-0", (i + 1) % 4)).unwrap(), "another component's id");
+        assert_eq!(store.pending_outbox(1_000).unwrap().len(), 100);
+    }
+    drop(host);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_conflicting_batch_is_refused_without_touching_the_others() {
+    let dir = temp_dir();
+    let host = HostStore::open(&dir.join("host.redb")).unwrap();
+    let (a, b) = (host.component("a").unwrap(), host.component("b").unwrap());
+    a.commit_batch(&[handled("e1", "k", "1")], &ReadSet::default()).unwrap();
+    let again = a.commit_batch(&[handled("e1", "k", "2")], &ReadSet::default()).unwrap_err();
+    assert!(matches!(again, StoreError::Conflict(_)), "{again}");
+    b.commit_batch(&[handled("e1", "k", "3")], &ReadSet::default()).unwrap();
+    assert_eq!(a.get("k").unwrap(), Some(b"1".to_vec()));
+    assert_eq!(b.get("k").unwrap(), Some(b"3".to_vec()));
+    drop((a, b, host));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A file as an earlier version wrote it: one component, unprefixed tables.
+fn legacy_file(path: &std::path::Path) {
+    let db = Database::create(path).unwrap();
+    let t = Tables::of("");
+    let write = db.begin_write().unwrap();
+    t.create(&write).unwrap();
+    let mut commit = handled("e1", "balance", "42");
+    let timer = Timer {
+        id: "t1".into(),
+        at_ms: 99,
+        event_type: "Due".into(),
+        key: "o1".into(),
+        payload: "{}".into(),
+        set_by: "e1".into(),
+        correlation_id: None,
+        traceparent: None,
+    };
+    commit.timers = vec![TimerChange::Set(timer)];
+    tables::apply_one(&t, &write, &commit).unwrap();
+    write.commit().unwrap();
+}
+
+#[test]
+fn the_file_of_an_earlier_version_is_taken_over_once() {
+    let dir = temp_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let legacy = dir.join("payment.redb");
+    legacy_file(&legacy);
+    let host = HostStore::open(&dir.join("host.redb")).unwrap();
+    assert!(host.adopt("payment", &legacy).unwrap());
+    let store = host.component("payment").unwrap();
+    assert_eq!(store.get("balance").unwrap(), Some(b"42".to_vec()));
+    assert!(store.was_handled("e1").unwrap());
+    assert_eq!(store.timer("t1").unwrap().map(|t| t.at_ms), Some(99));
+    assert_eq!(store.pending_outbox(10).unwrap().len(), 1);
+    assert!(!legacy.exists() && dir.join("payment.redb.migrated").exists(), "kept aside, renamed");
+    assert!(!host.adopt("payment", &legacy).unwrap(), "nothing left to take over");
+    // A crash after the copy, before the rename: the copy is not made again
+    // (it would undo what the host did since).
+    store.commit_batch(&[handled("e2", "balance", "43")], &ReadSet::default()).unwrap();
+    std::fs::rename(dir.join("payment.redb.migrated"), &legacy).unwrap();
+    assert!(host.adopt("payment", &legacy).unwrap());
+    assert_eq!(store.get("balance").unwrap(), Some(b"43".to_vec()));
+    assert!(!legacy.exists());
+    drop((store, host));
+    std::fs::remove_dir_all(dir).unwrap();
+}
