@@ -6,7 +6,8 @@
 //! acknowledged them) and its timers. [`StateStore::commit`] applies one
 //! handled event's [`Commit`] to all four atomically: that is the
 //! transactional outbox. Two adapters keep it: [`durable::DurableStore`]
-//! (redb, one file per component, fsync on commit) for one host, and
+//! (redb, one file per host for the components it serves, fsync on commit)
+//! for one host, and
 //! [`postgres::PostgresStore`] (one shared database) for several;
 //! [`MemoryStore`] is their in-memory twin for tests.
 //!
