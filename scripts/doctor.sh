@@ -118,4 +118,4 @@ if [ "$MISSING" -gt 0 ]; then
   echo "doctor: $MISSING missing; .ci/run installs all of it on Debian (as root)"
   exit 1
 fi
-echo "doctor: ready for just run and just test (first build: see README, Prerequisites)"
+echo "doctor: ready for just run and just test (the first build takes ~6 minutes: docs/performance.md)"
