@@ -16,6 +16,10 @@ pub struct Sample {
     pub rss_mib: f64,
     /// Peak resident set size so far (`VmHWM`), in MiB.
     pub peak_rss_mib: f64,
+    /// Context switches of all its threads so far, voluntary (waiting for
+    /// something: a wake-up) and not, from each `task/*/status`; threads
+    /// that ended are not counted.
+    pub switches: u64,
 }
 
 /// Which process to read: a pid, or the driver itself.
@@ -47,10 +51,23 @@ impl Process {
         let ticks = parse_cpu_ticks(&stat).with_context(|| format!("unexpected {dir:?}/stat: {stat:?}"))?;
         Ok(Sample {
             cpu_s: ticks as f64 / clock_ticks_per_second(),
-            rss_mib: status_kib(&status, "VmRSS:").unwrap_or(0) as f64 / 1024.0,
-            peak_rss_mib: status_kib(&status, "VmHWM:").unwrap_or(0) as f64 / 1024.0,
+            rss_mib: status_number(&status, "VmRSS:").unwrap_or(0) as f64 / 1024.0,
+            peak_rss_mib: status_number(&status, "VmHWM:").unwrap_or(0) as f64 / 1024.0,
+            switches: thread_switches(&dir),
         })
     }
+}
+
+/// Context switches of every thread of the process in `dir` so far.
+fn thread_switches(dir: &std::path::Path) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(dir.join("task")) else { return 0 };
+    tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("status")).ok())
+        .map(|status| {
+            status_number(&status, "voluntary_ctxt_switches:").unwrap_or(0)
+                + status_number(&status, "nonvoluntary_ctxt_switches:").unwrap_or(0)
+        })
+        .sum()
 }
 
 /// A set of processes whose CPU time is counted together.
@@ -168,8 +185,9 @@ fn parse_cpu_ticks_with_children(stat: &str) -> Option<u64> {
     Some(ticks)
 }
 
-/// The value in kB of `key` (e.g. `VmRSS:`) in `/proc/PID/status`.
-fn status_kib(status: &str, key: &str) -> Option<u64> {
+/// The number after `key` in `/proc/PID/status`: kB for `VmRSS:`, a count
+/// for `voluntary_ctxt_switches:`.
+fn status_number(status: &str, key: &str) -> Option<u64> {
     status.lines().find_map(|line| line.strip_prefix(key)?.split_whitespace().next()?.parse().ok())
 }
 
@@ -186,9 +204,9 @@ mod tests {
     #[test]
     fn rss_is_read_in_kib() {
         let status = "Name:\thost\nVmHWM:\t  204800 kB\nVmRSS:\t  102400 kB\nThreads:\t9\n";
-        assert_eq!(status_kib(status, "VmRSS:"), Some(102_400));
-        assert_eq!(status_kib(status, "VmHWM:"), Some(204_800));
-        assert_eq!(status_kib(status, "VmSwap:"), None);
+        assert_eq!(status_number(status, "VmRSS:"), Some(102_400));
+        assert_eq!(status_number(status, "VmHWM:"), Some(204_800));
+        assert_eq!(status_number(status, "VmSwap:"), None);
     }
 
     #[test]

@@ -75,6 +75,8 @@ pub async fn run_with<T>(
             after,
             cpu_s,
             cpu_s_per_1000_orders: (report.finished > 0).then(|| cpu_s * 1000.0 / report.finished as f64),
+            switches_per_order: (report.finished > 0)
+                .then(|| after.switches.saturating_sub(before.switches) as f64 / report.finished as f64),
             settle_s: quiet_since.elapsed().as_secs_f64(),
         });
     }

@@ -26,6 +26,9 @@ pub struct HostFigures {
     pub cpu_s: f64,
     /// `cpu_s` per 1,000 orders that became final.
     pub cpu_s_per_1000_orders: Option<f64>,
+    /// The host's context switches (thread wake-ups, mostly) per order
+    /// that became final.
+    pub switches_per_order: Option<f64>,
     /// How long the host took to go quiet after the last order was final.
     pub settle_s: f64,
 }
@@ -179,6 +182,7 @@ pub fn table(phases: &[PhaseReport]) -> String {
     row("poll errors", &|p| p.poll_errors.to_string());
     row("host CPU s", &|p| host_cell(p, |h| Some(format!("{:.2}", h.cpu_s))));
     row("host CPU s / 1k orders", &|p| host_cell(p, |h| h.cpu_s_per_1000_orders.map(|c| format!("{c:.2}"))));
+    row("host context switches / order", &|p| host_cell(p, |h| h.switches_per_order.map(|c| format!("{c:.0}"))));
     row("events handled / order", &|p| {
         p.stages
             .as_ref()

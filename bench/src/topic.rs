@@ -113,13 +113,34 @@ fn assign_at_end(brokers: &str, topic: &str) -> anyhow::Result<StreamConsumer> {
     // that would be missed.
     let mut assignment = TopicPartitionList::new();
     for partition in partitions {
-        let (_, high) = consumer
-            .fetch_watermarks(topic, partition, METADATA_TIMEOUT)
-            .with_context(|| format!("failed to read the end offset of {topic:?}/{partition}"))?;
+        let high = end_offset(&consumer, topic, partition)?;
         assignment.add_partition_offset(topic, partition, Offset::Offset(high))?;
     }
     consumer.assign(&assignment).with_context(|| format!("failed to assign the partitions of {topic:?}"))?;
     Ok(consumer)
+}
+
+/// The end offset of `topic`/`partition`. A topic the host has just created
+/// may not have elected its leaders yet (`NotLeaderForPartition`): asked
+/// again until [`METADATA_TIMEOUT`] passed.
+fn end_offset(consumer: &StreamConsumer, topic: &str, partition: i32) -> anyhow::Result<i64> {
+    let give_up = Instant::now() + METADATA_TIMEOUT;
+    loop {
+        match consumer.fetch_watermarks(topic, partition, METADATA_TIMEOUT) {
+            Ok((_, high)) => return Ok(high),
+            Err(err) if Instant::now() < give_up && is_leader_election(&err) => {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(err) => {
+                return Err(err).with_context(|| format!("failed to read the end offset of {topic:?}/{partition}"));
+            }
+        }
+    }
+}
+
+fn is_leader_election(err: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode::{LeaderNotAvailable, NotLeaderForPartition};
+    matches!(err.rdkafka_error_code(), Some(NotLeaderForPartition | LeaderNotAvailable))
 }
 
 async fn read(consumer: StreamConsumer, seen: Arc<Mutex<Seen>>) {

@@ -236,3 +236,30 @@ impl Publisher for KafkaPublisher {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use rdkafka::ClientConfig;
+    use rdkafka::producer::BaseProducer;
+
+    /// CPU time of the calling thread so far (Linux's schedstat).
+    fn thread_cpu() -> Duration {
+        let stat = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap();
+        Duration::from_nanos(stat.split_whitespace().next().unwrap().parse().unwrap())
+    }
+
+    /// rdkafka's poll loops (the producer's polling thread) used to spin
+    /// for a timeout's last millisecond: vendor/rdkafka/PATCHED.md.
+    #[test]
+    fn polling_with_under_a_millisecond_left_waits_instead_of_spinning() {
+        let producer: BaseProducer = ClientConfig::new().set("bootstrap.servers", "127.0.0.1:1").create().unwrap();
+        let (cpu, started) = (thread_cpu(), Instant::now());
+        for _ in 0..200 {
+            producer.poll(Duration::from_micros(900));
+        }
+        let (cpu, wall) = (thread_cpu() - cpu, started.elapsed());
+        assert!(cpu < wall / 4, "polling took {cpu:?} of CPU in {wall:?}: it spins");
+    }
+}
