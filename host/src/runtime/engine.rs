@@ -7,8 +7,8 @@
 //! ticker. A component runs on the engine it was compiled by.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use wasmtime::component::Linker;
@@ -67,11 +67,61 @@ struct Family {
 }
 
 /// What the ticker thread sees: the engines to tick (weakly, so that an
-/// engine nobody uses goes away) and when to stop.
+/// engine nobody uses goes away), whether any guest code runs, and when to
+/// stop.
 #[derive(Default)]
 struct Ticking {
     engines: Mutex<Vec<wasmtime::EngineWeak>>,
     stop: AtomicBool,
+    /// Calls into guest code under way ([`Engine::busy`]).
+    busy: AtomicUsize,
+    /// Where the ticker sleeps while no guest code runs.
+    idle: Mutex<()>,
+    wake: Condvar,
+    /// Ticks so far.
+    ticks: std::sync::atomic::AtomicU64,
+}
+
+/// How often the ticker ticks while no guest code runs: never needed (a
+/// call's deadline counts from the epoch at its start), kept as a safety
+/// net should guest code ever run outside [`Engine::busy`].
+const IDLE_TICK: Duration = Duration::from_secs(1);
+
+impl Ticking {
+    /// The ticker: a tick every [`EPOCH_TICK`] while guest code runs, asleep
+    /// otherwise (an idle host wakes it no more than once a second).
+    fn run(&self) {
+        while !self.stop.load(Ordering::Relaxed) {
+            let busy = {
+                let idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+                if self.busy.load(Ordering::SeqCst) == 0 && !self.stop.load(Ordering::Relaxed) {
+                    drop(self.wake.wait_timeout(idle, IDLE_TICK).unwrap_or_else(PoisonError::into_inner));
+                }
+                self.busy.load(Ordering::SeqCst) > 0
+            };
+            if busy {
+                std::thread::sleep(EPOCH_TICK);
+            }
+            self.ticks.fetch_add(1, Ordering::Relaxed);
+            let mut engines = self.engines.lock().unwrap_or_else(PoisonError::into_inner);
+            engines.retain(|weak| match weak.upgrade() {
+                Some(engine) => {
+                    engine.increment_epoch();
+                    true
+                }
+                None => false,
+            });
+        }
+    }
+}
+
+/// Guest code runs while this lives: the epoch ticks ([`Engine::busy`]).
+pub struct Busy(Arc<Ticking>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Engine {
@@ -94,19 +144,7 @@ impl Engine {
         // running even when every runtime worker is busy.
         let ticker = {
             let ticking = ticking.clone();
-            std::thread::Builder::new().name("epoch-ticker".into()).spawn(move || {
-                while !ticking.stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(EPOCH_TICK);
-                    let mut engines = ticking.engines.lock().unwrap_or_else(PoisonError::into_inner);
-                    engines.retain(|weak| match weak.upgrade() {
-                        Some(engine) => {
-                            engine.increment_epoch();
-                            true
-                        }
-                        None => false,
-                    });
-                }
-            })?
+            std::thread::Builder::new().name("epoch-ticker".into()).spawn(move || ticking.run())?
         };
         let family = Arc::new(Family {
             cache_dir,
@@ -168,6 +206,20 @@ impl Engine {
         Ok(Self { inner })
     }
 
+    /// Marks guest code as running until the guard drops: the epoch, which
+    /// ends calls at their deadline, ticks only then. Every instantiation
+    /// and call of a component holds one.
+    pub fn busy(&self) -> Busy {
+        let ticking = &self.inner.family.ticking;
+        if ticking.busy.fetch_add(1, Ordering::SeqCst) == 0 {
+            // Under the ticker's lock: it cannot miss this between its
+            // check and its wait.
+            let _idle = ticking.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            ticking.wake.notify_one();
+        }
+        Busy(ticking.clone())
+    }
+
     /// The wasmtime engine.
     pub fn wasmtime(&self) -> &wasmtime::Engine {
         &self.inner.engine
@@ -197,8 +249,36 @@ impl Engine {
 impl Drop for Family {
     fn drop(&mut self) {
         self.ticking.stop.store(true, Ordering::Relaxed);
+        drop(self.ticking.idle.lock().unwrap_or_else(PoisonError::into_inner));
+        self.ticking.wake.notify_one();
         if let Some(ticker) = self.ticker.lock().ok().and_then(|mut t| t.take()) {
             let _ = ticker.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ticks of `engine`'s ticker during `wait`.
+    fn ticks_during(engine: &Engine, wait: Duration) -> u64 {
+        let ticks = || engine.inner.family.ticking.ticks.load(Ordering::Relaxed);
+        let before = ticks();
+        std::thread::sleep(wait);
+        ticks() - before
+    }
+
+    #[test]
+    fn the_epoch_ticks_only_while_guest_code_runs() {
+        let engine = Engine::new().unwrap();
+        let wait = Duration::from_millis(400);
+        assert!(ticks_during(&engine, wait) <= 1, "an idle host's ticker sleeps (one safety tick a second)");
+        let busy = engine.busy();
+        let ticks = ticks_during(&engine, wait);
+        assert!(ticks >= 10, "a tick every 10 ms while a call runs, {ticks} in {wait:?}");
+        drop(busy);
+        std::thread::sleep(EPOCH_TICK * 3);
+        assert!(ticks_during(&engine, wait) <= 1, "asleep again once the call is over");
     }
 }

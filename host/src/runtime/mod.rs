@@ -590,6 +590,7 @@ impl ServiceRuntime {
         view: Arc<dyn StateRead>,
         wrap: impl FnOnce(&[OutgoingEvent], &str) -> Result<Vec<OutboxRecord>, String>,
     ) -> Result<Called, CallError> {
+        let _busy = self.engine.busy();
         let component = self.current();
         let trial_view = view.clone();
         let started = Instant::now();
@@ -684,6 +685,7 @@ impl ServiceRuntime {
                 let Some(previous) = self.canary.previous_of(&component.sha256) else {
                     return canary::Observation::Ignored;
                 };
+                let _busy = self.engine.busy();
                 let mut store = self.parts(view.clone(), false).store(&self.engine);
                 let handled = previous
                     .pre
@@ -816,6 +818,7 @@ impl ServiceRuntime {
         let (throttle, name, reuse) = (self.throttle.clone(), self.name.clone(), self.limits.instance_reuse);
         let result = self.query_threads.run(move || {
             let _permit = permit;
+            let _busy = engine.busy();
             let started = Instant::now();
             let mut warm = match start {
                 QueryStart::Kept(warm) => warm,
@@ -904,6 +907,7 @@ impl StoreParts {
 
     /// Instantiates `component` once, to refuse a version that cannot start.
     fn instantiate(self, engine: &Engine, component: LoadedComponent) -> Result<LoadedComponent, LoadError> {
+        let _busy = engine.busy();
         let mut store = self.store(engine);
         match component.pre.instantiate(&mut store) {
             Ok(_) => Ok(component),
