@@ -31,14 +31,20 @@ COPY . .
 # The registry and target/ are cache mounts: a source change rebuilds only the
 # crates it touches. Artifacts are copied out of target/ in the same step,
 # since a cache mount is not part of the image.
+# The components are the ones the image's manifest serves, as
+# scripts/services.sh reads them (Rust crates only: no node here).
+# hadolint ignore=SC2046,SC2086
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/usr/local/cargo/git,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \
-    cargo build --release --locked --target wasm32-wasip2 -p payment -p order -p email -p analytics \
+    scripts/services.sh --manifest deploy/app.container.toml builds >/tmp/builds \
+    && if grep -v '^rust ' /tmp/builds; then echo "the image builds Rust components only" >&2; exit 1; fi \
+    && crates="$(cut -d ' ' -f 2 /tmp/builds)" \
+    && cargo build --release --locked --target wasm32-wasip2 $(printf -- '-p %s ' $crates) \
     && cargo build --release --locked -p host \
     && mkdir -p /out/components \
     && cp target/release/host /out/host \
-    && for name in payment order email analytics; do \
+    && for name in $crates; do \
         cp "target/wasm32-wasip2/release/$name.wasm" /out/components/; \
     done
 

@@ -1,7 +1,5 @@
 # The shop: Rust host + Wasm service components on Kafka.
 
-components := "payment order email analytics"
-
 # List the recipes.
 default:
     @just --list
@@ -15,16 +13,23 @@ doctor:
 build:
     cargo build -p host
 
-# Build every service component (never the host), the JavaScript email
-# service too (needs node and npm; `npm ci` from its lock file).
+# Build every service component app.toml serves (never the host), and the
+# JavaScript services (components/*/build.sh: need node and npm; `npm ci`
+# from their lock files). Adds the wasm32-wasip2 target to the pinned
+# toolchain when it lacks it.
 build-components:
-    cargo build --release --target wasm32-wasip2 {{ prepend("-p ", components) }}
-    components/email-js/build.sh
+    scripts/build-components.sh
 
 # Build one service component, e.g. `just build-component payment`
-# (`email-js`: the JavaScript email service, target/wasm32-wasip2/release/email-js.wasm).
+# (a JavaScript one, e.g. `email-js`, with its build.sh: target/wasm32-wasip2/release/email-js.wasm).
 build-component NAME:
-    {{ if NAME == "email-js" { "components/email-js/build.sh" } else { "cargo build --release --target wasm32-wasip2 -p " + NAME } }}
+    if [ -x components/{{ NAME }}/build.sh ]; then components/{{ NAME }}/build.sh; else cargo build --release --target wasm32-wasip2 -p {{ NAME }}; fi
+
+# Add a service: components/NAME (a handler, a unit test on MemoryHost), a
+# workspace member and a block in app.toml (next free port, topic NAME), so
+# that `just run` serves it. `--lang js` writes a JavaScript one.
+new-service NAME *FLAGS:
+    scripts/new-service.sh {{ NAME }} {{ FLAGS }}
 
 # Build the test-only components (used by the host's tests).
 # The payment and email variants are built with features and copied aside;
@@ -41,7 +46,7 @@ build-test-components:
     cp target/wasm32-wasip2/release/email.wasm target/wasm32-wasip2/release/email-fail.wasm
     cargo build --release --target wasm32-wasip2 -p email
 
-# Run the whole system: gateway on :3005, components on :3001-3004.
+# Run the whole system: gateway on :3005, the components on their manifest ports (:3001-3004 and up).
 run: build-components build
     cargo run -p host -- run --manifest app.toml
 

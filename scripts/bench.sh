@@ -40,11 +40,12 @@ STOP_TIMEOUT_S=30
 log() { echo "bench.sh: $*" >&2; }
 
 scripts/kafka.sh start
-# The component crates, and the bench where their generic logic is
-# instantiated, at the opt-level of the .wasm build (Cargo.toml), so that
-# `bench wasm` compares like with like; the host keeps `just run`'s build.
+# The component crates the bench links natively (its path dependencies in
+# components/), and the bench where their generic logic is instantiated, at
+# the opt-level of the .wasm build (Cargo.toml), so that `bench wasm`
+# compares like with like; the host keeps `just run`'s build.
 NATIVE_OPT=()
-for crate in payment order email analytics shop-sdk bench; do
+for crate in $(sed -n 's|^\([a-z0-9-]*\) = { path = "\.\./components/.*|\1|p' bench/Cargo.toml) shop-sdk bench; do
   NATIVE_OPT+=(--config "profile.dev.package.$crate.opt-level=\"s\"")
 done
 cargo build -q -p bench "${NATIVE_OPT[@]}"

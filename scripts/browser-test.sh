@@ -19,6 +19,8 @@ ADMIN_TOKEN="browser-$RANDOM-$RANDOM-$(date +%s%N)"
 printf '\n[admin]\nport = %d\ntoken = "%s"\n' "$((BASE + 90))" "$ADMIN_TOKEN" >>"$WORK/app.toml"
 
 test_host_start
+# The console lists every component of the manifest, by name.
+COMPONENTS="$(scripts/services.sh --manifest "$WORK/app.toml" names | sort | paste -sd, -)"
 ADMIN_URL="http://127.0.0.1:$((BASE + 90))"
 SCREENSHOT_DIR="${SCREENSHOT_DIR:-/tmp}"
 mkdir -p "$SCREENSHOT_DIR"
@@ -26,7 +28,7 @@ CONSOLE_SCREENSHOT="$(cd "$SCREENSHOT_DIR" && pwd)/shop-console.png"
 
 cd tests/browser
 if ! GATEWAY_URL="$GATEWAY_URL" ADMIN_URL="$ADMIN_URL" ADMIN_TOKEN="$ADMIN_TOKEN" \
-  CONSOLE_SCREENSHOT="$CONSOLE_SCREENSHOT" ORDERS_TOPIC="${PREFIX}orders" node --test order.test.mjs console.test.mjs; then
+  CONSOLE_SCREENSHOT="$CONSOLE_SCREENSHOT" ORDERS_TOPIC="${PREFIX}orders" COMPONENTS="$COMPONENTS" node --test order.test.mjs console.test.mjs; then
   echo "--- host log ---"; tail -n 50 "$WORK/host.log"
   exit 1
 fi

@@ -19,21 +19,23 @@ have() { command -v "$1" >/dev/null 2>&1; }
 first_line() { "$@" 2>&1 | head -n 1; }
 
 echo "Rust (rust-toolchain.toml pins the release, the wasm32-wasip2 target, rustfmt and clippy)"
-toolchain="$(sed -n 's/^channel = "\(.*\)"/\1/p' rust-toolchain.toml)"
+# shellcheck source=scripts/wasm-target.sh
+. scripts/wasm-target.sh
+toolchain="$(pinned_toolchain)"
 if have rustup; then
   ok rustup "$(first_line rustup --version)"
   if rustup toolchain list | grep -q "^$toolchain"; then
-    ok "toolchain $toolchain" "$(first_line rustc --version)"
-    # Asking rustup for the target list would install what is missing: read
-    # the toolchain's sysroot instead.
-    sysroot="$(rustc --print sysroot)"
-    if [ -d "$sysroot/lib/rustlib/wasm32-wasip2" ]; then
-      ok wasm32-wasip2 "installed"
+    ok "toolchain $toolchain" "$(first_line rustc "+$toolchain" --version)"
+    # rustup installs a toolchain file's targets only with the toolchain
+    # itself: a release installed before lacks wasm32-wasip2 until someone
+    # adds it (`just build-components` does).
+    if has_wasm_target; then
+      ok wasm32-wasip2 "installed for $toolchain"
     else
-      ok wasm32-wasip2 "not yet: rustup adds it on the first cargo command here"
+      missing wasm32-wasip2 "rustup target add wasm32-wasip2 --toolchain $toolchain (just build-components runs it)"
     fi
   else
-    ok "toolchain $toolchain" "not yet: rustup installs it (~250 MB) on the first cargo command here"
+    ok "toolchain $toolchain" "not yet: rustup installs it (~250 MB) with wasm32-wasip2 on the first cargo command here"
   fi
 else
   missing "rustup" "curl --proto '=https' -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal"
@@ -116,4 +118,4 @@ if [ "$MISSING" -gt 0 ]; then
   echo "doctor: $MISSING missing; .ci/run installs all of it on Debian (as root)"
   exit 1
 fi
-echo "doctor: ready for just run and just test (first build: see README, Prerequisites)"
+echo "doctor: ready for just run and just test (the first build takes ~6 minutes: docs/performance.md)"

@@ -4,7 +4,8 @@
 #
 #   test_host_manifest TAG [SED_ARGS...]  writes $WORK/app.toml (extra sed
 #                                         arguments edit it further); sets
-#                                         WORK, BASE (ports BASE+1..5) and PREFIX
+#                                         WORK, BASE (port P becomes BASE+P-3000:
+#                                         BASE+1..5 for the shop) and PREFIX
 #   test_host_start                       starts target/debug/host on it and
 #                                         waits for the gateway and the order
 #                                         service; sets HOST_PID, GATEWAY_URL
@@ -25,15 +26,17 @@ test_host_manifest() {
   shift
   BASE=$((20000 + RANDOM % 20000))
   PREFIX="$tag-$(date +%s)-$RANDOM-"
-  sed -e "s|^port = 3005|port = $((BASE + 5))|" \
-      -e "s|^port = 3001|port = $((BASE + 1))|" \
-      -e "s|^port = 3002|port = $((BASE + 2))|" \
-      -e "s|^port = 3003|port = $((BASE + 3))|" \
-      -e "s|^port = 3004|port = $((BASE + 4))|" \
-      -e "s|^topic_prefix = \"\"|topic_prefix = \"$PREFIX\"|" \
+  # Every port of the gateway and of each component the manifest has moves
+  # by the same offset: 3001 becomes BASE+1, 3005 BASE+5.
+  awk -v base="$BASE" '
+    /^[ \t]*\[/ { section = $0; gsub(/[][ \t]/, "", section) }
+    /^port = [0-9]+/ && (section == "gateway" || section ~ /^components\.[^.]+$/) { print "port = " (base + $3 - 3000); next }
+    { print }
+  ' app.toml |
+    sed -e "s|^topic_prefix = \"\"|topic_prefix = \"$PREFIX\"|" \
       -e "s|^wasm = \"target/|wasm = \"$ROOT/target/|" \
       -e "s|^state_dir = .*|state_dir = \"$WORK/state\"|" \
-      "$@" app.toml >"$WORK/app.toml"
+      "$@" >"$WORK/app.toml"
 }
 
 test_host_start() {

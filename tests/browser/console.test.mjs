@@ -1,8 +1,9 @@
 // The admin console in headless Chromium: an order placed through the
-// gateway shows with its saga timeline, the four components with their
-// versions, and a reload adds to a component's history. The host must be
-// running with an admin token; GATEWAY_URL, ADMIN_URL and ADMIN_TOKEN name
-// them (scripts/browser-test.sh starts one).
+// gateway shows with its saga timeline, the manifest's components with
+// their versions, and a reload adds to a component's history. The host must
+// be running with an admin token; GATEWAY_URL, ADMIN_URL and ADMIN_TOKEN name
+// them, COMPONENTS the manifest's component names, comma-separated
+// (scripts/browser-test.sh starts one and reads its manifest).
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
@@ -14,6 +15,8 @@ const TOKEN = process.env.ADMIN_TOKEN;
 // Where an undecodable record is put to make a dead letter (needs kcat).
 const BROKERS = process.env.KAFKA_BROKERS;
 const ORDERS_TOPIC = process.env.ORDERS_TOPIC;
+// The shop's four unless the manifest has more (`just new-service`).
+const COMPONENTS = (process.env.COMPONENTS ?? "analytics,email,order,payment").split(",").sort();
 let browser;
 
 before(async () => {
@@ -55,11 +58,12 @@ test("the console shows components, an order's timeline, and a reload in the his
   const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
   const requests = await openConsole(page);
 
-  // The four components, each with a version.
-  await page.waitForFunction(() => document.querySelectorAll("#components tr").length === 4, null, { timeout: 15_000 });
+  // The manifest's components, each with a version.
+  await page.waitForFunction(n => document.querySelectorAll("#components tr").length === n, COMPONENTS.length,
+    { timeout: 15_000 });
   const components = await page.$$eval("#components tr", trs => trs.map(tr =>
     [tr.dataset.component, tr.querySelector(".version").textContent, tr.querySelector(".status").textContent]));
-  assert.deepEqual(components.map(c => c[0]), ["analytics", "email", "order", "payment"]);
+  assert.deepEqual(components.map(c => c[0]), COMPONENTS);
   for (const [name, version, status] of components) {
     assert.match(version, /^[0-9a-f]{12}$/, name);
     assert.equal(status, "ok", name);

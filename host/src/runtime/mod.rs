@@ -601,8 +601,10 @@ impl ServiceRuntime {
 
     /// Calls the component's `handle` on a fresh instance, reading `view`,
     /// and lets `wrap` turn what it emitted into records (given the events
-    /// and the version). Nothing is committed: the pipeline owns
-    /// deduplication, the commit and the outbox. The outcome feeds the
+    /// and the version). The call commits nothing: the pipeline owns
+    /// deduplication, the commit and the outbox (the runtime writes to the
+    /// store only after the fact, in [`Self::settle_timer`] and
+    /// [`Self::published`]). The outcome feeds the
     /// canary watch of a freshly reloaded version. Runs the guest on the
     /// calling thread: call it from a thread outside the async runtime.
     ///

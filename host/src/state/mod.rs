@@ -5,8 +5,11 @@
 //! outbox (the records its handled events emitted, kept until the broker
 //! acknowledged them) and its timers. [`StateStore::commit`] applies one
 //! handled event's [`Commit`] to all four atomically: that is the
-//! transactional outbox. [`durable::DurableStore`] (redb, fsync on commit)
-//! is the real adapter; [`MemoryStore`] is its in-memory twin for tests.
+//! transactional outbox. Two adapters keep it: [`durable::DurableStore`]
+//! (redb, one file per host for the components it serves, fsync on commit)
+//! for one host, and
+//! [`postgres::PostgresStore`] (one shared database) for several;
+//! [`MemoryStore`] is their in-memory twin for tests.
 //!
 //! A timer or outbox entry that cannot be decoded is never an error of the
 //! whole store: the read that meets it moves it to the component's

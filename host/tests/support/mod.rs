@@ -136,6 +136,11 @@ pub struct Options {
     /// Keep the state in this PostgreSQL schema (of `DATABASE_URL`)
     /// instead of redb files.
     pub postgres_schema: Option<String>,
+    /// The manifest the test's one starts from (default: the repo's
+    /// `app.toml`).
+    pub app: Option<PathBuf>,
+    /// `.wasm` files to serve instead of the built ones, by component name.
+    pub wasm: Vec<(String, PathBuf)>,
 }
 
 impl Default for Options {
@@ -146,6 +151,8 @@ impl Default for Options {
             order_config: r#"stock = "sold-out=0""#.into(),
             static_membership: false,
             postgres_schema: None,
+            app: None,
+            wasm: Vec::new(),
         }
     }
 }
@@ -157,12 +164,15 @@ pub fn write_manifest(dir: &Path, ports: Ports) -> (PathBuf, String) {
 }
 
 /// [`write_manifest`] with [`Options`]. The services, their topics, groups
-/// and settings come from `app.toml`, so the tests run what users run.
+/// and settings come from `app.toml`, so the tests run what users run:
+/// every component it has, the shop's four on `ports`, any other on a free
+/// port of its own ([`manifest_ports`] reads them back).
 pub fn write_manifest_with(dir: &Path, ports: Ports, options: &Options) -> (PathBuf, String) {
     use toml::{Table, Value};
 
     let prefix = options.prefix.clone().unwrap_or_else(|| format!("t{}-", uuid::Uuid::new_v4().simple()));
-    let mut app: Table = std::fs::read_to_string(repo().join("app.toml")).unwrap().parse().unwrap();
+    let source = options.app.clone().unwrap_or_else(|| repo().join("app.toml"));
+    let mut app: Table = std::fs::read_to_string(&source).unwrap().parse().unwrap();
     let section = |app: &mut Table, name: &str| -> Table {
         app.remove(name).and_then(|v| v.as_table().cloned()).unwrap_or_default()
     };
@@ -188,9 +198,13 @@ pub fn write_manifest_with(dir: &Path, ports: Ports, options: &Options) -> (Path
     components.retain(|name, _| !options.without.contains(&name));
     for (name, settings) in components.iter_mut() {
         let settings = settings.as_table_mut().unwrap();
-        let port = port_of.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no test port for {name}")).1;
+        let port = port_of.iter().find(|(n, _)| n == name).map_or_else(free_port, |(_, port)| *port);
         settings.insert("port".into(), Value::Integer(port.into()));
-        settings.insert("wasm".into(), Value::String(component(name).display().to_string()));
+        let wasm = match options.wasm.iter().find(|(n, _)| n == name) {
+            Some((_, path)) => path.clone(),
+            None => component(&wasm_stem(settings)),
+        };
+        settings.insert("wasm".into(), Value::String(wasm.display().to_string()));
         if name == "order" {
             let wrapped: Table = format!("config = {{ {} }}", options.order_config).parse().unwrap();
             let mut config = wrapped["config"].as_table().cloned().unwrap();
@@ -226,6 +240,21 @@ pub fn write_manifest_with(dir: &Path, ports: Ports, options: &Options) -> (Path
 
 /// The card vault key of every test host (`HOST_VAULT_KEY`).
 pub const TEST_VAULT_KEY: &str = "5e57c0de5e57c0de5e57c0de5e57c0de5e57c0de5e57c0de5e57c0de5e57c0de";
+
+/// The name of the `.wasm` file a manifest block serves, without `.wasm`
+/// (`target/wasm32-wasip2/release/email-js.wasm`: `email-js`).
+fn wasm_stem(settings: &toml::Table) -> String {
+    let wasm = settings.get("wasm").and_then(toml::Value::as_str).expect("a component without `wasm`");
+    Path::new(wasm).file_stem().and_then(|s| s.to_str()).expect("a `wasm` path without a file name").to_owned()
+}
+
+/// Each component's port in the manifest at `path`, by name.
+pub fn manifest_ports(path: &Path) -> std::collections::BTreeMap<String, u16> {
+    let app: toml::Table = std::fs::read_to_string(path).unwrap().parse().unwrap();
+    let components = app["components"].as_table().unwrap();
+    let port = |settings: &toml::Value| u16::try_from(settings["port"].as_integer().unwrap()).unwrap();
+    components.iter().map(|(name, settings)| (name.clone(), port(settings))).collect()
+}
 
 /// A running `host` process; killed on drop if still running.
 pub struct HostProcess {

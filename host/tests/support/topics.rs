@@ -11,10 +11,20 @@ use rdkafka::message::Headers as _;
 
 use super::eventually;
 
-/// The app's topics under `prefix`: the four of the shop and the
-/// dead-letter topic.
+/// The app's topics under `prefix`: every topic a component of `app.toml`
+/// consumes or may publish to, and the dead-letter topic.
 pub fn app_topics(prefix: &str) -> Vec<String> {
-    ["orders", "payments", "emails", "analytics", "dead-letters"].iter().map(|t| format!("{prefix}{t}")).collect()
+    let app: toml::Table = std::fs::read_to_string(super::repo().join("app.toml")).unwrap().parse().unwrap();
+    let mut topics = std::collections::BTreeSet::new();
+    for settings in app["components"].as_table().unwrap().values() {
+        let listed = |key: &str| settings.get(key).and_then(toml::Value::as_array).cloned().unwrap_or_default();
+        topics.extend(listed("topics").iter().filter_map(|t| t.as_str().map(str::to_owned)));
+        let granted = listed("publishes");
+        topics.extend(granted.iter().filter_map(|g| Some(g.as_str()?.split_once(':')?.0.to_owned())));
+    }
+    let dead_letters = app.get("kafka").and_then(|k| k.get("dead_letter_topic")).and_then(toml::Value::as_str);
+    topics.insert(dead_letters.unwrap_or("dead-letters").to_owned());
+    topics.iter().map(|t| format!("{prefix}{t}")).collect()
 }
 
 /// Where a partition of a topic starts and ends at one moment.
