@@ -247,7 +247,10 @@ mod tests {
         let refused = app.oneshot(get("/state/k")).await.unwrap();
         assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
         let retry_after: u64 = refused.headers()[header::RETRY_AFTER].to_str().unwrap().parse().unwrap();
-        assert!((1..=3).contains(&retry_after), "{retry_after}");
+        // Whole seconds, rounded up, of what the throttle had left: how much
+        // depends on how long the spin really ran on a loaded machine.
+        let most = left.as_secs() + 1;
+        assert!((1..=most).contains(&retry_after), "{retry_after} s, {left:?} left");
         let body = axum::body::to_bytes(refused.into_body(), 1 << 16).await.unwrap();
         let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(body["error"]["code"], "throttled", "{body}");

@@ -47,7 +47,7 @@ async fn records_with_ids_no_store_can_keep_are_dead_lettered_and_the_partition_
     let schema = fresh_schema();
     let options = Options { postgres_schema: Some(schema.clone()), ..Options::default() };
     let (manifest, prefix) = write_manifest_with(&dir, ports, &options);
-    let port = add_component(&manifest, "misbehave", "");
+    let port = add_component(&manifest, "misbehave", "publishes = [\"out:*\"]");
     let host = HostProcess::start(&manifest, Some(&brokers));
     let client = reqwest::Client::new();
     wait_ports_healthy(&client, &[port]).await;
