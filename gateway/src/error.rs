@@ -122,6 +122,9 @@ impl IntoResponse for ApiError {
         if let Some(fields) = fields {
             body["error"]["fields"] = json!(fields);
         }
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            return (status, retry_after, Json(body)).into_response();
+        }
         (status, Json(body)).into_response()
     }
 }

@@ -67,6 +67,40 @@ fn violations(doc: &serde_json::Value, schema: &serde_json::Value, value: &serde
     found
 }
 
+/// Sends `request` to `router` and checks the answer against `doc`: its
+/// status is documented for the operation, its body matches that answer's
+/// schema, and it carries every header documented for it. Returns the
+/// operation, method and status answered, and the body's error code.
+async fn answer(
+    doc: &serde_json::Value,
+    router: Router,
+    request: Request<Body>,
+) -> ((String, String, String), Option<String>) {
+    let (method, path) = (request.method().as_str().to_lowercase(), request.uri().path().to_owned());
+    let operation_path = template(doc, &path).unwrap_or_else(|| panic!("{path} is not documented"));
+    let response = router.oneshot(request).await.unwrap();
+    let status = response.status().as_u16().to_string();
+    let headers = response.headers().clone();
+    let content_type = headers[header::CONTENT_TYPE].to_str().unwrap().to_owned();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+    let documented = resolve(doc, &doc["paths"][&operation_path][&method]["responses"][&status]);
+    assert!(documented.is_object(), "{method} {path} answered {status}, which is not documented");
+    for name in documented["headers"].as_object().into_iter().flat_map(|h| h.keys()) {
+        assert!(headers.contains_key(name.as_str()), "{method} {path} {status}: no {name} header");
+    }
+    let media = content_type.split(';').next().unwrap();
+    let schema = &documented["content"][media]["schema"];
+    assert!(schema.is_object(), "{method} {path} {status}: {media} is not documented");
+    let mut code = None;
+    if media == "application/json" {
+        let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        let wrong = violations(doc, schema, &body, "body");
+        assert!(wrong.is_empty(), "{method} {path} {status}: {wrong:?} in {body}");
+        code = body["error"]["code"].as_str().map(str::to_owned);
+    }
+    ((operation_path, method, status), code)
+}
+
 /// The documented operation a concrete path belongs to.
 fn template(doc: &serde_json::Value, path: &str) -> Option<String> {
     doc["paths"].as_object().unwrap().keys().find_map(|documented| {
@@ -132,26 +166,41 @@ async fn every_documented_answer_is_real_and_matches_its_schema() {
     let mut answered = BTreeSet::new();
     let mut codes = BTreeSet::new();
     for (backend, request) in cases {
-        let (method, path) = (request.method().as_str().to_lowercase(), request.uri().path().to_owned());
-        let operation_path = template(&doc, &path).unwrap_or_else(|| panic!("{path} is not documented"));
-        let response = app_with(backend, quick).oneshot(request).await.unwrap();
-        let status = response.status().as_u16().to_string();
-        let content_type = response.headers()[header::CONTENT_TYPE].to_str().unwrap().to_owned();
-        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
-        let documented = &doc["paths"][&operation_path][&method]["responses"][&status];
-        let documented = resolve(&doc, documented);
-        assert!(documented.is_object(), "{method} {path} answered {status}, which is not documented");
-        let media = content_type.split(';').next().unwrap();
-        let schema = &documented["content"][media]["schema"];
-        assert!(schema.is_object(), "{method} {path} {status}: {media} is not documented");
-        if media == "application/json" {
-            let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-            let wrong = violations(&doc, schema, &body, "body");
-            assert!(wrong.is_empty(), "{method} {path} {status}: {wrong:?} in {body}");
-            codes.extend(body["error"]["code"].as_str().map(str::to_owned));
-        }
-        answered.insert((operation_path, method, status));
+        let (seen, code) = answer(&doc, app_with(backend, quick), request).await;
+        answered.insert(seen);
+        codes.extend(code);
     }
+    // A client past its rate, on every operation: its second request.
+    let limited = Settings { rates: RateLimits { orders_per_second: 0.001, queries_per_second: 0.001 }, ..quick };
+    let operations: Vec<(String, String)> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(path, ops)| ops.as_object().unwrap().keys().map(move |m| (path.replace("{id}", "o1"), m.clone())))
+        .collect();
+    for (path, method) in operations {
+        let router = app_with(backend(|_| {}), limited);
+        let request = || match method.as_str() {
+            "post" => post(&valid_order(), &[]),
+            _ => get(&path),
+        };
+        router.clone().oneshot(request()).await.unwrap();
+        let (seen, code) = answer(&doc, router, request()).await;
+        assert_eq!(seen.2, "429", "{method} {path}");
+        answered.insert(seen);
+        codes.extend(code);
+    }
+    // A status query while every status slot is held (by a query the order
+    // service never answers) waits a second, then is answered busy.
+    let slotted = Settings { status_concurrency: 1, request_timeout: Duration::from_secs(30), ..Settings::default() };
+    let router = app_with(backend(|b| b.stuck = true), slotted);
+    let holder = tokio::spawn(router.clone().oneshot(get("/order/o1")));
+    tokio::task::yield_now().await;
+    let (seen, code) = answer(&doc, router, get("/order/o2")).await;
+    assert_eq!((seen.2.as_str(), code.as_deref()), ("503", Some("busy")));
+    holder.abort();
+    answered.insert(seen);
+    codes.extend(code);
     let mut promised = BTreeSet::new();
     for (path, operations) in doc["paths"].as_object().unwrap() {
         for (method, operation) in operations.as_object().unwrap() {
