@@ -6,8 +6,9 @@
 //!
 //! A call's changes are checked as it makes them ([`super::Txn`]) against
 //! the component's usage, read from the store in the background at most
-//! every [`REFRESH`] (counting keys and bytes reads the whole of a
-//! component's state, too slow for every call). A change past a quota is
+//! every [`REFRESH`], and less often as the state grows (counting keys and
+//! bytes reads the whole of a component's state, too slow for every call:
+//! see [`refresh_after`]). A change past a quota is
 //! refused with a message naming the quota, and the call fails for good
 //! with it; deletes and cancels are never refused. Between two readings a
 //! component may overshoot by one interval's writes.
@@ -18,8 +19,20 @@ use std::time::{Duration, Instant};
 
 use super::{StateStore, StoreError};
 
-/// How often the usage is read again.
+/// How often the usage is read again, at most.
 pub const REFRESH: Duration = Duration::from_secs(2);
+
+/// Readings take at most this share of the time between them (one in 50:
+/// 2 % of a core while a component writes).
+const READING_SHARE: u32 = 50;
+
+/// When the usage is read again after a reading that took `took`: every
+/// [`REFRESH`], or later once a reading costs more than 1/[`READING_SHARE`]
+/// of that, so that a large state (a reading is a pass over all of it) does
+/// not take a growing share of the machine.
+pub fn refresh_after(took: Duration) -> Duration {
+    REFRESH.max(took.saturating_mul(READING_SHARE))
+}
 
 /// The totals one component may keep.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,7 +107,8 @@ impl Quota {
 pub struct StateQuota {
     limits: StateLimits,
     store: Arc<dyn StateStore>,
-    usage: Mutex<Option<(Usage, Instant)>>,
+    /// The last reading: the usage, when it was made and how long it took.
+    usage: Mutex<Option<(Usage, Instant, Duration)>>,
     reading: Arc<AtomicBool>,
     refused: [AtomicU64; 4],
 }
@@ -127,17 +141,20 @@ impl StateQuota {
     /// # Errors
     /// The store could not be read (the last reading stays).
     pub fn read_now(&self) -> Result<Usage, StoreError> {
+        let started = Instant::now();
         let (keys, bytes) = self.store.data_usage()?;
         let usage = Usage { keys, bytes, timers: self.store.timer_count()?, outbox: self.store.outbox_count()? };
-        *self.usage.lock().unwrap_or_else(PoisonError::into_inner) = Some((usage, Instant::now()));
+        let took = started.elapsed();
+        *self.usage.lock().unwrap_or_else(PoisonError::into_inner) = Some((usage, Instant::now(), took));
         Ok(usage)
     }
 
     /// The usage as last read (`None` before the first reading), starting a
-    /// reading in the background if that one is older than [`REFRESH`].
+    /// reading in the background once that one is [`refresh_after`] old.
     pub fn usage(self: &Arc<Self>) -> Option<Usage> {
         let last = *self.usage.lock().unwrap_or_else(PoisonError::into_inner);
-        if last.is_none_or(|(_, at)| at.elapsed() >= REFRESH) && !self.reading.swap(true, Ordering::SeqCst) {
+        let due = last.is_none_or(|(_, at, took)| at.elapsed() >= refresh_after(took));
+        if due && !self.reading.swap(true, Ordering::SeqCst) {
             let quota = self.clone();
             let spawned = std::thread::Builder::new().name("state-usage".into()).spawn(move || {
                 if let Err(err) = quota.read_now() {
@@ -149,7 +166,7 @@ impl StateQuota {
                 self.reading.store(false, Ordering::SeqCst);
             }
         }
-        last.map(|(usage, _)| usage)
+        last.map(|(usage, _, _)| usage)
     }
 
     /// Refusals made, per quota, in the order of [`Quota::ALL`].
@@ -187,6 +204,16 @@ impl StateQuota {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Small states are read every two seconds; a state whose reading
+    /// takes 100 ms is read every 5 s, so readings stay at 2 % of a core.
+    #[test]
+    fn readings_space_out_as_they_grow_costly() {
+        assert_eq!(refresh_after(Duration::ZERO), REFRESH);
+        assert_eq!(refresh_after(Duration::from_millis(40)), REFRESH);
+        assert_eq!(refresh_after(Duration::from_millis(100)), Duration::from_secs(5));
+        assert_eq!(refresh_after(Duration::from_secs(1)), Duration::from_secs(50));
+    }
     use crate::state::{Commit, DurableStore, MemoryStore};
 
     /// Every adapter counts a component's keys and bytes (keys plus values),
