@@ -100,7 +100,11 @@ pub trait Backend: Send + Sync + 'static {
     /// # Errors
     /// [`BackendError`] when the vault cannot store it (the order is then
     /// not sent).
-    fn vault_card(&self, number: String) -> BoxFuture<'_, Result<CardToken, BackendError>>;
+    ///
+    /// The card pays for `order_id`: a retry of the same order must get the
+    /// same token (and the card first given), so that the `OrderPlaced` it
+    /// publishes again is the same event.
+    fn vault_card(&self, order_id: &str, number: String) -> BoxFuture<'_, Result<CardToken, BackendError>>;
 }
 
 /// Largest request body accepted (an order is a few KiB).
@@ -315,7 +319,7 @@ async fn place_order(
         return Err(ApiError::Unavailable(reason));
     }
     // The number goes to the vault; the event carries its token.
-    let card = match backend.vault_card(placed.card_number.clone()).await {
+    let card = match backend.vault_card(&order_id, placed.card_number.clone()).await {
         Ok(card) => card,
         Err(err) => {
             binding.iter().for_each(|binding| claims.release(binding));

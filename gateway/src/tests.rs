@@ -118,20 +118,20 @@ impl Backend for TwinBackend {
         })
     }
 
-    fn vault_card(&self, number: String) -> BoxFuture<'_, Result<CardToken, BackendError>> {
+    fn vault_card(&self, order_id: &str, number: String) -> BoxFuture<'_, Result<CardToken, BackendError>> {
+        // As the host's vault: one token per order, the first card kept.
+        let token = format!("tok_{order_id}");
         Box::pin(async move {
             if self.vault_down {
                 return Err(BackendError("vault store down".into()));
             }
             let mut vault = self.vault.lock().unwrap();
-            let token = format!("tok_{}", vault.len() + 1);
-            let card = CardToken {
-                token: token.clone(),
-                brand: shop_events::card::brand(&number).into(),
-                last4: shop_events::card::last4(&number).into(),
-            };
-            vault.insert(token, number);
-            Ok(card)
+            let number = vault.entry(token.clone()).or_insert(number);
+            Ok(CardToken {
+                token,
+                brand: shop_events::card::brand(number).into(),
+                last4: shop_events::card::last4(number).into(),
+            })
         })
     }
 }
@@ -319,6 +319,7 @@ async fn a_second_order_racing_the_first_under_one_key_is_refused_by_this_gatewa
     let placed = backend.placed.lock().unwrap().clone();
     assert_eq!(placed.len(), 2, "the retry is published again (the order service drops it by id)");
     assert_eq!(placed[0].order_id, placed[1].order_id);
+    assert_eq!(placed[0].card, placed[1].card, "the retry's card token is the first's: the same event");
 }
 
 #[tokio::test]

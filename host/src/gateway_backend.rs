@@ -88,8 +88,15 @@ impl gateway::Backend for GatewayBackend {
         })
     }
 
-    fn vault_card(&self, number: String) -> gateway::BoxFuture<'_, Result<CardToken, gateway::BackendError>> {
-        Box::pin(async move { self.vault.deposit(&number).await.map_err(|e| gateway::BackendError(e.to_string())) })
+    fn vault_card(
+        &self,
+        order_id: &str,
+        number: String,
+    ) -> gateway::BoxFuture<'_, Result<CardToken, gateway::BackendError>> {
+        let order_id = order_id.to_owned();
+        Box::pin(async move {
+            self.vault.deposit_for(&order_id, &number).await.map_err(|e| gateway::BackendError(e.to_string()))
+        })
     }
 }
 

@@ -62,6 +62,22 @@ pub mod codes {
 
 /// Test card numbers: the checks the gateway and the payment service share.
 pub mod card {
+    /// A card redeemed from the host's vault: the host's answer and what a
+    /// guest gets (WIT `vault.card`). Its `Debug` never shows the number.
+    #[derive(Clone, PartialEq, Eq)]
+    pub struct Card {
+        /// The full number, digits only.
+        pub number: String,
+        pub brand: String,
+        pub last4: String,
+    }
+
+    impl std::fmt::Debug for Card {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Card").field("brand", &self.brand).field("last4", &self.last4).finish_non_exhaustive()
+        }
+    }
+
     /// The card number without the spaces and dashes people type.
     pub fn normalize(raw: &str) -> String {
         raw.chars().filter(|c| !c.is_whitespace() && *c != '-').collect()

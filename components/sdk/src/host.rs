@@ -35,20 +35,7 @@ impl From<StateError> for HandleError {
 }
 
 /// A card redeemed from the host's vault (WIT `vault.card`).
-#[derive(Clone, PartialEq, Eq)]
-pub struct Card {
-    /// The full number, digits only.
-    pub number: String,
-    pub brand: String,
-    pub last4: String,
-}
-
-impl std::fmt::Debug for Card {
-    /// Never prints the number.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Card").field("brand", &self.brand).field("last4", &self.last4).finish_non_exhaustive()
-    }
-}
+pub use shop_events::card::Card;
 
 /// Why a vault token could not be redeemed (WIT `vault.vault-error`).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -131,7 +131,7 @@ impl Backend for SlottedBackend {
         Box::pin(async { Ok(twin_catalog()) })
     }
 
-    fn vault_card(&self, number: String) -> BoxFuture<'_, Result<CardToken, BackendError>> {
+    fn vault_card(&self, _: &str, number: String) -> BoxFuture<'_, Result<CardToken, BackendError>> {
         Box::pin(async move {
             let (brand, last4) = (shop_events::card::brand(&number).into(), shop_events::card::last4(&number).into());
             Ok(CardToken { token: "tok_1".into(), brand, last4 })

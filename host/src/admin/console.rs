@@ -104,9 +104,10 @@ impl<B: gateway::Backend> gateway::Backend for Recording<B> {
 
     fn vault_card(
         &self,
+        order_id: &str,
         number: String,
     ) -> gateway::BoxFuture<'_, Result<shop_events::CardToken, gateway::BackendError>> {
-        self.inner.vault_card(number)
+        self.inner.vault_card(order_id, number)
     }
 }
 

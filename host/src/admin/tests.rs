@@ -315,6 +315,7 @@ async fn recent_orders_are_the_last_acknowledged_newest_first() {
         }
         fn vault_card(
             &self,
+            _: &str,
             _: String,
         ) -> gateway::BoxFuture<'_, Result<shop_events::CardToken, gateway::BackendError>> {
             Box::pin(async { Err(gateway::BackendError("no vault".into())) })

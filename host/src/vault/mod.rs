@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Nonce};
+use hmac::{Hmac, Mac as _};
 use sha2::{Digest, Sha256};
 use shop_events::CardToken;
 
@@ -66,19 +67,7 @@ impl From<StoreError> for VaultError {
 }
 
 /// A redeemed card. Its `Debug` never shows the number.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Card {
-    /// Digits only.
-    pub number: String,
-    pub brand: String,
-    pub last4: String,
-}
-
-impl std::fmt::Debug for Card {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Card").field("brand", &self.brand).field("last4", &self.last4).finish_non_exhaustive()
-    }
-}
+pub use shop_events::card::Card;
 
 /// A deposit waiting for the writer: its writes and who waits for them.
 struct Deposit {
@@ -90,6 +79,9 @@ struct Deposit {
 pub struct Vault {
     store: Arc<dyn StateStore>,
     cipher: ChaCha20Poly1305,
+    /// Derives an order's token ([`Vault::deposit_for`]): a key of its own,
+    /// made from the vault key.
+    tokens: Hmac<Sha256>,
     clock: Arc<dyn Clock>,
     ttl: Duration,
     writer: std::sync::Mutex<mpsc::Sender<Deposit>>,
@@ -155,6 +147,7 @@ impl Vault {
         Ok(Self {
             store,
             cipher: ChaCha20Poly1305::new(chacha20poly1305::Key::from_slice(key.bytes())),
+            tokens: token_key(key.bytes()),
             clock,
             ttl,
             writer: std::sync::Mutex::new(sender),
@@ -168,6 +161,31 @@ impl Vault {
     /// [`VaultError::Unavailable`] when it could not be stored.
     pub async fn deposit(&self, number: &str) -> Result<CardToken, VaultError> {
         self.deposit_as(&format!("tok_{}", uuid::Uuid::new_v4().simple()), number).await
+    }
+
+    /// Deposits `number` for the order `order_id`, under a token derived
+    /// from the order id with a key of the vault's: a retry of the same
+    /// order (the same `Idempotency-Key` and body give the same order id)
+    /// gets the same token and keeps the card first deposited for it, so
+    /// the `OrderPlaced` it publishes again is the same event, to the byte.
+    /// Nobody without the vault key can tell an order's token.
+    ///
+    /// # Errors
+    /// As [`Vault::deposit`], and when the order's entry exists but cannot
+    /// be read.
+    pub async fn deposit_for(&self, order_id: &str, number: &str) -> Result<CardToken, VaultError> {
+        let token = self.order_token(order_id);
+        match self.redeem(&token) {
+            Ok(card) => Ok(CardToken { token, brand: card.brand, last4: card.last4 }),
+            Err(VaultError::Unknown | VaultError::Expired) => self.deposit_as(&token, number).await,
+            Err(err) => Err(err),
+        }
+    }
+
+    /// The token of `order_id`'s card.
+    fn order_token(&self, order_id: &str) -> String {
+        let digest = self.tokens.clone().chain_update(order_id.as_bytes()).finalize().into_bytes();
+        format!("tok_{}", hex::encode(&digest[..16]))
     }
 
     /// [`Vault::deposit`] under a token of the caller's choosing, replacing
@@ -281,7 +299,14 @@ fn expired(store: &dyn StateStore, now_ms: u64) -> Result<Vec<Write>, StoreError
         let Some((at, token)) = key.trim_start_matches("expires/").split_once('/') else { continue };
         match at.parse::<u64>() {
             Ok(at) if at <= now_ms => {
-                gone.push((card_key(token), None));
+                // Unless the token was deposited again since (an order's
+                // token, [`Vault::deposit_for`]): its entry then has a later
+                // expiry of its own.
+                let entry = store.get(&card_key(token))?;
+                let expires = entry.as_deref().and_then(|e| e.get(1..9)).and_then(|b| b.try_into().ok());
+                if expires.is_none_or(|b: [u8; 8]| u64::from_be_bytes(b) <= now_ms) {
+                    gone.push((card_key(token), None));
+                }
                 gone.push((key.clone(), None));
             }
             // Keys are in expiry order: the rest expire later.
@@ -290,6 +315,15 @@ fn expired(store: &dyn StateStore, now_ms: u64) -> Result<Vec<Write>, StoreError
         }
     }
     Ok(gone)
+}
+
+/// The key that derives orders' tokens: the vault key's HMAC of a label of
+/// its own, so that it is never the encryption key itself.
+fn token_key(key: &[u8]) -> Hmac<Sha256> {
+    let mut derive = <Hmac<Sha256> as hmac::Mac>::new_from_slice(key).expect("HMAC takes a key of any length");
+    derive.update(b"shop-vault/order-token/v1");
+    let derived = derive.finalize().into_bytes();
+    <Hmac<Sha256> as hmac::Mac>::new_from_slice(&derived).expect("HMAC takes a key of any length")
 }
 
 /// The key's fingerprint as stored: a digest under its own label, which

@@ -186,3 +186,33 @@ fn the_key_file_is_created_private_and_checked() {
     assert_eq!(VaultKey::from_hex(&"ab".repeat(32)).unwrap(), VaultKey::from_bytes([0xab; 32]));
     assert!(VaultKey::from_hex("abcd").is_err());
 }
+
+/// A retried order gets its first token and card again: the OrderPlaced it
+/// publishes again is the same event. Another order, or another vault key,
+/// gets another token; an order deposited again after its entry expired is
+/// not swept by the old entry's expiry.
+#[tokio::test]
+async fn an_order_keeps_one_token_across_retries() {
+    let store = Arc::new(MemoryStore::default());
+    let clock = Arc::new(ManualClock::at(1_000));
+    let vault = vault_on(store.clone(), clock.clone(), &key(7));
+    let first = vault.deposit_for("order-1", CARD).await.unwrap();
+    let retried = vault.deposit_for("order-1", "4000000000000002").await.unwrap();
+    assert_eq!(retried, first, "the same token, brand and last four");
+    assert_eq!(vault.redeem(&first.token).unwrap().number, CARD, "the first card stays");
+    assert_ne!(vault.deposit_for("order-2", CARD).await.unwrap().token, first.token);
+    let elsewhere = vault_on(Arc::new(MemoryStore::default()), clock.clone(), &key(8));
+    assert_ne!(elsewhere.deposit_for("order-1", CARD).await.unwrap().token, first.token, "keyed");
+
+    clock.set(1_000 + 60_000);
+    assert_eq!(vault.redeem(&first.token), Err(VaultError::Expired));
+    let again = vault.deposit_for("order-1", CARD).await.unwrap();
+    assert_eq!(again.token, first.token);
+    // The old entry's expiry key is swept; the new entry stays.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.keys("expires/", 10).unwrap().len() > 1 {
+        assert!(Instant::now() < deadline, "the old expiry was not swept");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(vault.redeem(&again.token).unwrap().number, CARD);
+}
