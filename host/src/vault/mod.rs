@@ -173,9 +173,14 @@ impl Vault {
     /// # Errors
     /// As [`Vault::deposit`], and when the order's entry exists but cannot
     /// be read.
-    pub async fn deposit_for(&self, order_id: &str, number: &str) -> Result<CardToken, VaultError> {
+    pub async fn deposit_for(self: &Arc<Self>, order_id: &str, number: &str) -> Result<CardToken, VaultError> {
         let token = self.order_token(order_id);
-        match self.redeem(&token) {
+        // A store read (a round trip on PostgreSQL): off the async workers.
+        let (vault, first) = (self.clone(), token.clone());
+        let found = tokio::task::spawn_blocking(move || vault.redeem(&first))
+            .await
+            .map_err(|err| VaultError::Unavailable(format!("the vault's read failed: {err}")))?;
+        match found {
             Ok(card) => Ok(CardToken { token, brand: card.brand, last4: card.last4 }),
             Err(VaultError::Unknown | VaultError::Expired) => self.deposit_as(&token, number).await,
             Err(err) => Err(err),

@@ -195,13 +195,13 @@ fn the_key_file_is_created_private_and_checked() {
 async fn an_order_keeps_one_token_across_retries() {
     let store = Arc::new(MemoryStore::default());
     let clock = Arc::new(ManualClock::at(1_000));
-    let vault = vault_on(store.clone(), clock.clone(), &key(7));
+    let vault = Arc::new(vault_on(store.clone(), clock.clone(), &key(7)));
     let first = vault.deposit_for("order-1", CARD).await.unwrap();
     let retried = vault.deposit_for("order-1", "4000000000000002").await.unwrap();
     assert_eq!(retried, first, "the same token, brand and last four");
     assert_eq!(vault.redeem(&first.token).unwrap().number, CARD, "the first card stays");
     assert_ne!(vault.deposit_for("order-2", CARD).await.unwrap().token, first.token);
-    let elsewhere = vault_on(Arc::new(MemoryStore::default()), clock.clone(), &key(8));
+    let elsewhere = Arc::new(vault_on(Arc::new(MemoryStore::default()), clock.clone(), &key(8)));
     assert_ne!(elsewhere.deposit_for("order-1", CARD).await.unwrap().token, first.token, "keyed");
 
     clock.set(1_000 + 60_000);
