@@ -292,10 +292,11 @@ async fn place_order(
         // A retry of a recorded order is answered without sending it again
         // (even while the broker is unreachable); another order under a
         // bound key is refused without naming the order the key is bound to.
-        // If the order service's state cannot be read (its database is
-        // down), the order is sent all the same: taking orders needs Kafka
-        // only, and the order service still ignores another body under a
-        // bound key; just the early 409 is lost meanwhile.
+        // If the order service's state cannot be read, the order goes on
+        // all the same: the order service still ignores another body under
+        // a bound key, just the early 409 is lost meanwhile. (Whether it is
+        // placed then depends on the vault, below: where the vault shares
+        // that store, as on PostgreSQL, it is refused 503 until it is back.)
         let bound = backend.idempotency(&binding.key_digest).await.unwrap_or_else(|err| {
             tracing::warn!("Idempotency-Key lookup failed, the order is sent anyway: {err}");
             None

@@ -194,7 +194,6 @@ enum DlqCommand {
 }
 
 fn main() -> ExitCode {
-    cap_malloc_arenas();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -207,26 +206,6 @@ fn main() -> ExitCode {
     // answer) must not keep the process alive: it was abandoned already.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     code
-}
-
-/// Caps glibc's malloc arenas at one per core (its default is eight per
-/// core). Each thread that allocates (the executors, tokio's workers and
-/// blocking pool, librdkafka's threads) otherwise comes to own an arena and
-/// keeps what it freed: over eight closed loops of 8 s at 32 orders in
-/// flight (~28,000 orders) the host's anonymous RSS grew to 339 MiB with the
-/// default and to 130 MiB capped, at the same orders/s and CPU; heaptrack
-/// found ~26 MB live, mostly redb's page cache. `MALLOC_ARENA_MAX` in the
-/// environment still decides when set.
-fn cap_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
-        // SAFETY: mallopt only sets a tunable of the allocator; it runs
-        // first in main, before any other thread exists.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, i32::try_from(cores).unwrap_or(i32::MAX));
-        }
-    }
 }
 
 async fn async_main() -> ExitCode {

@@ -1,6 +1,7 @@
 //! What a component is granted beyond its world, as the manifest spells it:
-//! the topics and event types it may publish (`publishes`), and the WASI
-//! capabilities it gets (`wasi`). Plain data, parsed here; the runtime
+//! the topics and event types it may publish (`publishes`), the WASI
+//! capabilities it gets (`wasi`), and whether it may redeem card tokens
+//! from the host's vault (`vault`). Plain data, parsed here; the runtime
 //! enforces it (`runtime/grants.rs`).
 
 use std::collections::BTreeSet;

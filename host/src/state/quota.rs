@@ -31,8 +31,13 @@ const READING_SHARE: u32 = 50;
 /// of that, so that a large state (a reading is a pass over all of it) does
 /// not take a growing share of the machine.
 pub fn refresh_after(took: Duration) -> Duration {
-    REFRESH.max(took.saturating_mul(READING_SHARE))
+    REFRESH.max(took.saturating_mul(READING_SHARE)).min(REFRESH_AT_LEAST)
 }
+
+/// The usage is read again at least this often, however long one reading
+/// took (one slow reading on a stalled database must not leave the quotas
+/// checked against stale totals for minutes).
+const REFRESH_AT_LEAST: Duration = Duration::from_secs(30);
 
 /// The totals one component may keep.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,7 +217,8 @@ mod tests {
         assert_eq!(refresh_after(Duration::ZERO), REFRESH);
         assert_eq!(refresh_after(Duration::from_millis(40)), REFRESH);
         assert_eq!(refresh_after(Duration::from_millis(100)), Duration::from_secs(5));
-        assert_eq!(refresh_after(Duration::from_secs(1)), Duration::from_secs(50));
+        assert_eq!(refresh_after(Duration::from_millis(500)), Duration::from_secs(25));
+        assert_eq!(refresh_after(Duration::from_secs(10)), Duration::from_secs(30), "at least every 30 s");
     }
     use crate::state::{Commit, DurableStore, MemoryStore};
 

@@ -1,5 +1,6 @@
 //! The card vault: where a customer's card number goes instead of onto
-//! Kafka. The gateway deposits the number and gets a random token; events
+//! Kafka. The gateway deposits the number for its order and gets a token
+//! (derived from the order id under a key of the vault's); events
 //! carry the token with the brand and last four digits; only a component
 //! granted the vault (payment) redeems the token, through the `vault` import.
 //!
@@ -15,8 +16,9 @@
 
 pub mod key;
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::mpsc;
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
@@ -82,6 +84,8 @@ pub struct Vault {
     /// Derives an order's token ([`Vault::deposit_for`]): a key of its own,
     /// made from the vault key.
     tokens: Hmac<Sha256>,
+    /// Orders whose card is being deposited, each with its turn.
+    in_flight: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     clock: Arc<dyn Clock>,
     ttl: Duration,
     writer: std::sync::Mutex<mpsc::Sender<Deposit>>,
@@ -148,6 +152,7 @@ impl Vault {
             store,
             cipher: ChaCha20Poly1305::new(chacha20poly1305::Key::from_slice(key.bytes())),
             tokens: token_key(key.bytes()),
+            in_flight: std::sync::Mutex::default(),
             clock,
             ttl,
             writer: std::sync::Mutex::new(sender),
@@ -175,16 +180,33 @@ impl Vault {
     /// be read.
     pub async fn deposit_for(self: &Arc<Self>, order_id: &str, number: &str) -> Result<CardToken, VaultError> {
         let token = self.order_token(order_id);
+        // Retries of one order in flight at once take turns here, so that
+        // the second finds the first's entry (across gateways, the order
+        // service's own idempotency check is what holds).
+        let turn =
+            self.in_flight.lock().unwrap_or_else(PoisonError::into_inner).entry(token.clone()).or_default().clone();
+        let held = turn.lock().await;
         // A store read (a round trip on PostgreSQL): off the async workers.
         let (vault, first) = (self.clone(), token.clone());
-        let found = tokio::task::spawn_blocking(move || vault.redeem(&first))
+        let found = tokio::task::spawn_blocking(move || vault.open_entry(&first))
             .await
-            .map_err(|err| VaultError::Unavailable(format!("the vault's read failed: {err}")))?;
-        match found {
-            Ok(card) => Ok(CardToken { token, brand: card.brand, last4: card.last4 }),
-            Err(VaultError::Unknown | VaultError::Expired) => self.deposit_as(&token, number).await,
-            Err(err) => Err(err),
+            .map_err(|err| VaultError::Unavailable(format!("the vault's read failed: {err}")));
+        let result = match found {
+            Ok(Ok(Some((card, expires_ms)))) if self.clock.now_ms() < expires_ms => {
+                Ok(CardToken { token: token.clone(), brand: card.brand, last4: card.last4 })
+            }
+            // Expired: deposited again, with the card first given.
+            Ok(Ok(Some((card, _)))) => self.deposit_as(&token, &card.number).await,
+            Ok(Ok(None)) => self.deposit_as(&token, number).await,
+            Ok(Err(err)) | Err(err) => Err(err),
+        };
+        drop(held);
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
+        // Nobody else waits for this order's turn: the map's and ours.
+        if Arc::strong_count(&turn) == 2 {
+            in_flight.remove(&token);
         }
+        result
     }
 
     /// The token of `order_id`'s card.
@@ -194,8 +216,8 @@ impl Vault {
     }
 
     /// [`Vault::deposit`] under a token of the caller's choosing, replacing
-    /// any entry it had: for tools and benchmarks that replay recorded
-    /// events. Tokens of real deposits are random.
+    /// any entry it had: [`Vault::deposit_for`]'s, and tools and benchmarks
+    /// that replay recorded events.
     ///
     /// # Errors
     /// As [`Vault::deposit`].
@@ -225,8 +247,17 @@ impl Vault {
     /// [`VaultError::Unavailable`] when the store cannot be read or the entry
     /// does not decrypt (another key, or tampered with).
     pub fn redeem(&self, token: &str) -> Result<Card, VaultError> {
+        match self.open_entry(token)? {
+            None => Err(VaultError::Unknown),
+            Some((_, expires_ms)) if self.clock.now_ms() >= expires_ms => Err(VaultError::Expired),
+            Some((card, _)) => Ok(card),
+        }
+    }
+
+    /// The card of `token`'s entry and when it expires, expired or not.
+    fn open_entry(&self, token: &str) -> Result<Option<(Card, u64)>, VaultError> {
         let Some(entry) = self.store.get(&card_key(token))? else {
-            return Err(VaultError::Unknown);
+            return Ok(None);
         };
         let corrupt = || VaultError::Unavailable(format!("the vault entry of {token} does not decrypt"));
         let (header, rest) = entry.split_at_checked(9).ok_or_else(corrupt)?;
@@ -235,18 +266,16 @@ impl Vault {
             return Err(corrupt());
         }
         let expires_ms = u64::from_be_bytes(header[1..9].try_into().map_err(|_| corrupt())?);
-        if self.clock.now_ms() >= expires_ms {
-            return Err(VaultError::Expired);
-        }
         let aad = associated(token, expires_ms);
         let number =
             self.cipher.decrypt(Nonce::from_slice(nonce), Payload { msg: sealed, aad: &aad }).map_err(|_| corrupt())?;
         let number = String::from_utf8(number).map_err(|_| corrupt())?;
-        Ok(Card {
+        let card = Card {
             brand: shop_events::card::brand(&number).to_owned(),
             last4: shop_events::card::last4(&number).to_owned(),
             number,
-        })
+        };
+        Ok(Some((card, expires_ms)))
     }
 
     /// `[version][expires_ms][nonce][ciphertext and tag]`.
@@ -274,7 +303,9 @@ fn write_loop(store: &dyn StateStore, clock: &dyn Clock, deposits: &mpsc::Receiv
             Err(mpsc::RecvTimeoutError::Disconnected) => return,
         };
         batch.extend(deposits.try_iter());
-        let mut writes: Vec<Write> = batch.iter().flat_map(|d| d.writes.iter().cloned()).collect();
+        // The sweep's deletes come first: a deposit in the same commit
+        // (an order's token deposited again after it expired) wins.
+        let mut writes: Vec<Write> = Vec::new();
         if last_sweep.is_none_or(|at| at.elapsed() >= SWEEP_EVERY) {
             last_sweep = Some(Instant::now());
             match expired(store, clock.now_ms()) {
@@ -282,6 +313,7 @@ fn write_loop(store: &dyn StateStore, clock: &dyn Clock, deposits: &mpsc::Receiv
                 Err(err) => tracing::warn!("card vault: cannot sweep expired entries: {err}"),
             }
         }
+        writes.extend(batch.iter().flat_map(|d| d.writes.iter().cloned()));
         if writes.is_empty() {
             continue;
         }

@@ -206,8 +206,8 @@ async fn an_order_keeps_one_token_across_retries() {
 
     clock.set(1_000 + 60_000);
     assert_eq!(vault.redeem(&first.token), Err(VaultError::Expired));
-    let again = vault.deposit_for("order-1", CARD).await.unwrap();
-    assert_eq!(again.token, first.token);
+    let again = vault.deposit_for("order-1", "4000000000000002").await.unwrap();
+    assert_eq!(again, first, "deposited again with the card first given");
     // The old entry's expiry key is swept; the new entry stays.
     let deadline = Instant::now() + Duration::from_secs(10);
     while store.keys("expires/", 10).unwrap().len() > 1 {
@@ -215,4 +215,19 @@ async fn an_order_keeps_one_token_across_retries() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(vault.redeem(&again.token).unwrap().number, CARD);
+}
+
+/// Two retries of one order at once: both get the same token and the same
+/// card, whichever came first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_of_one_order_at_once_agree_on_its_card() {
+    for round in 0..20 {
+        let vault = Arc::new(vault_on(Arc::new(MemoryStore::default()), Arc::new(ManualClock::at(1_000)), &key(7)));
+        let order = format!("order-{round}");
+        let (a, b) = tokio::join!(vault.deposit_for(&order, CARD), vault.deposit_for(&order, "5555555555554444"));
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_eq!(a, b, "round {round}");
+        assert_eq!(vault.redeem(&a.token).unwrap().last4, a.last4);
+        assert!(vault.in_flight.lock().unwrap().is_empty(), "turns are forgotten");
+    }
 }
