@@ -1,7 +1,7 @@
 //! The gateway's one error type: a status, a stable code and a message.
 
 use axum::Json;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
@@ -40,14 +40,25 @@ pub enum ApiError {
 pub const RETRY_AFTER_SECS: u64 = 2;
 
 impl IntoResponse for ApiError {
+    /// The error's answer; every `503` asks the client to come back after
+    /// [`RETRY_AFTER_SECS`].
     fn into_response(self) -> Response {
-        let retry_after = [(header::RETRY_AFTER, RETRY_AFTER_SECS.to_string())];
+        let mut response = self.answer();
+        if response.status() == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        }
+        response
+    }
+}
+
+impl ApiError {
+    fn answer(self) -> Response {
         let (status, code, message, fields) = match self {
             ApiError::Unavailable(reason) => {
                 tracing::warn!("order refused: {reason}");
                 let message = "the order was not placed: the message broker is unreachable; please retry";
                 let body = json!({ "error": { "code": "unavailable", "message": message } });
-                return (StatusCode::SERVICE_UNAVAILABLE, retry_after, Json(body)).into_response();
+                return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
             }
             ApiError::Unconfirmed { order_id, reason } => {
                 tracing::warn!(%order_id, "order not confirmed: {reason}");
@@ -58,7 +69,7 @@ impl IntoResponse for ApiError {
                     "order_id": order_id,
                     "status_url": format!("/order/{order_id}"),
                 } });
-                return (StatusCode::SERVICE_UNAVAILABLE, retry_after, Json(body)).into_response();
+                return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
             }
             ApiError::MalformedJson(detail) => (
                 StatusCode::BAD_REQUEST,
@@ -121,9 +132,6 @@ impl IntoResponse for ApiError {
         let mut body = json!({ "error": { "code": code, "message": message } });
         if let Some(fields) = fields {
             body["error"]["fields"] = json!(fields);
-        }
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            return (status, retry_after, Json(body)).into_response();
         }
         (status, Json(body)).into_response()
     }

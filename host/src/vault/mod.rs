@@ -159,8 +159,10 @@ impl Vault {
         })
     }
 
-    /// Deposits `number` (digits only) until the TTL passes; resolves once
-    /// the entry is durable in the store.
+    /// Deposits `number` (digits only) under a random token until the TTL
+    /// passes; resolves once the entry is durable in the store. For a card
+    /// tied to no order (tests, tools): the gateway's orders use
+    /// [`Vault::deposit_for`].
     ///
     /// # Errors
     /// [`VaultError::Unavailable`] when it could not be stored.
@@ -190,15 +192,15 @@ impl Vault {
         let (vault, first) = (self.clone(), token.clone());
         let found = tokio::task::spawn_blocking(move || vault.open_entry(&first))
             .await
-            .map_err(|err| VaultError::Unavailable(format!("the vault's read failed: {err}")));
+            .unwrap_or_else(|err| Err(VaultError::Unavailable(format!("the vault's read failed: {err}"))));
         let result = match found {
-            Ok(Ok(Some((card, expires_ms)))) if self.clock.now_ms() < expires_ms => {
+            Ok(Some((card, expires_ms))) if self.clock.now_ms() < expires_ms => {
                 Ok(CardToken { token: token.clone(), brand: card.brand, last4: card.last4 })
             }
             // Expired: deposited again, with the card first given.
-            Ok(Ok(Some((card, _)))) => self.deposit_as(&token, &card.number).await,
-            Ok(Ok(None)) => self.deposit_as(&token, number).await,
-            Ok(Err(err)) | Err(err) => Err(err),
+            Ok(Some((card, _))) => self.deposit_as(&token, &card.number).await,
+            Ok(None) => self.deposit_as(&token, number).await,
+            Err(err) => Err(err),
         };
         drop(held);
         let mut in_flight = self.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
