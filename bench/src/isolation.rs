@@ -211,7 +211,7 @@ async fn victim(engine: &Engine, manifest: &Manifest, name: &str, events: &[Deli
         match disposition {
             Some(Disposition::Publish { source, .. }) => {
                 if let Some(source) = source {
-                    rt.published(&source);
+                    rt.state_store().clear_outbox(&source)?;
                 }
             }
             Some(Disposition::DeadLetter { reason, .. }) => anyhow::bail!("{name} dead-lettered an event: {reason}"),

@@ -76,3 +76,19 @@ pub const DEFAULT_MAX_TIMERS_SET: u64 = 100_000;
 
 /// Outbox entries one component may have waiting (`max_outbox_entries`).
 pub const DEFAULT_MAX_OUTBOX_ENTRIES: u64 = 100_000;
+
+/// Largest record the host writes: below the broker's default
+/// `message.max.bytes` (1 MiB), so that a committed record can always be
+/// published.
+pub const MAX_RECORD_BYTES: usize = 900 * 1024;
+
+/// Longest event type, topic or key of an event a component emits.
+pub const MAX_OUTPUT_NAME_BYTES: usize = 256;
+
+/// What a record holds besides its payload, at most: the envelope's ids
+/// (each ≤ 256 bytes), names and fields, JSON escaping included.
+pub const MAX_ENVELOPE_BYTES: usize = 16 << 10;
+
+/// Largest payload a component may emit: its record, with the envelope,
+/// stays within [`MAX_RECORD_BYTES`].
+pub const MAX_PAYLOAD_BYTES: usize = MAX_RECORD_BYTES - MAX_ENVELOPE_BYTES;

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Outbound, Publisher};
 use crate::clock::Clock;
-use crate::pipeline::{Disposition, Pipeline, Settled, Turn, settle};
+use crate::pipeline::{Disposition, Pipeline, Turn, settle};
 use crate::runtime::ServiceRuntime;
 use crate::state::{Durable, OutboxEntry};
 
@@ -25,8 +25,6 @@ const BATCH: usize = 64;
 /// An outbox entry this old is relayed by the periodic pass; younger ones
 /// are most likely being published by whoever committed them.
 pub const STALE_OUTBOX_MS: u64 = 10_000;
-/// A timer whose event was dead-lettered fires again this much later.
-pub const FAILED_TIMER_RETRY_MS: u64 = 60_000;
 /// How long a timer or an outbox entry claimed by this host is left to it
 /// by the other hosts sharing its store: if this host dies, another
 /// delivers them that much later.
@@ -169,7 +167,8 @@ pub async fn run(
     }
 }
 
-/// Delivers every timer due now, publishing what each emits.
+/// Delivers every timer due now, publishing what each emits
+/// ([`Pipeline::fire`]).
 ///
 /// # Errors
 /// A store or publish failure; undelivered timers stay due.
@@ -179,27 +178,15 @@ pub async fn fire_due(
     clock: &dyn Clock,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let service = pipeline.service();
     loop {
-        let (store, now_ms) = (service.state_store().clone(), clock.now_ms());
+        let (store, now_ms) = (pipeline.service().state_store().clone(), clock.now_ms());
         let due = blocking(move || store.claim_due_timers(now_ms, BATCH, CLAIM_LEASE)).await?;
         if due.is_empty() {
             return Ok(());
         }
         for timer in due {
-            let Some(disposition) = pipeline.process_timer(&timer, shutdown).await else { return Ok(()) };
-            match settle(service, publisher, disposition, Turn::default(), &pipeline.dead_letter_topic()).await? {
-                Settled::Handled => {}
-                // Handled already (or no longer due): make sure this very
-                // timer is gone.
-                Settled::Duplicate => service.settle_timer(&timer, None).await?,
-                Settled::DeadLettered => {
-                    // A timer is never dropped (a lost deadline would leave
-                    // its saga hanging): it is reported on the dead-letter
-                    // topic and tried again later, e.g. by a fixed version.
-                    tracing::error!(component = service.name(), timer = %timer.id, "timer set aside, next try in 60 s");
-                    service.settle_timer(&timer, Some(clock.now_ms() + FAILED_TIMER_RETRY_MS)).await?;
-                }
+            if pipeline.fire(&timer, publisher, clock, shutdown).await?.is_none() {
+                return Ok(());
             }
         }
     }
@@ -211,7 +198,7 @@ mod tests {
     use crate::bus::MemoryBus;
     use crate::clock::ManualClock;
     use crate::envelope::Envelope;
-    use crate::pipeline::{RetryPolicy, Topics};
+    use crate::pipeline::{FAILED_TIMER_RETRY_MS, RetryPolicy, Topics};
     use crate::runtime::tests::runtime;
     use crate::state::{Commit, Timer, TimerChange};
 

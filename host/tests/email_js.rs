@@ -26,8 +26,8 @@ use sha2::Digest as _;
 use shop_events::{EmailKind, EmailRequested, LineItem};
 use shop_host::clock::{Clock, ManualClock};
 use shop_host::runtime::{
-    CALL_THREAD_STACK, CallError, CanaryPolicy, Engine, Event, HandleError, Limits, LoadedComponent, OutgoingEvent,
-    Request, Response, ServiceRuntime, ServiceSpec,
+    CALL_THREAD_STACK, CallError, CanaryPolicy, Engine, Event, HandleError, Limits, LoadedComponent, Output, Request,
+    Response, ServiceRuntime, ServiceSpec,
 };
 use shop_host::state::{Commit, MemoryStore, OutboxRecord, StateRead, StateStore, StoreReader, Write};
 use support::*;
@@ -92,18 +92,19 @@ impl Email {
     /// returns the events it emitted and its state writes.
     fn handle(&self, event: &Event) -> Result<(Vec<OutboxRecord>, Vec<Write>), CallError> {
         let view: Arc<dyn StateRead> = Arc::new(StoreReader(self.store.clone()));
-        let called = self.runtime.call(event, view, wrap)?;
+        let called = self.runtime.call(event, view)?;
+        let records: Vec<OutboxRecord> = called.outputs.into_iter().map(Output::bare_record).collect();
         let n = self.handled.fetch_add(1, Ordering::SeqCst);
         let commit = Commit {
             writes: called.writes.clone(),
             timers: called.timers,
             handled: Some(format!("{}-{n}", event.id)),
-            outbox: called.records.clone(),
+            outbox: records.clone(),
             now_ms: NOW_MS,
             ..Commit::default()
         };
         self.store.commit(commit).unwrap().wait_blocking().unwrap();
-        Ok((called.records, called.writes))
+        Ok((records, called.writes))
     }
 
     fn query(&self, path_and_query: &str) -> Response {
@@ -126,19 +127,6 @@ impl Email {
         self.tokio.block_on(self.runtime.reload(build, bytes)).unwrap();
         self.build = build.to_owned();
     }
-}
-
-/// Records as the runtime tests make them: the payload as value, the type as header.
-fn wrap(outgoing: &[OutgoingEvent], _version: &str) -> Result<Vec<OutboxRecord>, String> {
-    Ok(outgoing
-        .iter()
-        .map(|out| OutboxRecord {
-            topic: out.topic.clone(),
-            key: out.key.clone(),
-            value: String::from_utf8_lossy(&out.payload).into_owned(),
-            headers: vec![("event-type".to_owned(), out.event_type.clone())],
-        })
-        .collect())
 }
 
 fn request(id: &str, order_id: &str, kind: EmailKind, reason: Option<&str>) -> Event {

@@ -13,10 +13,8 @@ use serde::Serialize;
 use shop_host::bus::Inbound;
 use shop_host::clock::{Clock, ManualClock};
 use shop_host::pipeline::{Disposition, Pipeline, RetryPolicy, Topics};
-use shop_host::runtime::{
-    CanaryPolicy, Engine, Event, Limits, LoadedComponent, OutgoingEvent, ServiceRuntime, ServiceSpec,
-};
-use shop_host::state::{Commit, DurableStore, MemoryStore, OutboxRecord, StateRead, StateStore, StoreReader};
+use shop_host::runtime::{CanaryPolicy, Engine, Event, Limits, LoadedComponent, Output, ServiceRuntime, ServiceSpec};
+use shop_host::state::{Commit, DurableStore, MemoryStore, StateRead, StateStore, StoreReader};
 use tokio_util::sync::CancellationToken;
 
 use super::saga::{self, Delivered};
@@ -202,19 +200,6 @@ fn wit_event(event: &shop_sdk::Event) -> Event {
     }
 }
 
-/// Records as the tests make them: the payload as value, the type as header.
-fn wrap(outgoing: &[OutgoingEvent], _version: &str) -> Result<Vec<OutboxRecord>, String> {
-    Ok(outgoing
-        .iter()
-        .map(|out| OutboxRecord {
-            topic: out.topic.clone(),
-            key: out.key.clone(),
-            value: String::from_utf8_lossy(&out.payload).into_owned(),
-            headers: vec![("event-type".to_owned(), out.event_type.clone())],
-        })
-        .collect())
-}
-
 /// `ServiceRuntime::call` on an in-memory store, each call's changes
 /// committed (and its outbox entry cleared) before the next; instances serve
 /// `reuse` events. Run it on a thread with `CALL_THREAD_STACK`.
@@ -243,12 +228,12 @@ pub fn runtime(
         || totals = Some(rt.stages().totals()),
         |event| {
             let view: Arc<dyn StateRead> = Arc::new(StoreReader(store.clone()));
-            let called = rt.call(event, view, wrap).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+            let called = rt.call(event, view).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
             let commit = Commit {
                 writes: called.writes,
                 timers: called.timers,
                 handled: Some(event.id.clone()),
-                outbox: called.records,
+                outbox: called.outputs.into_iter().map(Output::bare_record).collect(),
                 now_ms,
                 ..Commit::default()
             };
@@ -311,7 +296,7 @@ pub async fn pipeline(
             Some(Disposition::Publish { durable, source, .. }) => {
                 durable.wait().await?;
                 if let Some(source) = source {
-                    rt.published(&source);
+                    rt.state_store().clear_outbox(&source)?;
                 }
             }
             Some(Disposition::DeadLetter { reason, .. }) => anyhow::bail!("{name} dead-lettered an event: {reason}"),

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Inbound, Publisher};
 use crate::deadlines::Watermark;
-use crate::pipeline::{Pipeline, Settled, Turn, settle};
+use crate::pipeline::{Pipeline, Settled, Turn};
 use crate::status::{BrokerLink, ConsumerStatus};
 use tokio::sync::oneshot;
 
@@ -55,6 +55,16 @@ fn tp(topic: &str, partition: i32) -> String {
     format!("{topic}/{partition}")
 }
 
+/// The group's lag on one partition, -1 while unknown. librdkafka says -1
+/// as long as the group has committed nothing there, which on a partition
+/// that never received a record is forever; with `auto.offset.reset =
+/// earliest` the group then owes every record the log still holds (0 on an
+/// empty partition), once a fetch has told the log's bounds.
+fn lag(partition: &rdkafka::statistics::Partition) -> i64 {
+    let (committed, lo, hi) = (partition.committed_offset, partition.lo_offset, partition.hi_offset);
+    if partition.consumer_lag >= 0 || committed >= 0 || lo < 0 || hi < lo { partition.consumer_lag } else { hi - lo }
+}
+
 struct Context {
     status: ConsumerStatus,
     link: BrokerLink,
@@ -75,7 +85,7 @@ impl ClientContext for Context {
             .topics
             .iter()
             .flat_map(|(topic, t)| {
-                t.partitions.iter().filter(|(p, _)| **p >= 0).map(move |(p, s)| (tp(topic, *p), s.consumer_lag))
+                t.partitions.iter().filter(|(p, _)| **p >= 0).map(move |(p, s)| (tp(topic, *p), lag(s)))
             })
             .collect();
         self.status.update(|s| s.lag = lag);
@@ -294,7 +304,8 @@ async fn run(
 /// unhandled by shutdown); an error stops the loop and the record comes back.
 type Outcome = (String, i32, i64, anyhow::Result<Option<Settled>>);
 
-/// Handles one record through the pipeline and settles it in its turn.
+/// Hands one record to the pipeline, which handles and settles it in its
+/// turn; what comes back says where it was and how it settled.
 fn handle(
     pipeline: &Pipeline,
     publisher: Arc<dyn Publisher>,
@@ -303,16 +314,8 @@ fn handle(
     turn: Turn,
 ) -> impl Future<Output = Outcome> + Send + 'static {
     let (topic, partition, offset) = (record.topic.clone(), record.partition, record.offset);
-    let handled = pipeline.submit(record, shutdown);
-    let service = pipeline.service().clone();
-    let dead_letters = pipeline.dead_letter_topic();
-    async move {
-        let settled = match handled.await {
-            Some(disposition) => settle(&service, &*publisher, disposition, turn, &dead_letters).await.map(Some),
-            None => Ok(None),
-        };
-        (topic, partition, offset, settled)
-    }
+    let delivered = pipeline.deliver(record, publisher, turn, shutdown);
+    async move { (topic, partition, offset, delivered.await) }
 }
 
 /// Per key, the signal that the last record submitted has enqueued its
@@ -411,6 +414,22 @@ mod tests {
         assert_eq!(progress.finish("t", 0, 11), Some(12), "12 was done already");
         assert_eq!(progress.finish("t", 0, 13), Some(13));
         assert_eq!(progress.finish("t", 0, 99), None, "unknown offsets change nothing");
+    }
+
+    #[test]
+    fn a_partition_without_a_commit_owes_what_its_log_holds() {
+        let partition = |consumer_lag, committed_offset, lo_offset, hi_offset| rdkafka::statistics::Partition {
+            consumer_lag,
+            committed_offset,
+            lo_offset,
+            hi_offset,
+            ..Default::default()
+        };
+        assert_eq!(lag(&partition(3, 7, 0, 10)), 3, "librdkafka's figure when it has one");
+        assert_eq!(lag(&partition(-1, -1001, 0, 0)), 0, "an empty partition is caught up");
+        assert_eq!(lag(&partition(-1, -1001, 4, 9)), 5, "nothing committed: the whole log is owed");
+        assert_eq!(lag(&partition(-1, -1001, -1001, -1001)), -1, "bounds not fetched yet");
+        assert_eq!(lag(&partition(-1, 12, 0, 10)), -1, "a commit past the end stays unknown");
     }
 
     #[tokio::test]

@@ -403,9 +403,8 @@ impl<'a> Batch<'a> {
         }
         let name = core.service.name();
         let handling = traces::stage("handle", name, &core.service.current().sha256, Some(trace)).entered();
-        let called = core.service.call(event, self.overlay.clone(), |outgoing, version| {
-            core.wrap(envelope, outgoing, &format!("{name}@{version}"), trace)
-        })?;
+        let called = core.service.call(event, self.overlay.clone())?;
+        let outbox = core.wrap(envelope, called.outputs, &format!("{name}@{}", called.version), trace);
         drop(handling);
         let correlation = event.headers.iter().find(|(k, _)| k == "correlation-id").map(|(_, v)| v);
         let mut timers = called.timers;
@@ -421,7 +420,7 @@ impl<'a> Batch<'a> {
             timers,
             handled: Some(event.id.clone()),
             fired: fired.cloned(),
-            outbox: called.records,
+            outbox,
             now_ms: core.clock.now_ms(),
         }))
     }

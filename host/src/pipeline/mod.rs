@@ -11,7 +11,9 @@
 //! tests all drive it through [`Pipeline::submit`].
 
 mod executor;
+mod records;
 mod settle;
+mod timers;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -19,32 +21,21 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{Inbound, Outbound};
+use crate::bus::{Inbound, Outbound, Publisher};
 use crate::clock::Clock;
-use crate::envelope::Envelope;
 use crate::limits::DEFAULT_MAX_RECORD_BYTES;
-use crate::runtime::{Event, OutgoingEvent, ServiceRuntime};
-use crate::state::{OutboxRecord, Timer};
+use crate::runtime::ServiceRuntime;
+use crate::state::Timer;
 
 pub use settle::{Settled, Turn, settle};
+pub use timers::FAILED_TIMER_RETRY_MS;
 
-/// Largest record a component may emit: below the broker's default
-/// `message.max.bytes` (1 MiB), so that a committed record can always be
-/// published.
-pub const MAX_RECORD_BYTES: usize = 900 * 1024;
+pub use crate::limits::MAX_RECORD_BYTES;
 
 /// Largest value a dead-letter record carries; a longer one is cut there
 /// (its full length in a `dlq-truncated` header), so that the dead-letter
 /// topic always takes it.
 pub const MAX_DEAD_LETTER_VALUE: usize = 64 * 1024;
-
-/// `value` cut to [`MAX_DEAD_LETTER_VALUE`], and the header saying so if it was.
-fn bounded(value: &[u8]) -> (Vec<u8>, Option<(String, Vec<u8>)>) {
-    if value.len() <= MAX_DEAD_LETTER_VALUE {
-        return (value.to_vec(), None);
-    }
-    (value[..MAX_DEAD_LETTER_VALUE].to_vec(), Some(("dlq-truncated".to_owned(), value.len().to_string().into_bytes())))
-}
 
 /// Logical topic of the events timers deliver.
 pub const TIMER_TOPIC: &str = "timer";
@@ -193,6 +184,30 @@ impl Pipeline {
         async move { if sent { outcome.await.ok().flatten() } else { None } }
     }
 
+    /// Handles one record and settles it in its `turn` ([`settle`]): the
+    /// one call a consumer makes per record, which then only acknowledges
+    /// it. `Ok(None)`: shutdown left it unhandled, so neither its offset nor
+    /// any later one may be stored.
+    ///
+    /// # Errors
+    /// As [`settle`]: its effects are not done, and it must come again.
+    pub fn deliver(
+        &self,
+        record: Inbound,
+        publisher: Arc<dyn Publisher>,
+        turn: Turn,
+        shutdown: &CancellationToken,
+    ) -> impl Future<Output = anyhow::Result<Option<Settled>>> + Send + 'static {
+        let handled = self.submit(record, shutdown);
+        let (service, dead_letters) = (self.core.service.clone(), self.dead_letter_topic());
+        async move {
+            match handled.await {
+                Some(disposition) => settle(&service, &*publisher, disposition, turn, &dead_letters).await.map(Some),
+                None => Ok(None),
+            }
+        }
+    }
+
     /// Processes one record: [`Pipeline::submit`], awaited.
     pub async fn process(&self, record: &Inbound, shutdown: &CancellationToken) -> Option<Disposition> {
         self.submit(record.clone(), shutdown).await
@@ -201,121 +216,6 @@ impl Pipeline {
     /// Delivers a due timer: [`Pipeline::submit_timer`], awaited.
     pub async fn process_timer(&self, timer: &Timer, shutdown: &CancellationToken) -> Option<Disposition> {
         self.submit_timer(timer.clone(), shutdown).await
-    }
-}
-
-impl Core {
-    fn backoff(&self, attempt: u32) -> Duration {
-        let factor = 2u32.saturating_pow(attempt.saturating_sub(1));
-        self.retry.first_backoff.saturating_mul(factor).min(self.retry.max_backoff)
-    }
-
-    /// The span of handling one event: every log line within it (the
-    /// host's and the guest's) carries the component, the version serving,
-    /// the event and its order.
-    fn span(&self, envelope: &Envelope) -> tracing::Span {
-        tracing::info_span!(
-            "event",
-            component = %self.service.name(),
-            version = %self.service.current().sha256,
-            event_id = %envelope.id,
-            event_type = %envelope.event_type,
-            order_id = %envelope.order_id,
-        )
-    }
-
-    /// The WIT event for an envelope; envelope metadata goes in the headers.
-    fn event(&self, record: &Inbound, envelope: &Envelope) -> Event {
-        let mut headers = vec![
-            ("correlation-id".to_owned(), envelope.correlation_id.clone()),
-            ("schema-version".to_owned(), envelope.schema_version.to_string()),
-            ("producer".to_owned(), envelope.producer.clone()),
-        ];
-        if let Some(cause) = &envelope.causation_id {
-            headers.push(("causation-id".to_owned(), cause.clone()));
-        }
-        headers
-            .extend(record.headers.iter().filter_map(|(k, v)| Some((k.clone(), String::from_utf8(v.clone()).ok()?))));
-        Event {
-            id: envelope.id.clone(),
-            event_type: envelope.event_type.clone(),
-            topic: self.topics.logical(&record.topic).to_owned(),
-            key: Some(envelope.order_id.clone()),
-            headers,
-            payload: envelope.data.get().as_bytes().to_vec(),
-            timestamp_ms: envelope.timestamp_ms,
-        }
-    }
-
-    /// Wraps what the component emitted in envelopes caused by `cause`.
-    /// Each carries `trace`, the context of the span handling `cause`.
-    fn wrap(
-        &self,
-        cause: &Envelope,
-        outgoing: &[OutgoingEvent],
-        producer: &str,
-        trace: crate::traces::TraceParent,
-    ) -> Result<Vec<OutboxRecord>, String> {
-        let now = self.clock.now_ms();
-        outgoing
-            .iter()
-            .enumerate()
-            .map(|(index, out)| {
-                let not_json = |err: &dyn std::fmt::Display| {
-                    format!("component emitted a {} whose payload is not JSON: {err}", out.event_type)
-                };
-                let text = String::from_utf8(out.payload.clone()).map_err(|e| not_json(&e))?;
-                let data = serde_json::value::RawValue::from_string(text).map_err(|e| not_json(&e))?;
-                if out.key.is_empty() || out.topic.is_empty() {
-                    return Err(format!("component emitted a {} without topic or key", out.event_type));
-                }
-                let envelope = cause.caused(index, &out.event_type, &out.key, producer, now, data);
-                let value = envelope.encode();
-                if value.len() > MAX_RECORD_BYTES {
-                    return Err(format!(
-                        "component emitted a {} of {} bytes, over the {MAX_RECORD_BYTES}-byte record limit",
-                        out.event_type,
-                        value.len()
-                    ));
-                }
-                Ok(OutboxRecord {
-                    topic: self.topics.physical(&out.topic),
-                    key: out.key.clone(),
-                    value: String::from_utf8_lossy(&value).into_owned(),
-                    headers: vec![
-                        ("event-type".to_owned(), out.event_type.clone()),
-                        ("producer".to_owned(), producer.to_owned()),
-                        trace.header(),
-                    ],
-                })
-            })
-            .collect()
-    }
-
-    fn dead_letter(&self, record: &Inbound, reason: String, attempts: u32) -> Disposition {
-        tracing::error!(
-            component = self.service.name(),
-            topic = %record.topic,
-            partition = record.partition,
-            offset = record.offset,
-            attempts,
-            "dead-lettering record: {reason}"
-        );
-        let mut headers = record.headers.clone();
-        headers.extend([
-            ("dlq-reason".to_owned(), reason.clone().into_bytes()),
-            ("dlq-component".to_owned(), self.service.name().as_bytes().to_vec()),
-            ("dlq-version".to_owned(), self.service.current().sha256.clone().into_bytes()),
-            ("dlq-source".to_owned(), format!("{}/{}/{}", record.topic, record.partition, record.offset).into_bytes()),
-            ("dlq-attempts".to_owned(), attempts.to_string().into_bytes()),
-        ]);
-        let key = record.key.as_deref().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
-        let (value, truncated) = bounded(record.value.as_deref().unwrap_or_default());
-        headers.extend(truncated);
-        Disposition::DeadLetter {
-            record: Outbound { topic: self.topics.physical(&self.topics.dead_letter), key, value, headers },
-            reason,
-        }
     }
 }
 

@@ -123,7 +123,11 @@ pub async fn settle(
     }
     service.stages().record(Stage::Publish, publishing.elapsed());
     if let Some(source) = &source {
-        service.published(source);
+        // Acknowledged: a failure to forget the entry only means its
+        // records may be published again (consumers drop copies by id).
+        if let Err(err) = service.state_store().clear_outbox(source) {
+            tracing::warn!(component = service.name(), %source, "cannot clear the outbox entry: {err}");
+        }
     }
     Ok(if set_aside_any { Settled::DeadLettered } else { settled })
 }
@@ -132,7 +136,7 @@ pub async fn settle(
 /// and (bounded) value, with why, who emitted it (and which version), for
 /// which topic, and for which event.
 fn set_aside(record: &Outbound, reason: &str, service: &ServiceRuntime, source: Option<&str>, topic: &str) -> Outbound {
-    let (value, truncated) = super::bounded(&record.value);
+    let (value, truncated) = super::records::bounded(&record.value);
     let mut headers = record.headers.clone();
     headers.extend([
         ("dlq-reason".to_owned(), reason.as_bytes().to_vec()),

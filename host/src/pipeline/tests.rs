@@ -4,8 +4,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::*;
 use crate::clock::ManualClock;
+use crate::envelope::Envelope;
 use crate::runtime::tests::runtime_on;
-use crate::state::{Commit, Durable, MemoryStore, OutboxEntry, ReadSet, StateStore, StoreError, Timer};
+use crate::state::{Commit, Durable, MemoryStore, OutboxEntry, OutboxRecord, ReadSet, StateStore, StoreError, Timer};
 
 /// A store shared with "another host", which commits the same event just
 /// before this host's first commit: the race of a rebalance.

@@ -5,8 +5,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::*;
+use sha2::{Digest, Sha256};
+
 use crate::clock::ManualClock;
-use crate::state::{MemoryStore, OutboxEntry};
+use crate::state::{Commit, MemoryStore, OutboxEntry, StoreReader};
 
 pub(crate) fn wasm(name: &str) -> PathBuf {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../target/wasm32-wasip2/release/{name}.wasm"));
@@ -89,27 +91,16 @@ pub(crate) async fn handle(rt: &ServiceRuntime, event: &Event) -> Result<Handled
     if store.was_handled(&event.id)? {
         return Ok(Handled { outbox: store.outbox(&event.id)?, version: None });
     }
-    let wrap = |outgoing: &[OutgoingEvent], _: &str| {
-        Ok(outgoing
-            .iter()
-            .map(|out| OutboxRecord {
-                topic: out.topic.clone(),
-                key: out.key.clone(),
-                value: String::from_utf8_lossy(&out.payload).into_owned(),
-                headers: vec![("event-type".to_owned(), out.event_type.clone())],
-            })
-            .collect())
-    };
     let view: Arc<dyn StateRead> = Arc::new(StoreReader(store.clone()));
     let called = std::thread::scope(|s| {
         let thread = std::thread::Builder::new().stack_size(CALL_THREAD_STACK);
-        thread.spawn_scoped(s, || rt.call(event, view, wrap)).unwrap().join().unwrap()
+        thread.spawn_scoped(s, || rt.call(event, view)).unwrap().join().unwrap()
     })?;
     let commit = Commit {
         writes: called.writes,
         timers: called.timers,
         handled: Some(event.id.clone()),
-        outbox: called.records,
+        outbox: called.outputs.into_iter().map(Output::bare_record).collect(),
         ..Commit::default()
     };
     store.commit(commit)?.wait().await?;

@@ -1,0 +1,359 @@
+//! Calls into a component: `handle` on the executor's thread, queries on
+//! their own threads, each bounded and judged by the canary watch.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use wasmtime::{Store, StoreContextMut, Trap, UpdateDeadline};
+
+use super::bindings::{self, Event, HandleError, HostState, OutgoingEvent, Request, Response};
+use super::{
+    CallError, CallKind, Called, DeadlineExceeded, LoadedComponent, ServiceRuntime, StoreParts, canary, outputs,
+};
+use crate::state::{StateRead, StoreReader, Txn};
+use crate::status::Stage;
+
+/// Innermost guest frames named in a trap's message.
+const MAX_TRAP_FRAMES: usize = 4;
+
+/// How long past its deadline a query's caller waits for it before
+/// answering that it timed out (the query's thread ends it soon after).
+const QUERY_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// An instance kept between `handle` calls ([`Limits::instance_reuse`]).
+pub(super) struct Warm {
+    component: Arc<LoadedComponent>,
+    store: Store<HostState>,
+    instance: bindings::Service,
+    calls: u32,
+}
+
+/// What a query runs on: an instance an earlier query left, or a new one.
+enum QueryStart {
+    Kept(Warm),
+    Fresh(StoreParts),
+}
+
+impl ServiceRuntime {
+    /// Refuses an event whose outputs would go past the component's
+    /// outbox quota (its entries wait there until the broker has them).
+    fn outbox_room(&self, outgoing: &[OutgoingEvent]) -> Result<(), String> {
+        match (outgoing.is_empty(), self.quotas.state.usage()) {
+            (false, Some(usage)) => self.quotas.state.check(crate::state::Quota::Outbox, usage.outbox, 1),
+            _ => Ok(()),
+        }
+    }
+
+    fn trap(&self, err: wasmtime::Error) -> CallError {
+        let timed_out = matches!(err.downcast_ref::<Trap>(), Some(Trap::Interrupt))
+            || err.downcast_ref::<DeadlineExceeded>().is_some();
+        if timed_out {
+            return self.timed_out();
+        }
+        let Some(trap) = err.downcast_ref::<Trap>() else {
+            return CallError::Trap(format!("{err:#}"));
+        };
+        // The trap and the innermost frames, not the whole backtrace: a
+        // stack overflow has thousands, and the reason goes into logs and
+        // dead-letter headers.
+        let mut message = trap.to_string();
+        if let Some(backtrace) = err.downcast_ref::<wasmtime::WasmBacktrace>() {
+            let frames: Vec<&str> =
+                backtrace.frames().iter().take(MAX_TRAP_FRAMES).map(|f| f.func_name().unwrap_or("?")).collect();
+            if !frames.is_empty() {
+                let more = if backtrace.frames().len() > MAX_TRAP_FRAMES { " …" } else { "" };
+                message.push_str(&format!(" (in {}{more})", frames.join(" ← ")));
+            }
+        }
+        CallError::Trap(message)
+    }
+
+    fn timed_out(&self) -> CallError {
+        CallError::Trap(format!("exceeded its time budget of {:?}", self.limits.timeout))
+    }
+
+    /// Calls the component's `handle` on a fresh instance (or the one kept
+    /// from the last call), reading `view`, and returns what it asked for:
+    /// its outputs checked ([`outputs::check`]), its writes and timers.
+    /// The call commits nothing: the pipeline owns deduplication, the
+    /// envelopes, the commit and the outbox. The outcome feeds the canary
+    /// watch of a freshly reloaded version. Runs the guest on the calling
+    /// thread: call it from a thread outside the async runtime.
+    ///
+    /// # Errors
+    /// [`CallError::Handle`] for the component's own error or an output
+    /// the host cannot publish (permanent), [`CallError::Trap`] when the
+    /// instance trapped, [`CallError::Canary`] for a failure of a version
+    /// under watch.
+    pub fn call(&self, event: &Event, view: Arc<dyn StateRead>) -> Result<Called, CallError> {
+        let _busy = self.engine.busy();
+        let component = self.current();
+        let trial_view = view.clone();
+        let started = Instant::now();
+        let kept = self.warm.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        let mut warm = match kept.filter(|w| Arc::ptr_eq(&w.component, &component)) {
+            Some(mut warm) => {
+                let state = warm.store.data_mut();
+                state.txn = Txn::with_limits(view, self.limits.txn).with_quota(self.quotas.state.clone());
+                state.deadline = Instant::now() + self.limits.timeout;
+                warm.store.set_epoch_deadline(self.engine.ticks_for(self.limits.burst.min(self.limits.timeout)));
+                warm
+            }
+            None => {
+                let mut store = self.parts(view, false).store(&self.engine);
+                let instance = self.stages.time(Stage::Instantiate, || component.pre.instantiate(&mut store));
+                match instance {
+                    Ok(instance) => Warm { component: component.clone(), store, instance, calls: 0 },
+                    Err(err) => {
+                        let busy = started.elapsed().saturating_sub(store.data().idle);
+                        drop(store);
+                        self.throttle.charge(CallKind::Handle, started, busy);
+                        return self.judge(&component, canary::Observation::Failed, Err(self.trap(err)));
+                    }
+                }
+            }
+        };
+        warm.calls += 1;
+        let result = self.stages.time(Stage::Call, || warm.instance.call_handle(&mut warm.store, event));
+        let state = warm.store.data_mut();
+        let idle = std::mem::take(&mut state.idle);
+        let last_stderr = state.stderr.as_ref().and_then(|stderr| stderr.drain_to_log(&self.name));
+        state.over_burst = None;
+        let txn = &mut state.txn;
+        // A guest that went on after a cap refused it must not commit the
+        // part it was allowed: the event fails for good, with the reason.
+        let exceeded = txn.exceeded().map(|reason| format!("the call went past a limit: {reason}"));
+        let limited = exceeded.is_some();
+        let changes = txn.take_changes();
+        let result = match (result, exceeded) {
+            (Ok(Ok(_)), Some(reason)) => Ok(Err(HandleError::Permanent(reason))),
+            (result, _) => result,
+        };
+        let outcome = match result {
+            // An event the component may not publish fails it for good.
+            Ok(Ok(outgoing)) => {
+                let checked = self.grants.publishes.check(&outgoing).and_then(|()| self.outbox_room(&outgoing));
+                match checked.and_then(|()| outputs::check(outgoing)) {
+                    Ok(outputs) => {
+                        let (writes, timers) = changes;
+                        Ok(Called { outputs, writes, timers, version: component.sha256.clone() })
+                    }
+                    Err(reason) => Err(CallError::Handle(HandleError::Permanent(reason))),
+                }
+            }
+            Ok(Err(err)) => Err(CallError::Handle(err)),
+            Err(err) => match err.downcast::<bindings::LimitExceeded>() {
+                Ok(limit) => Err(CallError::Handle(HandleError::Permanent(limit.to_string()))),
+                Err(err) => Err(self.trap(err)),
+            },
+        };
+        // A trapped instance cannot be entered again; one that returned,
+        // ok or error, serves the next event if reuse allows.
+        // (Ended for a limit, it did not return either.)
+        let trapped = matches!(outcome, Err(CallError::Trap(_))) || limited;
+        let outcome = outcome.map_err(|err| with_stderr(err, last_stderr));
+        if !trapped && warm.calls < self.limits.instance_reuse {
+            *self.warm.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(warm);
+        } else if trapped {
+            // Freeing what the call made (its memory, its refused writes)
+            // is part of what it cost.
+            drop(warm);
+            self.throttle.charge(CallKind::Handle, started, started.elapsed().saturating_sub(idle));
+        }
+        let observation = self.observe(&component, &outcome, event, &trial_view);
+        self.judge(&component, observation, outcome)
+    }
+
+    /// What `outcome` says about `component` under canary watch. A
+    /// permanent error is the new version's fault only if the version it
+    /// replaced handles the same event on the same state (a trial call whose
+    /// writes and outputs are discarded); a record both refuse is bad input.
+    fn observe<T>(
+        &self,
+        component: &LoadedComponent,
+        outcome: &Result<T, CallError>,
+        event: &Event,
+        view: &Arc<dyn StateRead>,
+    ) -> canary::Observation {
+        match outcome {
+            Ok(_) => canary::Observation::Ok,
+            Err(CallError::Store(_)) => canary::Observation::Ignored,
+            Err(CallError::Handle(HandleError::Permanent(_))) => {
+                let Some(previous) = self.canary.previous_of(&component.sha256) else {
+                    return canary::Observation::Ignored;
+                };
+                let _busy = self.engine.busy();
+                let mut store = self.parts(view.clone(), false).store(&self.engine);
+                let handled = previous
+                    .pre
+                    .instantiate(&mut store)
+                    .and_then(|instance| instance.call_handle(&mut store, event))
+                    .is_ok_and(|result| result.is_ok());
+                if handled { canary::Observation::Failed } else { canary::Observation::Ignored }
+            }
+            Err(_) => canary::Observation::Failed,
+        }
+    }
+
+    /// Feeds an outcome to the canary watch, rolling back if it says so.
+    /// Failures of a watched version are made retryable so that the event
+    /// is tried again, on the restored version after a rollback.
+    fn judge<T>(
+        &self,
+        component: &LoadedComponent,
+        observation: canary::Observation,
+        outcome: Result<T, CallError>,
+    ) -> Result<T, CallError> {
+        match self.canary.observe(&component.sha256, observation) {
+            canary::Verdict::Unwatched => outcome,
+            // Only the version's own faults become canary failures (retried).
+            canary::Verdict::Watching if observation != canary::Observation::Failed => outcome,
+            canary::Verdict::Watching => outcome.map_err(|err| CallError::Canary(err.to_string())),
+            canary::Verdict::Passed => {
+                tracing::info!(component = %self.name, version = %component.sha256, "new version passed its canary");
+                outcome
+            }
+            canary::Verdict::RollBack { previous, failures, seen } => {
+                let err = outcome.err().map(|e| e.to_string()).unwrap_or_default();
+                let reason = format!("rolled back after {failures} failures in its first {seen} events; last: {err}");
+                tracing::warn!(component = %self.name, version = %component.sha256, restored = %previous.sha256, "{reason}");
+                *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = previous.clone();
+                self.throttle.forgive();
+                // The restored version is no longer one to roll back to.
+                let mut kept = self.previous.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if kept.last().is_some_and(|last| Arc::ptr_eq(last, &previous)) {
+                    kept.pop();
+                }
+                drop(kept);
+                let mut history = self.history.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                for entry in history.iter_mut().rev() {
+                    if entry.sha256 == component.sha256 && entry.outcome == "serving" {
+                        entry.outcome = reason.clone();
+                    } else if entry.sha256 == previous.sha256 && entry.outcome == "replaced" {
+                        entry.outcome = "serving".into();
+                        break;
+                    }
+                }
+                Err(CallError::RolledBack(reason))
+            }
+        }
+    }
+
+    /// Runs `query` on a fresh instance with a read-only view of the state,
+    /// on one of the service's query threads, at most
+    /// [`Limits::max_queries`] at once.
+    ///
+    /// # Errors
+    /// [`CallError::Trap`] when the instance traps or runs out of time.
+    pub async fn query(&self, request: &Request) -> Result<Response, CallError> {
+        let permit = self.queries.clone().acquire_owned().await.map_err(|e| CallError::Trap(e.to_string()))?;
+        if let Some(left) = self.throttle.wait_left(CallKind::Query) {
+            if left > self.limits.timeout {
+                return Err(CallError::Throttled(left));
+            }
+            tokio::time::sleep(left).await;
+        }
+        let component = self.current();
+        let view: Arc<dyn StateRead> = Arc::new(StoreReader(self.store.clone()));
+        // A query is read-only, so an instance that answered one may answer
+        // the next as `handle`'s does (`instance_reuse`): a fresh instance
+        // per query cost the order service's query threads a fifth of the
+        // host's CPU while the page polled (instantiating, then zeroing and
+        // unmapping its memory).
+        let kept = self.warm_queries.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
+        let start = match kept.filter(|w| Arc::ptr_eq(&w.component, &component)) {
+            Some(mut warm) => {
+                let state = warm.store.data_mut();
+                state.txn = Txn::read_only(view);
+                state.deadline = Instant::now() + self.limits.timeout;
+                warm.store.set_epoch_deadline(self.engine.ticks_for(self.limits.burst.min(self.limits.timeout)));
+                QueryStart::Kept(warm)
+            }
+            None => QueryStart::Fresh(self.parts(view, true)),
+        };
+        let engine = self.engine.clone();
+        let request = request.clone();
+        let (throttle, name, reuse) = (self.throttle.clone(), self.name.clone(), self.limits.instance_reuse);
+        let result = self.query_threads.run(move || {
+            let _permit = permit;
+            let _busy = engine.busy();
+            let started = Instant::now();
+            let mut warm = match start {
+                QueryStart::Kept(warm) => warm,
+                QueryStart::Fresh(parts) => {
+                    let mut store = parts.store(&engine);
+                    match component.pre.instantiate(&mut store) {
+                        Ok(instance) => Warm { component, store, instance, calls: 0 },
+                        Err(err) => {
+                            let idle = store.data().idle;
+                            drop(store);
+                            throttle.charge(CallKind::Query, started, started.elapsed().saturating_sub(idle));
+                            return (Err(err), None, None);
+                        }
+                    }
+                }
+            };
+            warm.calls += 1;
+            let result = warm.instance.call_query(&mut warm.store, &request);
+            let state = warm.store.data_mut();
+            let idle = std::mem::take(&mut state.idle);
+            state.over_burst = None;
+            let last_stderr = state.stderr.as_ref().and_then(|stderr| stderr.drain_to_log(&name));
+            // A trapped instance cannot be entered again; freeing it is
+            // part of what the failed query cost.
+            let keep = result.is_ok() && warm.calls < reuse;
+            if result.is_err() {
+                drop(warm);
+                throttle.charge(CallKind::Query, started, started.elapsed().saturating_sub(idle));
+                return (result, last_stderr, None);
+            }
+            (result, last_stderr, keep.then_some(warm))
+        });
+        let result = async {
+            let (result, last_stderr, warm) = result.await?;
+            if let Some(warm) = warm {
+                self.warm_queries.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(warm);
+            }
+            Ok::<_, tokio::sync::oneshot::error::RecvError>((result, last_stderr))
+        };
+        // The deadline ends the call on its thread; waiting a little longer
+        // only covers a host wait that overran it, so that the caller
+        // answers in bounded time whatever happens there.
+        match tokio::time::timeout(self.limits.timeout + QUERY_GRACE, result).await {
+            Ok(Ok((result, last_stderr))) => result.map_err(|err| with_stderr(self.trap(err), last_stderr)),
+            Ok(Err(_)) => Err(CallError::Trap("the query thread failed".into())),
+            Err(_) => Err(self.timed_out()),
+        }
+    }
+}
+
+/// A trap's message with the last lines of the call's stderr: a Rust
+/// guest's panic message, what the trap alone does not say.
+fn with_stderr(err: CallError, last_stderr: Option<String>) -> CallError {
+    match (err, last_stderr) {
+        (CallError::Trap(message), Some(lines)) => CallError::Trap(format!("{message}; its stderr: {lines}")),
+        (err, _) => err,
+    }
+}
+
+/// The epoch check of a call past its burst: ends it at its deadline, and
+/// until then lets it run one tick in every few (see [`Throttle`]).
+pub(super) fn past_burst(mut ctx: StoreContextMut<'_, HostState>) -> wasmtime::Result<UpdateDeadline> {
+    let state = ctx.data_mut();
+    let now = Instant::now();
+    if now >= state.deadline {
+        return Ok(UpdateDeadline::Interrupt);
+    }
+    if let Some(throttle) = &state.throttle {
+        if state.over_burst.is_none() {
+            state.over_burst = Some(throttle.over_burst());
+        }
+        let pause = throttle.pause_per_tick().min(state.deadline - now);
+        if !pause.is_zero() {
+            std::thread::sleep(pause);
+            throttle.slept(pause);
+            state.idle += pause;
+        }
+    }
+    Ok(UpdateDeadline::Continue(1))
+}
