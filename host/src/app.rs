@@ -436,6 +436,9 @@ fn spawn_component(
         drain_timeout: host.drain_timeout,
         link: link.clone(),
         watermark,
+        // Other hosts may take over only partitions whose state they share.
+        handoff_after: (manifest.state.backend == StateBackend::Postgres)
+            .then(|| Duration::from_millis(manifest.state.commit_timeout_ms)),
     };
     tasks.spawn(crate::scheduler::run(
         pipeline.clone(),

@@ -261,14 +261,7 @@ impl Collector for ComponentCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let component = self.service.name();
         let consumer = self.status.snapshot();
-        let counters = [
-            ("shop_events_handled", "Records handled by the component.", consumer.handled),
-            ("shop_events_dead_lettered", "Records set aside on the dead-letter topic.", consumer.dead_lettered),
-            ("shop_events_duplicates", "Records dropped as handled before (by event id).", consumer.duplicates_dropped),
-        ];
-        for (name, help, value) in counters {
-            one(&mut encoder, (name, help), component, &ConstCounter::new(value))?;
-        }
+        encode_consumer(&mut encoder, component, &consumer)?;
         let (slept, penalized) = self.service.throttle().totals();
         let throttled = [
             (
@@ -299,19 +292,6 @@ impl Collector for ComponentCollector {
             for (quota, refused) in crate::state::Quota::ALL.iter().zip(quotas.state.refusals()) {
                 let labels = [("component", component), ("quota", quota.setting())];
                 ConstCounter::new(refused).encode(family.encode_family(&labels)?)?;
-            }
-        }
-        let consuming = ("shop_consumer_up", "Whether the component's consumer is running (1) or not (0).");
-        one(&mut encoder, consuming, component, &ConstGauge::new(i64::from(consumer.consuming)))?;
-        {
-            let help = "Records behind the end of each assigned partition (librdkafka statistics, every second).";
-            let mut family =
-                encoder.encode_descriptor("shop_consumer_lag", help, None, ConstGauge::new(0).metric_type())?;
-            // -1: not known yet; left out rather than reported as a lag.
-            for (tp, lag) in consumer.lag.iter().filter(|(_, lag)| **lag >= 0) {
-                let (topic, partition) = tp.rsplit_once('/').unwrap_or((tp.as_str(), ""));
-                let labels = [("component", component), ("topic", topic), ("partition", partition)];
-                ConstGauge::new(*lag).encode(family.encode_family(&labels)?)?;
             }
         }
         let store = self.service.state_store();
@@ -362,6 +342,44 @@ impl Collector for ComponentCollector {
             encoder.encode_descriptor("shop_component_version", help, None, ConstGauge::new(0).metric_type())?;
         ConstGauge::new(1).encode(family.encode_family(&[("component", component), ("version", version.as_str())])?)
     }
+}
+
+/// The consumer's series: records by outcome, whether it runs, its lag,
+/// and its hand-offs.
+fn encode_consumer(
+    encoder: &mut DescriptorEncoder<'_>,
+    component: &str,
+    consumer: &crate::status::StatusSnapshot,
+) -> Result<(), std::fmt::Error> {
+    let counters = [
+        ("shop_events_handled", "Records handled by the component.", consumer.handled),
+        ("shop_events_dead_lettered", "Records set aside on the dead-letter topic.", consumer.dead_lettered),
+        ("shop_events_duplicates", "Records dropped as handled before (by event id).", consumer.duplicates_dropped),
+    ];
+    for (name, help, value) in counters {
+        one(encoder, (name, help), component, &ConstCounter::new(value))?;
+    }
+    let consuming = ("shop_consumer_up", "Whether the component's consumer is running (1) or not (0).");
+    one(encoder, consuming, component, &ConstGauge::new(i64::from(consumer.consuming)))?;
+    {
+        let help = "Records behind the end of each assigned partition (librdkafka statistics, every second).";
+        let mut family =
+            encoder.encode_descriptor("shop_consumer_lag", help, None, ConstGauge::new(0).metric_type())?;
+        // -1: not known yet; left out rather than reported as a lag.
+        for (tp, lag) in consumer.lag.iter().filter(|(_, lag)| **lag >= 0) {
+            let (topic, partition) = tp.rsplit_once('/').unwrap_or((tp.as_str(), ""));
+            let labels = [("component", component), ("topic", topic), ("partition", partition)];
+            ConstGauge::new(*lag).encode(family.encode_family(&labels)?)?;
+        }
+    }
+    let help = "Times the consumer left its group because the state store did not answer (left), and joined it again once it did (rejoined).";
+    let mut family =
+        encoder.encode_descriptor("shop_consumer_handoffs", help, None, ConstCounter::new(0u64).metric_type())?;
+    for (transition, value) in [("left", consumer.handoffs), ("rejoined", consumer.rejoins)] {
+        ConstCounter::new(value)
+            .encode(family.encode_family(&[("component", component), ("transition", transition)])?)?;
+    }
+    Ok(())
 }
 
 /// Whether the broker answers, as every `/health` reports it.

@@ -21,6 +21,7 @@ use rdkafka::message::{Headers as _, Message as _};
 use rdkafka::statistics::Statistics;
 use tokio_util::sync::CancellationToken;
 
+use super::handoff::{self, CutOff};
 use crate::bus::{Inbound, Publisher};
 use crate::deadlines::Watermark;
 use crate::pipeline::{Pipeline, Settled, Turn};
@@ -49,6 +50,10 @@ pub struct ConsumerSettings {
     pub link: BrokerLink,
     /// Where it reports how far it has caught up.
     pub watermark: Watermark,
+    /// How long the state store may go unanswered before the consumer
+    /// leaves its group for the hosts that reach it (see [`handoff`]);
+    /// `None` for a store no other host shares.
+    pub handoff_after: Option<Duration>,
 }
 
 fn tp(topic: &str, partition: i32) -> String {
@@ -137,9 +142,11 @@ pub async fn run_supervised(
     let name = pipeline.service().name().to_owned();
     let mut outcome = Ok(());
     let mut backoff = RESTART_BACKOFF_MIN;
+    let mut cut_off =
+        settings.handoff_after.map(|after| handoff::watch_store(pipeline.service().clone(), after, shutdown.clone()));
     loop {
         let started = tokio::time::Instant::now();
-        match run(&pipeline, &publisher, &settings, &status, &shutdown).await {
+        match run(&pipeline, &publisher, &settings, &status, &shutdown, cut_off.as_mut()).await {
             Ok(()) => break,
             Err(err) if err.is::<Abandoned>() => {
                 outcome = Err(err.downcast::<Abandoned>().unwrap_or(Abandoned(0)));
@@ -186,12 +193,21 @@ fn inbound(message: &rdkafka::message::BorrowedMessage<'_>) -> Inbound {
     }
 }
 
+/// Why a spell of consuming ended without an error.
+enum Served {
+    /// Shutdown, after what was in flight settled.
+    Stopped,
+    /// The state store stopped answering: the partitions are to be handed off.
+    CutOff,
+}
+
 async fn run(
     pipeline: &Pipeline,
     publisher: &Arc<dyn Publisher>,
     settings: &ConsumerSettings,
     status: &ConsumerStatus,
     shutdown: &CancellationToken,
+    mut cut_off: Option<&mut CutOff>,
 ) -> anyhow::Result<()> {
     let mut config = super::consumer_config(&settings.brokers, &settings.group);
     if let Some(instance) = &settings.instance_id {
@@ -206,12 +222,48 @@ async fn run(
         })
         .context("failed to create the Kafka consumer")?;
     let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
-    consumer.subscribe(&topics).with_context(|| format!("failed to subscribe to {topics:?}"))?;
-    status.update(|s| {
-        s.consuming = true;
-        s.last_error = None;
-    });
+    let result = loop {
+        if let Err(err) = consumer.subscribe(&topics).with_context(|| format!("failed to subscribe to {topics:?}")) {
+            break Err(err);
+        }
+        status.update(|s| {
+            s.consuming = true;
+            s.last_error = None;
+        });
+        // Cancelled when the partitions are handed off: the executor then
+        // gives up retrying this spell's records (their new owner has them).
+        let spell = shutdown.child_token();
+        let served = serve(&consumer, pipeline, publisher, settings, status, &spell, cut_off.as_deref_mut()).await;
+        match served {
+            Ok(Served::CutOff) => {
+                spell.cancel();
+                if !hand_off(&consumer, settings, status, shutdown, cut_off.as_deref_mut()).await {
+                    break Ok(());
+                }
+            }
+            Ok(Served::Stopped) => break Ok(()),
+            Err(err) => break Err(err),
+        }
+    };
+    close(consumer, settings).await;
+    result
+}
 
+/// Consumes until shutdown (`spell` is cancelled with it), an error, or
+/// the store is found cut off. On a clean stop, finishes what is in flight:
+/// its effects happened, so its offsets are stored. After a failure or a
+/// cut-off, stores nothing more: later records must not be marked done
+/// ahead of one that did not settle, which is delivered again (and dropped
+/// by id if it was handled).
+async fn serve(
+    consumer: &StreamConsumer<Context>,
+    pipeline: &Pipeline,
+    publisher: &Arc<dyn Publisher>,
+    settings: &ConsumerSettings,
+    status: &ConsumerStatus,
+    spell: &CancellationToken,
+    mut cut_off: Option<&mut CutOff>,
+) -> anyhow::Result<Served> {
     // Each record goes to the pipeline at once (its executor keeps one key's
     // records in order) and then settles on its own: its commit must be on
     // disk before its outputs are published (after those of the previous
@@ -220,15 +272,12 @@ async fn run(
     let mut pending: FuturesUnordered<BoxFuture<'static, Outcome>> = FuturesUnordered::new();
     let mut progress = Progress::default();
     let mut chains = PublishChains::default();
-    let result: anyhow::Result<()> = loop {
+    loop {
         tokio::select! {
             biased;
-            () = shutdown.cancelled() => break Ok(()),
-            Some(settled) = pending.next(), if !pending.is_empty() => {
-                if let Err(err) = done(&consumer, status, &mut progress, settled) {
-                    break Err(err);
-                }
-            }
+            () = spell.cancelled() => break,
+            () = handoff::until(cut_off.as_deref_mut(), true) => return Ok(Served::CutOff),
+            Some(settled) = pending.next(), if !pending.is_empty() => done(consumer, status, &mut progress, settled)?,
             received = consumer.recv(), if pending.len() < MAX_IN_FLIGHT => {
                 let message = match received {
                     Ok(message) => message,
@@ -244,46 +293,101 @@ async fn run(
                 drop(message);
                 progress.start(&record.topic, record.partition, record.offset);
                 let turn = chains.next(record.key.as_deref().unwrap_or_default());
-                pending.push(Box::pin(handle(pipeline, publisher.clone(), record, shutdown, turn)));
+                pending.push(Box::pin(handle(pipeline, publisher.clone(), record, spell, turn)));
             }
         }
-    };
-    // On a clean stop, finish what is in flight: its effects happened, so
-    // store its offsets. After a failure, store nothing more: later records
-    // must not be marked done ahead of the one that failed. What has not
-    // settled within the drain timeout is abandoned: its offsets are not
-    // stored, so it is delivered again (and dropped by id if it was handled).
-    let result = match result {
-        Ok(()) => {
-            let drained = tokio::time::timeout(settings.drain_timeout, async {
-                while let Some(settled) = pending.next().await {
-                    done(&consumer, status, &mut progress, settled)?;
-                }
-                anyhow::Ok(())
-            })
-            .await;
-            match drained {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(err)) => {
-                    tracing::error!(group = %settings.group, "while draining: {err:#}");
-                    Ok(())
-                }
-                Err(_) => {
-                    tracing::error!(
-                        group = %settings.group,
-                        abandoned = pending.len(),
-                        "records in flight not settled within the drain timeout ({:?}): abandoned, to be delivered again",
-                        settings.drain_timeout
-                    );
-                    Err(Abandoned(pending.len()).into())
-                }
-            }
+    }
+    drain(consumer, settings, status, &mut progress, pending).await?;
+    Ok(Served::Stopped)
+}
+
+/// Gives the records in flight the drain timeout to settle, storing their
+/// offsets as they do.
+///
+/// # Errors
+/// [`Abandoned`]: some did not settle in time (their offsets are not
+/// stored, so they are delivered again, and dropped by id if handled).
+async fn drain(
+    consumer: &StreamConsumer<Context>,
+    settings: &ConsumerSettings,
+    status: &ConsumerStatus,
+    progress: &mut Progress,
+    mut pending: FuturesUnordered<BoxFuture<'static, Outcome>>,
+) -> anyhow::Result<()> {
+    let drained = tokio::time::timeout(settings.drain_timeout, async {
+        while let Some(settled) = pending.next().await {
+            done(consumer, status, progress, settled)?;
         }
-        Err(err) => Err(err),
-    };
-    drop(pending);
-    // The final commit and the close (leaving the group, its rebalance
-    // callbacks) block: off the async workers.
+        anyhow::Ok(())
+    })
+    .await;
+    match drained {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(err)) => {
+            tracing::error!(group = %settings.group, "while draining: {err:#}");
+            Ok(())
+        }
+        Err(_) => {
+            tracing::error!(
+                group = %settings.group,
+                abandoned = pending.len(),
+                "records in flight not settled within the drain timeout ({:?}): abandoned, to be delivered again",
+                settings.drain_timeout
+            );
+            Err(Abandoned(pending.len()).into())
+        }
+    }
+}
+
+/// Leaves the group, so that its other members (hosts that reach the
+/// store) take the partitions over from the last committed offsets, and
+/// waits for the store to answer again. `false`: shutdown came first.
+///
+/// Unsubscribing, not closing: a static member that closes keeps its
+/// partitions until its session expires, whereas one that unsubscribes
+/// sends the broker a LeaveGroup at once. The consumer is kept and polled
+/// meanwhile (the revocation and the leave are served by its poll).
+async fn hand_off(
+    consumer: &StreamConsumer<Context>,
+    settings: &ConsumerSettings,
+    status: &ConsumerStatus,
+    shutdown: &CancellationToken,
+    mut cut_off: Option<&mut CutOff>,
+) -> bool {
+    // The offsets of what settled before go along.
+    if let Err(err) = consumer.commit_consumer_state(CommitMode::Async)
+        && !matches!(err, rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset))
+    {
+        tracing::warn!(group = %settings.group, "commit before the hand-off failed: {err}");
+    }
+    consumer.unsubscribe();
+    status.update(|s| {
+        s.consuming = false;
+        s.handed_off = true;
+        s.handoffs += 1;
+    });
+    tracing::warn!(group = %settings.group, "left the consumer group: the state store does not answer");
+    loop {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return false,
+            () = handoff::until(cut_off.as_deref_mut(), false) => break,
+            // Nothing is assigned; a record fetched before the leave is its
+            // new owner's to handle.
+            _ = consumer.recv() => {}
+        }
+    }
+    status.update(|s| {
+        s.handed_off = false;
+        s.rejoins += 1;
+    });
+    tracing::info!(group = %settings.group, "rejoining the consumer group: the state store answers again");
+    true
+}
+
+/// Commits the stored offsets and closes the consumer (leaving the group,
+/// its rebalance callbacks), both of which block: off the async workers.
+async fn close(consumer: StreamConsumer<Context>, settings: &ConsumerSettings) {
     let group = settings.group.clone();
     let closed = tokio::task::spawn_blocking(move || {
         match consumer.commit_consumer_state(CommitMode::Sync) {
@@ -297,7 +401,6 @@ async fn run(
     if let Err(err) = closed.await {
         tracing::error!(group = %settings.group, "closing the consumer failed: {err}");
     }
-    result
 }
 
 /// What became of a record: where it was and how it settled (`None`: left

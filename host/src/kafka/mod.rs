@@ -5,6 +5,7 @@
 mod consumer;
 pub mod dlq;
 mod embedded;
+mod handoff;
 mod link;
 mod producer;
 

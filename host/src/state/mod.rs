@@ -361,6 +361,16 @@ pub trait StateStore: Send + Sync + 'static {
     /// [`StoreError::Unavailable`] when the store cannot be read.
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
 
+    /// Whether the store answers now: one round trip to a database, given
+    /// up within the store's timeouts like any other call. (The default,
+    /// for stores in the host's own process and files, always answers.)
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the store does not answer.
+    fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// Keys starting with `prefix`, ascending, at most `limit`.
     ///
     /// # Errors

@@ -26,6 +26,13 @@ pub struct StatusSnapshot {
     pub duplicates_dropped: u64,
     /// The last consumer error, if any.
     pub last_error: Option<String>,
+    /// Whether the consumer has left its group because the shared state
+    /// store stopped answering (its partitions went to the other hosts).
+    pub handed_off: bool,
+    /// Times since start the consumer left its group for that reason.
+    pub handoffs: u64,
+    /// Times since start it rejoined once the store answered again.
+    pub rejoins: u64,
 }
 
 /// Shared, live status of one consumer.

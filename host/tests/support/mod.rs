@@ -4,8 +4,11 @@
 
 #![allow(dead_code)]
 
+mod proxy;
 mod topics;
 // Each test binary uses its own part of the support module.
+#[allow(unused_imports)]
+pub use proxy::Proxy;
 #[allow(unused_imports)]
 pub use topics::*;
 

@@ -50,6 +50,10 @@ impl StateStore for PostgresStore {
         })
     }
 
+    fn ping(&self) -> Result<(), StoreError> {
+        self.with(|client, _, _| async move { client.simple_query("SELECT 1").await.map(|_| ()) })
+    }
+
     fn keys(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StoreError> {
         check_prefix(prefix)?;
         let prefix = prefix.to_owned();

@@ -119,61 +119,9 @@ fn database_errors_that_never_pass_are_permanent() {
     assert!(matches!(&slow, StoreError::Unavailable(m) if m.contains("57014")), "{slow}");
 }
 
-type Reader = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
-type Writer = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
-
-/// A TCP proxy to the database that can be frozen: its connections stay
-/// open and nothing moves through them, as a network partition looks from
-/// the host.
-struct Proxy {
-    port: u16,
-    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    _runtime: tokio::runtime::Runtime,
-}
-
-impl Proxy {
-    fn start(upstream: std::net::SocketAddr) -> Self {
-        use std::sync::atomic::Ordering;
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let frozen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = frozen.clone();
-        runtime.spawn(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            while let Ok((client, _)) = listener.accept().await {
-                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else { continue };
-                let ((cr, cw), (sr, sw)) = (client.into_split(), server.into_split());
-                let pumps: [(Reader, Writer); 2] = [(Box::new(cr), Box::new(sw)), (Box::new(sr), Box::new(cw))];
-                for (mut from, mut to) in pumps {
-                    let flag = flag.clone();
-                    tokio::spawn(async move {
-                        let mut buf = vec![0u8; 16 * 1024];
-                        loop {
-                            let Ok(n) = from.read(&mut buf).await else { return };
-                            if n == 0 {
-                                return;
-                            }
-                            while flag.load(Ordering::SeqCst) {
-                                tokio::time::sleep(Duration::from_millis(10)).await;
-                            }
-                            if to.write_all(&buf[..n]).await.is_err() {
-                                return;
-                            }
-                        }
-                    });
-                }
-            }
-        });
-        Self { port, frozen, _runtime: runtime }
-    }
-
-    fn freeze(&self, frozen: bool) {
-        self.frozen.store(frozen, std::sync::atomic::Ordering::SeqCst);
-    }
-}
+// The integration tests' proxy, one source for both.
+#[path = "../../../tests/support/proxy.rs"]
+mod proxy;
 
 /// A host cut off from the database (connections open, nothing answering)
 /// says so within its timeouts, for reads and commits alike, instead of
@@ -181,11 +129,7 @@ impl Proxy {
 #[test]
 fn a_host_cut_off_from_the_database_gives_up_within_its_timeouts() {
     let schema = TestSchema::new();
-    let url = database_url();
-    let config: tokio_postgres::Config = url.parse().unwrap();
-    let upstream_port = config.get_ports().first().copied().unwrap_or(5432);
-    let proxy = Proxy::start(std::net::SocketAddr::from(([127, 0, 0, 1], upstream_port)));
-    let proxied = url.replace(&format!(":{upstream_port}"), &format!(":{}", proxy.port));
+    let (proxy, proxied) = proxy::Proxy::for_postgres(&database_url());
     let timeouts = PgTimeouts {
         lock: Duration::from_millis(300),
         statement: Duration::from_millis(500),
