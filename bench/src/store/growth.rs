@@ -31,16 +31,42 @@ pub struct GrowthArgs {
     /// pruned (the clock moves 1 ms per order).
     #[arg(long, default_value_t = 20_000)]
     horizon: u64,
-    /// Which ids are time-ordered (a prefix that grows with the clock)
-    /// instead of random: `none` (every id random, as the host minted them
-    /// before 2026-12-07), `events` (derived event ids: all but
-    /// `OrderPlaced`'s, which order and analytics handle), `all` (order ids
-    /// too): what each costs as the store grows.
-    #[arg(long, default_value = "none")]
-    ordered: String,
+    /// Which ids sort by time (laid out as UUIDv7) instead of being random.
+    #[arg(long, value_enum, default_value_t = Ordered::Events)]
+    ordered: Ordered,
     /// Directory for the store file (a fresh temporary one by default).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Directory of the JSON results (`store.json`).
+    #[arg(long, default_value = "target/bench")]
+    out_dir: PathBuf,
+}
+
+/// Which ids sort by time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ordered {
+    /// Every id random, as the host derived event ids until 2026-12-07.
+    None,
+    /// Derived event ids, as the host makes them now: all but
+    /// `OrderPlaced`'s (from the order id), which order and analytics handle.
+    Events,
+    /// Order ids too (the gateway derives them from the `Idempotency-Key`:
+    /// random): what the rest would gain.
+    All,
+}
+
+/// One line of the results.
+#[derive(Debug, serde::Serialize)]
+struct Point {
+    orders: u64,
+    file_bytes: u64,
+    /// Pages in use by the last committed version.
+    allocated_bytes: u64,
+    /// Keys and values.
+    stored_bytes: u64,
+    /// Orders committed per second since the line before.
+    orders_per_s: f64,
 }
 
 /// Handled events per order and component, with the state entries each
@@ -70,15 +96,15 @@ pub fn run(args: &GrowthArgs) -> anyhow::Result<()> {
         "{:>9} {:>9} {:>12} {:>9} {:>9} {:>9}",
         "orders", "file MB", "in use MB", "B/order", "live MB", "orders/s"
     );
-    let (mut done, mut mark, mut since) = (0, Instant::now(), 0);
+    let (mut done, mut mark, mut since, mut points) = (0, Instant::now(), 0, Vec::new());
     while done < args.orders {
         let n = args.batch.min(args.orders - done);
         let now_ms = 1_000_000 + done;
         let ids = |ordered: bool| if ordered { ordered_uuid(now_ms) } else { uuid() };
-        let orders: Vec<String> = (0..n).map(|_| ids(args.ordered == "all")).collect();
+        let orders: Vec<String> = (0..n).map(|_| ids(args.ordered == Ordered::All)).collect();
         // `OrderPlaced` is the first event of order's and analytics's four
         // and six; its id comes from the order id.
-        let events = |first: bool| ids(args.ordered == "all" || (args.ordered == "events" && !first));
+        let events = |first: bool| ids(args.ordered == Ordered::All || (args.ordered == Ordered::Events && !first));
         for (store, per_order, state) in &stores {
             commit_orders(store, &orders, *per_order, state, now_ms, &|event| events(event == 0 && *per_order >= 4))?;
         }
@@ -109,9 +135,18 @@ pub fn run(args: &GrowthArgs) -> anyhow::Result<()> {
                 usage.allocated_bytes as f64 / done as f64,
                 mb(usage.stored_bytes)
             );
+            points.push(Point {
+                orders: done,
+                file_bytes: usage.file_bytes,
+                allocated_bytes: usage.allocated_bytes,
+                stored_bytes: usage.stored_bytes,
+                orders_per_s: rate,
+            });
             (mark, since) = (Instant::now(), 0);
         }
     }
+    let json = serde_json::json!({ "ordered": args.ordered, "horizon": args.horizon, "batch": args.batch, "points": points });
+    crate::report::write_json(&args.out_dir, "store", &json)?;
     drop((stores, vault, host));
     if args.dir.is_none() {
         std::fs::remove_dir_all(&dir)?;
