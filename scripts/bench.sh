@@ -15,9 +15,11 @@
 # JavaScript email build serving, swapped through the admin API), stops
 # the host with SIGTERM, runs `bench physical` (plain Kafka relays moving the
 # run's record flow: the broker's limit), `bench wasm` (each component's
-# logic per event, natively and through the host library) and `bench
-# email-js` (the JavaScript email build against the Rust one: size, compile
-# and cache-load time, instantiation and cost per event), then starts
+# logic per event, natively and through the host library), `bench store`
+# (the redb store alone filling with 100,000 orders' commits: its size and
+# commit rate as it grows) and `bench email-js` (the JavaScript email build
+# against the Rust one: size, compile and cache-load time, instantiation and
+# cost per event), then starts
 # PostgreSQL (scripts/postgres.sh) and runs `bench scale` (the email
 # component alone on 1, 2 and 3 hosts sharing PostgreSQL, then on one host
 # with redb, each host on the manifest's ports plus 100, 200, 300), and
@@ -187,6 +189,10 @@ BENCH_ADMIN_TOKEN="$ADMIN_TOKEN" "$BENCH" email-js-e2e --host-pid "$HOST_PID" \
 stop_host
 "$BENCH" physical --manifest "$MANIFEST" --prefix "$RUN_ID." --out-dir "$OUT"
 "$BENCH" wasm --manifest "$MANIFEST" --out-dir "$OUT"
+# The redb store alone, through the host's adapter, filling with 100,000
+# orders' commits, handled ids pruned on a short horizon: size and commit
+# rate every 10,000 orders (docs/performance.md, "The store as it grows").
+"$BENCH" store --orders 100000 --out-dir "$OUT"
 # Payment's throughput while the test component `misbehave` sleeps, spins,
 # write-bombs, recurses or answers spinning queries beside it (no broker).
 cargo build -q --release --target wasm32-wasip2 -p misbehave --lib

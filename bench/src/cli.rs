@@ -15,7 +15,7 @@ use crate::report;
 use crate::stages::Probe;
 use crate::suite::SuiteArgs;
 use crate::topic::TopicReader;
-use crate::{cleanup, email_js, health, isolation, physical, scale, suite, wasm};
+use crate::{cleanup, email_js, health, isolation, physical, scale, store, suite, wasm};
 
 /// Load driver for the shop: places orders through the gateway and measures
 /// them end to end, by polling and on the Kafka topic.
@@ -78,6 +78,11 @@ enum Command {
     /// and on one host with redb: events/s and CPU per event of the hosts,
     /// the database and the broker.
     Scale(scale::ScaleArgs),
+    /// Where a stopped host's redb file spends its bytes, table by table.
+    StoreUsage(store::UsageArgs),
+    /// The host's redb store alone filling up with 100,000 orders' worth of
+    /// commits, handled ids pruned on a short horizon: size and commit rate.
+    Store(store::growth::GrowthArgs),
     /// Delete the topics and consumer groups of a finished benchmark host.
     DeleteTopics {
         /// Kafka bootstrap servers.
@@ -226,6 +231,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::EmailJs(args) => email_js::run(args).await,
         Command::EmailJsE2e(args) => email_js::e2e(args).await,
         Command::Scale(args) => scale::run(args).await,
+        Command::StoreUsage(args) => store::usage(&args),
+        Command::Store(args) => tokio::task::spawn_blocking(move || store::growth::run(&args)).await?,
         Command::DeleteTopics { brokers, prefix } => {
             let (topics, groups) = cleanup::delete_prefixed(&brokers, &prefix).await?;
             eprintln!("bench: deleted {topics} topics and {groups} consumer groups named {prefix:?}*");

@@ -23,6 +23,7 @@ pub mod report;
 pub mod scale;
 pub mod stages;
 pub mod stats;
+pub mod store;
 pub mod suite;
 pub mod topic;
 pub mod wasm;

@@ -7,7 +7,7 @@
 //! as a whole or not at all, and a crash mid-commit leaves the previous
 //! committed version. The component's writes, the handled id, the outbox
 //! entry and the timer changes of an event go into one write transaction
-//! over the component's tables, so they are atomic together. A seventh
+//! over the component's tables, so they are atomic together. One more
 //! table holds the timers and outbox entries found undecodable, moved there
 //! (in a transaction of their own) by the read that found them.
 //!
@@ -48,6 +48,9 @@ mod quarantine;
 mod tables;
 #[cfg(test)]
 mod tests;
+mod usage;
+
+pub use usage::{FileUsage, TableUsage};
 
 /// redb's page cache per host (its default is 1 GiB): what is read often,
 /// the handled ids of recent events and the components' hot keys, fits.
@@ -437,7 +440,7 @@ impl StateStore for DurableStore {
     }
 
     fn prune_handled(&self, before_ms: u64, limit: usize) -> Result<usize, StoreError> {
-        let pruned = self.component.pruner.prune(&self.host.db, self.t().handled(), before_ms, limit);
+        let pruned = self.component.pruner.prune(&self.host.db, self.t(), before_ms, limit);
         pruned.map_err(|e| self.err("cannot prune handled ids in")(&e))
     }
 

@@ -1,5 +1,5 @@
 //! One component's tables in the host's redb file, and what a commit does
-//! to them. Every component has the same seven tables under names of its
+//! to them. Every component has the same eight tables under names of its
 //! own (`payment/state`, `payment/handled`, ...), so that the commits of all
 //! the components a host serves can share one write transaction.
 
@@ -17,6 +17,10 @@ pub(super) struct Tables {
     state: String,
     /// Handled event id → when it was handled.
     handled: String,
+    /// (when handled, event id): the handled ids in the order they expire,
+    /// for pruning. Ids handled before this index existed (files of
+    /// 2026-12-06 and earlier) have no entry here.
+    handled_at: String,
     /// Commit sequence → JSON [`super::super::OutboxEntry`].
     outbox: String,
     /// Source event id → its outbox sequence.
@@ -38,6 +42,7 @@ impl Tables {
         Self {
             state: name("state"),
             handled: name("handled"),
+            handled_at: name("handled_at"),
             outbox: name("outbox"),
             outbox_by_source: name("outbox_by_source"),
             timers: name("timers"),
@@ -52,6 +57,10 @@ impl Tables {
 
     pub(super) fn handled(&self) -> TableDefinition<'_, &'static str, u64> {
         TableDefinition::new(&self.handled)
+    }
+
+    pub(super) fn handled_at(&self) -> TableDefinition<'_, (u64, &'static str), ()> {
+        TableDefinition::new(&self.handled_at)
     }
 
     pub(super) fn outbox(&self) -> TableDefinition<'_, u64, &'static [u8]> {
@@ -81,6 +90,7 @@ impl Tables {
     pub(super) fn create(&self, write: &redb::WriteTransaction) -> Result<(), redb::TableError> {
         write.open_table(self.state())?;
         write.open_table(self.handled())?;
+        write.open_table(self.handled_at())?;
         write.open_table(self.outbox())?;
         write.open_table(self.outbox_by_source())?;
         write.open_table(self.timers())?;
@@ -119,6 +129,7 @@ impl Tables {
         }
         Ok(copy(read, write, from.state(), self.state())?
             + copy(read, write, from.handled(), self.handled())?
+            + copy(read, write, from.handled_at(), self.handled_at())?
             + copy(read, write, from.outbox(), self.outbox())?
             + copy(read, write, from.outbox_by_source(), self.outbox_by_source())?
             + copy(read, write, from.timers(), self.timers())?
@@ -239,7 +250,12 @@ pub(super) fn apply_one(t: &Tables, write: &redb::WriteTransaction, commit: &Com
         }
     }
     if let Some(source) = &commit.handled {
-        write.open_table(t.handled())?.insert(source.as_str(), commit.now_ms)?;
+        let earlier = write.open_table(t.handled())?.insert(source.as_str(), commit.now_ms)?.map(|at| at.value());
+        let mut at = write.open_table(t.handled_at())?;
+        if let Some(earlier) = earlier {
+            at.remove((earlier, source.as_str()))?;
+        }
+        at.insert((commit.now_ms, source.as_str()), ())?;
         if !commit.outbox.is_empty() {
             let mut outbox = write.open_table(t.outbox())?;
             let seq = outbox.last()?.map_or(0, |(k, _)| k.value() + 1);

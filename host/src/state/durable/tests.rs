@@ -125,3 +125,66 @@ fn the_file_of_an_earlier_version_is_taken_over_once() {
     drop((store, host));
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A file written before handled ids were indexed by time: its ids still
+/// make redeliveries duplicates, and are forgotten past the horizon beside
+/// the indexed ones.
+#[test]
+fn handled_ids_from_before_the_index_are_kept_and_pruned_like_the_others() {
+    let dir = temp_dir();
+    let path = dir.join("host.redb");
+    std::fs::create_dir_all(&dir).unwrap();
+    {
+        let db = Database::create(&path).unwrap();
+        let write = db.begin_write().unwrap();
+        let mut handled = write.open_table(Tables::of("c").handled()).unwrap();
+        for (id, at) in [("old-1", 1_000), ("young-1", 5_000), ("old-2", 2_500)] {
+            handled.insert(id, at).unwrap();
+        }
+        drop(handled);
+        write.commit().unwrap();
+    }
+    let host = HostStore::open(&path).unwrap();
+    let store = host.component("c").unwrap();
+    let again = store.commit(handled("young-1", "k", "v")).unwrap_err();
+    assert!(matches!(again, StoreError::Conflict(_)), "a redelivery is a duplicate: {again}");
+    for (id, at) in [("new-old", 2_000), ("new-young", 6_000)] {
+        store.commit(Commit { handled: Some(id.into()), now_ms: at, ..Commit::default() }).unwrap();
+    }
+    let mut pruned = Vec::new();
+    loop {
+        let n = store.prune_handled(3_000, 2).unwrap();
+        assert!(n <= 2, "a batch is at most its limit");
+        pruned.push(n);
+        if n == 0 {
+            break;
+        }
+        assert!(pruned.len() < 10, "{pruned:?}");
+    }
+    assert_eq!(pruned.iter().sum::<usize>(), 3, "old-1, old-2 and new-old: {pruned:?}");
+    let ids = ["old-1", "old-2", "new-old", "young-1", "new-young"];
+    let left = store.handled_among(&ids).unwrap();
+    assert_eq!(left, ["young-1".to_owned(), "new-young".to_owned()].into());
+    drop((store, host));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Pruning takes the oldest ids from the index, however their ids sort.
+#[test]
+fn pruning_finds_old_ids_by_time_not_by_id() {
+    let dir = temp_dir();
+    let host = HostStore::open(&dir.join("host.redb")).unwrap();
+    let store = host.component("c").unwrap();
+    // Ids in key order are young first: a walk by id would meet the
+    // young ones before the old.
+    for n in 0..100u64 {
+        let (id, at) = if n < 90 { (format!("a{n:03}"), 10_000 + n) } else { (format!("z{n:03}"), n) };
+        store.commit(Commit { handled: Some(id), now_ms: at, ..Commit::default() }).unwrap();
+    }
+    assert_eq!(store.prune_handled(1_000, 5).unwrap(), 5, "a batch finds as many old ones as it may take");
+    assert_eq!(store.prune_handled(1_000, 5).unwrap(), 5);
+    assert_eq!(store.prune_handled(1_000, 5).unwrap(), 0);
+    assert!(store.was_handled("a000").unwrap() && !store.was_handled("z090").unwrap());
+    drop((store, host));
+    std::fs::remove_dir_all(dir).unwrap();
+}
