@@ -65,6 +65,10 @@ struct Point {
     allocated_bytes: u64,
     /// Keys and values.
     stored_bytes: u64,
+    /// Handled ids kept, all components together.
+    handled_ids: u64,
+    /// Pages of the handled-id tables and their index by time.
+    handled_bytes: u64,
     /// Orders committed per second since the line before.
     orders_per_s: f64,
 }
@@ -93,8 +97,8 @@ pub fn run(args: &GrowthArgs) -> anyhow::Result<()> {
         .collect::<anyhow::Result<_>>()?;
     let vault = host.component("@vault")?;
     println!(
-        "{:>9} {:>9} {:>12} {:>9} {:>9} {:>9}",
-        "orders", "file MB", "in use MB", "B/order", "live MB", "orders/s"
+        "{:>9} {:>9} {:>12} {:>9} {:>9} {:>12} {:>10} {:>9}",
+        "orders", "file MB", "in use MB", "B/order", "live MB", "handled ids", "handled MB", "orders/s"
     );
     let (mut done, mut mark, mut since, mut points) = (0, Instant::now(), 0, Vec::new());
     while done < args.orders {
@@ -128,24 +132,34 @@ pub fn run(args: &GrowthArgs) -> anyhow::Result<()> {
             let usage = host.usage()?;
             let rate = since as f64 / mark.elapsed().as_secs_f64();
             let mb = |b: u64| b as f64 / 1e6;
+            // The dedup tables: what pruning is to keep flat while the
+            // orders' own state grows with the shop.
+            let dedup = usage.tables.iter().filter(|t| t.name.ends_with("/handled") || t.name.ends_with("/handled_at"));
+            let (handled_ids, handled_bytes) = dedup.fold((0, 0), |(ids, bytes), t| {
+                (ids + if t.name.ends_with("/handled") { t.entries } else { 0 }, bytes + t.pages * 4096)
+            });
             println!(
-                "{done:>9} {:>9.1} {:>12.1} {:>9.0} {:>9.1} {rate:>9.0}",
+                "{done:>9} {:>9.1} {:>12.1} {:>9.0} {:>9.1} {handled_ids:>12} {:>10.1} {rate:>9.0}",
                 mb(usage.file_bytes),
                 mb(usage.allocated_bytes),
                 usage.allocated_bytes as f64 / done as f64,
-                mb(usage.stored_bytes)
+                mb(usage.stored_bytes),
+                mb(handled_bytes)
             );
             points.push(Point {
                 orders: done,
                 file_bytes: usage.file_bytes,
                 allocated_bytes: usage.allocated_bytes,
                 stored_bytes: usage.stored_bytes,
+                handled_ids,
+                handled_bytes,
                 orders_per_s: rate,
             });
             (mark, since) = (Instant::now(), 0);
         }
     }
-    let json = serde_json::json!({ "ordered": args.ordered, "horizon": args.horizon, "batch": args.batch, "points": points });
+    let json =
+        serde_json::json!({ "ordered": args.ordered, "horizon": args.horizon, "batch": args.batch, "points": points });
     crate::report::write_json(&args.out_dir, "store", &json)?;
     drop((stores, vault, host));
     if args.dir.is_none() {
