@@ -73,9 +73,22 @@ struct Point {
     orders_per_s: f64,
 }
 
+/// The handled ids kept, all components together, and the bytes of the
+/// pages of their tables (by id and by time): what pruning is to keep flat
+/// while the orders' own state grows with the shop.
+fn dedup(tables: &[shop_host::state::durable::TableUsage]) -> (u64, u64) {
+    let dedup = tables.iter().filter(|t| t.name.ends_with("/handled") || t.name.ends_with("/handled_at"));
+    dedup.fold((0, 0), |(ids, bytes), t| {
+        (ids + if t.name.ends_with("/handled") { t.entries } else { 0 }, bytes + t.pages * 4096)
+    })
+}
+
+/// The state entries one order leaves in a component: key prefix, value bytes.
+type StateLeft = &'static [(&'static str, usize)];
+
 /// Handled events per order and component, with the state entries each
 /// order leaves (key prefix, value bytes), from a bench host's file.
-const COMPONENTS: [(&str, usize, &[(&str, usize)]); 4] = [
+const COMPONENTS: [(&str, usize, StateLeft); 4] = [
     ("order", 4, &[("order/", 560), ("idempotency/", 560)]),
     ("payment", 2, &[("payment/", 370)]),
     ("email", 1, &[("sent/", 470)]),
@@ -91,7 +104,7 @@ pub fn run(args: &GrowthArgs) -> anyhow::Result<()> {
     let dir = args.dir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("bench-store-{}", uuid())));
     let path = dir.join("host.redb");
     let host = HostStore::open(&path)?;
-    let stores: Vec<(Arc<DurableStore>, usize, &[(&str, usize)])> = COMPONENTS
+    let stores: Vec<(Arc<DurableStore>, usize, StateLeft)> = COMPONENTS
         .iter()
         .map(|(name, events, state)| Ok((Arc::new(host.component(name)?), *events, *state)))
         .collect::<anyhow::Result<_>>()?;
@@ -132,12 +145,7 @@ pub fn run(args: &GrowthArgs) -> anyhow::Result<()> {
             let usage = host.usage()?;
             let rate = since as f64 / mark.elapsed().as_secs_f64();
             let mb = |b: u64| b as f64 / 1e6;
-            // The dedup tables: what pruning is to keep flat while the
-            // orders' own state grows with the shop.
-            let dedup = usage.tables.iter().filter(|t| t.name.ends_with("/handled") || t.name.ends_with("/handled_at"));
-            let (handled_ids, handled_bytes) = dedup.fold((0, 0), |(ids, bytes), t| {
-                (ids + if t.name.ends_with("/handled") { t.entries } else { 0 }, bytes + t.pages * 4096)
-            });
+            let (handled_ids, handled_bytes) = dedup(&usage.tables);
             println!(
                 "{done:>9} {:>9.1} {:>12.1} {:>9.0} {:>9.1} {handled_ids:>12} {:>10.1} {rate:>9.0}",
                 mb(usage.file_bytes),

@@ -48,7 +48,7 @@ impl Pruner {
             let cursor = self.cursor.lock().unwrap_or_else(PoisonError::into_inner);
             let (found, next) = walk(&write, t, cursor.as_deref(), before_ms, limit - old.len())?;
             // The walk meets indexed ids too: those old are taken already.
-            let taken: HashSet<(u64, String)> = old.iter().cloned().collect();
+            let taken: HashSet<Handled> = old.iter().cloned().collect();
             old.extend(found.into_iter().filter(|entry| !taken.contains(entry)));
             Some((cursor, next))
         } else {
@@ -72,12 +72,7 @@ impl Pruner {
 
 /// Up to `limit` (when handled, id) from the front of the index, all handled
 /// before `before_ms`.
-fn oldest(
-    write: &WriteTransaction,
-    t: &Tables,
-    before_ms: u64,
-    limit: usize,
-) -> Result<Vec<(u64, String)>, redb::Error> {
+fn oldest(write: &WriteTransaction, t: &Tables, before_ms: u64, limit: usize) -> Result<Vec<Handled>, redb::Error> {
     let at = write.open_table(t.handled_at())?;
     let mut old = Vec::new();
     for entry in at.range((0, "")..(before_ms, ""))?.take(limit) {
@@ -88,6 +83,9 @@ fn oldest(
     Ok(old)
 }
 
+/// A handled id and when it was handled.
+type Handled = (u64, String);
+
 /// The walk through the by-id table: up to `limit` entries handled before
 /// `before_ms` among at most `limit` × 8 after `cursor`, and where the next
 /// walk starts (`None`: over again, this one reached the end).
@@ -97,7 +95,7 @@ fn walk(
     cursor: Option<&str>,
     before_ms: u64,
     limit: usize,
-) -> Result<(Vec<(u64, String)>, Option<String>), redb::Error> {
+) -> Result<(Vec<Handled>, Option<String>), redb::Error> {
     let handled = write.open_table(t.handled())?;
     let from = cursor.map_or(Bound::Unbounded, Bound::Excluded);
     let (mut old, mut last) = (Vec::new(), None);
