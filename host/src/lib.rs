@@ -3,9 +3,10 @@
 //!
 //! The modules stand on floors, each importing only those below it (see
 //! docs/architecture.md; a unit test holds them): [`limits`]; the leaves
-//! [`clock`], [`manifest`] and [`status`]; the ports [`bus`] and [`state`]
-//! (with in-memory twins, [`bus::MemoryBus`] and [`state::MemoryStore`],
-//! beside [`clock::ManualClock`]); the [`runtime`]; the delivery core
+//! [`clock`], [`manifest`], [`perms`] and [`status`]; the ports [`bus`] and
+//! [`state`] (with in-memory twins, [`bus::MemoryBus`] and
+//! [`state::MemoryStore`], beside [`clock::ManualClock`]); the card
+//! [`vault`]; the [`runtime`]; the delivery core
 //! ([`pipeline`], [`scheduler`], [`envelope`], [`deadlines`], [`traces`]);
 //! the adapters ([`kafka`], [`http`], [`admin`], [`metrics`], [`logs`],
 //! [`gateway_backend`], [`watch`], [`instance`]); and [`app`], which wires

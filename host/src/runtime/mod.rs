@@ -1,6 +1,8 @@
 //! The Wasm runtime: one engine, each component compiled and pre-instantiated
-//! once, and a fresh store and instance per call so that a trap never leaks
-//! into the next event.
+//! once; an instance serves up to `instance_reuse` events (a fresh one per
+//! event by default) and a trap always discards it, so that a trap never
+//! leaks into the next event. It runs guests and returns what they asked
+//! for ([`Called`]); the pipeline wraps, commits and publishes it.
 
 mod bindings;
 mod cache;
