@@ -9,6 +9,8 @@
 #                             `docker compose config -q`: the real loader (references, ports,
 #                             durations, interpolation), from Docker's CLI when it is
 #                             installed, else Docker Compose built from its Go module
+#                             and on its loaded model: closed by default (every published
+#                             port on 127.0.0.1, the backend network internal)
 #   deploy/app.container.toml the same components, ports, topics, groups and config as
 #                             app.toml; the Dockerfile builds and ships the components
 #                             scripts/services.sh reads from it (no list of its own) and
@@ -114,6 +116,36 @@ run_compose_config() {
   env -u POSTGRES_PASSWORD -u POSTGRES_PORT -u RUST_LOG "${COMPOSE[@]}" --file compose.yaml config --quiet
 }
 
+# Closed by default, on the loaded model (anchors, merges and defaults
+# resolved): every published port is bound to 127.0.0.1, the `backend`
+# network (Kafka, the hosts' component ports) is internal, and the host
+# replicas publish nothing.
+run_compose_closed() {
+  find_compose || return 1
+  local model
+  model="$(env -u POSTGRES_PASSWORD -u POSTGRES_PORT -u RUST_LOG "${COMPOSE[@]}" --file compose.yaml config --format json)" ||
+    return 1
+  MODEL="$model" python3 - <<'EOF'
+import json, os, sys
+model = json.loads(os.environ["MODEL"])
+problems = []
+for name, service in model.get("services", {}).items():
+    for port in service.get("ports", []):
+        if port.get("host_ip") != "127.0.0.1":
+            where = port.get("host_ip") or "every interface"
+            problems.append("service %s publishes %s on %s" % (name, port.get("target"), where))
+    if name == "host" and service.get("ports"):
+        problems.append("the host replicas publish ports")
+if not model.get("networks", {}).get("backend", {}).get("internal"):
+    problems.append("the backend network is not internal")
+for problem in problems:
+    print(problem)
+if not problems:
+    print("%d services: every published port on 127.0.0.1, backend internal" % len(model["services"]))
+sys.exit(1 if problems else 0)
+EOF
+}
+
 # The container manifest against app.toml and the Dockerfile.
 run_manifest_consistency() {
   python3 - <<'EOF'
@@ -211,6 +243,7 @@ if [ -x "$TOOLS/npm/node_modules/.bin/dockerfile-utils" ]; then
 fi
 if [ -x "$TOOLS/npm/node_modules/.bin/dclint" ]; then check "compose.yaml: dclint" run_dclint; fi
 check "compose.yaml: docker compose config" run_compose_config
+check "compose.yaml: closed by default (loopback ports, internal backend)" run_compose_closed
 check "deploy/app.container.toml: agrees with app.toml and the Dockerfile" run_manifest_consistency
 check "deploy/app.container.toml: host check on the image's layout" run_host_check
 
