@@ -8,30 +8,19 @@ use crate::envelope::Envelope;
 use crate::runtime::tests::runtime_on;
 use crate::state::{Commit, Durable, MemoryStore, OutboxEntry, OutboxRecord, ReadSet, StateStore, StoreError, Timer};
 
-/// A store shared with "another host", which commits the same event just
-/// before this host's first commit: the race of a rebalance.
-struct Raced {
+/// A memory store whose batch commits go through `hook` first, which may
+/// answer in the store's place (`Some`) or let the store commit (`None`).
+struct Hooked<F> {
     inner: MemoryStore,
-    raced: AtomicBool,
+    hook: F,
 }
 
-impl StateStore for Raced {
+impl<F> StateStore for Hooked<F>
+where
+    F: Fn(&MemoryStore, &[Commit]) -> Option<Result<Durable, StoreError>> + Send + Sync + 'static,
+{
     fn commit_batch(&self, commits: &[Commit], reads: &ReadSet) -> Result<Durable, StoreError> {
-        if !self.raced.swap(true, Ordering::SeqCst) {
-            let theirs = Commit {
-                writes: vec![("k".into(), Some(b"theirs".to_vec()))],
-                handled: commits[0].handled.clone(),
-                outbox: vec![OutboxRecord {
-                    topic: "out".into(),
-                    key: "k".into(),
-                    value: "theirs".into(),
-                    headers: vec![],
-                }],
-                ..Commit::default()
-            };
-            self.inner.commit(theirs)?;
-        }
-        self.inner.commit_batch(commits, reads)
+        (self.hook)(&self.inner, commits).unwrap_or_else(|| self.inner.commit_batch(commits, reads))
     }
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.inner.get(key)
@@ -68,9 +57,33 @@ impl StateStore for Raced {
     }
 }
 
+/// A store shared with "another host", which commits the same event just
+/// before this host's first commit: the race of a rebalance.
+fn raced() -> Hooked<impl Fn(&MemoryStore, &[Commit]) -> Option<Result<Durable, StoreError>> + Send + Sync + 'static> {
+    let raced = AtomicBool::new(false);
+    let hook = move |inner: &MemoryStore, commits: &[Commit]| {
+        if raced.swap(true, Ordering::SeqCst) {
+            return None;
+        }
+        let theirs = Commit {
+            writes: vec![("k".into(), Some(b"theirs".to_vec()))],
+            handled: commits[0].handled.clone(),
+            outbox: vec![OutboxRecord {
+                topic: "out".into(),
+                key: "k".into(),
+                value: "theirs".into(),
+                headers: vec![],
+            }],
+            ..Commit::default()
+        };
+        inner.commit(theirs).err().map(Err)
+    };
+    Hooked { inner: MemoryStore::default(), hook }
+}
+
 #[tokio::test]
 async fn an_event_another_host_committed_first_is_a_duplicate_not_a_second_effect() {
-    let store = Arc::new(Raced { inner: MemoryStore::default(), raced: AtomicBool::new(false) });
+    let store = Arc::new(raced());
     let service = Arc::new(runtime_on("misbehave", 1000, 1, store.clone()));
     let pipeline = Pipeline::new(service, Topics::default(), RetryPolicy::default(), Arc::new(ManualClock::at(5)));
     let envelope = Envelope::originate("Echo", "k", "test", 1, serde_json::json!("mine"));
@@ -188,5 +201,46 @@ async fn shutdown_during_a_conflict_rerun_keeps_each_key_in_order() {
     assert!(matches!(third, Some(Disposition::Publish { duplicate: false, .. })), "{third:?}");
     assert_eq!(store.get("k").unwrap(), None, "nothing of key k committed");
     assert_eq!(store.get("other").unwrap(), Some(b"\"x\"".to_vec()));
+    drop(spinning);
+}
+
+/// A commit the store refuses for good (a value PostgreSQL cannot keep,
+/// say) in a batch of three: the batch is split, the one event at fault is
+/// dead-lettered with the store's reason, and the two others commit, so
+/// that no input stalls its partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_the_store_refuses_dead_letters_only_its_own_event() {
+    let bad = Envelope::originate("Echo", "bad", "test", 1, serde_json::json!("refused"));
+    let good = Envelope::originate("Echo", "good", "test", 2, serde_json::json!("kept"));
+    let other = Envelope::originate("Echo", "other", "test", 3, serde_json::json!("kept too"));
+    let (bad_id, refusals) = (bad.id.clone(), Arc::new(std::sync::atomic::AtomicUsize::new(0)));
+    let counted = refusals.clone();
+    let hook = move |_: &MemoryStore, commits: &[Commit]| {
+        commits.iter().any(|c| c.handled.as_deref() == Some(bad_id.as_str())).then(|| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            Err(StoreError::Refused("invalid byte sequence".into()))
+        })
+    };
+    let store = Arc::new(Hooked { inner: MemoryStore::default(), hook });
+    let service = Arc::new(runtime_on("misbehave", 300, 1, store.clone()));
+    let pipeline = Pipeline::new(service, Topics::default(), RetryPolicy::default(), Arc::new(ManualClock::at(5)));
+    // A spinning event keeps the executor busy while the three queue up:
+    // they make one batch.
+    let spin = Envelope::originate("Spin", "spin", "test", 1, serde_json::json!({}));
+    let spinning = pipeline.submit(record(&spin, 0), &CancellationToken::new());
+    let shutdown = CancellationToken::new();
+    let (bad, good, other) = tokio::join!(
+        pipeline.submit(record(&bad, 1), &shutdown),
+        pipeline.submit(record(&good, 2), &shutdown),
+        pipeline.submit(record(&other, 3), &shutdown)
+    );
+    let Some(Disposition::DeadLetter { reason, .. }) = bad else { panic!("{bad:?}") };
+    assert!(reason.contains("the state store refuses its commit: invalid byte sequence"), "{reason}");
+    assert!(matches!(good, Some(Disposition::Publish { duplicate: false, .. })), "{good:?}");
+    assert!(matches!(other, Some(Disposition::Publish { duplicate: false, .. })), "{other:?}");
+    assert_eq!(store.get("good").unwrap(), Some(b"\"kept\"".to_vec()));
+    assert_eq!(store.get("other").unwrap(), Some(b"\"kept too\"".to_vec()));
+    assert_eq!(store.get("bad").unwrap(), None, "nothing of the refused event is kept");
+    assert_eq!(refusals.load(Ordering::SeqCst), 2, "refused in the batch, then alone");
     drop(spinning);
 }
