@@ -8,17 +8,25 @@ use crate::envelope::Envelope;
 use crate::runtime::tests::runtime_on;
 use crate::state::{Commit, Durable, MemoryStore, OutboxEntry, OutboxRecord, ReadSet, StateStore, StoreError, Timer};
 
-/// A memory store whose batch commits go through `hook` first, which may
-/// answer in the store's place (`Some`) or let the store commit (`None`).
-struct Hooked<F> {
+/// What a [`Hooked`] store asks before each batch commit: `Some` answers
+/// in the store's place, `None` lets the store commit.
+type Hook = Box<dyn Fn(&MemoryStore, &[Commit]) -> Option<Result<Durable, StoreError>> + Send + Sync>;
+
+/// A memory store whose batch commits go through its hook first.
+struct Hooked {
     inner: MemoryStore,
-    hook: F,
+    hook: Hook,
 }
 
-impl<F> StateStore for Hooked<F>
-where
-    F: Fn(&MemoryStore, &[Commit]) -> Option<Result<Durable, StoreError>> + Send + Sync + 'static,
-{
+impl Hooked {
+    fn new(
+        hook: impl Fn(&MemoryStore, &[Commit]) -> Option<Result<Durable, StoreError>> + Send + Sync + 'static,
+    ) -> Self {
+        Self { inner: MemoryStore::default(), hook: Box::new(hook) }
+    }
+}
+
+impl StateStore for Hooked {
     fn commit_batch(&self, commits: &[Commit], reads: &ReadSet) -> Result<Durable, StoreError> {
         (self.hook)(&self.inner, commits).unwrap_or_else(|| self.inner.commit_batch(commits, reads))
     }
@@ -59,9 +67,9 @@ where
 
 /// A store shared with "another host", which commits the same event just
 /// before this host's first commit: the race of a rebalance.
-fn raced() -> Hooked<impl Fn(&MemoryStore, &[Commit]) -> Option<Result<Durable, StoreError>> + Send + Sync + 'static> {
+fn raced() -> Hooked {
     let raced = AtomicBool::new(false);
-    let hook = move |inner: &MemoryStore, commits: &[Commit]| {
+    Hooked::new(move |inner: &MemoryStore, commits: &[Commit]| {
         if raced.swap(true, Ordering::SeqCst) {
             return None;
         }
@@ -77,8 +85,7 @@ fn raced() -> Hooked<impl Fn(&MemoryStore, &[Commit]) -> Option<Result<Durable, 
             ..Commit::default()
         };
         inner.commit(theirs).err().map(Err)
-    };
-    Hooked { inner: MemoryStore::default(), hook }
+    })
 }
 
 #[tokio::test]
@@ -221,7 +228,7 @@ async fn a_commit_the_store_refuses_dead_letters_only_its_own_event() {
             Err(StoreError::Refused("invalid byte sequence".into()))
         })
     };
-    let store = Arc::new(Hooked { inner: MemoryStore::default(), hook });
+    let store = Arc::new(Hooked::new(hook));
     let service = Arc::new(runtime_on("misbehave", 300, 1, store.clone()));
     let pipeline = Pipeline::new(service, Topics::default(), RetryPolicy::default(), Arc::new(ManualClock::at(5)));
     // A spinning event keeps the executor busy while the three queue up:
