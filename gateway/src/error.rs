@@ -52,25 +52,13 @@ impl IntoResponse for ApiError {
 }
 
 impl ApiError {
+    /// The error's response, before [`IntoResponse`] adds `Retry-After`: a
+    /// status and a JSON body `{"error": {"code", "message", ...}}`, with the
+    /// invalid `fields` when there are some; a backend failure is logged.
     fn answer(self) -> Response {
         let (status, code, message, fields) = match self {
-            ApiError::Unavailable(reason) => {
-                tracing::warn!("order refused: {reason}");
-                let message = "the order was not placed: the message broker is unreachable; please retry";
-                let body = json!({ "error": { "code": "unavailable", "message": message } });
-                return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
-            }
-            ApiError::Unconfirmed { order_id, reason } => {
-                tracing::warn!(%order_id, "order not confirmed: {reason}");
-                let body = json!({ "error": {
-                    "code": "not_confirmed",
-                    "message": "the broker did not confirm the order in time: it is most likely not placed, but may be; \
-                                retry with the same Idempotency-Key, which never places it twice",
-                    "order_id": order_id,
-                    "status_url": format!("/order/{order_id}"),
-                } });
-                return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
-            }
+            ApiError::Unavailable(reason) => return not_placed(&reason),
+            ApiError::Unconfirmed { order_id, reason } => return not_confirmed(&order_id, &reason),
             ApiError::MalformedJson(detail) => (
                 StatusCode::BAD_REQUEST,
                 "malformed_json",
@@ -135,4 +123,28 @@ impl ApiError {
         }
         (status, Json(body)).into_response()
     }
+}
+
+/// The `503` of an order not sent because the broker is unreachable: it is
+/// not placed. Logs `reason`.
+fn not_placed(reason: &str) -> Response {
+    tracing::warn!("order refused: {reason}");
+    let message = "the order was not placed: the message broker is unreachable; please retry";
+    let body = json!({ "error": { "code": "unavailable", "message": message } });
+    (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+}
+
+/// The `503` of an order sent but not acknowledged in time: it may still be
+/// placed, so the body names `order_id` and where to look it up. Logs
+/// `reason`.
+fn not_confirmed(order_id: &str, reason: &str) -> Response {
+    tracing::warn!(%order_id, "order not confirmed: {reason}");
+    let body = json!({ "error": {
+        "code": "not_confirmed",
+        "message": "the broker did not confirm the order in time: it is most likely not placed, but may be; \
+                    retry with the same Idempotency-Key, which never places it twice",
+        "order_id": order_id,
+        "status_url": format!("/order/{order_id}"),
+    } });
+    (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
 }

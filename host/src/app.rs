@@ -15,140 +15,17 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::{Clock, SystemClock};
 use crate::deadlines::{DeadlineClock, OutageClock, Watermark};
 use crate::kafka::{self, ConsumerSettings, EmbeddedBroker, KafkaPublisher};
-use crate::manifest::{ComponentSettings, Manifest, StateBackend};
+use crate::manifest::{Manifest, StateBackend};
 use crate::pipeline::{Pipeline, RetryPolicy, Topics};
-use crate::runtime::{CanaryPolicy, Engine, Grants, Limits, LoadedComponent, ServiceRuntime, ServiceSpec};
-use crate::state::{HostStore, PgStores, StateStore, TxnLimits};
+use crate::runtime::ServiceRuntime;
 use crate::status::{BrokerLink, ConsumerStatus};
 
+mod load;
 mod serving;
 
+use load::load_services;
+pub use load::{cache_location, check};
 pub use serving::Serving;
-
-/// Opens the store of each component in `names`.
-fn open_stores(manifest: &Manifest, names: &[String]) -> anyhow::Result<BTreeMap<String, Arc<dyn StateStore>>> {
-    let mut stores: BTreeMap<String, Arc<dyn StateStore>> = BTreeMap::new();
-    match manifest.state.backend {
-        StateBackend::Redb => {
-            // One file for every component of the host: their commits share
-            // its fsyncs. A component's file of an earlier version is taken over.
-            let dir = &manifest.runtime.state_dir;
-            let host = HostStore::open(&dir.join("host.redb")).context("state_dir")?;
-            for name in names {
-                host.adopt(name, &dir.join(format!("{name}.redb"))).with_context(|| format!("component {name:?}"))?;
-                let store = host.component(name).with_context(|| format!("component {name:?}"))?;
-                stores.insert(name.clone(), Arc::new(store));
-            }
-        }
-        StateBackend::Postgres => {
-            let Some(url) = manifest.state.url.as_deref().filter(|u| !u.is_empty()) else {
-                anyhow::bail!(
-                    "state.backend = \"postgres\" needs a database URL: set state.url or DATABASE_URL (`just postgres` starts one)"
-                );
-            };
-            let shared = PgStores::connect_with(url, &manifest.state.schema, (&manifest.state).into())
-                .context("state.backend = \"postgres\" (state.url or DATABASE_URL)")?;
-            for name in names {
-                stores.insert(name.clone(), Arc::new(shared.store(name)));
-            }
-        }
-    }
-    Ok(stores)
-}
-
-/// The host's card vault, in its store from `stores` (taken out of it).
-fn open_vault(
-    manifest: &Manifest,
-    stores: &mut BTreeMap<String, Arc<dyn StateStore>>,
-    clock: Arc<dyn Clock>,
-) -> anyhow::Result<Arc<crate::vault::Vault>> {
-    let store = stores.remove(crate::vault::VAULT_STORE).context("the vault's store is opened with the others")?;
-    let key = crate::vault::VaultKey::load(&manifest.runtime.state_dir).context("the card vault's key")?;
-    let vault = crate::vault::Vault::open(store, &key, clock, crate::vault::DEFAULT_TTL).context("the card vault")?;
-    tracing::info!(key = %key.fingerprint(), backend = ?manifest.state.backend, "card vault open");
-    Ok(Arc::new(vault))
-}
-
-/// Compiles every component of the manifest against the world, serving
-/// nothing, without the manifest's compile cache (neither read nor
-/// written) and without any Kafka client.
-///
-/// # Errors
-/// The first component that does not load, by name.
-pub fn check(manifest: &Manifest) -> anyhow::Result<()> {
-    // No cache: the manifest checked may be anyone's, and its cache_dir
-    // could hold native code (and a key) of their making.
-    let engine = Engine::new()?;
-    for (name, settings) in &manifest.components {
-        let engine = engine.with_stack(settings.stack_kib << 10)?;
-        let component =
-            LoadedComponent::from_file(&engine, &settings.wasm).with_context(|| format!("component {name:?}"))?;
-        component.check_grants(&engine, settings.grants(name)?).with_context(|| format!("component {name:?}"))?;
-    }
-    Ok(())
-}
-
-/// The compile cache of `manifest`: entries in `runtime.cache_dir`, the
-/// seal key in `runtime.state_dir` (0700), out of reach of whoever can
-/// write the cache.
-pub fn cache_location(manifest: &Manifest) -> crate::runtime::CacheLocation {
-    let key = manifest.runtime.state_dir.join("component-cache.key");
-    crate::runtime::CacheLocation::new(manifest.runtime.cache_dir.clone(), key)
-}
-
-/// Binds `port`, naming its owner if it is taken.
-async fn bind(manifest: &Manifest, port: u16, owner: &str) -> anyhow::Result<TcpListener> {
-    let addr = SocketAddr::new(manifest.http.bind, port);
-    TcpListener::bind(addr).await.map_err(|err| match err.kind() {
-        std::io::ErrorKind::AddrInUse => anyhow::anyhow!(
-            "port {port} for {owner} is already in use on {}: stop the process holding it (`lsof -ti:{port}`) or change the port in the manifest",
-            manifest.http.bind
-        ),
-        _ => anyhow::anyhow!("cannot bind {addr} for {owner}: {err}"),
-    })
-}
-
-fn service_spec(
-    name: &str,
-    settings: &ComponentSettings,
-    component: LoadedComponent,
-    store: Arc<dyn StateStore>,
-    clock: Arc<dyn Clock>,
-    grants: Grants,
-) -> ServiceSpec {
-    ServiceSpec {
-        name: name.to_owned(),
-        component,
-        store,
-        config: settings.config.clone(),
-        clock,
-        limits: Limits {
-            timeout: Duration::from_millis(settings.timeout_ms),
-            memory_bytes: settings.memory_mib * 1024 * 1024,
-            instance_reuse: settings.instance_reuse,
-            txn: TxnLimits {
-                max_writes: settings.max_writes_per_call,
-                max_bytes: settings.max_write_bytes_per_call,
-                max_timers: settings.max_timers_per_call,
-            },
-            max_queries: settings.max_concurrent_queries,
-            burst: Duration::from_millis(settings.cpu_burst_ms),
-            cpu_percent: settings.cpu_percent,
-            log: crate::runtime::LogLimits {
-                per_call: settings.max_log_lines_per_call,
-                per_second: settings.max_log_lines_per_second,
-            },
-            state: crate::state::StateLimits {
-                max_keys: settings.max_state_keys,
-                max_bytes: settings.max_state_bytes,
-                max_timers: settings.max_timers,
-                max_outbox: settings.max_outbox_entries,
-            },
-        },
-        canary: CanaryPolicy { events: settings.canary_events, max_failures: settings.canary_max_failures },
-        grants,
-    }
-}
 
 /// Runs the host until `shutdown` is cancelled, then stops consuming,
 /// finishes in-flight events, commits offsets and closes every port.
@@ -270,65 +147,24 @@ struct Host {
     shutdown: CancellationToken,
 }
 
-/// Compiles and loads the components this host runs, and the gateway's
-/// order component, which it may only query, each on its own store.
-async fn load_services(
-    manifest: &Manifest,
-    serving: &Serving,
-    clock: &Arc<dyn Clock>,
-) -> anyhow::Result<(BTreeMap<String, Arc<ServiceRuntime>>, Option<Arc<crate::vault::Vault>>)> {
-    let engine = Engine::with_cache_at(Some(cache_location(manifest)))?;
-    // The components this host runs, and the gateway's order component,
-    // which it may only query.
-    let order = &manifest.gateway.order_component;
-    let loaded: Vec<&String> =
-        manifest.components.keys().filter(|name| serving.runs(name) || (serving.gateway && *name == order)).collect();
-    // The card vault, where the gateway deposits and a granted component
-    // redeems; a host doing neither has none.
-    let needs_vault = serving.gateway || manifest.components.iter().any(|(n, s)| s.vault && serving.runs(n));
-    let (mut stores, vault) = {
-        let manifest = manifest.clone();
-        let mut names: Vec<String> = loaded.iter().map(|n| (*n).clone()).collect();
-        if needs_vault {
-            names.push(crate::vault::VAULT_STORE.to_owned());
-        }
-        let clock = clock.clone();
-        // Connecting blocks (a database may take seconds to answer).
-        tokio::task::spawn_blocking(move || {
-            let mut stores = open_stores(&manifest, &names)?;
-            let vault = needs_vault.then(|| open_vault(&manifest, &mut stores, clock)).transpose()?;
-            anyhow::Ok((stores, vault))
-        })
-        .await??
-    };
-    let mut services = BTreeMap::new();
-    for name in loaded {
-        let settings = &manifest.components[name];
-        // The Wasm stack is an engine setting: one engine per stack size.
-        let engine = engine.with_stack(settings.stack_kib << 10)?;
-        let component =
-            LoadedComponent::from_file(&engine, &settings.wasm).with_context(|| format!("component {name:?}"))?;
-        let grants = settings.grants(name)?;
-        component.check_grants(&engine, grants.clone()).with_context(|| format!("component {name:?}"))?;
-        tracing::info!(component = %name, version = %component.sha256, wasm = ?settings.wasm, from_cache = component.from_cache, "loaded");
-        let store = stores.remove(name).context("store opened for every loaded component")?;
-        let vault_granted = grants.vault;
-        let spec = service_spec(name, settings, component, store, clock.clone(), grants);
-        let service = Arc::new(ServiceRuntime::new(engine.clone(), spec));
-        if let Some(vault) = vault.as_ref().filter(|_| vault_granted) {
-            service.set_vault(vault.clone());
-        }
-        services.insert(name.clone(), service);
-    }
-    Ok((services, vault))
-}
-
 /// The ports this host serves, bound before anything touches Kafka.
 struct Listeners {
     gateway: Option<TcpListener>,
     admin: Option<TcpListener>,
     /// Each component's port, by name.
     components: Vec<(String, TcpListener)>,
+}
+
+/// Binds `port`, naming its owner if it is taken.
+async fn bind(manifest: &Manifest, port: u16, owner: &str) -> anyhow::Result<TcpListener> {
+    let addr = SocketAddr::new(manifest.http.bind, port);
+    TcpListener::bind(addr).await.map_err(|err| match err.kind() {
+        std::io::ErrorKind::AddrInUse => anyhow::anyhow!(
+            "port {port} for {owner} is already in use on {}: stop the process holding it (`lsof -ti:{port}`) or change the port in the manifest",
+            manifest.http.bind
+        ),
+        _ => anyhow::anyhow!("cannot bind {addr} for {owner}: {err}"),
+    })
 }
 
 /// Binds every port this host serves.

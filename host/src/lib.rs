@@ -38,3 +38,5 @@ pub mod watch;
 
 #[cfg(test)]
 mod floors_tests;
+#[cfg(test)]
+mod house_tests;

@@ -262,6 +262,16 @@ impl Collector for ComponentCollector {
         let component = self.service.name();
         let consumer = self.status.snapshot();
         encode_consumer(&mut encoder, component, &consumer)?;
+        self.encode_guest(&mut encoder, component)?;
+        self.encode_state(&mut encoder, component)?;
+        self.encode_versions(&mut encoder, component)
+    }
+}
+
+impl ComponentCollector {
+    /// The guest's series: the time its calls were held back, the log lines
+    /// it had dropped and the changes its state quotas refused.
+    fn encode_guest(&self, encoder: &mut DescriptorEncoder<'_>, component: &str) -> Result<(), std::fmt::Error> {
         let (slept, penalized) = self.service.throttle().totals();
         let throttled = [
             (
@@ -276,30 +286,35 @@ impl Collector for ComponentCollector {
             ),
         ];
         for (name, help, value) in throttled {
-            one(&mut encoder, (name, help), component, &ConstCounter::new(value.as_secs_f64()))?;
+            one(encoder, (name, help), component, &ConstCounter::new(value.as_secs_f64()))?;
         }
         let quotas = self.service.quotas();
         let (name, help) = ("shop_guest_log_lines_dropped", "Log lines of the component dropped past its log quotas.");
-        one(&mut encoder, (name, help), component, &ConstCounter::new(quotas.log_lines_dropped()))?;
-        {
-            let help = "Changes and events refused for going past one of the component's state quotas.";
-            let mut family = encoder.encode_descriptor(
-                "shop_guest_quota_refusals",
-                help,
-                None,
-                ConstCounter::new(0u64).metric_type(),
-            )?;
-            for (quota, refused) in crate::state::Quota::ALL.iter().zip(quotas.state.refusals()) {
-                let labels = [("component", component), ("quota", quota.setting())];
-                ConstCounter::new(refused).encode(family.encode_family(&labels)?)?;
-            }
+        one(encoder, (name, help), component, &ConstCounter::new(quotas.log_lines_dropped()))?;
+        let help = "Changes and events refused for going past one of the component's state quotas.";
+        let mut family = encoder.encode_descriptor(
+            "shop_guest_quota_refusals",
+            help,
+            None,
+            ConstCounter::new(0u64).metric_type(),
+        )?;
+        for (quota, refused) in crate::state::Quota::ALL.iter().zip(quotas.state.refusals()) {
+            let labels = [("component", component), ("quota", quota.setting())];
+            ConstCounter::new(refused).encode(family.encode_family(&labels)?)?;
         }
+        Ok(())
+    }
+
+    /// The state store's series: whether it answered this scrape and, when
+    /// it did, its pending timers, pending outbox entries and quarantined
+    /// entries.
+    fn encode_state(&self, encoder: &mut DescriptorEncoder<'_>, component: &str) -> Result<(), std::fmt::Error> {
         let store = self.service.state_store();
         let counts = (|| {
             Ok::<_, crate::state::StoreError>((store.timer_count()?, store.outbox_count()?, store.corrupt_entries()?))
         })();
         let readable = ("shop_state_up", "Whether the component's state store answered this scrape (1) or not (0).");
-        one(&mut encoder, readable, component, &ConstGauge::new(i64::from(counts.is_ok())))?;
+        one(encoder, readable, component, &ConstGauge::new(i64::from(counts.is_ok())))?;
         match counts {
             Ok((timers, outbox, corrupt)) => {
                 let gauges = [
@@ -312,16 +327,17 @@ impl Collector for ComponentCollector {
                     ),
                 ];
                 for (name, help, value) in gauges {
-                    one(
-                        &mut encoder,
-                        (name, help),
-                        component,
-                        &ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)),
-                    )?;
+                    one(encoder, (name, help), component, &ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)))?;
                 }
             }
             Err(err) => tracing::debug!(component, "metrics: state store not read: {err}"),
         }
+        Ok(())
+    }
+
+    /// The versions' series: the reloads offered since start, by result, and
+    /// the version serving.
+    fn encode_versions(&self, encoder: &mut DescriptorEncoder<'_>, component: &str) -> Result<(), std::fmt::Error> {
         let (accepted, rejected) = {
             let mut tally = self.tally.lock().unwrap_or_else(PoisonError::into_inner);
             tally.update(&self.service.history());

@@ -151,44 +151,59 @@ pub async fn run(settings: &Settings, manifest: &Manifest, topology: Arc<Topolog
     let mut figures = Vec::new();
     let mut first_key = 0;
     for &(window, duration) in &settings.runs {
-        let before = (
-            tracker.completed.load(Ordering::Relaxed),
-            tracker.consumed.load(Ordering::Relaxed),
-            tracker.produced.load(Ordering::Relaxed),
-        );
-        *tracker.last_done.lock().unwrap_or_else(PoisonError::into_inner) = None;
-        tracker.window.add_permits(window);
-        let start = Instant::now();
-        let sent = drive(settings, &producer, &topology.origin, &tracker, first_key, start + duration).await;
-        first_key += sent;
-        let give_up = Instant::now() + settings.drain;
-        while tracker.in_flight() > 0 && Instant::now() < give_up {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        // Orders left over (if any) keep their permits: the next run starts with fewer.
-        tracker.window.forget_permits(window);
-        let last = tracker.last_done.lock().unwrap_or_else(PoisonError::into_inner).unwrap_or(start);
-        let elapsed = (last - start).as_secs_f64().max(1e-9);
-        let completed = tracker.completed.load(Ordering::Relaxed) - before.0;
-        let consumed = tracker.consumed.load(Ordering::Relaxed) - before.1;
-        let produced = tracker.produced.load(Ordering::Relaxed) - before.2;
-        let latencies = std::mem::take(&mut *tracker.latencies.lock().unwrap_or_else(PoisonError::into_inner));
-        figures.push(Figures {
-            window,
-            orders_sent: sent,
-            orders_completed: completed,
-            elapsed_s: elapsed,
-            records_consumed: consumed,
-            records_produced: produced,
-            orders_per_s: completed as f64 / elapsed,
-            records_consumed_per_s: consumed as f64 / elapsed,
-            records_produced_per_s: produced as f64 / elapsed,
-            order_latency: Percentiles::of(latencies),
-        });
+        let run = measure(settings, &producer, &topology, &tracker, (window, duration), first_key).await;
+        first_key += run.orders_sent;
+        figures.push(run);
     }
     stop.cancel();
     while relays.join_next().await.is_some() {}
     Ok(figures)
+}
+
+/// One run: keeps `window` orders in flight for `duration`, numbering them
+/// from `first_key`, waits up to `settings.drain` for the last ones, and
+/// returns what moved meanwhile.
+async fn measure(
+    settings: &Settings,
+    producer: &FutureProducer,
+    topology: &Topology,
+    tracker: &Tracker,
+    (window, duration): (usize, Duration),
+    first_key: u64,
+) -> Figures {
+    let before = (
+        tracker.completed.load(Ordering::Relaxed),
+        tracker.consumed.load(Ordering::Relaxed),
+        tracker.produced.load(Ordering::Relaxed),
+    );
+    *tracker.last_done.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    tracker.window.add_permits(window);
+    let start = Instant::now();
+    let sent = drive(settings, producer, &topology.origin, tracker, first_key, start + duration).await;
+    let give_up = Instant::now() + settings.drain;
+    while tracker.in_flight() > 0 && Instant::now() < give_up {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Orders left over (if any) keep their permits: the next run starts with fewer.
+    tracker.window.forget_permits(window);
+    let last = tracker.last_done.lock().unwrap_or_else(PoisonError::into_inner).unwrap_or(start);
+    let elapsed = (last - start).as_secs_f64().max(1e-9);
+    let completed = tracker.completed.load(Ordering::Relaxed) - before.0;
+    let consumed = tracker.consumed.load(Ordering::Relaxed) - before.1;
+    let produced = tracker.produced.load(Ordering::Relaxed) - before.2;
+    let latencies = std::mem::take(&mut *tracker.latencies.lock().unwrap_or_else(PoisonError::into_inner));
+    Figures {
+        window,
+        orders_sent: sent,
+        orders_completed: completed,
+        elapsed_s: elapsed,
+        records_consumed: consumed,
+        records_produced: produced,
+        orders_per_s: completed as f64 / elapsed,
+        records_consumed_per_s: consumed as f64 / elapsed,
+        records_produced_per_s: produced as f64 / elapsed,
+        order_latency: Percentiles::of(latencies),
+    }
 }
 
 fn consumer(settings: &Settings, group: &str) -> anyhow::Result<StreamConsumer> {

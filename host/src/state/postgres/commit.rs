@@ -86,6 +86,9 @@ impl Changes {
 }
 
 /// Commits `changes` if `reads` still hold; `Ok(Err(conflict))` when not.
+///
+/// Three steps in one transaction: [`lock`], [`validate`], [`write`]; a
+/// conflict found by any of them rolls the transaction back.
 pub(super) async fn commit(
     client: &mut deadpool_postgres::Object,
     sql: &Sql,
@@ -95,7 +98,33 @@ pub(super) async fn commit(
     cleared: &[String],
 ) -> Result<Result<(), StoreError>, tokio_postgres::Error> {
     let tx = client.transaction().await?;
-    // Locks first, in one order for every batch.
+    if let Some(conflict) = lock(&tx, sql, component, changes).await? {
+        return Ok(Err(conflict));
+    }
+    if let Some(conflict) = validate(&tx, sql, component, reads).await? {
+        return Ok(Err(conflict));
+    }
+    if let Some(conflict) = write(&tx, sql, component, changes, cleared).await? {
+        return Ok(Err(conflict));
+    }
+    tx.commit().await?;
+    Ok(Ok(()))
+}
+
+/// Takes the batch's locks, in one order for every batch, and checks that
+/// the timer it fired is still the instance that fired.
+///
+/// Returns the conflict when that timer was cancelled or set again since.
+///
+/// # Errors
+///
+/// Any error of PostgreSQL.
+async fn lock(
+    tx: &deadpool_postgres::Transaction<'_>,
+    sql: &Sql,
+    component: &str,
+    changes: &Changes,
+) -> Result<Option<StoreError>, tokio_postgres::Error> {
     let keyspace = lock_key(component, "keyspace", "");
     if changes.listed {
         tx.execute(&tx.prepare_cached(&sql.lock_keyspace).await?, &[&keyspace]).await?;
@@ -111,11 +140,26 @@ pub(super) async fn commit(
         let row = tx.query_opt(&tx.prepare_cached(&sql.timer_for_update).await?, &[&component, id]).await?;
         let still = row.and_then(|row| crate::state::decode_entry::<Timer>(row.get::<_, String>(0).as_bytes()).ok());
         if still.is_none_or(|timer| timer.nonce != *nonce) {
-            return Ok(Err(StoreError::Conflict(format!("timer {id:?} was cancelled or set again since it fired"))));
+            return Ok(Some(StoreError::Conflict(format!("timer {id:?} was cancelled or set again since it fired"))));
         }
     }
-    // What was read must be what is there now: the keys in one query, each
-    // listing again, then compared as every adapter does.
+    Ok(None)
+}
+
+/// Checks that what the batch read is what is there now: the keys in one
+/// query, each listing again, then compared as every adapter does.
+///
+/// Returns the conflict when something changed.
+///
+/// # Errors
+///
+/// Any error of PostgreSQL.
+async fn validate(
+    tx: &deadpool_postgres::Transaction<'_>,
+    sql: &Sql,
+    component: &str,
+    reads: &ReadSet,
+) -> Result<Option<StoreError>, tokio_postgres::Error> {
     let mut now: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     if !reads.keys.is_empty() {
         let keys: Vec<&str> = reads.keys.keys().map(String::as_str).collect();
@@ -135,10 +179,26 @@ pub(super) async fn commit(
         |_, _| Ok(listed.next().unwrap_or_default()),
     );
     match changed {
-        Ok(None) => {}
-        Ok(Some(conflict)) => return Ok(Err(conflict)),
+        Ok(changed) => Ok(changed),
         Err(never) => match never {},
     }
+}
+
+/// Applies the batch's changes: its handled events, upserts, deletes, timer
+/// steps and outbox records, then forgets the `cleared` outbox entries.
+///
+/// Returns the conflict when an event of the batch was handled meanwhile.
+///
+/// # Errors
+///
+/// Any error of PostgreSQL.
+async fn write(
+    tx: &deadpool_postgres::Transaction<'_>,
+    sql: &Sql,
+    component: &str,
+    changes: &Changes,
+    cleared: &[String],
+) -> Result<Option<StoreError>, tokio_postgres::Error> {
     if !changes.handled.0.is_empty() {
         let inserted = tx
             .execute(
@@ -147,7 +207,7 @@ pub(super) async fn commit(
             )
             .await?;
         if inserted != changes.handled.0.len() as u64 {
-            return Ok(Err(StoreError::Conflict("an event of the batch was handled meanwhile".into())));
+            return Ok(Some(StoreError::Conflict("an event of the batch was handled meanwhile".into())));
         }
     }
     if !changes.upserts.0.is_empty() {
@@ -177,6 +237,5 @@ pub(super) async fn commit(
     if !cleared.is_empty() {
         tx.execute(&tx.prepare_cached(&sql.forget).await?, &[&component, &cleared]).await?;
     }
-    tx.commit().await?;
-    Ok(Ok(()))
+    Ok(None)
 }

@@ -125,25 +125,16 @@ pub(super) struct Sql {
 }
 
 impl Sql {
+    /// The statements of `backend`'s store, in its schema.
     pub(super) fn new(backend: &Backend) -> Self {
         let state = backend.table("state");
         let handled = backend.table("handled");
         let outbox = backend.table("outbox");
         let timers = backend.table("timers");
         let quarantine = backend.table("quarantine");
-        // Moves a row only if it still holds the body found: a commit may
-        // have replaced it meanwhile, and another host may have moved it.
-        let quarantine_from = |table: &str, id: &str, body: &str| {
-            format!(
-                "WITH moved AS (DELETE FROM {table} WHERE component = $1 AND {id} = $2 AND {body} = $3 RETURNING {id}, {body})
-                 INSERT INTO {quarantine} (component, kind, id, raw, reason, at_ms)
-                 SELECT $1, $4, {id}, convert_to({body}, 'UTF8'), $5, (extract(epoch FROM clock_timestamp()) * 1000)::bigint
-                 FROM moved RETURNING at_ms"
-            )
-        };
         Self {
-            quarantine_timer: quarantine_from(&timers, "id", "timer"),
-            quarantine_outbox: quarantine_from(&outbox, "source", "records"),
+            quarantine_timer: quarantine_from(&quarantine, &timers, "id", "timer"),
+            quarantine_outbox: quarantine_from(&quarantine, &outbox, "source", "records"),
             quarantined: format!(
                 "SELECT kind, id, raw, reason, at_ms FROM {quarantine} WHERE component = $1 ORDER BY seq DESC LIMIT $2"
             ),
@@ -165,18 +156,8 @@ impl Sql {
             due_timers: format!(
                 "SELECT id, timer FROM {timers} WHERE component = $1 AND at_ms <= $2 ORDER BY at_ms, id LIMIT $3"
             ),
-            claim_timers: format!(
-                "UPDATE {timers} t SET lease_until = clock_timestamp() + $4 * interval '1 millisecond'
-                 FROM (SELECT id FROM {timers} WHERE component = $1 AND at_ms <= $2 AND lease_until < clock_timestamp()
-                       ORDER BY at_ms, id LIMIT $3 FOR UPDATE SKIP LOCKED) due
-                 WHERE t.component = $1 AND t.id = due.id RETURNING t.id, t.timer"
-            ),
-            claim_outbox: format!(
-                "UPDATE {outbox} o SET lease_until = clock_timestamp() + $4 * interval '1 millisecond'
-                 FROM (SELECT seq FROM {outbox} WHERE component = $1 AND created_ms <= $2 AND lease_until < clock_timestamp()
-                       ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED) stale
-                 WHERE o.seq = stale.seq RETURNING o.seq, o.source, o.created_ms, o.records"
-            ),
+            claim_timers: claim_timers(&timers),
+            claim_outbox: claim_outbox(&outbox),
             timer_count: format!("SELECT count(*) FROM {timers} WHERE component = $1"),
             data_usage: format!(
                 "SELECT count(*), coalesce(sum(octet_length(key) + octet_length(value)), 0)::bigint FROM {state} WHERE component = $1"
@@ -215,4 +196,42 @@ impl Sql {
             ),
         }
     }
+}
+
+/// The statement that moves a row of `table` (its key column `id`, its body
+/// column `body`) into the `quarantine` table, returning when it was moved.
+///
+/// Moves a row only if it still holds the body found: a commit may have
+/// replaced it meanwhile, and another host may have moved it.
+fn quarantine_from(quarantine: &str, table: &str, id: &str, body: &str) -> String {
+    format!(
+        "WITH moved AS (DELETE FROM {table} WHERE component = $1 AND {id} = $2 AND {body} = $3 RETURNING {id}, {body})
+                 INSERT INTO {quarantine} (component, kind, id, raw, reason, at_ms)
+                 SELECT $1, $4, {id}, convert_to({body}, 'UTF8'), $5, (extract(epoch FROM clock_timestamp()) * 1000)::bigint
+                 FROM moved RETURNING at_ms"
+    )
+}
+
+/// The statement that leases the due timers of the `timers` table that no
+/// other host holds (the `FOR UPDATE SKIP LOCKED` queue pattern), returning
+/// their ids and bodies.
+fn claim_timers(timers: &str) -> String {
+    format!(
+        "UPDATE {timers} t SET lease_until = clock_timestamp() + $4 * interval '1 millisecond'
+                 FROM (SELECT id FROM {timers} WHERE component = $1 AND at_ms <= $2 AND lease_until < clock_timestamp()
+                       ORDER BY at_ms, id LIMIT $3 FOR UPDATE SKIP LOCKED) due
+                 WHERE t.component = $1 AND t.id = due.id RETURNING t.id, t.timer"
+    )
+}
+
+/// The statement that leases the stale entries of the `outbox` table that no
+/// other host holds (the `FOR UPDATE SKIP LOCKED` queue pattern), returning
+/// them in the order they were written.
+fn claim_outbox(outbox: &str) -> String {
+    format!(
+        "UPDATE {outbox} o SET lease_until = clock_timestamp() + $4 * interval '1 millisecond'
+                 FROM (SELECT seq FROM {outbox} WHERE component = $1 AND created_ms <= $2 AND lease_until < clock_timestamp()
+                       ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED) stale
+                 WHERE o.seq = stale.seq RETURNING o.seq, o.source, o.created_ms, o.records"
+    )
 }
