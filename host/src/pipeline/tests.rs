@@ -12,23 +12,36 @@ use crate::state::{Commit, Durable, MemoryStore, OutboxEntry, OutboxRecord, Read
 /// in the store's place, `None` lets the store commit.
 type Hook = Box<dyn Fn(&MemoryStore, &[Commit]) -> Option<Result<Durable, StoreError>> + Send + Sync>;
 
-/// A memory store whose batch commits go through its hook first.
+/// What a [`Hooked`] store asks before telling whether an event was
+/// handled: `Some` answers in the store's place.
+type HandledHook = Box<dyn Fn(&str) -> Option<Result<bool, StoreError>> + Send + Sync>;
+
+/// A memory store whose batch commits (and, if asked, whether an event was
+/// handled) go through its hooks first.
 struct Hooked {
     inner: MemoryStore,
     hook: Hook,
+    handled: Option<HandledHook>,
 }
 
 impl Hooked {
     fn new(
         hook: impl Fn(&MemoryStore, &[Commit]) -> Option<Result<Durable, StoreError>> + Send + Sync + 'static,
     ) -> Self {
-        Self { inner: MemoryStore::default(), hook: Box::new(hook) }
+        Self { inner: MemoryStore::default(), hook: Box::new(hook), handled: None }
+    }
+
+    fn with_was_handled(self, hook: impl Fn(&str) -> Option<Result<bool, StoreError>> + Send + Sync + 'static) -> Self {
+        Self { handled: Some(Box::new(hook)), ..self }
     }
 }
 
 impl StateStore for Hooked {
     fn commit_batch(&self, commits: &[Commit], reads: &ReadSet) -> Result<Durable, StoreError> {
         (self.hook)(&self.inner, commits).unwrap_or_else(|| self.inner.commit_batch(commits, reads))
+    }
+    fn was_handled(&self, id: &str) -> Result<bool, StoreError> {
+        self.handled.as_ref().and_then(|hook| hook(id)).unwrap_or_else(|| self.inner.was_handled(id))
     }
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.inner.get(key)
@@ -38,9 +51,6 @@ impl StateStore for Hooked {
     }
     fn sync_point(&self) -> Durable {
         self.inner.sync_point()
-    }
-    fn was_handled(&self, id: &str) -> Result<bool, StoreError> {
-        self.inner.was_handled(id)
     }
     fn outbox(&self, source: &str) -> Result<Option<OutboxEntry>, StoreError> {
         self.inner.outbox(source)
@@ -113,57 +123,16 @@ async fn an_event_another_host_committed_first_is_a_duplicate_not_a_second_effec
 /// A store whose first batch commit conflicts, and which then cannot tell
 /// whether event `failing` was handled, asking for shutdown as it says so:
 /// shutdown comes while the conflicting batch is being handled again.
-struct ConflictThenShutdown {
-    inner: MemoryStore,
-    conflicted: AtomicBool,
-    failing: String,
-    shutdown: CancellationToken,
-}
-
-impl StateStore for ConflictThenShutdown {
-    fn commit_batch(&self, commits: &[Commit], reads: &ReadSet) -> Result<Durable, StoreError> {
-        if !self.conflicted.swap(true, Ordering::SeqCst) {
-            return Err(StoreError::Conflict("injected".into()));
-        }
-        self.inner.commit_batch(commits, reads)
-    }
-    fn was_handled(&self, id: &str) -> Result<bool, StoreError> {
-        if self.conflicted.load(Ordering::SeqCst) && id == self.failing {
-            self.shutdown.cancel();
-            return Err(StoreError::Unavailable("injected".into()));
-        }
-        self.inner.was_handled(id)
-    }
-    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.inner.get(key)
-    }
-    fn keys(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StoreError> {
-        self.inner.keys(prefix, limit)
-    }
-    fn sync_point(&self) -> Durable {
-        self.inner.sync_point()
-    }
-    fn outbox(&self, source: &str) -> Result<Option<OutboxEntry>, StoreError> {
-        self.inner.outbox(source)
-    }
-    fn pending_outbox(&self, limit: usize) -> Result<Vec<OutboxEntry>, StoreError> {
-        self.inner.pending_outbox(limit)
-    }
-    fn clear_outbox(&self, source: &str) -> Result<(), StoreError> {
-        self.inner.clear_outbox(source)
-    }
-    fn timer(&self, id: &str) -> Result<Option<Timer>, StoreError> {
-        self.inner.timer(id)
-    }
-    fn due_timers(&self, now_ms: u64, limit: usize) -> Result<Vec<Timer>, StoreError> {
-        self.inner.due_timers(now_ms, limit)
-    }
-    fn timer_count(&self) -> Result<u64, StoreError> {
-        self.inner.timer_count()
-    }
-    fn outbox_count(&self) -> Result<u64, StoreError> {
-        self.inner.outbox_count()
-    }
+fn conflict_then_shutdown(failing: String, shutdown: CancellationToken) -> Hooked {
+    let conflicted = Arc::new(AtomicBool::new(false));
+    let first = conflicted.clone();
+    Hooked::new(move |_, _| (!first.swap(true, Ordering::SeqCst)).then(|| Err(StoreError::Conflict("injected".into()))))
+        .with_was_handled(move |id| {
+            (conflicted.load(Ordering::SeqCst) && id == failing).then(|| {
+                shutdown.cancel();
+                Err(StoreError::Unavailable("injected".into()))
+            })
+        })
 }
 
 fn record(envelope: &Envelope, offset: i64) -> Inbound {
@@ -187,12 +156,7 @@ async fn shutdown_during_a_conflict_rerun_keeps_each_key_in_order() {
     let e2 = Envelope::caused(&e1, 0, "Echo", "k", "test", 2, crate::envelope::raw(&serde_json::json!("second")));
     let other = Envelope::originate("Echo", "other", "test", 3, serde_json::json!("x"));
     let shutdown = CancellationToken::new();
-    let store = Arc::new(ConflictThenShutdown {
-        inner: MemoryStore::default(),
-        conflicted: AtomicBool::new(false),
-        failing: e1.id.clone(),
-        shutdown: shutdown.clone(),
-    });
+    let store = Arc::new(conflict_then_shutdown(e1.id.clone(), shutdown.clone()));
     let service = Arc::new(runtime_on("misbehave", 300, 1, store.clone()));
     let pipeline = Pipeline::new(service, Topics::default(), RetryPolicy::default(), Arc::new(ManualClock::at(5)));
     // A spinning event of its own key keeps the executor busy (until its
