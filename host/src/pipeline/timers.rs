@@ -15,10 +15,11 @@ use crate::state::{Commit, Durable, StoreError, Timer, TimerChange};
 pub const FAILED_TIMER_RETRY_MS: u64 = 60_000;
 
 impl Pipeline {
-    /// Delivers `timer` (claimed due by `deadlines`) to the component and
+    /// Delivers `timer` (claimed due by the caller) to the component and
     /// publishes what it emits. A timer handled already (or no longer due)
     /// is removed; one whose event is dead-lettered fires again
-    /// [`FAILED_TIMER_RETRY_MS`] later, e.g. on a fixed version. `Ok(None)`:
+    /// [`FAILED_TIMER_RETRY_MS`] later on the `deadlines` clock, e.g. on a
+    /// fixed version. `Ok(None)`:
     /// shutdown interrupted it, and it stays due.
     ///
     /// # Errors
