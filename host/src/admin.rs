@@ -9,6 +9,7 @@
 //! - `GET /dlq?component=&since=`: the dead letters (see [`crate::kafka::dlq`]).
 //! - `POST /dlq/replay`: `{"ids": ["0/42"]}` or `{"all": true, "component":
 //!   "email"}`; answers what was replayed and what was refused, and why.
+//! - `/components/{name}/shadow…`: shadow runs (see [`shadow`]).
 //! - `GET /overview`, and `GET /console` (the one route without a token: a
 //!   page that asks for it and reads `/overview`): see [`console`].
 
@@ -24,7 +25,10 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
+mod shadow;
+
 pub use console::{ConsoleSettings, RecentOrders, Recording};
+pub use shadow::{render as render_shadow, render_trial};
 
 use crate::kafka::dlq::{DeadLetters, Filter, Selection};
 use crate::runtime::ServiceRuntime;
@@ -75,6 +79,7 @@ pub fn admin_app_with_console(
         .route("/components/{name}/rollback", post(roll_back))
         .route("/dlq", get(dlq_list))
         .route("/dlq/replay", post(dlq_replay))
+        .merge(shadow::routes())
         .layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES))
         .route_layer(axum::middleware::from_fn_with_state(admin.clone(), require_token))
         // After the token layer: the page is public, its data is not.

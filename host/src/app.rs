@@ -93,6 +93,11 @@ pub async fn run(
     tracing::info!(gateway = ?gateway_port, brokers = %host.brokers, "host ready");
 
     wait_for_tasks(tasks, &host).await;
+    for service in services.values() {
+        if let Some(shadow) = service.shadowing() {
+            shadow.end("the host stopped (a shadow run is not kept across restarts: start it again)");
+        }
+    }
     host.publisher.flush(CLOSE_GRACE);
     if let Some(orders) = gateway_publisher {
         orders.flush(CLOSE_GRACE);
@@ -377,6 +382,7 @@ fn admin_app(
         recent: recent_orders,
         order_component: manifest.gateway.order_component.clone(),
         link: host.link.clone(),
+        topics: topics.clone(),
     };
     crate::admin::admin_app_with_console(managed, token, Some(dead_letters), console)
 }

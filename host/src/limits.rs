@@ -20,6 +20,11 @@ pub const DEFAULT_BURST: std::time::Duration = std::time::Duration::from_millis(
 /// its copies and freed memory cost the others more than its CPU.
 pub const DEFAULT_CPU_PERCENT: u32 = 5;
 
+/// Share of one core (percent) a shadow run's candidate gets past its
+/// burst and for its faults, unless the manifest says otherwise: a
+/// candidate that spins takes at most this from the version serving.
+pub const DEFAULT_SHADOW_CPU_PERCENT: u32 = 5;
+
 /// Queries one service answers at once unless the manifest says otherwise.
 pub const DEFAULT_MAX_QUERIES: usize = 4;
 

@@ -90,6 +90,14 @@ enum Command {
         #[arg(long, hide = true)]
         token: Option<String>,
     },
+    /// Shadow runs: a candidate version handles the events the serving one
+    /// handles, its effects held back, and the host reports the differences.
+    Shadow {
+        #[command(subcommand)]
+        command: ShadowCommand,
+        #[command(flatten)]
+        admin: AdminTarget,
+    },
     /// Validate a manifest and its components without serving anything.
     Check {
         /// App manifest (TOML).
@@ -103,6 +111,46 @@ enum Command {
         #[command(flatten)]
         target: DlqTarget,
     },
+}
+
+/// What `host shadow` does.
+#[derive(Debug, Subcommand)]
+enum ShadowCommand {
+    /// Start a shadow run of a candidate (ends the one on, if any).
+    Start { name: String, path: PathBuf },
+    /// The run's counts, differences and failures.
+    Status {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve the candidate (an ordinary hot reload) and end the run.
+    Promote { name: String },
+    /// End the run.
+    Stop { name: String },
+    /// Run a candidate over the component's dead letters: which it now
+    /// handles and what it would emit; nothing is published or committed.
+    ReplayDlq {
+        name: String,
+        path: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A running host's admin API.
+#[derive(Debug, clap::Args)]
+struct AdminTarget {
+    /// Admin API of the running host.
+    #[arg(long, env = "HOST_ADMIN_URL", default_value = "http://127.0.0.1:3090", global = true)]
+    admin_url: String,
+    /// File holding the admin token; without it, the variable
+    /// HOST_ADMIN_TOKEN is read.
+    #[arg(long, env = "HOST_ADMIN_TOKEN_FILE", global = true)]
+    token_file: Option<PathBuf>,
+    /// Refused with an error saying where the token goes instead.
+    #[arg(long, hide = true, global = true)]
+    token: Option<String>,
 }
 
 /// librdkafka properties from the command line and the environment.
@@ -210,8 +258,8 @@ fn main() -> ExitCode {
 
 async fn async_main() -> ExitCode {
     let cli = Cli::parse();
-    // `dlq`'s output is what it prints (JSON with --json): logs go aside.
-    shop_host::logs::init(cli.log_format, matches!(cli.command, Command::Dlq { .. }));
+    // `dlq` and `shadow` print what they answer (JSON with --json): logs go aside.
+    shop_host::logs::init(cli.log_format, matches!(cli.command, Command::Dlq { .. } | Command::Shadow { .. }));
     let result = match cli.command {
         Command::Run {
             manifest,
@@ -258,6 +306,7 @@ async fn async_main() -> ExitCode {
                 Err(err) => Err(err),
             }
         }
+        Command::Shadow { command, admin } => shadow(command, admin).await,
         Command::Check { manifest } => check(manifest),
         Command::Dlq { command, target } => dlq(command, target).await,
     };
@@ -329,6 +378,41 @@ async fn reload(name: &str, path: Option<PathBuf>, admin_url: &str, token: &str)
     let text = response.text().await.unwrap_or_default();
     anyhow::ensure!(status.is_success(), "reload refused ({status}): {text}");
     println!("{text}");
+    Ok(())
+}
+
+async fn shadow(command: ShadowCommand, admin: AdminTarget) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let Some(token) = shop_host::admin::read_token(admin.token.is_some(), admin.token_file.as_deref())? else {
+        anyhow::bail!(
+            "no admin token: set HOST_ADMIN_TOKEN, or HOST_ADMIN_TOKEN_FILE (--token-file) to a file holding it"
+        );
+    };
+    let read = |path: &PathBuf| std::fs::read(path).with_context(|| format!("cannot read {path:?}"));
+    let (route, name, body, json, replay) = match &command {
+        ShadowCommand::Start { name, path } => ("", name, Some(read(path)?), false, false),
+        ShadowCommand::Status { name, json } => ("", name, None, *json, false),
+        ShadowCommand::Promote { name } => ("/promote", name, Some(Vec::new()), false, false),
+        ShadowCommand::Stop { name } => ("/stop", name, Some(Vec::new()), false, false),
+        ShadowCommand::ReplayDlq { name, path, json } => ("/replay-dlq", name, Some(read(path)?), *json, true),
+    };
+    let url = format!("{}/components/{name}/shadow{route}", admin.admin_url.trim_end_matches('/'));
+    let client = reqwest::Client::new();
+    let request = match body {
+        Some(body) => client.post(&url).body(body),
+        None => client.get(&url),
+    };
+    let response =
+        request.bearer_auth(token).send().await.with_context(|| format!("cannot reach the admin API at {url}"))?;
+    let status = response.status();
+    let text = response.text().await.unwrap_or_default();
+    anyhow::ensure!(status.is_success(), "refused ({status}): {text}");
+    let report: serde_json::Value = serde_json::from_str(&text).context("the admin API answered no JSON")?;
+    match (json, replay) {
+        (true, _) => println!("{}", serde_json::to_string_pretty(&report)?),
+        (false, false) => print!("{}", shop_host::admin::render_shadow(&report)),
+        (false, true) => print!("{}", shop_host::admin::render_trial(&report)),
+    }
     Ok(())
 }
 

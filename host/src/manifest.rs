@@ -11,11 +11,13 @@ use serde::Deserialize;
 mod component;
 mod grants;
 mod properties;
+mod shadow;
 mod validate;
 
 pub use component::ComponentSettings;
 pub use grants::{Grants, PublishGrants, WasiGrant, WasiGrants};
 pub use properties::{FORBIDDEN_PROPERTIES, RESERVED_PROPERTIES, check_properties};
+pub use shadow::ShadowSettings;
 
 /// A manifest that cannot be used, with the key at fault.
 #[derive(Debug, thiserror::Error)]

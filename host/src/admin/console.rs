@@ -120,11 +120,18 @@ pub struct ConsoleSettings {
     pub order_component: String,
     /// Whether Kafka can be reached, as `/health` reports it.
     pub link: BrokerLink,
+    /// The app's topic names (a dead letter's event names its logical topic).
+    pub topics: crate::pipeline::Topics,
 }
 
 impl Default for ConsoleSettings {
     fn default() -> Self {
-        Self { recent: RecentOrders::default(), order_component: "order".into(), link: BrokerLink::default() }
+        Self {
+            recent: RecentOrders::default(),
+            order_component: "order".into(),
+            link: BrokerLink::default(),
+            topics: crate::pipeline::Topics::default(),
+        }
     }
 }
 
@@ -138,6 +145,11 @@ pub(super) struct Console {
 }
 
 impl Console {
+    /// The app's topic names.
+    pub(super) fn topics(&self) -> crate::pipeline::Topics {
+        self.settings.topics.clone()
+    }
+
     pub(super) fn new(settings: ConsoleSettings) -> Self {
         Self { settings, samples: Mutex::default(), dead_letters: tokio::sync::Mutex::default() }
     }

@@ -176,6 +176,7 @@ pub(super) async fn load_services(
         let vault_granted = grants.vault;
         let spec = service_spec(name, settings, component, store, clock.clone(), grants);
         let service = Arc::new(ServiceRuntime::new(engine.clone(), spec));
+        service.set_shadow_settings(settings.shadow.clone());
         if let Some(vault) = vault.as_ref().filter(|_| vault_granted) {
             service.set_vault(vault.clone());
         }

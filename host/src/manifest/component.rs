@@ -118,6 +118,9 @@ pub struct ComponentSettings {
     /// Absent: not granted, and a component importing it is refused at load.
     #[serde(default)]
     pub vault: bool,
+    /// How its shadow runs go (`host shadow`).
+    #[serde(default)]
+    pub shadow: super::ShadowSettings,
 }
 
 impl ComponentSettings {

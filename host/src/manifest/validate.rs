@@ -180,6 +180,7 @@ fn check_component(
         ));
     }
     c.grants(name)?;
+    c.shadow.validate(name)?;
     if !c.wasm.is_file() {
         return Err(invalid(key("wasm"), format!("{:?} is not a file (run `just build-components` first)", c.wasm)));
     }

@@ -27,6 +27,7 @@ use crate::limits::DEFAULT_MAX_RECORD_BYTES;
 use crate::runtime::ServiceRuntime;
 use crate::state::Timer;
 
+pub use records::event_of;
 pub use settle::{Settled, Turn, settle};
 pub use timers::FAILED_TIMER_RETRY_MS;
 

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::{Core, Disposition, MAX_DEAD_LETTER_VALUE};
+use super::{Core, Disposition, MAX_DEAD_LETTER_VALUE, Topics};
 use crate::bus::{Inbound, Outbound};
 use crate::envelope::Envelope;
 use crate::limits::MAX_RECORD_BYTES;
@@ -17,6 +17,37 @@ pub(super) fn bounded(value: &[u8]) -> (Vec<u8>, Option<(String, Vec<u8>)>) {
         return (value.to_vec(), None);
     }
     (value[..MAX_DEAD_LETTER_VALUE].to_vec(), Some(("dlq-truncated".to_owned(), value.len().to_string().into_bytes())))
+}
+
+/// The WIT event of `record` (an envelope), as a component is given it.
+///
+/// # Errors
+/// Why the record's value is not an envelope.
+pub fn event_of(topics: &Topics, record: &Inbound) -> Result<Event, String> {
+    let envelope = Envelope::decode(record.value.as_deref()).map_err(|err| format!("invalid envelope: {err}"))?;
+    Ok(event_from(topics, record, &envelope))
+}
+
+/// The WIT event for an envelope; envelope metadata goes in the headers.
+fn event_from(topics: &Topics, record: &Inbound, envelope: &Envelope) -> Event {
+    let mut headers = vec![
+        ("correlation-id".to_owned(), envelope.correlation_id.clone()),
+        ("schema-version".to_owned(), envelope.schema_version.to_string()),
+        ("producer".to_owned(), envelope.producer.clone()),
+    ];
+    if let Some(cause) = &envelope.causation_id {
+        headers.push(("causation-id".to_owned(), cause.clone()));
+    }
+    headers.extend(record.headers.iter().filter_map(|(k, v)| Some((k.clone(), String::from_utf8(v.clone()).ok()?))));
+    Event {
+        id: envelope.id.clone(),
+        event_type: envelope.event_type.clone(),
+        topic: topics.logical(&record.topic).to_owned(),
+        key: Some(envelope.order_id.clone()),
+        headers,
+        payload: envelope.data.get().as_bytes().to_vec(),
+        timestamp_ms: envelope.timestamp_ms,
+    }
 }
 
 impl Core {
@@ -41,25 +72,7 @@ impl Core {
 
     /// The WIT event for an envelope; envelope metadata goes in the headers.
     pub(super) fn event(&self, record: &Inbound, envelope: &Envelope) -> Event {
-        let mut headers = vec![
-            ("correlation-id".to_owned(), envelope.correlation_id.clone()),
-            ("schema-version".to_owned(), envelope.schema_version.to_string()),
-            ("producer".to_owned(), envelope.producer.clone()),
-        ];
-        if let Some(cause) = &envelope.causation_id {
-            headers.push(("causation-id".to_owned(), cause.clone()));
-        }
-        headers
-            .extend(record.headers.iter().filter_map(|(k, v)| Some((k.clone(), String::from_utf8(v.clone()).ok()?))));
-        Event {
-            id: envelope.id.clone(),
-            event_type: envelope.event_type.clone(),
-            topic: self.topics.logical(&record.topic).to_owned(),
-            key: Some(envelope.order_id.clone()),
-            headers,
-            payload: envelope.data.get().as_bytes().to_vec(),
-            timestamp_ms: envelope.timestamp_ms,
-        }
+        event_from(&self.topics, record, envelope)
     }
 
     /// Wraps what the component emitted in envelopes caused by `cause`,

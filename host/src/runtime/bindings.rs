@@ -82,6 +82,9 @@ pub struct HostState {
     pub(super) idle: std::time::Duration,
     /// The card vault, for a component granted it.
     pub(super) vault: Option<Arc<crate::vault::Vault>>,
+    /// The call's clock readings, recorded for a shadow run or replayed
+    /// to its candidate.
+    pub(super) tape: Option<super::shadow::Tape>,
     component: Arc<str>,
     config: Arc<HashMap<String, String>>,
     clock: Arc<dyn Clock>,
@@ -130,6 +133,7 @@ impl HostState {
             over_burst: None,
             idle: std::time::Duration::ZERO,
             vault: None,
+            tape: None,
             component,
             config,
             clock,
@@ -261,11 +265,17 @@ impl HostState {
 
 impl clock::Host for HostState {
     fn now_ms(&mut self) -> u64 {
-        self.clock.now_ms()
+        match &mut self.tape {
+            Some(tape) => tape.read(super::shadow::Reading::Clock, &*self.clock),
+            None => self.clock.now_ms(),
+        }
     }
 
     fn deadline_now_ms(&mut self) -> u64 {
-        self.deadlines.now_ms()
+        match &mut self.tape {
+            Some(tape) => tape.read(super::shadow::Reading::Deadlines, &*self.deadlines),
+            None => self.deadlines.now_ms(),
+        }
     }
 }
 

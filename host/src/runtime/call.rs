@@ -8,7 +8,7 @@ use wasmtime::{Store, StoreContextMut, Trap, UpdateDeadline};
 
 use super::bindings::{self, Event, HandleError, HostState, OutgoingEvent, Request, Response};
 use super::{
-    CallError, CallKind, Called, DeadlineExceeded, LoadedComponent, ServiceRuntime, StoreParts, canary, outputs,
+    CallError, CallKind, Called, DeadlineExceeded, LoadedComponent, ServiceRuntime, StoreParts, canary, outputs, shadow,
 };
 use crate::state::{StateRead, StoreReader, Txn};
 use crate::status::Stage;
@@ -28,6 +28,12 @@ pub(super) struct Warm {
     calls: u32,
 }
 
+/// What a query's thread sends back: the guest's answer and its last
+/// stderr lines.
+type QueryResult = (wasmtime::Result<Response>, Option<String>);
+
+use tokio::sync::oneshot::error::RecvError;
+
 /// What a query runs on: an instance an earlier query left, or a new one.
 enum QueryStart {
     Kept(Warm),
@@ -45,31 +51,11 @@ impl ServiceRuntime {
     }
 
     fn trap(&self, err: wasmtime::Error) -> CallError {
-        let timed_out = matches!(err.downcast_ref::<Trap>(), Some(Trap::Interrupt))
-            || err.downcast_ref::<DeadlineExceeded>().is_some();
-        if timed_out {
-            return self.timed_out();
-        }
-        let Some(trap) = err.downcast_ref::<Trap>() else {
-            return CallError::Trap(format!("{err:#}"));
-        };
-        // The trap and the innermost frames, not the whole backtrace: a
-        // stack overflow has thousands, and the reason goes into logs and
-        // dead-letter headers.
-        let mut message = trap.to_string();
-        if let Some(backtrace) = err.downcast_ref::<wasmtime::WasmBacktrace>() {
-            let frames: Vec<&str> =
-                backtrace.frames().iter().take(MAX_TRAP_FRAMES).map(|f| f.func_name().unwrap_or("?")).collect();
-            if !frames.is_empty() {
-                let more = if backtrace.frames().len() > MAX_TRAP_FRAMES { " …" } else { "" };
-                message.push_str(&format!(" (in {}{more})", frames.join(" ← ")));
-            }
-        }
-        CallError::Trap(message)
+        trap_error(err, self.limits.timeout)
     }
 
     fn timed_out(&self) -> CallError {
-        CallError::Trap(format!("exceeded its time budget of {:?}", self.limits.timeout))
+        timed_out(self.limits.timeout)
     }
 
     /// Calls the component's `handle` on a fresh instance (or the one kept
@@ -89,6 +75,9 @@ impl ServiceRuntime {
         let _busy = self.engine.busy();
         let component = self.current();
         let trial_view = view.clone();
+        // Under a shadow run, what the call reads and the clock readings it
+        // takes are kept for the candidate, which runs on the same input.
+        let (view, taping) = shadow::Taping::begin(self.shadowing(), view);
         let started = Instant::now();
         let kept = self.warm.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
         let mut warm = match kept.filter(|w| Arc::ptr_eq(&w.component, &component)) {
@@ -114,39 +103,25 @@ impl ServiceRuntime {
             }
         };
         warm.calls += 1;
+        warm.store.data_mut().tape = taping.as_ref().map(|_| shadow::Tape::recording());
+        let cpu = taping.as_ref().map(|_| shadow::thread_cpu()).unwrap_or_default();
         let result = self.stages.time(Stage::Call, || warm.instance.call_handle(&mut warm.store, event));
         let state = warm.store.data_mut();
         let idle = std::mem::take(&mut state.idle);
         let last_stderr = state.stderr.as_ref().and_then(|stderr| stderr.drain_to_log(&self.name));
         state.over_burst = None;
-        let txn = &mut state.txn;
-        // A guest that went on after a cap refused it must not commit the
-        // part it was allowed: the event fails for good, with the reason.
-        let exceeded = txn.exceeded().map(|reason| format!("the call went past a limit: {reason}"));
-        let limited = exceeded.is_some();
-        let changes = txn.take_changes();
-        let result = match (result, exceeded) {
-            (Ok(Ok(_)), Some(reason)) => Ok(Err(HandleError::Permanent(reason))),
-            (result, _) => result,
-        };
-        let outcome = match result {
-            // An event the component may not publish fails it for good.
-            Ok(Ok(outgoing)) => {
-                let checked = self.grants.publishes.check(&outgoing).and_then(|()| self.outbox_room(&outgoing));
-                match checked.and_then(|()| outputs::check(outgoing)) {
-                    Ok(outputs) => {
-                        let (writes, timers) = changes;
-                        Ok(Called { outputs, writes, timers, version: component.sha256.clone() })
-                    }
-                    Err(reason) => Err(CallError::Handle(HandleError::Permanent(reason))),
-                }
-            }
-            Ok(Err(err)) => Err(CallError::Handle(err)),
-            Err(err) => match err.downcast::<bindings::LimitExceeded>() {
-                Ok(limit) => Err(CallError::Handle(HandleError::Permanent(limit.to_string()))),
-                Err(err) => Err(self.trap(err)),
-            },
-        };
+        let tape = state.tape.take();
+        let (outcome, limited) = conclude(
+            result,
+            &mut state.txn,
+            &self.grants,
+            |outgoing| self.outbox_room(outgoing),
+            &component.sha256,
+            self.limits.timeout,
+        );
+        if let (Some(taping), Ok(called)) = (taping, &outcome) {
+            taping.submit(event, called, tape, started.elapsed(), shadow::thread_cpu().saturating_sub(cpu));
+        }
         // A trapped instance cannot be entered again; one that returned,
         // ok or error, serves the next event if reuse allows.
         // (Ended for a limit, it did not return either.)
@@ -246,6 +221,7 @@ impl ServiceRuntime {
     /// # Errors
     /// [`CallError::Trap`] when the instance traps or runs out of time.
     pub async fn query(&self, request: &Request) -> Result<Response, CallError> {
+        let asked = Instant::now();
         let permit = self.queries.clone().acquire_owned().await.map_err(|e| CallError::Trap(e.to_string()))?;
         if let Some(left) = self.throttle.wait_left(CallKind::Query) {
             if left > self.limits.timeout {
@@ -272,7 +248,7 @@ impl ServiceRuntime {
             None => QueryStart::Fresh(self.parts(view, true)),
         };
         let engine = self.engine.clone();
-        let request = request.clone();
+        let asking = request.clone();
         let (throttle, name, reuse) = (self.throttle.clone(), self.name.clone(), self.limits.instance_reuse);
         let result = self.query_threads.run(move || {
             let _permit = permit;
@@ -294,7 +270,7 @@ impl ServiceRuntime {
                 }
             };
             warm.calls += 1;
-            let result = warm.instance.call_query(&mut warm.store, &request);
+            let result = warm.instance.call_query(&mut warm.store, &asking);
             let state = warm.store.data_mut();
             let idle = std::mem::take(&mut state.idle);
             state.over_burst = None;
@@ -314,22 +290,112 @@ impl ServiceRuntime {
             if let Some(warm) = warm {
                 self.warm_queries.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(warm);
             }
-            Ok::<_, tokio::sync::oneshot::error::RecvError>((result, last_stderr))
+            Ok::<_, RecvError>((result, last_stderr))
         };
         // The deadline ends the call on its thread; waiting a little longer
         // only covers a host wait that overran it, so that the caller
         // answers in bounded time whatever happens there.
-        match tokio::time::timeout(self.limits.timeout + QUERY_GRACE, result).await {
-            Ok(Ok((result, last_stderr))) => result.map_err(|err| with_stderr(self.trap(err), last_stderr)),
+        let outcome = tokio::time::timeout(self.limits.timeout + QUERY_GRACE, result).await;
+        self.answered(outcome, request, asked)
+    }
+
+    /// A query's answer from what its thread sent back (or did not, in
+    /// time); a successful one goes to the shadow run, if one is on.
+    fn answered(
+        &self,
+        outcome: Result<Result<QueryResult, RecvError>, tokio::time::error::Elapsed>,
+        request: &Request,
+        asked: Instant,
+    ) -> Result<Response, CallError> {
+        match outcome {
+            Ok(Ok((result, last_stderr))) => {
+                let answer = result.map_err(|err| with_stderr(self.trap(err), last_stderr));
+                if let Ok(response) = &answer {
+                    self.shadow_query(request, response, asked.elapsed());
+                }
+                answer
+            }
             Ok(Err(_)) => Err(CallError::Trap("the query thread failed".into())),
             Err(_) => Err(self.timed_out()),
         }
     }
 }
 
+/// A trap's error: a timeout, or the trap with its innermost guest frames.
+pub(super) fn trap_error(err: wasmtime::Error, timeout: std::time::Duration) -> CallError {
+    let timed_out_now =
+        matches!(err.downcast_ref::<Trap>(), Some(Trap::Interrupt)) || err.downcast_ref::<DeadlineExceeded>().is_some();
+    if timed_out_now {
+        return timed_out(timeout);
+    }
+    let Some(trap) = err.downcast_ref::<Trap>() else {
+        return CallError::Trap(format!("{err:#}"));
+    };
+    // The trap and the innermost frames, not the whole backtrace: a
+    // stack overflow has thousands, and the reason goes into logs and
+    // dead-letter headers.
+    let mut message = trap.to_string();
+    if let Some(backtrace) = err.downcast_ref::<wasmtime::WasmBacktrace>() {
+        let frames: Vec<&str> =
+            backtrace.frames().iter().take(MAX_TRAP_FRAMES).map(|f| f.func_name().unwrap_or("?")).collect();
+        if !frames.is_empty() {
+            let more = if backtrace.frames().len() > MAX_TRAP_FRAMES { " …" } else { "" };
+            message.push_str(&format!(" (in {}{more})", frames.join(" ← ")));
+        }
+    }
+    CallError::Trap(message)
+}
+
+fn timed_out(timeout: std::time::Duration) -> CallError {
+    CallError::Trap(format!("exceeded its time budget of {timeout:?}"))
+}
+
+/// What a `handle` call's `result` and its `txn` amount to: its outputs
+/// checked against `grants` and `room` (the outbox quota), its writes and
+/// timers; and whether it ended at a per-call limit (then its instance is
+/// not entered again). A guest that went on after a cap refused it must
+/// not commit the part it was allowed: the event fails for good.
+pub(super) fn conclude(
+    result: wasmtime::Result<Result<Vec<OutgoingEvent>, HandleError>>,
+    txn: &mut Txn,
+    grants: &crate::manifest::Grants,
+    room: impl FnOnce(&[OutgoingEvent]) -> Result<(), String>,
+    version: &str,
+    timeout: std::time::Duration,
+) -> (Result<Called, CallError>, bool) {
+    let exceeded = txn.exceeded().map(|reason| format!("the call went past a limit: {reason}"));
+    let limited = exceeded.is_some();
+    let changes = txn.take_changes();
+    let result = match (result, exceeded) {
+        (Ok(Ok(_)), Some(reason)) => Ok(Err(HandleError::Permanent(reason))),
+        (result, _) => result,
+    };
+    let outcome = match result {
+        // An event the component may not publish fails it for good.
+        Ok(Ok(outgoing)) => match grants
+            .publishes
+            .check(&outgoing)
+            .and_then(|()| room(&outgoing))
+            .and_then(|()| outputs::check(outgoing))
+        {
+            Ok(outputs) => {
+                let (writes, timers) = changes;
+                Ok(Called { outputs, writes, timers, version: version.to_owned() })
+            }
+            Err(reason) => Err(CallError::Handle(HandleError::Permanent(reason))),
+        },
+        Ok(Err(err)) => Err(CallError::Handle(err)),
+        Err(err) => match err.downcast::<bindings::LimitExceeded>() {
+            Ok(limit) => Err(CallError::Handle(HandleError::Permanent(limit.to_string()))),
+            Err(err) => Err(trap_error(err, timeout)),
+        },
+    };
+    (outcome, limited)
+}
+
 /// A trap's message with the last lines of the call's stderr: a Rust
 /// guest's panic message, what the trap alone does not say.
-fn with_stderr(err: CallError, last_stderr: Option<String>) -> CallError {
+pub(super) fn with_stderr(err: CallError, last_stderr: Option<String>) -> CallError {
     match (err, last_stderr) {
         (CallError::Trap(message), Some(lines)) => CallError::Trap(format!("{message}; its stderr: {lines}")),
         (err, _) => err,

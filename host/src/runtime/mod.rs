@@ -16,6 +16,7 @@ mod guest_text;
 mod outputs;
 mod pool;
 mod quotas;
+mod shadow;
 mod stderr;
 mod throttle;
 mod versions;
@@ -37,6 +38,9 @@ pub use deadline::DeadlineExceeded;
 pub use engine::{CALL_THREAD_STACK, DEFAULT_STACK_BYTES, EPOCH_TICK, Engine, MAX_STACK_BYTES, MAX_TABLE_ELEMENTS};
 pub use outputs::Output;
 pub use quotas::{LogLimits, Quotas};
+pub use shadow::{
+    Change, Cost, Counts, Difference, Failure, Letter, Replayed, Shadow, ShadowError, ShadowStatus, TrialOutcome,
+};
 pub use throttle::{CallKind, MAX_PENALTY, Throttle};
 pub use versions::{NoPrevious, VersionRecord};
 
@@ -82,7 +86,7 @@ impl CallError {
 }
 
 /// What a successful `handle` call produced, nothing of it committed yet.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Called {
     /// The events it emitted, checked, in emission order.
     pub outputs: Vec<Output>,
@@ -186,6 +190,10 @@ pub struct ServiceRuntime {
     stages: crate::status::Stages,
     /// The card vault, for a component granted it.
     vault: std::sync::OnceLock<Arc<crate::vault::Vault>>,
+    /// The shadow run on, or the last one.
+    shadow: std::sync::Mutex<Option<Arc<Shadow>>>,
+    /// How its shadow runs go.
+    shadow_settings: RwLock<crate::manifest::ShadowSettings>,
 }
 
 /// What a [`ServiceRuntime`] is built from.
@@ -234,6 +242,8 @@ impl ServiceRuntime {
             warm_queries: std::sync::Mutex::new(Vec::new()),
             stages: crate::status::Stages::default(),
             vault: std::sync::OnceLock::new(),
+            shadow: std::sync::Mutex::new(None),
+            shadow_settings: RwLock::new(crate::manifest::ShadowSettings::default()),
         }
     }
 
@@ -287,6 +297,16 @@ impl ServiceRuntime {
         let _ = self.vault.set(vault);
     }
 
+    /// Sets how its shadow runs go (the manifest's `shadow` block).
+    pub fn set_shadow_settings(&self, settings: crate::manifest::ShadowSettings) {
+        *self.shadow_settings.write().unwrap_or_else(std::sync::PoisonError::into_inner) = settings;
+    }
+
+    /// How its shadow runs go.
+    pub fn shadow_settings(&self) -> crate::manifest::ShadowSettings {
+        self.shadow_settings.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
     /// Gives guests `deadlines` as the clock their deadlines are measured
     /// by (see [`crate::deadlines`]).
     pub fn set_deadline_clock(&self, deadlines: Arc<dyn Clock>) {
@@ -311,6 +331,7 @@ impl ServiceRuntime {
 }
 
 /// What a call's store is made from; sendable to the thread that runs it.
+#[derive(Clone)]
 struct StoreParts {
     name: Arc<str>,
     view: Arc<dyn StateRead>,

@@ -11,7 +11,7 @@ use crate::limits::{MAX_OUTPUT_NAME_BYTES, MAX_PAYLOAD_BYTES};
 use crate::state::OutboxRecord;
 
 /// One event a call emitted, checked.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Output {
     /// Its event type (at most [`MAX_OUTPUT_NAME_BYTES`]).
     pub event_type: String,

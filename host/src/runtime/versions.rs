@@ -69,29 +69,7 @@ impl ServiceRuntime {
     pub async fn reload(&self, source: &str, bytes: Vec<u8>) -> Result<Arc<LoadedComponent>, LoadError> {
         let sha256 = hex::encode(Sha256::digest(&bytes));
         let at_ms = self.clock.now_ms();
-        let path = PathBuf::from(source);
-        let engine = self.engine.clone();
-        let trial = self.parts(Arc::new(StoreReader(self.store.clone())), true);
-        let grants = self.grants.clone();
-        // Compiled and tried on a thread of its own: the trial instantiation
-        // runs guest code (with the stack a guest gets), and compiling takes
-        // a core for a while.
-        let (reply, checked) = tokio::sync::oneshot::channel();
-        let spawned = std::thread::Builder::new()
-            .name(format!("reload-{}", self.name))
-            .stack_size(CALL_THREAD_STACK)
-            .spawn(move || {
-                let checked = LoadedComponent::from_bytes(&engine, &path, &bytes)
-                    .and_then(|component| component.check_grants(&engine, grants).map(|()| component))
-                    .and_then(|component| trial.instantiate(&engine, component));
-                let _ = reply.send(checked);
-            });
-        let checked = match spawned {
-            Ok(_) => checked.await.unwrap_or_else(|_| {
-                Err(LoadError::Compile { path: source.into(), message: "the reload thread failed".into() })
-            }),
-            Err(err) => Err(LoadError::Compile { path: source.into(), message: format!("no reload thread: {err}") }),
-        };
+        let checked = self.compile(source, bytes).await;
         let component = match checked {
             Ok(component) => Arc::new(component),
             Err(err) => {
@@ -130,6 +108,38 @@ impl ServiceRuntime {
         });
         tracing::info!(component = %self.name, version = %sha256, "reloaded");
         Ok(component)
+    }
+
+    /// Compiles `bytes` on a thread of its own, checks the component
+    /// against the world and the grants, and instantiates it once: a
+    /// version that would fail to serve is refused before anything changes.
+    ///
+    /// # Errors
+    /// [`LoadError`] naming what failed.
+    pub(super) async fn compile(&self, source: &str, bytes: Vec<u8>) -> Result<LoadedComponent, LoadError> {
+        let path = PathBuf::from(source);
+        let engine = self.engine.clone();
+        let trial = self.parts(Arc::new(StoreReader(self.store.clone())), true);
+        let grants = self.grants.clone();
+        // Compiled and tried on a thread of its own: the trial instantiation
+        // runs guest code (with the stack a guest gets), and compiling takes
+        // a core for a while.
+        let (reply, checked) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name(format!("reload-{}", self.name))
+            .stack_size(CALL_THREAD_STACK)
+            .spawn(move || {
+                let checked = LoadedComponent::from_bytes(&engine, &path, &bytes)
+                    .and_then(|component| component.check_grants(&engine, grants).map(|()| component))
+                    .and_then(|component| trial.instantiate(&engine, component));
+                let _ = reply.send(checked);
+            });
+        match spawned {
+            Ok(_) => checked.await.unwrap_or_else(|_| {
+                Err(LoadError::Compile { path: source.into(), message: "the reload thread failed".into() })
+            }),
+            Err(err) => Err(LoadError::Compile { path: source.into(), message: format!("no reload thread: {err}") }),
+        }
     }
 
     /// The version a rollback would restore, if one is kept.

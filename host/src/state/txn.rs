@@ -25,6 +25,15 @@ pub trait StateRead: Send + Sync + 'static {
     /// # Errors
     /// [`StoreError::Unavailable`] when the store cannot be read.
     fn keys(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StoreError>;
+
+    /// Reads one key as [`StateRead::get`] does, but without taking part
+    /// in what is checked at commit (a shadow run's look at the state).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the store cannot be read.
+    fn peek(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.get(key)
+    }
 }
 
 /// A store read directly (queries, and calls outside a batch).
@@ -200,6 +209,16 @@ impl StateRead for Overlay {
             listed.insert((prefix.to_owned(), n), keys.clone());
             Ok(keys)
         })
+    }
+
+    fn peek(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        {
+            let pending = self.pending();
+            if let Some(value) = pending.writes.get(key).or_else(|| pending.values.get(key)) {
+                return Ok(value.clone());
+            }
+        }
+        self.store.get(key)
     }
 }
 

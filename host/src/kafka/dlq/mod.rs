@@ -186,6 +186,24 @@ impl DeadLetter {
         })
     }
 
+    /// The record the component consumed and set aside, as it was (minus
+    /// the dead-letter headers); `None` for an output or a timer, or a
+    /// value cut to fit the dead-letter topic.
+    pub fn original(&self) -> Option<crate::bus::Inbound> {
+        let Origin::Topic { topic, partition, offset } = &self.origin else { return None };
+        if self.truncated_from.is_some() {
+            return None;
+        }
+        Some(crate::bus::Inbound {
+            topic: topic.clone(),
+            partition: *partition,
+            offset: *offset,
+            key: self.record.key.clone(),
+            value: self.record.value.clone(),
+            headers: self.record.headers.iter().filter(|(k, _)| !k.starts_with("dlq-")).cloned().collect(),
+        })
+    }
+
     /// The topic a replay goes to, or why it cannot be replayed.
     pub fn destination(&self) -> Result<&str, String> {
         if let Some(length) = self.truncated_from {

@@ -1,0 +1,263 @@
+//! The candidate's thread: runs each event (and query) the serving version
+//! handled on the candidate, with the serving call's reads and clock
+//! readings replayed, compares, and keeps the counts. Nothing it does
+//! leaves the thread: its transaction is dropped, its outputs compared.
+
+use std::sync::Arc;
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+
+use super::super::call::{conclude, trap_error, with_stderr};
+use super::super::{
+    CALL_THREAD_STACK, CallError, CallKind, Called, Engine, Event, LoadedComponent, Quotas, Request, Response,
+    ServiceRuntime, StoreParts, Throttle,
+};
+use super::{Cost, Difference, Failure, Reads, Replay, Shadow, Tape, diff, thread_cpu};
+use crate::manifest::{Grants, ShadowSettings};
+use crate::state::{StateRead, StoreReader, Txn};
+
+/// What the serving version handled, for the candidate to handle again.
+pub(super) enum Job {
+    Handle { event: Box<Event>, reads: Reads, tape: Tape, serving: Called, cost: Cost },
+    Query { request: Box<Request>, serving: Box<Response>, cost: Cost },
+}
+
+/// A candidate version and what its calls are made of: the serving
+/// version's bounds and grants, a throttle and quotas of its own.
+pub(in crate::runtime) struct Candidate {
+    component: Arc<LoadedComponent>,
+    engine: Engine,
+    parts: StoreParts,
+    store: Arc<dyn crate::state::StateStore>,
+    grants: Grants,
+    timeout: Duration,
+    throttle: Arc<Throttle>,
+}
+
+impl ServiceRuntime {
+    /// `component` as a candidate of this service, its CPU capped as
+    /// `settings` say, its log lines named `{name}~shadow`.
+    pub(in crate::runtime) fn candidate_of(
+        &self,
+        component: Arc<LoadedComponent>,
+        settings: &ShadowSettings,
+    ) -> Candidate {
+        let throttle = Arc::new(Throttle::new(settings.cpu_percent));
+        let mut parts = self.parts(Arc::new(StoreReader(self.store.clone())), false);
+        parts.name = format!("{}~shadow", self.name).into();
+        parts.throttle = throttle.clone();
+        parts.quotas = Arc::new(Quotas::new(self.store.clone(), self.limits.log, self.limits.state));
+        Candidate {
+            component,
+            engine: self.engine.clone(),
+            parts,
+            store: self.store.clone(),
+            grants: self.grants.clone(),
+            timeout: self.limits.timeout,
+            throttle,
+        }
+    }
+}
+
+impl Candidate {
+    /// The candidate's sha256.
+    pub(super) fn version(&self) -> &str {
+        &self.component.sha256
+    }
+
+    /// Waits out the candidate's throttle after a fault.
+    fn wait(&self, kind: CallKind) {
+        if let Some(left) = self.throttle.wait_left(kind) {
+            std::thread::sleep(left);
+        }
+    }
+
+    /// Handles `event` on a fresh instance reading `view`, the clock
+    /// readings of `tape` replayed; nothing it does is kept.
+    pub(super) fn handle(
+        &self,
+        event: &Event,
+        view: Arc<dyn StateRead>,
+        tape: Option<Tape>,
+    ) -> (Result<Called, CallError>, Cost) {
+        self.wait(CallKind::Handle);
+        let _busy = self.engine.busy();
+        let (started, cpu) = (Instant::now(), thread_cpu());
+        let mut parts = self.parts.clone();
+        parts.view = view;
+        let mut store = parts.store(&self.engine);
+        store.data_mut().tape = tape.map(Tape::replaying);
+        let instance = self.component.pre.instantiate(&mut store);
+        let result = instance.and_then(|instance| instance.call_handle(&mut store, event));
+        let state = store.data_mut();
+        let idle = std::mem::take(&mut state.idle);
+        state.over_burst = None;
+        let last_stderr = state.stderr.as_ref().and_then(|stderr| stderr.drain_to_log(&self.parts.name));
+        let (outcome, limited) =
+            conclude(result, &mut state.txn, &self.grants, |_| Ok(()), &self.component.sha256, self.timeout);
+        drop(store);
+        if limited || matches!(outcome, Err(CallError::Trap(_))) {
+            self.throttle.charge(CallKind::Handle, started, started.elapsed().saturating_sub(idle));
+        }
+        let cost = Cost::one(started.elapsed(), thread_cpu().saturating_sub(cpu));
+        (outcome.map_err(|err| with_stderr(err, last_stderr)), cost)
+    }
+
+    /// Answers `request` on a fresh instance with a read-only view of the
+    /// state as it is now.
+    fn query(&self, request: &Request) -> (Result<Response, CallError>, Cost) {
+        self.wait(CallKind::Query);
+        let _busy = self.engine.busy();
+        let (started, cpu) = (Instant::now(), thread_cpu());
+        let mut parts = self.parts.clone();
+        parts.read_only = true;
+        let mut store = parts.store(&self.engine);
+        store.data_mut().txn = Txn::read_only(Arc::new(StoreReader(self.store.clone())));
+        let instance = self.component.pre.instantiate(&mut store);
+        let result = instance.and_then(|instance| instance.call_query(&mut store, request));
+        let idle = std::mem::take(&mut store.data_mut().idle);
+        drop(store);
+        let outcome = result.map_err(|err| trap_error(err, self.timeout));
+        if outcome.is_err() {
+            self.throttle.charge(CallKind::Query, started, started.elapsed().saturating_sub(idle));
+        }
+        (outcome, Cost::one(started.elapsed(), thread_cpu().saturating_sub(cpu)))
+    }
+}
+
+/// Starts the candidate's thread; it ends with the run.
+pub(super) fn start(candidate: Candidate, shadow: Arc<Shadow>, queue: Receiver<Job>) {
+    let name = format!("shadow-{}", shadow.component);
+    let spawned = std::thread::Builder::new()
+        .name(name)
+        .stack_size(CALL_THREAD_STACK)
+        .spawn(move || run(&candidate, &shadow, &queue));
+    if let Err(err) = spawned {
+        tracing::error!("cannot start a shadow run's thread: {err}");
+    }
+}
+
+fn run(candidate: &Candidate, shadow: &Shadow, queue: &Receiver<Job>) {
+    while let Ok(job) = queue.recv() {
+        if !shadow.active() {
+            break;
+        }
+        match job {
+            Job::Handle { event, reads, tape, serving, cost } => {
+                let view = Arc::new(Replay { reads, store: StoreReader(candidate.store.clone()) });
+                let (outcome, spent) = candidate.handle(&event, view, Some(tape));
+                let verdict = match outcome {
+                    Ok(called) => {
+                        let (changes, more) = diff::calls(&serving, &called, &shadow.settings.ignore);
+                        Verdict::of(changes, more, || event_difference(&event))
+                    }
+                    Err(err) => Verdict::Failed(failure(&event, &err)),
+                };
+                shadow.record(false, verdict, cost, spent);
+            }
+            Job::Query { request, serving, cost } => {
+                let (outcome, spent) = candidate.query(&request);
+                let verdict = match outcome {
+                    Ok(answer) => {
+                        let (changes, more) = diff::answers(&serving, &answer, &shadow.settings.ignore);
+                        Verdict::of(changes, more, || query_difference(&request))
+                    }
+                    Err(err) => Verdict::Failed(Failure {
+                        event_id: format!("{} {}", request.method, request.path),
+                        event_type: "query".into(),
+                        key: None,
+                        reason: err.to_string(),
+                    }),
+                };
+                shadow.record(true, verdict, cost, spent);
+            }
+        }
+    }
+    tracing::debug!(component = %shadow.component, candidate = candidate.version(), "shadow thread ended");
+}
+
+/// How the candidate's try compared.
+pub(super) enum Verdict {
+    Equal,
+    Differs(Difference),
+    Failed(Failure),
+}
+
+impl Verdict {
+    fn of(changes: Vec<diff::Change>, more: usize, input: impl FnOnce() -> Difference) -> Self {
+        if changes.is_empty() {
+            return Verdict::Equal;
+        }
+        Verdict::Differs(Difference { changes, more, ..input() })
+    }
+}
+
+fn event_difference(event: &Event) -> Difference {
+    Difference {
+        kind: "event",
+        id: event.id.clone(),
+        event_type: event.event_type.clone(),
+        key: event.key.clone(),
+        input: diff::as_json(&event.payload),
+        changes: Vec::new(),
+        more: 0,
+    }
+}
+
+fn query_difference(request: &Request) -> Difference {
+    Difference {
+        kind: "query",
+        id: format!("{} {}", request.method, request.path),
+        event_type: "query".into(),
+        key: None,
+        input: diff::as_json(&request.body),
+        changes: Vec::new(),
+        more: 0,
+    }
+}
+
+pub(super) fn failure(event: &Event, err: &CallError) -> Failure {
+    Failure {
+        event_id: event.id.clone(),
+        event_type: event.event_type.clone(),
+        key: event.key.clone(),
+        reason: err.to_string(),
+    }
+}
+
+impl Shadow {
+    /// Counts one comparison; ends the run on a failure or difference if
+    /// told to, and asks for promotion once it has earned it.
+    fn record(&self, query: bool, verdict: Verdict, serving: Cost, candidate: Cost) {
+        let keep = self.settings.keep;
+        let mut stats = self.stats();
+        if !query {
+            stats.serving.add(serving);
+            stats.candidate.add(candidate);
+        }
+        let bad = !matches!(verdict, Verdict::Equal);
+        let counts = if query { &mut stats.queries } else { &mut stats.events };
+        counts.compared += 1;
+        match verdict {
+            Verdict::Equal => counts.equal += 1,
+            Verdict::Differs(difference) => {
+                counts.differing += 1;
+                if stats.differences.len() < keep {
+                    stats.differences.push(difference);
+                }
+            }
+            Verdict::Failed(failure) => {
+                counts.candidate_failed += 1;
+                if stats.failures.len() < keep {
+                    stats.failures.push(failure);
+                }
+            }
+        }
+        drop(stats);
+        if bad && self.settings.stop_on_failure {
+            self.end("the candidate failed or differed (stop_on_failure)");
+        } else if self.ready_to_promote() {
+            self.promote.notify_waiters();
+        }
+    }
+}
