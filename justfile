@@ -41,6 +41,8 @@ build-test-components:
     cp target/wasm32-wasip2/release/payment.wasm target/wasm32-wasip2/release/payment-v2.wasm
     cargo build --release --target wasm32-wasip2 -p payment --features trap
     cp target/wasm32-wasip2/release/payment.wasm target/wasm32-wasip2/release/payment-trap.wasm
+    cargo build --release --target wasm32-wasip2 -p payment --features spin
+    cp target/wasm32-wasip2/release/payment.wasm target/wasm32-wasip2/release/payment-spin.wasm
     cargo build --release --target wasm32-wasip2 -p payment
     cargo build --release --target wasm32-wasip2 -p email --features fail
     cp target/wasm32-wasip2/release/email.wasm target/wasm32-wasip2/release/email-fail.wasm

@@ -75,6 +75,12 @@ fn authorize(host: &mut impl Host, req: &PaymentRequested) -> Result<Vec<Outgoin
     if cfg!(feature = "trap") {
         panic!("test variant `trap`: refusing order {}", req.order_id);
     }
+    if cfg!(feature = "spin") {
+        let mut n: u64 = 0;
+        loop {
+            n = std::hint::black_box(n.wrapping_add(1));
+        }
+    }
     let now = host.now_ms();
     let entry = match load(host, &req.order_id)? {
         Some(mut entry) => {

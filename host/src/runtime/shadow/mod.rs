@@ -464,3 +464,6 @@ impl ServiceRuntime {
         shadow.submit(job);
     }
 }
+
+#[cfg(test)]
+mod tests;
