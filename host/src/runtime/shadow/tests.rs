@@ -86,7 +86,8 @@ async fn a_candidate_declining_a_card_is_caught_naming_the_fields() {
     assert_eq!((status.events.equal, status.events.differing), (3, 3), "{status:#?}");
     let first = &status.differences[0];
     assert_eq!((first.id.as_str(), first.key.as_deref()), ("ev-o0", Some("o0")));
-    let change = |path: &str| first.changes.iter().find(|c| c.path == path).unwrap_or_else(|| panic!("{path}: {first:#?}"));
+    let change =
+        |path: &str| first.changes.iter().find(|c| c.path == path).unwrap_or_else(|| panic!("{path}: {first:#?}"));
     assert_eq!(change("outputs[0].type").serving, Some("PaymentAuthorized".into()));
     assert_eq!(change("outputs[0].type").candidate, Some("PaymentDeclined".into()));
     assert_eq!(change("outputs[0].data.code").candidate, Some("card_not_supported".into()));
