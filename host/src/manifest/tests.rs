@@ -282,3 +282,27 @@ fn the_admin_api_binds_loopback_unless_told() {
     let m = check(&manifest_with(&wasm, "", "[http]\nbind = \"0.0.0.0\"\n[admin]\nbind = \"::1\"")).unwrap();
     assert_eq!((m.http.bind.to_string(), m.admin.bind.to_string()), ("0.0.0.0".into(), "::1".into()));
 }
+
+#[test]
+fn shadow_settings_have_defaults_and_bounds() {
+    let (_dir, wasm) = wasm_file();
+    let m = check(&manifest_with(&wasm, "", "")).unwrap();
+    let shadow = &m.components["order"].shadow;
+    assert_eq!((shadow.cpu_percent, shadow.every, shadow.queries, shadow.promote_after), (5, 1, true, 0));
+    let block = "[components.order.shadow]\nignore = [\"payment_id\", \"lines.*.sku\"]\nevery = 4\npromote_after = 500";
+    let m = check(&manifest_with(&wasm, block, "")).unwrap();
+    let shadow = &m.components["order"].shadow;
+    assert_eq!((shadow.ignore.len(), shadow.every, shadow.promote_after), (2, 4, 500));
+    for (block, needle) in [
+        ("cpu_percent = 0", "components.order.shadow.cpu_percent"),
+        ("every = 0", "components.order.shadow.every"),
+        ("keep = 0", "components.order.shadow.keep"),
+        ("queue = 0", "components.order.shadow.queue"),
+        ("ignore = [\"a..b\"]", "components.order.shadow.ignore"),
+        ("ignore = [\"\"]", "components.order.shadow.ignore"),
+        ("unknown = 1", "unknown field"),
+    ] {
+        let err = check(&manifest_with(&wasm, &format!("[components.order.shadow]\n{block}"), "")).unwrap_err();
+        assert!(err.contains(needle), "expected {needle:?} in {err}");
+    }
+}

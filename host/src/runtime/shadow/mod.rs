@@ -171,13 +171,13 @@ impl Taping {
             timers: called.timers.clone(),
             version: called.version.clone(),
         };
-        let job = worker::Job::Handle {
-            event: Box::new(event.clone()),
+        let job = worker::Job::Handle(Box::new(worker::Handled {
+            event: event.clone(),
             reads,
             tape: tape.unwrap_or_default(),
             serving,
             cost: Cost::one(took, cpu),
-        };
+        }));
         self.shadow.submit(job);
     }
 }

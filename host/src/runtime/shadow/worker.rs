@@ -18,8 +18,18 @@ use crate::state::{StateRead, StoreReader, Txn};
 
 /// What the serving version handled, for the candidate to handle again.
 pub(super) enum Job {
-    Handle { event: Box<Event>, reads: Reads, tape: Tape, serving: Called, cost: Cost },
+    Handle(Box<Handled>),
     Query { request: Box<Request>, serving: Box<Response>, cost: Cost },
+}
+
+/// An event the serving version handled: what it read, the clock
+/// readings it took, what it did and what that cost.
+pub(super) struct Handled {
+    pub event: Event,
+    pub reads: Reads,
+    pub tape: Tape,
+    pub serving: Called,
+    pub cost: Cost,
 }
 
 /// A candidate version and what its calls are made of: the serving
@@ -143,7 +153,8 @@ fn run(candidate: &Candidate, shadow: &Shadow, queue: &Receiver<Job>) {
             break;
         }
         match job {
-            Job::Handle { event, reads, tape, serving, cost } => {
+            Job::Handle(handled) => {
+                let Handled { event, reads, tape, serving, cost } = *handled;
                 let view = Arc::new(Replay { reads, store: StoreReader(candidate.store.clone()) });
                 let (outcome, spent) = candidate.handle(&event, view, Some(tape));
                 let verdict = match outcome {
