@@ -106,6 +106,7 @@ impl ServiceRuntime {
             outcome: "serving".into(),
             pause_ms,
         });
+        self.end_shadow_for(&sha256);
         tracing::info!(component = %self.name, version = %sha256, "reloaded");
         Ok(component)
     }
@@ -170,6 +171,7 @@ impl ServiceRuntime {
         );
         self.canary.stop();
         self.throttle.forgive();
+        self.end_shadow_for(&restored.sha256);
         {
             let mut history = self.history.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             if let Some(entry) =

@@ -449,8 +449,18 @@ impl ServiceRuntime {
         let shadow = self.shadowing().ok_or_else(|| ShadowError::None(self.name.to_string()))?;
         let source = format!("shadow run of {}", shadow.source);
         self.reload(&source, shadow.bytes.clone()).await.map_err(ShadowError::Promote)?;
-        shadow.end("promoted");
         Ok(shadow.status())
+    }
+
+    /// Ends the run on when `serving` starts serving: promoted if it is the
+    /// candidate, else compared with a version no longer serving.
+    pub(super) fn end_shadow_for(&self, serving: &str) {
+        if let Some(shadow) = self.shadowing() {
+            match shadow.candidate.sha256 == serving {
+                true => shadow.end("promoted"),
+                false => shadow.end("the serving version changed (reload or rollback): start the run again"),
+            }
+        }
     }
 
     /// Hands the serving answer of a query to the candidate of the run on.

@@ -141,3 +141,17 @@ fn a_tape_replays_the_readings_in_order_then_the_last() {
     // Nothing recorded of a clock: the clock itself.
     assert_eq!(replay.read(super::Reading::Deadlines, &clock), 100);
 }
+
+#[tokio::test]
+async fn a_reload_of_another_version_ends_the_run_and_a_reload_of_the_candidate_promotes_it() {
+    let (rt, _store, _vault) = payment();
+    let v2 = std::fs::read(wasm("payment-v2")).unwrap();
+    let run = rt.start_shadow("v2", v2.clone()).await.unwrap();
+    rt.reload("trap", std::fs::read(wasm("payment-trap")).unwrap()).await.unwrap();
+    assert!(run.status().state.contains("the serving version changed"), "{}", run.status().state);
+    assert!(rt.shadowing().is_none());
+    // A reload of the candidate's very bytes (by file or admin) is its promotion.
+    let run = rt.start_shadow("v2", v2.clone()).await.unwrap();
+    rt.reload("v2 by hand", v2).await.unwrap();
+    assert_eq!(run.status().state, "ended: promoted");
+}
