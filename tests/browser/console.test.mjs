@@ -1,12 +1,16 @@
 // The admin console in headless Chromium: an order placed through the
 // gateway shows with its saga timeline, the manifest's components with
-// their versions, and a reload adds to a component's history. The host must
+// their versions, a reload adds to a component's history, and a shadow run
+// started from the page shows its differences and stops. The host must
 // be running with an admin token; GATEWAY_URL, ADMIN_URL and ADMIN_TOKEN name
 // them, COMPONENTS the manifest's component names, comma-separated
 // (scripts/browser-test.sh starts one and reads its manifest).
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
+import { createHash } from "node:crypto";
+import { readFileSync } from "node:fs";
+import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
 
 const GATEWAY = process.env.GATEWAY_URL ?? "http://127.0.0.1:3005";
@@ -17,6 +21,12 @@ const BROKERS = process.env.KAFKA_BROKERS;
 const ORDERS_TOPIC = process.env.ORDERS_TOPIC;
 // The shop's four unless the manifest has more (`just new-service`).
 const COMPONENTS = (process.env.COMPONENTS ?? "analytics,email,order,payment").split(",").sort();
+// The shadow run's candidate: payment built with `--features v2` (`just
+// build-test-components`), which declines the card v1 accepts.
+const PAYMENT_V2 = process.env.PAYMENT_V2_WASM ??
+  fileURLToPath(new URL("../../target/wasm32-wasip2/release/payment-v2.wasm", import.meta.url));
+const MASTERCARD = "5555555555554444";
+const SCREENSHOT = process.env.CONSOLE_SCREENSHOT ?? "/tmp/shop-console.png";
 let browser;
 
 before(async () => {
@@ -30,14 +40,14 @@ before(async () => {
 
 after(async () => { await browser?.close(); });
 
-async function placeOrder(sku = "pen") {
+async function placeOrder(sku = "pen", card = "4242424242424242") {
   const r = await fetch(`${GATEWAY}/order`, {
     method: "POST",
     headers: { "content-type": "application/json" },
     body: JSON.stringify({
       customer: { name: "Margaret Hamilton", email: "margaret@example.com" },
       items: [{ sku, quantity: 1 }], // priced by the shop's catalog
-      payment: { card_number: "4242424242424242" },
+      payment: { card_number: card },
     }),
   });
   assert.equal(r.status, 202);
@@ -105,7 +115,7 @@ test("the console shows components, an order's timeline, and a reload in the his
 
   // The token travels in a header only.
   assert.ok(requests.every(u => !u.includes(TOKEN)), "no URL carries the token");
-  await page.screenshot({ path: process.env.CONSOLE_SCREENSHOT ?? "/tmp/shop-console.png", fullPage: true });
+  await page.screenshot({ path: SCREENSHOT, fullPage: true });
 });
 
 test("event text with markup is shown as text in the timeline", async () => {
@@ -152,4 +162,48 @@ test("a dead letter shows with its reason and is replayed from the page", {
     ?.textContent === "replayed", id, { timeout: 15_000 });
   assert.equal(await page.textContent("#action-error"), "");
   assert.equal(await page.$$eval("#dead-letters i", els => els.length), 0, "no element made from record text");
+});
+
+test("a shadow run uploaded from the page shows the candidate's differences and stops", async () => {
+  const candidate = readFileSync(PAYMENT_V2);
+  const sha = createHash("sha256").update(candidate).digest("hex");
+  const page = await browser.newPage({ viewport: { width: 1280, height: 1100 } });
+  await openConsole(page);
+  const upload = '#components tr[data-component="payment"]';
+  await page.waitForSelector(`${upload} input.shadow-file`, { timeout: 15_000 });
+  // The file input is kept across the table's updates: the choice stays.
+  await page.setInputFiles(`${upload} input.shadow-file`, PAYMENT_V2);
+  await page.click(`${upload} button.shadow-start`);
+  const panel = '#shadows .shadow[data-component="payment"]';
+  await page.waitForFunction(sel => document.querySelector(`${sel} .shadow-state`)?.textContent === "running",
+    panel, { timeout: 15_000 });
+  assert.equal(await page.textContent("#action-error"), "");
+  assert.equal(await page.getAttribute(`${panel} .candidate-version`, "title"), sha, "the uploaded file is the candidate");
+
+  // v1 (serving) authorizes this card, v2 declines it: the order is
+  // confirmed, and the panel shows the difference, field by field.
+  const id = await placeOrder("pen", MASTERCARD);
+  await page.waitForFunction(([sel, order]) => {
+    const differing = Number(document.querySelector(`${sel} .counts-events .differing`)?.textContent);
+    const paths = [...document.querySelectorAll(`${sel} .difference .change .path`)].map(p => p.textContent);
+    return differing >= 1 && paths.includes("outputs[0].type")
+      && document.querySelector(`#orders tr[data-order="${order}"] .order-status`)?.textContent === "CONFIRMED";
+  }, [panel, id], { timeout: 30_000 });
+  const change = await page.$$eval(`${panel} .difference .change`, els =>
+    els.map(e => e.textContent).find(t => t.startsWith("outputs[0].type:")));
+  assert.equal(change, 'outputs[0].type: "PaymentAuthorized" → "PaymentDeclined"');
+  const differences = await page.$$eval(`${panel} .difference`, els => els.map(e => e.textContent));
+  assert.ok(differences.some(d => d.includes(`of order ${id}`)), differences.join(" | "));
+  // Side by side, per event: both versions ran, so both have a time.
+  for (const side of ["serving", "candidate"]) {
+    assert.match(await page.textContent(`${panel} .shadow-cost .time .${side}`), /^\d+ µs$/, side);
+    assert.match(await page.textContent(`${panel} .shadow-cost .cpu .${side}`), /^\d+ µs$/, side);
+  }
+  await page.screenshot({ path: SCREENSHOT.replace(/(\.png)?$/, "-shadow.png"), fullPage: true });
+
+  await page.click(`${panel} button.shadow-stop`);
+  await page.waitForFunction(sel => document.querySelector(`${sel} .shadow-state`)?.textContent
+    === "ended: stopped by an operator", panel, { timeout: 15_000 });
+  assert.equal(await page.textContent("#shadow-error"), "");
+  assert.equal(await page.$eval(`${panel} button.shadow-stop`, b => b.disabled), true, "nothing left to stop");
 });

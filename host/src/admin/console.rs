@@ -1,7 +1,7 @@
 //! The operator's console on the admin port: `GET /console` serves a static
 //! page, and `GET /overview` gives it, in one call, every component's
-//! version, status, rate, lag and reload history, the recent orders with
-//! their saga timeline, and the dead letters.
+//! version, status, rate, lag, reload history and shadow run, the recent
+//! orders with their saga timeline, and the dead letters.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -220,7 +220,9 @@ pub(super) async fn overview(State(admin): State<Admin>) -> Response {
     .into_response()
 }
 
-/// One component's line: what `/health` would say of it, its rate, its history.
+/// One component's line: what `/health` would say of it, its rate, its
+/// history, and the report of its shadow run (the run on or the last one;
+/// null if none ran).
 async fn component(console: &Console, name: &str, managed: &Managed) -> Value {
     let current = managed.service.current();
     let mut value = json!({
@@ -229,6 +231,8 @@ async fn component(console: &Console, name: &str, managed: &Managed) -> Value {
         "loaded_at_ms": crate::clock::unix_ms(current.loaded_at),
         "history": managed.service.history(),
         "previous_version": managed.service.previous().map(|previous| previous.sha256.clone()),
+        // The run on, or the last one, so that its outcome stays in view.
+        "shadow": managed.service.shadow().map(|shadow| shadow.status()),
     });
     let Some(status) = managed.status.as_ref() else {
         // Loaded only to answer the gateway's queries: no consumer here.

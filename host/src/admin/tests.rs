@@ -279,6 +279,43 @@ async fn the_overview_shows_components_orders_with_their_timeline_and_reloads() 
     assert_eq!(outcomes, ["replaced", "serving"]);
 }
 
+#[tokio::test]
+async fn the_overview_shows_a_components_shadow_run_and_how_it_ended() {
+    let payment = Arc::new(runtime("payment", 1000));
+    let services = BTreeMap::from([
+        ("payment".to_owned(), Managed { service: payment.clone(), wasm: wasm("payment"), status: None }),
+        (
+            "svc".to_owned(),
+            Managed { service: Arc::new(runtime("misbehave", 1000)), wasm: wasm("misbehave"), status: None },
+        ),
+    ]);
+    let app = admin_app(services, TOKEN, None);
+    let (_, body) = call(&app, "GET", "/overview", Some(TOKEN), vec![]).await;
+    assert!(body["components"]["payment"]["shadow"].is_null(), "no run yet: {body}");
+
+    let candidate = std::fs::read(wasm("payment")).unwrap();
+    payment.start_shadow("copy", candidate.clone()).await.unwrap();
+    let (status, body) = call(&app, "GET", "/overview", Some(TOKEN), vec![]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let shadow = &body["components"]["payment"]["shadow"];
+    assert_eq!(shadow["component"], "payment", "{body}");
+    assert_eq!((shadow["state"].as_str(), shadow["source"].as_str()), (Some("running"), Some("copy")), "{shadow}");
+    assert_eq!(shadow["candidate"], sha(&candidate));
+    assert_eq!(shadow["serving"], payment.current().sha256);
+    for side in ["serving", "candidate"] {
+        assert_eq!(shadow["cost"][side]["calls"].as_u64(), Some(0), "{shadow}");
+    }
+    assert_eq!(shadow["events"]["compared"].as_u64(), Some(0), "{shadow}");
+    assert!(shadow["differences"].as_array().is_some_and(Vec::is_empty), "{shadow}");
+    assert!(body["components"]["svc"]["shadow"].is_null(), "only the component with a run has one: {body}");
+
+    // Stopped from the console's button: the ended run stays in view.
+    let (status, _) = call(&app, "POST", "/components/payment/shadow/stop", Some(TOKEN), vec![]).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, body) = call(&app, "GET", "/overview", Some(TOKEN), vec![]).await;
+    assert_eq!(body["components"]["payment"]["shadow"]["state"], "ended: stopped by an operator", "{body}");
+}
+
 #[test]
 fn rates_come_from_handled_deltas_over_at_least_a_second() {
     let start = std::time::Instant::now();
