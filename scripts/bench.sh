@@ -10,7 +10,10 @@
 # runs neither pile up nor see each other's events, and with the admin API on
 # behind a one-off token. Measures the time until every port answers /health,
 # runs `bench suite` (closed and open loops with each component's stage costs,
-# then a hot swap under load; see `cargo run -p bench -- suite --help`) and
+# then a hot swap under load, then the same closed loop without a shadow run
+# and with payment-v2, payment-trap and payment-spin shadowing payment, the
+# candidates `just build-test-components` builds, skipped without them; see
+# `cargo run -p bench -- suite --help`) and
 # `bench email-js-e2e` (the same closed loop with the Rust, then the
 # JavaScript email build serving, swapped through the admin API), stops
 # the host with SIGTERM, runs `bench physical` (plain Kafka relays moving the
@@ -28,6 +31,11 @@
 # in target/bench/scale/. BENCH_PORT_OFFSET=10000 moves every port
 # (3001-3005 become 13001-13005, the admin API 3090 becomes 13090), to run
 # beside a host on the usual ports.
+#
+# BENCH_ONLY=suite stops after `bench suite` (the host stopped, the topics
+# deleted), e.g. the shadow phase alone, short:
+#
+#   BENCH_ONLY=suite scripts/bench.sh --closed --rates --swap-duration-s 0 --shadow-duration-s 5
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -37,6 +45,12 @@ TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 OUT="$TARGET/bench"
 # Added to every port of the manifest, to run beside a host on the usual ports.
 PORT_OFFSET="${BENCH_PORT_OFFSET:-0}"
+# `suite`: nothing after `bench suite`; empty: everything.
+ONLY="${BENCH_ONLY:-}"
+case "$ONLY" in
+  "" | suite) ;;
+  *) echo "bench.sh: BENCH_ONLY is 'suite' or empty, not '$ONLY'" >&2; exit 2 ;;
+esac
 STOP_TIMEOUT_S=30
 
 log() { echo "bench.sh: $*" >&2; }
@@ -88,7 +102,9 @@ cleanup() {
     log "last lines of the host's log ($OUT/host.log):"
     tail -n 20 "$WORK/host.log" >&2
   fi
-  "$BENCH" delete-topics --prefix "$RUN_ID." || log "the topics $RUN_ID.* were not deleted"
+  # The host may have stopped just now: its groups empty once its sessions
+  # time out (10 s).
+  "$BENCH" delete-topics --prefix "$RUN_ID." --patience-s 15 || log "the topics $RUN_ID.* were not deleted"
   rm -rf "$WORK"
   exit "$status"
 }
@@ -177,7 +193,15 @@ HOST_PID=$!
 HEALTHY_MS="$("$BENCH" wait-healthy --pid "$HOST_PID" --urls "$HEALTH_URLS" --out-dir "$OUT")"
 BENCH_ADMIN_TOKEN="$ADMIN_TOKEN" "$BENCH" suite --host-pid "$HOST_PID" --gateway "http://127.0.0.1:$GATEWAY_PORT" \
   --orders-topic "$RUN_ID.orders" --components "$COMPONENTS" --admin-url "http://127.0.0.1:$ADMIN_PORT" \
-  --swap-wasm "$TARGET/wasm32-wasip2/release/payment-v2.wasm" --healthy-ms "$HEALTHY_MS" --out-dir "$OUT" "$@"
+  --swap-wasm "$TARGET/wasm32-wasip2/release/payment-v2.wasm" \
+  --shadow-v2-wasm "$TARGET/wasm32-wasip2/release/payment-v2.wasm" \
+  --shadow-trap-wasm "$TARGET/wasm32-wasip2/release/payment-trap.wasm" \
+  --shadow-spin-wasm "$TARGET/wasm32-wasip2/release/payment-spin.wasm" \
+  --healthy-ms "$HEALTHY_MS" --out-dir "$OUT" "$@"
+if [ "$ONLY" = suite ]; then
+  log "BENCH_ONLY=suite: stopping after the suite"
+  exit 0
+fi
 # The email service in JavaScript serving instead of the Rust one: the same
 # closed loop with each, swapped through the admin API (Rust again after).
 BENCH_ADMIN_TOKEN="$ADMIN_TOKEN" "$BENCH" email-js-e2e --host-pid "$HOST_PID" \

@@ -57,7 +57,7 @@ enum Command {
     },
     /// The standard scenarios in a row: warm-up, closed loops, open loops,
     /// a hot swap under load; stage costs from each component's /health.
-    Suite(SuiteArgs),
+    Suite(Box<SuiteArgs>),
     /// The physical limit: the saga's records moved by plain Kafka relays
     /// (no Wasm, no state) on the broker, compared with the suite's results.
     Physical(physical::PhysicalArgs),
@@ -91,6 +91,11 @@ enum Command {
         /// The run's topic prefix, e.g. `bench-1a2b3c4d.`.
         #[arg(long)]
         prefix: String,
+        /// How long to keep trying a group that still has members (a host
+        /// stopped just now may still be in its groups until its session
+        /// times out), in seconds.
+        #[arg(long, default_value_t = 0)]
+        patience_s: u64,
     },
 }
 
@@ -224,7 +229,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Open { common, rate, duration_s } => {
             single(&common, Load::Open { rate, duration: Duration::from_secs(duration_s) }).await
         }
-        Command::Suite(args) => suite::run(args).await,
+        Command::Suite(args) => suite::run(*args).await,
         Command::Physical(args) => physical::run(args).await,
         Command::Wasm(args) => wasm::run(args).await,
         Command::Isolation(args) => isolation::run(args).await,
@@ -233,8 +238,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Scale(args) => scale::run(args).await,
         Command::StoreUsage(args) => store::usage(&args),
         Command::Store(args) => tokio::task::spawn_blocking(move || store::growth::run(&args)).await?,
-        Command::DeleteTopics { brokers, prefix } => {
-            let (topics, groups) = cleanup::delete_prefixed(&brokers, &prefix).await?;
+        Command::DeleteTopics { brokers, prefix, patience_s } => {
+            let patience = Duration::from_secs(patience_s);
+            let (topics, groups) = cleanup::delete_prefixed_within(&brokers, &prefix, patience).await?;
             eprintln!("bench: deleted {topics} topics and {groups} consumer groups named {prefix:?}*");
             Ok(())
         }

@@ -96,6 +96,11 @@ impl Admin {
         Ok(Self { client, base: base.trim_end_matches('/').to_owned(), token: token.to_owned() })
     }
 
+    /// A request to `path` (from `/`) of the admin API, with the token.
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.client.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token)
+    }
+
     async fn reload(&self, component: &str, body: Vec<u8>) -> Result<String, String> {
         let url = format!("{}/components/{component}/reload", self.base);
         let response =

@@ -21,6 +21,7 @@ pub mod phase;
 pub mod physical;
 pub mod report;
 pub mod scale;
+pub mod shadow;
 pub mod stages;
 pub mod stats;
 pub mod store;

@@ -1,6 +1,7 @@
 //! `bench suite`: the standard scenarios in a row against one running
-//! host (warm-up, closed loops, open loops, then a hot swap under load),
-//! with each component's stage costs, printed as tables and written as JSON.
+//! host (warm-up, closed loops, open loops, then a hot swap under load and
+//! shadow runs under load), with each component's stage costs, printed as
+//! tables and written as JSON.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -14,13 +15,14 @@ use crate::hotswap::{self, Admin, Plan, SwapFigures};
 use crate::load::Load;
 use crate::phase::{self, Observers};
 use crate::report::{self, PhaseReport};
+use crate::shadow::{self, ShadowArgs, ShadowFigures};
 
 #[derive(Debug, Args)]
 pub struct SuiteArgs {
     #[command(flatten)]
     common: Common,
-    /// Concurrency of each closed-loop run.
-    #[arg(long, value_delimiter = ',', default_value = "32,128")]
+    /// Concurrency of each closed-loop run (`--closed` alone: none).
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "32,128")]
     closed: Vec<usize>,
     /// Orders of each closed-loop run (unless its time is up first).
     #[arg(long, default_value_t = 10_000)]
@@ -28,8 +30,8 @@ pub struct SuiteArgs {
     /// Longest sending time of each closed-loop run, in seconds.
     #[arg(long, default_value_t = 15)]
     closed_duration_s: u64,
-    /// Rate of each open-loop run, in orders per second.
-    #[arg(long, value_delimiter = ',', default_value = "100,250")]
+    /// Rate of each open-loop run, in orders per second (`--rates` alone: none).
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "100,250")]
     rates: Vec<f64>,
     /// Sending time of each open-loop run, in seconds.
     #[arg(long, default_value_t = 15)]
@@ -42,6 +44,8 @@ pub struct SuiteArgs {
     healthy_ms: Option<u64>,
     #[command(flatten)]
     swap: SwapArgs,
+    #[command(flatten)]
+    shadow: ShadowArgs,
 }
 
 /// The hot-swap phase.
@@ -50,7 +54,8 @@ struct SwapArgs {
     /// Base URL of the host's admin API.
     #[arg(long, default_value = "http://127.0.0.1:3090")]
     admin_url: String,
-    /// The admin API's token; without it there is no hot-swap phase.
+    /// The admin API's token; without it there is no hot-swap phase and no
+    /// shadow phase.
     #[arg(long, env = "BENCH_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
     /// Component reloaded twice under load.
@@ -79,6 +84,7 @@ struct SuiteReport<'a> {
     host_idle_cpu_cores: Option<f64>,
     phases: &'a [PhaseReport],
     hotswap: Option<&'a SwapFigures>,
+    shadow: Option<&'a ShadowFigures>,
 }
 
 /// The hot-swap phase's results file.
@@ -128,16 +134,40 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
         eprintln!("bench: {}: {:.1} completed orders/s", phase.scenario, phase.completed_per_s);
         phases.push(phase);
     }
-    let swapped = hot_swap(&args, &driver, &observers).await?;
+    let admin = match args.swap.admin_token.as_deref() {
+        Some(token) => Some(Admin::new(&args.swap.admin_url, token)?),
+        None => None,
+    };
+    let swapped = hot_swap(&args, admin.as_ref(), &driver, &observers).await?;
     if let Some((phase, _)) = &swapped {
         phases.push(phase.clone());
     }
+    let shadowed = match &admin {
+        Some(admin) => shadow::run(&args.shadow, admin, &driver, &observers, &common.out_dir).await?,
+        None => None,
+    };
     let figures = swapped.as_ref().map(|(_, figures)| figures);
-    let suite =
-        SuiteReport { healthy_ms: args.healthy_ms, host_idle, host_idle_cpu_cores, phases: &phases, hotswap: figures };
+    let suite = SuiteReport {
+        healthy_ms: args.healthy_ms,
+        host_idle,
+        host_idle_cpu_cores,
+        phases: &phases,
+        hotswap: figures,
+        shadow: shadowed.as_ref(),
+    };
     report::write_json(&common.out_dir, "suite", &suite)?;
+    summary(&args, &suite, swapped.as_ref())
+}
+
+/// Writes the stage costs and prints every table.
+fn summary(
+    args: &SuiteArgs,
+    suite: &SuiteReport<'_>,
+    swapped: Option<&(PhaseReport, SwapFigures)>,
+) -> anyhow::Result<()> {
+    let common = &args.common;
     let stages: Vec<(&str, &crate::stages::StageReport)> =
-        phases.iter().filter_map(|p| Some((p.scenario.as_str(), p.stages.as_ref()?))).collect();
+        suite.phases.iter().filter_map(|p| Some((p.scenario.as_str(), p.stages.as_ref()?))).collect();
     if !stages.is_empty() {
         let json: Vec<_> = stages.iter().map(|(s, r)| serde_json::json!({ "scenario": s, "stages": r })).collect();
         report::write_json(&common.out_dir, "stages", &json)?;
@@ -146,30 +176,39 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
     if let Some(ms) = args.healthy_ms {
         println!("time to healthy (all 5 ports): {ms} ms");
     }
-    if let (Some(idle), Some(cores)) = (host_idle, host_idle_cpu_cores) {
+    if let (Some(idle), Some(cores)) = (suite.host_idle, suite.host_idle_cpu_cores) {
         println!("host idle: RSS {:.0} MiB, CPU {:.1} % of a core", idle.rss_mib, cores * 100.0);
     }
-    print!("{}", report::table(&phases));
-    print!("{}", crate::stages::table(&stages));
-    if let Some((phase, figures)) = &swapped {
+    if !suite.phases.is_empty() {
+        print!("{}", report::table(suite.phases));
+        print!("{}", crate::stages::table(&stages));
+    }
+    if let Some((phase, figures)) = swapped {
         print!("{}", hotswap::summary(&phase.scenario, figures));
     }
-    println!("JSON: {}/{{suite,stages,hotswap,<scenario>}}.json", common.out_dir.display());
+    if let Some(figures) = suite.shadow {
+        print!("{}", shadow::table(figures));
+    }
+    println!("JSON: {}/{{suite,stages,hotswap,shadow,<scenario>}}.json", common.out_dir.display());
     Ok(())
 }
 
 /// The hot-swap phase: a closed loop with two reloads in it.
 async fn hot_swap(
     args: &SuiteArgs,
+    admin: Option<&Admin>,
     driver: &crate::load::Driver,
     observers: &Observers,
 ) -> anyhow::Result<Option<(PhaseReport, SwapFigures)>> {
     let swap = &args.swap;
-    let Some(token) = swap.admin_token.as_deref().filter(|_| swap.swap_duration_s > 0) else {
-        eprintln!("bench: no hot-swap phase (it needs --admin-token or BENCH_ADMIN_TOKEN)");
+    let Some(admin) = admin else {
+        eprintln!("bench: no hot-swap phase and no shadow phase (they need --admin-token or BENCH_ADMIN_TOKEN)");
         return Ok(None);
     };
-    let admin = Admin::new(&swap.admin_url, token)?;
+    if swap.swap_duration_s == 0 {
+        eprintln!("bench: no hot-swap phase (--swap-duration-s 0)");
+        return Ok(None);
+    }
     let duration = Duration::from_secs(swap.swap_duration_s);
     let load = Load::Closed { concurrency: swap.swap_concurrency, orders: usize::MAX, duration };
     load.validate()?;
@@ -211,4 +250,28 @@ async fn idle(host: Process) -> anyhow::Result<(Sample, f64)> {
 
 fn observers_without_topic(observers: &Observers) -> Observers {
     Observers { topic: None, topic_grace: observers.topic_grace, host: observers.host, health: None }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        suite: SuiteArgs,
+    }
+
+    #[test]
+    fn rates_alone_runs_no_open_loop_and_the_defaults_stay() {
+        let cli = Cli::try_parse_from(["suite", "--closed", "32", "--rates", "--swap-duration-s", "0"]).unwrap();
+        assert_eq!(cli.suite.closed, [32]);
+        assert!(cli.suite.rates.is_empty());
+        assert_eq!(cli.suite.swap.swap_duration_s, 0);
+        let cli = Cli::try_parse_from(["suite"]).unwrap();
+        assert_eq!(cli.suite.closed, [32, 128]);
+        assert_eq!(cli.suite.rates, [100.0, 250.0]);
+    }
 }
