@@ -48,6 +48,10 @@ build-test-components:
     cp target/wasm32-wasip2/release/email.wasm target/wasm32-wasip2/release/email-fail.wasm
     cargo build --release --target wasm32-wasip2 -p email
 
+# Regenerate schemas/ (one JSON Schema per event type) from components/events' Rust types.
+schemas:
+    UPDATE_SCHEMAS=1 cargo test -p host --lib schemas::tests::the_checked_in_schemas_are_the_generated_ones
+
 # Run the whole system: gateway on :3005, the components on their manifest ports (:3001-3004 and up).
 run: build-components build
     cargo run -p host -- run --manifest app.toml

@@ -1,6 +1,6 @@
 //! Where the host's time goes, per component and phase: the cumulative
 //! stage counters of each component's `/health` (decode, dedup,
-//! instantiate, call, commit, durable wait, publish), read before and after
+//! instantiate, call, validate, commit, durable wait, publish), read before and after
 //! a phase and turned into mean microseconds per run of each stage, per
 //! handled event, and a share of the host's CPU.
 
@@ -10,7 +10,8 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 /// The stages `/health` reports, in data-path order.
-pub const STAGES: [&str; 7] = ["decode", "dedup", "instantiate", "call", "commit", "durable_wait", "publish"];
+pub const STAGES: [&str; 8] =
+    ["decode", "dedup", "instantiate", "call", "validate", "commit", "durable_wait", "publish"];
 
 /// One stage's cumulative totals.
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize)]
@@ -167,7 +168,7 @@ pub fn table(phases: &[(&str, &StageReport)]) -> String {
         let share = report.guest_share_of_host_cpu.map_or("-".into(), percent);
         out.push_str(&format!(
             "\nstages, {scenario}: mean µs per run of each stage (commit: per batch, and ÷ events handled; \
-             inst: per fresh instance, n made); host CPU {cpu} per event, guest call+instantiate {share} of it\n"
+             valid: outputs checked, schemas included; inst: per fresh instance, n made); host CPU {cpu} per event, guest call+instantiate {share} of it\n"
         ));
         let header: Vec<String> = [
             "handled",
@@ -175,6 +176,7 @@ pub fn table(phases: &[(&str, &StageReport)]) -> String {
             "decode",
             "dedup",
             "call",
+            "valid",
             "inst",
             "inst n",
             "commit/b",
@@ -198,6 +200,7 @@ pub fn table(phases: &[(&str, &StageReport)]) -> String {
                     us("decode"),
                     us("dedup"),
                     us("call"),
+                    us("validate"),
                     us("instantiate"),
                     c.instantiations.to_string(),
                     us("commit"),

@@ -10,7 +10,7 @@ use std::path::Path;
 /// modules, from the bottom up. A module imports only below its floor.
 const FLOORS: &[(&str, bool, &[&str])] = &[
     ("limits", false, &["limits"]),
-    ("leaves", false, &["clock", "manifest", "perms", "status"]),
+    ("leaves", false, &["clock", "manifest", "perms", "schemas", "status"]),
     ("ports", false, &["bus", "state"]),
     ("services", false, &["vault"]),
     ("runtime", false, &["runtime"]),

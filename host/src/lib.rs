@@ -3,7 +3,7 @@
 //!
 //! The modules stand on floors, each importing only those below it (see
 //! docs/architecture.md; a unit test holds them): [`limits`]; the leaves
-//! [`clock`], [`manifest`], [`perms`] and [`status`]; the ports [`bus`] and
+//! [`clock`], [`manifest`], [`perms`], [`schemas`] and [`status`]; the ports [`bus`] and
 //! [`state`] (with in-memory twins, [`bus::MemoryBus`] and
 //! [`state::MemoryStore`], beside [`clock::ManualClock`]); the card
 //! [`vault`]; the [`runtime`]; the delivery core
@@ -30,6 +30,7 @@ pub mod perms;
 pub mod pipeline;
 pub mod runtime;
 pub mod scheduler;
+pub mod schemas;
 pub mod state;
 pub mod status;
 pub mod traces;

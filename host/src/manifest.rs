@@ -55,6 +55,9 @@ pub struct Manifest {
     /// Where the components' state lives.
     #[serde(default)]
     pub state: StateSettings,
+    /// The event types' JSON Schemas.
+    #[serde(default)]
+    pub schemas: SchemaSettings,
     /// The service components, by name.
     pub components: BTreeMap<String, ComponentSettings>,
 }
@@ -232,6 +235,24 @@ impl Default for RuntimeSettings {
             drain_timeout_ms: default_drain_timeout_ms(),
             deadline_outage_window_ms: default_outage_window_ms(),
         }
+    }
+}
+
+/// The JSON Schemas every output's data is checked against.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchemaSettings {
+    /// Check outputs against their event type's schema before the commit.
+    pub validate: bool,
+    /// A folder of `{EventType}.json` schemas (relative to the manifest);
+    /// unset: the schemas of the shop's events the host was built with
+    /// (the same as the repository's `schemas/`).
+    pub dir: Option<PathBuf>,
+}
+
+impl Default for SchemaSettings {
+    fn default() -> Self {
+        Self { validate: true, dir: None }
     }
 }
 
@@ -417,6 +438,9 @@ impl Manifest {
         }
         if manifest.runtime.state_dir.is_relative() {
             manifest.runtime.state_dir = base.join(&manifest.runtime.state_dir);
+        }
+        if let Some(dir) = manifest.schemas.dir.as_mut().filter(|d| d.is_relative()) {
+            *dir = base.join(&*dir);
         }
         for component in manifest.components.values_mut() {
             if component.wasm.is_relative() {

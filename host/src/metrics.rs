@@ -39,11 +39,12 @@ const STAGE_BUCKETS: [f64; 17] = [
 const HTTP_BUCKETS: [f64; 13] = [0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 /// Every stage, in the order of [`Stage`]'s discriminants.
-const STAGES: [(Stage, &str); 7] = [
+const STAGES: [(Stage, &str); 8] = [
     (Stage::Decode, "decode"),
     (Stage::Dedup, "dedup"),
     (Stage::Instantiate, "instantiate"),
     (Stage::Call, "call"),
+    (Stage::Validate, "validate"),
     (Stage::Commit, "commit"),
     (Stage::DurableWait, "durable_wait"),
     (Stage::Publish, "publish"),

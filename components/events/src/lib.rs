@@ -123,6 +123,7 @@ pub mod card {
 
 /// Who placed the order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Customer {
     pub name: String,
     pub email: String,
@@ -130,6 +131,7 @@ pub struct Customer {
 
 /// One line of an order. Money is always integer cents.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct LineItem {
     pub sku: String,
     pub quantity: u32,
@@ -152,6 +154,7 @@ pub fn total_cents(items: &[LineItem]) -> u64 {
 /// number itself stays in the host's vault; only a component granted the
 /// vault (payment) can redeem the token, until it expires.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CardToken {
     /// Opaque, random; redeemable through the `vault` import.
     pub token: String,
@@ -164,6 +167,7 @@ pub struct CardToken {
 /// One product of the shop's catalog, as the order service owns it and
 /// answers it on `GET /catalog` (the gateway and the page read it there).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CatalogItem {
     pub sku: String,
     pub name: String,
@@ -175,6 +179,7 @@ pub struct CatalogItem {
 
 /// A customer placed an order; published by the gateway once validated.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct OrderPlaced {
     pub order_id: String,
     pub customer: Customer,
@@ -192,6 +197,7 @@ pub struct OrderPlaced {
 /// digests travel: the key itself never leaves the gateway. The order service
 /// keeps the first body seen for a key and ignores an order with another.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct IdempotencyBinding {
     /// SHA-256 (hex) of the key, under the gateway's own prefix.
     pub key_digest: String,
@@ -203,6 +209,7 @@ pub struct IdempotencyBinding {
 
 /// The order service asks the payment service to authorize an amount.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct PaymentRequested {
     pub order_id: String,
     pub amount_cents: u64,
@@ -216,6 +223,7 @@ pub struct PaymentRequested {
 
 /// The payment was authorized and captured (a sale).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct PaymentAuthorized {
     pub order_id: String,
     pub payment_id: String,
@@ -225,6 +233,7 @@ pub struct PaymentAuthorized {
 
 /// The payment was declined.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct PaymentDeclined {
     pub order_id: String,
     pub amount_cents: u64,
@@ -237,6 +246,7 @@ pub struct PaymentDeclined {
 /// The order service asks for a refund of what was captured for an order
 /// (e.g. it was paid but is out of stock).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct PaymentRefundRequested {
     pub order_id: String,
     pub amount_cents: u64,
@@ -246,6 +256,7 @@ pub struct PaymentRefundRequested {
 /// The payment service's answer to [`PaymentRefundRequested`], repeated for a
 /// repeated request; an order is refunded at most once.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct PaymentRefunded {
     pub order_id: String,
     pub payment_id: String,
@@ -256,6 +267,7 @@ pub struct PaymentRefunded {
 /// The order service gave up waiting for the payment answer: the payment
 /// service must make sure the order is not charged.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct PaymentVoidRequested {
     pub order_id: String,
     pub reason: String,
@@ -264,6 +276,7 @@ pub struct PaymentVoidRequested {
 /// The payment service's answer to [`PaymentVoidRequested`]: the order is not
 /// charged, and any later payment request for it is declined.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct PaymentVoided {
     pub order_id: String,
     /// What a capture that had already happened was refunded; 0 if none had.
@@ -273,6 +286,7 @@ pub struct PaymentVoided {
 
 /// The order is confirmed (payment authorized).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct OrderConfirmed {
     pub order_id: String,
     pub total_cents: u64,
@@ -281,6 +295,7 @@ pub struct OrderConfirmed {
 
 /// The order is rejected (payment declined).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct OrderRejected {
     pub order_id: String,
     pub total_cents: u64,
@@ -290,6 +305,7 @@ pub struct OrderRejected {
 /// The order is cancelled: it was out of stock (the payment is refunded) or
 /// the payment did not answer in time (the payment is voided).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct OrderCancelled {
     pub order_id: String,
     pub total_cents: u64,
@@ -298,6 +314,7 @@ pub struct OrderCancelled {
 
 /// Which email to send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum EmailKind {
     OrderConfirmed,
@@ -307,6 +324,7 @@ pub enum EmailKind {
 
 /// The order service asks the email service to send an email.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct EmailRequested {
     pub order_id: String,
     pub kind: EmailKind,
@@ -321,12 +339,36 @@ pub struct EmailRequested {
 
 /// The email service rendered and sent an email.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct EmailSent {
     pub order_id: String,
     pub email_id: String,
     pub kind: EmailKind,
     pub to: String,
     pub subject: String,
+}
+
+/// The JSON Schema of every event type's payload, generated from these
+/// types (the checked-in `schemas/` folder holds them; a host test fails
+/// when it is stale): `(event type, schema)`.
+#[cfg(feature = "schema")]
+pub fn schemas() -> Vec<(&'static str, schemars::Schema)> {
+    use schemars::schema_for;
+    vec![
+        (types::ORDER_PLACED, schema_for!(OrderPlaced)),
+        (types::ORDER_CONFIRMED, schema_for!(OrderConfirmed)),
+        (types::ORDER_REJECTED, schema_for!(OrderRejected)),
+        (types::ORDER_CANCELLED, schema_for!(OrderCancelled)),
+        (types::PAYMENT_REQUESTED, schema_for!(PaymentRequested)),
+        (types::PAYMENT_AUTHORIZED, schema_for!(PaymentAuthorized)),
+        (types::PAYMENT_DECLINED, schema_for!(PaymentDeclined)),
+        (types::PAYMENT_REFUND_REQUESTED, schema_for!(PaymentRefundRequested)),
+        (types::PAYMENT_REFUNDED, schema_for!(PaymentRefunded)),
+        (types::PAYMENT_VOID_REQUESTED, schema_for!(PaymentVoidRequested)),
+        (types::PAYMENT_VOIDED, schema_for!(PaymentVoided)),
+        (types::EMAIL_REQUESTED, schema_for!(EmailRequested)),
+        (types::EMAIL_SENT, schema_for!(EmailSent)),
+    ]
 }
 
 #[cfg(test)]

@@ -75,6 +75,7 @@ pub fn check(manifest: &Manifest) -> anyhow::Result<()> {
             LoadedComponent::from_file(&engine, &settings.wasm).with_context(|| format!("component {name:?}"))?;
         component.check_grants(&engine, settings.grants(name)?).with_context(|| format!("component {name:?}"))?;
     }
+    schemas_of(manifest)?;
     Ok(())
 }
 
@@ -182,5 +183,27 @@ pub(super) async fn load_services(
         }
         services.insert(name.clone(), service);
     }
+    if let Some(schemas) = schemas_of(manifest)? {
+        for service in services.values() {
+            service.set_schemas(schemas.clone());
+        }
+    }
     Ok((services, vault))
+}
+
+/// The schemas outputs are checked against: the manifest's folder, else
+/// the ones the host was built with; `None` when checking is off.
+///
+/// # Errors
+/// A folder that cannot be read, or a schema that is not valid.
+pub(super) fn schemas_of(manifest: &Manifest) -> anyhow::Result<Option<Arc<crate::schemas::Schemas>>> {
+    if !manifest.schemas.validate {
+        return Ok(None);
+    }
+    let schemas = match &manifest.schemas.dir {
+        Some(dir) => crate::schemas::Schemas::load(dir).context("schemas.dir")?,
+        None => crate::schemas::Schemas::generated(),
+    };
+    tracing::debug!(types = schemas.types().count(), "event schemas loaded");
+    Ok(Some(Arc::new(schemas)))
 }

@@ -50,6 +50,11 @@ impl ServiceRuntime {
         }
     }
 
+    /// What this service's outputs are checked against.
+    pub(super) fn checks(&self) -> Checks<'_> {
+        Checks { grants: &self.grants, schemas: self.schemas.get().map(|s| &**s), timeout: self.limits.timeout }
+    }
+
     fn trap(&self, err: wasmtime::Error) -> CallError {
         trap_error(err, self.limits.timeout)
     }
@@ -111,14 +116,9 @@ impl ServiceRuntime {
         let last_stderr = state.stderr.as_ref().and_then(|stderr| stderr.drain_to_log(&self.name));
         state.over_burst = None;
         let tape = state.tape.take();
-        let (outcome, limited) = conclude(
-            result,
-            &mut state.txn,
-            &self.grants,
-            |outgoing| self.outbox_room(outgoing),
-            &component.sha256,
-            self.limits.timeout,
-        );
+        let (outcome, limited) = self.stages.time(Stage::Validate, || {
+            conclude(result, &mut state.txn, &self.checks(), |outgoing| self.outbox_room(outgoing), &component.sha256)
+        });
         if let (Some(taping), Ok(called)) = (taping, &outcome) {
             taping.submit(event, called, tape, started.elapsed(), shadow::thread_cpu().saturating_sub(cpu));
         }
@@ -350,6 +350,16 @@ fn timed_out(timeout: std::time::Duration) -> CallError {
     CallError::Trap(format!("exceeded its time budget of {timeout:?}"))
 }
 
+/// What a call's outputs are checked against.
+#[derive(Clone, Copy)]
+pub(super) struct Checks<'a> {
+    pub grants: &'a crate::manifest::Grants,
+    /// The event types' schemas, if the host has them.
+    pub schemas: Option<&'a crate::schemas::Schemas>,
+    /// The call's time budget (a trap past it is a timeout).
+    pub timeout: std::time::Duration,
+}
+
 /// What a `handle` call's `result` and its `txn` amount to: its outputs
 /// checked against `grants` and `room` (the outbox quota), its writes and
 /// timers; and whether it ended at a per-call limit (then its instance is
@@ -358,11 +368,11 @@ fn timed_out(timeout: std::time::Duration) -> CallError {
 pub(super) fn conclude(
     result: wasmtime::Result<Result<Vec<OutgoingEvent>, HandleError>>,
     txn: &mut Txn,
-    grants: &crate::manifest::Grants,
+    checks: &Checks<'_>,
     room: impl FnOnce(&[OutgoingEvent]) -> Result<(), String>,
     version: &str,
-    timeout: std::time::Duration,
 ) -> (Result<Called, CallError>, bool) {
+    let Checks { grants, schemas, timeout } = *checks;
     let exceeded = txn.exceeded().map(|reason| format!("the call went past a limit: {reason}"));
     let limited = exceeded.is_some();
     let changes = txn.take_changes();
@@ -377,7 +387,10 @@ pub(super) fn conclude(
             .check(&outgoing)
             .and_then(|()| room(&outgoing))
             .and_then(|()| outputs::check(outgoing))
-        {
+            .and_then(|outputs| match schemas {
+                Some(schemas) => outputs::check_schemas(&outputs, schemas).map(|()| outputs),
+                None => Ok(outputs),
+            }) {
             Ok(outputs) => {
                 let (writes, timers) = changes;
                 Ok(Called { outputs, writes, timers, version: version.to_owned() })

@@ -218,3 +218,23 @@ async fn stderr_reaches_the_trap_only_when_granted() {
     let err = super::tests::handle(&silent, &super::tests::event("Panic", "p")).await.unwrap_err();
     assert!(matches!(&err, CallError::Trap(m) if !m.contains("stderr") && !m.contains("asked to panic")), "{err}");
 }
+
+/// An output whose data breaks its event type's schema is dead-lettered
+/// before anything is committed, the reason naming the output, the field
+/// and the rule; a type without a schema passes as before.
+#[tokio::test]
+async fn an_output_breaking_its_schema_is_dead_lettered_naming_the_field() {
+    let service = Arc::new(misbehave(Grants { publishes: PublishGrants::any(), ..Grants::default() }));
+    service.set_schemas(Arc::new(crate::schemas::Schemas::generated()));
+    let pipeline =
+        Pipeline::new(service.clone(), Topics::default(), RetryPolicy::default(), Arc::new(ManualClock::at(5)));
+    // misbehave emits `{}`: PaymentAuthorized requires order_id and more.
+    let disposition = emit(&pipeline, 1, "payments:PaymentAuthorized").await;
+    let Disposition::DeadLetter { reason, .. } = disposition else { panic!("{disposition:?}") };
+    assert!(reason.contains("output 0 (PaymentAuthorized to payments)"), "{reason}");
+    assert!(reason.contains("order_id") && reason.contains("is a required property"), "{reason}");
+    assert!(service.state_store().pending_outbox(10).unwrap().is_empty(), "nothing was committed");
+    let disposition = emit(&pipeline, 2, "out:Echoed").await;
+    assert!(matches!(disposition, Disposition::Publish { .. }), "no schema, no check: {disposition:?}");
+    assert_eq!(service.stages().totals().validate.count, 2, "the check is timed as a stage");
+}

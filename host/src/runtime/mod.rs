@@ -190,6 +190,8 @@ pub struct ServiceRuntime {
     stages: crate::status::Stages,
     /// The card vault, for a component granted it.
     vault: std::sync::OnceLock<Arc<crate::vault::Vault>>,
+    /// The event types' schemas its outputs are checked against.
+    schemas: std::sync::OnceLock<Arc<crate::schemas::Schemas>>,
     /// The shadow run on, or the last one.
     shadow: std::sync::Mutex<Option<Arc<Shadow>>>,
     /// How its shadow runs go.
@@ -242,6 +244,7 @@ impl ServiceRuntime {
             warm_queries: std::sync::Mutex::new(Vec::new()),
             stages: crate::status::Stages::default(),
             vault: std::sync::OnceLock::new(),
+            schemas: std::sync::OnceLock::new(),
             shadow: std::sync::Mutex::new(None),
             shadow_settings: RwLock::new(crate::manifest::ShadowSettings::default()),
         }
@@ -295,6 +298,13 @@ impl ServiceRuntime {
     /// unavailable. Set once, before it serves.
     pub fn set_vault(&self, vault: Arc<crate::vault::Vault>) {
         let _ = self.vault.set(vault);
+    }
+
+    /// Checks every output's data against its event type's schema in
+    /// `schemas` before the commit (an output that does not match fails its
+    /// event for good). Set once, before it serves.
+    pub fn set_schemas(&self, schemas: Arc<crate::schemas::Schemas>) {
+        let _ = self.schemas.set(schemas);
     }
 
     /// Sets how its shadow runs go (the manifest's `shadow` block).

@@ -74,6 +74,24 @@ fn one(out: OutgoingEvent) -> Result<Output, String> {
     Ok(Output { event_type, topic, key, data })
 }
 
+/// Checks each output's data against its event type's schema.
+///
+/// # Errors
+/// The first output that does not match: its index, type and what breaks
+/// the schema (the field and the rule).
+pub(super) fn check_schemas(outputs: &[Output], schemas: &crate::schemas::Schemas) -> Result<(), String> {
+    for (index, output) in outputs.iter().enumerate() {
+        if schemas.schema(&output.event_type).is_none() {
+            continue;
+        }
+        let data: serde_json::Value = serde_json::from_str(output.data.get()).map_err(|err| err.to_string())?;
+        schemas
+            .check(&output.event_type, &data)
+            .map_err(|reason| format!("output {index} ({} to {}): {reason}", output.event_type, output.topic))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,6 +19,9 @@ pub enum Stage {
     Instantiate,
     /// The component's `handle` export, with the host calls it makes.
     Call,
+    /// Its outputs checked: grants, bounds, the outbox quota and each
+    /// event type's JSON Schema.
+    Validate,
     /// One batch written to the store (counted per batch).
     Commit,
     /// From the commit to its fsync covering it.
@@ -27,7 +30,7 @@ pub enum Stage {
     Publish,
 }
 
-const STAGES: usize = 7;
+const STAGES: usize = 8;
 
 /// Cumulative per-stage counters of one service; cheap to update from any thread.
 #[derive(Debug, Default)]
@@ -54,6 +57,7 @@ pub struct StageTotals {
     pub dedup: StageTotal,
     pub instantiate: StageTotal,
     pub call: StageTotal,
+    pub validate: StageTotal,
     pub commit: StageTotal,
     pub durable_wait: StageTotal,
     pub publish: StageTotal,
@@ -97,6 +101,7 @@ impl Stages {
             dedup: total(Stage::Dedup),
             instantiate: total(Stage::Instantiate),
             call: total(Stage::Call),
+            validate: total(Stage::Validate),
             commit: total(Stage::Commit),
             durable_wait: total(Stage::DurableWait),
             publish: total(Stage::Publish),
@@ -107,7 +112,7 @@ impl Stages {
 /// One histogram per stage of one component, in [`Stage`]'s order, fed by
 /// [`Stages`]; `crate::metrics` makes them and serves them on `/metrics`.
 #[derive(Debug, Clone)]
-pub struct StageHistograms(pub [Histogram; 7]);
+pub struct StageHistograms(pub [Histogram; STAGES]);
 
 impl StageHistograms {
     /// Adds one run of `stage` that took `elapsed`.

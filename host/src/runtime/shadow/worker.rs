@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
-use super::super::call::{conclude, trap_error, with_stderr};
+use super::super::call::{Checks, conclude, trap_error, with_stderr};
 use super::super::{
     CALL_THREAD_STACK, CallError, CallKind, Called, Engine, Event, LoadedComponent, Quotas, Request, Response,
     ServiceRuntime, StoreParts, Throttle,
@@ -40,6 +40,7 @@ pub(in crate::runtime) struct Candidate {
     parts: StoreParts,
     store: Arc<dyn crate::state::StateStore>,
     grants: Grants,
+    schemas: Option<Arc<crate::schemas::Schemas>>,
     timeout: Duration,
     throttle: Arc<Throttle>,
 }
@@ -63,6 +64,7 @@ impl ServiceRuntime {
             parts,
             store: self.store.clone(),
             grants: self.grants.clone(),
+            schemas: self.schemas.get().cloned(),
             timeout: self.limits.timeout,
             throttle,
         }
@@ -103,8 +105,8 @@ impl Candidate {
         let idle = std::mem::take(&mut state.idle);
         state.over_burst = None;
         let last_stderr = state.stderr.as_ref().and_then(|stderr| stderr.drain_to_log(&self.parts.name));
-        let (outcome, limited) =
-            conclude(result, &mut state.txn, &self.grants, |_| Ok(()), &self.component.sha256, self.timeout);
+        let checks = Checks { grants: &self.grants, schemas: self.schemas.as_deref(), timeout: self.timeout };
+        let (outcome, limited) = conclude(result, &mut state.txn, &checks, |_| Ok(()), &self.component.sha256);
         drop(store);
         if limited || matches!(outcome, Err(CallError::Trap(_))) {
             self.throttle.charge(CallKind::Handle, started, started.elapsed().saturating_sub(idle));
