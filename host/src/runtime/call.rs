@@ -22,10 +22,10 @@ const QUERY_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// An instance kept between `handle` calls ([`Limits::instance_reuse`]).
 pub(super) struct Warm {
-    component: Arc<LoadedComponent>,
-    store: Store<HostState>,
-    instance: bindings::Service,
-    calls: u32,
+    pub(super) component: Arc<LoadedComponent>,
+    pub(super) store: Store<HostState>,
+    pub(super) instance: bindings::Service,
+    pub(super) calls: u32,
 }
 
 /// What a query's thread sends back: the guest's answer and its last

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
-use super::super::call::{Checks, conclude, trap_error, with_stderr};
+use super::super::call::{Checks, Warm, conclude, trap_error, with_stderr};
 use super::super::{
     CALL_THREAD_STACK, CallError, CallKind, Called, Engine, Event, LoadedComponent, Quotas, Request, Response,
     ServiceRuntime, StoreParts, Throttle,
@@ -43,6 +43,8 @@ pub(in crate::runtime) struct Candidate {
     schemas: Option<Arc<crate::schemas::Schemas>>,
     timeout: Duration,
     throttle: Arc<Throttle>,
+    /// The instance kept for the next event, if reused.
+    warm: std::sync::Mutex<Option<Warm>>,
 }
 
 impl ServiceRuntime {
@@ -67,6 +69,7 @@ impl ServiceRuntime {
             schemas: self.schemas.get().cloned(),
             timeout: self.limits.timeout,
             throttle,
+            warm: std::sync::Mutex::new(None),
         }
     }
 }
@@ -84,8 +87,10 @@ impl Candidate {
         }
     }
 
-    /// Handles `event` on a fresh instance reading `view`, the clock
-    /// readings of `tape` replayed; nothing it does is kept.
+    /// Handles `event` reading `view`, the clock readings of `tape`
+    /// replayed, on the instance the last event left (as the serving
+    /// version reuses its own, up to `instance_reuse`) or a fresh one;
+    /// nothing it does is kept.
     pub(super) fn handle(
         &self,
         event: &Event,
@@ -95,24 +100,51 @@ impl Candidate {
         self.wait(CallKind::Handle);
         let _busy = self.engine.busy();
         let (started, cpu) = (Instant::now(), thread_cpu());
-        let mut parts = self.parts.clone();
-        parts.view = view;
-        let mut store = parts.store(&self.engine);
-        store.data_mut().tape = tape.map(Tape::replaying);
-        let instance = self.component.pre.instantiate(&mut store);
-        let result = instance.and_then(|instance| instance.call_handle(&mut store, event));
-        let state = store.data_mut();
+        let mut warm = match self.instance(view) {
+            Ok(warm) => warm,
+            Err(err) => {
+                self.throttle.charge(CallKind::Handle, started, started.elapsed());
+                return (
+                    Err(trap_error(err, self.timeout)),
+                    Cost::one(started.elapsed(), thread_cpu().saturating_sub(cpu)),
+                );
+            }
+        };
+        warm.calls += 1;
+        warm.store.data_mut().tape = tape.map(Tape::replaying);
+        let result = warm.instance.call_handle(&mut warm.store, event);
+        let state = warm.store.data_mut();
         let idle = std::mem::take(&mut state.idle);
         state.over_burst = None;
         let last_stderr = state.stderr.as_ref().and_then(|stderr| stderr.drain_to_log(&self.parts.name));
         let checks = Checks { grants: &self.grants, schemas: self.schemas.as_deref(), timeout: self.timeout };
         let (outcome, limited) = conclude(result, &mut state.txn, &checks, |_| Ok(()), &self.component.sha256);
-        drop(store);
-        if limited || matches!(outcome, Err(CallError::Trap(_))) {
+        let trapped = limited || matches!(outcome, Err(CallError::Trap(_)));
+        if trapped {
+            drop(warm);
             self.throttle.charge(CallKind::Handle, started, started.elapsed().saturating_sub(idle));
+        } else if warm.calls < self.parts.limits.instance_reuse {
+            *self.warm.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(warm);
         }
         let cost = Cost::one(started.elapsed(), thread_cpu().saturating_sub(cpu));
         (outcome.map_err(|err| with_stderr(err, last_stderr)), cost)
+    }
+
+    /// The instance the last call left, reading `view` now, or a fresh one.
+    fn instance(&self, view: Arc<dyn StateRead>) -> wasmtime::Result<Warm> {
+        let limits = self.parts.limits;
+        if let Some(mut warm) = self.warm.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+            let state = warm.store.data_mut();
+            state.txn = Txn::with_limits(view, limits.txn).with_quota(self.parts.quotas.state.clone());
+            state.deadline = Instant::now() + limits.timeout;
+            warm.store.set_epoch_deadline(self.engine.ticks_for(limits.burst.min(limits.timeout)));
+            return Ok(warm);
+        }
+        let mut parts = self.parts.clone();
+        parts.view = view;
+        let mut store = parts.store(&self.engine);
+        let instance = self.component.pre.instantiate(&mut store)?;
+        Ok(Warm { component: self.component.clone(), store, instance, calls: 0 })
     }
 
     /// Answers `request` on a fresh instance with a read-only view of the
