@@ -445,3 +445,33 @@ fn the_cli_token_comes_from_a_file_never_an_argument() {
     assert!(missing.contains("cannot read the admin token file"), "{missing}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `promote_after`: a run started through the API promotes itself once
+/// that many events compared equal (an ordinary reload, in the history).
+#[tokio::test]
+async fn a_shadow_run_with_a_promotion_policy_promotes_itself() {
+    let service = Arc::new(runtime("misbehave", 1000));
+    service.set_shadow_settings(crate::manifest::ShadowSettings { promote_after: 3, ..Default::default() });
+    let app = app_with(service.clone());
+    let bytes = std::fs::read(wasm("misbehave")).unwrap();
+    let (status, body) = call(&app, "POST", "/components/svc/shadow", Some(TOKEN), bytes).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["state"], "running");
+    for key in ["k1", "k2", "k3"] {
+        crate::runtime::tests::handle(&service, &event("Echo", key)).await.unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (_, report) = call(&app, "GET", "/components/svc/shadow", Some(TOKEN), Vec::new()).await;
+        if report["state"] == "ended: promoted" {
+            assert_eq!(report["events"]["equal"], 3, "{report}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not promoted: {report}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let history = service.history();
+    assert_eq!(history.last().map(|h| h.source.as_str()), Some("shadow run of admin upload"), "{history:?}");
+    let (status, body) = call(&app, "POST", "/components/svc/shadow/stop", Some(TOKEN), Vec::new()).await;
+    assert_eq!((status, &body["error"]["code"]), (StatusCode::NOT_FOUND, &serde_json::json!("no_shadow_run")));
+}

@@ -155,3 +155,22 @@ async fn a_reload_of_another_version_ends_the_run_and_a_reload_of_the_candidate_
     rt.reload("v2 by hand", v2).await.unwrap();
     assert_eq!(run.status().state, "ended: promoted");
 }
+
+#[tokio::test]
+async fn stop_on_failure_ends_the_run_at_the_first_failure() {
+    let (rt, _store, vault) = payment();
+    rt.set_shadow_settings(crate::manifest::ShadowSettings { stop_on_failure: true, ..Default::default() });
+    let run = rt.start_shadow("trap", std::fs::read(wasm("payment-trap")).unwrap()).await.unwrap();
+    handle(&rt, &request(&vault, "o1", VISA).await).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while run.active() {
+        assert!(Instant::now() < deadline, "still running: {:#?}", run.status());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let status = run.status();
+    assert_eq!(status.state, "ended: the candidate failed or differed (stop_on_failure)");
+    assert_eq!(status.events.candidate_failed, 1);
+    // Later events are not shadowed.
+    handle(&rt, &request(&vault, "o2", VISA).await).await.unwrap();
+    assert_eq!(run.status().events.compared, 1);
+}
