@@ -11,6 +11,24 @@ use super::CALL_THREAD_STACK;
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// Runs `job` on a thread of its own named `name`, with the stack a guest
+/// gets (a compile and trial instantiation, a candidate's trial over dead
+/// letters): its result, or why there is none.
+pub(crate) async fn on_own_thread<R: Send + 'static>(
+    name: String,
+    job: impl FnOnce() -> R + Send + 'static,
+) -> Result<R, String> {
+    let (reply, result) = oneshot::channel();
+    std::thread::Builder::new()
+        .name(name)
+        .stack_size(CALL_THREAD_STACK)
+        .spawn(move || {
+            let _ = reply.send(job());
+        })
+        .map_err(|err| format!("no thread for it: {err}"))?;
+    result.await.map_err(|_| "its thread failed".to_owned())
+}
+
 /// A fixed number of threads, started at first use, ended when the pool is
 /// dropped (after the job each is running).
 pub(crate) struct GuestPool {

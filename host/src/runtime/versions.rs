@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 
-use super::{CALL_THREAD_STACK, LoadError, LoadedComponent, ServiceRuntime};
+use super::{LoadError, LoadedComponent, ServiceRuntime};
 use crate::state::StoreReader;
 
 /// One entry of a service's version history.
@@ -125,22 +125,12 @@ impl ServiceRuntime {
         // Compiled and tried on a thread of its own: the trial instantiation
         // runs guest code (with the stack a guest gets), and compiling takes
         // a core for a while.
-        let (reply, checked) = tokio::sync::oneshot::channel();
-        let spawned = std::thread::Builder::new()
-            .name(format!("reload-{}", self.name))
-            .stack_size(CALL_THREAD_STACK)
-            .spawn(move || {
-                let checked = LoadedComponent::from_bytes(&engine, &path, &bytes)
-                    .and_then(|component| component.check_grants(&engine, grants).map(|()| component))
-                    .and_then(|component| trial.instantiate(&engine, component));
-                let _ = reply.send(checked);
-            });
-        match spawned {
-            Ok(_) => checked.await.unwrap_or_else(|_| {
-                Err(LoadError::Compile { path: source.into(), message: "the reload thread failed".into() })
-            }),
-            Err(err) => Err(LoadError::Compile { path: source.into(), message: format!("no reload thread: {err}") }),
-        }
+        let checked = super::pool::on_own_thread(format!("reload-{}", self.name), move || {
+            LoadedComponent::from_bytes(&engine, &path, &bytes)
+                .and_then(|component| component.check_grants(&engine, grants).map(|()| component))
+                .and_then(|component| trial.instantiate(&engine, component))
+        });
+        checked.await.unwrap_or_else(|message| Err(LoadError::Compile { path: source.into(), message }))
     }
 
     /// The version a rollback would restore, if one is kept.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use super::super::{CALL_THREAD_STACK, Event, ServiceRuntime};
+use super::super::{CallError, Called, Event, ServiceRuntime};
 use super::ShadowError;
 use crate::state::StoreReader;
 
@@ -41,6 +41,29 @@ pub struct Replayed {
     pub letters: Vec<TrialOutcome>,
 }
 
+/// What `outcome`, the candidate's handling of dead letter `id`, says.
+fn outcome_of(id: String, reason: String, event: &Event, outcome: Result<Called, CallError>) -> TrialOutcome {
+    let (handled, error, called) = match outcome {
+        Ok(called) => (true, None, Some(called)),
+        Err(err) => (false, Some(err.to_string()), None),
+    };
+    let outputs = called.iter().flat_map(|c| &c.outputs).map(|o| {
+        let data = serde_json::from_str(o.data.get()).unwrap_or(Value::Null);
+        serde_json::json!({ "type": o.event_type, "topic": o.topic, "key": o.key, "data": data })
+    });
+    TrialOutcome {
+        id,
+        event_id: event.id.clone(),
+        event_type: event.event_type.clone(),
+        reason,
+        handled,
+        error,
+        outputs: outputs.collect(),
+        writes: called.as_ref().map_or(0, |c| c.writes.len()),
+        timers: called.as_ref().map_or(0, |c| c.timers.len()),
+    }
+}
+
 /// One dead letter to try: its id, the reason it was set aside, its event.
 pub type Letter = (String, String, Event);
 
@@ -54,42 +77,18 @@ impl ServiceRuntime {
         let component = Arc::new(self.compile(source, bytes).await?);
         let candidate = self.candidate_of(component.clone(), &self.shadow_settings());
         let store = self.store.clone();
-        let (reply, done) = tokio::sync::oneshot::channel();
-        let spawned = std::thread::Builder::new()
-            .name(format!("trial-{}", self.name))
-            .stack_size(CALL_THREAD_STACK)
-            .spawn(move || {
-                let outcomes: Vec<TrialOutcome> = letters
-                    .into_iter()
-                    .map(|(id, reason, event)| {
-                        let (outcome, _) = candidate.handle(&event, Arc::new(StoreReader(store.clone())), None);
-                        let (handled, error, called) = match outcome {
-                            Ok(called) => (true, None, Some(called)),
-                            Err(err) => (false, Some(err.to_string()), None),
-                        };
-                        let outputs = called.iter().flat_map(|c| &c.outputs).map(|o| {
-                            let data = serde_json::from_str(o.data.get()).unwrap_or(Value::Null);
-                            serde_json::json!({ "type": o.event_type, "topic": o.topic, "key": o.key, "data": data })
-                        });
-                        TrialOutcome {
-                            id,
-                            event_id: event.id.clone(),
-                            event_type: event.event_type.clone(),
-                            reason,
-                            handled,
-                            error,
-                            outputs: outputs.collect(),
-                            writes: called.as_ref().map_or(0, |c| c.writes.len()),
-                            timers: called.as_ref().map_or(0, |c| c.timers.len()),
-                        }
-                    })
-                    .collect();
-                let _ = reply.send(outcomes);
-            });
-        let letters = match spawned {
-            Ok(_) => done.await.unwrap_or_default(),
-            Err(err) => return Err(ShadowError::Trial(format!("no thread for the trial: {err}"))),
+        let trial = move || -> Vec<TrialOutcome> {
+            letters
+                .into_iter()
+                .map(|(id, reason, event)| {
+                    let (outcome, _) = candidate.handle(&event, Arc::new(StoreReader(store.clone())), None);
+                    outcome_of(id, reason, &event, outcome)
+                })
+                .collect()
         };
+        let letters = super::super::pool::on_own_thread(format!("trial-{}", self.name), trial)
+            .await
+            .map_err(|err| ShadowError::Trial(format!("the trial: {err}")))?;
         let handled = letters.iter().filter(|l| l.handled).count();
         Ok(Replayed {
             component: self.name.to_string(),
