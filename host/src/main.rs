@@ -397,7 +397,8 @@ async fn shadow(command: ShadowCommand, admin: AdminTarget) -> anyhow::Result<()
         ShadowCommand::ReplayDlq { name, path, json } => ("/replay-dlq", name, Some(read(path)?), *json, true),
     };
     let url = format!("{}/components/{name}/shadow{route}", admin.admin_url.trim_end_matches('/'));
-    let client = reqwest::Client::new();
+    // A trial over dead letters runs for two minutes at most.
+    let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(180)).build()?;
     let request = match body {
         Some(body) => client.post(&url).body(body),
         None => client.get(&url),

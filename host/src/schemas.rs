@@ -90,13 +90,18 @@ impl Schemas {
     /// the rule it breaks (at most three).
     pub fn check(&self, event_type: &str, data: &Value) -> Result<(), String> {
         let Some(validator) = self.validators.get(event_type) else { return Ok(()) };
+        if validator.is_valid(data) {
+            return Ok(());
+        }
         let errors: Vec<String> = validator
             .iter_errors(data)
             .take(MAX_ERRORS + 1)
             .map(|err| {
                 let at = err.instance_path().to_string();
                 let at = if at.is_empty() { "the data".to_owned() } else { format!("`{at}`") };
-                format!("{at}: {err}")
+                // The message quotes the value at fault, which may be the
+                // whole payload: cut, since it goes into a dead letter's header.
+                format!("{}: {}", cut(&at), cut(&err.to_string()))
             })
             .collect();
         if errors.is_empty() {
@@ -105,6 +110,16 @@ impl Schemas {
         let more = if errors.len() > MAX_ERRORS { "; …" } else { "" };
         let listed = errors.into_iter().take(MAX_ERRORS).collect::<Vec<_>>().join("; ");
         Err(format!("its data does not match the schema of {event_type}: {listed}{more}"))
+    }
+}
+
+/// Longest part of a refusal (a field's path, or what is wrong with it).
+const MAX_PART_CHARS: usize = 200;
+
+fn cut(text: &str) -> String {
+    match text.char_indices().nth(MAX_PART_CHARS) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_owned(),
     }
 }
 
@@ -166,5 +181,9 @@ mod tests {
         assert!(err.contains("`/amount_cents`") && err.contains("minimum"), "{err}");
         assert!(err.contains("card_last4") && err.contains("required"), "{err}");
         assert_eq!(schemas.check("NotAType", &bad), Ok(()), "a type without a schema passes");
+        // A whole payload in the wrong place is not quoted whole.
+        let huge = serde_json::json!(["x".repeat(100_000)]);
+        let err = schemas.check("PaymentAuthorized", &huge).unwrap_err();
+        assert!(err.len() < 1_000, "{} bytes", err.len());
     }
 }

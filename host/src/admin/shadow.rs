@@ -75,7 +75,7 @@ async fn start(State(admin): State<Admin>, Path(name): Path<String>, body: Bytes
                 let (service, run) = (service.clone(), shadow.clone());
                 tokio::spawn(async move {
                     if run.promotion_asked().await
-                        && let Err(err) = service.promote_shadow().await
+                        && let Err(err) = service.promote_shadow_of(&run).await
                     {
                         tracing::warn!(component = %service.name(), "shadow run's promotion failed: {err}");
                     }
@@ -187,8 +187,9 @@ pub fn render(report: &Value) -> String {
         let key = d["key"].as_str().map(|k| format!(" of order {k}")).unwrap_or_default();
         let _ = writeln!(out, "  differs: {} {} {}{key}", text(&d["kind"]), text(&d["event_type"]), text(&d["id"]));
         for c in d["changes"].as_array().into_iter().flatten() {
-            let side = |v: &Value| if v.is_null() { "(absent)".to_owned() } else { v.to_string() };
-            let _ = writeln!(out, "    {}: {} → {}", text(&c["path"]), side(&c["serving"]), side(&c["candidate"]));
+            let side = |v: Option<&Value>| v.map_or_else(|| "(absent)".to_owned(), Value::to_string);
+            let _ =
+                writeln!(out, "    {}: {} → {}", text(&c["path"]), side(c.get("serving")), side(c.get("candidate")));
         }
     }
     for f in report["failures"].as_array().into_iter().flatten() {
@@ -223,10 +224,11 @@ pub fn render_trial(report: &Value) -> String {
     }
     let _ = writeln!(
         out,
-        "candidate {}: {} handled, {} still fail; nothing was published or committed",
+        "candidate {}: {} handled, {} still fail, {} not tried; nothing was published or committed",
         report["candidate"].as_str().unwrap_or("?").chars().take(12).collect::<String>(),
         report["handled"],
-        report["failed"]
+        report["failed"],
+        report["not_tried"]
     );
     out
 }

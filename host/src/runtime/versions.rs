@@ -69,7 +69,8 @@ impl ServiceRuntime {
     pub async fn reload(&self, source: &str, bytes: Vec<u8>) -> Result<Arc<LoadedComponent>, LoadError> {
         let sha256 = hex::encode(Sha256::digest(&bytes));
         let at_ms = self.clock.now_ms();
-        let checked = self.compile(source, bytes).await;
+        let trial = self.parts(Arc::new(StoreReader(self.store.clone())), true);
+        let checked = self.compile(source, bytes, trial).await;
         let component = match checked {
             Ok(component) => Arc::new(component),
             Err(err) => {
@@ -117,10 +118,16 @@ impl ServiceRuntime {
     ///
     /// # Errors
     /// [`LoadError`] naming what failed.
-    pub(super) async fn compile(&self, source: &str, bytes: Vec<u8>) -> Result<LoadedComponent, LoadError> {
+    /// `trial` is what its trial instantiation runs with (a candidate's
+    /// own throttle and quotas, for a shadow run).
+    pub(super) async fn compile(
+        &self,
+        source: &str,
+        bytes: Vec<u8>,
+        trial: super::StoreParts,
+    ) -> Result<LoadedComponent, LoadError> {
         let path = PathBuf::from(source);
         let engine = self.engine.clone();
-        let trial = self.parts(Arc::new(StoreReader(self.store.clone())), true);
         let grants = self.grants.clone();
         // Compiled and tried on a thread of its own: the trial instantiation
         // runs guest code (with the stack a guest gets), and compiling takes

@@ -40,6 +40,26 @@ pub struct Difference {
     pub more: usize,
 }
 
+/// Longest value kept in a report, as JSON text; a longer one is cut.
+const MAX_VALUE_BYTES: usize = 2048;
+
+/// What a deleted key compares as.
+const DELETED: &str = "(deleted)";
+
+/// `value`, or its first [`MAX_VALUE_BYTES`] as text if it is longer: the
+/// kept differences stay small whatever the payloads.
+pub(super) fn bounded(value: Value) -> Value {
+    let text = value.to_string();
+    if text.len() <= MAX_VALUE_BYTES {
+        return value;
+    }
+    let mut end = MAX_VALUE_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    Value::String(format!("{}… ({} bytes)", &text[..end], text.len()))
+}
+
 /// A payload as JSON, or as text if it is not.
 pub(super) fn as_json(bytes: &[u8]) -> Value {
     serde_json::from_slice(bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()))
@@ -55,8 +75,11 @@ fn document(called: &Called) -> Value {
             serde_json::json!({ "type": o.event_type, "topic": o.topic, "key": o.key, "data": data })
         })
         .collect();
-    let state: Map<String, Value> =
-        called.writes.iter().map(|(key, value)| (key.clone(), value.as_deref().map_or(Value::Null, as_json))).collect();
+    let state: Map<String, Value> = called
+        .writes
+        .iter()
+        .map(|(key, value)| (key.clone(), value.as_deref().map_or_else(|| Value::String(DELETED.into()), as_json)))
+        .collect();
     let timers = called
         .timers
         .iter()
@@ -121,7 +144,8 @@ fn walk(path: &mut Vec<Step>, a: Option<&Value>, b: Option<&Value>, rules: &[Vec
         (a, b) if a == b => {}
         (a, b) => {
             if !ignored(path, rules) {
-                found.push(Change { path: render(path), serving: a.cloned(), candidate: b.cloned() });
+                let (serving, candidate) = (a.cloned().map(bounded), b.cloned().map(bounded));
+                found.push(Change { path: render(path), serving, candidate });
             }
         }
     }
@@ -255,6 +279,19 @@ mod tests {
         );
         let (changes, _) = calls(&a, &c, &["type".to_owned()]);
         assert_eq!(changes.len(), 1);
+    }
+
+    #[test]
+    fn a_delete_is_not_a_null_and_long_values_are_cut() {
+        let mut a = called(Vec::new(), vec![("k", "null")]);
+        let mut b = called(Vec::new(), Vec::new());
+        b.writes.push(("k".into(), None));
+        let (changes, _) = calls(&a, &b, &[]);
+        assert_eq!(changes[0].candidate, Some(Value::String(DELETED.into())), "{changes:?}");
+        a.writes[0].1 = Some(format!("\"{}\"", "x".repeat(10_000)).into_bytes());
+        let (changes, _) = calls(&a, &b, &[]);
+        let kept = changes[0].serving.as_ref().unwrap().as_str().unwrap();
+        assert!(kept.len() < MAX_VALUE_BYTES + 40 && kept.ends_with("(10002 bytes)"), "{}", kept.len());
     }
 
     #[test]

@@ -161,7 +161,9 @@ impl Taping {
             if !reads.values.contains_key(key) {
                 match self.recording.inner.peek(key) {
                     Ok(value) => reads.values.insert(key.clone(), value),
-                    Err(_) => continue,
+                    // Without it the candidate would read the serving
+                    // version's own write: not compared, counted.
+                    Err(_) => return self.shadow.skipped(false),
                 };
             }
         }
@@ -304,13 +306,17 @@ impl Shadow {
     fn submit(&self, job: worker::Job) {
         let sender = self.jobs.lock().unwrap_or_else(PoisonError::into_inner).clone();
         let query = matches!(job, worker::Job::Query { .. });
-        let sent = sender.is_some_and(|jobs| jobs.try_send(job).is_ok());
-        if !sent {
-            let mut stats = self.stats();
-            match query {
-                true => stats.queries.skipped += 1,
-                false => stats.events.skipped += 1,
-            }
+        if sender.is_none_or(|jobs| jobs.try_send(job).is_err()) {
+            self.skipped(query);
+        }
+    }
+
+    /// Counts an event (or query) not compared.
+    fn skipped(&self, query: bool) {
+        let mut stats = self.stats();
+        match query {
+            true => stats.queries.skipped += 1,
+            false => stats.events.skipped += 1,
         }
     }
 
@@ -344,7 +350,8 @@ impl Shadow {
     fn ready_to_promote(&self) -> bool {
         let stats = self.stats();
         let n = self.settings.promote_after;
-        n > 0 && stats.events.equal >= n && stats.events.differing == 0 && stats.events.candidate_failed == 0
+        let clean = |c: &Counts| c.differing == 0 && c.candidate_failed == 0;
+        n > 0 && stats.events.equal >= n && clean(&stats.events) && clean(&stats.queries)
     }
 
     /// The run's report.
@@ -403,7 +410,8 @@ impl ServiceRuntime {
     /// [`ShadowError::Load`] when the candidate would not load.
     pub async fn start_shadow(&self, source: &str, bytes: Vec<u8>) -> Result<Arc<Shadow>, ShadowError> {
         let settings = self.shadow_settings();
-        let candidate = Arc::new(self.compile(source, bytes.clone()).await?);
+        let parts = self.candidate_parts(&settings);
+        let candidate = Arc::new(self.compile(source, bytes.clone(), parts.clone()).await?);
         let (jobs, queue) = std::sync::mpsc::sync_channel(settings.queue);
         let shadow = Arc::new(Shadow {
             component: self.name.to_string(),
@@ -420,7 +428,8 @@ impl ServiceRuntime {
             jobs: Mutex::new(Some(jobs)),
             promote: tokio::sync::Notify::new(),
         });
-        worker::start(self.candidate_of(candidate, &shadow.settings), shadow.clone(), queue);
+        worker::start(self.candidate_of(candidate, parts), shadow.clone(), queue)
+            .map_err(|err| ShadowError::Trial(format!("cannot start the candidate's thread: {err}")))?;
         let previous = self.shadow.lock().unwrap_or_else(PoisonError::into_inner).replace(shadow.clone());
         if let Some(previous) = previous {
             previous.end("replaced by another shadow run");
@@ -447,6 +456,19 @@ impl ServiceRuntime {
     /// when the reload fails (the run goes on).
     pub async fn promote_shadow(&self) -> Result<ShadowStatus, ShadowError> {
         let shadow = self.shadowing().ok_or_else(|| ShadowError::None(self.name.to_string()))?;
+        self.promote_shadow_of(&shadow).await
+    }
+
+    /// Promotes `shadow`'s candidate if that run is still the one on (a
+    /// run's own promotion policy must not promote a later run).
+    ///
+    /// # Errors
+    /// As [`ServiceRuntime::promote_shadow`]; [`ShadowError::None`] when
+    /// `shadow` is no longer the run on.
+    pub async fn promote_shadow_of(&self, shadow: &Arc<Shadow>) -> Result<ShadowStatus, ShadowError> {
+        if !self.shadowing().is_some_and(|on| Arc::ptr_eq(&on, shadow)) {
+            return Err(ShadowError::None(self.name.to_string()));
+        }
         let source = format!("shadow run of {}", shadow.source);
         self.reload(&source, shadow.bytes.clone()).await.map_err(ShadowError::Promote)?;
         Ok(shadow.status())
@@ -465,7 +487,7 @@ impl ServiceRuntime {
 
     /// Hands the serving answer of a query to the candidate of the run on.
     pub(super) fn shadow_query(&self, request: &Request, answer: &Response, took: Duration) {
-        let Some(shadow) = self.shadowing().filter(|s| s.settings.queries) else { return };
+        let Some(shadow) = self.shadowing().filter(|s| s.settings.queries && s.sample()) else { return };
         let job = worker::Job::Query {
             request: Box::new(request.clone()),
             serving: Box::new(answer.clone()),

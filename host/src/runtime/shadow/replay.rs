@@ -3,12 +3,19 @@
 //! handles and what it would emit. Nothing is published or committed.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use super::super::{CallError, Called, Event, ServiceRuntime};
 use super::ShadowError;
 use crate::state::StoreReader;
+
+/// Most dead letters one trial runs, the first ones.
+pub const MAX_TRIAL_LETTERS: usize = 500;
+
+/// Longest a trial runs; the letters after are not tried.
+pub const MAX_TRIAL_TIME: Duration = Duration::from_secs(120);
 
 /// What the candidate did with one dead letter.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -38,6 +45,9 @@ pub struct Replayed {
     pub candidate: String,
     pub handled: usize,
     pub failed: usize,
+    /// Letters past the first [`MAX_TRIAL_LETTERS`], or past
+    /// [`MAX_TRIAL_TIME`]: not tried.
+    pub not_tried: usize,
     pub letters: Vec<TrialOutcome>,
 }
 
@@ -74,12 +84,19 @@ impl ServiceRuntime {
     /// # Errors
     /// [`ShadowError::Load`] when the candidate would not load.
     pub async fn trial(&self, source: &str, bytes: Vec<u8>, letters: Vec<Letter>) -> Result<Replayed, ShadowError> {
-        let component = Arc::new(self.compile(source, bytes).await?);
-        let candidate = self.candidate_of(component.clone(), &self.shadow_settings());
+        let parts = self.candidate_parts(&self.shadow_settings());
+        let component = Arc::new(self.compile(source, bytes, parts.clone()).await?);
+        let candidate = self.candidate_of(component.clone(), parts);
         let store = self.store.clone();
+        let total = letters.len();
+        // Bounded: a candidate that spins to its time budget on every letter
+        // must not hold the request (and a thread) for hours.
+        let deadline = Instant::now() + MAX_TRIAL_TIME;
         let trial = move || -> Vec<TrialOutcome> {
             letters
                 .into_iter()
+                .take(MAX_TRIAL_LETTERS)
+                .take_while(|_| Instant::now() < deadline)
                 .map(|(id, reason, event)| {
                     let (outcome, _) = candidate.handle(&event, Arc::new(StoreReader(store.clone())), None);
                     outcome_of(id, reason, &event, outcome)
@@ -89,12 +106,14 @@ impl ServiceRuntime {
         let letters = super::super::pool::on_own_thread(format!("trial-{}", self.name), trial)
             .await
             .map_err(|err| ShadowError::Trial(format!("the trial: {err}")))?;
+        let not_tried = total - letters.len();
         let handled = letters.iter().filter(|l| l.handled).count();
         Ok(Replayed {
             component: self.name.to_string(),
             candidate: component.sha256.clone(),
             handled,
             failed: letters.len() - handled,
+            not_tried,
             letters,
         })
     }

@@ -48,29 +48,31 @@ pub(in crate::runtime) struct Candidate {
 }
 
 impl ServiceRuntime {
-    /// `component` as a candidate of this service, its CPU capped as
-    /// `settings` say, its log lines named `{name}~shadow`.
-    pub(in crate::runtime) fn candidate_of(
-        &self,
-        component: Arc<LoadedComponent>,
-        settings: &ShadowSettings,
-    ) -> Candidate {
-        let throttle = Arc::new(Throttle::new(settings.cpu_percent));
-        let mut parts = self.parts(Arc::new(StoreReader(self.store.clone())), false);
-        parts.name = format!("{}~shadow", self.name).into();
-        parts.throttle = throttle.clone();
-        parts.quotas = Arc::new(Quotas::new(self.store.clone(), self.limits.log, self.limits.state));
+    /// `component` as a candidate of this service, its calls made of
+    /// `parts` ([`ServiceRuntime::candidate_parts`]).
+    pub(in crate::runtime) fn candidate_of(&self, component: Arc<LoadedComponent>, parts: StoreParts) -> Candidate {
         Candidate {
             component,
             engine: self.engine.clone(),
+            throttle: parts.throttle.clone(),
             parts,
             store: self.store.clone(),
             grants: self.grants.clone(),
             schemas: self.schemas.get().cloned(),
             timeout: self.limits.timeout,
-            throttle,
             warm: std::sync::Mutex::new(None),
         }
+    }
+
+    /// What a candidate's calls (its trial instantiation included) are made
+    /// of: this service's bounds, a throttle capped as `settings` say and
+    /// quotas of its own, its log lines named `{name}~shadow`.
+    pub(in crate::runtime) fn candidate_parts(&self, settings: &ShadowSettings) -> StoreParts {
+        let mut parts = self.parts(Arc::new(StoreReader(self.store.clone())), false);
+        parts.name = format!("{}~shadow", self.name).into();
+        parts.throttle = Arc::new(Throttle::new(settings.cpu_percent));
+        parts.quotas = Arc::new(Quotas::new(self.store.clone(), self.limits.log, self.limits.state));
+        parts
     }
 }
 
@@ -99,19 +101,18 @@ impl Candidate {
     ) -> (Result<Called, CallError>, Cost) {
         self.wait(CallKind::Handle);
         let _busy = self.engine.busy();
-        let (started, cpu) = (Instant::now(), thread_cpu());
+        let started = Instant::now();
         let mut warm = match self.instance(view) {
             Ok(warm) => warm,
             Err(err) => {
                 self.throttle.charge(CallKind::Handle, started, started.elapsed());
-                return (
-                    Err(trap_error(err, self.timeout)),
-                    Cost::one(started.elapsed(), thread_cpu().saturating_sub(cpu)),
-                );
+                return (Err(trap_error(err, self.timeout)), Cost::one(started.elapsed(), Duration::ZERO));
             }
         };
         warm.calls += 1;
         warm.store.data_mut().tape = tape.map(Tape::replaying);
+        // CPU from the call on, as the serving call's is measured.
+        let cpu = thread_cpu();
         let result = warm.instance.call_handle(&mut warm.store, event);
         let state = warm.store.data_mut();
         let idle = std::mem::take(&mut state.idle);
@@ -170,15 +171,16 @@ impl Candidate {
 }
 
 /// Starts the candidate's thread; it ends with the run.
-pub(super) fn start(candidate: Candidate, shadow: Arc<Shadow>, queue: Receiver<Job>) {
+///
+/// # Errors
+/// The thread could not be started.
+pub(super) fn start(candidate: Candidate, shadow: Arc<Shadow>, queue: Receiver<Job>) -> std::io::Result<()> {
     let name = format!("shadow-{}", shadow.component);
-    let spawned = std::thread::Builder::new()
+    std::thread::Builder::new()
         .name(name)
         .stack_size(CALL_THREAD_STACK)
-        .spawn(move || run(&candidate, &shadow, &queue));
-    if let Err(err) = spawned {
-        tracing::error!("cannot start a shadow run's thread: {err}");
-    }
+        .spawn(move || run(&candidate, &shadow, &queue))
+        .map(|_| ())
 }
 
 fn run(candidate: &Candidate, shadow: &Shadow, queue: &Receiver<Job>) {
@@ -243,7 +245,7 @@ fn event_difference(event: &Event) -> Difference {
         id: event.id.clone(),
         event_type: event.event_type.clone(),
         key: event.key.clone(),
-        input: diff::as_json(&event.payload),
+        input: diff::bounded(diff::as_json(&event.payload)),
         changes: Vec::new(),
         more: 0,
     }
@@ -255,7 +257,7 @@ fn query_difference(request: &Request) -> Difference {
         id: format!("{} {}", request.method, request.path),
         event_type: "query".into(),
         key: None,
-        input: diff::as_json(&request.body),
+        input: diff::bounded(diff::as_json(&request.body)),
         changes: Vec::new(),
         more: 0,
     }
