@@ -7,6 +7,7 @@
 pub(crate) mod measure;
 pub(crate) mod saga;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -121,7 +122,36 @@ pub async fn run(args: WasmArgs) -> anyhow::Result<()> {
         &WasmReport { orders: args.orders, reuse: args.reuse, components: &rows },
     )?;
     print!("{}", table(&rows, args.reuse));
+    let (checked, us) = schema_cost(&sequences, budget);
+    println!("schema check per output (parse the data, validate against its type's JSON Schema): {us:.2} µs, mean of {checked}");
     Ok(())
+}
+
+/// The host's check of an output's data against its event type's schema
+/// (`shop_host::schemas`), over every event of the saga (each is some
+/// component's output), repeated until `budget`: outputs checked and mean µs.
+fn schema_cost(sequences: &BTreeMap<String, Vec<saga::Delivered>>, budget: Duration) -> (usize, f64) {
+    let schemas = shop_host::schemas::Schemas::generated();
+    let outputs: Vec<(&str, &[u8])> = sequences
+        .values()
+        .flatten()
+        .map(|d| (d.event.event_type.as_str(), d.event.payload.as_slice()))
+        .filter(|(event_type, _)| schemas.schema(event_type).is_some())
+        .collect();
+    let started = std::time::Instant::now();
+    let mut checked = 0;
+    while checked == 0 || started.elapsed() < budget {
+        for (event_type, payload) in &outputs {
+            let data: serde_json::Value = serde_json::from_slice(payload).unwrap_or_default();
+            let ok = schemas.check(event_type, &data).is_ok();
+            std::hint::black_box(ok);
+        }
+        checked += outputs.len();
+        if outputs.is_empty() {
+            break;
+        }
+    }
+    (checked, started.elapsed().as_secs_f64() * 1e6 / checked.max(1) as f64)
 }
 
 fn table(rows: &[Row], reuse: u32) -> String {
