@@ -123,7 +123,9 @@ pub async fn run(args: WasmArgs) -> anyhow::Result<()> {
     )?;
     print!("{}", table(&rows, args.reuse));
     let (checked, us) = schema_cost(&sequences, budget);
-    println!("schema check per output (parse the data, validate against its type's JSON Schema): {us:.2} µs, mean of {checked}");
+    println!(
+        "schema check per output (parse the data, validate against its type's JSON Schema): {us:.2} µs, mean of {checked}"
+    );
     Ok(())
 }
 
