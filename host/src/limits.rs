@@ -97,3 +97,19 @@ pub const MAX_ENVELOPE_BYTES: usize = 16 << 10;
 /// Largest payload a component may emit: its record, with the envelope,
 /// stays within [`MAX_RECORD_BYTES`].
 pub const MAX_PAYLOAD_BYTES: usize = MAX_RECORD_BYTES - MAX_ENVELOPE_BYTES;
+
+/// `text` cut to at most `max` bytes at a character boundary, with a marker
+/// naming its whole length: what a bounded message, header or report keeps.
+pub fn cut_text(mut text: String, max: usize) -> String {
+    let original = text.len();
+    if original <= max {
+        return text;
+    }
+    let mut at = max;
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    text.truncate(at);
+    text.push_str(&format!("… [cut: {original} bytes]"));
+    text
+}

@@ -101,7 +101,8 @@ impl Schemas {
                 let at = if at.is_empty() { "the data".to_owned() } else { format!("`{at}`") };
                 // The message quotes the value at fault, which may be the
                 // whole payload: cut, since it goes into a dead letter's header.
-                format!("{}: {}", cut(&at), cut(&err.to_string()))
+                let cut = |text: String| crate::limits::cut_text(text, MAX_PART_BYTES);
+                format!("{}: {}", cut(at), cut(err.to_string()))
             })
             .collect();
         if errors.is_empty() {
@@ -113,15 +114,9 @@ impl Schemas {
     }
 }
 
-/// Longest part of a refusal (a field's path, or what is wrong with it).
-const MAX_PART_CHARS: usize = 200;
-
-fn cut(text: &str) -> String {
-    match text.char_indices().nth(MAX_PART_CHARS) {
-        Some((at, _)) => format!("{}…", &text[..at]),
-        None => text.to_owned(),
-    }
-}
+/// Longest part of a refusal (a field's path, or what is wrong with it),
+/// in bytes.
+const MAX_PART_BYTES: usize = 200;
 
 fn is_json(path: &Path) -> bool {
     path.extension().is_some_and(|e| e == "json")

@@ -38,18 +38,8 @@ fn escape_controls(text: &str) -> String {
 
 /// `text` cut to [`MAX_GUEST_TEXT`] bytes at a character boundary, with a
 /// marker naming its whole length.
-fn cut(mut text: String) -> String {
-    let original = text.len();
-    if text.len() <= MAX_GUEST_TEXT {
-        return text;
-    }
-    let mut at = MAX_GUEST_TEXT;
-    while !text.is_char_boundary(at) {
-        at -= 1;
-    }
-    text.truncate(at);
-    text.push_str(&format!("… [cut: {original} bytes]"));
-    text
+fn cut(text: String) -> String {
+    crate::limits::cut_text(text, MAX_GUEST_TEXT)
 }
 
 #[cfg(test)]

@@ -50,14 +50,10 @@ const DELETED: &str = "(deleted)";
 /// kept differences stay small whatever the payloads.
 pub(super) fn bounded(value: Value) -> Value {
     let text = value.to_string();
-    if text.len() <= MAX_VALUE_BYTES {
-        return value;
+    match text.len() <= MAX_VALUE_BYTES {
+        true => value,
+        false => Value::String(crate::limits::cut_text(text, MAX_VALUE_BYTES)),
     }
-    let mut end = MAX_VALUE_BYTES;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    Value::String(format!("{}… ({} bytes)", &text[..end], text.len()))
 }
 
 /// A payload as JSON, or as text if it is not.
@@ -291,7 +287,7 @@ mod tests {
         a.writes[0].1 = Some(format!("\"{}\"", "x".repeat(10_000)).into_bytes());
         let (changes, _) = calls(&a, &b, &[]);
         let kept = changes[0].serving.as_ref().unwrap().as_str().unwrap();
-        assert!(kept.len() < MAX_VALUE_BYTES + 40 && kept.ends_with("(10002 bytes)"), "{}", kept.len());
+        assert!(kept.len() < MAX_VALUE_BYTES + 40 && kept.ends_with("[cut: 10002 bytes]"), "{}", kept.len());
     }
 
     #[test]

@@ -293,11 +293,6 @@ impl Shadow {
         self.active.load(Ordering::Acquire)
     }
 
-    /// The candidate's bytes (a promotion reloads them).
-    pub fn candidate(&self) -> (&str, &[u8]) {
-        (&self.candidate.sha256, &self.bytes)
-    }
-
     /// Whether this event is one of the sampled ones.
     fn sample(&self) -> bool {
         self.seen.fetch_add(1, Ordering::Relaxed).is_multiple_of(u64::from(self.settings.every))
