@@ -89,7 +89,7 @@ postgres-stop:
 check-containers:
     scripts/validate-containers.sh
 
-# Everything: formatting, lints, container files, unit tests, end-to-end on a real broker and PostgreSQL, browser test, gateway fuzzing.
+# Everything: formatting, lints, container files, unit tests, end-to-end on a real broker and PostgreSQL, browser test, gateway fuzzing, CloudEvents SDK interop.
 test: build-components build-test-components build
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
@@ -99,3 +99,4 @@ test: build-components build-test-components build
     DATABASE_URL="$(scripts/postgres.sh url)" KAFKA_BROKERS=127.0.0.1:9092 cargo test --workspace
     KAFKA_BROKERS=127.0.0.1:9092 scripts/browser-test.sh
     KAFKA_BROKERS=127.0.0.1:9092 scripts/fuzz-gateway.sh
+    KAFKA_BROKERS=127.0.0.1:9092 scripts/interop-test.sh

@@ -201,8 +201,8 @@ async fn victim(engine: &Engine, manifest: &Manifest, name: &str, events: &[Deli
             partition: 0,
             offset: offset as i64,
             key: d.event.key.clone().map(String::into_bytes),
-            value: Some(d.envelope()),
-            headers: vec![("event-type".to_owned(), d.event.event_type.clone().into_bytes())],
+            value: Some(d.envelope().value()),
+            headers: d.envelope().header_bytes(None),
         };
         pipeline.submit(record, &shutdown)
     }))
@@ -270,8 +270,8 @@ async fn events(rt: Arc<ServiceRuntime>, event_type: &str, payload: &str, stop: 
             partition: 0,
             offset: next,
             key,
-            value: Some(envelope.encode()),
-            headers: vec![],
+            value: Some(envelope.value()),
+            headers: envelope.header_bytes(None),
         }
     };
     let mut in_flight = futures::stream::FuturesUnordered::new();

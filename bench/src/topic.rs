@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use serde::Deserialize;
+use shop_host::envelope::Envelope;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -20,12 +20,13 @@ pub const FINAL_EVENT_TYPES: [&str; 3] = ["OrderConfirmed", "OrderRejected", "Or
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The part of the event envelope the reader needs.
-#[derive(Deserialize)]
-struct Envelope {
-    #[serde(rename = "type")]
-    kind: String,
-    order_id: String,
+/// The event `message` carries, read as the host reads it.
+pub fn event_of<M: Message>(message: &M) -> Option<Envelope> {
+    use rdkafka::message::Headers as _;
+    let headers: Vec<(String, Vec<u8>)> = message.headers().map_or_else(Vec::new, |headers| {
+        headers.iter().map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec())).collect()
+    });
+    Envelope::decode(&headers, message.key(), message.payload()).ok()
 }
 
 #[derive(Default)]
@@ -148,10 +149,8 @@ async fn read(consumer: StreamConsumer, seen: Arc<Mutex<Seen>>) {
         match consumer.recv().await {
             Ok(message) => {
                 let at = Instant::now();
-                let Some(envelope) = message.payload().and_then(|p| serde_json::from_slice::<Envelope>(p).ok()) else {
-                    continue;
-                };
-                if FINAL_EVENT_TYPES.contains(&envelope.kind.as_str()) {
+                let Some(envelope) = event_of(&message) else { continue };
+                if FINAL_EVENT_TYPES.contains(&envelope.event_type.as_str()) {
                     let mut seen = seen.lock().unwrap_or_else(PoisonError::into_inner);
                     match seen.first.entry(envelope.order_id) {
                         Entry::Occupied(_) => seen.duplicates += 1,

@@ -1,18 +1,29 @@
-//! The event envelope on the wire: every Kafka record's value is one JSON
-//! envelope around the domain payload.
+//! The event: what every Kafka record the host reads or writes carries,
+//! and how it is written on the wire (a CloudEvent 1.0 in the Kafka
+//! protocol binding's binary mode, [`wire`]).
 //!
-//! ```json
-//! {"id":"…","type":"OrderPlaced","order_id":"…","correlation_id":"…",
-//!  "causation_id":null,"timestamp_ms":1764100000000,"schema_version":1,
-//!  "producer":"gateway","data":{…}}
+//! The Kafka key is the order id; the value is the event's data (JSON);
+//! the attributes travel as `ce_*` headers:
+//!
+//! ```text
+//! ce_specversion: 1.0            ce_id: 0193…          ce_type: PaymentAuthorized
+//! ce_source: /shop/payment@3fa2… ce_subject: <order>   ce_time: 2026-12-07T18:00:00.123Z
+//! content-type: application/json ce_correlationid: …   ce_causationid: …
+//! ce_traceparent / traceparent: 00-<trace>-<span>-01
 //! ```
 
-use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
-/// The envelope version this host writes and understands.
-pub const SCHEMA_VERSION: u32 = 1;
+mod wire;
+#[cfg(test)]
+mod wire_tests;
+
+pub use wire::{LEGACY_VERSION, SPEC_VERSION};
+
+/// Where the events this host makes say they come from: `/shop/` and the
+/// producer (`gateway`, `payment@SHA256`, `timer@payment`).
+pub const SOURCE_PREFIX: &str = "/shop/";
 
 /// Namespace of derived event ids (uuid v5).
 const EVENT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6f1d_2c7e_4b1a_4f0e_9a53_8d2e_1c0b_7a11);
@@ -30,19 +41,31 @@ fn derived_id(at_ms: u64, name: &str) -> String {
     uuid::Builder::from_unix_timestamp_millis(at_ms, &rest).into_uuid().to_string()
 }
 
-/// A record value that is not a valid envelope.
+/// A record that is not an event this host can read.
 #[derive(Debug, thiserror::Error)]
 pub enum EnvelopeError {
-    #[error("record has no value")]
+    #[error("record has no value (the event's data)")]
     Empty,
-    #[error("value is not a JSON event envelope: {0}")]
+    #[error("value is not JSON: {0}")]
     Json(#[from] serde_json::Error),
-    #[error("envelope field `{0}` must not be empty")]
+    #[error("{0} is missing")]
+    Missing(&'static str),
+    #[error("{0} must not be empty")]
     EmptyField(&'static str),
-    #[error("unsupported schema_version {0} (this host understands {SCHEMA_VERSION})")]
+    #[error("unsupported CloudEvents specversion {0:?} (this host reads {SPEC_VERSION})")]
+    SpecVersion(String),
+    #[error("unsupported envelope schema_version {0} (this host reads CloudEvents and envelope version {LEGACY_VERSION})")]
     Version(u32),
-    #[error("envelope field `{field}` {problem}")]
+    #[error("{field} {problem}")]
     BadField { field: &'static str, problem: String },
+    #[error("datacontenttype {0:?} is not JSON: this host's components take JSON data")]
+    NotJson(String),
+    #[error("CloudEvents batches (application/cloudevents-batch+json) are not read: send one event per record")]
+    Batch,
+    #[error(
+        "neither a CloudEvent (no ce_* headers, no content-type application/cloudevents+json, no specversion) nor a version-1 envelope (no schema_version)"
+    )]
+    Unknown,
 }
 
 /// Longest id an envelope may carry (`id`, `type`, `order_id`,
@@ -62,27 +85,26 @@ pub fn id_problem(text: &str) -> Option<String> {
     text.chars().find(|c| c.is_control()).map(|c| format!("contains the control character {c:?}"))
 }
 
-/// The envelope around every event.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// One event, whatever format it came in.
+#[derive(Debug, Clone)]
 pub struct Envelope {
-    /// Unique event id; redeliveries and re-emissions keep it.
+    /// Unique event id (`ce_id`); redeliveries and re-emissions keep it.
     pub id: String,
-    /// Event type, e.g. `OrderPlaced`.
-    #[serde(rename = "type")]
+    /// Event type (`ce_type`), e.g. `OrderPlaced`.
     pub event_type: String,
-    /// The order this event belongs to; also the Kafka key.
+    /// The order this event belongs to (`ce_subject`); also the Kafka key.
     pub order_id: String,
-    /// Id shared by every event of one saga (the first event's id).
+    /// Id shared by every event of one saga (the first event's id;
+    /// extension `correlationid`).
     pub correlation_id: String,
-    /// Id of the event that caused this one.
-    #[serde(default)]
+    /// Id of the event that caused this one (extension `causationid`).
     pub causation_id: Option<String>,
-    /// Creation time, milliseconds since the Unix epoch.
+    /// Creation time (`ce_time`), milliseconds since the Unix epoch; 0 if
+    /// a producer of another kind left it out.
     pub timestamp_ms: u64,
-    /// Envelope version.
-    pub schema_version: u32,
-    /// Who produced it: `gateway` or `NAME@SHA256`.
-    pub producer: String,
+    /// Who produced it (`ce_source`, a URI reference): [`SOURCE_PREFIX`]
+    /// and the producer for the events this host makes.
+    pub source: String,
     /// The domain payload, kept as the JSON text it came in: the host
     /// passes it on without building it into a tree and writing it again.
     pub data: Box<RawValue>,
@@ -92,10 +114,15 @@ impl PartialEq for Envelope {
     fn eq(&self, other: &Self) -> bool {
         (&self.id, &self.event_type, &self.order_id, &self.correlation_id, &self.causation_id)
             == (&other.id, &other.event_type, &other.order_id, &other.correlation_id, &other.causation_id)
-            && (self.timestamp_ms, self.schema_version) == (other.timestamp_ms, other.schema_version)
-            && self.producer == other.producer
+            && self.timestamp_ms == other.timestamp_ms
+            && self.source == other.source
             && self.data.get() == other.data.get()
     }
+}
+
+/// The `ce_source` of what `producer` makes.
+pub fn source_of(producer: &str) -> String {
+    format!("{SOURCE_PREFIX}{producer}")
 }
 
 /// `value` as a payload.
@@ -109,39 +136,10 @@ fn null() -> Box<RawValue> {
 }
 
 impl Envelope {
-    /// Decodes and checks a record value.
-    ///
-    /// # Errors
-    /// [`EnvelopeError`] saying what is wrong with the value.
-    pub fn decode(value: Option<&[u8]>) -> Result<Self, EnvelopeError> {
-        let value = value.filter(|v| !v.is_empty()).ok_or(EnvelopeError::Empty)?;
-        let envelope: Envelope = serde_json::from_slice(value)?;
-        for (field, text) in [
-            ("id", &envelope.id),
-            ("type", &envelope.event_type),
-            ("order_id", &envelope.order_id),
-            ("correlation_id", &envelope.correlation_id),
-        ] {
-            if text.is_empty() {
-                return Err(EnvelopeError::EmptyField(field));
-            }
-        }
-        let ids = [
-            ("id", Some(&envelope.id)),
-            ("type", Some(&envelope.event_type)),
-            ("order_id", Some(&envelope.order_id)),
-            ("correlation_id", Some(&envelope.correlation_id)),
-            ("causation_id", envelope.causation_id.as_ref()),
-        ];
-        for (field, text) in ids {
-            if let Some(problem) = text.and_then(|text| id_problem(text)) {
-                return Err(EnvelopeError::BadField { field, problem });
-            }
-        }
-        if envelope.schema_version != SCHEMA_VERSION {
-            return Err(EnvelopeError::Version(envelope.schema_version));
-        }
-        Ok(envelope)
+    /// Who produced it: the source without [`SOURCE_PREFIX`] for the
+    /// events this host makes, the whole source for others.
+    pub fn producer(&self) -> &str {
+        self.source.strip_prefix(SOURCE_PREFIX).unwrap_or(&self.source)
     }
 
     /// The first event of a saga: its own correlation id.
@@ -165,8 +163,7 @@ impl Envelope {
             order_id: order_id.to_owned(),
             causation_id: None,
             timestamp_ms,
-            schema_version: SCHEMA_VERSION,
-            producer: producer.to_owned(),
+            source: source_of(producer),
             data,
         }
     }
@@ -193,8 +190,7 @@ impl Envelope {
             correlation_id: self.correlation_id.clone(),
             causation_id: Some(self.id.clone()),
             timestamp_ms,
-            schema_version: SCHEMA_VERSION,
-            producer: producer.to_owned(),
+            source: source_of(producer),
             data,
         }
     }
@@ -218,16 +214,9 @@ impl Envelope {
             order_id: timer.key.clone(),
             causation_id: (!timer.set_by.is_empty()).then(|| timer.set_by.clone()),
             timestamp_ms,
-            schema_version: SCHEMA_VERSION,
-            producer: format!("timer@{component}"),
+            source: source_of(&format!("timer@{component}")),
             data,
         }
-    }
-
-    /// The JSON bytes of the envelope.
-    pub fn encode(&self) -> Vec<u8> {
-        // Serializing a struct of strings, integers and JSON text cannot fail.
-        serde_json::to_vec(self).unwrap_or_default()
     }
 }
 
@@ -240,8 +229,9 @@ mod tests {
     fn round_trip_and_derived_ids() {
         let first = Envelope::originate("OrderPlaced", "o1", "gateway", 5, json!({"a": 1}));
         assert_eq!(first.id, first.correlation_id);
-        let decoded = Envelope::decode(Some(&first.encode())).unwrap();
+        let decoded = Envelope::decode(&first.header_bytes(None), None, Some(&first.value())).unwrap();
         assert_eq!(decoded, first);
+        assert_eq!((first.source.as_str(), first.producer()), ("/shop/gateway", "gateway"));
         let again = Envelope::originate("OrderPlaced", "o1", "gateway", 9, json!({"a": 1}));
         assert_eq!(again.id, first.id, "the same order placed again is the same event");
         assert_ne!(Envelope::originate("OrderPlaced", "o2", "gateway", 5, json!({})).id, first.id);
@@ -261,44 +251,5 @@ mod tests {
             (a.correlation_id.as_str(), a.causation_id.as_deref()),
             (first.id.as_str(), Some(first.id.as_str()))
         );
-    }
-
-    #[test]
-    fn bad_values_say_why() {
-        let cases: [(&[u8], &str); 4] = [
-            (b"", "no value"),
-            (b"{\"id\":1}", "not a JSON event envelope"),
-            (br#"{"id":"","type":"T","order_id":"o","correlation_id":"c","timestamp_ms":1,"schema_version":1,"producer":"p","data":{}}"#, "`id`"),
-            (br#"{"id":"i","type":"T","order_id":"o","correlation_id":"c","timestamp_ms":1,"schema_version":9,"producer":"p","data":{}}"#, "schema_version 9"),
-        ];
-        for (value, needle) in cases {
-            let err = Envelope::decode(Some(value)).unwrap_err().to_string();
-            assert!(err.contains(needle), "{err:?} should mention {needle:?}");
-        }
-    }
-
-    #[test]
-    fn ids_that_no_store_can_keep_are_refused() {
-        let with = |field: &str, value: &str| {
-            let mut envelope = serde_json::to_value(Envelope::originate("T", "o1", "p", 1, json!({}))).unwrap();
-            envelope[field] = json!(value);
-            Envelope::decode(Some(&serde_json::to_vec(&envelope).unwrap()))
-        };
-        let long = "x".repeat(MAX_ID_BYTES + 1);
-        let cases = [
-            ("id", "a\u{0}b", "`id` contains the control character '\\0'"),
-            ("id", long.as_str(), "`id` is 257 bytes long, over the limit of 256"),
-            ("order_id", "o\n1", "`order_id` contains the control character '\\n'"),
-            ("correlation_id", long.as_str(), "`correlation_id` is 257 bytes"),
-            ("causation_id", "c\u{7f}", "`causation_id` contains"),
-            ("type", "T\u{1b}", "`type` contains"),
-        ];
-        for (field, value, needle) in cases {
-            let err = with(field, value).unwrap_err().to_string();
-            assert!(err.contains(needle), "{err:?} should mention {needle:?}");
-        }
-        let longest = "x".repeat(MAX_ID_BYTES);
-        assert!(with("id", &longest).is_ok(), "the bound itself is allowed");
-        assert!(with("order_id", "ordre-é-✓").is_ok(), "any printable text is an id");
     }
 }

@@ -47,11 +47,8 @@ impl gateway::Backend for GatewayBackend {
             let record = Outbound {
                 topic: self.orders_topic.clone(),
                 key: order.order_id.clone(),
-                value: envelope.encode(),
-                headers: vec![
-                    ("event-type".into(), shop_events::types::ORDER_PLACED.as_bytes().to_vec()),
-                    (traces::HEADER.into(), trace.to_string().into_bytes()),
-                ],
+                value: envelope.value(),
+                headers: envelope.header_bytes(Some(&trace)),
             };
             let acked =
                 self.publisher.enqueue(vec![record]).await.map_err(|e| gateway::PlaceError::NotSent(e.to_string()))?;

@@ -73,10 +73,18 @@ impl TraceParent {
         Some(Self { trace_id, span_id, flags })
     }
 
-    /// The context in `headers`, if one is there and valid.
+    /// The context in `headers`, if one is there and valid: the
+    /// `traceparent` header or the CloudEvents distributed-tracing
+    /// extension's `ce_traceparent`.
     pub fn from_headers(headers: &[(String, Vec<u8>)]) -> Option<Self> {
-        let (_, value) = headers.iter().find(|(key, _)| key.eq_ignore_ascii_case(HEADER))?;
-        Self::parse(std::str::from_utf8(value).ok()?)
+        headers
+            .iter()
+            .filter(|(key, _)| {
+                key.eq_ignore_ascii_case(HEADER)
+                    || key.get(..3).is_some_and(|ce| ce.eq_ignore_ascii_case("ce_"))
+                        && key[3..].eq_ignore_ascii_case(HEADER)
+            })
+            .find_map(|(_, value)| Self::parse(std::str::from_utf8(value).ok()?))
     }
 
     /// A new trace's root context, with fresh random ids.
@@ -93,11 +101,6 @@ impl TraceParent {
     /// The trace id as 32 hex digits.
     pub fn trace_hex(&self) -> String {
         TraceId::from_bytes(self.trace_id).to_string()
-    }
-
-    /// The header carrying this context.
-    pub fn header(&self) -> (String, String) {
-        (HEADER.to_owned(), self.to_string())
     }
 
     fn span_context(&self) -> SpanContext {
@@ -281,5 +284,7 @@ mod tests {
         let root = begin(&span, None);
         assert_ne!(root.trace_id, parent.trace_id, "no parent: a new trace");
         assert_eq!(TraceParent::from_headers(&[("traceparent".to_owned(), b"junk".to_vec())]), None);
+        let extension = vec![("ce_type".to_owned(), b"X".to_vec()), ("ce_traceparent".to_owned(), VALID.into())];
+        assert_eq!(TraceParent::from_headers(&extension), Some(parent), "the CloudEvents extension is read too");
     }
 }

@@ -177,7 +177,7 @@ fn contract_sends_once_per_order_and_kind_and_is_queryable() {
         let (out, writes) = email.handle(&request("e1", "o1", EmailKind::OrderConfirmed, None)).unwrap();
         assert_eq!(out.len(), 1, "{build}: {out:?}");
         assert_eq!((out[0].topic.as_str(), out[0].key.as_str()), ("analytics", "o1"), "{build}");
-        assert_eq!(out[0].headers, [("event-type".to_owned(), "EmailSent".to_owned())], "{build}");
+        assert_eq!(out[0].headers, [("ce_type".to_owned(), "EmailSent".to_owned())], "{build}");
         let sent: Value = serde_json::from_str(&out[0].value).unwrap();
         assert_eq!(
             sent,
@@ -525,7 +525,7 @@ async fn swapped_between_rust_and_javascript_under_a_stream_of_orders() {
         };
         idle = 0;
         let message = message.unwrap();
-        let envelope: Value = serde_json::from_slice(message.payload().unwrap()).unwrap();
+        let envelope = event_json(&headers_of(&message), message.payload().unwrap()).expect("a CloudEvent");
         if envelope["type"] != "EmailSent" {
             continue;
         }

@@ -30,7 +30,7 @@ fn orders_placed(brokers: &str, topic: &str) -> Vec<Value> {
         match consumer.poll(Duration::from_millis(250)) {
             Some(Ok(message)) => {
                 idle = 0;
-                let envelope: Value = serde_json::from_slice(message.payload().unwrap_or_default()).unwrap();
+                let envelope = event_json(&headers_of(&message), message.payload().unwrap_or_default()).expect("a CloudEvent");
                 if envelope["type"] == "OrderPlaced" {
                     placed.push(envelope["data"].clone());
                 }

@@ -134,14 +134,17 @@ async fn metrics_move_with_traffic() {
             // None: nothing yet, or the poll served a rebalance.
             let Some(message) = reader.poll(Duration::from_millis(200)) else { continue };
             let message = message.unwrap();
-            let value: Value = serde_json::from_slice(message.payload().unwrap()).unwrap();
+            let value = event_json(&headers_of(&message), message.payload().unwrap()).expect("a CloudEvent");
             if value["type"] == "OrderPlaced" {
-                break (message.key().unwrap().to_vec(), message.payload().unwrap().to_vec());
+                break (message.key().unwrap().to_vec(), message.payload().unwrap().to_vec(), headers_of(&message));
             }
         }
     };
     let producer: BaseProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
-    producer.send(BaseRecord::to(&orders_topic).key(&placed.0).payload(&placed.1)).unwrap();
+    let headers = placed.2.iter().fold(rdkafka::message::OwnedHeaders::new(), |h, (key, value)| {
+        h.insert(rdkafka::message::Header { key, value: Some(value) })
+    });
+    producer.send(BaseRecord::to(&orders_topic).key(&placed.0).payload(&placed.1).headers(headers)).unwrap();
     producer.send(BaseRecord::to(&orders_topic).key("garbage").payload("not an envelope")).unwrap();
     producer.flush(Duration::from_secs(10)).unwrap();
 

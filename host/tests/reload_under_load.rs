@@ -229,7 +229,7 @@ async fn payment_is_swapped_five_times_under_a_stream_of_orders() {
         };
         idle = 0;
         let message = message.unwrap();
-        let envelope: Value = serde_json::from_slice(message.payload().unwrap()).unwrap();
+        let envelope = event_json(&headers_of(&message), message.payload().unwrap()).expect("a CloudEvent");
         let event_type = envelope["type"].as_str().unwrap();
         if event_type == "PaymentRequested" {
             continue;

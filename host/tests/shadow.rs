@@ -75,7 +75,8 @@ fn payment_answers(brokers: &str, topic: &str, expected: usize) -> HashMap<Strin
             continue;
         };
         idle = 0;
-        let envelope: Value = serde_json::from_slice(message.unwrap().payload().unwrap()).unwrap();
+        let message = message.unwrap();
+        let envelope = event_json(&headers_of(&message), message.payload().unwrap()).expect("a CloudEvent");
         let event_type = envelope["type"].as_str().unwrap();
         if event_type == "PaymentRequested" {
             continue;

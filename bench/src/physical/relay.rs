@@ -245,7 +245,7 @@ async fn drive(
         permit.forget();
         let key = format!("raw-{}", first_key + sent);
         tracker.start(&key);
-        let headers = OwnedHeaders::new().insert(Header { key: "event-type", value: Some(origin.event_type.as_str()) });
+        let headers = OwnedHeaders::new().insert(Header { key: "ce_type", value: Some(origin.event_type.as_str()) });
         let mut record = FutureRecord::to(&topic).key(&key).payload(&value).headers(headers);
         loop {
             match producer.send_result(record) {
@@ -288,7 +288,7 @@ struct Consumed {
     partition: i32,
     offset: i64,
     key: String,
-    /// From the `event-type` header, as the host sets it.
+    /// From the `ce_type` header, as the host sets it.
     event_type: String,
 }
 
@@ -296,7 +296,7 @@ impl Consumed {
     fn of(message: &BorrowedMessage<'_>) -> Self {
         let event_type = message
             .headers()
-            .and_then(|h| h.iter().find(|h| h.key == "event-type").and_then(|h| h.value))
+            .and_then(|h| h.iter().find(|h| h.key == "ce_type").and_then(|h| h.value))
             .map(|v| String::from_utf8_lossy(v).into_owned())
             .unwrap_or_default();
         Self {
@@ -365,7 +365,7 @@ impl Relay {
         let topic = format!("{}{}", self.prefix, output.topic);
         let producer_name = format!("relay@{}", self.name);
         let headers = OwnedHeaders::new_with_capacity(2)
-            .insert(Header { key: "event-type", value: Some(output.event_type.as_str()) })
+            .insert(Header { key: "ce_type", value: Some(output.event_type.as_str()) })
             .insert(Header { key: "producer", value: Some(producer_name.as_str()) });
         let mut record = FutureRecord::to(&topic).key(key).payload(value).headers(headers);
         loop {

@@ -42,19 +42,10 @@ pub struct PerOrder {
     pub produced: u32,
 }
 
-#[derive(Deserialize)]
-struct Envelope {
-    id: String,
-    #[serde(rename = "type")]
-    event_type: String,
-    #[serde(default)]
-    causation_id: Option<String>,
-    producer: String,
-}
 
 struct Seen {
     topic: String,
-    envelope: Envelope,
+    envelope: shop_host::envelope::Envelope,
     bytes: usize,
 }
 
@@ -86,7 +77,8 @@ impl Topology {
         let mut emitted: BTreeMap<(String, String), Emission> = BTreeMap::new();
         let mut origins: BTreeMap<(String, String), usize> = BTreeMap::new();
         for s in &seen {
-            let (component, hash) = s.envelope.producer.split_once('@').unwrap_or((&s.envelope.producer, ""));
+            let producer = s.envelope.producer();
+            let (component, hash) = producer.split_once('@').unwrap_or((producer, ""));
             match &s.envelope.causation_id {
                 None if hash.is_empty() => {
                     *origins.entry((s.topic.clone(), s.envelope.event_type.clone())).or_default() += 1;
@@ -194,10 +186,13 @@ fn read(brokers: &str, prefix: &str, topics: &[String], sample: usize) -> anyhow
                 if open.get(&key).is_some_and(|high| message.offset() + 1 >= *high) {
                     open.remove(&key);
                 }
-                let Some(value) = message.payload() else { continue };
-                let Ok(envelope) = serde_json::from_slice::<Envelope>(value) else { continue };
+                let Some(envelope) = crate::topic::event_of(&message) else { continue };
+                // What the record carries: its value and its headers (the
+                // relays copy records of this size).
+                let headers = envelope.headers(None).iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+                let value = message.payload().unwrap_or_default().len() + headers;
                 let topic = physical.strip_prefix(prefix).unwrap_or(&physical).to_owned();
-                seen.push(Seen { topic, envelope, bytes: value.len() });
+                seen.push(Seen { topic, envelope, bytes: value });
             }
             Some(Err(KafkaError::PartitionEOF(_))) => {}
             Some(Err(err)) => eprintln!("bench: reading the run's topics: {err}"),

@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use futures::StreamExt as _;
 use futures::stream::FuturesUnordered;
 use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use shop_events::{EmailKind, EmailRequested, LineItem, types};
@@ -21,12 +22,12 @@ use crate::host::{MachineSample, Process, Processes};
 /// Who the envelopes say produced them.
 const PRODUCER: &str = "bench";
 
-/// `count` records `(order id, envelope JSON)` of `EmailRequested`, as the
-/// order service emits them when an order is confirmed.
+/// `count` `EmailRequested` events, as the order service emits them when
+/// an order is confirmed.
 ///
 /// # Errors
 /// When an envelope cannot be serialized.
-pub fn email_requests(count: usize) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+pub fn email_requests(count: usize) -> anyhow::Result<Vec<Envelope>> {
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
@@ -43,9 +44,7 @@ pub fn email_requests(count: usize) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
                 reason: None,
             };
             let data = serde_json::to_value(&request).context("failed to serialize an EmailRequested")?;
-            let envelope = Envelope::originate(types::EMAIL_REQUESTED, &order_id, PRODUCER, now_ms, data);
-            let value = serde_json::to_vec(&envelope).context("failed to serialize an envelope")?;
-            Ok((order_id, value))
+            Ok(Envelope::originate(types::EMAIL_REQUESTED, &order_id, PRODUCER, now_ms, data))
         })
         .collect()
 }
@@ -69,12 +68,17 @@ pub fn producer(brokers: &str) -> anyhow::Result<FutureProducer> {
 pub async fn produce(
     producer: &FutureProducer,
     topic: &str,
-    records: Vec<(String, Vec<u8>)>,
+    records: Vec<Envelope>,
 ) -> anyhow::Result<Duration> {
     let start = Instant::now();
     let mut deliveries = FuturesUnordered::new();
-    for (key, value) in &records {
-        let mut record = FutureRecord::to(topic).key(key).payload(value);
+    for event in &records {
+        // A CloudEvent in binary mode, as the host writes it.
+        let headers = event.headers(None).into_iter().fold(OwnedHeaders::new(), |headers, (key, value)| {
+            headers.insert(Header { key: &key, value: Some(value.as_str()) })
+        });
+        let value = event.data.get();
+        let mut record = FutureRecord::to(topic).key(&event.order_id).payload(value).headers(headers);
         loop {
             match producer.send_result(record) {
                 Ok(delivery) => {

@@ -280,11 +280,8 @@ pub async fn pipeline(
             partition: 0,
             offset: offset as i64,
             key: d.event.key.clone().map(String::into_bytes),
-            value: Some(d.envelope()),
-            headers: vec![
-                ("event-type".to_owned(), d.event.event_type.clone().into_bytes()),
-                ("producer".to_owned(), d.producer.clone().into_bytes()),
-            ],
+            value: Some(d.envelope().value()),
+            headers: d.envelope().header_bytes(None),
         })
         .collect();
     let warmup = WARMUP_EVENTS.min(records.len() / 10);

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 
 use shop_events::{Customer, LineItem, OrderPlaced, topics, types};
+use shop_host::envelope::{Envelope, raw, source_of};
 use shop_sdk::{Event, HandleError, MemoryHost, Outgoing, Service};
 use uuid::Uuid;
 
@@ -49,44 +50,50 @@ impl Delivered {
             }
         };
         let causation_id = cause.map(|c| c.event.id.clone());
-        // As the pipeline builds them: envelope fields, then record headers.
+        let mut delivered = Self {
+            event: Event {
+                id,
+                event_type: event_type.to_owned(),
+                topic: topic.to_owned(),
+                key: Some(key.to_owned()),
+                headers: Vec::new(),
+                payload,
+                timestamp_ms: now_ms,
+            },
+            correlation_id,
+            causation_id,
+            producer: producer.to_owned(),
+        };
+        // As the pipeline builds them: envelope fields, then the record's
+        // headers (the CloudEvent's attributes).
         let mut headers = vec![
-            ("correlation-id".to_owned(), correlation_id.clone()),
-            ("schema-version".to_owned(), "1".to_owned()),
+            ("correlation-id".to_owned(), delivered.correlation_id.clone()),
             ("producer".to_owned(), producer.to_owned()),
         ];
-        if let Some(cause) = &causation_id {
+        if let Some(cause) = &delivered.causation_id {
             headers.push(("causation-id".to_owned(), cause.clone()));
         }
-        headers.push(("event-type".to_owned(), event_type.to_owned()));
-        headers.push(("producer".to_owned(), producer.to_owned()));
-        let event = Event {
-            id,
-            event_type: event_type.to_owned(),
-            topic: topic.to_owned(),
-            key: Some(key.to_owned()),
-            headers,
-            payload,
-            timestamp_ms: now_ms,
-        };
-        Self { event, correlation_id, causation_id, producer: producer.to_owned() }
+        headers.extend(delivered.envelope().headers(None));
+        delivered.event.headers = headers;
+        delivered
     }
 
-    /// The record value: the JSON envelope the host would read.
-    pub fn envelope(&self) -> Vec<u8> {
-        let data: serde_json::Value = serde_json::from_slice(&self.event.payload).unwrap_or(serde_json::Value::Null);
-        let envelope = serde_json::json!({
-            "id": self.event.id,
-            "type": self.event.event_type,
-            "order_id": self.event.key,
-            "correlation_id": self.correlation_id,
-            "causation_id": self.causation_id,
-            "timestamp_ms": self.event.timestamp_ms,
-            "schema_version": 1,
-            "producer": self.producer,
-            "data": data,
-        });
-        serde_json::to_vec(&envelope).unwrap_or_default()
+    /// The event as the host reads it off its record.
+    pub fn envelope(&self) -> Envelope {
+        let data = std::str::from_utf8(&self.event.payload)
+            .ok()
+            .and_then(|text| serde_json::value::RawValue::from_string(text.to_owned()).ok())
+            .unwrap_or_else(|| raw(&serde_json::Value::Null));
+        Envelope {
+            id: self.event.id.clone(),
+            event_type: self.event.event_type.clone(),
+            order_id: self.event.key.clone().unwrap_or_default(),
+            correlation_id: self.correlation_id.clone(),
+            causation_id: self.causation_id.clone(),
+            timestamp_ms: self.event.timestamp_ms,
+            source: source_of(&self.producer),
+            data,
+        }
     }
 }
 

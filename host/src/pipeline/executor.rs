@@ -241,23 +241,24 @@ impl<'a> Batch<'a> {
                 let _ = reply.send(Some(core.dead_letter(&record, reason, 0)));
                 return None;
             }
-            Input::Record(record) => match Envelope::decode(record.value.as_deref()) {
+            Input::Record(record) => match super::records::decode(&record) {
                 Ok(envelope) => (record, envelope, None),
                 Err(err) => {
-                    let _ = reply.send(Some(core.dead_letter(&record, format!("invalid envelope: {err}"), 0)));
+                    let _ = reply.send(Some(core.dead_letter(&record, err, 0)));
                     return None;
                 }
             },
             Input::Timer(timer) => {
                 let envelope = Envelope::timer(core.service.name(), &timer, core.clock.now_ms());
-                let mut headers = vec![("timer-id".to_owned(), timer.id.clone().into_bytes())];
-                headers.extend(timer.traceparent.map(|value| (traces::HEADER.to_owned(), value.into_bytes())));
+                let trace = timer.traceparent.as_deref().and_then(TraceParent::parse);
+                let mut headers = envelope.header_bytes(trace.as_ref());
+                headers.push(("timer-id".to_owned(), timer.id.clone().into_bytes()));
                 let record = Inbound {
                     topic: TIMER_TOPIC.to_owned(),
                     partition: -1,
                     offset: -1,
                     key: Some(timer.key.clone().into_bytes()),
-                    value: Some(envelope.encode()),
+                    value: Some(envelope.value()),
                     headers,
                 };
                 (record, envelope, Some((timer.id, timer.nonce)))

@@ -24,16 +24,24 @@ pub(super) fn bounded(value: &[u8]) -> (Vec<u8>, Option<(String, Vec<u8>)>) {
 /// # Errors
 /// Why the record's value is not an envelope.
 pub fn event_of(topics: &Topics, record: &Inbound) -> Result<Event, String> {
-    let envelope = Envelope::decode(record.value.as_deref()).map_err(|err| format!("invalid envelope: {err}"))?;
-    Ok(event_from(topics, record, &envelope))
+    Ok(event_from(topics, record, &decode(record)?))
 }
 
-/// The WIT event for an envelope; envelope metadata goes in the headers.
+/// The event `record` carries (a CloudEvent, or a version-1 envelope).
+///
+/// # Errors
+/// Why it carries none this host can read.
+pub(super) fn decode(record: &Inbound) -> Result<Envelope, String> {
+    Envelope::decode(&record.headers, record.key.as_deref(), record.value.as_deref())
+        .map_err(|err| format!("not an event this host reads: {err}"))
+}
+
+/// The WIT event for an envelope; envelope metadata goes in the headers,
+/// beside the record's own (the `ce_*` attributes among them).
 fn event_from(topics: &Topics, record: &Inbound, envelope: &Envelope) -> Event {
     let mut headers = vec![
         ("correlation-id".to_owned(), envelope.correlation_id.clone()),
-        ("schema-version".to_owned(), envelope.schema_version.to_string()),
-        ("producer".to_owned(), envelope.producer.clone()),
+        ("producer".to_owned(), envelope.producer().to_owned()),
     ];
     if let Some(cause) = &envelope.causation_id {
         headers.push(("causation-id".to_owned(), cause.clone()));
@@ -92,19 +100,14 @@ impl Core {
             .enumerate()
             .map(|(index, out)| {
                 let envelope = cause.caused(index, &out.event_type, &out.key, producer, now, out.data);
-                let value = envelope.encode();
-                debug_assert!(value.len() <= MAX_RECORD_BYTES, "an output's record outgrew its bound");
+                let headers = envelope.headers(Some(&trace));
+                debug_assert!(envelope.data.get().len() <= MAX_RECORD_BYTES, "an output's record outgrew its bound");
                 OutboxRecord {
                     topic: self.topics.physical(&out.topic),
                     key: out.key,
-                    // JSON is UTF-8: no copy, and no loss if it ever were not.
-                    value: String::from_utf8(value)
-                        .unwrap_or_else(|err| String::from_utf8_lossy(err.as_bytes()).into_owned()),
-                    headers: vec![
-                        ("event-type".to_owned(), out.event_type),
-                        ("producer".to_owned(), producer.to_owned()),
-                        trace.header(),
-                    ],
+                    // Binary mode: the value is the data, JSON text already.
+                    value: String::from(Box::<str>::from(envelope.data)),
+                    headers,
                 }
             })
             .collect()

@@ -43,7 +43,7 @@ impl Output {
             topic: self.topic,
             key: self.key,
             value: self.data.get().to_owned(),
-            headers: vec![("event-type".to_owned(), self.event_type)],
+            headers: vec![("ce_type".to_owned(), self.event_type)],
         }
     }
 }

@@ -110,7 +110,7 @@ pub(crate) async fn handle(rt: &ServiceRuntime, event: &Event) -> Result<Handled
 /// The event types of the records `handled` put in the outbox.
 pub(crate) fn emitted(handled: &Handled) -> Vec<&str> {
     let records = handled.outbox.iter().flat_map(|entry| &entry.records);
-    records.flat_map(|record| &record.headers).filter(|(k, _)| k == "event-type").map(|(_, v)| v.as_str()).collect()
+    records.flat_map(|record| &record.headers).filter(|(k, _)| k == "ce_type").map(|(_, v)| v.as_str()).collect()
 }
 
 async fn stored(rt: &ServiceRuntime, key: &str) -> Option<Vec<u8>> {

@@ -108,15 +108,19 @@ impl Topics {
         wrong
     }
 
-    fn add(&mut self, topic: &str, value: &[u8], reason: Option<&str>, traceparent: Option<String>) {
+    fn add(&mut self, topic: &str, headers: &[(String, Vec<u8>)], value: &[u8]) {
         self.records += 1;
+        let header = |name: &str| {
+            headers.iter().find(|(k, _)| k == name).map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        };
         if topic.ends_with("dead-letters") {
             let value = String::from_utf8_lossy(&value[..value.len().min(500)]).into_owned();
-            self.dead_letters.push(format!("{reason:?}: {value}"));
+            self.dead_letters.push(format!("{:?}: {value}", header("dlq-reason")));
             return;
         }
-        let Ok(envelope) = serde_json::from_slice::<serde_json::Value>(value) else {
-            self.undecodable.push(format!("{topic}: {}", String::from_utf8_lossy(value)));
+        let traceparent = header("traceparent");
+        let Some(envelope) = event_json(headers, value) else {
+            self.undecodable.push(format!("{topic}: {headers:?} {}", String::from_utf8_lossy(value)));
             return;
         };
         let (Some(order), Some(event_type), Some(id)) =
@@ -138,6 +142,44 @@ impl Topics {
     }
 }
 
+/// A record's headers.
+pub fn headers_of<M: rdkafka::Message>(message: &M) -> Vec<(String, Vec<u8>)> {
+    message.headers().map_or_else(Vec::new, |headers| {
+        headers.iter().map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec())).collect()
+    })
+}
+
+/// The CloudEvent of a record the host wrote (binary mode: `ce_*`
+/// headers, the data as the value), read by a client of our own as JSON
+/// with the attributes under the names the tests use: `id`, `type`,
+/// `order_id` (the subject), `correlation_id`, `causation_id` (null when
+/// absent), `time` (and `timestamp_ms`), `source` (and `producer`, the
+/// source without `/shop/`) and `data`. `None` if the record is not one:
+/// no `ce_specversion` 1.0, a required attribute missing, a content type
+/// other than JSON or a value that is not JSON.
+pub fn event_json(headers: &[(String, Vec<u8>)], value: &[u8]) -> Option<serde_json::Value> {
+    let header = |name: &str| {
+        headers.iter().find(|(k, _)| k == name).and_then(|(_, v)| String::from_utf8(v.clone()).ok())
+    };
+    if header("ce_specversion").as_deref() != Some("1.0") || header("content-type").as_deref() != Some("application/json") {
+        return None;
+    }
+    let data: serde_json::Value = serde_json::from_slice(value).ok()?;
+    let time = time::OffsetDateTime::parse(&header("ce_time")?, &time::format_description::well_known::Rfc3339).ok()?;
+    Some(serde_json::json!({
+        "id": header("ce_id")?,
+        "type": header("ce_type")?,
+        "source": header("ce_source")?,
+        "producer": header("ce_source")?.strip_prefix("/shop/")?,
+        "order_id": header("ce_subject")?,
+        "time": header("ce_time")?,
+        "timestamp_ms": time.unix_timestamp_nanos() / 1_000_000,
+        "correlation_id": header("ce_correlationid")?,
+        "causation_id": header("ce_causationid"),
+        "data": data,
+    }))
+}
+
 /// Whether two copies of one event id are the same event. Outputs of a
 /// component are published again byte for byte (from its outbox); an event
 /// the gateway originates is stamped again when a client retries it after a
@@ -146,7 +188,7 @@ fn same_event(a: &serde_json::Value, b: &serde_json::Value) -> bool {
     if a["causation_id"].is_null() && b["causation_id"].is_null() {
         let unstamped = |v: &serde_json::Value| {
             let mut v = v.clone();
-            v.as_object_mut().map(|o| o.remove("timestamp_ms"));
+            v.as_object_mut().map(|o| (o.remove("time"), o.remove("timestamp_ms")));
             v
         };
         unstamped(a) == unstamped(b)
@@ -186,14 +228,7 @@ pub fn read_until(brokers: &str, marks: &[Watermark]) -> Topics {
         if message.offset() >= high {
             continue;
         }
-        let reason = message.headers().and_then(|headers| {
-            headers.iter().find(|h| h.key == "dlq-reason").and_then(|h| h.value).map(String::from_utf8_lossy)
-        });
-        let traceparent = message.headers().and_then(|headers| {
-            let header = headers.iter().find(|h| h.key == "traceparent")?;
-            header.value.map(|v| String::from_utf8_lossy(v).into_owned())
-        });
-        topics.add(message.topic(), message.payload().unwrap_or_default(), reason.as_deref(), traceparent);
+        topics.add(message.topic(), &headers_of(&message), message.payload().unwrap_or_default());
         if message.offset() + 1 >= high {
             remaining.remove(&key);
         }

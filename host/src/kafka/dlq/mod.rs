@@ -166,8 +166,13 @@ impl DeadLetter {
             }
             (None, None) => Origin::Unknown,
         };
-        let envelope: Option<serde_json::Value> =
-            record.value.as_deref().and_then(|value| serde_json::from_slice(value).ok());
+        // The event's id and type: binary mode's headers, else the value's
+        // fields (structured mode, the version-1 envelope), else the
+        // version-1 `event-type` header; a value cut to fit is not parsed.
+        let envelope: Option<serde_json::Value> = match record.header("ce_id") {
+            Some(_) => None,
+            None => record.value.as_deref().and_then(|value| serde_json::from_slice(value).ok()),
+        };
         let field = |name: &str| envelope.as_ref().and_then(|e| e.get(name)?.as_str().map(str::to_owned));
         Some(Self {
             id: record.id(),
@@ -177,8 +182,8 @@ impl DeadLetter {
             origin,
             attempts: record.header("dlq-attempts").and_then(|a| a.parse().ok()),
             reason: record.header("dlq-reason").unwrap_or_default(),
-            event_id: field("id"),
-            event_type: field("type").or_else(|| record.header("event-type")),
+            event_id: record.header("ce_id").or_else(|| field("id")),
+            event_type: record.header("ce_type").or_else(|| field("type")).or_else(|| record.header("event-type")),
             truncated_from: record.header("dlq-truncated").and_then(|t| t.parse().ok()),
             replayed_from: record.header(REPLAYED_FROM),
             replayed: None,
