@@ -90,8 +90,9 @@ pub const MAX_RECORD_BYTES: usize = 900 * 1024;
 /// Longest event type, topic or key of an event a component emits.
 pub const MAX_OUTPUT_NAME_BYTES: usize = 256;
 
-/// What a record holds besides its payload, at most: the envelope's ids
-/// (each ≤ 256 bytes), names and fields, JSON escaping included.
+/// What a record holds besides its payload, at most: the CloudEvent's
+/// headers (ids, type, source and subject each ≤ 256 bytes, time, trace
+/// context and content type, names included).
 pub const MAX_ENVELOPE_BYTES: usize = 16 << 10;
 
 /// Largest payload a component may emit: its record, with the envelope,

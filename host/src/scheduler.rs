@@ -242,7 +242,7 @@ mod tests {
         fire_due(&pipeline, &bus, &*clock, &shutdown).await.unwrap();
         let echoed = bus.records("p-out");
         assert_eq!(echoed.len(), 1);
-        let envelope = Envelope::decode(Some(&echoed[0].value)).unwrap();
+        let envelope = Envelope::decode(&echoed[0].headers, None, Some(&echoed[0].value)).unwrap();
         assert_eq!((envelope.event_type.as_str(), envelope.order_id.as_str()), ("Echoed", "k"));
         assert_eq!(envelope.correlation_id, "c1", "the timer continues its setter's saga");
         assert_eq!(service.state_store().get("k").unwrap(), Some(b"\"hi\"".to_vec()), "handled with its payload");
@@ -275,8 +275,8 @@ mod tests {
             partition: 0,
             offset: 1,
             key: Some(b"k".to_vec()),
-            value: Some(envelope.encode()),
-            headers: vec![],
+            value: Some(envelope.value()),
+            headers: envelope.header_bytes(None),
         };
         let first = pipeline.process(&record, &shutdown).await.unwrap();
         assert!(matches!(first, Disposition::Publish { duplicate: false, .. }), "{first:?}");

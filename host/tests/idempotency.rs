@@ -110,7 +110,7 @@ async fn an_idempotency_key_is_bound_to_its_order_on_real_kafka() {
     racing["idempotency"]["request_hash"] = json!("another-request");
     let envelope = Envelope::originate("OrderPlaced", &racing_id, "gateway", 1, racing);
     let producer: BaseProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
-    producer.send(BaseRecord::to(&orders_topic).key(&racing_id).payload(&envelope.encode())).unwrap();
+    producer.send(BaseRecord::to(&orders_topic).key(&racing_id).payload(&envelope.value()).headers(ce_headers(&envelope))).unwrap();
     producer.flush(Duration::from_secs(10)).unwrap();
     eventually(Duration::from_secs(30), "the order service logs the ignored order", || {
         let output = host.output();

@@ -105,8 +105,8 @@ impl World {
         self.bus.push(Outbound {
             topic: "mem-orders".into(),
             key: order_id.into(),
-            value: envelope.encode(),
-            headers: vec![],
+            value: envelope.value(),
+            headers: envelope.header_bytes(None),
         });
     }
 
@@ -207,13 +207,13 @@ async fn the_saga_runs_on_in_memory_adapters() {
     );
 
     // Envelopes: causation chains back to the OrderPlaced, correlation is shared.
-    let placed: Envelope = Envelope::decode(Some(&world.bus.records("mem-orders")[0].value)).unwrap();
+    let placed: Envelope = { let r = &world.bus.records("mem-orders")[0]; Envelope::decode(&r.headers, None, Some(&r.value)) }.unwrap();
     let requests: Vec<Envelope> =
-        world.bus.records("mem-payments").iter().map(|r| Envelope::decode(Some(&r.value)).unwrap()).collect();
+        world.bus.records("mem-payments").iter().map(|r| Envelope::decode(&r.headers, None, Some(&r.value)).unwrap()).collect();
     let request = requests.iter().find(|e| e.order_id == "o-ok" && e.event_type == "PaymentRequested").unwrap();
     assert_eq!(request.causation_id.as_deref(), Some(placed.id.as_str()));
     assert_eq!(request.correlation_id, placed.correlation_id);
-    assert!(request.producer.starts_with("order@"));
+    assert!(request.producer().starts_with("order@"));
     assert!(!request.data.to_string().is_empty());
 }
 
@@ -256,8 +256,8 @@ async fn undecodable_records_are_dead_lettered_with_the_reason() {
     world.bus.push(Outbound {
         topic: "mem-orders".into(),
         key: "o2".into(),
-        value: bad_payload.encode(),
-        headers: vec![],
+        value: bad_payload.value(),
+        headers: bad_payload.header_bytes(None),
     });
     let dead = world.settle().await;
     let dead_letters = world.bus.records("mem-dead-letters");
@@ -295,7 +295,7 @@ async fn a_payment_deadline_fires_from_a_durable_timer_and_nothing_is_charged() 
         .bus
         .records("mem-payments")
         .iter()
-        .filter(|r| Envelope::decode(Some(&r.value)).unwrap().event_type == "PaymentVoidRequested")
+        .filter(|r| Envelope::decode(&r.headers, None, Some(&r.value)).unwrap().event_type == "PaymentVoidRequested")
         .count();
     assert!(voids >= 3, "the void was retried: {voids}");
 

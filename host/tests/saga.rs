@@ -273,9 +273,9 @@ async fn events_of_one_order_arriving_out_of_order_converge() {
     wait_healthy(&client, ports).await;
     let producer: BaseProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
     let send = |topic: &str, envelope: &Envelope| {
-        let value = envelope.encode();
+        let value = envelope.value();
         let topic = format!("{prefix}{topic}");
-        let record = BaseRecord::to(&topic).key(&envelope.order_id).payload(&value);
+        let record = BaseRecord::to(&topic).key(&envelope.order_id).payload(&value).headers(ce_headers(envelope));
         producer.send(record).unwrap();
         producer.flush(Duration::from_secs(10)).unwrap();
     };

@@ -190,7 +190,7 @@ async fn an_order_is_one_trace_from_the_request_to_the_email_across_a_timer() {
     let mut types = BTreeSet::new();
     for topic in ["orders", "payments", "emails"] {
         for record in world.bus.records(&world.topics.physical(topic)) {
-            let event = Envelope::decode(Some(&record.value)).unwrap();
+            let event = Envelope::decode(&record.headers, None, Some(&record.value)).unwrap();
             let trace = TraceParent::from_headers(&record.headers);
             assert_eq!(trace.map(|t| t.trace_id), Some(caller.trace_id), "{} on {topic}", event.event_type);
             types.insert(event.event_type);

@@ -82,7 +82,7 @@ fn structured_mode_is_read_with_or_without_its_content_type() {
     let without = decode(&[], Some("k"), &value).unwrap();
     assert_eq!(with, without);
     assert_eq!((with.id.as_str(), with.order_id.as_str(), with.correlation_id.as_str()), ("s-1", "o2", "c-9"));
-    assert_eq!((with.causation_id.as_deref(), with.timestamp_ms, with.data.get()), (Some("s-0"), 1_796_666_400_000, r#"{"x": 1}"#));
+    assert_eq!((with.causation_id.as_deref(), with.timestamp_ms, with.data.get()), (Some("s-0"), 1_796_666_400_000, r#"{"x":1}"#));
 }
 
 #[test]

@@ -43,8 +43,8 @@ fn record(event_type: &str, key: &str, offset: i64) -> Inbound {
         partition: 0,
         offset,
         key: Some(key.as_bytes().to_vec()),
-        value: Some(envelope.encode()),
-        headers: vec![],
+        value: Some(envelope.value()),
+        headers: envelope.header_bytes(None),
     }
 }
 

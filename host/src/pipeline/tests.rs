@@ -109,8 +109,8 @@ async fn an_event_another_host_committed_first_is_a_duplicate_not_a_second_effec
         partition: 0,
         offset: 1,
         key: Some(b"k".to_vec()),
-        value: Some(envelope.encode()),
-        headers: vec![],
+        value: Some(envelope.value()),
+        headers: envelope.header_bytes(None),
     };
     let disposition = pipeline.process(&record, &CancellationToken::new()).await.unwrap();
     let Disposition::Publish { records, duplicate, .. } = disposition else { panic!("{disposition:?}") };
@@ -141,8 +141,8 @@ fn record(envelope: &Envelope, offset: i64) -> Inbound {
         partition: 0,
         offset,
         key: Some(envelope.order_id.clone().into_bytes()),
-        value: Some(envelope.encode()),
-        headers: vec![],
+        value: Some(envelope.value()),
+        headers: envelope.header_bytes(None),
     }
 }
 

@@ -29,8 +29,8 @@ async fn emit(pipeline: &Pipeline, offset: i64, named: &str) -> Disposition {
         partition: 0,
         offset,
         key: Some(key.into_bytes()),
-        value: Some(envelope.encode()),
-        headers: vec![],
+        value: Some(envelope.value()),
+        headers: envelope.header_bytes(None),
     };
     pipeline.process(&record, &CancellationToken::new()).await.unwrap()
 }

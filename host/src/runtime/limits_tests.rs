@@ -140,8 +140,8 @@ async fn the_pipeline_retries_a_sleeper_and_dead_letters_a_bomb() {
             partition: 0,
             offset: 1,
             key: None,
-            value: Some(envelope.encode()),
-            headers: vec![],
+            value: Some(envelope.value()),
+            headers: envelope.header_bytes(None),
         }
     };
     let started = Instant::now();

@@ -304,16 +304,16 @@ async fn the_pipeline_retries_a_canary_failure_on_the_restored_version() {
         partition: 0,
         offset: 7,
         key: None,
-        value: Some(envelope.encode()),
-        headers: vec![],
+        value: Some(envelope.value()),
+        headers: envelope.header_bytes(None),
     };
     let disposition = pipeline.process(&record, &tokio_util::sync::CancellationToken::new()).await.unwrap();
     let Disposition::Publish { records: out, .. } = disposition else {
         panic!("expected the event to be handled: {disposition:?}")
     };
     assert_eq!(out.len(), 1);
-    let echoed = Envelope::decode(Some(&out[0].value)).unwrap();
-    assert_eq!(echoed.producer, format!("misbehave@{}", rt.current().sha256));
+    let echoed = Envelope::decode(&out[0].headers, None, Some(&out[0].value)).unwrap();
+    assert_eq!(echoed.producer(), format!("misbehave@{}", rt.current().sha256));
 }
 
 #[tokio::test]
@@ -439,8 +439,8 @@ async fn a_key_waiting_to_retry_holds_up_only_its_own_later_events() {
     let shutdown = tokio_util::sync::CancellationToken::new();
     let record = |event_type: &str, key: &str, offset: i64| {
         let envelope = Envelope::originate(event_type, key, "test", 1, serde_json::json!("hello"));
-        let value = Some(envelope.encode());
-        Inbound { topic: "in".into(), partition: 0, offset, key: Some(key.into()), value, headers: vec![] }
+        let (value, headers) = (Some(envelope.value()), envelope.header_bytes(None));
+        Inbound { topic: "in".into(), partition: 0, offset, key: Some(key.into()), value, headers }
     };
     let mut done: futures::stream::FuturesUnordered<_> =
         [record("WriteThenFail", "a", 0), record("Echo", "a", 1), record("Echo", "b", 2)]

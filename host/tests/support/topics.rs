@@ -428,3 +428,10 @@ fn committed_offsets(brokers: &str, group: &str, marks: &[Watermark]) -> BTreeMa
         })
         .collect()
 }
+
+/// The headers of `event` in binary mode, as the host writes them.
+pub fn ce_headers(event: &shop_host::envelope::Envelope) -> rdkafka::message::OwnedHeaders {
+    event.header_bytes(None).into_iter().fold(rdkafka::message::OwnedHeaders::new(), |headers, (key, value)| {
+        headers.insert(rdkafka::message::Header { key: &key, value: Some(&value) })
+    })
+}
