@@ -54,7 +54,9 @@ pub enum EnvelopeError {
     EmptyField(&'static str),
     #[error("unsupported CloudEvents specversion {0:?} (this host reads {SPEC_VERSION})")]
     SpecVersion(String),
-    #[error("unsupported envelope schema_version {0} (this host reads CloudEvents and envelope version {LEGACY_VERSION})")]
+    #[error(
+        "unsupported envelope schema_version {0} (this host reads CloudEvents and envelope version {LEGACY_VERSION})"
+    )]
     Version(u32),
     #[error("{field} {problem}")]
     BadField { field: &'static str, problem: String },

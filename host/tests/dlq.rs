@@ -73,7 +73,10 @@ fn read_to_end(brokers: &str, topic: &str) -> Vec<(Option<String>, Value)> {
         let Some(end) = ends.get(&message.partition()).copied() else { continue };
         if message.offset() < end {
             let key = message.key().map(|k| String::from_utf8_lossy(k).into_owned());
-            records.push((key, event_json(&headers_of(&message), message.payload().unwrap_or_default()).unwrap_or(Value::Null)));
+            records.push((
+                key,
+                event_json(&headers_of(&message), message.payload().unwrap_or_default()).unwrap_or(Value::Null),
+            ));
         }
         if message.offset() + 1 >= end {
             ends.remove(&message.partition());

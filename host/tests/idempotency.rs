@@ -30,7 +30,8 @@ fn orders_placed(brokers: &str, topic: &str) -> Vec<Value> {
         match consumer.poll(Duration::from_millis(250)) {
             Some(Ok(message)) => {
                 idle = 0;
-                let envelope = event_json(&headers_of(&message), message.payload().unwrap_or_default()).expect("a CloudEvent");
+                let envelope =
+                    event_json(&headers_of(&message), message.payload().unwrap_or_default()).expect("a CloudEvent");
                 if envelope["type"] == "OrderPlaced" {
                     placed.push(envelope["data"].clone());
                 }
@@ -110,7 +111,9 @@ async fn an_idempotency_key_is_bound_to_its_order_on_real_kafka() {
     racing["idempotency"]["request_hash"] = json!("another-request");
     let envelope = Envelope::originate("OrderPlaced", &racing_id, "gateway", 1, racing);
     let producer: BaseProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
-    producer.send(BaseRecord::to(&orders_topic).key(&racing_id).payload(&envelope.value()).headers(ce_headers(&envelope))).unwrap();
+    producer
+        .send(BaseRecord::to(&orders_topic).key(&racing_id).payload(&envelope.value()).headers(ce_headers(&envelope)))
+        .unwrap();
     producer.flush(Duration::from_secs(10)).unwrap();
     eventually(Duration::from_secs(30), "the order service logs the ignored order", || {
         let output = host.output();

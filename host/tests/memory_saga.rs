@@ -207,9 +207,17 @@ async fn the_saga_runs_on_in_memory_adapters() {
     );
 
     // Envelopes: causation chains back to the OrderPlaced, correlation is shared.
-    let placed: Envelope = { let r = &world.bus.records("mem-orders")[0]; Envelope::decode(&r.headers, None, Some(&r.value)) }.unwrap();
-    let requests: Vec<Envelope> =
-        world.bus.records("mem-payments").iter().map(|r| Envelope::decode(&r.headers, None, Some(&r.value)).unwrap()).collect();
+    let placed: Envelope = {
+        let r = &world.bus.records("mem-orders")[0];
+        Envelope::decode(&r.headers, None, Some(&r.value))
+    }
+    .unwrap();
+    let requests: Vec<Envelope> = world
+        .bus
+        .records("mem-payments")
+        .iter()
+        .map(|r| Envelope::decode(&r.headers, None, Some(&r.value)).unwrap())
+        .collect();
     let request = requests.iter().find(|e| e.order_id == "o-ok" && e.event_type == "PaymentRequested").unwrap();
     assert_eq!(request.causation_id.as_deref(), Some(placed.id.as_str()));
     assert_eq!(request.correlation_id, placed.correlation_id);

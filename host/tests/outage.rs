@@ -130,7 +130,8 @@ fn read_all(brokers: &str, topic: &str) -> Vec<Value> {
         if let Some(message) = consumer.poll(Duration::from_millis(200)) {
             let message = message.unwrap();
             next.insert(message.partition(), message.offset() + 1);
-            values.push(event_json(&headers_of(&message), message.payload().unwrap_or_default()).unwrap_or(Value::Null));
+            values
+                .push(event_json(&headers_of(&message), message.payload().unwrap_or_default()).unwrap_or(Value::Null));
         }
     }
     values

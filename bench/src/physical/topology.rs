@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::manifest::Manifest;
 
@@ -41,7 +41,6 @@ pub struct PerOrder {
     /// Records produced, the origin included.
     pub produced: u32,
 }
-
 
 struct Seen {
     topic: String,

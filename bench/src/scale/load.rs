@@ -65,11 +65,7 @@ pub fn producer(brokers: &str) -> anyhow::Result<FutureProducer> {
 ///
 /// # Errors
 /// When a record is refused or not delivered.
-pub async fn produce(
-    producer: &FutureProducer,
-    topic: &str,
-    records: Vec<Envelope>,
-) -> anyhow::Result<Duration> {
+pub async fn produce(producer: &FutureProducer, topic: &str, records: Vec<Envelope>) -> anyhow::Result<Duration> {
     let start = Instant::now();
     let mut deliveries = FuturesUnordered::new();
     for event in &records {

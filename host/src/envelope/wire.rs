@@ -77,7 +77,11 @@ impl Envelope {
     ///
     /// # Errors
     /// [`EnvelopeError`] saying what is wrong with the record.
-    pub fn decode(headers: &[(String, Vec<u8>)], key: Option<&[u8]>, value: Option<&[u8]>) -> Result<Self, EnvelopeError> {
+    pub fn decode(
+        headers: &[(String, Vec<u8>)],
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+    ) -> Result<Self, EnvelopeError> {
         let envelope = if headers.iter().any(|(name, _)| name.starts_with("ce_")) {
             binary(headers, key, value)?
         } else {
@@ -262,6 +266,7 @@ pub fn rfc3339(ms: u64) -> String {
 /// An RFC 3339 time as milliseconds since the Unix epoch.
 fn millis(field: &'static str, text: &str) -> Result<u64, EnvelopeError> {
     let bad = |problem: String| EnvelopeError::BadField { field, problem };
-    let time = OffsetDateTime::parse(text, &Rfc3339).map_err(|err| bad(format!("{text:?} is not an RFC 3339 time: {err}")))?;
+    let time =
+        OffsetDateTime::parse(text, &Rfc3339).map_err(|err| bad(format!("{text:?} is not an RFC 3339 time: {err}")))?;
     u64::try_from(time.unix_timestamp_nanos() / 1_000_000).map_err(|_| bad(format!("{text:?} is before 1970")))
 }

@@ -60,9 +60,18 @@ fn binary_mode_of_another_producer_is_read_with_defaults() {
     )
     .unwrap();
     assert_eq!((read.order_id.as_str(), read.correlation_id.as_str(), read.timestamp_ms), ("o7", "ext-1", 0));
-    assert_eq!((read.source.as_str(), read.producer()), ("https://legacy.example/orders", "https://legacy.example/orders"));
+    assert_eq!(
+        (read.source.as_str(), read.producer()),
+        ("https://legacy.example/orders", "https://legacy.example/orders")
+    );
     let offset = decode(
-        &[("ce_specversion", "1.0"), ("ce_id", "e"), ("ce_source", "/s"), ("ce_type", "T"), ("ce_time", "2026-01-01T01:00:00.5+01:00")],
+        &[
+            ("ce_specversion", "1.0"),
+            ("ce_id", "e"),
+            ("ce_source", "/s"),
+            ("ce_type", "T"),
+            ("ce_time", "2026-01-01T01:00:00.5+01:00"),
+        ],
         Some("k"),
         "{}",
     )
@@ -82,7 +91,10 @@ fn structured_mode_is_read_with_or_without_its_content_type() {
     let without = decode(&[], Some("k"), &value).unwrap();
     assert_eq!(with, without);
     assert_eq!((with.id.as_str(), with.order_id.as_str(), with.correlation_id.as_str()), ("s-1", "o2", "c-9"));
-    assert_eq!((with.causation_id.as_deref(), with.timestamp_ms, with.data.get()), (Some("s-0"), 1_796_666_400_000, r#"{"x":1}"#));
+    assert_eq!(
+        (with.causation_id.as_deref(), with.timestamp_ms, with.data.get()),
+        (Some("s-0"), 1_796_666_400_000, r#"{"x":1}"#)
+    );
 }
 
 #[test]
@@ -91,7 +103,10 @@ fn the_version_1_envelope_is_still_read() {
         "timestamp_ms":1764100000000,"schema_version":1,"producer":"gateway","data":{"order_id":"o1"}}"#;
     let read = decode(&[("event-type", "OrderPlaced"), ("traceparent", TRACE)], Some("o1"), old).unwrap();
     assert_eq!((read.id.as_str(), read.event_type.as_str(), read.order_id.as_str()), ("i1", "OrderPlaced", "o1"));
-    assert_eq!((read.source.as_str(), read.producer(), read.timestamp_ms), ("/shop/gateway", "gateway", 1_764_100_000_000));
+    assert_eq!(
+        (read.source.as_str(), read.producer(), read.timestamp_ms),
+        ("/shop/gateway", "gateway", 1_764_100_000_000)
+    );
     assert_eq!(read.data.get(), r#"{"order_id":"o1"}"#);
 }
 
@@ -106,7 +121,9 @@ fn bad_records_say_why() {
         pairs.retain(|(_, v)| !v.is_empty());
         pairs
     };
-    let cases: Vec<(Vec<(&str, &str)>, &str, &str)> = vec![
+    // (headers, value, what the refusal says)
+    type Case<'a> = (Vec<(&'a str, &'a str)>, &'a str, &'a str);
+    let cases: Vec<Case> = vec![
         (vec![], "", "no value"),
         (vec![], r#"{"id":1}"#, "neither a CloudEvent"),
         (vec![], "not json", "not JSON"),
@@ -119,10 +136,26 @@ fn bad_records_say_why() {
         (ce(&[("ce_time", "yesterday")]), "{}", "ce_time \"yesterday\" is not an RFC 3339 time"),
         (ce(&[("ce_time", "1969-12-31T23:59:59Z")]), "{}", "before 1970"),
         (vec![("content-type", "application/cloudevents-batch+json")], "[]", "batches"),
-        (vec![("content-type", "application/cloudevents+json")], r#"{"specversion":"1.0","id":"i","source":"/s","type":"T","subject":"o"}"#, "data is missing"),
-        (vec![], r#"{"specversion":"1.0","id":"i","source":"/s","type":"T","subject":"o","data_base64":"AA=="}"#, "\"data_base64\" is not JSON"),
-        (vec![], r#"{"id":"","type":"T","order_id":"o","correlation_id":"c","timestamp_ms":1,"schema_version":1,"producer":"p","data":{}}"#, "id must not be empty"),
-        (vec![], r#"{"id":"i","type":"T","order_id":"o","correlation_id":"c","timestamp_ms":1,"schema_version":9,"producer":"p","data":{}}"#, "schema_version 9"),
+        (
+            vec![("content-type", "application/cloudevents+json")],
+            r#"{"specversion":"1.0","id":"i","source":"/s","type":"T","subject":"o"}"#,
+            "data is missing",
+        ),
+        (
+            vec![],
+            r#"{"specversion":"1.0","id":"i","source":"/s","type":"T","subject":"o","data_base64":"AA=="}"#,
+            "\"data_base64\" is not JSON",
+        ),
+        (
+            vec![],
+            r#"{"id":"","type":"T","order_id":"o","correlation_id":"c","timestamp_ms":1,"schema_version":1,"producer":"p","data":{}}"#,
+            "id must not be empty",
+        ),
+        (
+            vec![],
+            r#"{"id":"i","type":"T","order_id":"o","correlation_id":"c","timestamp_ms":1,"schema_version":9,"producer":"p","data":{}}"#,
+            "schema_version 9",
+        ),
     ];
     for (pairs, value, needle) in cases {
         let err = Envelope::decode(&headers(&pairs), Some(b"k"), Some(value.as_bytes())).unwrap_err().to_string();

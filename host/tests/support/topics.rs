@@ -110,9 +110,8 @@ impl Topics {
 
     fn add(&mut self, topic: &str, headers: &[(String, Vec<u8>)], value: &[u8]) {
         self.records += 1;
-        let header = |name: &str| {
-            headers.iter().find(|(k, _)| k == name).map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-        };
+        let header =
+            |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| String::from_utf8_lossy(v).into_owned());
         if topic.ends_with("dead-letters") {
             let value = String::from_utf8_lossy(&value[..value.len().min(500)]).into_owned();
             self.dead_letters.push(format!("{:?}: {value}", header("dlq-reason")));
@@ -158,10 +157,11 @@ pub fn headers_of<M: rdkafka::Message>(message: &M) -> Vec<(String, Vec<u8>)> {
 /// no `ce_specversion` 1.0, a required attribute missing, a content type
 /// other than JSON or a value that is not JSON.
 pub fn event_json(headers: &[(String, Vec<u8>)], value: &[u8]) -> Option<serde_json::Value> {
-    let header = |name: &str| {
-        headers.iter().find(|(k, _)| k == name).and_then(|(_, v)| String::from_utf8(v.clone()).ok())
-    };
-    if header("ce_specversion").as_deref() != Some("1.0") || header("content-type").as_deref() != Some("application/json") {
+    let header =
+        |name: &str| headers.iter().find(|(k, _)| k == name).and_then(|(_, v)| String::from_utf8(v.clone()).ok());
+    if header("ce_specversion").as_deref() != Some("1.0")
+        || header("content-type").as_deref() != Some("application/json")
+    {
         return None;
     }
     let data: serde_json::Value = serde_json::from_slice(value).ok()?;
