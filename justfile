@@ -85,18 +85,27 @@ postgres:
 postgres-stop:
     scripts/postgres.sh stop
 
+# Start a schema registry (Apicurio Registry, Confluent-compatible API) on 127.0.0.1:8089 (fetched from Maven once; Java 21+).
+registry:
+    scripts/registry.sh start
+
+# Stop the registry started by `just registry`.
+registry-stop:
+    scripts/registry.sh stop
+
 # Lint the Dockerfile, compose.yaml and the image's manifest without a Docker engine (tools in .venv-tools/).
 check-containers:
     scripts/validate-containers.sh
 
-# Everything: formatting, lints, container files, unit tests, end-to-end on a real broker and PostgreSQL, browser test, gateway fuzzing, CloudEvents SDK interop.
+# Everything: formatting, lints, container files, unit tests, end-to-end on a real broker, PostgreSQL and schema registry, browser test, gateway fuzzing, CloudEvents SDK interop.
 test: build-components build-test-components build
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
     scripts/validate-containers.sh
     scripts/kafka.sh start
     scripts/postgres.sh start
-    DATABASE_URL="$(scripts/postgres.sh url)" KAFKA_BROKERS=127.0.0.1:9092 cargo test --workspace
+    scripts/registry.sh start
+    DATABASE_URL="$(scripts/postgres.sh url)" SCHEMA_REGISTRY_URL="$(scripts/registry.sh url)" KAFKA_BROKERS=127.0.0.1:9092 cargo test --workspace
     KAFKA_BROKERS=127.0.0.1:9092 scripts/browser-test.sh
     KAFKA_BROKERS=127.0.0.1:9092 scripts/fuzz-gateway.sh
     KAFKA_BROKERS=127.0.0.1:9092 scripts/interop-test.sh

@@ -74,6 +74,13 @@ else
   missing mvn "apt-get install maven (fetches Kafka $kafka_version from Maven Central once)"
 fi
 
+echo "Schema registry for just test (Apicurio Registry from Maven Central; Java 21+)"
+if registry_java="$(scripts/registry.sh java 2>/dev/null)"; then
+  ok "java 21+" "$registry_java"
+else
+  missing "java >= 21" "a JDK 21 or newer under /usr/lib/jvm, or REGISTRY_JAVA=/path/to/java"
+fi
+
 echo "PostgreSQL (scripts/postgres.sh runs Debian's server binaries)"
 if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   ok postgresql "$(ls -d /usr/lib/postgresql/*/ | head -n 1)"

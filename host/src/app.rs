@@ -24,7 +24,7 @@ mod load;
 mod serving;
 
 use load::load_services;
-pub use load::{cache_location, check};
+pub use load::{cache_location, check, schema_set};
 pub use serving::Serving;
 
 /// Runs the host until `shutdown` is cancelled, then stops consuming,
@@ -42,6 +42,11 @@ pub async fn run(
     serving.validate(&manifest)?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let (services, vault) = load_services(&manifest, &serving, &clock).await?;
+    if let Some(base) = &manifest.schemas.registry {
+        let registry = crate::registry::Registry::new(base, &manifest.kafka.topic_prefix)?;
+        let ids = registry.sync(&schema_set(&manifest)?).await?;
+        tracing::info!(registry = %base, schemas = ids.len(), "event schemas registered");
+    }
     let instance = crate::instance::resolve(&manifest, serving.instance_id.as_deref())?;
     tracing::info!(instance = %instance.id(), components = ?services.keys().filter(|n| serving.runs(n)).collect::<Vec<_>>(), gateway = serving.gateway, state = ?manifest.state.backend, "serving");
     let listeners = bind_listeners(&manifest, &serving).await?;

@@ -15,7 +15,11 @@ const FLOORS: &[(&str, bool, &[&str])] = &[
     ("services", false, &["vault"]),
     ("runtime", false, &["runtime"]),
     ("core", true, &["deadlines", "envelope", "pipeline", "scheduler", "traces"]),
-    ("adapters", false, &["admin", "gateway_backend", "http", "instance", "kafka", "logs", "metrics", "watch"]),
+    (
+        "adapters",
+        false,
+        &["admin", "gateway_backend", "http", "instance", "kafka", "logs", "metrics", "registry", "watch"],
+    ),
     ("wiring", false, &["app"]),
 ];
 

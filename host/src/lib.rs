@@ -9,7 +9,7 @@
 //! [`vault`]; the [`runtime`]; the delivery core
 //! ([`pipeline`], [`scheduler`], [`envelope`], [`deadlines`], [`traces`]);
 //! the adapters ([`kafka`], [`http`], [`admin`], [`metrics`], [`logs`],
-//! [`gateway_backend`], [`watch`], [`instance`]); and [`app`], which wires
+//! [`gateway_backend`], [`watch`], [`instance`], [`registry`]); and [`app`], which wires
 //! them together.
 
 pub mod admin;
@@ -28,6 +28,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod perms;
 pub mod pipeline;
+pub mod registry;
 pub mod runtime;
 pub mod scheduler;
 pub mod schemas;

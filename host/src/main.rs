@@ -307,7 +307,7 @@ async fn async_main() -> ExitCode {
             }
         }
         Command::Shadow { command, admin } => shadow(command, admin).await,
-        Command::Check { manifest } => check(manifest),
+        Command::Check { manifest } => check(manifest).await,
         Command::Dlq { command, target } => dlq(command, target).await,
     };
     // Spans not yet exported go before the process ends.
@@ -469,9 +469,20 @@ async fn dlq(command: DlqCommand, target: DlqTarget) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn check(path: PathBuf) -> anyhow::Result<()> {
+async fn check(path: PathBuf) -> anyhow::Result<()> {
     let manifest = Manifest::load(&path)?;
     shop_host::app::check(&manifest)?;
+    if let Some(base) = &manifest.schemas.registry {
+        // Asked, not registered: checking changes nothing anywhere.
+        let registry = shop_host::registry::Registry::new(base, &manifest.kafka.topic_prefix)?;
+        let verdicts = registry.check(&shop_host::app::schema_set(&manifest)?).await?;
+        let mut incompatible = 0;
+        for (event_type, verdict) in &verdicts {
+            incompatible += usize::from(matches!(verdict, shop_host::registry::Verdict::Incompatible(_)));
+            println!("schema {event_type} (subject {}): {verdict}", registry.subject(event_type));
+        }
+        anyhow::ensure!(incompatible == 0, "{incompatible} schema(s) incompatible with the registry at {base}");
+    }
     println!("{}: ok ({} components)", path.display(), manifest.components.len());
     Ok(())
 }

@@ -248,11 +248,16 @@ pub struct SchemaSettings {
     /// unset: the schemas of the shop's events the host was built with
     /// (the same as the repository's `schemas/`).
     pub dir: Option<PathBuf>,
+    /// A schema registry's Confluent-compatible API (e.g.
+    /// `http://127.0.0.1:8089/apis/ccompat/v7`): the host registers each
+    /// schema there at start, subject `{kafka.topic_prefix}{EventType}`,
+    /// and refuses to start if the registry finds one incompatible.
+    pub registry: Option<String>,
 }
 
 impl Default for SchemaSettings {
     fn default() -> Self {
-        Self { validate: true, dir: None }
+        Self { validate: true, dir: None, registry: None }
     }
 }
 

@@ -200,10 +200,19 @@ pub(super) fn schemas_of(manifest: &Manifest) -> anyhow::Result<Option<Arc<crate
     if !manifest.schemas.validate {
         return Ok(None);
     }
-    let schemas = match &manifest.schemas.dir {
-        Some(dir) => crate::schemas::Schemas::load(dir).context("schemas.dir")?,
-        None => crate::schemas::Schemas::generated(),
-    };
+    let schemas = schema_set(manifest)?;
     tracing::debug!(types = schemas.types().count(), "event schemas loaded");
     Ok(Some(Arc::new(schemas)))
+}
+
+/// The event schemas of `manifest`: its folder's, else the ones the host
+/// was built with.
+///
+/// # Errors
+/// A folder that cannot be read, or a schema that is not valid.
+pub fn schema_set(manifest: &Manifest) -> anyhow::Result<crate::schemas::Schemas> {
+    Ok(match &manifest.schemas.dir {
+        Some(dir) => crate::schemas::Schemas::load(dir).context("schemas.dir")?,
+        None => crate::schemas::Schemas::generated(),
+    })
 }
