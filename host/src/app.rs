@@ -42,11 +42,7 @@ pub async fn run(
     serving.validate(&manifest)?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let (services, vault) = load_services(&manifest, &serving, &clock).await?;
-    if let Some(base) = &manifest.schemas.registry {
-        let registry = crate::registry::Registry::new(base, &manifest.kafka.topic_prefix)?;
-        let ids = registry.sync(&schema_set(&manifest)?).await?;
-        tracing::info!(registry = %base, schemas = ids.len(), "event schemas registered");
-    }
+    register_schemas(&manifest).await?;
     let instance = crate::instance::resolve(&manifest, serving.instance_id.as_deref())?;
     tracing::info!(instance = %instance.id(), components = ?services.keys().filter(|n| serving.runs(n)).collect::<Vec<_>>(), gateway = serving.gateway, state = ?manifest.state.backend, "serving");
     let listeners = bind_listeners(&manifest, &serving).await?;
@@ -388,8 +384,26 @@ fn admin_app(
         order_component: manifest.gateway.order_component.clone(),
         link: host.link.clone(),
         topics: topics.clone(),
+        topology: topology(manifest),
     };
     crate::admin::admin_app_with_console(managed, token, Some(dead_letters), console)
+}
+
+/// With `[schemas] registry`: every event schema checked against the
+/// registry and registered there, or the start refused.
+async fn register_schemas(manifest: &Manifest) -> anyhow::Result<()> {
+    let Some(base) = &manifest.schemas.registry else { return Ok(()) };
+    let registry = crate::registry::Registry::new(base, &manifest.kafka.topic_prefix)?;
+    let ids = registry.sync(&schema_set(manifest)?).await?;
+    tracing::info!(registry = %base, schemas = ids.len(), "event schemas registered");
+    Ok(())
+}
+
+/// Who publishes and who consumes each event type on each topic, and
+/// which types have a schema.
+pub fn topology(manifest: &Manifest) -> Vec<crate::manifest::topology::Flow> {
+    let schemas = schema_set(manifest).ok();
+    crate::manifest::topology::flows(manifest, |t| schemas.as_ref().is_some_and(|s| s.schema(t).is_some()))
 }
 
 /// Until shutdown, a task that fails stops the host. From shutdown on,

@@ -104,6 +104,15 @@ enum Command {
         #[arg(long, short, env = "HOST_MANIFEST", default_value = "app.toml")]
         manifest: PathBuf,
     },
+    /// Print who publishes and who consumes each event type on each topic.
+    Topology {
+        /// App manifest (TOML).
+        #[arg(long, short, env = "HOST_MANIFEST", default_value = "app.toml")]
+        manifest: PathBuf,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the dead letters, or replay them to the topics they came from.
     Dlq {
         #[command(subcommand)]
@@ -308,6 +317,7 @@ async fn async_main() -> ExitCode {
         }
         Command::Shadow { command, admin } => shadow(command, admin).await,
         Command::Check { manifest } => check(manifest).await,
+        Command::Topology { manifest, json } => topology(&manifest, json),
         Command::Dlq { command, target } => dlq(command, target).await,
     };
     // Spans not yet exported go before the process ends.
@@ -465,6 +475,16 @@ async fn dlq(command: DlqCommand, target: DlqTarget) -> anyhow::Result<()> {
                 report.refused.len()
             );
         }
+    }
+    Ok(())
+}
+
+fn topology(path: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let flows = shop_host::app::topology(&Manifest::load(path)?);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&flows)?);
+    } else {
+        print!("{}", shop_host::manifest::topology::render(&flows));
     }
     Ok(())
 }

@@ -12,6 +12,7 @@ mod component;
 mod grants;
 mod properties;
 mod shadow;
+pub mod topology;
 mod validate;
 
 pub use component::ComponentSettings;

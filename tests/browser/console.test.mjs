@@ -79,6 +79,14 @@ test("the console shows components, an order's timeline, and a reload in the his
     assert.equal(status, "ok", name);
   }
 
+  // The topology: who publishes each event type on each topic, and who gets it.
+  const flow = await page.$eval('#topology tr[data-topic="orders"][data-type="OrderPlaced"]', tr =>
+    [tr.querySelector(".publishers").textContent, tr.querySelector(".consumers").textContent]);
+  assert.deepEqual(flow, ["gateway", "analytics, order"]);
+  const answers = await page.$eval('#topology tr[data-topic="payments"][data-type="PaymentAuthorized"] .publishers',
+    td => td.textContent);
+  assert.equal(answers, "payment");
+
   // The order, updated live to its end, with its timeline.
   const row = `#orders tr[data-order="${id}"]`;
   await page.waitForFunction(sel => document.querySelector(`${sel} .order-status`)?.textContent === "CONFIRMED",

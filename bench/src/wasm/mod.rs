@@ -126,7 +126,67 @@ pub async fn run(args: WasmArgs) -> anyhow::Result<()> {
     println!(
         "schema check per output (parse the data, validate against its type's JSON Schema): {us:.2} µs, mean of {checked}"
     );
+    let wire = wire_cost(&sequences, budget);
+    println!(
+        "wire format per event, mean of {}: write a CloudEvent's headers {:.2} µs; read it (binary mode) {:.2} µs; \
+         read the version-1 JSON envelope (the format before) {:.2} µs",
+        wire.events, wire.write_us, wire.read_us, wire.read_v1_us
+    );
     Ok(())
+}
+
+/// What the wire format costs per event, over the saga's events.
+struct WireCost {
+    events: usize,
+    write_us: f64,
+    read_us: f64,
+    read_v1_us: f64,
+}
+
+/// Runs `each` over `0..n` until `budget` has passed (at least once):
+/// calls made and mean µs per call.
+fn timed(n: usize, budget: Duration, each: impl Fn(usize)) -> (usize, f64) {
+    let started = std::time::Instant::now();
+    let mut done = 0;
+    while n > 0 && (done == 0 || started.elapsed() < budget) {
+        (0..n).for_each(&each);
+        done += n;
+    }
+    (done, started.elapsed().as_secs_f64() * 1e6 / done.max(1) as f64)
+}
+
+/// The host's writing and reading of each of the saga's events as a
+/// CloudEvent in binary mode, and its reading of the same event as the
+/// version-1 envelope, each repeated until `budget`.
+fn wire_cost(sequences: &BTreeMap<String, Vec<saga::Delivered>>, budget: Duration) -> WireCost {
+    use shop_host::envelope::Envelope;
+    let trace = shop_host::traces::TraceParent::random();
+    let events: Vec<Envelope> = sequences.values().flatten().map(saga::Delivered::envelope).collect();
+    // Each event's record: its headers and its value.
+    type Record = (Vec<(String, Vec<u8>)>, Vec<u8>);
+    let records: Vec<Record> = events.iter().map(|e| (e.header_bytes(Some(&trace)), e.value())).collect();
+    let legacy: Vec<Vec<u8>> = events
+        .iter()
+        .map(|e| {
+            let data: serde_json::Value = serde_json::from_str(e.data.get()).unwrap_or_default();
+            let envelope = serde_json::json!({
+                "id": e.id, "type": e.event_type, "order_id": e.order_id, "correlation_id": e.correlation_id,
+                "causation_id": e.causation_id, "timestamp_ms": e.timestamp_ms, "schema_version": 1,
+                "producer": e.producer(), "data": data,
+            });
+            serde_json::to_vec(&envelope).unwrap_or_default()
+        })
+        .collect();
+    let (done, write_us) = timed(events.len(), budget, |i| {
+        std::hint::black_box((events[i].headers(Some(&trace)), events[i].value()));
+    });
+    let (_, read_us) = timed(events.len(), budget, |i| {
+        std::hint::black_box(Envelope::decode(&records[i].0, None, Some(&records[i].1)).is_ok());
+    });
+    let (_, read_v1_us) = timed(events.len(), budget, |i| {
+        std::hint::black_box(Envelope::decode(&[], None, Some(&legacy[i])).is_ok());
+    });
+    WireCost { events: done, write_us, read_us, read_v1_us }
 }
 
 /// The host's check of an output's data against its event type's schema

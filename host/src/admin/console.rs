@@ -122,6 +122,8 @@ pub struct ConsoleSettings {
     pub link: BrokerLink,
     /// The app's topic names (a dead letter's event names its logical topic).
     pub topics: crate::pipeline::Topics,
+    /// Who publishes and who consumes each event type on each topic.
+    pub topology: Vec<crate::manifest::topology::Flow>,
 }
 
 impl Default for ConsoleSettings {
@@ -131,6 +133,7 @@ impl Default for ConsoleSettings {
             order_component: "order".into(),
             link: BrokerLink::default(),
             topics: crate::pipeline::Topics::default(),
+            topology: Vec::new(),
         }
     }
 }
@@ -216,6 +219,7 @@ pub(super) async fn overview(State(admin): State<Admin>) -> Response {
         "components": components,
         "orders": orders,
         "dead_letters": dead_letters,
+        "topology": console.settings.topology,
     }))
     .into_response()
 }
