@@ -16,12 +16,9 @@ cd "$ROOT"
 
 SCHEMATHESIS_VERSION=4.32.5
 VENV="${TOOLS_DIR:-$ROOT/.venv-tools}/schemathesis"
-if [ ! -f "$VENV/.installed-$SCHEMATHESIS_VERSION" ]; then
-  echo "fuzz-gateway: installing schemathesis==$SCHEMATHESIS_VERSION into $VENV" >&2
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
-  touch "$VENV/.installed-$SCHEMATHESIS_VERSION"
-fi
+# shellcheck source=scripts/venv.sh
+. "$ROOT/scripts/venv.sh"
+venv_install "$VENV" "schemathesis==$SCHEMATHESIS_VERSION"
 
 # shellcheck source=scripts/test-host.sh
 . "$ROOT/scripts/test-host.sh"

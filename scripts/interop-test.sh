@@ -14,13 +14,9 @@ cd "$ROOT"
 
 PACKAGES=(cloudevents==2.2.0 jsonschema==4.26.0 confluent-kafka==2.16.2)
 VENV="${TOOLS_DIR:-$ROOT/.venv-tools}/interop"
-STAMP="$VENV/.installed-$(echo "${PACKAGES[*]}" | sha256sum | cut -c1-12)"
-if [ ! -f "$STAMP" ]; then
-  echo "interop-test: installing ${PACKAGES[*]} into $VENV" >&2
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check "${PACKAGES[@]}"
-  touch "$STAMP"
-fi
+# shellcheck source=scripts/venv.sh
+. "$ROOT/scripts/venv.sh"
+venv_install "$VENV" "${PACKAGES[@]}"
 
 # shellcheck source=scripts/test-host.sh
 . "$ROOT/scripts/test-host.sh"

@@ -17,7 +17,7 @@ fn commit(n: usize) -> Commit {
         topic: "payments".into(),
         key: format!("order-{n}"),
         value: "x".repeat(500),
-        headers: vec![("event-type".into(), "PaymentRequested".into())],
+        headers: vec![("ce_type".into(), "PaymentRequested".into())],
     };
     Commit {
         writes: vec![(format!("order/{n}"), Some(vec![b'y'; 400]))],

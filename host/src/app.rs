@@ -267,6 +267,7 @@ fn spawn_component(
     let retry = RetryPolicy { max_attempts: settings.max_attempts, ..RetryPolicy::default() };
     let pipeline = Arc::new(Pipeline::new(service.clone(), topics.clone(), retry, host.clock.clone()));
     pipeline.set_max_record_bytes(manifest.kafka.max_record_bytes);
+    pipeline.set_wire_format(manifest.kafka.wire_format);
     let metrics = Arc::new(crate::metrics::ComponentMetrics::new(service.clone(), status.clone(), link.clone()));
     pipeline.set_metrics(metrics.faults().clone());
     service.stages().attach(metrics.stage_histograms());
@@ -330,6 +331,7 @@ fn spawn_gateway(
         clock: host.clock.clone(),
         link: link.clone(),
         vault: host.vault.clone().context("a host serving the gateway opens the card vault")?,
+        wire_format: manifest.kafka.wire_format,
     };
     // Remembers the orders it takes, for the admin console.
     let backend = Arc::new(crate::admin::Recording::new(backend, recent_orders.clone()));
@@ -395,7 +397,7 @@ async fn register_schemas(manifest: &Manifest) -> anyhow::Result<()> {
     let Some(base) = &manifest.schemas.registry else { return Ok(()) };
     let registry = crate::registry::Registry::new(base, &manifest.kafka.topic_prefix)?;
     let ids = registry.sync(&schema_set(manifest)?).await?;
-    tracing::info!(registry = %base, schemas = ids.len(), "event schemas registered");
+    tracing::info!(registry = %registry.shown(), schemas = ids.len(), "event schemas registered");
     Ok(())
 }
 

@@ -28,6 +28,8 @@ pub struct GatewayBackend {
     pub link: BrokerLink,
     /// Where card numbers go.
     pub vault: Arc<crate::vault::Vault>,
+    /// What the orders are written as (`kafka.wire_format`).
+    pub wire_format: crate::manifest::WireFormat,
 }
 
 impl gateway::Backend for GatewayBackend {
@@ -44,11 +46,12 @@ impl gateway::Backend for GatewayBackend {
             // The order's trace starts here, or continues the caller's.
             let span = traces::stage("place_order", "gateway", "", traces::request_parent());
             let trace = traces::begin(&span, traces::request_parent());
+            let (value, headers) = envelope.encode(self.wire_format, Some(&trace));
             let record = Outbound {
                 topic: self.orders_topic.clone(),
                 key: order.order_id.clone(),
-                value: envelope.value(),
-                headers: envelope.header_bytes(Some(&trace)),
+                value: value.into_bytes(),
+                headers: headers.into_iter().map(|(k, v)| (k, v.into_bytes())).collect(),
             };
             let acked =
                 self.publisher.enqueue(vec![record]).await.map_err(|e| gateway::PlaceError::NotSent(e.to_string()))?;

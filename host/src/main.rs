@@ -501,7 +501,11 @@ async fn check(path: PathBuf) -> anyhow::Result<()> {
             incompatible += usize::from(matches!(verdict, shop_host::registry::Verdict::Incompatible(_)));
             println!("schema {event_type} (subject {}): {verdict}", registry.subject(event_type));
         }
-        anyhow::ensure!(incompatible == 0, "{incompatible} schema(s) incompatible with the registry at {base}");
+        anyhow::ensure!(
+            incompatible == 0,
+            "{incompatible} schema(s) incompatible with the registry at {}",
+            registry.shown()
+        );
     }
     println!("{}: ok ({} components)", path.display(), manifest.components.len());
     Ok(())

@@ -99,6 +99,22 @@ pub struct KafkaSettings {
     /// sets for its guarantees are refused ([`RESERVED_PROPERTIES`]).
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+    /// What the host writes: `cloudevents` (the default; binary mode) or
+    /// `v1`, the JSON envelope of hosts before CloudEvents, for a rolling
+    /// upgrade while older hosts still read the topics. Both are read.
+    #[serde(default)]
+    pub wire_format: WireFormat,
+}
+
+/// The format of the records the host writes (docs/events.md).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WireFormat {
+    /// CloudEvents 1.0, Kafka binding, binary mode.
+    #[default]
+    CloudEvents,
+    /// The host's own JSON envelope, version 1 (before CloudEvents).
+    V1,
 }
 
 fn default_max_record_bytes() -> usize {
@@ -126,6 +142,7 @@ impl Default for KafkaSettings {
             instance_id: None,
             max_record_bytes: default_max_record_bytes(),
             properties: BTreeMap::new(),
+            wire_format: WireFormat::default(),
         }
     }
 }

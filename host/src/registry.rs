@@ -69,6 +69,14 @@ impl Registry {
         Ok(Self { base, prefix: prefix.to_owned(), client })
     }
 
+    /// The base URL as logs and errors show it: without credentials.
+    pub fn shown(&self) -> String {
+        let mut url = self.base.clone();
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+        url.to_string()
+    }
+
     /// The subject of `event_type`.
     pub fn subject(&self, event_type: &str) -> String {
         format!("{}{event_type}", self.prefix)
@@ -91,9 +99,9 @@ impl Registry {
             .body(body.to_string())
             .send()
             .await
-            .with_context(|| format!("schema registry {url}"))?;
+            .with_context(|| format!("schema registry {}", self.shown()))?;
         let status = response.status().as_u16();
-        let text = response.text().await.with_context(|| format!("schema registry {url}"))?;
+        let text = response.text().await.with_context(|| format!("schema registry {}", self.shown()))?;
         Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
     }
 
@@ -121,7 +129,13 @@ impl Registry {
                     "the registry gives no details (the subject's compatibility level applies)".to_owned()
                 })))
             }
-            (404, _) => Ok(Verdict::New),
+            // 40401: no such subject; 40402: no such version.
+            (404, answer) if matches!(answer["error_code"].as_u64(), Some(40401 | 40402)) => Ok(Verdict::New),
+            (404, answer) => anyhow::bail!(
+                "schema registry {}: HTTP 404 checking subject {subject} ({answer}): is it the base of a \
+                 Confluent-compatible API (Apicurio: …/apis/ccompat/v7)?",
+                self.shown()
+            ),
             (status, answer) => anyhow::bail!("schema registry: checking subject {subject}: HTTP {status}: {answer}"),
         }
     }
@@ -183,7 +197,7 @@ impl Registry {
         anyhow::ensure!(
             refused.is_empty(),
             "schema registry {}: {} schema(s) incompatible with the latest version registered: {}",
-            self.base,
+            self.shown(),
             refused.len(),
             refused.join("; ")
         );
@@ -251,6 +265,8 @@ mod tests {
         assert!(odd.as_str().ends_with("/subjects/a%2Fb%20c/versions"), "{odd}");
         assert!(Registry::new("ftp://x", "").unwrap_err().to_string().contains("not an http(s) URL"));
         assert!(Registry::new("not a url", "").is_err());
+        let secret = Registry::new("https://user:pw@registry.example/apis/ccompat/v7", "").unwrap();
+        assert_eq!(secret.shown(), "https://registry.example/apis/ccompat/v7");
     }
 
     #[test]

@@ -74,17 +74,21 @@ impl TraceParent {
     }
 
     /// The context in `headers`, if one is there and valid: the
-    /// `traceparent` header or the CloudEvents distributed-tracing
-    /// extension's `ce_traceparent`.
+    /// `traceparent` header (the hop's own context, as OpenTelemetry's
+    /// instrumentations set it), else the CloudEvents distributed-tracing
+    /// extension's `ce_traceparent`; of a header given twice, the last.
     pub fn from_headers(headers: &[(String, Vec<u8>)]) -> Option<Self> {
-        headers
-            .iter()
-            .filter(|(key, _)| {
-                key.eq_ignore_ascii_case(HEADER)
-                    || key.get(..3).is_some_and(|ce| ce.eq_ignore_ascii_case("ce_"))
-                        && key[3..].eq_ignore_ascii_case(HEADER)
-            })
-            .find_map(|(_, value)| Self::parse(std::str::from_utf8(value).ok()?))
+        let extension = |key: &str| {
+            key.get(..3).is_some_and(|ce| ce.eq_ignore_ascii_case("ce_")) && key[3..].eq_ignore_ascii_case(HEADER)
+        };
+        let valid = |wanted: &dyn Fn(&str) -> bool| {
+            headers
+                .iter()
+                .rev()
+                .filter(|(key, _)| wanted(key))
+                .find_map(|(_, v)| Self::parse(std::str::from_utf8(v).ok()?))
+        };
+        valid(&|key| key.eq_ignore_ascii_case(HEADER)).or_else(|| valid(&extension))
     }
 
     /// A new trace's root context, with fresh random ids.

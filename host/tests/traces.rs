@@ -142,6 +142,7 @@ impl World {
             clock: self.clock.clone(),
             link: shop_host::status::BrokerLink::default(),
             vault: self.vault.clone(),
+            wire_format: shop_host::manifest::WireFormat::CloudEvents,
         };
         gateway::app(Arc::new(backend)).layer(axum::middleware::from_fn(shop_host::traces::from_request))
     }

@@ -19,6 +19,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::{Envelope, EnvelopeError, id_problem};
+use crate::manifest::WireFormat;
 use crate::traces::TraceParent;
 
 /// The CloudEvents version this host writes and reads.
@@ -31,8 +32,15 @@ pub const LEGACY_VERSION: u32 = 1;
 pub const CONTENT_TYPE: &str = "content-type";
 
 const JSON: &str = "application/json";
-const STRUCTURED: &str = "application/cloudevents+json";
-const BATCH: &str = "application/cloudevents-batch+json";
+/// Any CloudEvents format in structured mode (the binding's rule).
+const STRUCTURED_PREFIX: &str = "application/cloudevents";
+const BATCH: &str = "application/cloudevents-batch";
+
+/// Longest `source`, in bytes.
+pub const MAX_SOURCE_BYTES: usize = 1024;
+
+/// How much of a value from the record a refusal repeats.
+const ECHO_BYTES: usize = 128;
 
 impl Envelope {
     /// The record's headers in binary mode: the attributes as `ce_*`, the
@@ -71,9 +79,43 @@ impl Envelope {
         self.data.get().as_bytes().to_vec()
     }
 
-    /// Reads and checks the event of a record: binary mode if it has a
-    /// `ce_*` header, structured mode if its content type says so or its
-    /// value has a `specversion`, the version-1 envelope otherwise.
+    /// The record's value and headers in `format`: binary mode, or the
+    /// version-1 envelope with the headers hosts before CloudEvents wrote
+    /// (`event-type`, `producer`, `traceparent`).
+    pub fn encode(&self, format: WireFormat, trace: Option<&TraceParent>) -> (String, Vec<(String, String)>) {
+        match format {
+            WireFormat::CloudEvents => (self.data.get().to_owned(), self.headers(trace)),
+            WireFormat::V1 => {
+                let producer = self.producer();
+                let old = LegacyRef {
+                    id: &self.id,
+                    event_type: &self.event_type,
+                    order_id: &self.order_id,
+                    correlation_id: &self.correlation_id,
+                    causation_id: self.causation_id.as_deref(),
+                    timestamp_ms: self.timestamp_ms,
+                    schema_version: LEGACY_VERSION,
+                    producer,
+                    data: &self.data,
+                };
+                // Strings, integers and JSON text: serializing cannot fail.
+                let value = serde_json::to_string(&old).unwrap_or_default();
+                let mut headers = vec![
+                    ("event-type".to_owned(), self.event_type.clone()),
+                    ("producer".to_owned(), producer.to_owned()),
+                ];
+                headers.extend(trace.map(|t| (crate::traces::HEADER.to_owned(), t.to_string())));
+                (value, headers)
+            }
+        }
+    }
+
+    /// Reads and checks the event of a record, its mode chosen as the Kafka
+    /// binding says: structured if its content type is
+    /// `application/cloudevents…`, else binary if it has a `ce_*` header;
+    /// a record with neither is structured if its value has a
+    /// `specversion`, the version-1 envelope otherwise. A header given
+    /// twice counts by its last value.
     ///
     /// # Errors
     /// [`EnvelopeError`] saying what is wrong with the record.
@@ -82,18 +124,18 @@ impl Envelope {
         key: Option<&[u8]>,
         value: Option<&[u8]>,
     ) -> Result<Self, EnvelopeError> {
-        let envelope = if headers.iter().any(|(name, _)| name.starts_with("ce_")) {
-            binary(headers, key, value)?
-        } else {
-            let value = value.filter(|v| !v.is_empty()).ok_or(EnvelopeError::Empty)?;
-            match header(headers, CONTENT_TYPE)?.map(str::to_ascii_lowercase) {
-                Some(kind) if kind.starts_with(BATCH) => return Err(EnvelopeError::Batch),
-                Some(kind) if kind.starts_with(STRUCTURED) => structured(value, key)?,
-                _ => match serde_json::from_slice::<Probe>(value)? {
+        let kind = header(headers, CONTENT_TYPE)?.map(str::to_ascii_lowercase);
+        let envelope = match kind {
+            Some(kind) if kind.starts_with(BATCH) => return Err(EnvelopeError::Batch),
+            Some(kind) if kind.starts_with(STRUCTURED_PREFIX) => structured(non_empty(value)?, key)?,
+            _ if headers.iter().any(|(name, _)| name.starts_with("ce_")) => binary(headers, key, value)?,
+            _ => {
+                let value = non_empty(value)?;
+                match serde_json::from_slice::<Probe>(value)? {
                     Probe { specversion: Some(_), .. } => structured(value, key)?,
                     Probe { schema_version: Some(_), .. } => legacy(value)?,
                     Probe { .. } => return Err(EnvelopeError::Unknown),
-                },
+                }
             }
         };
         envelope.check()
@@ -118,12 +160,21 @@ impl Envelope {
             ("subject (the order id)", Some(&self.order_id)),
             ("correlation id", Some(&self.correlation_id)),
             ("causation id", self.causation_id.as_ref()),
-            ("source", Some(&self.source)),
         ];
         for (field, text) in ids {
             if let Some(problem) = text.and_then(|text| id_problem(text)) {
                 return Err(EnvelopeError::BadField { field, problem });
             }
+        }
+        // Not a key of any store, and the host's own are up to 271 bytes
+        // (`/shop/`, a name of up to 200, `@`, a SHA-256): a bound of its own.
+        if self.source.len() > MAX_SOURCE_BYTES {
+            let problem = format!("is {} bytes long, over the limit of {MAX_SOURCE_BYTES}", self.source.len());
+            return Err(EnvelopeError::BadField { field: "source", problem });
+        }
+        if let Some(c) = self.source.chars().find(|c| c.is_control()) {
+            let problem = format!("contains the control character {c:?}");
+            return Err(EnvelopeError::BadField { field: "source", problem });
         }
         Ok(self)
     }
@@ -136,9 +187,19 @@ struct Probe {
     schema_version: Option<serde::de::IgnoredAny>,
 }
 
-/// `name`'s value, if the record has that header.
+fn non_empty(value: Option<&[u8]>) -> Result<&[u8], EnvelopeError> {
+    value.filter(|v| !v.is_empty()).ok_or(EnvelopeError::Empty)
+}
+
+/// `text` as a refusal repeats it: cut to [`ECHO_BYTES`].
+fn echo(text: &str) -> String {
+    crate::limits::cut_text(text.to_owned(), ECHO_BYTES)
+}
+
+/// `name`'s value, if the record has that header (its last, if twice:
+/// as Kafka's Java clients read `lastHeader`).
 fn header<'a>(headers: &'a [(String, Vec<u8>)], name: &'static str) -> Result<Option<&'a str>, EnvelopeError> {
-    let Some((_, value)) = headers.iter().find(|(key, _)| key == name) else { return Ok(None) };
+    let Some((_, value)) = headers.iter().rev().find(|(key, _)| key == name) else { return Ok(None) };
     std::str::from_utf8(value)
         .map(Some)
         .map_err(|_| EnvelopeError::BadField { field: name, problem: "is not UTF-8".to_owned() })
@@ -151,7 +212,7 @@ fn required<'a>(headers: &'a [(String, Vec<u8>)], name: &'static str) -> Result<
 fn binary(headers: &[(String, Vec<u8>)], key: Option<&[u8]>, value: Option<&[u8]>) -> Result<Envelope, EnvelopeError> {
     spec_version(required(headers, "ce_specversion")?)?;
     json_content(header(headers, CONTENT_TYPE)?)?;
-    let value = value.filter(|v| !v.is_empty()).ok_or(EnvelopeError::Empty)?;
+    let value = non_empty(value)?;
     let data: Box<RawValue> = serde_json::from_slice(value)?;
     let id = required(headers, "ce_id")?.to_owned();
     let key = key.and_then(|key| std::str::from_utf8(key).ok());
@@ -221,6 +282,21 @@ struct Legacy {
     data: Box<RawValue>,
 }
 
+/// [`Legacy`] as hosts before CloudEvents wrote it, field for field.
+#[derive(serde::Serialize)]
+struct LegacyRef<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    event_type: &'a str,
+    order_id: &'a str,
+    correlation_id: &'a str,
+    causation_id: Option<&'a str>,
+    timestamp_ms: u64,
+    schema_version: u32,
+    producer: &'a str,
+    data: &'a RawValue,
+}
+
 fn legacy(value: &[u8]) -> Result<Envelope, EnvelopeError> {
     let old: Legacy = serde_json::from_slice(value)?;
     if old.schema_version != LEGACY_VERSION {
@@ -239,7 +315,7 @@ fn legacy(value: &[u8]) -> Result<Envelope, EnvelopeError> {
 }
 
 fn spec_version(version: &str) -> Result<(), EnvelopeError> {
-    if version == SPEC_VERSION { Ok(()) } else { Err(EnvelopeError::SpecVersion(version.to_owned())) }
+    if version == SPEC_VERSION { Ok(()) } else { Err(EnvelopeError::SpecVersion(echo(version))) }
 }
 
 /// Refuses a content type that is not JSON (`application/json`, or any
@@ -247,11 +323,8 @@ fn spec_version(version: &str) -> Result<(), EnvelopeError> {
 fn json_content(kind: Option<&str>) -> Result<(), EnvelopeError> {
     let Some(kind) = kind else { return Ok(()) };
     let media = kind.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
-    if media == JSON || media.ends_with("+json") || media == "text/json" {
-        Ok(())
-    } else {
-        Err(EnvelopeError::NotJson(kind.to_owned()))
-    }
+    let json = media == JSON || media.ends_with("+json") || media == "text/json";
+    if json && !media.starts_with(STRUCTURED_PREFIX) { Ok(()) } else { Err(EnvelopeError::NotJson(echo(kind))) }
 }
 
 /// `ms` since the Unix epoch as an RFC 3339 time in UTC.
@@ -266,7 +339,8 @@ pub fn rfc3339(ms: u64) -> String {
 /// An RFC 3339 time as milliseconds since the Unix epoch.
 fn millis(field: &'static str, text: &str) -> Result<u64, EnvelopeError> {
     let bad = |problem: String| EnvelopeError::BadField { field, problem };
-    let time =
-        OffsetDateTime::parse(text, &Rfc3339).map_err(|err| bad(format!("{text:?} is not an RFC 3339 time: {err}")))?;
-    u64::try_from(time.unix_timestamp_nanos() / 1_000_000).map_err(|_| bad(format!("{text:?} is before 1970")))
+    let shown = echo(text);
+    let time = OffsetDateTime::parse(text, &Rfc3339)
+        .map_err(|err| bad(format!("{shown:?} is not an RFC 3339 time: {err}")))?;
+    u64::try_from(time.unix_timestamp_nanos() / 1_000_000).map_err(|_| bad(format!("{shown:?} is before 1970")))
 }

@@ -2,7 +2,8 @@
 //! manifest says: the gateway publishes `OrderPlaced` on `orders`, each
 //! component publishes what its `publishes` grants name, and every event of
 //! a topic reaches each component subscribed to it. `host topology` prints
-//! it; the admin API serves it (`GET /topology`) and the console draws it.
+//! it; the admin API's `/overview` carries it (`topology`) and the console
+//! draws it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;

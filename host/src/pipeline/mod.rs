@@ -114,6 +114,8 @@ struct Core {
     max_record_bytes: std::sync::atomic::AtomicUsize,
     /// Where failed attempts are counted, once set.
     metrics: std::sync::OnceLock<crate::status::Faults>,
+    /// What outputs are written as, once set (default CloudEvents).
+    wire_format: std::sync::OnceLock<crate::manifest::WireFormat>,
 }
 
 impl Pipeline {
@@ -124,7 +126,8 @@ impl Pipeline {
     pub fn new(service: Arc<ServiceRuntime>, topics: Topics, retry: RetryPolicy, clock: Arc<dyn Clock>) -> Self {
         let max_record_bytes = std::sync::atomic::AtomicUsize::new(DEFAULT_MAX_RECORD_BYTES);
         let metrics = std::sync::OnceLock::new();
-        let core = Arc::new(Core { service, topics, retry, clock, max_record_bytes, metrics });
+        let wire_format = std::sync::OnceLock::new();
+        let core = Arc::new(Core { service, topics, retry, clock, max_record_bytes, metrics, wire_format });
         let jobs = executor::start(core.clone());
         Self { core, jobs }
     }
@@ -139,6 +142,11 @@ impl Pipeline {
     /// first call wins.
     pub fn set_metrics(&self, metrics: crate::status::Faults) {
         let _ = self.core.metrics.set(metrics);
+    }
+
+    /// Writes outputs in `format` (`kafka.wire_format`); the first call wins.
+    pub fn set_wire_format(&self, format: crate::manifest::WireFormat) {
+        let _ = self.core.wire_format.set(format);
     }
 
     /// The physical dead-letter topic.

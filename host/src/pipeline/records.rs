@@ -100,15 +100,11 @@ impl Core {
             .enumerate()
             .map(|(index, out)| {
                 let envelope = cause.caused(index, &out.event_type, &out.key, producer, now, out.data);
-                let headers = envelope.headers(Some(&trace));
-                debug_assert!(envelope.data.get().len() <= MAX_RECORD_BYTES, "an output's record outgrew its bound");
-                OutboxRecord {
-                    topic: self.topics.physical(&out.topic),
-                    key: out.key,
-                    // Binary mode: the value is the data, JSON text already.
-                    value: String::from(Box::<str>::from(envelope.data)),
-                    headers,
-                }
+                let format = self.wire_format.get().copied().unwrap_or_default();
+                let (value, headers) = envelope.encode(format, Some(&trace));
+                let size = value.len() + headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+                debug_assert!(size <= MAX_RECORD_BYTES, "an output's record outgrew its bound");
+                OutboxRecord { topic: self.topics.physical(&out.topic), key: out.key, value, headers }
             })
             .collect()
     }

@@ -215,3 +215,29 @@ async fn a_commit_the_store_refuses_dead_letters_only_its_own_event() {
     assert_eq!(refusals.load(Ordering::SeqCst), 2, "refused in the batch, then alone");
     drop(spinning);
 }
+
+/// `kafka.wire_format = "v1"`: outputs are written as the version-1
+/// envelope hosts before CloudEvents read, which reads back as the same
+/// event; by default, binary mode.
+#[tokio::test]
+async fn outputs_are_written_in_the_wire_format_set() {
+    let echo = Envelope::originate("Echo", "k", "test", 1, serde_json::json!("hi"));
+    for (format, legacy) in [(None, false), (Some(crate::manifest::WireFormat::V1), true)] {
+        let service = Arc::new(runtime_on("misbehave", 1000, 1, Arc::new(MemoryStore::default())));
+        let pipeline = Pipeline::new(service, Topics::default(), RetryPolicy::default(), Arc::new(ManualClock::at(5)));
+        if let Some(format) = format {
+            pipeline.set_wire_format(format);
+        }
+        let disposition = pipeline.process(&record(&echo, 1), &CancellationToken::new()).await.unwrap();
+        let Disposition::Publish { records, .. } = disposition else { panic!("{disposition:?}") };
+        let out = &records[0];
+        let value: serde_json::Value = serde_json::from_slice(&out.value).unwrap();
+        let has = |name: &str| out.headers.iter().any(|(k, _)| k == name);
+        assert_eq!((value.get("schema_version").is_some(), has("ce_id"), has("event-type")), (legacy, !legacy, legacy));
+        let read = Envelope::decode(&out.headers, Some(out.key.as_bytes()), Some(&out.value)).unwrap();
+        assert_eq!(
+            (read.causation_id.as_deref(), read.correlation_id.as_str()),
+            (Some(echo.id.as_str()), echo.id.as_str())
+        );
+    }
+}

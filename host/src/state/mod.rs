@@ -208,7 +208,8 @@ pub struct OutboxRecord {
     /// Physical topic.
     pub topic: String,
     pub key: String,
-    /// The record value (a JSON envelope).
+    /// The record value (the event's data; the whole envelope for
+    /// `kafka.wire_format = "v1"` and entries written before CloudEvents).
     pub value: String,
     pub headers: Vec<(String, String)>,
 }
