@@ -87,10 +87,15 @@ start() {
   local java
   java="$(java_bin)"
   log "starting Apicurio Registry $VERSION on $URL (log in $LOG)"
-  (cd "$DIST" && nohup "$java" -Xmx512m -Dquarkus.http.host=127.0.0.1 -Dquarkus.http.port="$PORT" \
-    -Dquarkus.management.host=127.0.0.1 -Dquarkus.management.port="$MANAGEMENT_PORT" \
-    -jar quarkus-run.jar >"$LOG" 2>&1 </dev/null &
-    echo $! >"$PIDFILE")
+  (
+    # On a line of its own: `cd && java &` would put the subshell, not
+    # java, in the background, and $! would be the subshell's.
+    cd "$DIST"
+    nohup "$java" -Xmx512m -Dquarkus.http.host=127.0.0.1 -Dquarkus.http.port="$PORT" \
+      -Dquarkus.management.host=127.0.0.1 -Dquarkus.management.port="$MANAGEMENT_PORT" \
+      -jar quarkus-run.jar >"$LOG" 2>&1 </dev/null &
+    echo $! >"$PIDFILE"
+  )
   wait_ready
   log "ready on $URL"
 }
