@@ -404,8 +404,19 @@ async fn register_schemas(manifest: &Manifest) -> anyhow::Result<()> {
 /// Who publishes and who consumes each event type on each topic, and
 /// which types have a schema.
 pub fn topology(manifest: &Manifest) -> Vec<crate::manifest::topology::Flow> {
-    let schemas = schema_set(manifest).ok();
-    crate::manifest::topology::flows(manifest, |t| schemas.as_ref().is_some_and(|s| s.schema(t).is_some()))
+    let schemas = schema_set(manifest).unwrap_or_default();
+    let mut flows = crate::manifest::topology::flows(manifest, |t| schemas.schema(t).is_some());
+    // The versions each party gives a flow, from the contracts their files
+    // carry (a file that cannot be read or carries a broken contract counts
+    // as carrying none: `host check` says what is wrong with it).
+    let mut parties = BTreeMap::from([(crate::contracts::GATEWAY.to_owned(), crate::contracts::gateway(&schemas))]);
+    for (name, settings) in &manifest.components {
+        let contract =
+            std::fs::read(&settings.wasm).ok().and_then(|b| crate::contracts::Contract::from_wasm(&b).ok().flatten());
+        parties.insert(name.clone(), crate::contracts::party_of(settings, contract, &schemas));
+    }
+    crate::contracts::annotate(&mut flows, &parties);
+    flows
 }
 
 /// Until shutdown, a task that fails stops the host. From shutdown on,
@@ -470,7 +481,8 @@ mod tests {
         let wasm = crate::runtime::tests::wasm("payment");
         let text = format!(
             "[runtime]\ncache_dir = {cache:?}\nstate_dir = {state:?}\n[gateway]\nport = 1\norder_component = \"payment\"\n\
-             [components.payment]\nwasm = {wasm:?}\nport = 2\ntopics = [\"t\"]\ngroup = \"g\"\nvault = true\n",
+             [components.payment]\nwasm = {wasm:?}\nport = 2\ntopics = [\"payments\"]\ngroup = \"g\"\nvault = true\n\
+             publishes = [\"payments:*\"]\n",
             cache = root.join("cache"),
             state = root.join("state"),
         );

@@ -12,7 +12,7 @@ const FLOORS: &[(&str, bool, &[&str])] = &[
     ("limits", false, &["limits"]),
     ("leaves", false, &["clock", "manifest", "perms", "schemas", "status"]),
     ("ports", false, &["bus", "state"]),
-    ("services", false, &["vault"]),
+    ("services", false, &["contracts", "vault"]),
     ("runtime", false, &["runtime"]),
     ("core", true, &["deadlines", "envelope", "pipeline", "scheduler", "traces"]),
     (

@@ -16,6 +16,7 @@ pub mod admin;
 pub mod app;
 pub mod bus;
 pub mod clock;
+pub mod contracts;
 pub mod deadlines;
 pub mod envelope;
 pub mod gateway_backend;

@@ -113,6 +113,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show the contract a component carries (what it publishes and
+    /// consumes, each with its schema's version), or add one to it.
+    Contract {
+        /// Component file (`.wasm`).
+        wasm: PathBuf,
+        /// Add the contract in this JSON file to the component, in place
+        /// (`{"publishes": {"topic:Type": schema}, "consumes": {…}}`); it
+        /// takes the place of any the component carried.
+        #[arg(long)]
+        set: Option<PathBuf>,
+        /// The whole contract as JSON, schemas included.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the dead letters, or replay them to the topics they came from.
     Dlq {
         #[command(subcommand)]
@@ -318,6 +332,7 @@ async fn async_main() -> ExitCode {
         Command::Shadow { command, admin } => shadow(command, admin).await,
         Command::Check { manifest } => check(manifest).await,
         Command::Topology { manifest, json } => topology(&manifest, json),
+        Command::Contract { wasm, set, json } => contract(&wasm, set.as_deref(), json),
         Command::Dlq { command, target } => dlq(command, target).await,
     };
     // Spans not yet exported go before the process ends.
@@ -485,6 +500,32 @@ fn topology(path: &std::path::Path, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&flows)?);
     } else {
         print!("{}", shop_host::manifest::topology::render(&flows));
+    }
+    Ok(())
+}
+
+fn contract(wasm: &std::path::Path, set: Option<&std::path::Path>, json: bool) -> anyhow::Result<()> {
+    use shop_host::contracts::{Contract, version};
+    let bytes = std::fs::read(wasm).map_err(|err| anyhow::anyhow!("{wasm:?}: {err}"))?;
+    if let Some(file) = set {
+        let text = std::fs::read(file).map_err(|err| anyhow::anyhow!("{file:?}: {err}"))?;
+        let contract = Contract::parse(&text).map_err(|err| anyhow::anyhow!("{file:?}: {err}"))?;
+        let partial = wasm.with_extension("wasm.partial");
+        std::fs::write(&partial, contract.embed(&bytes))?;
+        std::fs::rename(&partial, wasm)?;
+        println!("{wasm:?} carries the contract of {file:?}");
+        return Ok(());
+    }
+    match Contract::from_wasm(&bytes).map_err(|err| anyhow::anyhow!("{wasm:?}: {err}"))? {
+        None => println!("{wasm:?} carries no contract: the host takes its manifest block's publishes and consumes"),
+        Some(contract) if json => println!("{}", serde_json::to_string_pretty(&contract)?),
+        Some(contract) => {
+            for (side, entries) in [("publishes", &contract.publishes), ("consumes", &contract.consumes)] {
+                for (entry, schema) in entries {
+                    println!("{side:9}  {entry:40}  schema {}", version(schema));
+                }
+            }
+        }
     }
     Ok(())
 }

@@ -225,29 +225,16 @@ fn sent(schema: &Value) -> Value {
 /// of the old data would trip on: required fields added, required fields
 /// retyped; `None` if nothing of that kind.
 fn changes(before: &Value, after: &Value) -> Option<String> {
-    let required = |schema: &Value| -> Vec<String> {
-        schema["required"]
-            .as_array()
-            .map(|r| r.iter().filter_map(|f| f.as_str().map(str::to_owned)).collect())
-            .unwrap_or_default()
-    };
-    let kind = |schema: &Value, field: &str| {
-        let property = &schema["properties"][field];
-        property.get("type").or_else(|| property.get("$ref")).map(Value::to_string)
-    };
-    let (old, new) = (required(before), required(after));
-    let mut found: Vec<String> = new
-        .iter()
-        .filter(|field| !old.contains(field))
-        .map(|field| format!("required field `{field}` added (data of the latest version may lack it)"))
+    use crate::schemas::Gap;
+    let found: Vec<String> = crate::schemas::gaps(before, after)
+        .into_iter()
+        .map(|gap| match gap {
+            Gap::Missing(field) | Gap::Optional(field) => {
+                format!("required field `{field}` added (data of the latest version may lack it)")
+            }
+            Gap::Retyped(field, was, is) => format!("field `{field}` retyped from {was} to {is}"),
+        })
         .collect();
-    for field in new.iter().filter(|field| old.contains(field)) {
-        if let (Some(was), Some(is)) = (kind(before, field), kind(after, field))
-            && was != is
-        {
-            found.push(format!("field `{field}` retyped from {was} to {is}"));
-        }
-    }
     (!found.is_empty()).then(|| found.join("; "))
 }
 

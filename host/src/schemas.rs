@@ -114,6 +114,48 @@ impl Schemas {
     }
 }
 
+/// What a reader requires that a writer's data may not give it, one
+/// top-level field at a time (nested objects are compared by their `$ref`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Gap {
+    /// The reader requires it; the writer does not have it.
+    Missing(String),
+    /// The reader requires it; the writer may leave it out.
+    Optional(String),
+    /// Both have it, of different kinds: `(field, the writer's, the reader's)`.
+    Retyped(String, String, String),
+}
+
+/// The gaps between data written to `writer`'s schema and what `reader`
+/// requires: its required fields the writer may lack, or gives as another
+/// kind (`type`, or the `$ref` of a nested object).
+pub fn gaps(writer: &Value, reader: &Value) -> Vec<Gap> {
+    let required = |schema: &Value| -> Vec<String> {
+        schema["required"]
+            .as_array()
+            .map(|r| r.iter().filter_map(|f| f.as_str().map(str::to_owned)).collect())
+            .unwrap_or_default()
+    };
+    let kind = |schema: &Value, field: &str| {
+        let property = &schema["properties"][field];
+        property.get("type").or_else(|| property.get("$ref")).map(Value::to_string)
+    };
+    let written = required(writer);
+    let mut found = Vec::new();
+    for field in required(reader) {
+        if !written.contains(&field) {
+            let has = writer["properties"].get(&field).is_some();
+            found.push(if has { Gap::Optional(field.clone()) } else { Gap::Missing(field.clone()) });
+        }
+        if let (Some(was), Some(is)) = (kind(writer, &field), kind(reader, &field))
+            && was != is
+        {
+            found.push(Gap::Retyped(field, was, is));
+        }
+    }
+    found
+}
+
 /// Longest part of a refusal (a field's path, or what is wrong with it),
 /// in bytes.
 const MAX_PART_BYTES: usize = 200;

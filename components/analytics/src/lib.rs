@@ -137,6 +137,7 @@ fn count(stats: &mut Stats, event: &Event) -> Result<(), HandleError> {
 }
 
 shop_sdk::export_service!(Analytics);
+shop_sdk::contract!();
 
 #[cfg(test)]
 mod tests {

@@ -106,6 +106,7 @@ fn send(host: &mut impl Host, req: EmailRequested) -> Result<Vec<Outgoing>, Hand
 }
 
 shop_sdk::export_service!(EmailService);
+shop_sdk::contract!();
 
 #[cfg(test)]
 mod tests {

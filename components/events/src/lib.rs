@@ -371,6 +371,54 @@ pub fn schemas() -> Vec<(&'static str, schemars::Schema)> {
     ]
 }
 
+/// A component's contract: what it publishes and what it consumes, each
+/// `"topic:EventType"` with the JSON Schema of its payload, as JSON:
+/// `{"publishes": {"payments:PaymentAuthorized": {…}}, "consumes": {…}}`.
+/// The host reads it from the component's `shop:contract` custom section
+/// and refuses, at load and at every reload, a component whose published
+/// schemas do not give its consumers the fields they require.
+///
+/// # Errors
+/// An entry that is not `topic:EventType`, or a type without a schema here.
+#[cfg(feature = "schema")]
+pub fn contract_json(publishes: &[&str], consumes: &[&str]) -> Result<String, String> {
+    let all = schemas();
+    let side = |entries: &[&str]| -> Result<serde_json::Map<String, serde_json::Value>, String> {
+        let mut out = serde_json::Map::new();
+        for entry in entries {
+            let Some((topic, event_type)) = entry.split_once(':') else {
+                return Err(format!("contract entry {entry:?} is not \"topic:EventType\""));
+            };
+            if !topics::ALL.contains(&topic) {
+                return Err(format!("contract entry {entry:?}: no topic {topic:?} in the shop"));
+            }
+            let Some((_, schema)) = all.iter().find(|(t, _)| *t == event_type) else {
+                return Err(format!("contract entry {entry:?}: no event type {event_type:?} in shop-events"));
+            };
+            out.insert((*entry).to_owned(), schema.clone().to_value());
+        }
+        Ok(out)
+    };
+    let contract = serde_json::json!({ "publishes": side(publishes)?, "consumes": side(consumes)? });
+    serde_json::to_string(&contract).map_err(|err| err.to_string())
+}
+
+/// For a component's `build.rs`: writes its contract (see
+/// [`contract_json`]) to `$OUT_DIR/shop-contract.json`, which
+/// `shop_sdk::contract!()` embeds as the `shop:contract` custom section.
+///
+/// # Panics
+/// On a bad entry or when `OUT_DIR` cannot be written: the build fails
+/// with the reason.
+#[cfg(feature = "schema")]
+pub fn write_contract(publishes: &[&str], consumes: &[&str]) {
+    let json = contract_json(publishes, consumes).unwrap_or_else(|err| panic!("{err}"));
+    let out = std::env::var_os("OUT_DIR").expect("OUT_DIR is set for build scripts");
+    let path = std::path::Path::new(&out).join("shop-contract.json");
+    std::fs::write(&path, json).unwrap_or_else(|err| panic!("writing {}: {err}", path.display()));
+    println!("cargo::rerun-if-changed=build.rs");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -88,6 +88,7 @@ impl Service for OrderService {
 }
 
 shop_sdk::export_service!(OrderService);
+shop_sdk::contract!();
 
 #[cfg(test)]
 mod tests;

@@ -214,6 +214,7 @@ fn compensate(
 }
 
 shop_sdk::export_service!(Payment);
+shop_sdk::contract!();
 
 #[cfg(test)]
 mod tests;

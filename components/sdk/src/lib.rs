@@ -35,6 +35,23 @@ pub trait Service {
     fn query(host: &impl Host, request: &Request) -> Response;
 }
 
+/// Embeds the contract the crate's `build.rs` wrote with
+/// `shop_events::write_contract` (what the component publishes and consumes,
+/// with each payload's schema) as the `shop:contract` custom section, where
+/// the host reads it at load and at every reload.
+///
+/// Expands to nothing on native targets.
+#[macro_export]
+macro_rules! contract {
+    () => {
+        #[cfg(target_arch = "wasm32")]
+        #[used]
+        #[unsafe(link_section = "shop:contract")]
+        static SHOP_CONTRACT: [u8; include_bytes!(concat!(env!("OUT_DIR"), "/shop-contract.json")).len()] =
+            *include_bytes!(concat!(env!("OUT_DIR"), "/shop-contract.json"));
+    };
+}
+
 /// Exports a [`Service`] implementation as the component's `shop:service` world.
 ///
 /// Expands to nothing on native targets, so the same crate also builds as a

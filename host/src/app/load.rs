@@ -11,6 +11,7 @@ use anyhow::Context as _;
 
 use super::Serving;
 use crate::clock::Clock;
+use crate::contracts::{Contract, ContractBook};
 use crate::manifest::{ComponentSettings, Manifest, StateBackend};
 use crate::runtime::{CanaryPolicy, Engine, Grants, Limits, LoadedComponent, ServiceRuntime, ServiceSpec};
 use crate::state::{HostStore, PgStores, StateStore, TxnLimits};
@@ -69,13 +70,15 @@ pub fn check(manifest: &Manifest) -> anyhow::Result<()> {
     // No cache: the manifest checked may be anyone's, and its cache_dir
     // could hold native code (and a key) of their making.
     let engine = Engine::new()?;
+    let mut contracts = BTreeMap::new();
     for (name, settings) in &manifest.components {
         let engine = engine.with_stack(settings.stack_kib << 10)?;
         let component =
             LoadedComponent::from_file(&engine, &settings.wasm).with_context(|| format!("component {name:?}"))?;
         component.check_grants(&engine, settings.grants(name)?).with_context(|| format!("component {name:?}"))?;
+        contracts.insert(name.clone(), component.contract);
     }
-    schemas_of(manifest)?;
+    contract_book(manifest, Arc::new(schema_set(manifest)?), contracts)?;
     Ok(())
 }
 
@@ -183,26 +186,39 @@ pub(super) async fn load_services(
         }
         services.insert(name.clone(), service);
     }
-    if let Some(schemas) = schemas_of(manifest)? {
-        for service in services.values() {
-            service.set_schemas(schemas.clone());
-        }
+    let schemas = Arc::new(schema_set(manifest)?);
+    for service in services.values().filter(|_| manifest.schemas.validate) {
+        service.set_schemas(schemas.clone());
+    }
+    let served: BTreeMap<String, _> =
+        services.iter().map(|(name, service)| (name.clone(), service.current().contract.clone())).collect();
+    let book = Arc::new(contract_book(manifest, schemas, served)?);
+    for service in services.values() {
+        service.set_contracts(book.clone());
     }
     Ok((services, vault))
 }
 
-/// The schemas outputs are checked against: the manifest's folder, else
-/// the ones the host was built with; `None` when checking is off.
+/// The contracts between the components of `manifest`: those `served`
+/// here as loaded, the others as their files say.
 ///
 /// # Errors
-/// A folder that cannot be read, or a schema that is not valid.
-pub(super) fn schemas_of(manifest: &Manifest) -> anyhow::Result<Option<Arc<crate::schemas::Schemas>>> {
-    if !manifest.schemas.validate {
-        return Ok(None);
+/// Every contract broken, one line each; a file that cannot be read.
+fn contract_book(
+    manifest: &Manifest,
+    schemas: Arc<crate::schemas::Schemas>,
+    mut served: BTreeMap<String, Option<Contract>>,
+) -> anyhow::Result<ContractBook> {
+    for (name, settings) in &manifest.components {
+        if !served.contains_key(name) {
+            let bytes =
+                std::fs::read(&settings.wasm).with_context(|| format!("component {name:?}: {:?}", settings.wasm))?;
+            let contract = Contract::from_wasm(&bytes).map_err(|err| anyhow::anyhow!("component {name:?}: {err}"))?;
+            served.insert(name.clone(), contract);
+        }
     }
-    let schemas = schema_set(manifest)?;
-    tracing::debug!(types = schemas.types().count(), "event schemas loaded");
-    Ok(Some(Arc::new(schemas)))
+    ContractBook::new(Arc::new(manifest.clone()), schemas, |name| served.get(name).cloned().flatten())
+        .map_err(|problems| anyhow::anyhow!("the components break their contracts:\n{problems}"))
 }
 
 /// The event schemas of `manifest`: its folder's, else the ones the host

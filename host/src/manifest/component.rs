@@ -108,6 +108,15 @@ pub struct ComponentSettings {
     /// (the reason names the missing grant).
     #[serde(default)]
     pub publishes: Option<Vec<String>>,
+    /// What it consumes: `"topic:EventType"` entries, each on one of its
+    /// `topics`. The host checks at load and at every reload that what
+    /// each publisher of those types sends has every field the component
+    /// requires (by the schema its contract carries, or the host's schema
+    /// of the type for a component without a contract); a contract that
+    /// consumes a type not listed here is refused. Absent: whatever the
+    /// component's contract says (nothing, without one).
+    #[serde(default)]
+    pub consumes: Option<Vec<String>>,
     /// WASI capabilities granted: `"clocks"`, `"random"`, `"stderr"`.
     /// Absent: all three. A component importing an interface it is not
     /// granted is refused at load; files, environment and sockets are not

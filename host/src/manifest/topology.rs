@@ -28,6 +28,11 @@ pub struct Flow {
     pub consumers: Vec<String>,
     /// Whether the host has a JSON Schema for it.
     pub schema: bool,
+    /// The version of the schema each party that declares it (a contract,
+    /// or a manifest block's word) publishes or consumes it by: the first
+    /// 12 hex digits of the schema's SHA-256.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub versions: BTreeMap<String, String>,
 }
 
 /// Every flow of `manifest`, by topic then type; `has_schema` says which
@@ -60,6 +65,7 @@ pub fn flows(manifest: &Manifest, has_schema: impl Fn(&str) -> bool) -> Vec<Flow
         .map(|((topic, event_type), publishers)| Flow {
             consumers: consumers.get(&topic).map(|c| c.iter().cloned().collect()).unwrap_or_default(),
             schema: event_type != "*" && has_schema(&event_type),
+            versions: BTreeMap::new(),
             publishers: publishers.into_iter().collect(),
             topic,
             event_type,
@@ -86,7 +92,18 @@ pub fn render(flows: &[Flow]) -> String {
         let publishers = if flow.publishers.is_empty() { "(outside)".to_owned() } else { flow.publishers.join(", ") };
         let consumers = if flow.consumers.is_empty() { "(nobody here)".to_owned() } else { flow.consumers.join(", ") };
         let schema = if flow.schema || flow.event_type == "*" { "" } else { "  (no schema)" };
-        let _ = writeln!(out, "  {:width$}  {publishers:who$}  ->  {consumers}{schema}", flow.event_type);
+        let mut distinct: Vec<&String> = flow.versions.values().collect();
+        distinct.sort();
+        distinct.dedup();
+        let versions = match distinct[..] {
+            [] => String::new(),
+            [one] => format!("  schema {one}"),
+            _ => {
+                let each: Vec<String> = flow.versions.iter().map(|(who, v)| format!("{who} {v}")).collect();
+                format!("  schemas {}", each.join(", "))
+            }
+        };
+        let _ = writeln!(out, "  {:width$}  {publishers:who$}  ->  {consumers}{schema}{versions}", flow.event_type);
     }
     out
 }

@@ -180,9 +180,27 @@ fn check_component(
         ));
     }
     c.grants(name)?;
+    check_consumes(name, c)?;
     c.shadow.validate(name)?;
     if !c.wasm.is_file() {
         return Err(invalid(key("wasm"), format!("{:?} is not a file (run `just build-components` first)", c.wasm)));
+    }
+    Ok(())
+}
+
+/// `consumes` entries: `topic:EventType`, each on one of its topics.
+fn check_consumes(name: &str, c: &ComponentSettings) -> Result<(), ManifestError> {
+    let key = format!("components.{name}.consumes");
+    for entry in c.consumes.iter().flatten() {
+        let Some((topic, event_type)) = entry.split_once(':').filter(|(t, e)| !t.is_empty() && !e.is_empty()) else {
+            return Err(invalid(&key, format!("{entry:?}: write \"topic:EventType\"")));
+        };
+        if event_type == "*" || event_type.contains(':') {
+            return Err(invalid(&key, format!("{entry:?}: name one event type")));
+        }
+        if !c.topics.iter().any(|t| t == topic) {
+            return Err(invalid(&key, format!("{entry:?}: {topic:?} is not one of its topics {:?}", c.topics)));
+        }
     }
     Ok(())
 }

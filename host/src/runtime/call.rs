@@ -194,6 +194,7 @@ impl ServiceRuntime {
                 tracing::warn!(component = %self.name, version = %component.sha256, restored = %previous.sha256, "{reason}");
                 *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = previous.clone();
                 self.throttle.forgive();
+                self.restore_contract(&previous);
                 self.end_shadow_for(&previous.sha256);
                 // The restored version is no longer one to roll back to.
                 let mut kept = self.previous.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

@@ -20,6 +20,8 @@ pub enum LoadError {
     World { path: PathBuf, message: String },
     #[error("{path:?} is refused by its grants: {message}")]
     Ungranted { path: PathBuf, message: String },
+    #[error("{path:?} is refused by the contracts between components: {message}")]
+    Contract { path: PathBuf, message: String },
 }
 
 /// A compiled, pre-instantiated version of a component.
@@ -33,6 +35,9 @@ pub struct LoadedComponent {
     pub loaded_at: SystemTime,
     /// Whether the compiled code came from the on-disk cache.
     pub from_cache: bool,
+    /// What it says it publishes and consumes (its `shop:contract`
+    /// section), if it says.
+    pub contract: Option<crate::contracts::Contract>,
 }
 
 impl LoadedComponent {
@@ -40,8 +45,12 @@ impl LoadedComponent {
     ///
     /// # Errors
     /// [`LoadError::Compile`] for bytes that are not a component,
-    /// [`LoadError::World`] for a component with the wrong imports or exports.
+    /// [`LoadError::World`] for a component with the wrong imports or
+    /// exports, [`LoadError::Contract`] for a `shop:contract` section that
+    /// cannot be read.
     pub fn from_bytes(engine: &Engine, path: &Path, bytes: &[u8]) -> Result<Self, LoadError> {
+        let contract = crate::contracts::Contract::from_wasm(bytes)
+            .map_err(|message| LoadError::Contract { path: path.to_owned(), message })?;
         let sha256 = hex::encode(Sha256::digest(bytes));
         let cached = engine.cache().and_then(|cache| cache.get(engine.wasmtime(), &sha256));
         let from_cache = cached.is_some();
@@ -59,7 +68,7 @@ impl LoadedComponent {
         let world = |err: wasmtime::Error| LoadError::World { path: path.to_owned(), message: format!("{err:#}") };
         let pre = engine.linker().instantiate_pre(&component).map_err(world)?;
         let pre = bindings::ServicePre::new(pre).map_err(world)?;
-        Ok(Self { pre, sha256, path: path.to_owned(), loaded_at: SystemTime::now(), from_cache })
+        Ok(Self { pre, sha256, path: path.to_owned(), loaded_at: SystemTime::now(), from_cache, contract })
     }
 
     /// Checks the component's imports against `grants` (its WASI

@@ -192,6 +192,8 @@ pub struct ServiceRuntime {
     vault: std::sync::OnceLock<Arc<crate::vault::Vault>>,
     /// The event types' schemas its outputs are checked against.
     schemas: std::sync::OnceLock<Arc<crate::schemas::Schemas>>,
+    /// The contracts between the components, which a reload must keep.
+    contracts: std::sync::OnceLock<Arc<crate::contracts::ContractBook>>,
     /// The shadow run on, or the last one.
     shadow: std::sync::Mutex<Option<Arc<Shadow>>>,
     /// How its shadow runs go.
@@ -245,6 +247,7 @@ impl ServiceRuntime {
             stages: crate::status::Stages::default(),
             vault: std::sync::OnceLock::new(),
             schemas: std::sync::OnceLock::new(),
+            contracts: std::sync::OnceLock::new(),
             shadow: std::sync::Mutex::new(None),
             shadow_settings: RwLock::new(crate::manifest::ShadowSettings::default()),
         }
@@ -305,6 +308,12 @@ impl ServiceRuntime {
     /// event for good). Set once, before it serves.
     pub fn set_schemas(&self, schemas: Arc<crate::schemas::Schemas>) {
         let _ = self.schemas.set(schemas);
+    }
+
+    /// Checks every reload against the contracts of `book` (and keeps it
+    /// up to date with the version serving).
+    pub fn set_contracts(&self, book: Arc<crate::contracts::ContractBook>) {
+        let _ = self.contracts.set(book);
     }
 
     /// Sets how its shadow runs go (the manifest's `shadow` block).

@@ -71,8 +71,15 @@ impl ServiceRuntime {
         let at_ms = self.clock.now_ms();
         let trial = self.parts(Arc::new(StoreReader(self.store.clone())), true);
         let checked = self.compile(source, bytes, trial).await;
-        let component = match checked {
-            Ok(component) => Arc::new(component),
+        // Checked and switched under the contracts' lock: of two reloads at
+        // once, the second is checked against the first's outcome.
+        let _admission = match self.contracts.get() {
+            Some(book) => Some(book.admission().await),
+            None => None,
+        };
+        let checked = checked.and_then(|component| self.admit(&component).map(|party| (component, party)));
+        let (component, party) = match checked {
+            Ok((component, party)) => (Arc::new(component), party),
             Err(err) => {
                 tracing::warn!(component = %self.name, %sha256, "reload rejected: {err}");
                 self.record(VersionRecord {
@@ -91,6 +98,9 @@ impl ServiceRuntime {
             &mut *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner),
             component.clone(),
         );
+        if let (Some(book), Some(party)) = (self.contracts.get(), party) {
+            book.serve(&self.name, party);
+        }
         self.canary.start(&sha256, previous.clone());
         // The new version does not pay for the old one's faults.
         self.throttle.forgive();
@@ -140,6 +150,26 @@ impl ServiceRuntime {
         checked.await.unwrap_or_else(|message| Err(LoadError::Compile { path: source.into(), message }))
     }
 
+    /// The party `component` would be to the contracts between the
+    /// components, if they are kept.
+    ///
+    /// # Errors
+    /// [`LoadError::Contract`] naming every contract it would break: each
+    /// field a consumer requires that it does not publish, and the consumer.
+    fn admit(&self, component: &LoadedComponent) -> Result<Option<crate::contracts::Party>, LoadError> {
+        let Some(book) = self.contracts.get() else { return Ok(None) };
+        book.admit(&self.name, component.contract.clone())
+            .map(Some)
+            .map_err(|message| LoadError::Contract { path: component.path.clone(), message })
+    }
+
+    /// `component` serves again (a rollback): the contracts say so.
+    pub(super) fn restore_contract(&self, component: &LoadedComponent) {
+        if let Some(book) = self.contracts.get() {
+            book.restore(&self.name, component.contract.clone());
+        }
+    }
+
     /// The version a rollback would restore, if one is kept.
     pub fn previous(&self) -> Option<Arc<LoadedComponent>> {
         self.previous.lock().unwrap_or_else(std::sync::PoisonError::into_inner).last().cloned()
@@ -168,6 +198,7 @@ impl ServiceRuntime {
         );
         self.canary.stop();
         self.throttle.forgive();
+        self.restore_contract(&restored);
         self.end_shadow_for(&restored.sha256);
         {
             let mut history = self.history.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
