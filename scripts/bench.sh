@@ -186,7 +186,10 @@ log "starting the host (topics $RUN_ID.*, state in $WORK/state, log in $OUT/host
 # `cargo run` as in `just run`: same profile and flags, and it execs the
 # host in place, so $! is the host's pid. The admin API is on, for the hot
 # swap, behind this run's own token.
-env -u HOST_MANIFEST HOST_ADMIN_TOKEN="$ADMIN_TOKEN" cargo run -q -p host -- run --manifest "$MANIFEST" \
+# BENCH_HOST_PRELOAD=/path/lib.so preloads a library into the host alone
+# (another malloc, for an A/B of allocators on the same build).
+env -u HOST_MANIFEST HOST_ADMIN_TOKEN="$ADMIN_TOKEN" ${BENCH_HOST_PRELOAD:+LD_PRELOAD="$BENCH_HOST_PRELOAD"} \
+  cargo run -q -p host -- run --manifest "$MANIFEST" \
   >"$WORK/host.log" 2>&1 &
 HOST_PID=$!
 

@@ -279,7 +279,7 @@ fn own_problems(name: &str, settings: &ComponentSettings, contract: &Contract, s
             for gap in crate::schemas::gaps(schema, host) {
                 problems.push(format!(
                     "component {name:?} publishes {entry} {}, which the host's schema of {event_type} \
-                     (schemas/{event_type}.json) requires: every such output would be refused",
+                     requires: every such output would be refused",
                     said(&gap)
                 ));
             }

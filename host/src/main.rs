@@ -401,7 +401,12 @@ async fn reload(name: &str, path: Option<PathBuf>, admin_url: &str, token: &str)
         })?;
     let status = response.status();
     let text = response.text().await.unwrap_or_default();
-    anyhow::ensure!(status.is_success(), "reload refused ({status}): {text}");
+    if !status.is_success() {
+        // The admin API's error, as it says it (a refusal may run over lines).
+        let said = serde_json::from_str::<serde_json::Value>(&text).ok();
+        let message = said.as_ref().and_then(|v| v["error"]["message"].as_str()).unwrap_or(&text);
+        anyhow::bail!("reload refused ({status}): {message}");
+    }
     println!("{text}");
     Ok(())
 }

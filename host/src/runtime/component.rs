@@ -49,8 +49,6 @@ impl LoadedComponent {
     /// exports, [`LoadError::Contract`] for a `shop:contract` section that
     /// cannot be read.
     pub fn from_bytes(engine: &Engine, path: &Path, bytes: &[u8]) -> Result<Self, LoadError> {
-        let contract = crate::contracts::Contract::from_wasm(bytes)
-            .map_err(|message| LoadError::Contract { path: path.to_owned(), message })?;
         let sha256 = hex::encode(Sha256::digest(bytes));
         let cached = engine.cache().and_then(|cache| cache.get(engine.wasmtime(), &sha256));
         let from_cache = cached.is_some();
@@ -65,6 +63,9 @@ impl LoadedComponent {
                 component
             }
         };
+        // Read once the bytes are known to be a component.
+        let contract = crate::contracts::Contract::from_wasm(bytes)
+            .map_err(|message| LoadError::Contract { path: path.to_owned(), message })?;
         let world = |err: wasmtime::Error| LoadError::World { path: path.to_owned(), message: format!("{err:#}") };
         let pre = engine.linker().instantiate_pre(&component).map_err(world)?;
         let pre = bindings::ServicePre::new(pre).map_err(world)?;
