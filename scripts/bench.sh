@@ -187,9 +187,13 @@ log "starting the host (topics $RUN_ID.*, state in $WORK/state, log in $OUT/host
 # host in place, so $! is the host's pid. The admin API is on, for the hot
 # swap, behind this run's own token.
 # BENCH_HOST_PRELOAD=/path/lib.so preloads a library into the host alone
-# (another malloc, for an A/B of allocators on the same build).
+# (another malloc, for an A/B of allocators on the same build);
+# BENCH_HOST_BIN=/path/host runs that build of the host instead (a copy of
+# another commit's, for an A/B of two builds in turn).
+HOST_CMD=(cargo run -q -p host --)
+[ -n "${BENCH_HOST_BIN:-}" ] && HOST_CMD=("$BENCH_HOST_BIN")
 env -u HOST_MANIFEST HOST_ADMIN_TOKEN="$ADMIN_TOKEN" ${BENCH_HOST_PRELOAD:+LD_PRELOAD="$BENCH_HOST_PRELOAD"} \
-  cargo run -q -p host -- run --manifest "$MANIFEST" \
+  "${HOST_CMD[@]}" run --manifest "$MANIFEST" \
   >"$WORK/host.log" 2>&1 &
 HOST_PID=$!
 

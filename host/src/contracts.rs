@@ -161,7 +161,7 @@ impl ContractBook {
         let mut parties = BTreeMap::from([(GATEWAY.to_owned(), gateway(&schemas))]);
         let mut problems = Vec::new();
         for (name, settings) in &manifest.components {
-            let (party, own) = party(name, settings, contract_of(name), &schemas);
+            let (party, own) = party(name, settings, contract_of(name), &schemas, manifest.schemas.validate);
             parties.insert(name.clone(), party);
             problems.extend(own);
         }
@@ -179,7 +179,7 @@ impl ContractBook {
     /// Every contract it would break, one line each.
     pub fn admit(&self, name: &str, contract: Option<Contract>) -> Result<Party, String> {
         let settings = self.manifest.components.get(name).ok_or_else(|| format!("no component {name:?}"))?;
-        let (candidate, mut problems) = party(name, settings, contract, &self.schemas);
+        let (candidate, mut problems) = party(name, settings, contract, &self.schemas, self.manifest.schemas.validate);
         let mut parties = self.parties.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
         parties.insert(name.to_owned(), candidate.clone());
         problems.extend(crossings(&parties, Some(name)));
@@ -212,15 +212,17 @@ impl ContractBook {
 }
 
 /// Component `name`'s party: its embedded `contract`, or what its block
-/// says; and what in its contract the block does not allow, or the host's
-/// schemas would refuse.
+/// says; and what in its contract the block does not allow, or (when the
+/// host is `validating` outputs) the host's schemas would refuse.
 fn party(
     name: &str,
     settings: &ComponentSettings,
     contract: Option<Contract>,
     schemas: &Schemas,
+    validating: bool,
 ) -> (Party, Vec<String>) {
-    let problems = contract.as_ref().map(|c| own_problems(name, settings, c, schemas)).unwrap_or_default();
+    let host_schemas = validating.then_some(schemas);
+    let problems = contract.as_ref().map(|c| own_problems(name, settings, c, host_schemas)).unwrap_or_default();
     (party_of(settings, contract, schemas), problems)
 }
 
@@ -264,8 +266,14 @@ pub fn annotate(flows: &mut [crate::manifest::topology::Flow], parties: &BTreeMa
 }
 
 /// What in `contract` component `name`'s block does not allow, and what it
-/// publishes that the host's schema of the type would refuse.
-fn own_problems(name: &str, settings: &ComponentSettings, contract: &Contract, schemas: &Schemas) -> Vec<String> {
+/// publishes that the host's schema of the type would refuse (`schemas`:
+/// those outputs are checked against; `None` when they are not).
+fn own_problems(
+    name: &str,
+    settings: &ComponentSettings,
+    contract: &Contract,
+    schemas: Option<&Schemas>,
+) -> Vec<String> {
     let mut problems = Vec::new();
     let granted = settings.publishes.as_deref().unwrap_or_default();
     for (entry, schema) in &contract.publishes {
@@ -275,7 +283,7 @@ fn own_problems(name: &str, settings: &ComponentSettings, contract: &Contract, s
                 "component {name:?} declares it publishes {entry}, which components.{name}.publishes does not grant"
             ));
         }
-        if let Some(host) = schemas.schema(event_type) {
+        if let Some(host) = schemas.and_then(|schemas| schemas.schema(event_type)) {
             for gap in crate::schemas::gaps(schema, host) {
                 problems.push(format!(
                     "component {name:?} publishes {entry} {}, which the host's schema of {event_type} \

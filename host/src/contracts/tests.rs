@@ -199,3 +199,15 @@ async fn a_reload_that_breaks_a_contract_is_refused_and_the_old_version_keeps_se
     rt.roll_back().await.unwrap();
     assert!(!note(&book), "the restored version's contract is back");
 }
+
+#[test]
+fn without_output_validation_the_hosts_schemas_do_not_judge_a_publisher() {
+    let mut manifest = (*shop()).clone();
+    manifest.schemas.validate = false;
+    let book = ContractBook::new(Arc::new(manifest), Arc::new(Schemas::generated()), |name| Some(built(name))).unwrap();
+    let dropped = edited(built("payment"), "publishes", "payments:PaymentAuthorized", |s| drop_field(s, "payment_id"));
+    let err = book.admit("payment", Some(dropped)).unwrap_err();
+    // Its consumer still refuses it; the host, which checks no output, does not.
+    assert!(err.contains("without field `payment_id`, which order consumes"), "{err}");
+    assert!(!err.contains("the host's schema"), "{err}");
+}

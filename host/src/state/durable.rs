@@ -184,6 +184,8 @@ impl HostStore {
 
 impl Drop for HostStore {
     fn drop(&mut self) {
+        let (commits, batches) = self.group.counts();
+        tracing::info!(path = %self.path.display(), commits, batches, "host store closed: its group commits since start, and the batches they carried");
         self.group.close();
         self.flush.wake(|work| work.stop = true);
         if let Some(flusher) = self.flusher.lock().unwrap_or_else(PoisonError::into_inner).take() {
@@ -386,7 +388,7 @@ fn flush_loop(db: &Database, flush: &Flush) {
 fn forget_now(db: &Database, tables: &Tables, cleared: &[String]) -> Result<(), redb::Error> {
     let mut write = db.begin_write()?;
     write.set_durability(Durability::None).map_err(|e| redb::Error::Corrupted(e.to_string()))?;
-    tables::forget(tables, &write, cleared)?;
+    tables::apply(tables, &write, &[], cleared)?;
     write.commit()?;
     Ok(())
 }
@@ -420,11 +422,7 @@ impl StateStore for DurableStore {
                 Err(Checked::Conflict(conflict)) => return Applied::Refused(conflict),
                 Err(Checked::Db(x)) => return Applied::Refused(err(&x)),
             }
-            let applied = commits
-                .iter()
-                .try_for_each(|commit| tables::apply_one(t, write, commit))
-                .and_then(|()| tables::forget(t, write, &cleared));
-            match applied {
+            match tables::apply(t, write, commits, &cleared) {
                 Ok(()) => Applied::Joined,
                 Err(x) => Applied::Broken(err(&x)),
             }

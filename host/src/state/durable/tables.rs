@@ -220,67 +220,128 @@ fn json<T: serde::Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).unwrap_or_default()
 }
 
-/// Adds one event's changes to the write transaction `write`.
-pub(super) fn apply_one(t: &Tables, write: &redb::WriteTransaction, commit: &Commit) -> Result<(), redb::Error> {
-    // Tables are opened only when touched: each costs pages to rewrite.
-    if !commit.writes.is_empty() {
-        let mut state = write.open_table(t.state())?;
-        for (key, value) in &commit.writes {
-            match value {
-                Some(value) => state.insert(key.as_str(), value.as_slice())?,
-                None => state.remove(key.as_str())?,
-            };
-        }
+/// Adds a batch's changes to the write transaction `write`, then forgets the
+/// outbox entries of `cleared` sources.
+pub(super) fn apply(
+    t: &Tables,
+    write: &redb::WriteTransaction,
+    commits: &[Commit],
+    cleared: &[String],
+) -> Result<(), redb::Error> {
+    let mut open = Opened::new(t, write);
+    for commit in commits {
+        open.apply_one(commit)?;
     }
-    if commit.fired.is_some() || !commit.timers.is_empty() {
-        let mut timers = write.open_table(t.timers())?;
-        let mut due = write.open_table(t.timers_due())?;
-        if let Some((id, nonce)) = &commit.fired {
-            remove_timer(&mut timers, &mut due, id, Some(*nonce))?;
-        }
-        for change in &commit.timers {
-            match change {
-                TimerChange::Set(timer) => {
-                    remove_timer(&mut timers, &mut due, &timer.id, None)?;
-                    timers.insert(timer.id.as_str(), json(timer).as_slice())?;
-                    due.insert((timer.at_ms, timer.id.as_str()), ())?;
-                }
-                TimerChange::Cancel(id) => remove_timer(&mut timers, &mut due, id, None)?,
-            }
-        }
-    }
-    if let Some(source) = &commit.handled {
-        let earlier = write.open_table(t.handled())?.insert(source.as_str(), commit.now_ms)?.map(|at| at.value());
-        let mut at = write.open_table(t.handled_at())?;
-        if let Some(earlier) = earlier {
-            at.remove((earlier, source.as_str()))?;
-        }
-        at.insert((commit.now_ms, source.as_str()), ())?;
-        if !commit.outbox.is_empty() {
-            let mut outbox = write.open_table(t.outbox())?;
-            let seq = outbox.last()?.map_or(0, |(k, _)| k.value() + 1);
-            let entry = EntryRef { source, created_ms: commit.now_ms, records: &commit.outbox };
-            outbox.insert(seq, json(&entry).as_slice())?;
-            write.open_table(t.outbox_by_source())?.insert(source.as_str(), seq)?;
-        }
-    }
-    Ok(())
+    open.forget(cleared)
 }
 
-/// Forgets the outbox entries of `cleared` sources in `write`.
-pub(super) fn forget(t: &Tables, write: &redb::WriteTransaction, cleared: &[String]) -> Result<(), redb::Error> {
-    if cleared.is_empty() {
-        return Ok(());
+/// A table of a batch, opened on first use.
+type Slot<'w, K, V> = Option<redb::Table<'w, K, V>>;
+
+/// The tables a batch writes, each opened once, when first touched, and
+/// kept open for the rest of the batch: an open is a look-up in the table
+/// tree, and a table never touched keeps its pages.
+struct Opened<'w> {
+    t: &'w Tables,
+    write: &'w redb::WriteTransaction,
+    state: Slot<'w, &'static str, &'static [u8]>,
+    timers: Slot<'w, &'static str, &'static [u8]>,
+    timers_due: Slot<'w, (u64, &'static str), ()>,
+    handled: Slot<'w, &'static str, u64>,
+    handled_at: Slot<'w, (u64, &'static str), ()>,
+    outbox: Slot<'w, u64, &'static [u8]>,
+    outbox_by_source: Slot<'w, &'static str, u64>,
+}
+
+/// The table in `slot`, opening it in `write` first if it is not yet.
+fn opened<'s, 'w, K: redb::Key + 'static, V: redb::Value + 'static>(
+    slot: &'s mut Slot<'w, K, V>,
+    write: &'w redb::WriteTransaction,
+    definition: TableDefinition<'_, K, V>,
+) -> Result<&'s mut redb::Table<'w, K, V>, redb::Error> {
+    match slot {
+        Some(table) => Ok(table),
+        None => Ok(slot.insert(write.open_table(definition)?)),
     }
-    let mut by_source = write.open_table(t.outbox_by_source())?;
-    let mut outbox = write.open_table(t.outbox())?;
-    for source in cleared {
-        let seq = by_source.remove(source.as_str())?.map(|v| v.value());
-        if let Some(seq) = seq {
-            outbox.remove(seq)?;
+}
+
+impl<'w> Opened<'w> {
+    fn new(t: &'w Tables, write: &'w redb::WriteTransaction) -> Self {
+        Self {
+            t,
+            write,
+            state: None,
+            timers: None,
+            timers_due: None,
+            handled: None,
+            handled_at: None,
+            outbox: None,
+            outbox_by_source: None,
         }
     }
-    Ok(())
+
+    /// Adds one event's changes.
+    fn apply_one(&mut self, commit: &Commit) -> Result<(), redb::Error> {
+        let (t, write) = (self.t, self.write);
+        if !commit.writes.is_empty() {
+            let state = opened(&mut self.state, write, t.state())?;
+            for (key, value) in &commit.writes {
+                match value {
+                    Some(value) => state.insert(key.as_str(), value.as_slice())?,
+                    None => state.remove(key.as_str())?,
+                };
+            }
+        }
+        if commit.fired.is_some() || !commit.timers.is_empty() {
+            let timers = opened(&mut self.timers, write, t.timers())?;
+            let due = opened(&mut self.timers_due, write, t.timers_due())?;
+            if let Some((id, nonce)) = &commit.fired {
+                remove_timer(timers, due, id, Some(*nonce))?;
+            }
+            for change in &commit.timers {
+                match change {
+                    TimerChange::Set(timer) => {
+                        remove_timer(timers, due, &timer.id, None)?;
+                        timers.insert(timer.id.as_str(), json(timer).as_slice())?;
+                        due.insert((timer.at_ms, timer.id.as_str()), ())?;
+                    }
+                    TimerChange::Cancel(id) => remove_timer(timers, due, id, None)?,
+                }
+            }
+        }
+        if let Some(source) = &commit.handled {
+            let handled = opened(&mut self.handled, write, t.handled())?;
+            let earlier = handled.insert(source.as_str(), commit.now_ms)?.map(|at| at.value());
+            let at = opened(&mut self.handled_at, write, t.handled_at())?;
+            if let Some(earlier) = earlier {
+                at.remove((earlier, source.as_str()))?;
+            }
+            at.insert((commit.now_ms, source.as_str()), ())?;
+            if !commit.outbox.is_empty() {
+                let outbox = opened(&mut self.outbox, write, t.outbox())?;
+                let seq = outbox.last()?.map_or(0, |(k, _)| k.value() + 1);
+                let entry = EntryRef { source, created_ms: commit.now_ms, records: &commit.outbox };
+                outbox.insert(seq, json(&entry).as_slice())?;
+                opened(&mut self.outbox_by_source, write, t.outbox_by_source())?.insert(source.as_str(), seq)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets the outbox entries of `cleared` sources.
+    fn forget(&mut self, cleared: &[String]) -> Result<(), redb::Error> {
+        if cleared.is_empty() {
+            return Ok(());
+        }
+        let (t, write) = (self.t, self.write);
+        for source in cleared {
+            let seq = opened(&mut self.outbox_by_source, write, t.outbox_by_source())?.remove(source.as_str())?;
+            if let Some(seq) = seq.map(|v| v.value()) {
+                opened(&mut self.outbox, write, t.outbox())?.remove(seq)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Removes timer `id` (only the instance `only_nonce`, when given) and its

@@ -96,7 +96,7 @@ fn legacy_file(path: &std::path::Path) {
         nonce: 0,
     };
     commit.timers = vec![TimerChange::Set(timer)];
-    tables::apply_one(&t, &write, &commit).unwrap();
+    tables::apply(&t, &write, std::slice::from_ref(&commit), &[]).unwrap();
     write.commit().unwrap();
 }
 
