@@ -63,6 +63,8 @@ struct SuitePhase {
     finished: u64,
     completed_per_s: f64,
     #[serde(default)]
+    concurrency: Option<usize>,
+    #[serde(default)]
     stages: Option<SuiteStages>,
 }
 
@@ -78,6 +80,10 @@ struct Comparison {
     completed_per_s: f64,
     /// `completed_per_s` as a share of the relays' orders/s.
     share_of_limit: f64,
+    /// Orders in flight in that phase, and the relays' orders/s with as
+    /// many in flight in this run (the figure that compares across days).
+    concurrency: Option<usize>,
+    relays_same_window: Option<f64>,
     /// Events the host's components handled per order in that phase.
     handled_per_order: Option<f64>,
 }
@@ -125,7 +131,7 @@ pub async fn run(args: PhysicalArgs) -> anyhow::Result<()> {
     let topology = Arc::new(topology);
     let runs = relay::run(&settings, &manifest, topology.clone()).await?;
     let limit = runs.iter().map(|r| r.orders_per_s).fold(0.0, f64::max);
-    let compared = compare(&args.out_dir, limit);
+    let compared = compare(&args.out_dir, limit, &runs);
     let report =
         PhysicalReport { topology: &topology, per_order, runs: &runs, limit_orders_per_s: limit, compared: &compared };
     report::write_json(&args.out_dir, "physical", &report)?;
@@ -133,7 +139,7 @@ pub async fn run(args: PhysicalArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn compare(out_dir: &std::path::Path, limit_per_s: f64) -> Vec<Comparison> {
+fn compare(out_dir: &std::path::Path, limit_per_s: f64, runs: &[relay::Figures]) -> Vec<Comparison> {
     let path = out_dir.join("suite.json");
     let Some(suite) = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<Suite>(&b).ok()) else {
         eprintln!("bench: no suite results in {path:?} to compare with");
@@ -144,6 +150,8 @@ fn compare(out_dir: &std::path::Path, limit_per_s: f64) -> Vec<Comparison> {
         .into_iter()
         .filter(|p| p.kind == "closed")
         .map(|p| Comparison {
+            relays_same_window: p.concurrency.and_then(|c| runs.iter().find(|r| r.window == c)).map(|r| r.orders_per_s),
+            concurrency: p.concurrency,
             share_of_limit: if limit_per_s > 0.0 { p.completed_per_s / limit_per_s } else { 0.0 },
             handled_per_order: p
                 .stages
@@ -203,15 +211,72 @@ fn summary(
         .collect();
     out.push_str(&report::render(&header, &rows));
     for c in compared {
-        let handled = c.handled_per_order.map_or("-".into(), |h| format!("{h:.2}"));
-        out.push_str(&format!(
-            "  {}: {:.1} orders/s = {:.1} % of the limit ({limit:.0} orders/s); host handled {handled} events per \
-             order, relays {}\n",
-            c.scenario,
-            c.completed_per_s,
-            c.share_of_limit * 100.0,
-            per_order.consumed
-        ));
+        out.push_str(&compared_line(c, limit, per_order.consumed));
     }
     out
+}
+
+/// A closed loop of the suite beside the relays with as many orders in
+/// flight (the ratio that compares across days) and beside the limit.
+fn compared_line(c: &Comparison, limit: f64, relays_consumed: u32) -> String {
+    let handled = c.handled_per_order.map_or("-".into(), |h| format!("{h:.2}"));
+    let same = match (c.concurrency, c.relays_same_window) {
+        (Some(window), Some(relays)) if relays > 0.0 => format!(
+            "{:.1} % of the relays with {window} in flight ({relays:.0} orders/s), ",
+            100.0 * c.completed_per_s / relays
+        ),
+        _ => String::new(),
+    };
+    format!(
+        "  {}: {:.1} orders/s = {same}{:.1} % of the limit ({limit:.0} orders/s); host handled {handled} events per \
+         order, relays {relays_consumed}\n",
+        c.scenario,
+        c.completed_per_s,
+        c.share_of_limit * 100.0,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn relays(window: usize, orders_per_s: f64) -> relay::Figures {
+        relay::Figures {
+            window,
+            orders_sent: 0,
+            orders_completed: 0,
+            elapsed_s: 0.0,
+            records_consumed: 0,
+            records_produced: 0,
+            orders_per_s,
+            records_consumed_per_s: 0.0,
+            records_produced_per_s: 0.0,
+            order_latency: None,
+        }
+    }
+
+    #[test]
+    fn a_closed_loop_is_compared_with_the_relays_of_its_own_window() {
+        let dir = std::env::temp_dir().join(format!("physical-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let phase = |name: &str, window: usize, per_s: f64| {
+            serde_json::json!({ "scenario": name, "kind": "closed", "finished": 100, "completed_per_s": per_s,
+                "concurrency": window, "stages": { "events_handled": 1300 } })
+        };
+        let suite = serde_json::json!({ "phases": [phase("closed-c32", 32, 200.0), phase("closed-c128", 128, 300.0),
+            { "scenario": "open-r100", "kind": "open", "finished": 100, "completed_per_s": 99.0 }] });
+        std::fs::write(dir.join("suite.json"), suite.to_string()).unwrap();
+        let compared = compare(&dir, 10_000.0, &[relays(32, 800.0), relays(1024, 10_000.0)]);
+        assert_eq!(compared.len(), 2, "closed loops only");
+        let line = compared_line(&compared[0], 10_000.0, 13);
+        assert!(
+            line.contains("200.0 orders/s = 25.0 % of the relays with 32 in flight (800 orders/s), 2.0 % of the limit"),
+            "{line}"
+        );
+        assert!(line.contains("host handled 13.00 events per order"), "{line}");
+        // No relays ran with 128 in flight: the limit alone.
+        let line = compared_line(&compared[1], 10_000.0, 13);
+        assert!(line.contains("300.0 orders/s = 3.0 % of the limit"), "{line}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -185,7 +185,8 @@ impl HostStore {
 impl Drop for HostStore {
     fn drop(&mut self) {
         let (commits, batches) = self.group.counts();
-        tracing::info!(path = %self.path.display(), commits, batches, "host store closed: its group commits since start, and the batches they carried");
+        let committing_ms = self.group.committing_for().as_millis();
+        tracing::info!(path = %self.path.display(), commits, batches, committing_ms, "host store closed: its group commits since start, the batches they carried and the time they took");
         self.group.close();
         self.flush.wake(|work| work.stop = true);
         if let Some(flusher) = self.flusher.lock().unwrap_or_else(PoisonError::into_inner).take() {

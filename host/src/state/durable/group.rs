@@ -46,9 +46,11 @@ struct State {
     next: u64,
     /// Outcomes not yet collected by every member, by generation.
     outcomes: HashMap<u64, Outcome>,
-    /// Commits made and batches they carried, since start.
+    /// Commits made and batches they carried, since start, and the time
+    /// spent in them (writing and syncing).
     commits: u64,
     batches: u64,
+    committing_for: std::time::Duration,
 }
 
 struct Open {
@@ -144,9 +146,12 @@ impl Group {
     ) -> Result<(), StoreError> {
         state.committing = true;
         drop(state);
+        let started = std::time::Instant::now();
         let result = open.write.commit().map_err(|x| err(&x));
+        let took = started.elapsed();
         let mut state = self.lock();
         state.committing = false;
+        state.committing_for += took;
         state.commits += 1;
         state.batches += open.members as u64;
         if open.members > 1 {
@@ -166,5 +171,10 @@ impl Group {
     pub(super) fn counts(&self) -> (u64, u64) {
         let state = self.lock();
         (state.commits, state.batches)
+    }
+
+    /// The time spent committing (writing and syncing), since start.
+    pub(super) fn committing_for(&self) -> std::time::Duration {
+        self.lock().committing_for
     }
 }
