@@ -188,3 +188,28 @@ fn pruning_finds_old_ids_by_time_not_by_id() {
     drop((store, host));
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn a_batch_of_several_events_keeps_each_outbox_entry_and_forgets_the_published_ones() {
+    let dir = temp_dir();
+    let host = HostStore::open(&dir.join("host.redb")).unwrap();
+    let store = host.component("c").unwrap();
+    let sources = |store: &DurableStore| {
+        store.pending_outbox(10).unwrap().into_iter().map(|entry| entry.source).collect::<Vec<_>>()
+    };
+    // One batch, each table opened once: every event gets an entry of its own.
+    let batch: Vec<Commit> = (0..3).map(|n| handled(&format!("e{n}"), &format!("k{n}"), "v")).collect();
+    store.commit_batch(&batch, &ReadSet::default()).unwrap();
+    assert_eq!(sources(&store), ["e0", "e1", "e2"]);
+    // A published entry goes with the next batch.
+    store.clear_outbox("e1").unwrap();
+    store.commit_batch(&[handled("e3", "k3", "v")], &ReadSet::default()).unwrap();
+    assert_eq!(sources(&store), ["e0", "e2", "e3"]);
+    assert!((0..4).all(|n| store.was_handled(&format!("e{n}")).unwrap()));
+    let (commits, batches) = host.group_commits();
+    assert_eq!((commits, batches), (2, 2));
+    assert!(host.group.committing_for() > std::time::Duration::ZERO, "the time commits took is kept");
+    drop(store);
+    drop(host);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
