@@ -188,16 +188,20 @@ log "starting the host (topics $RUN_ID.*, state in $WORK/state, log in $OUT/host
 # swap, behind this run's own token.
 # BENCH_HOST_PRELOAD=/path/lib.so preloads a library into the host alone
 # (another malloc, for an A/B of allocators on the same build);
-# BENCH_HOST_BIN=/path/host runs that build of the host instead (a copy of
-# another commit's, for an A/B of two builds in turn).
+# BENCH_HOST_BIN=/path/to/a/host runs that build of the host instead (a copy
+# of another commit's, for an A/B of two builds in turn), under any name.
 HOST_CMD=(cargo run -q -p host --)
-[ -n "${BENCH_HOST_BIN:-}" ] && HOST_CMD=("$BENCH_HOST_BIN")
+HOST_EXE=host
+if [ -n "${BENCH_HOST_BIN:-}" ]; then
+  HOST_CMD=("$BENCH_HOST_BIN")
+  HOST_EXE="$(basename "$BENCH_HOST_BIN")"
+fi
 env -u HOST_MANIFEST HOST_ADMIN_TOKEN="$ADMIN_TOKEN" ${BENCH_HOST_PRELOAD:+LD_PRELOAD="$BENCH_HOST_PRELOAD"} \
   "${HOST_CMD[@]}" run --manifest "$MANIFEST" \
   >"$WORK/host.log" 2>&1 &
 HOST_PID=$!
 
-HEALTHY_MS="$("$BENCH" wait-healthy --pid "$HOST_PID" --urls "$HEALTH_URLS" --out-dir "$OUT")"
+HEALTHY_MS="$("$BENCH" wait-healthy --pid "$HOST_PID" --exe-name "$HOST_EXE" --urls "$HEALTH_URLS" --out-dir "$OUT")"
 BENCH_ADMIN_TOKEN="$ADMIN_TOKEN" "$BENCH" suite --host-pid "$HOST_PID" --gateway "http://127.0.0.1:$GATEWAY_PORT" \
   --orders-topic "$RUN_ID.orders" --components "$COMPONENTS" --admin-url "http://127.0.0.1:$ADMIN_PORT" \
   --swap-wasm "$TARGET/wasm32-wasip2/release/payment-v2.wasm" \

@@ -330,9 +330,6 @@ impl<'w> Opened<'w> {
 
     /// Forgets the outbox entries of `cleared` sources.
     fn forget(&mut self, cleared: &[String]) -> Result<(), redb::Error> {
-        if cleared.is_empty() {
-            return Ok(());
-        }
         let (t, write) = (self.t, self.write);
         for source in cleared {
             let seq = opened(&mut self.outbox_by_source, write, t.outbox_by_source())?.remove(source.as_str())?;
